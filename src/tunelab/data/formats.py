@@ -1,0 +1,165 @@
+"""Detect a row format from its columns and turn every row into the one canonical form: a list of
+messages (or raw text). Each function here is pure: a row in, a sample or an error message out."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from tunelab.data.sources import Record
+
+ROLES = ("system", "user", "assistant")
+# ShareGPT-style role names, mapped to ours.
+_ROLE_ALIASES = {"human": "user", "gpt": "assistant", "bot": "assistant", "model": "assistant"}
+
+# Columns that identify each format, in detection order (first match wins).
+FORMAT_COLUMNS: dict[str, tuple[str, ...]] = {
+    "chat": ("messages",),
+    "alpaca": ("instruction", "output"),
+    "prompt_completion": ("prompt", "completion"),
+    "qa": ("question", "answer"),
+    "text": ("text",),
+}
+_PREFERENCE_COLUMNS = ("chosen", "rejected")
+
+
+@dataclass
+class Sample:
+    """The canonical form of one row: chat messages, or raw text for continued pretraining."""
+
+    where: str
+    messages: list[dict[str, str]] = field(default_factory=list)
+    text: str | None = None
+    source: str = ""
+    """Which dataset of a multi-task mix the sample came from."""
+
+    @property
+    def reference(self) -> str:
+        """The last assistant reply: what generation is compared against."""
+        return self.messages[-1]["content"] if self.messages else ""
+
+
+class RowError(ValueError):
+    """A row that cannot become a sample; the message says why, the caller adds file and line."""
+
+
+def detect_format(rows: list[dict[str, Any]]) -> tuple[str, str]:
+    """The format of a dataset and why it was chosen, from the columns of its first rows."""
+    for row in rows[:20]:
+        keys = set(row)
+        if "conversations" in keys:
+            return "chat", "column 'conversations' (ShareGPT-style chat)"
+        if set(_PREFERENCE_COLUMNS) <= keys:
+            raise RowError(
+                "rows hold preference pairs (chosen/rejected): they need a preference objective, not SFT"
+            )
+        for name, columns in FORMAT_COLUMNS.items():
+            if set(columns) <= keys:
+                return name, f"columns {', '.join(repr(c) for c in columns)}"
+    seen = ", ".join(sorted(set().union(*(set(r) for r in rows[:20])))) if rows else "none"
+    expected = "; ".join(f"{name}: {', '.join(cols)}" for name, cols in FORMAT_COLUMNS.items())
+    raise RowError(f"cannot detect the format from columns ({seen}); expected one of: {expected}")
+
+
+def _text_field(row: dict[str, Any], key: str, *, required: bool = True) -> str:
+    value = row.get(key)
+    if value is None:
+        if required:
+            raise RowError(f"missing field '{key}'")
+        return ""
+    if not isinstance(value, str):
+        value = str(value)
+    if required and not value.strip():
+        raise RowError(f"field '{key}' is empty")
+    return value
+
+
+def to_sample(record: Record, fmt: str, system_prompt: str | None = None) -> Sample:
+    """The canonical sample for one row of format `fmt`. Raises RowError."""
+    row = record.row
+    if fmt == "text":
+        return Sample(where=record.where, text=_text_field(row, "text"))
+    if fmt == "chat":
+        messages = _chat_messages(row)
+    elif fmt == "alpaca":
+        instruction = _text_field(row, "instruction")
+        extra = _text_field(row, "input", required=False).strip()
+        prompt = f"{instruction}\n\n{extra}" if extra else instruction
+        messages = [{"role": "user", "content": prompt}, {"role": "assistant", "content": _text_field(row, "output")}]
+        if row.get("system"):
+            messages.insert(0, {"role": "system", "content": str(row["system"])})
+    elif fmt == "prompt_completion":
+        messages = [
+            {"role": "user", "content": _text_field(row, "prompt")},
+            {"role": "assistant", "content": _text_field(row, "completion")},
+        ]
+    elif fmt == "qa":
+        messages = [
+            {"role": "user", "content": _text_field(row, "question")},
+            {"role": "assistant", "content": _text_field(row, "answer")},
+        ]
+    else:
+        raise RowError(f"unknown format '{fmt}'")
+    if system_prompt and messages[0]["role"] != "system":
+        messages.insert(0, {"role": "system", "content": system_prompt})
+    check_roles(messages)
+    return Sample(where=record.where, messages=messages)
+
+
+def _chat_messages(row: dict[str, Any]) -> list[dict[str, str]]:
+    raw = row.get("messages", row.get("conversations"))
+    if raw is None:
+        raise RowError("missing field 'messages'")
+    if not isinstance(raw, list) or not raw:
+        raise RowError("'messages' must be a non-empty list of {role, content} objects")
+    messages = []
+    for i, turn in enumerate(raw):
+        if not isinstance(turn, dict):
+            raise RowError(f"message {i} is not an object")
+        role = turn.get("role", turn.get("from"))
+        content = turn.get("content", turn.get("value"))
+        if role is None:
+            raise RowError(f"message {i} has no 'role'")
+        role = _ROLE_ALIASES.get(str(role), str(role))
+        if role not in ROLES:
+            raise RowError(f"message {i} has role '{role}'; expected one of {', '.join(ROLES)}")
+        if not isinstance(content, str) or not content.strip():
+            raise RowError(f"message {i} ({role}) has empty content")
+        messages.append({"role": role, "content": content})
+    return messages
+
+
+def check_roles(messages: list[dict[str, str]]) -> None:
+    """Roles must be: an optional system turn, then user and assistant alternating, ending on assistant."""
+    turns = messages[1:] if messages and messages[0]["role"] == "system" else messages
+    if not turns:
+        raise RowError("conversation has no user or assistant turn")
+    for i, turn in enumerate(turns):
+        expected = "user" if i % 2 == 0 else "assistant"
+        if turn["role"] != expected:
+            position = i + (len(messages) - len(turns))
+            raise RowError(f"message {position} has role '{turn['role']}' where '{expected}' was expected")
+    if turns[-1]["role"] != "assistant":
+        raise RowError("conversation does not end with an assistant turn: nothing to train on")
+
+
+def prompt_messages(row: dict[str, Any], system_prompt: str | None = None) -> list[dict[str, str]]:
+    """The conversation to reply to, from a row of any format whose answer may be absent. Raises RowError."""
+    if "messages" in row or "conversations" in row:
+        messages = _chat_messages(row)
+        if messages[-1]["role"] == "assistant":
+            messages = messages[:-1]
+    elif "instruction" in row:
+        instruction = _text_field(row, "instruction")
+        extra = _text_field(row, "input", required=False).strip()
+        messages = [{"role": "user", "content": f"{instruction}\n\n{extra}" if extra else instruction}]
+    else:
+        key = next((k for k in ("prompt", "question", "text") if k in row), None)
+        if key is None:
+            raise RowError("no prompt found: expected 'messages', 'instruction', 'prompt', 'question' or 'text'")
+        messages = [{"role": "user", "content": _text_field(row, key)}]
+    if system_prompt and messages[0]["role"] != "system":
+        messages.insert(0, {"role": "system", "content": system_prompt})
+    if messages[-1]["role"] != "user":
+        raise RowError("the conversation must end with a user turn to be answered")
+    return messages

@@ -1,0 +1,173 @@
+"""The whole data pipeline: read every row, validate, split, template and tokenise, before training
+starts. Every bad row is reported at once, by file and line, in one DataError."""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from tunelab.config import DataConfig, DataSource
+from tunelab.data.formats import RowError, Sample, detect_format, to_sample
+from tunelab.data.sources import read_records
+from tunelab.data.template import ChatRenderer, TemplateError, TokenizedSample, tokenize_chat, tokenize_text
+from tunelab.errors import DataError
+
+_MAX_LISTED = 10
+
+
+@dataclass
+class PreparedData:
+    """Tokenised train and eval sets plus what a user should know about them."""
+
+    train: list[TokenizedSample]
+    eval: list[TokenizedSample]
+    eval_samples: list[Sample]
+    """Held-out samples in canonical form, for generation-based evaluation."""
+    formats: dict[str, str] = field(default_factory=dict)
+    """Detected format (and why) per data file."""
+    truncated: list[str] = field(default_factory=list)
+    dropped: list[str] = field(default_factory=list)
+    source_weights: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def stats(self) -> dict[str, object]:
+        lengths = sorted(len(s.input_ids) for s in self.train)
+        trainable = sum(s.trainable_tokens for s in self.train)
+        total = sum(lengths)
+        return {
+            "train_samples": len(self.train),
+            "eval_samples": len(self.eval),
+            "train_tokens": total,
+            "trainable_tokens": trainable,
+            "trainable_fraction": round(trainable / total, 4) if total else 0.0,
+            "max_length_seen": lengths[-1] if lengths else 0,
+            "median_length": lengths[len(lengths) // 2] if lengths else 0,
+            "truncated_samples": len(self.truncated),
+            "dropped_samples": len(self.dropped),
+            "formats": self.formats,
+        }
+
+
+def _sources(config: DataConfig) -> list[DataSource]:
+    if isinstance(config.train, list):
+        return config.train
+    return [DataSource(path=config.train)]
+
+
+def _load_samples(path: Path, fmt: str, config: DataConfig, problems: list[str]) -> tuple[list[Sample], str, str]:
+    records = read_records(path)
+    if not records:
+        raise DataError("file holds no rows", where=str(path))
+    if fmt == "auto":
+        try:
+            fmt, why = detect_format([r.row for r in records])
+        except RowError as err:
+            raise DataError(str(err), where=str(path)) from None
+    else:
+        why = "set in the config"
+    samples = []
+    for record in records:
+        try:
+            sample = to_sample(record, fmt, config.system_prompt)
+        except RowError as err:
+            problems.append(f"{record.where}: {err}")
+            continue
+        sample.source = Path(str(path)).stem
+        samples.append(sample)
+    return samples, fmt, why
+
+
+def split_samples(samples: list[Sample], fraction: float, seed: int) -> tuple[list[Sample], list[Sample]]:
+    """A seeded train/eval split; at least one eval sample when a fraction is asked for."""
+    if fraction <= 0 or len(samples) < 2:
+        return samples, []
+    order = list(range(len(samples)))
+    random.Random(seed).shuffle(order)
+    n_eval = max(1, round(len(samples) * fraction))
+    eval_ids = set(order[:n_eval])
+    return (
+        [s for i, s in enumerate(samples) if i not in eval_ids],
+        [s for i, s in enumerate(samples) if i in eval_ids],
+    )
+
+
+def prepare_data(config: DataConfig, tokenizer, seed: int) -> PreparedData:
+    """Read, validate, split and tokenise all data named by `config`. Raises DataError listing every bad
+    row (missing fields, empty text, wrong roles, over-long samples, samples with nothing to train)."""
+    problems: list[str] = []
+    renderer = ChatRenderer(tokenizer, config.chat_template)
+    try:
+        renderer.template  # noqa: B018 - fail early when the template mode cannot work
+    except TemplateError as err:
+        raise DataError(str(err), where="data.chat_template") from None
+    prepared = PreparedData(train=[], eval=[], eval_samples=[])
+    train_samples: list[Sample] = []
+    eval_samples: list[Sample] = []
+    for source in _sources(config):
+        samples, fmt, why = _load_samples(source.path, source.format or config.format, config, problems)
+        prepared.formats[str(source.path)] = f"{fmt} ({why})"
+        prepared.source_weights[Path(str(source.path)).stem] = source.weight
+        if config.eval is None:
+            train_part, eval_part = split_samples(samples, config.eval_split, seed)
+        else:
+            train_part, eval_part = samples, []
+        train_samples += _weighted(train_part, source.weight, seed)
+        eval_samples += eval_part
+    if config.eval is not None:
+        samples, fmt, why = _load_samples(config.eval, config.format, config, problems)
+        prepared.formats[str(config.eval)] = f"{fmt} ({why})"
+        eval_samples += samples
+    prepared.train = _tokenize_all(train_samples, renderer, config, problems, prepared)
+    prepared.eval = _tokenize_all(eval_samples, renderer, config, problems, prepared)
+    prepared.eval_samples = [s for s in eval_samples if s.messages]
+    if problems:
+        shown = "\n  ".join(problems[:_MAX_LISTED])
+        more = f"\n  ... and {len(problems) - _MAX_LISTED} more" if len(problems) > _MAX_LISTED else ""
+        raise DataError(f"{len(problems)} invalid row(s):\n  {shown}{more}")
+    if not prepared.train:
+        raise DataError("no training samples left after validation", where="data.train")
+    return prepared
+
+
+def _weighted(samples: list[Sample], weight: float, seed: int) -> list[Sample]:
+    """A source's rows repeated (weight > 1) or subsampled (weight < 1) for multi-task mixing."""
+    if weight == 1 or not samples:
+        return samples
+    whole, part = divmod(weight, 1)
+    chosen = samples * int(whole)
+    extra = round(len(samples) * part)
+    chosen += random.Random(seed + 1).sample(samples, extra)
+    return chosen
+
+
+def _tokenize_all(
+    samples: list[Sample], renderer: ChatRenderer, config: DataConfig, problems: list[str], prepared: PreparedData
+) -> list[TokenizedSample]:
+    out: list[TokenizedSample] = []
+    for sample in samples:
+        if sample.text is not None:
+            out += tokenize_text(sample, renderer.tokenizer, config.max_length)
+            continue
+        try:
+            tokenized = tokenize_chat(sample, renderer, config.train_on)
+        except TemplateError as err:
+            problems.append(f"{sample.where}: {err}")
+            continue
+        length = len(tokenized.input_ids)
+        if length > config.max_length:
+            what = f"has {length} tokens, more than data.max_length={config.max_length}"
+            if config.overlong == "error":
+                problems.append(f"{sample.where}: {what} (data.overlong=error)")
+                continue
+            if config.overlong == "drop":
+                prepared.dropped.append(f"{sample.where}: {what}; dropped")
+                continue
+            tokenized.input_ids = tokenized.input_ids[: config.max_length]
+            tokenized.labels = tokenized.labels[: config.max_length]
+            prepared.truncated.append(f"{sample.where}: {what}; cut to {config.max_length}")
+        if tokenized.trainable_tokens == 0:
+            problems.append(f"{sample.where}: no trainable token left (the reply lies beyond data.max_length)")
+            continue
+        out.append(tokenized)
+    return out

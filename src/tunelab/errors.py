@@ -1,0 +1,27 @@
+"""User-facing error types. The CLI turns each into one line and exit code 2; internal bugs stay tracebacks."""
+
+from __future__ import annotations
+
+
+class UserError(Exception):
+    """An error caused by the user's input, carrying where it happened (file, line or key)."""
+
+    def __init__(self, message: str, *, where: str | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.where = where
+
+    def __str__(self) -> str:
+        return f"{self.where}: {self.message}" if self.where else self.message
+
+
+class ConfigError(UserError):
+    """A config file or override is invalid: unknown key, bad value, impossible combination."""
+
+
+class DataError(UserError):
+    """A data file is unreadable or holds invalid rows."""
+
+
+class ModelError(UserError):
+    """A model cannot be found or loaded."""

@@ -1,0 +1,58 @@
+"""Evaluation a run makes: held-out loss and perplexity, and task metrics on generated replies."""
+
+from __future__ import annotations
+
+import math
+from collections import defaultdict
+
+import torch
+
+from tunelab.data.batching import collate
+from tunelab.data.formats import Sample
+from tunelab.data.template import ChatRenderer, TokenizedSample
+from tunelab.eval.metrics import compute_metrics
+from tunelab.infer.generate import GenerationOptions, generate_replies
+from tunelab.objectives.sft import sft_loss_sum
+from tunelab.train.precision import autocast
+
+
+@torch.no_grad()
+def evaluate_loss(
+    model, samples: list[TokenizedSample], *, pad_token_id: int, precision: str, batch_size: int = 8
+) -> dict[str, float]:
+    """Token-weighted eval loss and perplexity, overall and per source dataset (`eval_loss/<name>`)."""
+    if not samples:
+        return {}
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    sums: dict[str, float] = defaultdict(float)
+    counts: dict[str, int] = defaultdict(int)
+    ordered = sorted(samples, key=lambda s: len(s.input_ids))  # similar lengths together: less padding
+    for start in range(0, len(ordered), batch_size):
+        chunk = ordered[start : start + batch_size]
+        for source in {s.source for s in chunk}:
+            rows = [[s] for s in chunk if s.source == source]
+            batch = {k: v.to(device) for k, v in collate(rows, pad_token_id, packed=False).items()}
+            with autocast(precision, device):
+                loss_sum, tokens = sft_loss_sum(model, batch)
+            sums[source] += float(loss_sum)
+            counts[source] += tokens
+    model.train(was_training)
+    total_tokens = sum(counts.values())
+    loss = sum(sums.values()) / max(1, total_tokens)
+    result = {"eval_loss": loss, "eval_perplexity": math.exp(min(loss, 50.0))}
+    if len(sums) > 1:
+        for source in sorted(sums):
+            result[f"eval_loss/{source}"] = sums[source] / max(1, counts[source])
+    return result
+
+
+def evaluate_generations(
+    model, renderer: ChatRenderer, samples: list[Sample], metrics: list[str], options: GenerationOptions
+) -> tuple[dict[str, float], list[str]]:
+    """Task metrics of greedy replies against the reference replies, and the replies themselves."""
+    if not samples:
+        return {}, []
+    replies = generate_replies(model, renderer, [s.messages for s in samples], options)
+    return compute_metrics(metrics, replies, [s.reference for s in samples]), replies

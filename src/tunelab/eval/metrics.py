@@ -1,0 +1,244 @@
+"""Task metrics: pure functions from predictions and references to numbers.
+
+Every metric takes two equally long lists of strings. The corpus metrics (BLEU, chrF, ROUGE) delegate to
+sacrebleu and rouge-score so that numbers match what papers and leaderboards report.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import unicodedata
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import sacrebleu
+from rouge_score import rouge_scorer
+
+__all__ = [
+    "METRICS",
+    "accuracy",
+    "bleu",
+    "chrf",
+    "compute_metrics",
+    "exact_match",
+    "json_field_accuracy",
+    "normalize_text",
+    "per_sample_json_field_accuracy",
+    "rouge",
+]
+
+ROUGE_TYPES = ("rouge1", "rouge2", "rougeL", "rougeLsum")
+_SENTENCE_END = re.compile(r"(?<=[.!?])\s+")
+
+
+def normalize_text(
+    s: str, *, lowercase: bool = True, strip_punctuation: bool = True, collapse_whitespace: bool = True
+) -> str:
+    """Returns s in the form two answers are compared in, so "The answer." equals "the answer".
+
+    Punctuation is any Unicode punctuation character and is deleted, not replaced ("don't" -> "dont").
+    Collapsing whitespace also strips it from both ends.
+    """
+    if lowercase:
+        s = s.lower()
+    if strip_punctuation:
+        s = "".join(ch for ch in s if not unicodedata.category(ch).startswith("P"))
+    if collapse_whitespace:
+        s = " ".join(s.split())
+    return s
+
+
+def _check_pairs(predictions: Sequence[str], references: Sequence[str]) -> None:
+    # A silent zip over unequal lists would score the wrong pairs.
+    if len(predictions) != len(references):
+        raise ValueError(f"{len(predictions)} predictions but {len(references)} references")
+    if not predictions:
+        raise ValueError("no predictions to score")
+
+
+def exact_match(predictions: Sequence[str], references: Sequence[str], **normalize_options: bool) -> float:
+    """Returns the fraction of predictions equal to their reference after normalize_text(**options)."""
+    _check_pairs(predictions, references)
+    hits = [
+        normalize_text(p, **normalize_options) == normalize_text(r, **normalize_options)
+        for p, r in zip(predictions, references, strict=True)
+    ]
+    return sum(hits) / len(hits)
+
+
+def _first_json_object(text: str) -> dict[str, Any] | None:
+    """Returns the first JSON object in text, or None; models often wrap JSON in prose or code fences."""
+    try:
+        whole = json.loads(text)
+    except (json.JSONDecodeError, TypeError):
+        whole = None
+    if isinstance(whole, dict):
+        return whole
+    decoder = json.JSONDecoder()
+    for match in re.finditer(r"\{", text):
+        try:
+            obj, _ = decoder.raw_decode(text, match.start())
+        except json.JSONDecodeError:
+            continue
+        if isinstance(obj, dict):
+            return obj
+    return None
+
+
+def _same_value(predicted: Any, expected: Any) -> bool:
+    # null only equals null: a model writing the string "null" has not learned the schema.
+    if predicted is None or expected is None:
+        return predicted is None and expected is None
+    return str(predicted).strip().lower() == str(expected).strip().lower()
+
+
+def _field_hits(prediction: str, reference: str) -> tuple[dict[str, Any] | None, dict[str, bool]]:
+    """Returns the parsed prediction and, per reference field, whether the prediction got it right."""
+    try:
+        expected = json.loads(reference)
+    except json.JSONDecodeError:
+        expected = None
+    if not isinstance(expected, dict):
+        raise ValueError(f"reference is not a JSON object: {reference!r}")
+    predicted = _first_json_object(prediction)
+    hits = {
+        key: predicted is not None and key in predicted and _same_value(predicted[key], value)
+        for key, value in expected.items()
+    }
+    return predicted, hits
+
+
+def per_sample_json_field_accuracy(prediction: str, reference: str) -> float:
+    """Returns the fraction of the reference's fields that the prediction's JSON object gets right.
+
+    A reference with no fields scores 1.0; an unparseable prediction scores 0.0 otherwise.
+    """
+    _, hits = _field_hits(prediction, reference)
+    return sum(hits.values()) / len(hits) if hits else 1.0
+
+
+def json_field_accuracy(predictions: Sequence[str], references: Sequence[str]) -> dict[str, float]:
+    """Returns field-level scores of predicted JSON objects against reference JSON objects.
+
+    Keys: "field_accuracy" (correct fields / all reference fields, over all samples), "json_valid"
+    (fraction of predictions holding a JSON object), "exact_match" (fraction with every reference field
+    right; extra predicted keys are ignored) and "field/<name>" per reference field.
+    Values compare after str().strip().lower(), so 5 equals "5"; None equals only None.
+    """
+    _check_pairs(predictions, references)
+    n_valid = n_all_right = 0
+    correct: dict[str, int] = {}
+    total: dict[str, int] = {}
+    for prediction, reference in zip(predictions, references, strict=True):
+        predicted, hits = _field_hits(prediction, reference)
+        n_valid += predicted is not None
+        n_all_right += all(hits.values())
+        for key, hit in hits.items():
+            correct[key] = correct.get(key, 0) + hit
+            total[key] = total.get(key, 0) + 1
+    n_fields = sum(total.values())
+    scores = {
+        "field_accuracy": sum(correct.values()) / n_fields if n_fields else 1.0,
+        "json_valid": n_valid / len(predictions),
+        "exact_match": n_all_right / len(predictions),
+    }
+    scores.update({f"field/{key}": correct[key] / total[key] for key in total})
+    return scores
+
+
+def bleu(predictions: Sequence[str], references: Sequence[str]) -> float:
+    """Returns sacrebleu's corpus BLEU (0-100) with one reference per prediction."""
+    _check_pairs(predictions, references)
+    return float(sacrebleu.corpus_bleu(list(predictions), [list(references)]).score)
+
+
+def chrf(predictions: Sequence[str], references: Sequence[str]) -> float:
+    """Returns sacrebleu's corpus chrF (0-100) with one reference per prediction."""
+    _check_pairs(predictions, references)
+    return float(sacrebleu.corpus_chrf(list(predictions), [list(references)]).score)
+
+
+def _one_sentence_per_line(text: str) -> str:
+    """Returns text with each sentence on its own line, the form rouge-score's rougeLsum splits on."""
+    return "\n".join(
+        sentence for line in text.splitlines() for sentence in _SENTENCE_END.split(line.strip()) if sentence
+    )
+
+
+def rouge(predictions: Sequence[str], references: Sequence[str]) -> dict[str, float]:
+    """Returns mean ROUGE F-measures (0-1) keyed rouge1, rouge2, rougeL, rougeLsum, with Porter stemming.
+
+    For rougeLsum, sentences are split at newlines and after ".", "!" or "?" followed by whitespace.
+    """
+    _check_pairs(predictions, references)
+    scorer = rouge_scorer.RougeScorer(list(ROUGE_TYPES), use_stemmer=True)
+    sums = dict.fromkeys(ROUGE_TYPES, 0.0)
+    for prediction, reference in zip(predictions, references, strict=True):
+        scores = scorer.score(reference, prediction)
+        summary_scores = scorer.score(_one_sentence_per_line(reference), _one_sentence_per_line(prediction))
+        for rouge_type in ROUGE_TYPES:
+            source = summary_scores if rouge_type == "rougeLsum" else scores
+            sums[rouge_type] += source[rouge_type].fmeasure
+    return {rouge_type: total / len(predictions) for rouge_type, total in sums.items()}
+
+
+def _label_form(text: str) -> str:
+    # "cancel_order", "cancel-order" and "Cancel order" all name the same label.
+    return normalize_text(re.sub(r"[_\-]", " ", text))
+
+
+def _find_label(prediction: str, labels: Sequence[str]) -> str | None:
+    """Returns the label (in label form) appearing earliest in the prediction; longest wins a tie."""
+    text = f" {_label_form(prediction)} "
+    found = [(text.find(f" {label} "), -len(label), label) for label in map(_label_form, labels)]
+    found = [hit for hit in found if hit[0] >= 0 and hit[2]]
+    return min(found)[2] if found else None
+
+
+def accuracy(predictions: Sequence[str], references: Sequence[str], labels: Sequence[str] | None = None) -> float:
+    """Returns classification accuracy; "_" and "-" read as spaces, so "Cancel order" is cancel_order.
+
+    With labels, each prediction counts as the label that appears earliest in it as whole words
+    ("I think it is a refund." -> refund) and is right if that label is the reference; a prediction
+    naming no label is wrong. Without labels, the normalised prediction must equal the reference.
+    """
+    _check_pairs(predictions, references)
+    if labels is None:
+        hits = [_label_form(p) == _label_form(r) for p, r in zip(predictions, references, strict=True)]
+    else:
+        hits = [_find_label(p, labels) == _label_form(r) for p, r in zip(predictions, references, strict=True)]
+    return sum(hits) / len(hits)
+
+
+def _accuracy_over_reference_labels(predictions: Sequence[str], references: Sequence[str]) -> float:
+    # Called by name from a config, accuracy has no label list: the distinct references are the labels.
+    return accuracy(predictions, references, labels=list(dict.fromkeys(references)))
+
+
+MetricFn = Callable[[Sequence[str], Sequence[str]], dict[str, float]]
+
+METRICS: dict[str, MetricFn] = {
+    "exact_match": lambda p, r: {"exact_match": exact_match(p, r)},
+    "json_field_accuracy": json_field_accuracy,
+    "bleu": lambda p, r: {"bleu": bleu(p, r)},
+    "chrf": lambda p, r: {"chrf": chrf(p, r)},
+    "rouge": rouge,
+    "accuracy": lambda p, r: {"accuracy": _accuracy_over_reference_labels(p, r)},
+}
+
+
+def compute_metrics(names: Sequence[str], predictions: Sequence[str], references: Sequence[str]) -> dict[str, float]:
+    """Returns the union of the named metrics' scores.
+
+    A key already produced by an earlier metric is written as "<metric>/<key>" instead of overwriting it
+    (json_field_accuracy's "exact_match" next to the exact_match metric).
+    """
+    unknown = [name for name in names if name not in METRICS]
+    if unknown:
+        raise ValueError(f"unknown metric(s) {unknown}; known metrics: {sorted(METRICS)}")
+    results: dict[str, float] = {}
+    for name in dict.fromkeys(names):
+        for key, value in METRICS[name](predictions, references).items():
+            results[f"{name}/{key}" if key in results else key] = value
+    return results

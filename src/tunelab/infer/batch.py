@@ -1,0 +1,35 @@
+"""`tunelab generate`: replies for every row of a file, written as JSONL."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from tunelab.data.formats import RowError, prompt_messages
+from tunelab.data.sources import read_records
+from tunelab.errors import DataError
+from tunelab.infer.generate import GenerationOptions, generate_replies
+from tunelab.infer.load import load_for_inference
+
+
+def generate_file(model: str, input_path: Path, output_path: Path, options: GenerationOptions,
+                  system: str | None = None) -> int:
+    """Read every prompt first (bad rows fail before the model loads), generate, write atomically."""
+    records = read_records(input_path)
+    conversations, problems = [], []
+    for record in records:
+        try:
+            conversations.append(prompt_messages(record.row, system))
+        except RowError as err:
+            problems.append(f"{record.where}: {err}")
+    if problems:
+        raise DataError(f"{len(problems)} invalid row(s):\n  " + "\n  ".join(problems[:10]))
+    loaded = load_for_inference(model)
+    replies = generate_replies(loaded.model, loaded.renderer, conversations, options)
+    partial = output_path.with_name(output_path.name + ".partial")
+    output_path.parent.mkdir(parents=True, exist_ok=True)
+    with open(partial, "w") as handle:
+        for record, reply in zip(records, replies, strict=True):
+            handle.write(json.dumps({**record.row, "reply": reply}) + "\n")
+    partial.rename(output_path)
+    return len(replies)

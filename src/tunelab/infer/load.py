@@ -1,0 +1,72 @@
+"""Load a run directory or any model spec for inference, exactly as the run trained it."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from tunelab.config import QLoraMethod, RunConfig, load_config
+from tunelab.data.template import ChatRenderer
+from tunelab.errors import ModelError
+from tunelab.models.load import load_model, load_tokenizer, quantization_config
+from tunelab.models.resolve import resolve_model
+
+
+@dataclass
+class LoadedModel:
+    model: torch.nn.Module
+    tokenizer: object
+    renderer: ChatRenderer
+    run_config: RunConfig | None
+    """The run's config when a tunelab run directory was loaded."""
+
+
+def is_run_dir(path: Path) -> bool:
+    return (path / "config.yaml").is_file() and (
+        (path / "adapter_config.json").is_file() or (path / "config.json").is_file()
+    )
+
+
+def load_for_inference(spec: str | Path, device: str | None = None) -> LoadedModel:
+    """A run directory (adapter or full weights), or a preset / hub id / folder / .gguf file."""
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    path = Path(spec)
+    if path.is_dir() and is_run_dir(path):
+        return _load_run(path, device)
+    model_path = resolve_model(str(spec))
+    tokenizer = load_tokenizer(model_path)
+    model = load_model(model_path, device=device)
+    model.eval()
+    return LoadedModel(model, tokenizer, ChatRenderer(tokenizer, "auto"), None)
+
+
+def _load_run(run_dir: Path, device: str) -> LoadedModel:
+    config = load_config(run_dir / "config.yaml")
+    tokenizer = load_tokenizer(run_dir)
+    renderer = ChatRenderer(tokenizer, config.data.chat_template)
+    if (run_dir / "adapter_config.json").is_file():
+        from peft import PeftModel
+
+        base_path = resolve_model(config.model)
+        quantization = None
+        if isinstance(config.method, QLoraMethod):
+            # Same frozen base as in training, so outputs match the in-process ones.
+            quantization = quantization_config(config.method, _compute_dtype(config, device))
+        base = load_model(base_path, quantization=quantization, device=device)
+        try:
+            model = PeftModel.from_pretrained(base, run_dir)
+        except Exception as err:
+            raise ModelError(f"cannot load the adapter: {err}", where=str(run_dir)) from None
+    else:
+        model = load_model(run_dir, device=device)
+    model.eval()
+    return LoadedModel(model, tokenizer, renderer, config)
+
+
+def _compute_dtype(config: RunConfig, device: str) -> torch.dtype:
+    from tunelab.train.precision import resolve_precision
+
+    precision = resolve_precision(config.train.precision, torch.device(device))
+    return torch.bfloat16 if precision == "bf16" else torch.float32

@@ -1,0 +1,34 @@
+"""Fold a trained adapter into its base model, giving a plain checkpoint any tool can load."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from tunelab.config import load_config
+from tunelab.errors import ConfigError, ModelError
+from tunelab.infer.load import is_run_dir
+from tunelab.models.load import load_model, load_tokenizer
+from tunelab.models.resolve import resolve_model, staged_folder
+
+
+def merge_adapter(run_dir: Path, output: Path, *, overwrite: bool = False) -> Path:
+    """Write base + adapter as one full-precision model to `output` (safetensors, tokenizer, chat template).
+
+    A QLoRA adapter is merged into the full-precision base it was quantised from.
+    """
+    if not (run_dir.is_dir() and is_run_dir(run_dir)):
+        raise ModelError("not a tunelab run directory", where=str(run_dir))
+    if not (run_dir / "adapter_config.json").is_file():
+        raise ConfigError(f"{run_dir} holds full weights already: there is no adapter to merge", where="merge")
+    if output.exists() and any(output.iterdir()) and not overwrite:
+        raise ConfigError(f"{output} already exists; pass --overwrite to replace it", where="--output")
+    from peft import PeftModel
+
+    config = load_config(run_dir / "config.yaml")
+    base = load_model(resolve_model(config.model), device="cpu")
+    merged = PeftModel.from_pretrained(base, run_dir).merge_and_unload()
+    tokenizer = load_tokenizer(run_dir)
+    with staged_folder(output) as tmp:
+        merged.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+    return output

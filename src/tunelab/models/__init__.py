@@ -1,0 +1,1 @@
+"""Where a model comes from (presets, hub ids, local folders, .gguf files) and how it is loaded."""

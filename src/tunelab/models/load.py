@@ -1,0 +1,54 @@
+"""Load a resolved checkpoint for training or inference: model (quantised when the method asks) and
+tokenizer with a pad token."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from tunelab.config import QLoraMethod
+from tunelab.errors import ModelError
+from tunelab.models.resolve import ensure_pad_token
+
+
+def load_tokenizer(path: Path):
+    from transformers import AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path)
+    except Exception as err:
+        raise ModelError(f"cannot load tokenizer: {err}", where=str(path)) from None
+    ensure_pad_token(tokenizer)
+    return tokenizer
+
+
+def quantization_config(method: QLoraMethod, compute_dtype: torch.dtype):
+    """bitsandbytes settings for the frozen base of QLoRA (4-bit nf4/fp4 or 8-bit)."""
+    from transformers import BitsAndBytesConfig
+
+    if method.bits == 8:
+        return BitsAndBytesConfig(load_in_8bit=True)
+    return BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type=method.quant_type,
+        bnb_4bit_use_double_quant=method.double_quant,
+        bnb_4bit_compute_dtype=compute_dtype,
+    )
+
+
+def load_model(path: Path, *, quantization=None, device: str = "cpu"):
+    """A causal LM in float32 master weights (or quantised), on `device`, in training-ready state."""
+    from transformers import AutoModelForCausalLM
+
+    kwargs = {"dtype": torch.float32}
+    if quantization is not None:
+        kwargs["quantization_config"] = quantization
+        kwargs["device_map"] = device
+    try:
+        model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+    except Exception as err:
+        raise ModelError(f"cannot load model: {err}", where=str(path)) from None
+    if quantization is None:
+        model.to(device)
+    return model

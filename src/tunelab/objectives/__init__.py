@@ -1,0 +1,1 @@
+"""Training objectives: functions from a model and a batch to a loss."""

@@ -1,0 +1,47 @@
+"""Supervised fine-tuning: summed next-token cross-entropy over trained tokens.
+
+The output head runs only on positions that carry loss, so no logits are computed for prompt tokens
+and padding: on a 49k vocabulary the head is a fifth of a small model's compute and most of its
+activation memory. Chunking bounds the float32 upcast of the logits to one chunk at a time.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from tunelab.data.template import IGNORE_INDEX
+
+_HEAD_CHUNK = 1024  # trained positions per head matmul
+
+
+def decoder_and_head(model):
+    """The transformer body and the output projection of a (possibly PEFT-wrapped) causal LM."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return base.get_decoder(), base.get_output_embeddings()
+
+
+def hidden_states(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Last hidden states [B, T, H] for the batch (attention mask or packed position ids)."""
+    decoder, _ = decoder_and_head(model)
+    inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "position_ids") if k in batch}
+    return decoder(**inputs, use_cache=False).last_hidden_state
+
+
+def sft_loss_sum(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
+    """(sum of token cross-entropies over trained positions, number of trained positions).
+
+    The caller divides by the trained-token count of the whole optimiser step, so every token weighs
+    the same however the tokens fall into micro-batches.
+    """
+    targets = batch["targets"]  # [B, T], already shifted
+    hidden = hidden_states(model, batch)  # [B, T, H]
+    keep = targets != IGNORE_INDEX
+    selected = hidden[keep]  # [N, H]
+    wanted = targets[keep]  # [N]
+    _, head = decoder_and_head(model)
+    total = selected.new_zeros((), dtype=torch.float32)
+    for start in range(0, selected.shape[0], _HEAD_CHUNK):
+        logits = head(selected[start : start + _HEAD_CHUNK]).float()  # [n, V]
+        total = total + F.cross_entropy(logits, wanted[start : start + _HEAD_CHUNK], reduction="sum")
+    return total, int(keep.sum())

@@ -1,0 +1,1 @@
+"""The single training loop, its optimiser and schedule, checkpoints and resume."""

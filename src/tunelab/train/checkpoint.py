@@ -1,0 +1,100 @@
+"""Resumable checkpoints and final weights.
+
+A checkpoint holds the trainable parameters, optimiser, scheduler, RNG states and the data position;
+it is written to a scratch folder and renamed into place, so a crash mid-write never leaves a
+checkpoint that looks complete.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import shutil
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+CHECKPOINTS = "checkpoints"
+
+
+@dataclass
+class TrainerState:
+    """Where training stands: enough, with the weights and optimiser, to continue exactly."""
+
+    step: int = 0
+    epoch: int = 0
+    batch_in_epoch: int = 0
+    """Index of the next micro-batch to run in `epoch`."""
+    tokens_seen: int = 0
+    train_seconds: float = 0.0
+    best_eval_loss: float | None = None
+    best_step: int | None = None
+    evals_without_improvement: int = 0
+    extra: dict = field(default_factory=dict)
+
+
+def trainable_state(model) -> dict[str, torch.Tensor]:
+    """A copy (never a view) of every trainable parameter, on the CPU."""
+    return {name: p.detach().to("cpu", copy=True) for name, p in model.named_parameters() if p.requires_grad}
+
+
+def load_trainable_state(model, tensors: dict[str, torch.Tensor]) -> None:
+    params = dict(model.named_parameters())
+    missing = [name for name, p in params.items() if p.requires_grad and name not in tensors]
+    if missing:
+        raise RuntimeError(f"checkpoint lacks trainable parameters, e.g. {missing[:3]}")
+    with torch.no_grad():
+        for name, value in tensors.items():
+            params[name].copy_(value.to(params[name].device, params[name].dtype))
+
+
+def rng_snapshot() -> dict:
+    return {"python": random.getstate(), "torch": torch.get_rng_state()}
+
+
+def save_checkpoint(
+    run_dir: Path, model, optimizer, scheduler, state: TrainerState, keep: int, rng: dict | None = None
+) -> Path:
+    """Write checkpoints/step-N atomically and keep only the newest `keep`.
+
+    `rng` is the random state as it was at the end of step N (taken when the step finished, since an
+    interruption may come after the next step has already drawn dropout masks)."""
+    root = run_dir / CHECKPOINTS
+    root.mkdir(parents=True, exist_ok=True)
+    final = root / f"step-{state.step:06d}"
+    tmp = root / f".tmp-step-{state.step:06d}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    save_file(trainable_state(model), tmp / "trainable.safetensors")
+    torch.save(
+        {
+            "optimizer": optimizer.state_dict(),
+            "scheduler": scheduler.state_dict(),
+            "rng": rng or rng_snapshot(),
+        },
+        tmp / "optimizer.pt",
+    )
+    (tmp / "state.json").write_text(json.dumps(asdict(state), indent=2))
+    shutil.rmtree(final, ignore_errors=True)
+    tmp.rename(final)
+    for old in sorted(root.glob("step-*"))[:-keep]:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def latest_checkpoint(run_dir: Path) -> Path | None:
+    found = sorted((run_dir / CHECKPOINTS).glob("step-*"))
+    return found[-1] if found else None
+
+
+def load_checkpoint(path: Path, model, optimizer, scheduler) -> TrainerState:
+    """Restore weights, optimiser, scheduler and RNG from `path`; return the trainer state."""
+    load_trainable_state(model, load_file(path / "trainable.safetensors"))
+    saved = torch.load(path / "optimizer.pt", weights_only=False)
+    optimizer.load_state_dict(saved["optimizer"])
+    scheduler.load_state_dict(saved["scheduler"])
+    random.setstate(saved["rng"]["python"])
+    torch.set_rng_state(saved["rng"]["torch"])
+    return TrainerState(**json.loads((path / "state.json").read_text()))

@@ -1,0 +1,168 @@
+"""The training loop: batch in, forward, objective, backward, step, log, eval, checkpoint.
+
+One optimiser step takes `grad_accum` micro-batches; the loss of each is divided by the number of
+trained tokens in the whole step, so every token weighs the same whatever micro-batch it falls in.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from tunelab.config import RunConfig
+from tunelab.data.batching import collate, plan_epoch
+from tunelab.data.template import TokenizedSample
+from tunelab.objectives.sft import sft_loss_sum
+from tunelab.track.jsonl import MetricsLog
+from tunelab.train.checkpoint import (
+    TrainerState,
+    load_trainable_state,
+    rng_snapshot,
+    save_checkpoint,
+    trainable_state,
+)
+from tunelab.train.precision import autocast
+
+
+class TrainingFault(RuntimeError):
+    """Training cannot go on (the loss is no longer finite); finished work is already saved."""
+
+
+@dataclass
+class LoopContext:
+    """Everything the loop touches, built by the caller (see train/run.py)."""
+
+    config: RunConfig
+    model: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    train_samples: list[TokenizedSample]
+    pad_token_id: int
+    precision: str
+    device: torch.device
+    run_dir: Path
+    log: MetricsLog
+    total_steps: int
+    evaluate: Callable[[], dict[str, float]]
+    """Returns eval metrics ({} when there is no eval data)."""
+    on_step: Callable[[TrainerState, dict], None] = lambda state, record: None
+    """Progress display hook."""
+    rng_at_last_step: dict | None = None
+    """Random state when the last finished step ended: what an interruption checkpoint must restore."""
+
+
+def epoch_plan(ctx: LoopContext, epoch: int):
+    """The batches of `epoch` (deterministic in seed and epoch, so a resumed run sees the same ones)."""
+    data = ctx.config.data
+    return plan_epoch(
+        ctx.train_samples,
+        batch_size=ctx.config.train.batch_size,
+        seed=ctx.config.train.seed,
+        epoch=epoch,
+        shuffle=data.shuffle,
+        group_by_length=ctx.config.train.group_by_length,
+        packing=data.packing,
+        max_length=data.max_length,
+    )
+
+
+def micro_batches(ctx: LoopContext, epoch: int, batch_in_epoch: int) -> Iterator[tuple[float, int, int, list]]:
+    """(epoch, index, batches in that epoch, rows) from the saved data position onwards."""
+    while True:
+        batches = epoch_plan(ctx, epoch).batches
+        for index in range(batch_in_epoch, len(batches)):
+            yield epoch, index, len(batches), batches[index]
+        epoch, batch_in_epoch = epoch + 1, 0
+
+
+def fit(ctx: LoopContext, state: TrainerState) -> TrainerState:
+    """Train from `state` to the last step; returns the final state. Stops early when eval stops improving."""
+    cfg = ctx.config.train
+    model, optimizer, scheduler = ctx.model, ctx.optimizer, ctx.scheduler
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    batches = micro_batches(ctx, state.epoch, state.batch_in_epoch)
+    best_weights = None
+    model.train()
+    while state.step < ctx.total_steps:
+        started = time.perf_counter()
+        step_batches = [next(batches) for _ in range(cfg.grad_accum)]
+        tensors = [_to_device(collate(_rows(ctx, rows), ctx.pad_token_id, ctx.config.data.packing), ctx.device)
+                   for _, _, _, rows in step_batches]
+        step_tokens = sum(int((t["targets"] != -100).sum()) for t in tensors)
+        computed_tokens = sum(t["input_ids"].numel() for t in tensors)
+        loss_total = 0.0
+        for batch in tensors:
+            with autocast(ctx.precision, ctx.device):
+                loss_sum, _ = sft_loss_sum(model, batch)
+            (loss_sum / max(1, step_tokens)).backward()
+            loss_total += float(loss_sum.detach())
+        loss = loss_total / max(1, step_tokens)
+        if not math.isfinite(loss):
+            optimizer.zero_grad(set_to_none=True)
+            raise TrainingFault(f"the loss became {loss} at step {state.step + 1}; try a lower train.lr")
+        grad_norm = None
+        if cfg.max_grad_norm:
+            grad_norm = float(torch.nn.utils.clip_grad_norm_(trainable, cfg.max_grad_norm))
+        lr = scheduler.get_last_lr()[0]
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+
+        elapsed = time.perf_counter() - started
+        last_epoch, last_index, epoch_length, _ = step_batches[-1]
+        state.step += 1
+        state.epoch, state.batch_in_epoch = last_epoch, last_index + 1
+        state.tokens_seen += step_tokens
+        state.train_seconds += elapsed
+        state.extra["computed_tokens"] = state.extra.get("computed_tokens", 0) + computed_tokens
+        ctx.rng_at_last_step = rng_snapshot()
+        record = {
+            "step": state.step,
+            "epoch": round(last_epoch + (last_index + 1) / epoch_length, 4),
+            "loss": loss,
+            "lr": lr,
+            "grad_norm": grad_norm,
+            "tokens": state.tokens_seen,
+            "tokens_per_second": step_tokens / elapsed if elapsed else 0.0,
+        }
+        stop = False
+        last = state.step == ctx.total_steps
+        if (cfg.eval_every and state.step % cfg.eval_every == 0) or last:
+            metrics = ctx.evaluate()
+            record.update(metrics)
+            if "eval_loss" in metrics:
+                improved = state.best_eval_loss is None or metrics["eval_loss"] < state.best_eval_loss
+                if improved:
+                    state.best_eval_loss, state.best_step = metrics["eval_loss"], state.step
+                    state.evals_without_improvement = 0
+                    if cfg.early_stopping_patience:
+                        best_weights = trainable_state(model)
+                else:
+                    state.evals_without_improvement += 1
+                    patience = cfg.early_stopping_patience
+                    stop = bool(patience and state.evals_without_improvement >= patience)
+        if state.step % cfg.log_every == 0 or last or "eval_loss" in record or stop:
+            ctx.log.write(record)
+        ctx.on_step(state, record)
+        if cfg.save_every and state.step % cfg.save_every == 0 and not last:
+            save_checkpoint(ctx.run_dir, model, optimizer, scheduler, state, cfg.keep_checkpoints)
+        if stop:
+            state.extra["early_stopped_at"] = state.step
+            break
+    if best_weights is not None and state.best_step != state.step:
+        load_trainable_state(model, best_weights)
+        state.extra["restored_best_step"] = state.best_step
+    return state
+
+
+def _rows(ctx: LoopContext, rows: list[list[int]]) -> list[list[TokenizedSample]]:
+    return [[ctx.train_samples[i] for i in row] for row in rows]
+
+
+def _to_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
+    return {key: value.to(device) for key, value in batch.items()}

@@ -1,0 +1,254 @@
+"""`tunelab train`: everything around the loop. Validate first (nothing is written for bad input), load,
+evaluate the base model, train, evaluate again, save the run directory."""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import shutil
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+from rich.console import Console
+
+from tunelab.config import RunConfig, dump_config
+from tunelab.data.prepare import PreparedData, prepare_data
+from tunelab.data.template import ChatRenderer
+from tunelab.errors import ConfigError
+from tunelab.eval.evaluate import evaluate_generations, evaluate_loss
+from tunelab.infer.generate import GenerationOptions
+from tunelab.methods import METHODS, count_parameters
+from tunelab.models.load import load_model, load_tokenizer
+from tunelab.models.resolve import resolve_model
+from tunelab.track.jsonl import MetricsLog
+from tunelab.train.checkpoint import TrainerState, latest_checkpoint, load_checkpoint, save_checkpoint
+from tunelab.train.loop import LoopContext, TrainingFault, epoch_plan, fit
+from tunelab.train.outputs import peak_memory_mb, write_model_card, write_samples
+from tunelab.train.precision import resolve_precision
+from tunelab.train.progress import TrainingProgress
+from tunelab.train.schedule import build_optimizer
+
+
+def check_output_dir(output_dir: Path, *, resume: bool, overwrite: bool) -> None:
+    if resume:
+        if latest_checkpoint(output_dir) is None:
+            raise ConfigError(f"--resume: no checkpoint under {output_dir}/checkpoints", where="output_dir")
+        return
+    if output_dir.exists() and any(output_dir.iterdir()) and not overwrite:
+        raise ConfigError(
+            f"{output_dir} already holds files; pass --overwrite to replace it or --resume to continue it",
+            where="output_dir",
+        )
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def train_run(
+    config: RunConfig, *, resume: bool = False, overwrite: bool = False, console: Console | None = None
+) -> dict:
+    """Run a whole fine-tune as `config` says and return its summary (also written to summary.json)."""
+    console = console or Console(quiet=True)
+    run_dir = config.output_dir
+    check_output_dir(run_dir, resume=resume, overwrite=overwrite)
+    seed_everything(config.train.seed)
+
+    model_path = resolve_model(config.model)
+    tokenizer = load_tokenizer(model_path)
+    data = prepare_data(config.data, tokenizer, config.train.seed)
+    _report_data(console, data)
+
+    device = _training_device()
+    precision = resolve_precision(config.train.precision, device)
+    method = METHODS[config.method.name]
+    quantization = method.quantization(config.method, torch.bfloat16 if precision == "bf16" else torch.float32)
+    model = method.apply(load_model(model_path, quantization=quantization, device=str(device)), config.method)
+    trainable, total = count_parameters(model)
+    console.print(
+        f"[bold]{config.method.name}[/] on {config.model}: {trainable:,} trainable of {total:,} parameters "
+        f"({100 * trainable / total:.2f}%), {precision} on {device}"
+    )
+
+    if overwrite and run_dir.exists() and not resume:
+        shutil.rmtree(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "config.yaml").write_text(dump_config(config))
+    log = MetricsLog(run_dir / "metrics.jsonl")
+    renderer = ChatRenderer(tokenizer, config.data.chat_template)
+    generation = GenerationOptions(max_new_tokens=config.eval.max_new_tokens, seed=config.train.seed)
+    gen_samples = data.eval_samples[: config.eval.generate_samples]
+
+    def evaluate() -> dict[str, float]:
+        return evaluate_loss(model, data.eval, pad_token_id=tokenizer.pad_token_id, precision=precision,
+                             batch_size=config.train.batch_size)
+
+    ctx = LoopContext(
+        config=config, model=model, optimizer=None, scheduler=None, train_samples=data.train,
+        pad_token_id=tokenizer.pad_token_id, precision=precision, device=device, run_dir=run_dir, log=log,
+        total_steps=0, evaluate=evaluate,
+    )
+    steps_per_epoch = math.ceil(len(epoch_plan(ctx, 0).batches) / config.train.grad_accum)
+    ctx.total_steps = config.train.max_steps or max(1, math.ceil(config.train.epochs * steps_per_epoch))
+    ctx.optimizer, ctx.scheduler = build_optimizer(model, config.train, ctx.total_steps)
+
+    state = TrainerState()
+    baseline_file = run_dir / "baseline.json"
+    if resume:
+        checkpoint = latest_checkpoint(run_dir)
+        state = load_checkpoint(checkpoint, model, ctx.optimizer, ctx.scheduler)
+        log.truncate_after(state.step)
+        console.print(f"resuming from {checkpoint} (step {state.step} of {ctx.total_steps})")
+    else:
+        log.path.unlink(missing_ok=True)
+    if baseline_file.exists():
+        baseline = json.loads(baseline_file.read_text())
+    else:
+        baseline = _baseline(config, model, renderer, gen_samples, generation, evaluate, console)
+        baseline_file.write_text(json.dumps(baseline, indent=2))
+    if not resume and "eval_loss" in baseline:
+        log.write({"step": 0, **{k: v for k, v in baseline.items() if k.startswith("eval_")}})
+
+    progress = TrainingProgress(console, ctx.total_steps, state.step)
+    ctx.on_step = progress.update
+    status = "completed"
+    try:
+        with progress:
+            state = fit(ctx, state)
+    except KeyboardInterrupt:
+        status = "interrupted"
+        model.zero_grad(set_to_none=True)
+        saved = save_checkpoint(run_dir, model, ctx.optimizer, ctx.scheduler, state, config.train.keep_checkpoints,
+                                rng=ctx.rng_at_last_step)
+        _write_summary(run_dir, config, data, state, baseline, {}, trainable, total, precision, device, status)
+        console.print(f"[yellow]interrupted at step {state.step}; saved {saved}. Continue with --resume[/]")
+        raise
+    except TrainingFault:
+        status = "failed"
+        if state.step:
+            save_checkpoint(run_dir, model, ctx.optimizer, ctx.scheduler, state, config.train.keep_checkpoints,
+                            rng=ctx.rng_at_last_step)
+        _write_summary(run_dir, config, data, state, baseline, {}, trainable, total, precision, device, status)
+        raise
+
+    after = _final_evaluation(config, model, renderer, gen_samples, generation, evaluate, console)
+    _save_weights(model, tokenizer, run_dir)
+    if config.train.save_every:
+        save_checkpoint(run_dir, model, ctx.optimizer, ctx.scheduler, state, config.train.keep_checkpoints)
+    write_samples(run_dir / "samples.jsonl", gen_samples, baseline.get("replies", []), after.get("replies", []))
+    summary = _write_summary(run_dir, config, data, state, baseline, after, trainable, total, precision, device,
+                             status)
+    write_model_card(run_dir, config, summary)
+    _print_outcome(console, summary, gen_samples, baseline.get("replies", []), after.get("replies", []),
+                   config.eval.show_samples)
+    return summary
+
+
+def _training_device() -> torch.device:
+    """The device accelerate would place this process on (CUDA when present, else CPU)."""
+    from accelerate import PartialState
+
+    return PartialState().device
+
+
+def _report_data(console: Console, data: PreparedData) -> None:
+    stats = data.stats
+    for path, fmt in data.formats.items():
+        console.print(f"data {path}: {fmt}")
+    console.print(
+        f"{stats['train_samples']} train / {stats['eval_samples']} eval samples, {stats['train_tokens']:,} train "
+        f"tokens ({100 * stats['trainable_fraction']:.0f}% trained), median length {stats['median_length']}"
+    )
+    for note in (data.truncated + data.dropped)[:5]:
+        console.print(f"[yellow]{note}[/]")
+    extra = len(data.truncated) + len(data.dropped) - 5
+    if extra > 0:
+        console.print(f"[yellow]... and {extra} more over-long samples[/]")
+
+
+def _baseline(config, model, renderer, gen_samples, generation, evaluate, console) -> dict:
+    """The base model's eval loss and task metrics, measured before the first step."""
+    if not config.eval.before_after:
+        return {}
+    console.print("evaluating the base model ...")
+    result: dict = dict(evaluate())
+    if gen_samples:
+        metrics, replies = evaluate_generations(model, renderer, gen_samples, config.eval.metrics, generation)
+        result.update({"metrics": metrics, "replies": replies})
+    return result
+
+
+def _final_evaluation(config, model, renderer, gen_samples, generation, evaluate, console) -> dict:
+    result: dict = dict(evaluate())
+    if gen_samples:
+        console.print(f"generating {len(gen_samples)} held-out replies ...")
+        metrics, replies = evaluate_generations(model, renderer, gen_samples, config.eval.metrics, generation)
+        result.update({"metrics": metrics, "replies": replies})
+    return result
+
+
+def _save_weights(model, tokenizer, run_dir: Path) -> None:
+    """The adapter (PEFT format) or the full model, as safetensors, and the tokenizer with its template."""
+    model.save_pretrained(run_dir, safe_serialization=True)
+    tokenizer.save_pretrained(run_dir)
+
+
+def _write_summary(run_dir, config, data, state, baseline, after, trainable, total, precision, device, status):
+    records = MetricsLog(run_dir / "metrics.jsonl").read()
+    train_losses = [r["loss"] for r in records if "loss" in r]
+    computed = state.extra.get("computed_tokens", 0)
+    summary = {
+        "status": status,
+        "model": config.model,
+        "method": config.method.name,
+        "steps": state.step,
+        "train_tokens": state.tokens_seen,
+        "train_seconds": round(state.train_seconds, 2),
+        "tokens_per_second": round(state.tokens_seen / state.train_seconds, 2) if state.train_seconds else 0.0,
+        "padding_efficiency": round(state.tokens_seen / computed, 4) if computed else None,
+        "peak_memory_mb": round(peak_memory_mb(device), 1),
+        "final_train_loss": train_losses[-1] if train_losses else None,
+        "base_eval_loss": baseline.get("eval_loss"),
+        "final_eval_loss": after.get("eval_loss", state.best_eval_loss),
+        "final_eval_perplexity": after.get("eval_perplexity"),
+        "metrics_before": baseline.get("metrics", {}),
+        "metrics_after": after.get("metrics", {}),
+        "trainable_parameters": trainable,
+        "total_parameters": total,
+        "precision": precision,
+        "device": str(device),
+        "data": data.stats,
+        "trainer_state": asdict(state),
+    }
+    (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+    return summary
+
+
+def _print_outcome(console, summary, samples, before, after, show) -> None:
+    from rich.table import Table
+
+    table = Table(title="before / after fine-tuning")
+    table.add_column("metric")
+    table.add_column("base model", justify="right")
+    table.add_column("fine-tuned", justify="right")
+    rows = [("eval loss", summary["base_eval_loss"], summary["final_eval_loss"])]
+    if summary["base_eval_loss"] is not None and summary["final_eval_loss"] is not None:
+        rows.append(("eval perplexity", math.exp(summary["base_eval_loss"]), math.exp(summary["final_eval_loss"])))
+    for name, value in summary["metrics_after"].items():
+        rows.append((name, summary["metrics_before"].get(name), value))
+    for name, base, tuned in rows:
+        table.add_row(name, "-" if base is None else f"{base:.4f}", "-" if tuned is None else f"{tuned:.4f}")
+    console.print(table)
+    for sample, base, tuned in list(zip(samples, before or [None] * len(after), after, strict=False))[:show]:
+        console.print(f"[bold]prompt:[/] {sample.messages[-2]['content']}")
+        console.print(f"  [dim]reference:[/]  {sample.reference}")
+        if base is not None:
+            console.print(f"  [red]base:[/]       {base}")
+        console.print(f"  [green]fine-tuned:[/] {tuned}")
+    console.print(
+        f"trained {summary['train_tokens']:,} tokens in {summary['train_seconds']:.0f}s "
+        f"({summary['tokens_per_second']:.0f} tokens/s), peak memory {summary['peak_memory_mb']:.0f} MB"
+    )

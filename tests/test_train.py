@@ -1,0 +1,166 @@
+"""The training loop on a tiny real model: it learns, saves, resumes exactly, and fails cleanly."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from tunelab.config import load_config
+from tunelab.data.batching import collate
+from tunelab.data.template import IGNORE_INDEX, TokenizedSample
+from tunelab.objectives.sft import sft_loss_sum
+from tunelab.train.loop import TrainingFault
+from tunelab.train.run import train_run
+
+QA = [
+    {"question": f"what is {a} plus {b}?", "answer": f"{a + b}"}
+    for a in range(6)
+    for b in range(6)
+]
+
+
+@pytest.fixture
+def qa_file(tmp_path):
+    path = tmp_path / "qa.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in QA))
+    return path
+
+
+def run_config(tiny_model_dir, qa_file, out, *overrides):
+    return load_config(
+        None,
+        [
+            f"model={tiny_model_dir}",
+            f"data.train={qa_file}",
+            "data.eval_split=0.2",
+            "data.max_length=64",
+            f"output_dir={out}",
+            "train.batch_size=4",
+            "train.precision=fp32",
+            "eval.generate_samples=4",
+            "eval.max_new_tokens=4",
+            "eval.show_samples=0",
+            *overrides,
+        ],
+    )
+
+
+def test_lora_lowers_eval_loss_and_writes_the_run_directory(tiny_model_dir, qa_file, tmp_path):
+    out = tmp_path / "run"
+    summary = train_run(run_config(tiny_model_dir, qa_file, out, "train.epochs=4", "train.lr=3e-3"))
+    assert summary["final_eval_loss"] < summary["base_eval_loss"] - 0.5
+    for name in ("config.yaml", "metrics.jsonl", "summary.json", "adapter_model.safetensors",
+                 "adapter_config.json", "tokenizer.json", "README.md", "samples.jsonl"):
+        assert (out / name).is_file(), name
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert records[0]["step"] == 0 and "eval_loss" in records[0]
+    assert {"step", "loss", "lr", "tokens", "tokens_per_second"} <= set(records[1])
+    written = json.loads((out / "summary.json").read_text())
+    for key in ("train_tokens", "train_seconds", "tokens_per_second", "peak_memory_mb", "final_train_loss",
+                "final_eval_loss", "trainable_parameters", "total_parameters"):
+        assert written[key] is not None, key
+    assert written["trainable_parameters"] < written["total_parameters"]
+
+
+def test_full_fine_tuning_trains_every_weight(tiny_model_dir, qa_file, tmp_path):
+    out = tmp_path / "full"
+    summary = train_run(run_config(tiny_model_dir, qa_file, out, "method.name=full", "train.epochs=3",
+                                   "train.lr=3e-3"))
+    assert summary["trainable_parameters"] == summary["total_parameters"]
+    assert summary["final_eval_loss"] < summary["base_eval_loss"]
+    assert (out / "model.safetensors").is_file()
+
+
+def _batch(samples):
+    return collate([[s] for s in samples], pad_token_id=0, packed=False)
+
+
+def test_accumulated_loss_weights_every_token_equally(tiny_model_dir):
+    """Two micro-batches of 1 and 3 trained tokens: each token weighs 1/4, not 1/2 per micro-batch."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
+    a = TokenizedSample([5, 6, 7, 8], [IGNORE_INDEX, IGNORE_INDEX, IGNORE_INDEX, 8], "a")
+    b = TokenizedSample([9, 10, 11, 12], [IGNORE_INDEX, 10, 11, 12], "b")
+    together, n = sft_loss_sum(model, _batch([a, b]))
+    assert n == 4
+    sum_a, n_a = sft_loss_sum(model, _batch([a]))
+    sum_b, n_b = sft_loss_sum(model, _batch([b]))
+    assert (n_a, n_b) == (1, 3)
+    # Reference: plain full-logits cross-entropy over the 4 trained positions.
+    logits = model(input_ids=torch.tensor([a.input_ids, b.input_ids])).logits
+    targets = torch.tensor([a.labels, b.labels])[:, 1:]
+    reference = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), targets.reshape(-1),
+                                                  ignore_index=IGNORE_INDEX, reduction="mean")
+    torch.testing.assert_close((sum_a + sum_b) / 4, reference, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(together / n, reference, rtol=1e-5, atol=1e-6)
+
+
+def test_grad_accum_matches_one_big_batch(tiny_model_dir, qa_file, tmp_path):
+    big = train_run(run_config(tiny_model_dir, qa_file, tmp_path / "big", "train.max_steps=3", "train.batch_size=4",
+                               "method.dropout=0", "eval.before_after=false"))
+    small = train_run(run_config(tiny_model_dir, qa_file, tmp_path / "acc", "train.max_steps=3",
+                                 "train.batch_size=2", "train.grad_accum=2", "method.dropout=0",
+                                 "eval.before_after=false"))
+    assert small["final_train_loss"] == pytest.approx(big["final_train_loss"], rel=1e-4)
+    assert small["final_eval_loss"] == pytest.approx(big["final_eval_loss"], rel=1e-4)
+
+
+def test_resume_reaches_the_same_final_loss(tiny_model_dir, qa_file, tmp_path, monkeypatch):
+    base = ["train.max_steps=8", "train.save_every=3", "train.lr=3e-3", "eval.before_after=false"]
+    straight = train_run(run_config(tiny_model_dir, qa_file, tmp_path / "straight", *base))
+
+    calls = {"n": 0}
+    real_step = torch.optim.AdamW.step
+
+    def interrupt_after_five(self, *args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 6:
+            raise KeyboardInterrupt
+        return real_step(self, *args, **kwargs)
+
+    monkeypatch.setattr(torch.optim.AdamW, "step", interrupt_after_five)
+    with pytest.raises(KeyboardInterrupt):
+        train_run(run_config(tiny_model_dir, qa_file, tmp_path / "resumed", *base))
+    monkeypatch.setattr(torch.optim.AdamW, "step", real_step)
+    interrupted = json.loads((tmp_path / "resumed" / "summary.json").read_text())
+    assert interrupted["status"] == "interrupted" and interrupted["steps"] == 5
+    resumed = train_run(run_config(tiny_model_dir, qa_file, tmp_path / "resumed", *base), resume=True)
+    assert resumed["steps"] == 8
+    assert resumed["final_train_loss"] == pytest.approx(straight["final_train_loss"], rel=1e-5)
+    assert resumed["final_eval_loss"] == pytest.approx(straight["final_eval_loss"], rel=1e-5)
+    steps = [json.loads(line)["step"] for line in (tmp_path / "resumed" / "metrics.jsonl").read_text().splitlines()]
+    assert steps == sorted(set(steps)) and steps[-1] == 8
+
+
+def test_nan_loss_stops_with_finished_work_saved(tiny_model_dir, qa_file, tmp_path):
+    out = tmp_path / "nan"
+    with pytest.raises(TrainingFault, match="loss became"):
+        train_run(run_config(tiny_model_dir, qa_file, out, "train.lr=1e30", "method.name=full",
+                             "train.max_grad_norm=null", "train.max_steps=20", "eval.before_after=false"))
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["status"] == "failed"
+
+
+def test_existing_output_dir_is_not_overwritten_silently(tiny_model_dir, qa_file, tmp_path):
+    from tunelab.errors import ConfigError
+
+    out = tmp_path / "taken"
+    out.mkdir()
+    (out / "keep.txt").write_text("mine")
+    with pytest.raises(ConfigError, match="--overwrite"):
+        train_run(run_config(tiny_model_dir, qa_file, out, "train.max_steps=1"))
+    assert (out / "keep.txt").read_text() == "mine"
+
+
+def test_early_stopping_keeps_the_best_weights(tiny_model_dir, qa_file, tmp_path):
+    out = tmp_path / "early"
+    summary = train_run(run_config(tiny_model_dir, qa_file, out, "method.name=full", "train.lr=3e-2",
+                                   "train.epochs=30", "train.eval_every=2", "train.early_stopping_patience=2",
+                                   "train.scheduler=constant", "eval.before_after=false"))
+    state = summary["trainer_state"]
+    assert state["extra"].get("early_stopped_at") is not None
+    assert summary["steps"] < 30 * 8
+    assert summary["final_eval_loss"] == pytest.approx(state["best_eval_loss"], rel=1e-4)
