@@ -19,7 +19,8 @@ def write_jsonl(path, rows):
 
 
 def trained_text(tokenizer, tokenized) -> str:
-    return tokenizer.decode([t for t, lab in zip(tokenized.input_ids, tokenized.labels) if lab != IGNORE_INDEX])
+    pairs = zip(tokenized.input_ids, tokenized.labels, strict=True)
+    return tokenizer.decode([token for token, label in pairs if label != IGNORE_INDEX])
 
 
 @pytest.mark.parametrize(

@@ -36,7 +36,7 @@ def _quiet_libraries() -> None:
 
 
 def _fail(err: UserError) -> None:
-    errors.print(f"[bold red]error:[/] {err}", markup=True, highlight=False)
+    errors.print(f"[bold red]error:[/] {err}", highlight=False, soft_wrap=True)
     raise typer.Exit(2)
 
 
@@ -138,7 +138,7 @@ def models_list() -> None:
     from tunelab.models.resolve import cached_preset
 
     table = Table()
-    table.add_column("name")
+    table.add_column("name", no_wrap=True)
     table.add_column("hub id")
     table.add_column("offline source")
     table.add_column("cached")

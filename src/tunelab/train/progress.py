@@ -7,7 +7,13 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 
 class TrainingProgress:
+    """A live bar in a terminal; plain lines (about 20 per run, plus every eval) in logs and CI."""
+
     def __init__(self, console: Console, total_steps: int, start_step: int) -> None:
+        self.console = console
+        self.total_steps = total_steps
+        self.live = console.is_terminal
+        self.line_every = max(1, total_steps // 20)
         self.progress = Progress(
             TextColumn("[bold]train"),
             BarColumn(),
@@ -17,7 +23,7 @@ class TrainingProgress:
             TextColumn("eta"),
             TimeRemainingColumn(),
             console=console,
-            disable=console.quiet,
+            disable=console.quiet or not self.live,
         )
         self.task = self.progress.add_task("train", total=total_steps, completed=start_step, stats="")
         self.eval_loss: float | None = None
@@ -30,6 +36,8 @@ class TrainingProgress:
             stats += f" | eval {self.eval_loss:.4f}"
         stats += f" | {record['tokens_per_second']:.0f} tok/s"
         self.progress.update(self.task, completed=state.step, stats=stats)
+        if not self.live and (state.step % self.line_every == 0 or "eval_loss" in record):
+            self.console.print(f"step {state.step}/{self.total_steps} | {stats}", highlight=False)
 
     def __enter__(self) -> TrainingProgress:
         self.progress.start()

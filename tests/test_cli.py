@@ -1,0 +1,141 @@
+"""The `tunelab` command: user errors exit 2 with one clear message; a saved run generates, chats and merges
+exactly like the model did in process."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from tunelab.cli import app
+
+runner = CliRunner()
+QA = [{"question": f"what is {a} plus {b}?", "answer": f"{a + b}"} for a in range(6) for b in range(6)]
+
+
+@pytest.fixture(scope="module")
+def trained_run(tiny_model_dir, tmp_path_factory):
+    """A LoRA run on the tiny model, trained once through the CLI."""
+    root = tmp_path_factory.mktemp("cli")
+    data = root / "qa.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in QA))
+    config = root / "run.yaml"
+    config.write_text(
+        f"model: {tiny_model_dir}\n"
+        f"data: {{train: {data}, eval_split: 0.25, max_length: 64}}\n"
+        "method: {name: lora, r: 8}\n"
+        "train: {epochs: 2, batch_size: 4, lr: 0.003, precision: fp32}\n"
+        "eval: {generate_samples: 6, max_new_tokens: 5, show_samples: 1}\n"
+        f"output_dir: {root / 'run'}\n"
+    )
+    result = runner.invoke(app, ["train", str(config)])
+    assert result.exit_code == 0, result.output
+    return root / "run", data, config
+
+
+def test_unknown_config_key_names_the_nearest_one(tmp_path):
+    config = tmp_path / "bad.yaml"
+    config.write_text("train:\n  learning_rate: 0.1\n")
+    result = runner.invoke(app, ["train", str(config)])
+    assert result.exit_code == 2
+    assert "unknown key 'train.learning_rate'; did you mean 'lr'?" in result.output
+    assert not (tmp_path / "runs").exists()
+
+
+def test_bad_override_value_exits_2(tmp_path):
+    config = tmp_path / "ok.yaml"
+    config.write_text("train:\n  epochs: 1\n")
+    result = runner.invoke(app, ["train", str(config), "train.batch_size=0"])
+    assert result.exit_code == 2 and "train.batch_size" in result.output
+
+
+def test_missing_model_path_exits_2_and_writes_nothing(tmp_path):
+    config = tmp_path / "c.yaml"
+    out = tmp_path / "out"
+    config.write_text(f"model: ./no/such/model\noutput_dir: {out}\n")
+    result = runner.invoke(app, ["train", str(config)])
+    assert result.exit_code == 2
+    assert "./no/such/model: model path does not exist" in result.output
+    assert not out.exists()
+
+
+def test_bad_data_row_exits_2_naming_file_and_line(tiny_model_dir, tmp_path):
+    data = tmp_path / "d.jsonl"
+    data.write_text('{"question": "a?", "answer": "b"}\n{"question": "c?"}\n')
+    out = tmp_path / "out"
+    config = tmp_path / "c.yaml"
+    config.write_text(f"model: {tiny_model_dir}\ndata: {{train: {data}}}\noutput_dir: {out}\n")
+    result = runner.invoke(app, ["train", str(config)])
+    assert result.exit_code == 2
+    assert f"{data}:2: missing field 'answer'" in result.output
+    assert not out.exists()
+
+
+def test_generate_gives_the_same_replies_as_in_process(trained_run, tmp_path):
+    run, _, _ = trained_run
+    samples = [json.loads(line) for line in (run / "samples.jsonl").read_text().splitlines()]
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps({"messages": s["prompt"]}) + "\n" for s in samples))
+    out = tmp_path / "replies.jsonl"
+    result = runner.invoke(app, ["generate", str(run), "-i", str(prompts), "-o", str(out), "--max-new-tokens", "5"])
+    assert result.exit_code == 0, result.output
+    replies = [json.loads(line)["reply"] for line in out.read_text().splitlines()]
+    assert replies == [s["fine_tuned"] for s in samples]
+
+
+def test_generate_rejects_a_bad_prompt_file_before_loading(trained_run, tmp_path):
+    run, _, _ = trained_run
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text('{"prompt": "hi"}\n{"nothing": 1}\n')
+    result = runner.invoke(app, ["generate", str(run), "-i", str(prompts), "-o", str(tmp_path / "o.jsonl")])
+    assert result.exit_code == 2 and "p.jsonl:2: no prompt found" in result.output
+    assert not (tmp_path / "o.jsonl").exists()
+
+
+def test_chat_streams_a_reply_and_exits(trained_run):
+    run, _, _ = trained_run
+    result = runner.invoke(app, ["chat", str(run), "--max-new-tokens", "4"], input="what is 1 plus 2?\n/exit\n")
+    assert result.exit_code == 0, result.output
+    assert "assistant>" in result.output
+
+
+def test_merged_model_equals_base_plus_adapter(trained_run, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    from tunelab.infer.load import load_for_inference
+
+    run, _, _ = trained_run
+    merged_dir = tmp_path / "merged"
+    result = runner.invoke(app, ["merge", str(run), "--output", str(merged_dir)])
+    assert result.exit_code == 0, result.output
+    merged = AutoModelForCausalLM.from_pretrained(merged_dir, dtype=torch.float32).eval()
+    unmerged = load_for_inference(run).model
+    ids = torch.tensor([[5, 17, 42, 99, 3, 250, 7]])
+    with torch.no_grad():
+        torch.testing.assert_close(merged(input_ids=ids).logits, unmerged(input_ids=ids).logits, atol=1e-4, rtol=1e-4)
+    # The merged folder is a plain model: it trains or generates as `model:` with no tunelab run around it.
+    assert (merged_dir / "model.safetensors").is_file() and (merged_dir / "tokenizer.json").is_file()
+
+
+def test_resume_needs_a_checkpoint(trained_run):
+    _, _, config = trained_run
+    result = runner.invoke(app, ["train", str(config), "--resume", "output_dir=/nonexistent/run"])
+    assert result.exit_code == 2 and "no checkpoint" in result.output
+
+
+def test_models_list_shows_the_default_preset():
+    result = runner.invoke(app, ["models", "list"])
+    assert result.exit_code == 0
+    assert "smollm2-135m-instruct" in result.output
+
+
+@pytest.mark.parametrize("example", ["lora", "qlora", "full"])
+def test_every_example_recipe_validates(example):
+    from pathlib import Path
+
+    from tunelab.config import load_config
+
+    config = load_config(Path(__file__).parent.parent / "examples" / f"{example}.yaml")
+    assert config.method.name == example
