@@ -217,7 +217,17 @@ def parse_override(text: str) -> tuple[list[str], Any]:
         value = yaml.safe_load(raw) if raw.strip() else None
     except yaml.YAMLError:
         value = raw
+    if isinstance(value, str):
+        value = _number_or_text(value)
     return key.strip().split("."), value
+
+
+def _number_or_text(text: str) -> Any:
+    """YAML 1.1 reads `1e-4` as text; users mean a number."""
+    try:
+        return float(text) if any(c in text for c in ".eE") else int(text)
+    except ValueError:
+        return text
 
 
 def apply_override(tree: dict[str, Any], path: list[str], value: Any) -> None:
@@ -248,10 +258,10 @@ def load_config(path: Path | None, overrides: list[str] = ()) -> RunConfig:
         tree = loaded or {}
         tree = _resolve_relative_paths(tree, Path(path).parent)
     for text in overrides:
+        _method_as_mapping(tree)
         keys, value = parse_override(text)
         apply_override(tree, keys, value)
-    if isinstance(tree.get("method"), str):
-        tree["method"] = {"name": tree["method"]}
+    _method_as_mapping(tree)
     if isinstance(tree.get("method"), dict) and "name" not in tree["method"]:
         tree["method"] = {"name": "lora", **tree["method"]}
     try:
@@ -259,6 +269,12 @@ def load_config(path: Path | None, overrides: list[str] = ()) -> RunConfig:
     except ValidationError as err:
         messages = [_format_error(e, source) for e in err.errors()]
         raise ConfigError("\n".join(messages)) from None
+
+
+def _method_as_mapping(tree: dict[str, Any]) -> None:
+    """`method: qlora` is shorthand for `method: {name: qlora}`."""
+    if isinstance(tree.get("method"), str):
+        tree["method"] = {"name": tree["method"]}
 
 
 def _resolve_relative_paths(tree: dict[str, Any], base: Path) -> dict[str, Any]:

@@ -135,6 +135,7 @@ def fit(ctx: LoopContext, state: TrainerState) -> TrainerState:
         if (cfg.eval_every and state.step % cfg.eval_every == 0) or last:
             metrics = ctx.evaluate()
             record.update(metrics)
+            state.extra["last_eval"] = metrics
             if "eval_loss" in metrics:
                 improved = state.best_eval_loss is None or metrics["eval_loss"] < state.best_eval_loss
                 if improved:

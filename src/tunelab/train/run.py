@@ -57,6 +57,8 @@ def train_run(
     check_output_dir(run_dir, resume=resume, overwrite=overwrite)
     seed_everything(config.train.seed)
 
+    if Path(config.model).exists():  # a local folder or file: record it so the run loads from anywhere
+        config = config.model_copy(update={"model": str(Path(config.model).resolve())})
     model_path = resolve_model(config.model)
     tokenizer = load_tokenizer(model_path)
     data = prepare_data(config.data, tokenizer, config.train.seed)
@@ -107,7 +109,10 @@ def train_run(
     if baseline_file.exists():
         baseline = json.loads(baseline_file.read_text())
     else:
-        baseline = _baseline(config, model, renderer, gen_samples, generation, evaluate, console)
+        baseline = {}
+        if config.eval.before_after:
+            console.print("evaluating the base model ...")
+            baseline = _measure(config, model, renderer, gen_samples, generation, evaluate())
         baseline_file.write_text(json.dumps(baseline, indent=2))
     if not resume and "eval_loss" in baseline:
         log.write({"step": 0, **{k: v for k, v in baseline.items() if k.startswith("eval_")}})
@@ -134,7 +139,10 @@ def train_run(
         _write_summary(run_dir, config, data, state, baseline, {}, trainable, total, precision, device, status)
         raise
 
-    after = _final_evaluation(config, model, renderer, gen_samples, generation, evaluate, console)
+    # The loop evaluated at its last step; only restored best weights need a fresh measurement.
+    final_loss = evaluate() if "restored_best_step" in state.extra else state.extra.get("last_eval", {})
+    console.print("evaluating the fine-tuned model ...")
+    after = _measure(config, model, renderer, gen_samples, generation, final_loss)
     _save_weights(model, tokenizer, run_dir)
     if config.train.save_every:
         save_checkpoint(run_dir, model, ctx.optimizer, ctx.scheduler, state, config.train.keep_checkpoints)
@@ -169,22 +177,10 @@ def _report_data(console: Console, data: PreparedData) -> None:
         console.print(f"[yellow]... and {extra} more over-long samples[/]")
 
 
-def _baseline(config, model, renderer, gen_samples, generation, evaluate, console) -> dict:
-    """The base model's eval loss and task metrics, measured before the first step."""
-    if not config.eval.before_after:
-        return {}
-    console.print("evaluating the base model ...")
-    result: dict = dict(evaluate())
+def _measure(config, model, renderer, gen_samples, generation, loss_metrics: dict) -> dict:
+    """Eval loss metrics plus task metrics and replies on the held-out generation samples."""
+    result: dict = dict(loss_metrics)
     if gen_samples:
-        metrics, replies = evaluate_generations(model, renderer, gen_samples, config.eval.metrics, generation)
-        result.update({"metrics": metrics, "replies": replies})
-    return result
-
-
-def _final_evaluation(config, model, renderer, gen_samples, generation, evaluate, console) -> dict:
-    result: dict = dict(evaluate())
-    if gen_samples:
-        console.print(f"generating {len(gen_samples)} held-out replies ...")
         metrics, replies = evaluate_generations(model, renderer, gen_samples, config.eval.metrics, generation)
         result.update({"metrics": metrics, "replies": replies})
     return result
