@@ -139,3 +139,24 @@ def test_every_example_recipe_validates(example):
 
     config = load_config(Path(__file__).parent.parent / "examples" / f"{example}.yaml")
     assert config.method.name == example
+
+
+def test_eval_reports_loss_and_metrics_as_json(trained_run, tmp_path):
+    run, data, _ = trained_run
+    out = tmp_path / "eval"
+    result = runner.invoke(
+        app, ["eval", str(run), "--data", str(data), "--metrics", "loss,perplexity,exact_match,bleu",
+              "--limit", "6", "--max-new-tokens", "4", "-o", str(out)]
+    )
+    assert result.exit_code == 0, result.output
+    scores = json.loads(result.output)
+    assert scores["samples"] == 6 and scores["perplexity"] == pytest.approx(2.718281828 ** scores["loss"], rel=1e-6)
+    assert 0 <= scores["exact_match"] <= 1 and "bleu" in scores
+    assert len((out / "eval_samples.jsonl").read_text().splitlines()) == 6
+    assert json.loads((out / "eval.json").read_text()) == scores
+
+
+def test_eval_rejects_an_unknown_metric(trained_run):
+    run, data, _ = trained_run
+    result = runner.invoke(app, ["eval", str(run), "--data", str(data), "--metrics", "loss,blue"])
+    assert result.exit_code == 2 and "unknown metric(s) blue" in result.output

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
@@ -129,6 +130,30 @@ def merge(
     except UserError as err:
         _fail(err)
     console.print(f"merged model saved to {output}")
+
+
+@app.command("eval")
+def eval_command(
+    model: str = typer.Argument(..., help="A run directory, preset, hub id, folder or .gguf file."),
+    data: Path = typer.Option(..., "--data", "-d", help="Data file in any supported format, with reference answers."),
+    metrics: str = typer.Option("loss,perplexity,exact_match", help="Comma-separated metric names."),
+    max_new_tokens: int = typer.Option(128),
+    batch_size: int = typer.Option(16),
+    limit: int | None = typer.Option(None, help="Evaluate only the first N samples."),
+    output: Path | None = typer.Option(None, "--output", "-o", help="Folder for eval.json and per-sample replies."),
+) -> None:
+    """Loss, perplexity and task metrics of MODEL on DATA, printed as JSON."""
+    _quiet_libraries()
+    from tunelab.eval.command import evaluate_model
+    from tunelab.infer.generate import GenerationOptions
+
+    names = [m.strip() for m in metrics.split(",") if m.strip()]
+    options = GenerationOptions(max_new_tokens=max_new_tokens, batch_size=batch_size)
+    try:
+        result = evaluate_model(model, data, names, options=options, limit=limit, output=output)
+    except UserError as err:
+        _fail(err)
+    print(json.dumps(result, indent=2))
 
 
 @models_app.command("list")

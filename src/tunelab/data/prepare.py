@@ -121,13 +121,27 @@ def prepare_data(config: DataConfig, tokenizer, seed: int) -> PreparedData:
     prepared.train = _tokenize_all(train_samples, renderer, config, problems, prepared)
     prepared.eval = _tokenize_all(eval_samples, renderer, config, problems, prepared)
     prepared.eval_samples = [s for s in eval_samples if s.messages]
+    _raise_problems(problems)
+    if not prepared.train:
+        raise DataError("no training samples left after validation", where="data.train")
+    return prepared
+
+
+def prepare_eval_file(path: Path, config: DataConfig, tokenizer) -> tuple[list[TokenizedSample], list[Sample]]:
+    """A whole file as an evaluation set: tokenised samples for loss, canonical samples for generation."""
+    problems: list[str] = []
+    renderer = ChatRenderer(tokenizer, config.chat_template)
+    samples, _, _ = _load_samples(path, config.format, config, problems)
+    tokenized = _tokenize_all(samples, renderer, config, problems, PreparedData([], [], []))
+    _raise_problems(problems)
+    return tokenized, [s for s in samples if s.messages]
+
+
+def _raise_problems(problems: list[str]) -> None:
     if problems:
         shown = "\n  ".join(problems[:_MAX_LISTED])
         more = f"\n  ... and {len(problems) - _MAX_LISTED} more" if len(problems) > _MAX_LISTED else ""
         raise DataError(f"{len(problems)} invalid row(s):\n  {shown}{more}")
-    if not prepared.train:
-        raise DataError("no training samples left after validation", where="data.train")
-    return prepared
 
 
 def _weighted(samples: list[Sample], weight: float, seed: int) -> list[Sample]:
