@@ -160,3 +160,26 @@ def test_eval_rejects_an_unknown_metric(trained_run):
     run, data, _ = trained_run
     result = runner.invoke(app, ["eval", str(run), "--data", str(data), "--metrics", "loss,blue"])
     assert result.exit_code == 2 and "unknown metric(s) blue" in result.output
+
+
+def test_data_inspect_marks_trained_tokens_and_writes_json(tiny_model_dir, tmp_path):
+    data = tmp_path / "chat.jsonl"
+    rows = [{"messages": [{"role": "user", "content": "hello"}, {"role": "assistant", "content": "world"}]}] * 3
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows) + '{"messages": []}\n')
+    result = runner.invoke(app, ["data", "inspect", str(data), "--model", str(tiny_model_dir)])
+    assert result.exit_code == 0, result.output
+    assert "[[world<|im_end|>]]" in result.output
+    result = runner.invoke(app, ["data", "inspect", str(data), "--model", str(tiny_model_dir), "--json",
+                                 "--histogram", str(tmp_path / "h.png")])
+    report = json.loads(result.output)
+    assert report["rows"] == 4 and report["invalid_rows"] == 1 and report["duplicates"]["rows"] >= 2
+    assert (tmp_path / "h.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_report_rebuilds_and_compares_runs(trained_run, tmp_path):
+    run, _, _ = trained_run
+    assert (run / "report.html").is_file()  # written by every run
+    result = runner.invoke(app, ["report", str(run)])
+    assert result.exit_code == 0, result.output
+    result = runner.invoke(app, ["report", str(run), str(run), "-o", str(tmp_path / "cmp.html")])
+    assert result.exit_code == 0 and (tmp_path / "cmp.html").stat().st_size > 1000

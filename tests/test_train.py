@@ -52,7 +52,7 @@ def test_lora_lowers_eval_loss_and_writes_the_run_directory(tiny_model_dir, qa_f
     summary = train_run(run_config(tiny_model_dir, qa_file, out, "train.epochs=4", "train.lr=3e-3"))
     assert summary["final_eval_loss"] < summary["base_eval_loss"] - 0.5
     for name in ("config.yaml", "metrics.jsonl", "summary.json", "adapter_model.safetensors",
-                 "adapter_config.json", "tokenizer.json", "README.md", "samples.jsonl"):
+                 "adapter_config.json", "tokenizer.json", "README.md", "samples.jsonl", "report.html"):
         assert (out / name).is_file(), name
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert records[0]["step"] == 0 and "eval_loss" in records[0]

@@ -15,6 +15,8 @@ from tunelab.errors import UserError
 app = typer.Typer(help="Fine-tune large language models end to end.", no_args_is_help=True, add_completion=False)
 models_app = typer.Typer(help="Named model presets: list and pull them.", no_args_is_help=True)
 app.add_typer(models_app, name="models")
+data_app = typer.Typer(help="Look at data the way training will see it.", no_args_is_help=True)
+app.add_typer(data_app, name="data")
 console = Console()
 errors = Console(stderr=True)
 
@@ -154,6 +156,58 @@ def eval_command(
     except UserError as err:
         _fail(err)
     print(json.dumps(result, indent=2))
+
+
+@app.command()
+def report(
+    runs: list[Path] = typer.Argument(..., help="One run directory, or several to compare."),
+    output: Path | None = typer.Option(None, "--output", "-o", help="Comparison page (several runs)."),
+) -> None:
+    """Rebuild a run's report.html, or compare several runs side by side in one page."""
+    from tunelab.eval.report import write_comparison, write_report
+
+    try:
+        path = write_report(runs[0]) if len(runs) == 1 else write_comparison(runs, output or Path("comparison.html"))
+    except UserError as err:
+        _fail(err)
+    console.print(f"wrote {path}")
+
+
+@data_app.command("inspect")
+def data_inspect(
+    target: Path = typer.Argument(..., help="A data file, or a run config (YAML) whose data.train is inspected."),
+    model: str | None = typer.Option(None, help="Model whose tokenizer and chat template to use (default: the "
+                                     "config's model, else smollm2-135m-instruct)."),
+    max_length: int | None = typer.Option(None, help="data.max_length to check against."),
+    samples: int = typer.Option(2, help="Samples rendered with their trained tokens marked."),
+    as_json: bool = typer.Option(False, "--json", help="Print the report as JSON."),
+    histogram: Path | None = typer.Option(None, help="Write a token-length histogram PNG here."),
+) -> None:
+    """Formats, invalid rows, token lengths, duplicates, train/eval overlap and loss masks of a dataset."""
+    _quiet_libraries()
+    from tunelab.config import DataConfig, load_config
+    from tunelab.data.inspect import inspect_data, is_run_config, render_text, write_length_histogram
+    from tunelab.models.load import load_tokenizer
+    from tunelab.models.resolve import resolve_model
+
+    try:
+        run_config = load_config(target) if is_run_config(target) else None
+        data_config = run_config.data if run_config else DataConfig(train=target)
+        if max_length:
+            data_config = data_config.model_copy(update={"max_length": max_length})
+        spec = model or (run_config.model if run_config else "smollm2-135m-instruct")
+        tokenizer = load_tokenizer(resolve_model(spec))
+        seed = run_config.train.seed if run_config else None
+        report = inspect_data(target, tokenizer=tokenizer, data_config=data_config, seed=seed,
+                              samples_to_show=samples)
+    except UserError as err:
+        _fail(err)
+    if histogram is not None:
+        write_length_histogram(report, histogram)
+    if as_json:
+        print(json.dumps(report.to_json(), indent=2))
+    else:
+        typer.echo(render_text(report, color=console.is_terminal))
 
 
 @models_app.command("list")

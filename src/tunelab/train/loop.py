@@ -91,8 +91,10 @@ def fit(ctx: LoopContext, state: TrainerState) -> TrainerState:
     while state.step < ctx.total_steps:
         started = time.perf_counter()
         step_batches = [next(batches) for _ in range(cfg.grad_accum)]
-        tensors = [_to_device(collate(_rows(ctx, rows), ctx.pad_token_id, ctx.config.data.packing), ctx.device)
-                   for _, _, _, rows in step_batches]
+        step_rows = [_rows(ctx, rows) for _, _, _, rows in step_batches]
+        packed = ctx.config.data.packing
+        tensors = [_to_device(collate(rows, ctx.pad_token_id, packed), ctx.device) for rows in step_rows]
+        real_tokens = sum(len(sample.input_ids) for rows in step_rows for row in rows for sample in row)
         step_tokens = sum(int((t["targets"] != -100).sum()) for t in tensors)
         computed_tokens = sum(t["input_ids"].numel() for t in tensors)
         loss_total = 0.0
@@ -120,6 +122,7 @@ def fit(ctx: LoopContext, state: TrainerState) -> TrainerState:
         state.tokens_seen += step_tokens
         state.train_seconds += elapsed
         state.extra["computed_tokens"] = state.extra.get("computed_tokens", 0) + computed_tokens
+        state.extra["real_tokens"] = state.extra.get("real_tokens", 0) + real_tokens
         ctx.rng_at_last_step = rng_snapshot()
         record = {
             "step": state.step,

@@ -18,6 +18,7 @@ from tunelab.data.prepare import PreparedData, prepare_data
 from tunelab.data.template import ChatRenderer
 from tunelab.errors import ConfigError
 from tunelab.eval.evaluate import evaluate_generations, evaluate_loss
+from tunelab.eval.report import write_report
 from tunelab.infer.generate import GenerationOptions
 from tunelab.methods import METHODS, count_parameters
 from tunelab.models.load import load_model, load_tokenizer
@@ -129,6 +130,7 @@ def train_run(
         saved = save_checkpoint(run_dir, model, ctx.optimizer, ctx.scheduler, state, config.train.keep_checkpoints,
                                 rng=ctx.rng_at_last_step)
         _write_summary(run_dir, config, data, state, baseline, {}, trainable, total, precision, device, status)
+        write_report(run_dir)
         console.print(f"[yellow]interrupted at step {state.step}; saved {saved}. Continue with --resume[/]")
         raise
     except TrainingFault:
@@ -150,6 +152,7 @@ def train_run(
     summary = _write_summary(run_dir, config, data, state, baseline, after, trainable, total, precision, device,
                              status)
     write_model_card(run_dir, config, summary)
+    write_report(run_dir)
     _print_outcome(console, summary, gen_samples, baseline.get("replies", []), after.get("replies", []),
                    config.eval.show_samples)
     return summary
@@ -204,7 +207,9 @@ def _write_summary(run_dir, config, data, state, baseline, after, trainable, tot
         "train_tokens": state.tokens_seen,
         "train_seconds": round(state.train_seconds, 2),
         "tokens_per_second": round(state.tokens_seen / state.train_seconds, 2) if state.train_seconds else 0.0,
+        # trained tokens / computed positions, and non-padding tokens / computed positions
         "padding_efficiency": round(state.tokens_seen / computed, 4) if computed else None,
+        "non_padding_fraction": round(state.extra.get("real_tokens", 0) / computed, 4) if computed else None,
         "peak_memory_mb": round(peak_memory_mb(device), 1),
         "final_train_loss": train_losses[-1] if train_losses else None,
         "base_eval_loss": baseline.get("eval_loss"),

@@ -1,0 +1,484 @@
+"""`tunelab data inspect`: what training would see in a data file, without loading a model.
+
+The rows go through the training pipeline's own steps (read, detect the format, `to_sample`, template and
+mask with `tokenize_chat` / `tokenize_text`), so formats, problems, token counts and masks are exactly what
+`tunelab train` would get. Unlike training, a bad row does not stop the inspection: it is reported with its
+file and line, and the statistics are computed on the rows that are valid.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import math
+import statistics
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from tunelab.config import DataConfig, TrainConfig, load_config
+from tunelab.data.formats import RowError, Sample, detect_format, to_sample
+from tunelab.data.prepare import _sources, split_samples
+from tunelab.data.sources import Record, read_records, resolve_data_path
+from tunelab.data.template import IGNORE_INDEX, ChatRenderer, TemplateError, tokenize_chat, tokenize_text
+from tunelab.errors import DataError
+
+LISTED = 10
+"""How many problems, duplicate groups and overlaps the text rendering and the JSON list."""
+
+_ANSI_TRAINED = "\x1b[1;32m"
+_ANSI_DIM = "\x1b[2m"
+_ANSI_BOLD = "\x1b[1m"
+_ANSI_RESET = "\x1b[0m"
+
+
+@dataclass(frozen=True)
+class LengthStats:
+    """Token counts per sample. p95 is the nearest-rank 95th percentile (a length some sample has)."""
+
+    min: int = 0
+    median: float = 0.0
+    p95: int = 0
+    max: int = 0
+    total: int = 0
+
+
+@dataclass
+class FileSummary:
+    """One inspected file: its role in the run, detected format and row counts."""
+
+    path: str
+    role: str
+    """`train` or `eval`."""
+    format: str
+    format_reason: str
+    rows: int
+    invalid_rows: int
+
+
+@dataclass
+class ShownSample:
+    """A sample as training sees it: (text, trained) pieces up to data.max_length."""
+
+    where: str
+    segments: list[tuple[str, bool]]
+    tokens: int
+    cut_tokens: int
+    """Tokens beyond data.max_length (truncated or dropped by training, not shown)."""
+
+
+@dataclass
+class InspectReport:
+    target: str
+    files: list[FileSummary]
+    problems: list[str]
+    """Every invalid row, as `file:line: why` in the training pipeline's words."""
+    prompt_tokens: LengthStats
+    """Untrained tokens per valid training sample (as written, before data.max_length)."""
+    completion_tokens: LengthStats
+    """Trained tokens per valid training sample."""
+    total_tokens: LengthStats
+    max_length: int
+    overlong: str
+    longer_than_max_length: list[str]
+    """Chat samples that data.max_length truncates (or drops / rejects, per data.overlong)."""
+    no_trainable_token_left: list[str]
+    """Of those, the ones whose first max_length tokens hold no trained token."""
+    chunked_documents: int
+    """Raw-text documents split into several max_length chunks (nothing is lost)."""
+    duplicates: list[list[str]]
+    """Groups of training rows with identical canonical messages or text."""
+    eval_source: str | None
+    """Where eval samples come from (data.eval file or the seeded data.eval_split); None when there are none."""
+    eval_samples: int
+    eval_overlap: list[tuple[str, str]]
+    """(eval row, training row) pairs with the identical prompt."""
+    samples: list[ShownSample]
+    lengths: list[int] = field(default_factory=list)
+    """Total tokens of each valid training sample, for the histogram."""
+    completion_lengths: list[int] = field(default_factory=list)
+
+    @property
+    def rows(self) -> int:
+        return sum(f.rows for f in self.files)
+
+    @property
+    def invalid_rows(self) -> int:
+        return len(self.problems)
+
+    @property
+    def duplicate_rows(self) -> int:
+        """Rows that repeat an earlier row."""
+        return sum(len(group) - 1 for group in self.duplicates)
+
+    @property
+    def trainable_fraction(self) -> float:
+        return self.completion_tokens.total / self.total_tokens.total if self.total_tokens.total else 0.0
+
+    def to_json(self, limit: int = LISTED) -> dict:
+        """The report as JSON-serialisable data with stable keys; lists are cut to `limit` entries."""
+        return {
+            "target": self.target,
+            "files": [asdict(f) for f in self.files],
+            "rows": self.rows,
+            "invalid_rows": self.invalid_rows,
+            "problems": self.problems[:limit],
+            "tokens": {
+                "samples": len(self.lengths),
+                "prompt": asdict(self.prompt_tokens),
+                "completion": asdict(self.completion_tokens),
+                "total": asdict(self.total_tokens),
+            },
+            "trainable_fraction": round(self.trainable_fraction, 4),
+            "max_length": {
+                "limit": self.max_length,
+                "overlong": self.overlong,
+                "longer_samples": len(self.longer_than_max_length),
+                "no_trainable_token_left": len(self.no_trainable_token_left),
+                "longer_examples": self.longer_than_max_length[:limit],
+                "no_trainable_examples": self.no_trainable_token_left[:limit],
+                "chunked_documents": self.chunked_documents,
+            },
+            "duplicates": {"rows": self.duplicate_rows, "groups": self.duplicates[:limit]},
+            "eval_overlap": {
+                "eval": self.eval_source,
+                "eval_samples": self.eval_samples,
+                "overlapping": len(self.eval_overlap),
+                "examples": [{"eval": e, "train": t} for e, t in self.eval_overlap[:limit]],
+            },
+            "samples": [
+                {
+                    "where": s.where,
+                    "tokens": s.tokens,
+                    "cut_tokens": s.cut_tokens,
+                    "segments": [{"text": text, "trained": trained} for text, trained in s.segments],
+                }
+                for s in self.samples
+            ],
+        }
+
+
+@dataclass
+class _Measured:
+    """Token counts of one valid sample."""
+
+    sample: Sample
+    prompt: int
+    completion: int
+    trainable_within_limit: int
+    chunks: int = 1
+
+
+@dataclass
+class _FileResult:
+    summary: FileSummary
+    samples: list[Sample]
+    """Valid canonical samples, the list training splits (before templating)."""
+    measured: list[_Measured]
+    problems: list[str]
+
+
+def is_run_config(target: Path | str) -> bool:
+    """Whether `target` names a run config (YAML) rather than a data file."""
+    return Path(str(target)).suffix.lower() in {".yaml", ".yml"}
+
+
+def inspect_data(
+    target: Path | str,
+    *,
+    tokenizer,
+    data_config: DataConfig | None = None,
+    seed: int | None = None,
+    samples_to_show: int = 2,
+) -> InspectReport:
+    """What training would see in `target`: a data file (read with `data_config`'s settings), or a run config
+    whose data.train sources are inspected (its own data section and train.seed unless given here).
+    Raises DataError only when a whole file is unusable (missing, unknown type, undetectable format)."""
+    config, seed = _settings(target, data_config, seed)
+    renderer = ChatRenderer(tokenizer, config.chat_template)
+    try:
+        renderer.template  # noqa: B018 - fail early when the template mode cannot work
+    except TemplateError as err:
+        raise DataError(str(err), where="data.chat_template") from None
+    shown: list[ShownSample] = []
+    train_results = []
+    for source in _sources(config):
+        fmt = source.format or config.format
+        train_results.append(_inspect_file(source.path, fmt, "train", config, renderer, samples_to_show, shown))
+    eval_result = None
+    if config.eval is not None:
+        eval_result = _inspect_file(config.eval, config.format, "eval", config, renderer, 0, shown)
+    results = [*train_results, *([eval_result] if eval_result else [])]
+    measured = [m for r in train_results for m in r.measured]
+    max_length = config.max_length
+    chat = [m for m in measured if m.sample.text is None]
+    longer = [m for m in chat if m.prompt + m.completion > max_length]
+    eval_source, eval_samples, overlap = _eval_overlap(train_results, eval_result, config, seed)
+    return InspectReport(
+        target=str(target),
+        files=[r.summary for r in results],
+        problems=[p for r in results for p in r.problems],
+        prompt_tokens=length_stats([m.prompt for m in measured]),
+        completion_tokens=length_stats([m.completion for m in measured]),
+        total_tokens=length_stats([m.prompt + m.completion for m in measured]),
+        max_length=max_length,
+        overlong=config.overlong,
+        longer_than_max_length=[m.sample.where for m in longer],
+        no_trainable_token_left=[m.sample.where for m in longer if m.trainable_within_limit == 0],
+        chunked_documents=sum(1 for m in measured if m.chunks > 1),
+        duplicates=_duplicates([s for r in train_results for s in r.samples]),
+        eval_source=eval_source,
+        eval_samples=eval_samples,
+        eval_overlap=overlap,
+        samples=shown,
+        lengths=[m.prompt + m.completion for m in measured],
+        completion_lengths=[m.completion for m in measured],
+    )
+
+
+def _settings(target: Path | str, data_config: DataConfig | None, seed: int | None) -> tuple[DataConfig, int]:
+    if is_run_config(target):
+        if data_config is None:
+            run = load_config(Path(target))
+            data_config = run.data
+            seed = run.train.seed if seed is None else seed
+    else:
+        data_config = (data_config or DataConfig()).model_copy(update={"train": Path(str(target))})
+    return data_config, TrainConfig().seed if seed is None else seed
+
+
+def length_stats(values: list[int]) -> LengthStats:
+    """min / median / nearest-rank p95 / max / sum of `values` (all zero when empty)."""
+    if not values:
+        return LengthStats()
+    ordered = sorted(values)
+    p95 = ordered[max(0, math.ceil(0.95 * len(ordered)) - 1)]
+    return LengthStats(ordered[0], float(statistics.median(ordered)), p95, ordered[-1], sum(ordered))
+
+
+def _inspect_file(
+    path: Path, fmt: str, role: str, config: DataConfig, renderer: ChatRenderer, to_show: int,
+    shown: list[ShownSample],
+) -> _FileResult:
+    records, problems = _read_leniently(path)
+    rows = len(records) + len(problems)
+    if not rows:
+        raise DataError("file holds no rows", where=str(path))
+    why = "set in the config"
+    if fmt == "auto" and records:
+        try:
+            fmt, why = detect_format([r.row for r in records])
+        except RowError as err:
+            raise DataError(str(err), where=str(path)) from None
+    elif fmt == "auto":
+        fmt, why = "unknown", "no readable row"
+    samples = []
+    for record in records:
+        try:
+            sample = to_sample(record, fmt, config.system_prompt)
+        except RowError as err:
+            problems.append(f"{record.where}: {err}")
+            continue
+        sample.source = Path(str(path)).stem
+        samples.append(sample)
+    measured = []
+    for sample in samples:
+        try:
+            measured.append(_measure(sample, renderer, config, shown if len(shown) < to_show else None))
+        except TemplateError as err:
+            problems.append(f"{sample.where}: {err}")
+    summary = FileSummary(str(path), role, fmt, why, rows, len(problems))
+    return _FileResult(summary, samples, measured, problems)
+
+
+def _measure(sample: Sample, renderer: ChatRenderer, config: DataConfig, shown: list[ShownSample] | None) -> _Measured:
+    """Tokenise `sample` exactly as training does; append its rendering to `shown` when given."""
+    tokenizer = renderer.tokenizer
+    if sample.text is not None:
+        chunks = tokenize_text(sample, tokenizer, config.max_length)
+        input_ids = [t for c in chunks for t in c.input_ids]
+        labels = [t for c in chunks for t in c.labels]
+        measured = _Measured(sample, 0, len(input_ids), len(input_ids), len(chunks))
+        limit = len(input_ids)
+    else:
+        tokenized = tokenize_chat(sample, renderer, config.train_on)
+        input_ids, labels = tokenized.input_ids, tokenized.labels
+        trained = tokenized.trainable_tokens
+        within = sum(1 for label in labels[: config.max_length] if label != IGNORE_INDEX)
+        measured = _Measured(sample, len(input_ids) - trained, trained, within)
+        limit = config.max_length
+    if shown is not None:
+        segments = _segments(tokenizer, input_ids[:limit], labels[:limit])
+        shown.append(ShownSample(sample.where, segments, len(input_ids), max(0, len(input_ids) - limit)))
+    return measured
+
+
+def _segments(tokenizer, input_ids: list[int], labels: list[int]) -> list[tuple[str, bool]]:
+    """Runs of consecutive tokens with the same trained/untrained state, decoded to text."""
+    pairs = zip(input_ids, labels, strict=True)
+    return [
+        (tokenizer.decode([token for token, _ in run]), trained)
+        for trained, run in itertools.groupby(pairs, key=lambda pair: pair[1] != IGNORE_INDEX)
+    ]
+
+
+def _read_leniently(path: Path) -> tuple[list[Record], list[str]]:
+    """The readable rows of a file and a problem for each unreadable one. Training's `read_records` stops at
+    malformed JSON lines; inspection keeps the rest, with the same messages."""
+    try:
+        return read_records(path), []
+    except DataError as err:
+        file = resolve_data_path(path)
+        if err.where is not None or file.suffix.lower() not in {".jsonl", ".json"}:
+            raise
+    name = str(path)
+    records, problems = [], []
+    if file.suffix.lower() == ".json":
+        data = json.loads(file.read_text(encoding="utf-8"))
+        data = data["data"] if isinstance(data, dict) else data
+        for i, row in enumerate(data):
+            if isinstance(row, dict):
+                records.append(Record(row, f"{name}[{i}]"))
+            else:
+                problems.append(f"{name}[{i}]: expected an object")
+        return records, problems
+    with open(file, encoding="utf-8") as handle:
+        for number, line in enumerate(handle, start=1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as bad:
+                problems.append(f"{name}:{number}: not valid JSON ({bad.msg})")
+                continue
+            if isinstance(row, dict):
+                records.append(Record(row, f"{name}:{number}"))
+            else:
+                problems.append(f"{name}:{number}: expected a JSON object, got {type(row).__name__}")
+    return records, problems
+
+
+def _canonical(sample: Sample) -> str:
+    if sample.text is not None:
+        return json.dumps({"text": sample.text})
+    return json.dumps(sample.messages, sort_keys=True, ensure_ascii=False)
+
+
+def _prompt_key(sample: Sample) -> str:
+    """The conversation a reply is generated for: every turn before the last assistant reply."""
+    if sample.text is not None:
+        return json.dumps({"text": sample.text})
+    return json.dumps(sample.messages[:-1], sort_keys=True, ensure_ascii=False)
+
+
+def _duplicates(samples: list[Sample]) -> list[list[str]]:
+    groups: dict[str, list[str]] = {}
+    for sample in samples:
+        groups.setdefault(_canonical(sample), []).append(sample.where)
+    return [wheres for wheres in groups.values() if len(wheres) > 1]
+
+
+def _eval_overlap(
+    train_results: list[_FileResult], eval_result: _FileResult | None, config: DataConfig, seed: int
+) -> tuple[str | None, int, list[tuple[str, str]]]:
+    """Eval rows whose prompt also appears in training, with the eval set chosen the way training does."""
+    if eval_result is not None:
+        train = [s for r in train_results for s in r.samples]
+        held_out = eval_result.samples
+        source = str(config.eval)
+    elif config.eval_split > 0:
+        train, held_out = [], []
+        for result in train_results:
+            train_part, eval_part = split_samples(result.samples, config.eval_split, seed)
+            train += train_part
+            held_out += eval_part
+        source = f"data.eval_split={config.eval_split}, seed {seed}"
+    else:
+        return None, 0, []
+    first_seen: dict[str, str] = {}
+    for sample in train:
+        first_seen.setdefault(_prompt_key(sample), sample.where)
+    overlap = [(s.where, first_seen[_prompt_key(s)]) for s in held_out if _prompt_key(s) in first_seen]
+    return source, len(held_out), overlap
+
+
+def render_text(report: InspectReport, *, color: bool = False, limit: int = LISTED) -> str:
+    """The report for people. Trained tokens of the shown samples are green with `color`, else `[[...]]`."""
+    bold, dim, reset = (_ANSI_BOLD, _ANSI_DIM, _ANSI_RESET) if color else ("", "", "")
+    lines = []
+    for f in report.files:
+        lines.append(f"{bold}{f.path}{reset} ({f.role}): {f.format} ({f.format_reason}), "
+                     f"{f.rows} rows, {f.invalid_rows} invalid")
+    if report.problems:
+        lines.append(f"{bold}invalid rows ({report.invalid_rows}){reset}, left out of the statistics:")
+        lines += _listed(report.problems, limit)
+    lines.append(f"{bold}tokens per sample{reset} ({len(report.lengths)} valid training samples):")
+    lines.append(f"  {'':<22}{'min':>8}{'median':>10}{'p95':>8}{'max':>8}{'total':>12}")
+    rows = [("prompt (untrained)", report.prompt_tokens), ("completion (trained)", report.completion_tokens),
+            ("total", report.total_tokens)]
+    for name, stats in rows:
+        lines.append(f"  {name:<22}{stats.min:>8}{stats.median:>10g}{stats.p95:>8}{stats.max:>8}{stats.total:>12}")
+    lines.append(f"trainable tokens: {report.trainable_fraction:.1%} of all tokens")
+    longer = report.longer_than_max_length
+    lines.append(f"data.max_length={report.max_length} (overlong: {report.overlong}): {len(longer)} sample(s) longer, "
+                 f"{len(report.no_trainable_token_left)} would keep no trainable token")
+    empty = report.no_trainable_token_left
+    if report.overlong == "truncate" and empty:
+        lines.append(f"  training stops on these {len(empty)}; raise data.max_length or set data.overlong: drop")
+    elif report.overlong == "drop" and longer:
+        lines.append(f"  training drops these {len(longer)}")
+    elif report.overlong == "error" and longer:
+        lines.append(f"  training stops on these {len(longer)} (data.overlong: error)")
+    lines += _listed([f"{w}: no trainable token left (the reply lies beyond data.max_length)" for w in empty], limit)
+    if report.chunked_documents:
+        lines.append(f"{report.chunked_documents} text document(s) split into max_length chunks")
+    lines.append(f"duplicates: {report.duplicate_rows} row(s) repeat an earlier row")
+    lines += _listed([" = ".join(group) for group in report.duplicates], limit)
+    if report.eval_source is None:
+        lines.append("train/eval overlap: no eval data (data.eval unset, data.eval_split=0)")
+    else:
+        lines.append(f"train/eval overlap ({report.eval_source}): {len(report.eval_overlap)} of "
+                     f"{report.eval_samples} eval prompt(s) also in training")
+        lines += _listed([f"{e} (eval) = {t} (train)" for e, t in report.eval_overlap], limit)
+    for sample in report.samples:
+        legend = "green" if color else "in double brackets"
+        lines += ["", f"{bold}sample {sample.where}{reset} {dim}({sample.tokens} tokens; trained: {legend}){reset}"]
+        lines.append("".join(_mark(text, trained, color) for text, trained in sample.segments))
+        if sample.cut_tokens:
+            lines.append(f"{dim}... {sample.cut_tokens} more token(s) beyond data.max_length={report.max_length} "
+                         f"(overlong: {report.overlong}){reset}")
+    return "\n".join(lines)
+
+
+def _listed(items: list[str], limit: int) -> list[str]:
+    more = [f"  ... and {len(items) - limit} more"] if len(items) > limit else []
+    return [f"  {item}" for item in items[:limit]] + more
+
+
+def _mark(text: str, trained: bool, color: bool) -> str:
+    if not trained:
+        return text
+    return f"{_ANSI_TRAINED}{text}{_ANSI_RESET}" if color else f"[[{text}]]"
+
+
+def write_length_histogram(report: InspectReport, path: Path | str) -> Path:
+    """A PNG histogram of total and trained tokens per sample, with data.max_length marked."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    figure = Figure(figsize=(8, 4.5))
+    FigureCanvasAgg(figure)  # no pyplot: no global backend or figure state
+    axes = figure.add_subplot()
+    top = max([report.max_length, *report.lengths])
+    bins = [top * i / 60 for i in range(61)]  # shared edges, so both series have bars of one width
+    if report.lengths:
+        axes.hist(report.lengths, bins=bins, alpha=0.6, label="total tokens")
+        axes.hist(report.completion_lengths, bins=bins, alpha=0.6, label="trained tokens")
+    axes.axvline(report.max_length, color="red", linestyle="--", label=f"data.max_length={report.max_length}")
+    axes.set_xlabel("tokens per sample")
+    axes.set_ylabel("samples")
+    axes.set_title(f"{report.target}: {len(report.lengths)} samples")
+    axes.legend()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(path, format="png", dpi=100, bbox_inches="tight")
+    return path
