@@ -63,18 +63,31 @@ class FullMethod(Strict):
     name: Literal["full"]
 
 
+class FreezeMethod(Strict):
+    name: Literal["freeze"]
+    trainable_layers: int = Field(2, ge=0)
+    """Train the last N transformer blocks; every other weight stays frozen."""
+    trainable_modules: list[str] = []
+    """Also train parameters whose name contains one of these (e.g. `lm_head`, `norm`)."""
+
+
 class LoraMethod(Strict):
-    name: Literal["lora"]
+    """LoRA, and its variants that differ in one switch: DoRA (weight-decomposed) and rsLoRA
+    (rank-stabilised scale alpha / sqrt(r))."""
+
+    name: Literal["lora", "dora", "rslora"]
     r: int = Field(16, ge=1)
     """LoRA rank."""
     alpha: float = 32
-    """LoRA scaling numerator (scale = alpha / r)."""
+    """LoRA scaling numerator (scale = alpha / r; alpha / sqrt(r) for rslora)."""
     dropout: float = Field(0.05, ge=0, lt=1)
     target_modules: list[str] | Literal["all-linear"] = "all-linear"
     """Module names to adapt, or `all-linear` for every linear layer except the output head."""
 
 
 class QLoraMethod(Strict):
+    """LoRA on a frozen base quantised by bitsandbytes (4-bit nf4/fp4, or 8-bit)."""
+
     name: Literal["qlora"]
     r: int = Field(16, ge=1)
     alpha: float = 32
@@ -87,7 +100,39 @@ class QLoraMethod(Strict):
     """Quantise the quantisation constants too (4-bit only)."""
 
 
-MethodConfig = Annotated[FullMethod | LoraMethod | QLoraMethod, Field(discriminator="name")]
+class IA3Method(Strict):
+    """IA3: learned scaling vectors on keys, values and feed-forward activations (fewest parameters)."""
+
+    name: Literal["ia3"]
+    target_modules: list[str] | None = None
+    """Modules to scale; PEFT's defaults for the architecture when absent."""
+    feedforward_modules: list[str] | None = None
+    """Which of target_modules are feed-forward (scaled on their input)."""
+
+
+class PromptMethod(Strict):
+    """Prompt tuning: trainable virtual token embeddings put before every input; the model is frozen."""
+
+    name: Literal["prompt"]
+    num_virtual_tokens: int = Field(20, ge=1)
+    init_text: str | None = None
+    """Initialise the virtual tokens from this text's embeddings (random when absent)."""
+
+
+class PrefixMethod(Strict):
+    """Prefix tuning: trainable key/value prefixes in every attention layer; the model is frozen."""
+
+    name: Literal["prefix"]
+    num_virtual_tokens: int = Field(20, ge=1)
+    projection: bool = False
+    """Reparameterise the prefixes through a small MLP (more stable, more parameters while training)."""
+    projection_hidden: int = Field(256, ge=1)
+
+
+MethodConfig = Annotated[
+    FullMethod | FreezeMethod | LoraMethod | QLoraMethod | IA3Method | PromptMethod | PrefixMethod,
+    Field(discriminator="name"),
+]
 
 
 class TrainConfig(Strict):
@@ -139,6 +184,9 @@ class RunConfig(Strict):
 
     @model_validator(mode="after")
     def _check_combinations(self) -> RunConfig:
+        if self.data.packing and self.method.name in ("prompt", "prefix"):
+            raise ValueError("data.packing cannot be used with prompt or prefix tuning: the virtual tokens would be "
+                             "shared across packed samples; set data.packing: false")
         if self.train.early_stopping_patience and not (self.data.eval or self.data.eval_split > 0):
             raise ValueError("train.early_stopping_patience needs eval data: set data.eval or data.eval_split")
         return self
@@ -175,7 +223,7 @@ def _section_at(loc: tuple[Any, ...]) -> type[BaseModel] | None:
     for part in loc[:-1]:
         field = section.model_fields.get(str(part))
         if field is None:
-            return section if str(part) in {"full", "lora", "qlora"} else None
+            return section if str(part) in _METHOD_CLASSES else None
         annotation = field.annotation
         if isinstance(annotation, type) and issubclass(annotation, BaseModel):
             section = annotation
@@ -186,7 +234,17 @@ def _section_at(loc: tuple[Any, ...]) -> type[BaseModel] | None:
     return section
 
 
-_METHOD_CLASSES = {"full": FullMethod, "lora": LoraMethod, "qlora": QLoraMethod}
+_METHOD_CLASSES = {
+    "full": FullMethod,
+    "freeze": FreezeMethod,
+    "lora": LoraMethod,
+    "dora": LoraMethod,
+    "rslora": LoraMethod,
+    "qlora": QLoraMethod,
+    "ia3": IA3Method,
+    "prompt": PromptMethod,
+    "prefix": PrefixMethod,
+}
 
 
 def _format_error(error: dict[str, Any], source: str) -> str:

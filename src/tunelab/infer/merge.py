@@ -7,6 +7,7 @@ from pathlib import Path
 from tunelab.config import load_config
 from tunelab.errors import ConfigError, ModelError
 from tunelab.infer.load import is_run_dir
+from tunelab.methods.prompt_learning import CANNOT_MERGE
 from tunelab.models.load import load_model, load_tokenizer
 from tunelab.models.resolve import resolve_model, staged_folder
 
@@ -25,6 +26,8 @@ def merge_adapter(run_dir: Path, output: Path, *, overwrite: bool = False) -> Pa
     from peft import PeftModel
 
     config = load_config(run_dir / "config.yaml")
+    if config.method.name in ("prompt", "prefix"):
+        raise ConfigError(f"{run_dir} cannot be merged: {CANNOT_MERGE}", where="merge")
     base = load_model(resolve_model(config.model), device="cpu")
     merged = PeftModel.from_pretrained(base, run_dir).merge_and_unload()
     tokenizer = load_tokenizer(run_dir)

@@ -9,12 +9,20 @@ from __future__ import annotations
 
 from types import ModuleType
 
-from tunelab.methods import full, lora
+import torch
+
+from tunelab.methods import freeze, full, ia3, lora, prompt_learning
 
 METHODS: dict[str, ModuleType] = {
     "full": full,
+    "freeze": freeze,
     "lora": lora,
+    "dora": lora,
+    "rslora": lora,
     "qlora": lora,
+    "ia3": ia3,
+    "prompt": prompt_learning,
+    "prefix": prompt_learning,
 }
 
 
@@ -23,7 +31,7 @@ def count_parameters(model) -> tuple[int, int]:
     trainable = total = 0
     for param in model.parameters():
         n = param.numel()
-        if getattr(param, "quant_state", None) is not None or param.dtype == __import__("torch").uint8:
+        if getattr(param, "quant_state", None) is not None or param.dtype == torch.uint8:
             n *= 2  # two 4-bit values per stored byte
         total += n
         if param.requires_grad:

@@ -1,4 +1,4 @@
-"""LoRA and QLoRA (LoRA on a frozen 4- or 8-bit bitsandbytes base), through PEFT."""
+"""LoRA, DoRA, rsLoRA and QLoRA (LoRA on a frozen 4- or 8-bit bitsandbytes base), through PEFT."""
 
 from __future__ import annotations
 
@@ -14,6 +14,8 @@ def peft_config(config: LoraMethod | QLoraMethod):
         lora_alpha=config.alpha,
         lora_dropout=config.dropout,
         target_modules=config.target_modules,
+        use_dora=config.name == "dora",
+        use_rslora=config.name == "rslora",
         task_type="CAUSAL_LM",
     )
 

@@ -21,8 +21,19 @@ def decoder_and_head(model):
     return base.get_decoder(), base.get_output_embeddings()
 
 
+def uses_virtual_tokens(model) -> bool:
+    """Prompt and prefix tuning: PEFT's own forward must run, since it adds the learned inputs."""
+    config = getattr(model, "active_peft_config", None)
+    return bool(getattr(config, "is_prompt_learning", False))
+
+
 def hidden_states(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     """Last hidden states [B, T, H] for the batch (attention mask or packed position ids)."""
+    if uses_virtual_tokens(model):
+        out = model(input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask"),
+                    output_hidden_states=True, logits_to_keep=1)
+        # Prompt tuning prepends its virtual tokens: keep the positions of the real ones.
+        return out.hidden_states[-1][:, -batch["input_ids"].shape[1] :]
     decoder, _ = decoder_and_head(model)
     inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "position_ids") if k in batch}
     return decoder(**inputs, use_cache=False).last_hidden_state

@@ -1,0 +1,20 @@
+"""IA3 through PEFT: learned rescaling of attention keys/values and feed-forward inputs."""
+
+from __future__ import annotations
+
+from tunelab.config import IA3Method
+
+
+def apply(model, config: IA3Method):
+    from peft import IA3Config, get_peft_model
+
+    peft_config = IA3Config(
+        target_modules=config.target_modules,
+        feedforward_modules=config.feedforward_modules,
+        task_type="CAUSAL_LM",
+    )
+    return get_peft_model(model, peft_config)
+
+
+def quantization(config, compute_dtype):
+    return None

@@ -1,0 +1,87 @@
+"""One test matrix for every method: it trains what it should, saves, reloads with identical outputs, and
+merges into a plain model with equal outputs where merging makes sense."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from tunelab.config import load_config
+from tunelab.errors import ConfigError
+from tunelab.infer.generate import GenerationOptions, generate_replies
+from tunelab.infer.load import load_for_inference
+from tunelab.infer.merge import merge_adapter
+from tunelab.train.run import train_run
+
+QA = [{"question": f"what is {a} plus {b}?", "answer": f"{a + b}"} for a in range(6) for b in range(6)]
+METHODS = ["full", "freeze", "lora", "dora", "rslora", "qlora", "ia3", "prompt", "prefix"]
+MERGEABLE = {"lora", "dora", "rslora", "qlora", "ia3"}
+HIGH_LR = {"ia3", "prompt", "prefix"}  # few parameters: they need a larger step to move in a few steps
+
+
+@pytest.fixture(scope="module")
+def qa_file(tmp_path_factory):
+    path = tmp_path_factory.mktemp("methods") / "qa.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in QA))
+    return path
+
+
+@pytest.fixture(scope="module", params=METHODS)
+def trained(request, tiny_model_dir, qa_file, tmp_path_factory):
+    method = request.param
+    out = tmp_path_factory.mktemp(method) / "run"
+    lr = "3e-2" if method in HIGH_LR else "3e-3"
+    config = load_config(None, [
+        f"model={tiny_model_dir}", f"data.train={qa_file}", "data.eval_split=0.2", "data.max_length=64",
+        f"method.name={method}", "train.epochs=2", f"train.lr={lr}", "train.batch_size=4", "train.precision=fp32",
+        "eval.generate_samples=4", "eval.max_new_tokens=4", "eval.show_samples=0", f"output_dir={out}",
+    ])
+    return method, out, train_run(config)
+
+
+def test_method_trains_only_its_parameters_and_lowers_eval_loss(trained):
+    method, _, summary = trained
+    assert summary["final_eval_loss"] < summary["base_eval_loss"]
+    assert 0 < summary["trainable_parameters"] <= summary["total_parameters"]
+    if method != "full":
+        assert summary["trainable_parameters"] < summary["total_parameters"]
+
+
+def test_saved_run_reloads_with_the_same_replies(trained):
+    _, out, _ = trained
+    samples = [json.loads(line) for line in (out / "samples.jsonl").read_text().splitlines()]
+    loaded = load_for_inference(out)
+    replies = generate_replies(loaded.model, loaded.renderer, [s["prompt"] for s in samples],
+                               GenerationOptions(max_new_tokens=4))
+    assert replies == [s["fine_tuned"] for s in samples]
+
+
+def test_merge_equals_unmerged_or_says_why_not(trained, tmp_path):
+    method, out, _ = trained
+    if method in ("full", "freeze"):
+        with pytest.raises(ConfigError, match="full weights already"):
+            merge_adapter(out, tmp_path / "merged")
+        return
+    if method not in MERGEABLE:
+        with pytest.raises(ConfigError, match="nothing to fold into the model"):
+            merge_adapter(out, tmp_path / "merged")
+        return
+    from transformers import AutoModelForCausalLM
+
+    merged = AutoModelForCausalLM.from_pretrained(merge_adapter(out, tmp_path / "merged"), dtype=torch.float32)
+    ids = torch.tensor([[5, 17, 42, 99, 3, 250, 7]])
+    reference = load_for_inference(out).model
+    if method == "qlora":
+        # QLoRA trained on a 4-bit base; the merge goes into the full-precision base it was quantised from,
+        # so the two differ by the quantisation error of the base, not by the adapter.
+        from peft import PeftModel
+
+        from tunelab.models.load import load_model
+
+        base = load_model(reference.peft_config["default"].base_model_name_or_path)
+        reference = PeftModel.from_pretrained(base, out)
+    with torch.no_grad():
+        torch.testing.assert_close(merged(input_ids=ids).logits, reference.eval()(input_ids=ids).logits,
+                                   atol=1e-4, rtol=1e-4)
