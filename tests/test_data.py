@@ -187,3 +187,17 @@ def test_split_is_seeded_and_disjoint():
 def test_missing_data_file_is_a_data_error(tiny_tokenizer):
     with pytest.raises(DataError, match="nope.jsonl: data file does not exist"):
         prepare_data(DataConfig(train="nope.jsonl"), tiny_tokenizer, seed=0)
+
+
+def test_conversational_prompt_completion_rows_become_messages(tmp_path, tiny_tokenizer):
+    row = {
+        "prompt": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "hello"}],
+        "completion": [{"role": "assistant", "content": "world"}],
+    }
+    path = write_jsonl(tmp_path / "pc.jsonl", [row, {"prompt": [], "completion": "x"}])
+    with pytest.raises(DataError, match=r"pc.jsonl:2: 'prompt' must be a non-empty list"):
+        prepare_data(DataConfig(train=path, eval_split=0), tiny_tokenizer, seed=0)
+    path = write_jsonl(tmp_path / "ok.jsonl", [row])
+    data = prepare_data(DataConfig(train=path, eval_split=0), tiny_tokenizer, seed=0)
+    assert trained_text(tiny_tokenizer, data.train[0]) == "world<|im_end|>"
+    assert tiny_tokenizer.decode(data.train[0].input_ids).startswith("<|im_start|>system\nBe brief.")

@@ -89,10 +89,7 @@ def to_sample(record: Record, fmt: str, system_prompt: str | None = None) -> Sam
         if row.get("system"):
             messages.insert(0, {"role": "system", "content": str(row["system"])})
     elif fmt == "prompt_completion":
-        messages = [
-            {"role": "user", "content": _text_field(row, "prompt")},
-            {"role": "assistant", "content": _text_field(row, "completion")},
-        ]
+        messages = _turns(row, "prompt", "user") + _turns(row, "completion", "assistant")
     elif fmt == "qa":
         messages = [
             {"role": "user", "content": _text_field(row, "question")},
@@ -106,12 +103,19 @@ def to_sample(record: Record, fmt: str, system_prompt: str | None = None) -> Sam
     return Sample(where=record.where, messages=messages)
 
 
-def _chat_messages(row: dict[str, Any]) -> list[dict[str, str]]:
+def _turns(row: dict[str, Any], key: str, role: str) -> list[dict[str, str]]:
+    """A prompt or completion given as text, or (TRL's conversational style) as a list of messages."""
+    if isinstance(row.get(key), list):
+        return _chat_messages({"messages": row[key]}, key)
+    return [{"role": role, "content": _text_field(row, key)}]
+
+
+def _chat_messages(row: dict[str, Any], field_name: str = "messages") -> list[dict[str, str]]:
     raw = row.get("messages", row.get("conversations"))
     if raw is None:
-        raise RowError("missing field 'messages'")
+        raise RowError(f"missing field '{field_name}'")
     if not isinstance(raw, list) or not raw:
-        raise RowError("'messages' must be a non-empty list of {role, content} objects")
+        raise RowError(f"'{field_name}' must be a non-empty list of {{role, content}} objects")
     messages = []
     for i, turn in enumerate(raw):
         if not isinstance(turn, dict):

@@ -206,7 +206,11 @@ def _write_summary(run_dir, config, data, state, baseline, after, trainable, tot
         "steps": state.step,
         "train_tokens": state.tokens_seen,
         "train_seconds": round(state.train_seconds, 2),
+        # tokens that carry loss per second; all non-padding tokens per second (what TRL logs as num_tokens)
         "tokens_per_second": round(state.tokens_seen / state.train_seconds, 2) if state.train_seconds else 0.0,
+        "input_tokens_per_second": (
+            round(state.extra.get("real_tokens", 0) / state.train_seconds, 2) if state.train_seconds else 0.0
+        ),
         # trained tokens / computed positions, and non-padding tokens / computed positions
         "padding_efficiency": round(state.tokens_seen / computed, 4) if computed else None,
         "non_padding_fraction": round(state.extra.get("real_tokens", 0) / computed, 4) if computed else None,
@@ -251,5 +255,7 @@ def _print_outcome(console, summary, samples, before, after, show) -> None:
         console.print(f"  [green]fine-tuned:[/] {tuned}")
     console.print(
         f"trained {summary['train_tokens']:,} tokens in {summary['train_seconds']:.0f}s "
-        f"({summary['tokens_per_second']:.0f} tokens/s), peak memory {summary['peak_memory_mb']:.0f} MB"
+        f"({summary['tokens_per_second']:.0f} trained tokens/s, "
+        f"{summary['input_tokens_per_second']:.0f} input tokens/s), "
+        f"peak memory {summary['peak_memory_mb']:.0f} MB"
     )

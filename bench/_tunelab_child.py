@@ -1,0 +1,128 @@
+"""One tunelab training run for bench/compare_peer.py, in its own process: `python _tunelab_child.py SPEC.json`.
+
+Trains through the public Python API (`load_config` + `train_run`), then measures the held-out loss with the
+harness's own code on the reloaded run directory.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import _child_common as common
+import torch
+
+
+def overrides(spec: dict) -> list[str]:
+    """The tunelab config for the spec: same data, order, steps, schedule and adapter as the peer."""
+    method = spec["method"]
+    items = [
+        f"model={spec['model_path']}",
+        f"data.train={spec['train_chat']}",
+        "data.eval_split=0",
+        f"data.max_length={spec['max_length']}",
+        "data.shuffle=false",
+        f"data.packing={str(spec['packing']).lower()}",
+        f"method.name={method}",
+        f"train.batch_size={spec['batch_size']}",
+        "train.grad_accum=1",
+        f"train.max_steps={spec['steps']}",
+        f"train.lr={spec['lr']}",
+        "train.scheduler=constant",
+        "train.warmup_ratio=0",
+        "train.weight_decay=0",
+        "train.max_grad_norm=1.0",
+        f"train.seed={spec['seed']}",
+        f"train.precision={spec['precision']}",
+        "train.log_every=1",
+        "eval.before_after=false",
+        "eval.generate_samples=0",
+        f"output_dir={spec['run_dir']}",
+    ]
+    if method != "full":
+        lora = spec["lora"]
+        items += [f"method.r={lora['r']}", f"method.alpha={lora['alpha']}", f"method.dropout={lora['dropout']}",
+                  "method.target_modules=all-linear"]
+    return items
+
+
+def main() -> None:
+    spec = common.read_spec()
+    device = common.training_device()
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    clock = common.StepClock()
+
+    import tunelab
+    import tunelab.train.loop as loop
+    from tunelab.config import load_config
+    from tunelab.train.run import train_run
+
+    # Benchmark instrumentation only: count the tokens of each batch the loop collates. The loop looks
+    # `collate` up in its module at call time, so wrapping the name there sees every training batch.
+    collate = loop.collate
+
+    def counting_collate(rows, pad_token_id, packed):
+        batch = collate(rows, pad_token_id, packed)
+        clock.record_batch(
+            trained=int((batch["targets"] != common.IGNORE_INDEX).sum()),
+            nonpad=sum(len(sample.input_ids) for row in rows for sample in row),
+            computed=batch["input_ids"].numel(),
+        )
+        return batch
+
+    loop.collate = counting_collate
+
+    started = time.perf_counter()
+    config = load_config(None, overrides(spec))
+    summary = train_run(config, overwrite=True)
+    wall = time.perf_counter() - started
+    peak = common.peak_memory_mb(device)
+    peak_rss = common.rss_mb()
+
+    run_dir = Path(spec["run_dir"])
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    losses = [r["loss"] for r in records if "loss" in r]
+
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(run_dir)
+    model = common.load_trained_model(spec, run_dir, device)
+    evaluation = common.heldout_eval_loss(model, tokenizer, spec["eval_chat"], max_length=spec["max_length"],
+                                          precision=spec["precision"], device=device)
+    result = {
+        "tool": "tunelab",
+        "version": getattr(tunelab, "__version__", "unknown"),
+        "precision": summary["precision"],
+        "device": summary["device"],
+        "batching": "packed rows (first-fit), position ids restart per sample" if spec["packing"]
+        else "padded to the longest row of each batch",
+        "steps": summary["steps"],
+        "wall_seconds": wall,
+        "peak_memory_mb": peak,
+        "peak_rss_mb": peak_rss,
+        "losses": losses,
+        "first_train_loss": losses[0] if losses else None,
+        "final_train_loss": losses[-1] if losses else None,
+        "mean_train_loss": sum(losses) / len(losses) if losses else None,
+        **evaluation,
+        **clock.summary(spec["steps"]),
+        "tool_reported": {
+            "train_tokens": summary["train_tokens"],
+            "train_seconds": summary["train_seconds"],
+            "tokens_per_second": summary["tokens_per_second"],
+            "padding_efficiency": summary["padding_efficiency"],
+            "peak_memory_mb": summary["peak_memory_mb"],
+            "trainable_parameters": summary["trainable_parameters"],
+            "total_parameters": summary["total_parameters"],
+            "train_samples": summary["data"]["train_samples"],
+            "truncated_samples": summary["data"]["truncated_samples"],
+        },
+        **common.environment(),
+    }
+    common.write_result(spec, result)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,397 @@
+"""tunelab against its peer (TRL SFTTrainer + PEFT) on the same model, data, order and hyper-parameters.
+
+    python bench/compare_peer.py --cases lora-short --repeats 2 --steps 20
+
+Runs alternate (tunelab, peer, tunelab, peer, ...), each training run in its own process, so peak memory
+is per run. Prints a Markdown table and writes bench/results/<timestamp>-<case>.md and .json.
+See bench/README.md for what each number means.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+from importlib import metadata
+from pathlib import Path
+
+from _case_data import write_case_data
+
+BENCH = Path(__file__).resolve().parent
+REPO = BENCH.parent
+CHILDREN = {"tunelab": BENCH / "_tunelab_child.py", "peer": BENCH / "_peer_child.py"}
+
+
+@dataclass(frozen=True)
+class Case:
+    method: str
+    """lora | qlora | full"""
+    data: str
+    """short: one ticket per sample; long: many tickets in one user message (~400-900 tokens)"""
+    max_length: int
+    packing: bool = False
+    lr: float = 2e-4
+
+
+CASES = {
+    "lora-short": Case("lora", "short", 256),
+    "lora-long": Case("lora", "long", 1024),
+    "qlora-short": Case("qlora", "short", 256),
+    "full-short": Case("full", "short", 256, lr=2e-5),
+    "lora-short-packed": Case("lora", "short", 256, packing=True),
+}
+
+# (key in a child's result, label, format, what a better tunelab/peer ratio is)
+METRICS = [
+    ("trained_tokens_per_second", "trained tokens/s", "{:.0f}", "higher"),
+    ("total_tokens_per_second", "total tokens/s (non-pad)", "{:.0f}", "higher"),
+    ("median_step_total_tokens_per_second", "total tokens/s, median step", "{:.0f}", "higher"),
+    ("seconds_per_step", "s/step, median of steps 2..N", "{:.3f}", "lower"),
+    ("mean_seconds_per_step", "s/step, mean of steps 2..N", "{:.3f}", "lower"),
+    ("first_step_seconds", "first step s", "{:.2f}", "lower"),
+    ("loop_seconds", "train loop s", "{:.1f}", "lower"),
+    ("wall_seconds", "wall s (load+data+train+save)", "{:.1f}", "lower"),
+    ("peak_memory_mb", "peak memory MB", "{:.0f}", "lower"),
+    ("first_train_loss", "train loss, step 1", "{:.4f}", "same"),
+    ("first_step_loss_sum", "train loss sum, step 1 (loss × trained tokens)", "{:.2f}", "same"),
+    ("final_train_loss", "train loss, last step", "{:.4f}", "lower"),
+    ("mean_train_loss", "train loss, mean of steps", "{:.4f}", "lower"),
+    ("eval_loss", "held-out eval loss", "{:.4f}", "lower"),
+    ("trained_tokens", "trained tokens", "{:.0f}", "same"),
+    ("total_tokens", "total tokens (non-pad)", "{:.0f}", "same"),
+    ("padding_efficiency", "non-pad / computed positions", "{:.3f}", "higher"),
+    ("foreign_cpu_share", "CPU used by other processes", "{:.0%}", "info"),
+]
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--cases", default="lora-short",
+                        help=f"comma-separated, from: {', '.join(CASES)} (or 'all')")
+    parser.add_argument("--repeats", type=int, default=2, help="pairs of runs (tunelab, peer) per case")
+    parser.add_argument("--steps", type=int, default=20, help="optimiser steps per run")
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--model", default="smollm2-135m-instruct", help="tunelab preset, hub id or local folder")
+    parser.add_argument("--precision", choices=["auto", "bf16", "fp32"], default="auto",
+                        help="auto: bf16 autocast where the CPU (AMX/AVX512-BF16) or GPU supports it")
+    parser.add_argument("--seed", type=int, default=42)
+    parser.add_argument("--results", type=Path, default=BENCH / "results", help="where .md and .json go")
+    parser.add_argument("--workdir", type=Path, default=None, help="keep data, runs and logs here (default: temp)")
+    parser.add_argument("--timeout", type=int, default=1800, help="seconds allowed per training run")
+    parser.add_argument("--wait-idle", type=float, default=120,
+                        help="before each run, wait up to this many seconds for other processes to leave the CPU "
+                        "(under 15%% use); 0 to start at once")
+    args = parser.parse_args(argv)
+    names = list(CASES) if args.cases == "all" else [c.strip() for c in args.cases.split(",") if c.strip()]
+    unknown = [n for n in names if n not in CASES]
+    if unknown:
+        parser.error(f"unknown case(s) {', '.join(unknown)}; choose from {', '.join(CASES)}")
+    args.case_names = names
+    return args
+
+
+# ---------------------------------------------------------------------------------------------- runs
+
+
+def resolve_precision(requested: str) -> str:
+    if requested != "auto":
+        return requested
+    import torch
+
+    if torch.cuda.is_available():
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp32"
+    return "bf16" if {"amx_bf16", "avx512_bf16"} & cpu_flags() else "fp32"
+
+
+def cpu_flags() -> set[str]:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("flags"):
+                return set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return set()
+
+
+def cpu_ticks() -> tuple[float, float]:
+    """(busy, total) CPU seconds of the whole machine since boot, from /proc/stat (zeros elsewhere)."""
+    try:
+        fields = [float(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    except OSError:
+        return 0.0, 0.0
+    hz = os.sysconf("SC_CLK_TCK")
+    idle = fields[3] + (fields[4] if len(fields) > 4 else 0.0)  # idle + iowait
+    return (sum(fields[:8]) - idle) / hz, sum(fields[:8]) / hz
+
+
+def children_cpu_seconds() -> float:
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
+def foreign_cpu_share(seconds: float = 2.0) -> float:
+    """Fraction of the machine's CPU that processes other than this one used over `seconds`."""
+    own = resource.getrusage(resource.RUSAGE_SELF)
+    busy, total = cpu_ticks()
+    time.sleep(seconds)
+    after = resource.getrusage(resource.RUSAGE_SELF)
+    busy_after, total_after = cpu_ticks()
+    mine = (after.ru_utime + after.ru_stime) - (own.ru_utime + own.ru_stime)
+    return max(0.0, (busy_after - busy - mine) / max(1e-9, total_after - total))
+
+
+def wait_until_quiet(limit: float, threshold: float = 0.15) -> float:
+    """Wait (at most `limit` seconds) until other processes use under `threshold` of the CPU; seconds waited."""
+    started = time.perf_counter()
+    while time.perf_counter() - started < limit and foreign_cpu_share() > threshold:
+        pass
+    return time.perf_counter() - started
+
+
+def run_child(tool: str, spec: dict, workdir: Path, name: str, timeout: int) -> dict:
+    """Run one training in its own process; its result dict (with `error` when it failed)."""
+    spec_path = workdir / "specs" / f"{name}.json"
+    spec_path.parent.mkdir(parents=True, exist_ok=True)
+    spec_path.write_text(json.dumps(spec, indent=2))
+    log_path = workdir / "logs" / f"{name}.log"
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    Path(spec["result"]).parent.mkdir(parents=True, exist_ok=True)
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
+           "TRANSFORMERS_VERBOSITY": "error"}
+    load_before = os.getloadavg()
+    busy, total = cpu_ticks()
+    child_cpu = children_cpu_seconds()
+    started = time.perf_counter()
+    with open(log_path, "w") as log:
+        try:
+            code = subprocess.run([sys.executable, str(CHILDREN[tool]), str(spec_path)], stdout=log,
+                                  stderr=subprocess.STDOUT, env=env, cwd=BENCH, timeout=timeout).returncode
+        except subprocess.TimeoutExpired:
+            code = "timeout"
+    process_seconds = time.perf_counter() - started
+    busy_after, total_after = cpu_ticks()
+    # CPU the rest of the machine used while this run went: a run on a shared CPU is only comparable to its
+    # pair when this is near zero.
+    foreign = (busy_after - busy) - (children_cpu_seconds() - child_cpu)
+    foreign_share = max(0.0, foreign / max(1e-9, total_after - total))
+    result_path = Path(spec["result"])
+    if code != 0 or not result_path.is_file():
+        tail = "\n".join(log_path.read_text(errors="replace").splitlines()[-30:])
+        return {"tool": tool, "error": f"exit {code}; log {log_path}:\n{tail}"}
+    result = json.loads(result_path.read_text())
+    result.update(process_seconds=process_seconds, load_average_at_start=load_before, log=str(log_path),
+                  foreign_cpu_share=foreign_share)
+    # Summed step-1 loss: equal for both tools when they start from the same weights and batch, whatever
+    # extra tokens one of them trains that are near-free to predict (see README).
+    if result.get("first_train_loss") is not None:
+        result["first_step_loss_sum"] = result["first_train_loss"] * result["step_trained_tokens"][0]
+    return result
+
+
+def child_spec(case: Case, data: dict, model_path: Path, args, precision: str, run_dir: Path, result: Path) -> dict:
+    return {
+        "model_path": str(model_path),
+        "method": case.method,
+        "lora": {"r": 16, "alpha": 32, "dropout": 0.0},
+        "train_chat": data["train_chat"],
+        "train_prompt_completion": data["train_prompt_completion"],
+        "eval_chat": data["eval_chat"],
+        "max_length": case.max_length,
+        "packing": case.packing,
+        "batch_size": args.batch_size,
+        "steps": args.steps,
+        "lr": case.lr,
+        "seed": args.seed,
+        "precision": precision,
+        "run_dir": str(run_dir),
+        "result": str(result),
+    }
+
+
+def run_case(name: str, args, model_path: Path, precision: str, workdir: Path) -> dict:
+    case = CASES[name]
+    data = write_case_data(case, workdir / name / "data", model_path, args.steps, args.batch_size, args.seed)
+    runs: list[dict] = []
+    for repeat in range(1, args.repeats + 1):
+        for tool in ("tunelab", "peer"):
+            label = f"{name}-{tool}-{repeat}"
+            spec = child_spec(case, data, model_path, args, precision, workdir / name / "runs" / label,
+                              workdir / name / "results" / f"{label}.json")
+            waited = wait_until_quiet(args.wait_idle) if args.wait_idle else 0.0
+            note = f" (waited {waited:.0f} s for other processes)" if waited >= 5 else ""
+            print(f"[{name}] repeat {repeat}/{args.repeats}: {tool} ...{note}", file=sys.stderr, flush=True)
+            result = run_child(tool, spec, workdir / name, label, args.timeout)
+            result.update(repeat=repeat, waited_for_quiet_seconds=waited)
+            runs.append(result)
+            if "error" in result:
+                print(f"[{name}] {tool} failed: {result['error']}", file=sys.stderr, flush=True)
+                return {"case": name, "settings": asdict(case), "data": data, "runs": runs, "failed": True}
+            print(f"[{name}] {tool}: {result['seconds_per_step']:.3f} s/step, "
+                  f"{result['trained_tokens_per_second']:.0f} trained tok/s, eval loss {result['eval_loss']:.4f}, "
+                  f"other processes used {result['foreign_cpu_share']:.0%} of the CPU", file=sys.stderr, flush=True)
+    return {"case": name, "settings": asdict(case), "data": data, "runs": runs, "failed": False}
+
+
+# ---------------------------------------------------------------------------------------------- report
+
+
+def spread(values: list[float], fmt: str) -> str:
+    values = [v for v in values if v is not None]
+    if not values:
+        return "-"
+    if len(values) == 1:
+        return fmt.format(values[0])
+    middle = statistics.median(values)
+    return f"{fmt.format(middle)} ({fmt.format(min(values))}–{fmt.format(max(values))})"
+
+
+def summarise(outcome: dict) -> dict:
+    """Per metric: tunelab and peer values over repeats, and the tunelab/peer ratio of each repeat's pair."""
+    by_tool = {tool: [r for r in outcome["runs"] if r.get("tool") == tool and "error" not in r]
+               for tool in ("tunelab", "peer")}
+    pairs = list(zip(by_tool["tunelab"], by_tool["peer"], strict=False))
+    summary = {}
+    for key, _, _, better in METRICS:
+        ratios = [t[key] / p[key] for t, p in pairs if t.get(key) is not None and p.get(key) and better != "info"]
+        summary[key] = {
+            "tunelab": [r.get(key) for r in by_tool["tunelab"]],
+            "peer": [r.get(key) for r in by_tool["peer"]],
+            "ratio": ratios,
+            "ratio_min_median_max": [min(ratios), statistics.median(ratios), max(ratios)] if ratios else None,
+        }
+    return summary
+
+
+def markdown(outcome: dict, summary: dict, machine: dict, args) -> str:
+    case = outcome["settings"]
+    runs = [r for r in outcome["runs"] if "error" not in r]
+    first = {tool: next((r for r in runs if r["tool"] == tool), {}) for tool in ("tunelab", "peer")}
+    lines = [
+        f"## {outcome['case']}: tunelab vs TRL SFTTrainer + PEFT",
+        "",
+        f"- model `{args.model}`, method **{case['method']}**"
+        + (" (r=16, alpha=32, dropout 0, all-linear)" if case["method"] != "full" else "")
+        + f", {args.steps} steps, batch {args.batch_size}, max_length {case['max_length']}, lr {case['lr']} constant, "
+        f"no warm-up, grad clip 1.0, seed {args.seed}, {outcome['data']['train_rows']} train / "
+        f"{outcome['data']['eval_rows']} held-out rows, assistant-only loss",
+        f"- precision: tunelab {first['tunelab'].get('precision', '-')} (linear layers computed in "
+        f"{first['tunelab'].get('observed_compute_dtype', '-')}), peer {first['peer'].get('precision', '-')} "
+        f"(computed in {first['peer'].get('observed_compute_dtype', '-')}), fp32 master weights; "
+        f"device {machine['device']} ({machine['cpu']}, {machine['cpus_available']} cores, "
+        f"torch threads {first['tunelab'].get('torch_threads', '-')})",
+        f"- batching: tunelab {first['tunelab'].get('batching', '-')}; peer {first['peer'].get('batching', '-')}",
+        f"- versions: tunelab {machine['tunelab_commit']}, trl {machine['versions'].get('trl')}, "
+        f"transformers {machine['versions'].get('transformers')}, peft {machine['versions'].get('peft')}, "
+        f"torch {machine['versions'].get('torch')}",
+        f"- {len(runs) // 2} repeat(s), alternating tunelab/peer, one process per run; "
+        "cells are median (min–max) over repeats; ratio = tunelab / peer per repeat pair",
+        "",
+        "| metric | tunelab | peer | tunelab / peer | better |",
+        "|---|---:|---:|---:|---|",
+    ]
+    for key, label, fmt, better in METRICS:
+        entry = summary[key]
+        ratio = spread(entry["ratio"], "{:.3f}")
+        tunelab, peer = spread(entry["tunelab"], fmt), spread(entry["peer"], fmt)
+        lines.append(f"| {label} | {tunelab} | {peer} | {ratio} | {better} |")
+    lines += [
+        "",
+        "| run | tool | s/step (median) | trained tok/s | total tok/s | peak MB | last loss | eval loss | "
+        "other processes' CPU |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in runs:
+        lines.append(
+            f"| {r['repeat']} | {r['tool']} | {r['seconds_per_step']:.3f} | {r['trained_tokens_per_second']:.0f} | "
+            f"{r['total_tokens_per_second']:.0f} | {r['peak_memory_mb']:.0f} | {r['final_train_loss']:.4f} | "
+            f"{r['eval_loss']:.4f} | {r['foreign_cpu_share']:.0%} |"
+        )
+    busy = [r for r in runs if r["foreign_cpu_share"] > 0.10]
+    if busy:
+        named = ", ".join(f"{r['tool']} {r['repeat']}" for r in busy)
+        lines += ["", f"**Warning:** other processes used over 10% of the CPU during {len(busy)} run(s) ({named}); "
+                  "their timings are not comparable."]
+    failures = [r for r in outcome["runs"] if "error" in r]
+    if failures:
+        lines += ["", "**Failed runs:**", ""] + [
+            f"- {r['tool']}: {r['error'].splitlines()[0]} {r['error'].splitlines()[-1]}" for r in failures
+        ]
+    return "\n".join(lines) + "\n"
+
+
+def machine_info(model_path: Path) -> dict:
+    import torch
+
+    cpu = "unknown"
+    with contextlib.suppress(OSError, StopIteration):
+        cpu = next(line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                   if line.startswith("model name"))
+    versions = {}
+    for package in ("torch", "transformers", "peft", "trl", "accelerate", "datasets", "bitsandbytes", "tunelab"):
+        try:
+            versions[package] = metadata.version(package)
+        except metadata.PackageNotFoundError:
+            versions[package] = None
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True)
+    dirty = subprocess.run(["git", "status", "--porcelain", "src"], cwd=REPO, capture_output=True, text=True)
+    return {
+        "cpu": cpu,
+        "cpu_bf16": sorted({"amx_bf16", "avx512_bf16"} & cpu_flags()),
+        "cpus_available": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
+        "device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu",
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "versions": versions,
+        "tunelab_commit": (commit.stdout.strip() or "unknown") + (" (src modified)" if dirty.stdout.strip() else ""),
+        "model_path": str(model_path),
+        "load_average": os.getloadavg(),
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    from tunelab.models.resolve import resolve_model
+
+    model_path = resolve_model(args.model)
+    precision = resolve_precision(args.precision)
+    machine = machine_info(model_path)
+    args.results.mkdir(parents=True, exist_ok=True)
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    temp = None
+    if args.workdir is None:
+        temp = tempfile.TemporaryDirectory(prefix="tunelab-bench-")
+        workdir = Path(temp.name)
+    else:
+        workdir = args.workdir
+    failed = False
+    try:
+        for name in args.case_names:
+            outcome = run_case(name, args, model_path, precision, workdir)
+            summary = summarise(outcome)
+            text = markdown(outcome, summary, machine, args)
+            print(text)
+            base = args.results / f"{stamp}-{name}"
+            base.with_suffix(".md").write_text(text)
+            record = {"command": " ".join(sys.argv), "timestamp": stamp, "machine": machine,
+                      "arguments": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
+                      **outcome, "summary": summary}
+            base.with_suffix(".json").write_text(json.dumps(record, indent=2))
+            print(f"wrote {base}.md and .json", file=sys.stderr)
+            failed = failed or outcome["failed"]
+    finally:
+        if temp is not None:
+            temp.cleanup()
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
