@@ -183,3 +183,14 @@ def test_report_rebuilds_and_compares_runs(trained_run, tmp_path):
     assert result.exit_code == 0, result.output
     result = runner.invoke(app, ["report", str(run), str(run), "-o", str(tmp_path / "cmp.html")])
     assert result.exit_code == 0 and (tmp_path / "cmp.html").stat().st_size > 1000
+
+
+def test_eval_runs_a_custom_metric_from_a_python_file(trained_run, tmp_path):
+    run, data, _ = trained_run
+    metric = tmp_path / "my_metric.py"
+    metric.write_text("def digits(predictions, references):\n"
+                      "    return sum(p.strip().isdigit() for p in predictions) / len(predictions)\n")
+    result = runner.invoke(app, ["eval", str(run), "--data", str(data), "--metrics", f"exact_match,{metric}:digits",
+                                 "--limit", "4", "--max-new-tokens", "3"])
+    assert result.exit_code == 0, result.output
+    assert 0 <= json.loads(result.output)["digits"] <= 1

@@ -67,3 +67,9 @@ def test_tokenizer_without_pad_token_gets_one_and_keeps_its_vocabulary():
     size = len(tokenizer)
     ensure_pad_token(tokenizer)
     assert tokenizer.pad_token == tokenizer.eos_token and len(tokenizer) == size
+
+
+def test_unknown_generation_metric_fails_at_the_door():
+    with pytest.raises(ConfigError, match="eval.metrics.*unknown metric\\(s\\) blue"):
+        load_config(None, ["eval.metrics=[exact_match, blue]"])
+    assert load_config(None, ["eval.metrics=[my.py:score]"]).eval.metrics == ["my.py:score"]

@@ -11,7 +11,7 @@ from tunelab.config import DataConfig
 from tunelab.data.prepare import prepare_eval_file
 from tunelab.errors import ConfigError
 from tunelab.eval.evaluate import evaluate_generations, evaluate_loss
-from tunelab.eval.metrics import METRICS
+from tunelab.eval.metrics import METRICS, is_custom_metric
 from tunelab.infer.generate import GenerationOptions
 from tunelab.infer.load import load_for_inference
 from tunelab.train.precision import resolve_precision
@@ -20,9 +20,9 @@ LOSS_METRICS = {"loss", "perplexity"}
 
 
 def check_metric_names(names: list[str]) -> None:
-    unknown = [n for n in names if n not in LOSS_METRICS and n not in METRICS]
+    unknown = [n for n in names if n not in LOSS_METRICS and n not in METRICS and not is_custom_metric(n)]
     if unknown:
-        known = ", ".join(sorted(LOSS_METRICS | set(METRICS)))
+        known = ", ".join(sorted(LOSS_METRICS | set(METRICS))) + " or path/to/file.py:function"
         raise ConfigError(f"unknown metric(s) {', '.join(unknown)}; known: {known}", where="--metrics")
 
 

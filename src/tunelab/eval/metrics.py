@@ -228,17 +228,46 @@ METRICS: dict[str, MetricFn] = {
 }
 
 
+def is_custom_metric(name: str) -> bool:
+    """`path/to/file.py:function` names a user's own metric."""
+    path, _, function = name.rpartition(":")
+    return path.endswith(".py") and bool(function)
+
+
+def load_custom_metric(name: str) -> MetricFn:
+    """The function `fn` of `file.py:fn`, called as fn(predictions, references) -> float or dict of floats."""
+    import importlib.util
+    from pathlib import Path
+
+    path, _, function = name.rpartition(":")
+    if not Path(path).is_file():
+        raise ValueError(f"custom metric file {path} does not exist")
+    spec = importlib.util.spec_from_file_location(f"tunelab_metric_{Path(path).stem}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    fn = getattr(module, function, None)
+    if not callable(fn):
+        raise ValueError(f"{path} has no function '{function}'")
+
+    def scored(predictions: Sequence[str], references: Sequence[str]) -> dict[str, float]:
+        value = fn(list(predictions), list(references))
+        return {k: float(v) for k, v in value.items()} if isinstance(value, dict) else {function: float(value)}
+
+    return scored
+
+
 def compute_metrics(names: Sequence[str], predictions: Sequence[str], references: Sequence[str]) -> dict[str, float]:
-    """Returns the union of the named metrics' scores.
+    """Returns the union of the named metrics' scores (built-in names or `file.py:function`).
 
     A key already produced by an earlier metric is written as "<metric>/<key>" instead of overwriting it
     (json_field_accuracy's "exact_match" next to the exact_match metric).
     """
-    unknown = [name for name in names if name not in METRICS]
+    unknown = [name for name in names if name not in METRICS and not is_custom_metric(name)]
     if unknown:
-        raise ValueError(f"unknown metric(s) {unknown}; known metrics: {sorted(METRICS)}")
+        raise ValueError(f"unknown metric(s) {unknown}; known metrics: {sorted(METRICS)} or file.py:function")
     results: dict[str, float] = {}
     for name in dict.fromkeys(names):
-        for key, value in METRICS[name](predictions, references).items():
+        metric = METRICS[name] if name in METRICS else load_custom_metric(name)
+        for key, value in metric(predictions, references).items():
             results[f"{name}/{key}" if key in results else key] = value
     return results
