@@ -18,7 +18,7 @@ from pathlib import Path
 from tunelab.config import DataConfig, TrainConfig, load_config
 from tunelab.data.formats import RowError, Sample, detect_format, to_sample
 from tunelab.data.prepare import _sources, split_samples
-from tunelab.data.sources import Record, read_records, resolve_data_path
+from tunelab.data.sources import read_records
 from tunelab.data.template import IGNORE_INDEX, ChatRenderer, TemplateError, tokenize_chat, tokenize_text
 from tunelab.errors import DataError
 
@@ -259,7 +259,8 @@ def _inspect_file(
     path: Path, fmt: str, role: str, config: DataConfig, renderer: ChatRenderer, to_show: int,
     shown: list[ShownSample],
 ) -> _FileResult:
-    records, problems = _read_leniently(path)
+    problems: list[str] = []
+    records = read_records(path, problems)
     rows = len(records) + len(problems)
     if not rows:
         raise DataError("file holds no rows", where=str(path))
@@ -319,42 +320,6 @@ def _segments(tokenizer, input_ids: list[int], labels: list[int]) -> list[tuple[
         (tokenizer.decode([token for token, _ in run]), trained)
         for trained, run in itertools.groupby(pairs, key=lambda pair: pair[1] != IGNORE_INDEX)
     ]
-
-
-def _read_leniently(path: Path) -> tuple[list[Record], list[str]]:
-    """The readable rows of a file and a problem for each unreadable one. Training's `read_records` stops at
-    malformed JSON lines; inspection keeps the rest, with the same messages."""
-    try:
-        return read_records(path), []
-    except DataError as err:
-        file = resolve_data_path(path)
-        if err.where is not None or file.suffix.lower() not in {".jsonl", ".json"}:
-            raise
-    name = str(path)
-    records, problems = [], []
-    if file.suffix.lower() == ".json":
-        data = json.loads(file.read_text(encoding="utf-8"))
-        data = data["data"] if isinstance(data, dict) else data
-        for i, row in enumerate(data):
-            if isinstance(row, dict):
-                records.append(Record(row, f"{name}[{i}]"))
-            else:
-                problems.append(f"{name}[{i}]: expected an object")
-        return records, problems
-    with open(file, encoding="utf-8") as handle:
-        for number, line in enumerate(handle, start=1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as bad:
-                problems.append(f"{name}:{number}: not valid JSON ({bad.msg})")
-                continue
-            if isinstance(row, dict):
-                records.append(Record(row, f"{name}:{number}"))
-            else:
-                problems.append(f"{name}:{number}: expected a JSON object, got {type(row).__name__}")
-    return records, problems
 
 
 def _canonical(sample: Sample) -> str:

@@ -39,15 +39,22 @@ def resolve_data_path(path: Path | str) -> Path:
     return resolved
 
 
-def read_records(path: Path | str) -> list[Record]:
-    """All rows of a data file. Raw text files give one row {"text": ...} per blank-line-separated block."""
+def read_records(path: Path | str, problems: list[str] | None = None) -> list[Record]:
+    """All rows of a data file. Raw text files give one row {"text": ...} per blank-line-separated block.
+
+    Unreadable rows raise one DataError listing them all, or, when `problems` is given, are appended to it
+    (file:line: why) and skipped, as `data inspect` wants."""
     file = resolve_data_path(path)
     name = str(path)
     suffix = file.suffix.lower()
-    if suffix == ".jsonl":
-        return _read_jsonl(file, name)
-    if suffix == ".json":
-        return _read_json(file, name)
+    if suffix in (".jsonl", ".json"):
+        bad: list[str] = []
+        records = _read_jsonl(file, name, bad) if suffix == ".jsonl" else _read_json(file, name, bad)
+        if bad and problems is None:
+            raise DataError(_summarise(bad, name))
+        if problems is not None:
+            problems.extend(bad)
+        return records
     if suffix == ".csv":
         return _read_csv(file, name)
     if suffix == ".parquet":
@@ -58,9 +65,8 @@ def read_records(path: Path | str) -> list[Record]:
     raise DataError(f"unsupported file type '{suffix}' (expected one of {known})", where=name)
 
 
-def _read_jsonl(file: Path, name: str) -> list[Record]:
+def _read_jsonl(file: Path, name: str, bad: list[str]) -> list[Record]:
     records = []
-    bad = []
     with open(file, encoding="utf-8") as handle:
         for number, line in enumerate(handle, start=1):
             if not line.strip():
@@ -74,12 +80,10 @@ def _read_jsonl(file: Path, name: str) -> list[Record]:
                 bad.append(f"{name}:{number}: expected a JSON object, got {type(row).__name__}")
                 continue
             records.append(Record(row, f"{name}:{number}"))
-    if bad:
-        raise DataError(_summarise(bad, name))
     return records
 
 
-def _read_json(file: Path, name: str) -> list[Record]:
+def _read_json(file: Path, name: str, bad: list[str]) -> list[Record]:
     try:
         data = json.loads(file.read_text(encoding="utf-8"))
     except json.JSONDecodeError as err:
@@ -88,10 +92,8 @@ def _read_json(file: Path, name: str) -> list[Record]:
         data = data["data"]
     if not isinstance(data, list):
         raise DataError("expected a JSON list of objects", where=name)
-    bad = [f"{name}[{i}]: expected an object" for i, row in enumerate(data) if not isinstance(row, dict)]
-    if bad:
-        raise DataError(_summarise(bad, name))
-    return [Record(row, f"{name}[{i}]") for i, row in enumerate(data)]
+    bad += [f"{name}[{i}]: expected an object" for i, row in enumerate(data) if not isinstance(row, dict)]
+    return [Record(row, f"{name}[{i}]") for i, row in enumerate(data) if isinstance(row, dict)]
 
 
 def _read_csv(file: Path, name: str) -> list[Record]:
