@@ -62,6 +62,7 @@ def test_lora_lowers_eval_loss_and_writes_the_run_directory(tiny_model_dir, qa_f
                 "final_eval_loss", "trainable_parameters", "total_parameters"):
         assert written[key] is not None, key
     assert written["trainable_parameters"] < written["total_parameters"]
+    assert 0 < written["mfu"] < 1 and written["peak_matmul_tflops"] > 0
 
 
 def test_full_fine_tuning_trains_every_weight(tiny_model_dir, qa_file, tmp_path):
@@ -165,3 +166,16 @@ def test_early_stopping_keeps_the_best_weights(tiny_model_dir, qa_file, tmp_path
     assert state["extra"].get("early_stopped_at") is not None
     assert summary["steps"] < 30 * 8
     assert summary["final_eval_loss"] == pytest.approx(state["best_eval_loss"], rel=1e-4)
+
+
+def test_training_flops_count_body_per_input_token_and_head_per_trained_token():
+    from conftest import build_tiny_model
+    from tunelab.train.flops import training_flops
+
+    model = build_tiny_model(vocab_size=400)
+    body = sum(p.numel() for name, p in model.named_parameters() if "embed_tokens" not in name)
+    head = 400 * 64  # tied with the embedding: counted once, per trained token
+    assert training_flops(model, input_tokens=10, trained_tokens=3, base_trains=True) == 3 * 2 * (
+        body * 10 + head * 3)
+    assert training_flops(model, input_tokens=10, trained_tokens=3, base_trains=False) == 2 * 2 * (
+        body * 10 + head * 3)

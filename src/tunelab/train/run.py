@@ -25,6 +25,7 @@ from tunelab.models.load import load_model, load_tokenizer
 from tunelab.models.resolve import resolve_model
 from tunelab.track.jsonl import MetricsLog
 from tunelab.train.checkpoint import TrainerState, latest_checkpoint, load_checkpoint, save_checkpoint
+from tunelab.train.flops import matmul_peak_flops, training_flops
 from tunelab.train.loop import LoopContext, TrainingFault, epoch_plan, fit
 from tunelab.train.outputs import peak_memory_mb, write_model_card, write_samples
 from tunelab.train.precision import resolve_precision
@@ -129,7 +130,7 @@ def train_run(
         model.zero_grad(set_to_none=True)
         saved = save_checkpoint(run_dir, model, ctx.optimizer, ctx.scheduler, state, config.train.keep_checkpoints,
                                 rng=ctx.rng_at_last_step)
-        _write_summary(run_dir, config, data, state, baseline, {}, trainable, total, precision, device, status)
+        _write_summary(run_dir, model, config, data, state, baseline, {}, trainable, total, precision, device, status)
         write_report(run_dir)
         console.print(f"[yellow]interrupted at step {state.step}; saved {saved}. Continue with --resume[/]")
         raise
@@ -138,7 +139,7 @@ def train_run(
         if state.step:
             save_checkpoint(run_dir, model, ctx.optimizer, ctx.scheduler, state, config.train.keep_checkpoints,
                             rng=ctx.rng_at_last_step)
-        _write_summary(run_dir, config, data, state, baseline, {}, trainable, total, precision, device, status)
+        _write_summary(run_dir, model, config, data, state, baseline, {}, trainable, total, precision, device, status)
         raise
 
     # The loop evaluated at its last step; only restored best weights need a fresh measurement.
@@ -149,7 +150,7 @@ def train_run(
     if config.train.save_every:
         save_checkpoint(run_dir, model, ctx.optimizer, ctx.scheduler, state, config.train.keep_checkpoints)
     write_samples(run_dir / "samples.jsonl", gen_samples, baseline.get("replies", []), after.get("replies", []))
-    summary = _write_summary(run_dir, config, data, state, baseline, after, trainable, total, precision, device,
+    summary = _write_summary(run_dir, model, config, data, state, baseline, after, trainable, total, precision, device,
                              status)
     write_model_card(run_dir, config, summary)
     write_report(run_dir)
@@ -195,7 +196,21 @@ def _save_weights(model, tokenizer, run_dir: Path) -> None:
     tokenizer.save_pretrained(run_dir)
 
 
-def _write_summary(run_dir, config, data, state, baseline, after, trainable, total, precision, device, status):
+def _utilisation(model, config, state, precision, device) -> dict:
+    """Achieved training FLOP/s and MFU against this machine's measured matmul peak."""
+    if not state.train_seconds:
+        return {}
+    base_trains = config.method.name in ("full", "freeze")
+    flops = training_flops(model, input_tokens=state.extra.get("real_tokens", 0), trained_tokens=state.tokens_seen,
+                           base_trains=base_trains)
+    achieved = flops / state.train_seconds
+    peak = matmul_peak_flops(device.type, precision)
+    return {"achieved_tflops": round(achieved / 1e12, 4), "peak_matmul_tflops": round(peak / 1e12, 4),
+            "mfu": round(achieved / peak, 4)}
+
+
+def _write_summary(run_dir, model, config, data, state, baseline, after, trainable, total, precision, device,
+                   status):
     records = MetricsLog(run_dir / "metrics.jsonl").read()
     train_losses = [r["loss"] for r in records if "loss" in r]
     computed = state.extra.get("computed_tokens", 0)
@@ -215,6 +230,7 @@ def _write_summary(run_dir, config, data, state, baseline, after, trainable, tot
         "padding_efficiency": round(state.tokens_seen / computed, 4) if computed else None,
         "non_padding_fraction": round(state.extra.get("real_tokens", 0) / computed, 4) if computed else None,
         "peak_memory_mb": round(peak_memory_mb(device), 1),
+        **_utilisation(model, config, state, precision, device),
         "final_train_loss": train_losses[-1] if train_losses else None,
         "base_eval_loss": baseline.get("eval_loss"),
         "final_eval_loss": after.get("eval_loss", state.best_eval_loss),
@@ -257,5 +273,6 @@ def _print_outcome(console, summary, samples, before, after, show) -> None:
         f"trained {summary['train_tokens']:,} tokens in {summary['train_seconds']:.0f}s "
         f"({summary['tokens_per_second']:.0f} trained tokens/s, "
         f"{summary['input_tokens_per_second']:.0f} input tokens/s), "
-        f"peak memory {summary['peak_memory_mb']:.0f} MB"
+        f"peak memory {summary['peak_memory_mb']:.0f} MB, MFU {100 * summary.get('mfu', 0):.1f}% of the measured "
+        f"{summary.get('peak_matmul_tflops', 0) * 1000:.0f} GFLOP/s matmul peak"
     )

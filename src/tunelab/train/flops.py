@@ -1,0 +1,43 @@
+"""Model FLOPs utilisation: achieved training FLOP/s against the measured matmul peak of this machine.
+
+Counting (attention scores left out, so MFU is slightly understated on long sequences):
+  forward  2 x N_body per input token, plus 2 x vocab x hidden per trained token (the head only runs there);
+  backward the same again for activation gradients, and again for weight gradients when the base trains.
+"""
+
+from __future__ import annotations
+
+import time
+from functools import lru_cache
+
+import torch
+
+
+@lru_cache(maxsize=4)
+def matmul_peak_flops(device_type: str, precision: str, size: int = 2048) -> float:
+    """Best-of-five FLOP/s of one square matmul in the training dtype on this device."""
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float32
+    a = torch.randn(size, size, device=device_type, dtype=dtype)
+    b = torch.randn(size, size, device=device_type, dtype=dtype)
+    best = float("inf")
+    for _ in range(6):
+        if device_type == "cuda":
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        a @ b
+        if device_type == "cuda":
+            torch.cuda.synchronize()
+        best = min(best, time.perf_counter() - start)
+    return 2 * size**3 / best
+
+
+def training_flops(model, *, input_tokens: int, trained_tokens: int, base_trains: bool) -> float:
+    """Approximate FLOPs spent on `input_tokens` (non-padding) of which `trained_tokens` carry loss."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    embedding = base.get_input_embeddings().weight
+    head = base.get_output_embeddings().weight
+    body = sum(p.numel() for p in base.parameters()) - embedding.numel()
+    if head.data_ptr() != embedding.data_ptr():
+        body -= head.numel()
+    passes = 3 if base_trains else 2  # forward, activation grads, (weight grads)
+    return passes * 2 * (body * input_tokens + head.numel() * trained_tokens)
