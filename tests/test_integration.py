@@ -104,3 +104,30 @@ def test_a_gguf_file_converts_once_into_a_trainable_checkpoint(default_model_dir
         name = "model.layers.0.self_attn.q_proj.weight"
         assert weights.get_tensor(name).dtype.is_floating_point
         assert (weights.get_tensor(name) == reference.get_tensor(name)).all()
+
+
+def test_packed_batch_equals_unpacked_on_the_default_model(default_model_dir):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from tunelab.data.batching import collate
+    from tunelab.data.template import IGNORE_INDEX, TokenizedSample
+    from tunelab.objectives.sft import sft_loss_sum
+
+    model = AutoModelForCausalLM.from_pretrained(default_model_dir, dtype=torch.float32)
+    generator = torch.Generator().manual_seed(0)
+    samples = []
+    for length in (9, 23, 14, 31):
+        ids = torch.randint(10, 40000, (length,), generator=generator).tolist()
+        samples.append(TokenizedSample(ids, [IGNORE_INDEX] * (length // 2) + ids[length // 2 :], "x"))
+
+    def loss_and_grad(batch):
+        model.zero_grad()
+        loss_sum, tokens = sft_loss_sum(model, batch)
+        (loss_sum / tokens).backward()
+        return float(loss_sum.detach() / tokens), model.model.layers[0].self_attn.q_proj.weight.grad.clone()
+
+    packed_loss, packed_grad = loss_and_grad(collate([samples], pad_token_id=0, packed=True))
+    loss, grad = loss_and_grad(collate([[s] for s in samples], pad_token_id=0, packed=False))
+    assert abs(packed_loss - loss) < 1e-5
+    torch.testing.assert_close(packed_grad, grad, atol=1e-5, rtol=1e-4)
