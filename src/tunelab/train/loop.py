@@ -71,7 +71,7 @@ def epoch_plan(ctx: LoopContext, epoch: int):
     )
 
 
-def micro_batches(ctx: LoopContext, epoch: int, batch_in_epoch: int) -> Iterator[tuple[float, int, int, list]]:
+def micro_batches(ctx: LoopContext, epoch: int, batch_in_epoch: int) -> Iterator[tuple[int, int, int, list]]:
     """(epoch, index, batches in that epoch, rows) from the saved data position onwards."""
     while True:
         batches = epoch_plan(ctx, epoch).batches
