@@ -194,3 +194,19 @@ def test_eval_runs_a_custom_metric_from_a_python_file(trained_run, tmp_path):
                                  "--limit", "4", "--max-new-tokens", "3"])
     assert result.exit_code == 0, result.output
     assert 0 <= json.loads(result.output)["digits"] <= 1
+
+
+def test_eval_against_the_base_model_reports_differences(trained_run, tiny_model_dir):
+    run, data, _ = trained_run
+    args = ["--data", str(data), "--metrics", "loss,exact_match", "--limit", "6", "--max-new-tokens", "4"]
+    result = runner.invoke(app, ["eval", str(run), *args, "--baseline", "base"])
+    assert result.exit_code == 0, result.output
+    scores = json.loads(result.output)
+    base_alone = json.loads(runner.invoke(app, ["eval", str(tiny_model_dir), *args]).output)
+    # The baseline is scored in the run's precision (fp32 here); the base model alone in `auto` (bf16 here).
+    assert scores["baseline"]["loss"] == pytest.approx(base_alone["loss"], rel=1e-3)
+    assert scores["baseline"]["exact_match"] == base_alone["exact_match"]
+    difference = scores["comparison"]["differences"]["exact_match"]
+    assert difference["difference"] == pytest.approx(scores["exact_match"] - base_alone["exact_match"])
+    assert difference["ci95_low"] <= difference["difference"] <= difference["ci95_high"]
+    assert scores["comparison"]["differences"]["loss"]["difference"] < 0

@@ -143,6 +143,8 @@ def eval_command(
     batch_size: int = typer.Option(16),
     limit: int | None = typer.Option(None, help="Evaluate only the first N samples."),
     output: Path | None = typer.Option(None, "--output", "-o", help="Folder for eval.json and per-sample replies."),
+    baseline: str | None = typer.Option(None, help="Also evaluate this model on the same samples (`base`: the "
+                                        "run's base model) and report differences with 95% intervals."),
 ) -> None:
     """Loss, perplexity and task metrics of MODEL on DATA, printed as JSON."""
     _quiet_libraries()
@@ -152,7 +154,7 @@ def eval_command(
     names = [m.strip() for m in metrics.split(",") if m.strip()]
     options = GenerationOptions(max_new_tokens=max_new_tokens, batch_size=batch_size)
     try:
-        result = evaluate_model(model, data, names, options=options, limit=limit, output=output)
+        result = evaluate_model(model, data, names, options=options, limit=limit, output=output, baseline=baseline)
     except UserError as err:
         _fail(err)
     print(json.dumps(result, indent=2))
