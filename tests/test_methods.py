@@ -16,9 +16,9 @@ from tunelab.infer.merge import merge_adapter
 from tunelab.train.run import train_run
 
 QA = [{"question": f"what is {a} plus {b}?", "answer": f"{a + b}"} for a in range(6) for b in range(6)]
-METHODS = ["full", "freeze", "lora", "dora", "rslora", "qlora", "ia3", "prompt", "prefix"]
+METHODS = ["full", "freeze", "lora", "dora", "rslora", "qlora", "ia3", "prompt", "prefix", "adapter"]
 MERGEABLE = {"lora", "dora", "rslora", "qlora", "ia3"}
-HIGH_LR = {"ia3", "prompt", "prefix"}  # few parameters: they need a larger step to move in a few steps
+HIGH_LR = {"ia3", "prompt", "prefix", "adapter"}  # few parameters: they need a larger step to move in a few steps
 
 
 @pytest.fixture(scope="module")
@@ -64,6 +64,10 @@ def test_merge_equals_unmerged_or_says_why_not(trained, tmp_path):
         with pytest.raises(ConfigError, match="full weights already"):
             merge_adapter(out, tmp_path / "merged")
         return
+    if method == "adapter":
+        with pytest.raises(ConfigError, match="non-linear"):
+            merge_adapter(out, tmp_path / "merged")
+        return
     if method not in MERGEABLE:
         with pytest.raises(ConfigError, match="nothing to fold into the model"):
             merge_adapter(out, tmp_path / "merged")
@@ -85,3 +89,20 @@ def test_merge_equals_unmerged_or_says_why_not(trained, tmp_path):
     with torch.no_grad():
         torch.testing.assert_close(merged(input_ids=ids).logits, reference.eval()(input_ids=ids).logits,
                                    atol=1e-4, rtol=1e-4)
+
+
+def test_bottleneck_adapters_start_as_the_identity_and_train_alone():
+    from conftest import build_tiny_model
+    from tunelab.config import AdapterMethod
+    from tunelab.methods import bottleneck
+
+    base = build_tiny_model(vocab_size=400).eval()
+    ids = torch.tensor([[5, 17, 42, 99, 3]])
+    with torch.no_grad():
+        before = base(input_ids=ids).logits.clone()
+    adapted = bottleneck.apply(base, AdapterMethod(name="adapter", reduction_factor=8, placement="both"))
+    with torch.no_grad():
+        torch.testing.assert_close(adapted(input_ids=ids).logits, before)
+    trainable = {name for name, p in adapted.named_parameters() if p.requires_grad}
+    assert trainable and all(name.startswith("bottleneck_adapters.") for name in trainable)
+    assert len(adapted.bottleneck_adapters) == 2 * len(adapted.model.layers)

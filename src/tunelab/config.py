@@ -131,8 +131,18 @@ class PrefixMethod(Strict):
     projection_hidden: int = Field(256, ge=1)
 
 
+class AdapterMethod(Strict):
+    """Bottleneck adapters after attention and/or MLP blocks; the base is frozen (tunelab's own module)."""
+
+    name: Literal["adapter"]
+    reduction_factor: int = Field(16, ge=1)
+    """Bottleneck width = hidden size / reduction_factor."""
+    placement: Literal["attention", "mlp", "both"] = "both"
+    activation: Literal["relu", "gelu", "silu"] = "relu"
+
+
 MethodConfig = Annotated[
-    FullMethod | FreezeMethod | LoraMethod | QLoraMethod | IA3Method | PromptMethod | PrefixMethod,
+    FullMethod | FreezeMethod | LoraMethod | QLoraMethod | IA3Method | PromptMethod | PrefixMethod | AdapterMethod,
     Field(discriminator="name"),
 ]
 
@@ -257,6 +267,7 @@ _METHOD_CLASSES = {
     "ia3": IA3Method,
     "prompt": PromptMethod,
     "prefix": PrefixMethod,
+    "adapter": AdapterMethod,
 }
 
 

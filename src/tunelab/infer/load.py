@@ -10,6 +10,7 @@ import torch
 from tunelab.config import QLoraMethod, RunConfig, load_config
 from tunelab.data.template import ChatRenderer
 from tunelab.errors import ModelError
+from tunelab.methods import bottleneck
 from tunelab.models.load import load_model, load_tokenizer, quantization_config
 from tunelab.models.resolve import resolve_model
 
@@ -26,6 +27,7 @@ class LoadedModel:
 def is_run_dir(path: Path) -> bool:
     return (path / "config.yaml").is_file() and (
         (path / "adapter_config.json").is_file() or (path / "config.json").is_file()
+        or (path / bottleneck.CONFIG_FILE).is_file()
     )
 
 
@@ -59,6 +61,8 @@ def _load_run(run_dir: Path, device: str) -> LoadedModel:
             model = PeftModel.from_pretrained(base, run_dir)
         except Exception as err:
             raise ModelError(f"cannot load the adapter: {err}", where=str(run_dir)) from None
+    elif (run_dir / bottleneck.CONFIG_FILE).is_file():
+        model = bottleneck.load(load_model(resolve_model(config.model), device=device), run_dir)
     else:
         model = load_model(run_dir, device=device)
     model.eval()

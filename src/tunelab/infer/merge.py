@@ -7,6 +7,7 @@ from pathlib import Path
 from tunelab.config import load_config
 from tunelab.errors import ConfigError, ModelError
 from tunelab.infer.load import is_run_dir
+from tunelab.methods import bottleneck
 from tunelab.methods.prompt_learning import CANNOT_MERGE
 from tunelab.models.load import load_model, load_tokenizer
 from tunelab.models.resolve import resolve_model, staged_folder
@@ -19,6 +20,8 @@ def merge_adapter(run_dir: Path, output: Path, *, overwrite: bool = False) -> Pa
     """
     if not (run_dir.is_dir() and is_run_dir(run_dir)):
         raise ModelError("not a tunelab run directory", where=str(run_dir))
+    if (run_dir / bottleneck.CONFIG_FILE).is_file():
+        raise ConfigError(f"{run_dir} cannot be merged: {bottleneck.CANNOT_MERGE}", where="merge")
     if not (run_dir / "adapter_config.json").is_file():
         raise ConfigError(f"{run_dir} holds full weights already: there is no adapter to merge", where="merge")
     if output.exists() and any(output.iterdir()) and not overwrite:

@@ -3,6 +3,9 @@
 Each method module offers:
     apply(model, config) -> model            make the loaded base model trainable
     quantization(config, compute_dtype)      bitsandbytes settings for loading the base, or None
+and, when the method saves in a format of its own (not PEFT's, not a full checkpoint):
+    save(model, run_dir, config)             write the trained weights
+    load(base_model, run_dir) -> model       rebuild the trained model on its base
 """
 
 from __future__ import annotations
@@ -11,7 +14,7 @@ from types import ModuleType
 
 import torch
 
-from tunelab.methods import freeze, full, ia3, lora, prompt_learning
+from tunelab.methods import bottleneck, freeze, full, ia3, lora, prompt_learning
 
 METHODS: dict[str, ModuleType] = {
     "full": full,
@@ -23,6 +26,7 @@ METHODS: dict[str, ModuleType] = {
     "ia3": ia3,
     "prompt": prompt_learning,
     "prefix": prompt_learning,
+    "adapter": bottleneck,
 }
 
 

@@ -65,7 +65,7 @@ def write_model_card(run_dir: Path, config: RunConfig, summary: dict) -> None:
         "```",
         "",
     ]
-    if method != "full":
+    if method in ("lora", "dora", "rslora", "qlora", "ia3"):
         lines[-2:-2] = [f"tunelab merge {run_dir} --output {run_dir}-merged"]
     (run_dir / "README.md").write_text("\n".join(lines))
 

@@ -146,7 +146,7 @@ def train_run(
     final_loss = evaluate() if "restored_best_step" in state.extra else state.extra.get("last_eval", {})
     console.print("evaluating the fine-tuned model ...")
     after = _measure(config, model, renderer, gen_samples, generation, final_loss)
-    _save_weights(model, tokenizer, run_dir)
+    _save_weights(model, tokenizer, run_dir, method, config)
     if config.train.save_every:
         save_checkpoint(run_dir, model, ctx.optimizer, ctx.scheduler, state, config.train.keep_checkpoints)
     write_samples(run_dir / "samples.jsonl", gen_samples, baseline.get("replies", []), after.get("replies", []))
@@ -190,9 +190,13 @@ def _measure(config, model, renderer, gen_samples, generation, loss_metrics: dic
     return result
 
 
-def _save_weights(model, tokenizer, run_dir: Path) -> None:
-    """The adapter (PEFT format) or the full model, as safetensors, and the tokenizer with its template."""
-    model.save_pretrained(run_dir, safe_serialization=True)
+def _save_weights(model, tokenizer, run_dir: Path, method, config: RunConfig) -> None:
+    """The adapter (PEFT format, or the method's own) or the full model, as safetensors, and the tokenizer
+    with its template."""
+    if hasattr(method, "save"):
+        method.save(model, run_dir, config.method)
+    else:
+        model.save_pretrained(run_dir, safe_serialization=True)
     tokenizer.save_pretrained(run_dir)
 
 
