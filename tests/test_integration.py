@@ -131,3 +131,21 @@ def test_packed_batch_equals_unpacked_on_the_default_model(default_model_dir):
     loss, grad = loss_and_grad(collate([[s] for s in samples], pad_token_id=0, packed=False))
     assert abs(packed_loss - loss) < 1e-5
     torch.testing.assert_close(packed_grad, grad, atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("method", ["freeze", "dora", "rslora", "ia3", "prompt", "prefix", "adapter"])
+def test_every_other_method_lowers_eval_loss_on_the_default_model_and_reloads(default_model_dir, qa_file, tmp_path,
+                                                                              method):
+    from tunelab.infer.generate import GenerationOptions, generate_replies
+    from tunelab.infer.load import load_for_inference
+
+    out = tmp_path / method
+    lr = {"freeze": "5e-5", "dora": "1e-3", "rslora": "1e-3"}.get(method, "1e-2")
+    summary = train_run(config_for(qa_file, out, f"method.name={method}", "train.max_steps=5", f"train.lr={lr}",
+                                   "eval.generate_samples=2"))
+    assert summary["final_eval_loss"] < summary["base_eval_loss"]
+    samples = [json.loads(line) for line in (out / "samples.jsonl").read_text().splitlines()]
+    loaded = load_for_inference(out)
+    replies = generate_replies(loaded.model, loaded.renderer, [s["prompt"] for s in samples],
+                               GenerationOptions(max_new_tokens=12))
+    assert replies == [s["fine_tuned"] for s in samples]
