@@ -16,9 +16,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from tunelab.config import DataConfig, TrainConfig, load_config
-from tunelab.data.formats import RowError, Sample, detect_format, to_sample
-from tunelab.data.prepare import _sources, split_samples
-from tunelab.data.sources import read_records
+from tunelab.data.formats import Sample
+from tunelab.data.prepare import load_samples, split_samples, train_sources
 from tunelab.data.template import IGNORE_INDEX, ChatRenderer, TemplateError, tokenize_chat, tokenize_text
 from tunelab.errors import DataError
 
@@ -201,7 +200,7 @@ def inspect_data(
         raise DataError(str(err), where="data.chat_template") from None
     shown: list[ShownSample] = []
     train_results = []
-    for source in _sources(config):
+    for source in train_sources(config):
         fmt = source.format or config.format
         train_results.append(_inspect_file(source.path, fmt, "train", config, renderer, samples_to_show, shown))
     eval_result = None
@@ -260,27 +259,7 @@ def _inspect_file(
     shown: list[ShownSample],
 ) -> _FileResult:
     problems: list[str] = []
-    records = read_records(path, problems)
-    rows = len(records) + len(problems)
-    if not rows:
-        raise DataError("file holds no rows", where=str(path))
-    why = "set in the config"
-    if fmt == "auto" and records:
-        try:
-            fmt, why = detect_format([r.row for r in records])
-        except RowError as err:
-            raise DataError(str(err), where=str(path)) from None
-    elif fmt == "auto":
-        fmt, why = "unknown", "no readable row"
-    samples = []
-    for record in records:
-        try:
-            sample = to_sample(record, fmt, config.system_prompt)
-        except RowError as err:
-            problems.append(f"{record.where}: {err}")
-            continue
-        sample.source = Path(str(path)).stem
-        samples.append(sample)
+    samples, fmt, why, rows = load_samples(path, fmt, config.system_prompt, problems, skip_unreadable=True)
     measured = []
     for sample in samples:
         try:

@@ -49,33 +49,41 @@ class PreparedData:
         }
 
 
-def _sources(config: DataConfig) -> list[DataSource]:
+def train_sources(config: DataConfig) -> list[DataSource]:
     if isinstance(config.train, list):
         return config.train
     return [DataSource(path=config.train)]
 
 
-def _load_samples(path: Path, fmt: str, config: DataConfig, problems: list[str]) -> tuple[list[Sample], str, str]:
-    records = read_records(path)
-    if not records:
+def load_samples(
+    path: Path, fmt: str, system_prompt: str | None, problems: list[str], *, skip_unreadable: bool = False
+) -> tuple[list[Sample], str, str, int]:
+    """(canonical samples, format, why that format, rows in the file). Rows that cannot become samples go to
+    `problems` as `file:line: why`; unreadable lines raise, or with `skip_unreadable` go there too."""
+    already = len(problems)
+    records = read_records(path, problems if skip_unreadable else None)
+    rows = len(records) + len(problems) - already
+    if not rows:
         raise DataError("file holds no rows", where=str(path))
-    if fmt == "auto":
+    if fmt != "auto":
+        why = "set in the config"
+    elif not records:
+        return [], "unknown", "no readable row", rows
+    else:
         try:
             fmt, why = detect_format([r.row for r in records])
         except RowError as err:
             raise DataError(str(err), where=str(path)) from None
-    else:
-        why = "set in the config"
     samples = []
     for record in records:
         try:
-            sample = to_sample(record, fmt, config.system_prompt)
+            sample = to_sample(record, fmt, system_prompt)
         except RowError as err:
             problems.append(f"{record.where}: {err}")
             continue
         sample.source = Path(str(path)).stem
         samples.append(sample)
-    return samples, fmt, why
+    return samples, fmt, why, rows
 
 
 def split_samples(samples: list[Sample], fraction: float, seed: int) -> tuple[list[Sample], list[Sample]]:
@@ -104,8 +112,8 @@ def prepare_data(config: DataConfig, tokenizer, seed: int) -> PreparedData:
     prepared = PreparedData(train=[], eval=[], eval_samples=[])
     train_samples: list[Sample] = []
     eval_samples: list[Sample] = []
-    for source in _sources(config):
-        samples, fmt, why = _load_samples(source.path, source.format or config.format, config, problems)
+    for source in train_sources(config):
+        samples, fmt, why, _ = load_samples(source.path, source.format or config.format, config.system_prompt, problems)
         prepared.formats[str(source.path)] = f"{fmt} ({why})"
         prepared.source_weights[Path(str(source.path)).stem] = source.weight
         if config.eval is None:
@@ -115,7 +123,7 @@ def prepare_data(config: DataConfig, tokenizer, seed: int) -> PreparedData:
         train_samples += _weighted(train_part, source.weight, seed)
         eval_samples += eval_part
     if config.eval is not None:
-        samples, fmt, why = _load_samples(config.eval, config.format, config, problems)
+        samples, fmt, why, _ = load_samples(config.eval, config.format, config.system_prompt, problems)
         prepared.formats[str(config.eval)] = f"{fmt} ({why})"
         eval_samples += samples
     prepared.train = _tokenize_all(train_samples, renderer, config, problems, prepared)
@@ -131,7 +139,7 @@ def prepare_eval_file(path: Path, config: DataConfig, tokenizer) -> tuple[list[T
     """A whole file as an evaluation set: tokenised samples for loss, canonical samples for generation."""
     problems: list[str] = []
     renderer = ChatRenderer(tokenizer, config.chat_template)
-    samples, _, _ = _load_samples(path, config.format, config, problems)
+    samples, _, _, _ = load_samples(path, config.format, config.system_prompt, problems)
     tokenized = _tokenize_all(samples, renderer, config, problems, PreparedData([], [], []))
     _raise_problems(problems)
     return tokenized, [s for s in samples if s.messages]
