@@ -186,6 +186,23 @@ def load_trained_model(spec: dict, run_dir: Path, device: torch.device):
     return PeftModel.from_pretrained(base, run_dir)
 
 
+def run_measurements(*, steps: int, wall: float, peak: float, peak_rss: float, losses: list[float],
+                     evaluation: dict, clock, planned_steps: int) -> dict:
+    """The fields every child reports the same way, so both tools' results are read by one rule."""
+    return {
+        "steps": steps,
+        "wall_seconds": wall,
+        "peak_memory_mb": peak,
+        "peak_rss_mb": peak_rss,
+        "losses": losses,
+        "first_train_loss": losses[0] if losses else None,
+        "final_train_loss": losses[-1] if losses else None,
+        "mean_train_loss": sum(losses) / len(losses) if losses else None,
+        **evaluation,
+        **clock.summary(planned_steps),
+    }
+
+
 def environment() -> dict:
     """What this child ran with (threads and load matter for CPU timings)."""
     return {

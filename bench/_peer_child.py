@@ -122,16 +122,8 @@ def main() -> None:
         "device": str(device),
         "batching": "padding-free: each batch flattened into one row, position ids restart per sample"
         if padding_free else "padded to the longest row of each batch",
-        "steps": output.global_step,
-        "wall_seconds": wall,
-        "peak_memory_mb": peak,
-        "peak_rss_mb": peak_rss,
-        "losses": losses,
-        "first_train_loss": losses[0] if losses else None,
-        "final_train_loss": losses[-1] if losses else None,
-        "mean_train_loss": sum(losses) / len(losses) if losses else None,
-        **evaluation,
-        **clock.summary(spec["steps"]),
+        **common.run_measurements(steps=output.global_step, wall=wall, peak=peak, peak_rss=peak_rss, losses=losses,
+                                  evaluation=evaluation, clock=clock, planned_steps=spec["steps"]),
         "tool_reported": {
             "train_runtime": output.metrics.get("train_runtime"),
             "train_steps_per_second": output.metrics.get("train_steps_per_second"),

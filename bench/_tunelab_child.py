@@ -98,16 +98,8 @@ def main() -> None:
         "device": summary["device"],
         "batching": "packed rows (first-fit), position ids restart per sample" if spec["packing"]
         else "padded to the longest row of each batch",
-        "steps": summary["steps"],
-        "wall_seconds": wall,
-        "peak_memory_mb": peak,
-        "peak_rss_mb": peak_rss,
-        "losses": losses,
-        "first_train_loss": losses[0] if losses else None,
-        "final_train_loss": losses[-1] if losses else None,
-        "mean_train_loss": sum(losses) / len(losses) if losses else None,
-        **evaluation,
-        **clock.summary(spec["steps"]),
+        **common.run_measurements(steps=summary["steps"], wall=wall, peak=peak, peak_rss=peak_rss, losses=losses,
+                                  evaluation=evaluation, clock=clock, planned_steps=spec["steps"]),
         "tool_reported": {
             "train_tokens": summary["train_tokens"],
             "train_seconds": summary["train_seconds"],
