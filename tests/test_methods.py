@@ -106,3 +106,54 @@ def test_bottleneck_adapters_start_as_the_identity_and_train_alone():
     trainable = {name for name, p in adapted.named_parameters() if p.requires_grad}
     assert trainable and all(name.startswith("bottleneck_adapters.") for name in trainable)
     assert len(adapted.bottleneck_adapters) == 2 * len(adapted.model.layers)
+
+
+DOMAIN = [f"Order {n} ships from warehouse {n % 7} within {n % 5 + 1} days by courier." for n in range(40)]
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_domain_text_and_a_task_mix_train_with_every_method(method, tiny_model_dir, qa_file, tmp_path):
+    """Continued pretraining on raw text mixed with an instruction task: both held-out losses go down."""
+    domain = tmp_path / "domain.jsonl"
+    domain.write_text("".join(json.dumps({"text": line}) + "\n" for line in DOMAIN))
+    lr = "3e-2" if method in HIGH_LR else "3e-3"
+    mix = f"[{{path: {domain}, weight: 1}}, {{path: {qa_file}, weight: 2}}]"
+    config = load_config(None, [
+        f"model={tiny_model_dir}", f"data.train={mix}", "data.eval_split=0.2", "data.max_length=64",
+        f"method.name={method}", "train.epochs=1", f"train.lr={lr}", "train.batch_size=4", "train.precision=fp32",
+        "eval.generate_samples=0", "eval.show_samples=0", f"output_dir={tmp_path / 'run'}",
+    ])
+    summary = train_run(config)
+    records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    first, last = records[0], records[-1]
+    assert summary["data"]["formats"] == {str(domain): "text (columns 'text')", str(qa_file): "qa (columns "
+                                          "'question', 'answer')"}
+    for source in ("domain", "qa"):
+        assert last[f"eval_loss/{source}"] < first[f"eval_loss/{source}"], source
+
+
+def test_qlora_gradients_are_unchanged_by_an_evaluation_pass(tiny_model_dir):
+    """bitsandbytes repacks 4-bit weights for CPU inference on their first eval-mode pass; gradients through
+    the frozen base must be the same after one as before."""
+    from tunelab.config import QLoraMethod
+    from tunelab.methods import lora
+    from tunelab.models.load import load_model
+
+    config = QLoraMethod(name="qlora", r=4)
+    model = lora.apply(load_model(tiny_model_dir, quantization=lora.quantization(config, torch.float32)), config)
+    ids = torch.tensor([[5, 17, 42, 99, 3, 250, 7, 8]])
+
+    def first_layer_grads() -> list[torch.Tensor]:
+        model.train()
+        model.zero_grad()
+        model(input_ids=ids, labels=ids).loss.backward()
+        return [p.grad.clone() for n, p in model.named_parameters() if p.requires_grad and "layers.0." in n]
+
+    before = first_layer_grads()
+    model.eval()
+    with torch.no_grad():
+        model(input_ids=ids)
+    after = first_layer_grads()
+    assert any(g.abs().sum() > 0 for g in before)
+    for grad_before, grad_after in zip(before, after, strict=True):
+        torch.testing.assert_close(grad_after, grad_before)

@@ -160,6 +160,38 @@ def eval_command(
     print(json.dumps(result, indent=2))
 
 
+@app.command("compare-methods")
+def compare_methods_command(
+    config: Path = typer.Argument(..., help="Run config (YAML) whose data, budget and eval every method shares."),
+    overrides: list[str] = typer.Argument(None, help="Overrides such as train.max_steps=50."),
+    methods: str = typer.Option("full,lora,dora,qlora,ia3,prefix,prompt,adapter", "--methods",
+                                help="Comma-separated method names."),
+    output: Path = typer.Option(Path("runs/compare-methods"), "--output", "-o", help="Folder for runs and tables."),
+    lr_from_config: bool = typer.Option(False, "--lr-from-config",
+                                        help="Use the config's train.lr for every method instead of each one's "
+                                             "recommended rate."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing output folder."),
+) -> None:
+    """Train CONFIG with each method on the same data and steps; write a table (Markdown, CSV, PNG) of
+    trainable parameters, peak memory, tokens/s, time, eval loss and the task metric."""
+    _quiet_libraries()
+    from tunelab.config import load_config
+    from tunelab.train.compare import compare_methods
+
+    def show(row: dict) -> None:
+        console.print(f"{row['method']}: {row['status']}, eval loss {row['final_eval_loss']}, "
+                      f"peak {row['peak_memory_mb']} MB, {row['wall_seconds']} s")
+
+    try:
+        base = load_config(config, overrides or [])
+        names = [name.strip() for name in methods.split(",") if name.strip()]
+        compare_methods(base, names, output, lr_from_config=lr_from_config, overwrite=overwrite, on_result=show)
+    except UserError as err:
+        _fail(err)
+    console.print((output / "compare.md").read_text())
+    console.print(f"wrote {output}/compare.md, compare.csv, compare.png")
+
+
 @app.command()
 def report(
     runs: list[Path] = typer.Argument(..., help="One run directory, or several to compare."),

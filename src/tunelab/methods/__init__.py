@@ -29,6 +29,22 @@ METHODS: dict[str, ModuleType] = {
     "adapter": bottleneck,
 }
 
+# A learning rate that works for each method on the default model and bundled data (300-ish steps, batch 8);
+# used by `tunelab compare-methods`, and a starting point for any new task. Fewer trained parameters that each
+# move more of the output (IA3 scales, virtual tokens) want larger steps; full fine-tuning wants small ones.
+RECOMMENDED_LR: dict[str, float] = {
+    "full": 3e-5,
+    "freeze": 5e-5,
+    "lora": 5e-4,
+    "dora": 5e-4,
+    "rslora": 2e-4,
+    "qlora": 5e-4,
+    "ia3": 5e-3,
+    "prompt": 3e-2,
+    "prefix": 1e-2,
+    "adapter": 1e-3,
+}
+
 
 def count_parameters(model) -> tuple[int, int]:
     """(trainable, total) parameter counts; 4-bit packed weights count as the values they hold."""

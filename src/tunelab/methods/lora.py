@@ -26,7 +26,18 @@ def apply(model, config: LoraMethod | QLoraMethod):
     if isinstance(config, QLoraMethod):
         # Casts norms and the head to fp32 and freezes the quantised base; no gradient checkpointing.
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+        keep_4bit_weights_differentiable(model)
     return get_peft_model(model, peft_config(config))
+
+
+def keep_4bit_weights_differentiable(model) -> None:
+    """On AVX512-BF16 CPUs bitsandbytes repacks a 4-bit weight for speed the first time it runs in eval mode
+    without grad (our evaluation before and during training), and from then on routes it through a kernel
+    with no backward: gradients stop flowing through every frozen base layer, silently. Training models
+    keep the differentiable layout."""
+    for module in model.modules():
+        if hasattr(module, "support_avx512bf16_for_cpu"):
+            module.support_avx512bf16_for_cpu = False
 
 
 def quantization(config, compute_dtype):

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 
 from tunelab.data.template import IGNORE_INDEX
 
-_HEAD_CHUNK = 1024  # trained positions per head matmul
+HEAD_CHUNK = 1024  # trained positions per head matmul
 
 
 def decoder_and_head(model):
@@ -52,7 +52,7 @@ def sft_loss_sum(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, i
     wanted = targets[keep]  # [N]
     _, head = decoder_and_head(model)
     total = selected.new_zeros((), dtype=torch.float32)
-    for start in range(0, selected.shape[0], _HEAD_CHUNK):
-        logits = head(selected[start : start + _HEAD_CHUNK]).float()  # [n, V]
-        total = total + F.cross_entropy(logits, wanted[start : start + _HEAD_CHUNK], reduction="sum")
+    for start in range(0, selected.shape[0], HEAD_CHUNK):
+        logits = head(selected[start : start + HEAD_CHUNK]).float()  # [n, V]
+        total = total + F.cross_entropy(logits, wanted[start : start + HEAD_CHUNK], reduction="sum")
     return total, int(keep.sum())

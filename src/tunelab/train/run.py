@@ -27,6 +27,7 @@ from tunelab.track.jsonl import MetricsLog
 from tunelab.train.checkpoint import TrainerState, latest_checkpoint, load_checkpoint, save_checkpoint
 from tunelab.train.flops import matmul_peak_flops, training_flops
 from tunelab.train.loop import LoopContext, TrainingFault, epoch_plan, fit
+from tunelab.train.memory import MemoryEstimate, estimate_peak_memory
 from tunelab.train.outputs import peak_memory_mb, write_model_card, write_samples
 from tunelab.train.precision import resolve_precision
 from tunelab.train.progress import TrainingProgress
@@ -98,6 +99,12 @@ def train_run(
     steps_per_epoch = math.ceil(len(epoch_plan(ctx, 0).batches) / config.train.grad_accum)
     ctx.total_steps = config.train.max_steps or max(1, math.ceil(config.train.epochs * steps_per_epoch))
     ctx.optimizer, ctx.scheduler = build_optimizer(model, config.train, ctx.total_steps)
+    memory = _estimate_memory(ctx, data, tokenizer)
+    console.print(
+        f"estimated peak memory {memory.peak_mb:,.0f} MB: {memory.resident_mb:,.0f} in use now, "
+        f"{memory.optimizer_mb + memory.gradients_mb:,.0f} optimizer states and gradients, "
+        f"{memory.activations_mb:,.0f} activations (largest batch)"
+    )
 
     state = TrainerState()
     baseline_file = run_dir / "baseline.json"
@@ -130,7 +137,8 @@ def train_run(
         model.zero_grad(set_to_none=True)
         saved = save_checkpoint(run_dir, model, ctx.optimizer, ctx.scheduler, state, config.train.keep_checkpoints,
                                 rng=ctx.rng_at_last_step)
-        _write_summary(run_dir, model, config, data, state, baseline, {}, trainable, total, precision, device, status)
+        _write_summary(run_dir, model, config, data, state, baseline, {}, trainable, total, precision, device, status,
+                       memory)
         write_report(run_dir)
         console.print(f"[yellow]interrupted at step {state.step}; saved {saved}. Continue with --resume[/]")
         raise
@@ -139,7 +147,8 @@ def train_run(
         if state.step:
             save_checkpoint(run_dir, model, ctx.optimizer, ctx.scheduler, state, config.train.keep_checkpoints,
                             rng=ctx.rng_at_last_step)
-        _write_summary(run_dir, model, config, data, state, baseline, {}, trainable, total, precision, device, status)
+        _write_summary(run_dir, model, config, data, state, baseline, {}, trainable, total, precision, device, status,
+                       memory)
         raise
 
     # The loop evaluated at its last step; only restored best weights need a fresh measurement.
@@ -151,12 +160,23 @@ def train_run(
         save_checkpoint(run_dir, model, ctx.optimizer, ctx.scheduler, state, config.train.keep_checkpoints)
     write_samples(run_dir / "samples.jsonl", gen_samples, baseline.get("replies", []), after.get("replies", []))
     summary = _write_summary(run_dir, model, config, data, state, baseline, after, trainable, total, precision, device,
-                             status)
+                             status, memory)
     write_model_card(run_dir, config, summary)
     write_report(run_dir)
     _print_outcome(console, summary, gen_samples, baseline.get("replies", []), after.get("replies", []),
                    config.eval.show_samples)
     return summary
+
+
+def _estimate_memory(ctx: LoopContext, data: PreparedData, tokenizer) -> MemoryEstimate:
+    """Peak memory this run should reach, from the shapes of the first epoch's batches."""
+    shapes = [(len(rows), max(sum(len(ctx.train_samples[i].input_ids) for i in row) for row in rows))
+              for rows in epoch_plan(ctx, 0).batches]
+    return estimate_peak_memory(
+        ctx.model, shapes, packed=ctx.config.data.packing, precision=ctx.precision, device=ctx.device,
+        pad_token_id=tokenizer.pad_token_id, max_length=ctx.config.data.max_length,
+        trained_fraction=float(data.stats["trainable_fraction"]),
+    )
 
 
 def _training_device() -> torch.device:
@@ -214,7 +234,7 @@ def _utilisation(model, config, state, precision, device) -> dict:
 
 
 def _write_summary(run_dir, model, config, data, state, baseline, after, trainable, total, precision, device,
-                   status):
+                   status, memory: MemoryEstimate):
     records = MetricsLog(run_dir / "metrics.jsonl").read()
     train_losses = [r["loss"] for r in records if "loss" in r]
     computed = state.extra.get("computed_tokens", 0)
@@ -234,6 +254,8 @@ def _write_summary(run_dir, model, config, data, state, baseline, after, trainab
         "padding_efficiency": round(state.tokens_seen / computed, 4) if computed else None,
         "non_padding_fraction": round(state.extra.get("real_tokens", 0) / computed, 4) if computed else None,
         "peak_memory_mb": round(peak_memory_mb(device), 1),
+        "peak_memory_estimate_mb": round(memory.peak_mb, 1),
+        "memory_estimate": memory.as_dict(),
         **_utilisation(model, config, state, precision, device),
         "final_train_loss": train_losses[-1] if train_losses else None,
         "base_eval_loss": baseline.get("eval_loss"),
