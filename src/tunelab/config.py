@@ -15,7 +15,11 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from tunelab.errors import ConfigError
 
-DataFormat = Literal["auto", "alpaca", "chat", "prompt_completion", "qa", "text"]
+DataFormat = Literal[
+    "auto", "alpaca", "chat", "prompt_completion", "qa", "text", "preference", "feedback", "preference_chosen"
+]
+"""`preference` (prompt/chosen/rejected) and `feedback` (prompt/completion/label) rows need a preference
+objective; `preference_chosen` trains SFT on the chosen replies of preference rows."""
 
 
 class Strict(BaseModel):

@@ -20,7 +20,13 @@ FORMAT_COLUMNS: dict[str, tuple[str, ...]] = {
     "qa": ("question", "answer"),
     "text": ("text",),
 }
-_PREFERENCE_COLUMNS = ("chosen", "rejected")
+# Pair formats for the preference objectives (see data/pairs.py). Alternative column names: each tuple lists
+# the accepted names of one field, first the canonical one.
+PROMPT_KEYS = ("prompt", "question")
+CHOSEN_KEYS = ("chosen", "response_chosen")
+REJECTED_KEYS = ("rejected", "response_rejected")
+FEEDBACK_COLUMNS = ("prompt", "completion", "label")
+PAIR_FORMATS = ("preference", "feedback")
 
 
 @dataclass
@@ -49,16 +55,29 @@ def detect_format(rows: list[dict[str, Any]]) -> tuple[str, str]:
         keys = set(row)
         if "conversations" in keys:
             return "chat", "column 'conversations' (ShareGPT-style chat)"
-        if set(_PREFERENCE_COLUMNS) <= keys:
-            raise RowError(
-                "rows hold preference pairs (chosen/rejected): they need a preference objective, not SFT"
-            )
+        pair = _pair_format(keys)
+        if pair is not None:
+            return pair
         for name, columns in FORMAT_COLUMNS.items():
             if set(columns) <= keys:
                 return name, f"columns {', '.join(repr(c) for c in columns)}"
     seen = ", ".join(sorted(set().union(*(set(r) for r in rows[:20])))) if rows else "none"
     expected = "; ".join(f"{name}: {', '.join(cols)}" for name, cols in FORMAT_COLUMNS.items())
+    expected += f"; preference: [prompt,] chosen, rejected; feedback: {', '.join(FEEDBACK_COLUMNS)}"
     raise RowError(f"cannot detect the format from columns ({seen}); expected one of: {expected}")
+
+
+def _pair_format(keys: set[str]) -> tuple[str, str] | None:
+    """`preference` for chosen/rejected columns, `feedback` for prompt/completion/label; None for neither."""
+    chosen = next((k for k in CHOSEN_KEYS if k in keys), None)
+    rejected = next((k for k in REJECTED_KEYS if k in keys), None)
+    if chosen and rejected:
+        prompt = next((k for k in PROMPT_KEYS if k in keys), None)
+        columns = [c for c in (prompt, chosen, rejected) if c]
+        return "preference", f"columns {', '.join(repr(c) for c in columns)}"
+    if set(FEEDBACK_COLUMNS) <= keys:
+        return "feedback", f"columns {', '.join(repr(c) for c in FEEDBACK_COLUMNS)}"
+    return None
 
 
 def _text_field(row: dict[str, Any], key: str, *, required: bool = True) -> str:
@@ -81,6 +100,11 @@ def to_sample(record: Record, fmt: str, system_prompt: str | None = None) -> Sam
         return Sample(where=record.where, text=_text_field(row, "text"))
     if fmt == "chat":
         messages = _chat_messages(row)
+    elif fmt == "preference_chosen":
+        from tunelab.data.pairs import to_pair  # pairs builds on this module
+
+        pair = to_pair(record, "preference", system_prompt)
+        return Sample(where=record.where, messages=[*pair.prompt, {"role": "assistant", "content": pair.chosen}])
     elif fmt == "alpaca":
         instruction = _text_field(row, "instruction")
         extra = _text_field(row, "input", required=False).strip()
@@ -149,6 +173,11 @@ def check_roles(messages: list[dict[str, str]]) -> None:
 
 def prompt_messages(row: dict[str, Any], system_prompt: str | None = None) -> list[dict[str, str]]:
     """The conversation to reply to, from a row of any format whose answer may be absent. Raises RowError."""
+    pair = _pair_format(set(row))
+    if pair is not None:
+        from tunelab.data.pairs import to_pair  # pairs builds on this module
+
+        return to_pair(Record(row, ""), pair[0], system_prompt).prompt
     if "messages" in row or "conversations" in row:
         messages = _chat_messages(row)
         if messages[-1]["role"] == "assistant":
@@ -161,7 +190,7 @@ def prompt_messages(row: dict[str, Any], system_prompt: str | None = None) -> li
         key = next((k for k in ("prompt", "question", "text") if k in row), None)
         if key is None:
             raise RowError("no prompt found: expected 'messages', 'instruction', 'prompt', 'question' or 'text'")
-        messages = [{"role": "user", "content": _text_field(row, key)}]
+        messages = _turns(row, key, "user")
     if system_prompt and messages[0]["role"] != "system":
         messages.insert(0, {"role": "system", "content": system_prompt})
     if messages[-1]["role"] != "user":

@@ -3,31 +3,31 @@
 The rows go through the training pipeline's own steps (read, detect the format, `to_sample`, template and
 mask with `tokenize_chat` / `tokenize_text`), so formats, problems, token counts and masks are exactly what
 `tunelab train` would get. Unlike training, a bad row does not stop the inspection: it is reported with its
-file and line, and the statistics are computed on the rows that are valid.
+file and line, and the statistics are computed on the rows that are valid. Preference and feedback data
+are inspected by inspect_pairs.py; both reports are rendered for people by inspect_render.py.
 """
 
 from __future__ import annotations
 
-import itertools
 import json
 import math
 import statistics
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING, ClassVar
 
 from tunelab.config import DataConfig, TrainConfig, load_config
 from tunelab.data.formats import Sample
+from tunelab.data.inspect_render import LISTED, render_text, token_segments, write_length_histogram
+from tunelab.data.preference import data_kind
 from tunelab.data.prepare import load_samples, split_samples, train_sources
 from tunelab.data.template import IGNORE_INDEX, ChatRenderer, TemplateError, tokenize_chat, tokenize_text
 from tunelab.errors import DataError
 
-LISTED = 10
-"""How many problems, duplicate groups and overlaps the text rendering and the JSON list."""
+if TYPE_CHECKING:
+    from tunelab.data.inspect_pairs import PairInspectReport
 
-_ANSI_TRAINED = "\x1b[1;32m"
-_ANSI_DIM = "\x1b[2m"
-_ANSI_BOLD = "\x1b[1m"
-_ANSI_RESET = "\x1b[0m"
+__all__ = ["InspectReport", "inspect_data", "is_run_config", "length_stats", "render_text", "write_length_histogram"]
 
 
 @dataclass(frozen=True)
@@ -67,6 +67,7 @@ class ShownSample:
 
 @dataclass
 class InspectReport:
+    kind: ClassVar[str] = "sft"
     target: str
     files: list[FileSummary]
     problems: list[str]
@@ -188,11 +189,16 @@ def inspect_data(
     data_config: DataConfig | None = None,
     seed: int | None = None,
     samples_to_show: int = 2,
-) -> InspectReport:
+) -> InspectReport | PairInspectReport:
     """What training would see in `target`: a data file (read with `data_config`'s settings), or a run config
     whose data.train sources are inspected (its own data section and train.seed unless given here).
+    Preference and feedback data get a PairInspectReport (see inspect_pairs.py).
     Raises DataError only when a whole file is unusable (missing, unknown type, undetectable format)."""
     config, seed = _settings(target, data_config, seed)
+    if data_kind(config) != "sft":
+        from tunelab.data.inspect_pairs import inspect_pairs  # it builds on this module
+
+        return inspect_pairs(target, config, seed, tokenizer=tokenizer, samples_to_show=samples_to_show)
     renderer = ChatRenderer(tokenizer, config.chat_template)
     try:
         renderer.template  # noqa: B018 - fail early when the template mode cannot work
@@ -287,18 +293,9 @@ def _measure(sample: Sample, renderer: ChatRenderer, config: DataConfig, shown: 
         measured = _Measured(sample, len(input_ids) - trained, trained, within)
         limit = config.max_length
     if shown is not None:
-        segments = _segments(tokenizer, input_ids[:limit], labels[:limit])
+        segments = token_segments(tokenizer, input_ids[:limit], labels[:limit])
         shown.append(ShownSample(sample.where, segments, len(input_ids), max(0, len(input_ids) - limit)))
     return measured
-
-
-def _segments(tokenizer, input_ids: list[int], labels: list[int]) -> list[tuple[str, bool]]:
-    """Runs of consecutive tokens with the same trained/untrained state, decoded to text."""
-    pairs = zip(input_ids, labels, strict=True)
-    return [
-        (tokenizer.decode([token for token, _ in run]), trained)
-        for trained, run in itertools.groupby(pairs, key=lambda pair: pair[1] != IGNORE_INDEX)
-    ]
 
 
 def _canonical(sample: Sample) -> str:
@@ -343,86 +340,3 @@ def _eval_overlap(
         first_seen.setdefault(_prompt_key(sample), sample.where)
     overlap = [(s.where, first_seen[_prompt_key(s)]) for s in held_out if _prompt_key(s) in first_seen]
     return source, len(held_out), overlap
-
-
-def render_text(report: InspectReport, *, color: bool = False, limit: int = LISTED) -> str:
-    """The report for people. Trained tokens of the shown samples are green with `color`, else `[[...]]`."""
-    bold, dim, reset = (_ANSI_BOLD, _ANSI_DIM, _ANSI_RESET) if color else ("", "", "")
-    lines = []
-    for f in report.files:
-        lines.append(f"{bold}{f.path}{reset} ({f.role}): {f.format} ({f.format_reason}), "
-                     f"{f.rows} rows, {f.invalid_rows} invalid")
-    if report.problems:
-        lines.append(f"{bold}invalid rows ({report.invalid_rows}){reset}, left out of the statistics:")
-        lines += _listed(report.problems, limit)
-    lines.append(f"{bold}tokens per sample{reset} ({len(report.lengths)} valid training samples):")
-    lines.append(f"  {'':<22}{'min':>8}{'median':>10}{'p95':>8}{'max':>8}{'total':>12}")
-    rows = [("prompt (untrained)", report.prompt_tokens), ("completion (trained)", report.completion_tokens),
-            ("total", report.total_tokens)]
-    for name, stats in rows:
-        lines.append(f"  {name:<22}{stats.min:>8}{stats.median:>10g}{stats.p95:>8}{stats.max:>8}{stats.total:>12}")
-    lines.append(f"trainable tokens: {report.trainable_fraction:.1%} of all tokens")
-    longer = report.longer_than_max_length
-    lines.append(f"data.max_length={report.max_length} (overlong: {report.overlong}): {len(longer)} sample(s) longer, "
-                 f"{len(report.no_trainable_token_left)} would keep no trainable token")
-    empty = report.no_trainable_token_left
-    if report.overlong == "truncate" and empty:
-        lines.append(f"  training stops on these {len(empty)}; raise data.max_length or set data.overlong: drop")
-    elif report.overlong == "drop" and longer:
-        lines.append(f"  training drops these {len(longer)}")
-    elif report.overlong == "error" and longer:
-        lines.append(f"  training stops on these {len(longer)} (data.overlong: error)")
-    lines += _listed([f"{w}: no trainable token left (the reply lies beyond data.max_length)" for w in empty], limit)
-    if report.chunked_documents:
-        lines.append(f"{report.chunked_documents} text document(s) split into max_length chunks")
-    lines.append(f"duplicates: {report.duplicate_rows} row(s) repeat an earlier row")
-    lines += _listed([" = ".join(group) for group in report.duplicates], limit)
-    if report.eval_source is None:
-        lines.append("train/eval overlap: no eval data (data.eval unset, data.eval_split=0)")
-    else:
-        lines.append(f"train/eval overlap ({report.eval_source}): {len(report.eval_overlap)} of "
-                     f"{report.eval_samples} eval prompt(s) also in training")
-        lines += _listed([f"{e} (eval) = {t} (train)" for e, t in report.eval_overlap], limit)
-    for sample in report.samples:
-        legend = "green" if color else "in double brackets"
-        lines += ["", f"{bold}sample {sample.where}{reset} {dim}({sample.tokens} tokens; trained: {legend}){reset}"]
-        lines.append("".join(_mark(text, trained, color) for text, trained in sample.segments))
-        if sample.cut_tokens:
-            lines.append(f"{dim}... {sample.cut_tokens} more token(s) beyond data.max_length={report.max_length} "
-                         f"(overlong: {report.overlong}){reset}")
-    return "\n".join(lines)
-
-
-def _listed(items: list[str], limit: int) -> list[str]:
-    more = [f"  ... and {len(items) - limit} more"] if len(items) > limit else []
-    return [f"  {item}" for item in items[:limit]] + more
-
-
-def _mark(text: str, trained: bool, color: bool) -> str:
-    if not trained:
-        return text
-    return f"{_ANSI_TRAINED}{text}{_ANSI_RESET}" if color else f"[[{text}]]"
-
-
-def write_length_histogram(report: InspectReport, path: Path | str) -> Path:
-    """A PNG histogram of total and trained tokens per sample, with data.max_length marked."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    figure = Figure(figsize=(8, 4.5))
-    FigureCanvasAgg(figure)  # no pyplot: no global backend or figure state
-    axes = figure.add_subplot()
-    top = max([report.max_length, *report.lengths])
-    bins = [top * i / 60 for i in range(61)]  # shared edges, so both series have bars of one width
-    if report.lengths:
-        axes.hist(report.lengths, bins=bins, alpha=0.6, label="total tokens")
-        axes.hist(report.completion_lengths, bins=bins, alpha=0.6, label="trained tokens")
-    axes.axvline(report.max_length, color="red", linestyle="--", label=f"data.max_length={report.max_length}")
-    axes.set_xlabel("tokens per sample")
-    axes.set_ylabel("samples")
-    axes.set_title(f"{report.target}: {len(report.lengths)} samples")
-    axes.legend()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    figure.savefig(path, format="png", dpi=100, bbox_inches="tight")
-    return path

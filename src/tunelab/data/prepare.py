@@ -6,14 +6,16 @@ from __future__ import annotations
 import random
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TypeVar
 
 from tunelab.config import DataConfig, DataSource
-from tunelab.data.formats import RowError, Sample, detect_format, to_sample
-from tunelab.data.sources import read_records
+from tunelab.data.formats import PAIR_FORMATS, RowError, Sample, detect_format, to_sample
+from tunelab.data.sources import Record, read_records
 from tunelab.data.template import ChatRenderer, TemplateError, TokenizedSample, tokenize_chat, tokenize_text
 from tunelab.errors import DataError
 
 _MAX_LISTED = 10
+T = TypeVar("T")
 
 
 @dataclass
@@ -65,15 +67,9 @@ def load_samples(
     rows = len(records) + len(problems) - already
     if not rows:
         raise DataError("file holds no rows", where=str(path))
-    if fmt != "auto":
-        why = "set in the config"
-    elif not records:
-        return [], "unknown", "no readable row", rows
-    else:
-        try:
-            fmt, why = detect_format([r.row for r in records])
-        except RowError as err:
-            raise DataError(str(err), where=str(path)) from None
+    fmt, why = file_format(records, fmt, path)
+    if records and fmt in PAIR_FORMATS:
+        raise DataError(needs_pair_objective(fmt, why), where=str(path))
     samples = []
     for record in records:
         try:
@@ -86,8 +82,31 @@ def load_samples(
     return samples, fmt, why, rows
 
 
-def split_samples(samples: list[Sample], fraction: float, seed: int) -> tuple[list[Sample], list[Sample]]:
-    """A seeded train/eval split; at least one eval sample when a fraction is asked for."""
+def file_format(records: list[Record], fmt: str, path: Path | str) -> tuple[str, str]:
+    """(format, why): as configured, or detected from the columns of the file's first rows."""
+    if fmt != "auto":
+        return fmt, "set in the config"
+    if not records:
+        return "unknown", "no readable row"
+    try:
+        return detect_format([r.row for r in records])
+    except RowError as err:
+        raise DataError(str(err), where=str(path)) from None
+
+
+def needs_pair_objective(fmt: str, why: str) -> str:
+    """Why SFT cannot train on preference or feedback rows, and what would."""
+    if fmt == "preference":
+        return (f"rows hold preference pairs ({why}): supervised fine-tuning needs one reply to imitate, so "
+                "these need a preference objective (DPO), which tunelab does not have yet; to fine-tune on the "
+                "chosen replies alone, set data.format: preference_chosen")
+    return (f"rows hold unpaired feedback ({why}): supervised fine-tuning cannot learn from replies labelled "
+            "bad, so these need a feedback objective (KTO), which tunelab does not have yet")
+
+
+def split_samples(samples: list[T], fraction: float, seed: int) -> tuple[list[T], list[T]]:
+    """A seeded train/eval split; at least one eval sample when a fraction is asked for. Row kinds of every
+    objective (SFT samples, preference pairs, feedback) split the same way."""
     if fraction <= 0 or len(samples) < 2:
         return samples, []
     order = list(range(len(samples)))
@@ -120,7 +139,7 @@ def prepare_data(config: DataConfig, tokenizer, seed: int) -> PreparedData:
             train_part, eval_part = split_samples(samples, config.eval_split, seed)
         else:
             train_part, eval_part = samples, []
-        train_samples += _weighted(train_part, source.weight, seed)
+        train_samples += weighted(train_part, source.weight, seed)
         eval_samples += eval_part
     if config.eval is not None:
         samples, fmt, why, _ = load_samples(config.eval, config.format, config.system_prompt, problems)
@@ -129,7 +148,7 @@ def prepare_data(config: DataConfig, tokenizer, seed: int) -> PreparedData:
     prepared.train = _tokenize_all(train_samples, renderer, config, problems, prepared)
     prepared.eval = _tokenize_all(eval_samples, renderer, config, problems, prepared)
     prepared.eval_samples = [s for s in eval_samples if s.messages]
-    _raise_problems(problems)
+    raise_problems(problems)
     if not prepared.train:
         raise DataError("no training samples left after validation", where="data.train")
     return prepared
@@ -141,18 +160,18 @@ def prepare_eval_file(path: Path, config: DataConfig, tokenizer) -> tuple[list[T
     renderer = ChatRenderer(tokenizer, config.chat_template)
     samples, _, _, _ = load_samples(path, config.format, config.system_prompt, problems)
     tokenized = _tokenize_all(samples, renderer, config, problems, PreparedData([], [], []))
-    _raise_problems(problems)
+    raise_problems(problems)
     return tokenized, [s for s in samples if s.messages]
 
 
-def _raise_problems(problems: list[str]) -> None:
+def raise_problems(problems: list[str]) -> None:
     if problems:
         shown = "\n  ".join(problems[:_MAX_LISTED])
         more = f"\n  ... and {len(problems) - _MAX_LISTED} more" if len(problems) > _MAX_LISTED else ""
         raise DataError(f"{len(problems)} invalid row(s):\n  {shown}{more}")
 
 
-def _weighted(samples: list[Sample], weight: float, seed: int) -> list[Sample]:
+def weighted(samples: list[T], weight: float, seed: int) -> list[T]:
     """A source's rows repeated (weight > 1) or subsampled (weight < 1) for multi-task mixing."""
     if weight == 1 or not samples:
         return samples
