@@ -200,6 +200,42 @@ class EvalConfig(Strict):
     """Before/after generations printed at the end of training."""
 
 
+TrackerName = Literal["tensorboard", "wandb", "mlflow"]
+TRACKERS: tuple[str, ...] = ("tensorboard", "wandb", "mlflow")
+
+
+class TrackConfig(Strict):
+    """Experiment trackers that receive the metrics too; metrics.jsonl is always written.
+    `track: [tensorboard, wandb]` is shorthand for `track: {to: [tensorboard, wandb]}`."""
+
+    to: list[TrackerName] = []
+    """Trackers to log to: tensorboard (RUN/tensorboard), wandb (RUN/wandb), mlflow (RUN/mlruns)."""
+    project: str = "tunelab"
+    """W&B project / MLflow experiment name."""
+    run_name: str | None = None
+    """Run name in the trackers; the output_dir folder name when absent."""
+    wandb_mode: Literal["offline", "online"] = "offline"
+    """`offline` writes RUN/wandb only (upload later with `wandb sync`); `online` needs `wandb login`."""
+    mlflow_uri: str | None = None
+    """MLflow tracking URI (a path, file:, sqlite: or http(s):); a file store in RUN/mlruns when absent."""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _list_shorthand(cls, value: Any) -> Any:
+        return {"to": value} if isinstance(value, (list, str)) else value
+
+    @field_validator("to", mode="before")
+    @classmethod
+    def _known_trackers(cls, names: Any) -> Any:
+        names = [names] if isinstance(names, str) else names
+        if isinstance(names, list):
+            unknown = [str(n) for n in names if n not in TRACKERS]
+            if unknown:
+                raise ValueError(f"unknown tracker(s) {', '.join(unknown)}; known: {', '.join(TRACKERS)}")
+            return list(dict.fromkeys(names))
+        return names
+
+
 class RunConfig(Strict):
     model: str = "smollm2-135m-instruct"
     """A preset name, a hub id, a local folder or a .gguf file."""
@@ -207,6 +243,7 @@ class RunConfig(Strict):
     method: MethodConfig = LoraMethod(name="lora")
     train: TrainConfig = TrainConfig()
     eval: EvalConfig = EvalConfig()
+    track: TrackConfig = TrackConfig()
     output_dir: Path = Path("runs/latest")
 
     @model_validator(mode="after")
@@ -345,6 +382,7 @@ def load_config(path: Path | None, overrides: list[str] = ()) -> RunConfig:
         tree = _resolve_relative_paths(tree, Path(path).parent)
     for text in overrides:
         _method_as_mapping(tree)
+        _track_as_mapping(tree)
         keys, value = parse_override(text)
         apply_override(tree, keys, value)
     _method_as_mapping(tree)
@@ -361,6 +399,12 @@ def _method_as_mapping(tree: dict[str, Any]) -> None:
     """`method: qlora` is shorthand for `method: {name: qlora}`."""
     if isinstance(tree.get("method"), str):
         tree["method"] = {"name": tree["method"]}
+
+
+def _track_as_mapping(tree: dict[str, Any]) -> None:
+    """`track: [wandb]` is shorthand for `track: {to: [wandb]}` (so `track.project=...` can follow it)."""
+    if isinstance(tree.get("track"), (list, str)):
+        tree["track"] = {"to": tree["track"]}
 
 
 def _resolve_relative_paths(tree: dict[str, Any], base: Path) -> dict[str, Any]:

@@ -1,1 +1,1 @@
-"""Experiment tracking: metrics.jsonl always."""
+"""Experiment tracking: metrics.jsonl always; TensorBoard, W&B and MLflow when `track.to` names them."""

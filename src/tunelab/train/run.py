@@ -23,6 +23,7 @@ from tunelab.infer.generate import GenerationOptions
 from tunelab.methods import METHODS, count_parameters
 from tunelab.models.load import load_model, load_tokenizer
 from tunelab.models.resolve import resolve_model
+from tunelab.track.fanout import RunLog, check_trackers
 from tunelab.track.jsonl import MetricsLog
 from tunelab.train.checkpoint import TrainerState, latest_checkpoint, load_checkpoint, save_checkpoint
 from tunelab.train.flops import matmul_peak_flops, training_flops
@@ -54,10 +55,26 @@ def seed_everything(seed: int) -> None:
 def train_run(
     config: RunConfig, *, resume: bool = False, overwrite: bool = False, console: Console | None = None
 ) -> dict:
-    """Run a whole fine-tune as `config` says and return its summary (also written to summary.json)."""
+    """Run a whole fine-tune as `config` says and return its summary (also written to summary.json).
+    The trackers in `track.to` are checked before anything is written and closed however the run ends."""
     console = console or Console(quiet=True)
+    check_output_dir(config.output_dir, resume=resume, overwrite=overwrite)
+    check_trackers(config.track)
+    log = RunLog(config.output_dir / "metrics.jsonl", console)
+    status = "failed"
+    try:
+        summary = _train(config, log, resume=resume, overwrite=overwrite, console=console)
+        status = summary["status"]
+        return summary
+    except KeyboardInterrupt:
+        status = "interrupted"
+        raise
+    finally:
+        log.close(status)
+
+
+def _train(config: RunConfig, log: RunLog, *, resume: bool, overwrite: bool, console: Console) -> dict:
     run_dir = config.output_dir
-    check_output_dir(run_dir, resume=resume, overwrite=overwrite)
     seed_everything(config.train.seed)
 
     if Path(config.model).exists():  # a local folder or file: record it so the run loads from anywhere
@@ -82,7 +99,6 @@ def train_run(
         shutil.rmtree(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "config.yaml").write_text(dump_config(config))
-    log = MetricsLog(run_dir / "metrics.jsonl")
     renderer = ChatRenderer(tokenizer, config.data.chat_template)
     generation = GenerationOptions(max_new_tokens=config.eval.max_new_tokens, seed=config.train.seed)
     gen_samples = data.eval_samples[: config.eval.generate_samples]
@@ -115,6 +131,7 @@ def train_run(
         console.print(f"resuming from {checkpoint} (step {state.step} of {ctx.total_steps})")
     else:
         log.path.unlink(missing_ok=True)
+    log.start(config, resumed_at=state.step if resume else None)
     if baseline_file.exists():
         baseline = json.loads(baseline_file.read_text())
     else:
