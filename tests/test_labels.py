@@ -64,15 +64,18 @@ def test_label_scores_equal_a_manual_log_prob_computation(tiny_model_dir, method
     model = _with_method(AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32).eval(), method)
     renderer = ChatRenderer(tokenizer)
     samples = [_ask("what is 1 plus 2?", "3"), _ask("hello world, a much longer question about the lazy dog", "x")]
-    # batch_size 2 splits the 6 (prompt, label) sequences across batches with padding in each.
+    # batch_size 2: one prompt and its 3 labels per forward (padded labels); 6: both prompts of unequal length
+    # together (padding between a short prompt and its labels).
     sums = score_labels(model, renderer, samples, LABELS, batch_size=2)
-    means = score_labels(model, renderer, samples, LABELS, score="mean", batch_size=4)
+    together = score_labels(model, renderer, samples, LABELS, batch_size=6)
+    means = score_labels(model, renderer, samples, LABELS, score="mean", batch_size=6)
     assert sums.shape == (2, 3)
     for i, sample in enumerate(samples):
         prompt = renderer.prompt(sample.messages)
         for k, label in enumerate(LABELS):
             total, count = _manual_logprob(model, tokenizer, prompt, label)
             assert sums[i, k].item() == pytest.approx(total, abs=1e-4)
+            assert together[i, k].item() == pytest.approx(total, abs=1e-4)
             assert means[i, k].item() == pytest.approx(total / count, abs=1e-4)
     result = evaluate_labels(model, renderer, samples, LABELS)
     assert result.predictions == [LABELS[int(k)] for k in sums.argmax(dim=1)]

@@ -195,8 +195,8 @@ class EvalConfig(Strict):
     label_score: Literal["sum", "mean"] = "sum"
     """A label's score: summed log-probability of its tokens and end-of-turn token, or the per-token mean."""
     during_training: bool = False
-    """Also compute `metrics` at every evaluation (train.eval_every, the end, and step 0 for the base model) on
-    a fixed subset, logged as eval_<name> in metrics.jsonl."""
+    """Also compute `metrics` at every evaluation (train.eval_every, the end, and step 0 for the base model when
+    before_after is on) on a fixed subset, logged as eval_<key> in metrics.jsonl."""
     during_training_samples: int = Field(32, ge=1)
     """The first N held-out samples form that subset (generation cost per evaluation grows with N)."""
 

@@ -4,7 +4,8 @@ held-out subset when `eval.during_training` is on, and task metrics on the gener
 Cost of task metrics during training, per evaluation (every train.eval_every steps, the last step, and the
 base model at step 0): greedy generation for the first `eval.during_training_samples` held-out prompts
 (default 32), i.e. ceil(n / 16) batched `generate` calls of at most `eval.max_new_tokens` new tokens each;
-label_accuracy instead costs n x (number of labels) teacher-forced sequences and no generation. The subset is
+label_accuracy instead costs n prompt forwards plus n x (number of labels) short label continuations, and no
+generation. The subset is
 fixed, so the cost does not grow with the eval set and successive values compare the same samples.
 """
 
