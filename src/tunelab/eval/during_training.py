@@ -5,8 +5,9 @@ Cost of task metrics during training, per evaluation (every train.eval_every ste
 base model at step 0): greedy generation for the first `eval.during_training_samples` held-out prompts
 (default 32), i.e. ceil(n / 16) batched `generate` calls of at most `eval.max_new_tokens` new tokens each;
 label_accuracy instead costs n prompt forwards plus n x (number of labels) short label continuations, and no
-generation. The subset is
-fixed, so the cost does not grow with the eval set and successive values compare the same samples.
+generation. The subset is fixed, so the cost does not grow with the eval set and successive values compare the
+same samples. Measured on the default model (CPU, one thread, loaded machine): loss on 60 held-out samples 53s,
+plus 41s for exact_match on 32 generated replies of up to 64 tokens.
 """
 
 from __future__ import annotations
