@@ -95,6 +95,7 @@ def test_task_metrics_are_logged_at_every_evaluation_from_the_base_model_at_step
     assert sorted(logged) == list(range(0, stop + 1, EVAL_EVERY))
     assert all({"eval_exact_match", "eval_chrf"} <= set(record) for record in logged.values())
     assert json.loads((run / "baseline.json").read_text())["eval_chrf"] == logged[0]["eval_chrf"]
+    assert (run / "plots" / "task_metrics.png").is_file()  # the report draws the curves
     # The logged numbers are the metrics of that step's weights on the first SUBSET held-out samples.
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
