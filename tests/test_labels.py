@@ -159,3 +159,33 @@ def test_eval_command_scores_labels_and_writes_the_confusion(always_shipping, tm
     assert [row["label"] for row in rows] == ["shipping"] * 5
     bad = CliRunner().invoke(app, ["eval", str(run), "--data", str(data), "--labels", "refund,Refund"])
     assert bad.exit_code == 2 and "--labels" in bad.output
+
+
+def test_a_run_refuses_free_text_references_as_labels_before_writing_anything(tiny_model_dir, tmp_path):
+    data = tmp_path / "free.jsonl"
+    data.write_text("".join(json.dumps({"question": f"say {n}", "answer": f"number {n}"}) + "\n" for n in range(300)))
+    out = tmp_path / "run"
+    config = load_config(None, [f"model={tiny_model_dir}", f"data.train={data}", "data.eval_split=0.25",
+                                f"output_dir={out}", "eval.metrics=[label_accuracy]"])
+    with pytest.raises(ConfigError, match="75 distinct references") as raised:
+        train_run(config)
+    assert raised.value.where == "eval.labels"
+    assert not out.exists()
+
+
+@pytest.mark.integration
+def test_shared_prompt_scores_equal_whole_sequence_scores_on_the_default_model(default_model_dir):
+    """The real model, tokenizer and chat template (with its default system turn): reusing each prompt's cache
+    for its labels gives the scores of running every (prompt, label) sequence whole."""
+    from tunelab.eval.labels import grouped_logprobs, label_sequences, sequence_logprobs
+    from tunelab.models.load import load_model, load_tokenizer
+
+    tokenizer = load_tokenizer(default_model_dir)
+    model = load_model(default_model_dir, device="cpu").eval()
+    renderer = ChatRenderer(tokenizer)
+    samples = [_ask(q, "x") for q in ("Is my order late?", "The desk arrived broken, I want my money back now.")]
+    sequences = label_sequences(renderer, samples, ["low", "medium", "high"])
+    shared, shared_counts = grouped_logprobs(model, sequences, 3, pad_token_id=tokenizer.pad_token_id, batch_size=6)
+    whole, whole_counts = sequence_logprobs(model, sequences, pad_token_id=tokenizer.pad_token_id, batch_size=6)
+    assert torch.equal(shared_counts, whole_counts) and bool((whole_counts >= 2).all())
+    torch.testing.assert_close(shared, whole, rtol=0, atol=1e-3)

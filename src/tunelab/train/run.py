@@ -77,17 +77,16 @@ def train_run(
         f"[bold]{config.method.name}[/] on {config.model}: {trainable:,} trainable of {total:,} parameters "
         f"({100 * trainable / total:.2f}%), {precision} on {device}"
     )
+    renderer = ChatRenderer(tokenizer, config.data.chat_template)
+    generation = GenerationOptions(max_new_tokens=config.eval.max_new_tokens, seed=config.train.seed)
+    evaluate = RunEvaluator(config, model, renderer, data, precision, generation)  # checks eval.labels
 
     if overwrite and run_dir.exists() and not resume:
         shutil.rmtree(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "config.yaml").write_text(dump_config(config))
     log = MetricsLog(run_dir / "metrics.jsonl")
-    renderer = ChatRenderer(tokenizer, config.data.chat_template)
-    generation = GenerationOptions(max_new_tokens=config.eval.max_new_tokens, seed=config.train.seed)
     gen_samples = data.eval_samples[: config.eval.generate_samples]
-
-    evaluate = RunEvaluator(config, model, renderer, data, precision, generation)
 
     ctx = LoopContext(
         config=config, model=model, optimizer=None, scheduler=None, train_samples=data.train,
