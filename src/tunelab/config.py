@@ -217,6 +217,7 @@ class EvalConfig(Strict):
         if self.labels is not None and "label_accuracy" not in self.metrics:
             self.metrics = [*self.metrics, "label_accuracy"]
         return self
+
     show_samples: int = Field(3, ge=0)
     """Before/after generations printed at the end of training."""
 
