@@ -145,6 +145,10 @@ def eval_command(
     output: Path | None = typer.Option(None, "--output", "-o", help="Folder for eval.json and per-sample replies."),
     baseline: str | None = typer.Option(None, help="Also evaluate this model on the same samples (`base`: the "
                                         "run's base model) and report differences with 95% intervals."),
+    labels: str | None = typer.Option(None, help="Comma-separated label set for label_accuracy (added to the "
+                                      "metrics): each label's likelihood as the reply is scored, the likeliest "
+                                      "is the prediction. Default: the data's distinct references, if <= 50."),
+    label_score: str = typer.Option("sum", help="A label's score: `sum` or `mean` log-probability of its tokens."),
 ) -> None:
     """Loss, perplexity and task metrics of MODEL on DATA, printed as JSON."""
     _quiet_libraries()
@@ -154,7 +158,11 @@ def eval_command(
     names = [m.strip() for m in metrics.split(",") if m.strip()]
     options = GenerationOptions(max_new_tokens=max_new_tokens, batch_size=batch_size)
     try:
-        result = evaluate_model(model, data, names, options=options, limit=limit, output=output, baseline=baseline)
+        if label_score not in ("sum", "mean"):
+            raise UserError("must be sum or mean", where="--label-score")
+        label_set = [x.strip() for x in labels.split(",") if x.strip()] if labels is not None else None
+        result = evaluate_model(model, data, names, options=options, limit=limit, output=output, baseline=baseline,
+                                labels=label_set, label_score=label_score)
     except UserError as err:
         _fail(err)
     print(json.dumps(result, indent=2))

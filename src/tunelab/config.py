@@ -171,7 +171,14 @@ class TrainConfig(Strict):
     """Write a resumable checkpoint every N optimiser steps."""
     keep_checkpoints: int = Field(2, ge=1)
     early_stopping_patience: int | None = Field(None, ge=1)
-    """Stop after this many evaluations without a better eval loss, and keep the best weights."""
+    """Stop after this many evaluations without a better `best_metric`, and keep the best weights."""
+    best_metric: str = "eval_loss"
+    """What early stopping and keep_best follow: any eval key of metrics.jsonl (eval_loss, eval_exact_match, ...;
+    task metrics need eval.during_training)."""
+    best_mode: Literal["min", "max"] | None = None
+    """Whether lower or higher best_metric is better; default min for losses and perplexity, else max."""
+    keep_best: bool = False
+    """End with the weights of the best evaluation, not the last (always on with early stopping)."""
     log_every: int = Field(1, ge=1)
     group_by_length: bool = False
     """Batch samples of similar length together to cut padding."""
@@ -184,18 +191,37 @@ class EvalConfig(Strict):
     """Held-out samples on which generations are made and task metrics computed (0: none)."""
     max_new_tokens: int = Field(64, ge=1)
     metrics: list[str] = ["exact_match"]
-    """Generation metrics computed on the held-out samples: built-in names or `path/to/file.py:function`."""
+    """Task metrics computed on the held-out samples: built-in names or `path/to/file.py:function`;
+    `label_accuracy` scores the likelihood of each label in `labels` instead of generating."""
+    labels: list[str] | None = Field(None, min_length=1)
+    """The label set of label_accuracy (setting it adds that metric); default: the distinct references of the
+    eval data when there are at most 50."""
+    label_score: Literal["sum", "mean"] = "sum"
+    """A label's score: summed log-probability of its tokens and end-of-turn token, or the per-token mean."""
+    during_training: bool = False
+    """Also compute `metrics` at every evaluation (train.eval_every, the end, and step 0 for the base model when
+    before_after is on) on a fixed subset, logged as eval_<key> in metrics.jsonl."""
+    during_training_samples: int = Field(32, ge=1)
+    """The first N held-out samples form that subset (generation cost per evaluation grows with N)."""
 
     @field_validator("metrics")
     @classmethod
     def _known_metrics(cls, names: list[str]) -> list[str]:
-        from tunelab.eval.metrics import METRICS, is_custom_metric
+        from tunelab.eval.metrics import LABEL_METRICS, METRICS, is_custom_metric
 
-        unknown = [n for n in names if n not in METRICS and not is_custom_metric(n)]
+        unknown = [n for n in names if n not in METRICS and n not in LABEL_METRICS and not is_custom_metric(n)]
         if unknown:
-            raise ValueError(f"unknown metric(s) {', '.join(unknown)}; known: {', '.join(sorted(METRICS))} "
+            known = sorted([*METRICS, *LABEL_METRICS])
+            raise ValueError(f"unknown metric(s) {', '.join(unknown)}; known: {', '.join(known)} "
                              "or path/to/file.py:function")
         return names
+
+    @model_validator(mode="after")
+    def _labels_imply_label_accuracy(self) -> EvalConfig:
+        if self.labels is not None and "label_accuracy" not in self.metrics:
+            self.metrics = [*self.metrics, "label_accuracy"]
+        return self
+
     show_samples: int = Field(3, ge=0)
     """Before/after generations printed at the end of training."""
 
@@ -253,6 +279,11 @@ class RunConfig(Strict):
                              "shared across packed samples; set data.packing: false")
         if self.train.early_stopping_patience and not (self.data.eval or self.data.eval_split > 0):
             raise ValueError("train.early_stopping_patience needs eval data: set data.eval or data.eval_split")
+        from tunelab.train.best import best_metric_problem
+
+        problem = best_metric_problem(self.train, self.eval, has_eval_data=bool(self.data.eval or self.data.eval_split))
+        if problem:
+            raise ValueError(problem)
         return self
 
 
@@ -326,6 +357,8 @@ def _format_error(error: dict[str, Any], source: str) -> str:
         hint = f"; did you mean '{suggestion}'?" if suggestion else ""
         valid = ", ".join(section.model_fields) if section else ""
         return f"{source}: unknown key '{key}'{hint} (valid keys here: {valid})"
+    if not loc:  # a check across sections (a model validator): its message names the keys
+        return f"{source}: {error['msg'].removeprefix('Value error, ')}"
     return f"{source}: {key}: {error['msg']}"
 
 

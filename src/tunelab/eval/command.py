@@ -11,9 +11,10 @@ from tunelab.config import DataConfig
 from tunelab.data.prepare import prepare_eval_file
 from tunelab.data.template import ChatRenderer
 from tunelab.errors import ConfigError
-from tunelab.eval.evaluate import evaluate_generations, evaluate_loss
+from tunelab.eval.evaluate import evaluate_loss, evaluate_task
+from tunelab.eval.labels import LABEL_METRICS, LabelScore, resolve_labels
 from tunelab.eval.metrics import METRICS, is_custom_metric
-from tunelab.eval.paired import compare_replies
+from tunelab.eval.paired import bootstrap_difference, compare_replies
 from tunelab.infer.generate import GenerationOptions
 from tunelab.infer.load import load_for_inference
 from tunelab.train.precision import resolve_precision
@@ -22,9 +23,10 @@ LOSS_METRICS = {"loss", "perplexity"}
 
 
 def check_metric_names(names: list[str]) -> None:
-    unknown = [n for n in names if n not in LOSS_METRICS and n not in METRICS and not is_custom_metric(n)]
+    known_names = LOSS_METRICS | set(METRICS) | set(LABEL_METRICS)
+    unknown = [n for n in names if n not in known_names and not is_custom_metric(n)]
     if unknown:
-        known = ", ".join(sorted(LOSS_METRICS | set(METRICS))) + " or path/to/file.py:function"
+        known = ", ".join(sorted(known_names)) + " or path/to/file.py:function"
         raise ConfigError(f"unknown metric(s) {', '.join(unknown)}; known: {known}", where="--metrics")
 
 
@@ -38,25 +40,38 @@ def evaluate_model(
     max_length: int = 1024,
     output: Path | None = None,
     baseline: str | None = None,
+    labels: list[str] | None = None,
+    label_score: LabelScore = "sum",
 ) -> dict:
     """Evaluate `spec` on `data_path`. Returns the metrics; with `output`, writes eval.json and the
     per-sample replies (eval_samples.jsonl) there. With `baseline` (a model spec, or `base` for a run's base
-    model), the baseline is evaluated on the same samples and the differences come with 95% intervals."""
+    model), the baseline is evaluated on the same samples and the differences come with 95% intervals.
+    `labels` (which adds label_accuracy) is the label set that metric scores; by default the distinct
+    references of the whole file, when there are at most 50."""
+    if labels is not None and "label_accuracy" not in metrics:
+        metrics = [*metrics, "label_accuracy"]
     check_metric_names(metrics)
-    result, samples, replies, run_config = _score(spec, data_path, metrics, options, limit, max_length)
+    scoring = {"labels": labels, "label_score": label_score}
+    result, samples, replies, run_config, classified = _score(spec, data_path, metrics, options, limit, max_length,
+                                                              **scoring)
     if baseline is not None:
         if baseline == "base":
             if run_config is None:
                 raise ConfigError("--baseline base needs a tunelab run directory", where="--baseline")
             baseline = run_config.model
-        base_result, _, base_replies, _ = _score(baseline, data_path, metrics, options, limit, max_length,
-                                                 run_config=run_config)
+        base_result, _, base_replies, _, base_classified = _score(baseline, data_path, metrics, options, limit,
+                                                                  max_length, run_config=run_config, **scoring)
         result["baseline"] = base_result
-        if replies:
-            names = [m for m in metrics if m not in LOSS_METRICS]
+        names = [m for m in metrics if m not in LOSS_METRICS and m not in LABEL_METRICS]
+        if replies and names:
             references = [s.reference for s in samples]
             result["comparison"] = compare_replies(names, references, replies, base_replies,
                                                    [s.where for s in samples])
+        if classified is not None and classified.correct:
+            result.setdefault("comparison", {}).setdefault("differences", {})["label_accuracy"] = (
+                bootstrap_difference([float(c) for c in classified.correct],
+                                     [float(c) for c in base_classified.correct])
+            )
         if "loss" in result:
             result.setdefault("comparison", {}).setdefault("differences", {})["loss"] = {
                 "difference": result["loss"] - base_result["loss"]
@@ -64,17 +79,20 @@ def evaluate_model(
     if output is not None:
         output.mkdir(parents=True, exist_ok=True)
         (output / "eval.json").write_text(json.dumps(result, indent=2))
+        predicted = classified.predictions if classified is not None else []
         with open(output / "eval_samples.jsonl", "w") as handle:
-            for sample, reply in zip(samples, replies, strict=False):
+            for i, sample in enumerate(samples):
                 record = {"where": sample.where, "prompt": sample.messages[:-1], "reference": sample.reference,
-                          "reply": reply}
+                          "reply": replies[i] if i < len(replies) else None}
+                if i < len(predicted):
+                    record["label"] = predicted[i]
                 handle.write(json.dumps(record) + "\n")
     return result
 
 
-def _score(spec, data_path, metrics, options, limit, max_length, run_config=None):
-    """(metrics, samples, replies, the run's config) of one model; `run_config` fixes the template settings
-    when a baseline is scored for a run, so both see identical prompts."""
+def _score(spec, data_path, metrics, options, limit, max_length, run_config=None, labels=None, label_score="sum"):
+    """(metrics, samples, replies, the run's config, label classification) of one model; `run_config` fixes the
+    template settings when a baseline is scored for a run, so both see identical prompts."""
     loaded = load_for_inference(spec)
     run_config = loaded.run_config or run_config
     data_config = DataConfig(train=data_path, eval_split=0, max_length=max_length, overlong="truncate")
@@ -83,6 +101,8 @@ def _score(spec, data_path, metrics, options, limit, max_length, run_config=None
             update={"chat_template": run_config.data.chat_template, "train_on": run_config.data.train_on}
         )
     tokenized, samples = prepare_eval_file(data_path, data_config, loaded.tokenizer)
+    if any(m in LABEL_METRICS for m in metrics):
+        labels = resolve_labels(labels, [s.reference for s in samples], where="--labels")
     if limit:
         tokenized, samples = tokenized[:limit], samples[:limit]
     device = next(loaded.model.parameters()).device
@@ -92,10 +112,16 @@ def _score(spec, data_path, metrics, options, limit, max_length, run_config=None
         losses = evaluate_loss(loaded.model, tokenized, pad_token_id=loaded.tokenizer.pad_token_id, precision=precision)
         result["loss"] = losses.get("eval_loss")
         result["perplexity"] = losses.get("eval_perplexity")
-    generation_metrics = [m for m in metrics if m not in LOSS_METRICS]
+    task_metrics = [m for m in metrics if m not in LOSS_METRICS]
     replies: list[str] = []
-    if generation_metrics and samples:
+    classified = None
+    if task_metrics and samples:
         renderer = ChatRenderer(loaded.tokenizer, data_config.chat_template)
-        scores, replies = evaluate_generations(loaded.model, renderer, samples, generation_metrics, options)
-        result.update(scores)
-    return result, samples, replies, loaded.run_config
+        task = evaluate_task(loaded.model, renderer, samples, task_metrics, options, labels=labels,
+                             label_score=label_score, precision=precision, max_length=max_length)
+        result.update(task.metrics)
+        replies, classified = task.replies, task.labels
+        if classified is not None:
+            result["labels"] = classified.labels
+            result["label_confusion"] = classified.confusion
+    return result, samples, replies, loaded.run_config, classified

@@ -1,16 +1,19 @@
-"""Evaluation a run makes: held-out loss and perplexity, and task metrics on generated replies."""
+"""Evaluation a run makes: held-out loss and perplexity, task metrics on generated replies, and label
+accuracy from label likelihoods."""
 
 from __future__ import annotations
 
 import math
 from collections import defaultdict
+from dataclasses import dataclass
 
 import torch
 
 from tunelab.data.batching import collate
 from tunelab.data.formats import Sample
 from tunelab.data.template import ChatRenderer, TokenizedSample
-from tunelab.eval.metrics import compute_metrics
+from tunelab.eval.labels import LabelEvaluation, LabelScore, evaluate_labels, resolve_labels
+from tunelab.eval.metrics import LABEL_METRICS, compute_metrics
 from tunelab.infer.generate import GenerationOptions, generate_replies
 from tunelab.objectives.sft import sft_loss_sum
 from tunelab.train.precision import autocast
@@ -48,11 +51,58 @@ def evaluate_loss(
     return result
 
 
-def evaluate_generations(
-    model, renderer: ChatRenderer, samples: list[Sample], metrics: list[str], options: GenerationOptions
-) -> tuple[dict[str, float], list[str]]:
-    """Task metrics of greedy replies against the reference replies, and the replies themselves."""
+@dataclass
+class TaskEvaluation:
+    """Task metrics of some samples, the model's replies, and the label classification when one was asked."""
+
+    metrics: dict[str, float]
+    replies: list[str]
+    labels: LabelEvaluation | None = None
+
+
+def evaluate_task(
+    model,
+    renderer: ChatRenderer,
+    samples: list[Sample],
+    metrics: list[str],
+    options: GenerationOptions,
+    *,
+    labels: list[str] | None = None,
+    label_score: LabelScore = "sum",
+    precision: str = "fp32",
+    max_length: int | None = None,
+) -> TaskEvaluation:
+    """Generation metrics on greedy replies; `label_accuracy` by scoring each label's likelihood instead
+    (labels: the given set, else the samples' distinct references). With label_accuracy alone nothing is
+    generated and the replies are the predicted labels."""
     if not samples:
-        return {}, []
-    replies = generate_replies(model, renderer, [s.messages for s in samples], options)
-    return compute_metrics(metrics, replies, [s.reference for s in samples]), replies
+        return TaskEvaluation({}, [])
+    references = [s.reference for s in samples]
+    generated = [m for m in metrics if m not in LABEL_METRICS]
+    replies = generate_replies(model, renderer, [s.messages for s in samples], options) if generated else []
+    scores = compute_metrics(generated, replies, references) if generated else {}
+    classified = None
+    if any(m in LABEL_METRICS for m in metrics):
+        classified = evaluate_labels(model, renderer, samples, resolve_labels(labels, references), score=label_score,
+                                     precision=precision, batch_size=options.batch_size, max_length=max_length)
+        scores.update(classified.metrics)
+        replies = replies or classified.predictions
+    return TaskEvaluation(scores, replies, classified)
+
+
+def evaluate_generations(
+    model,
+    renderer: ChatRenderer,
+    samples: list[Sample],
+    metrics: list[str],
+    options: GenerationOptions,
+    *,
+    labels: list[str] | None = None,
+    label_score: LabelScore = "sum",
+    precision: str = "fp32",
+) -> tuple[dict[str, float], list[str]]:
+    """Task metrics of greedy replies against the reference replies, and the replies themselves (with
+    label_accuracy among `metrics`: see evaluate_task)."""
+    result = evaluate_task(model, renderer, samples, metrics, options, labels=labels, label_score=label_score,
+                           precision=precision)
+    return result.metrics, result.replies

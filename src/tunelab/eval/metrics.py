@@ -16,6 +16,7 @@ import sacrebleu
 from rouge_score import rouge_scorer
 
 __all__ = [
+    "LABEL_METRICS",
     "METRICS",
     "accuracy",
     "bleu",
@@ -226,6 +227,10 @@ METRICS: dict[str, MetricFn] = {
     "rouge": rouge,
     "accuracy": lambda p, r: {"accuracy": _accuracy_over_reference_labels(p, r)},
 }
+
+
+LABEL_METRICS = ("label_accuracy",)
+"""Scored from label likelihoods, not from generated replies (see eval/labels.py)."""
 
 
 def is_custom_metric(name: str) -> bool:

@@ -191,6 +191,30 @@ def loss_figure(metrics: list[dict]) -> Figure | None:
     return fig
 
 
+def task_metrics_figure(metrics: list[dict], best_step: int | None) -> Figure | None:
+    """Task metrics logged at each evaluation (eval.during_training), from the base model at step 0; metrics on
+    a 0-100 scale (BLEU, chrF) get their own axis on the right."""
+    keys = sorted({k for r in metrics for k in r if k.startswith("eval_") and not _is_loss_key(k)})
+    if not keys:
+        return None
+    fig, ax = _figure("task metrics on the eval subset")
+    wide = [k for k in keys if max(_series(metrics, k)[1], default=0) > 1]
+    right = ax.twinx() if wide else None
+    for key, color in zip(keys, itertools.cycle(DATASET_COLORS)):
+        axis, side = (right, " (right)") if key in wide else (ax, "")
+        axis.plot(*_series(metrics, key), "o-", color=color, linewidth=1.5, label=key.removeprefix("eval_") + side)
+    if best_step is not None:
+        ax.axvline(best_step, color="gray", linestyle=":", linewidth=1, label=f"best step {best_step}")
+    ax.set_xlabel("step")
+    handles = [h for axis in (ax, right) if axis for h in axis.get_legend_handles_labels()[0]]
+    ax.legend(handles=handles, fontsize=8)
+    return fig
+
+
+def _is_loss_key(key: str) -> bool:
+    return "loss" in key or "perplexity" in key
+
+
 def learning_rate_figure(metrics: list[dict]) -> Figure | None:
     steps, lrs = _series(metrics, "lr")
     if not steps:
@@ -346,6 +370,7 @@ def _plots_section(run: RunRecord, plots_dir: Path) -> str:
     average = (run.summary or {}).get("tokens_per_second")
     figures = {
         "loss": loss_figure(run.metrics),
+        "task_metrics": task_metrics_figure(run.metrics, ((run.summary or {}).get("best") or {}).get("step")),
         "learning_rate": learning_rate_figure(run.metrics),
         "throughput": throughput_figure(run.metrics, average),
     }

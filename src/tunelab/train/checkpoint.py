@@ -30,7 +30,11 @@ class TrainerState:
     tokens_seen: int = 0
     train_seconds: float = 0.0
     best_eval_loss: float | None = None
+    """Eval loss at best_step."""
     best_step: int | None = None
+    """Step of the best evaluation by train.best_metric."""
+    best_value: float | None = None
+    """train.best_metric at best_step."""
     evals_without_improvement: int = 0
     extra: dict = field(default_factory=dict)
 

@@ -19,13 +19,8 @@ from tunelab.data.batching import collate, plan_epoch
 from tunelab.data.template import TokenizedSample
 from tunelab.objectives.sft import sft_loss_sum
 from tunelab.track.jsonl import MetricsLog
-from tunelab.train.checkpoint import (
-    TrainerState,
-    load_trainable_state,
-    rng_snapshot,
-    save_checkpoint,
-    trainable_state,
-)
+from tunelab.train.best import BestTracker
+from tunelab.train.checkpoint import TrainerState, rng_snapshot, save_checkpoint
 from tunelab.train.precision import autocast
 
 
@@ -81,12 +76,13 @@ def micro_batches(ctx: LoopContext, epoch: int, batch_in_epoch: int) -> Iterator
 
 
 def fit(ctx: LoopContext, state: TrainerState) -> TrainerState:
-    """Train from `state` to the last step; returns the final state. Stops early when eval stops improving."""
+    """Train from `state` to the last step; returns the final state. Stops early when train.best_metric stops
+    improving, and ends with the best step's weights when early stopping or keep_best is on."""
     cfg = ctx.config.train
     model, optimizer, scheduler = ctx.model, ctx.optimizer, ctx.scheduler
     trainable = [p for p in model.parameters() if p.requires_grad]
     batches = micro_batches(ctx, state.epoch, state.batch_in_epoch)
-    best_weights = None
+    best = BestTracker(cfg, ctx.run_dir, model)
     model.train()
     while state.step < ctx.total_steps:
         started = time.perf_counter()
@@ -139,17 +135,7 @@ def fit(ctx: LoopContext, state: TrainerState) -> TrainerState:
             metrics = ctx.evaluate()
             record.update(metrics)
             state.extra["last_eval"] = metrics
-            if "eval_loss" in metrics:
-                improved = state.best_eval_loss is None or metrics["eval_loss"] < state.best_eval_loss
-                if improved:
-                    state.best_eval_loss, state.best_step = metrics["eval_loss"], state.step
-                    state.evals_without_improvement = 0
-                    if cfg.early_stopping_patience:
-                        best_weights = trainable_state(model)
-                else:
-                    state.evals_without_improvement += 1
-                    patience = cfg.early_stopping_patience
-                    stop = bool(patience and state.evals_without_improvement >= patience)
+            stop = best.observe(state, metrics)
         if state.step % cfg.log_every == 0 or last or "eval_loss" in record or stop:
             ctx.log.write(record)
         ctx.on_step(state, record)
@@ -158,9 +144,7 @@ def fit(ctx: LoopContext, state: TrainerState) -> TrainerState:
         if stop:
             state.extra["early_stopped_at"] = state.step
             break
-    if best_weights is not None and state.best_step != state.step:
-        load_trainable_state(model, best_weights)
-        state.extra["restored_best_step"] = state.best_step
+    best.restore(state)
     return state
 
 

@@ -17,7 +17,7 @@ from tunelab.config import RunConfig, dump_config
 from tunelab.data.prepare import PreparedData, prepare_data
 from tunelab.data.template import ChatRenderer
 from tunelab.errors import ConfigError
-from tunelab.eval.evaluate import evaluate_generations, evaluate_loss
+from tunelab.eval.during_training import RunEvaluator
 from tunelab.eval.report import write_report
 from tunelab.infer.generate import GenerationOptions
 from tunelab.methods import METHODS, count_parameters
@@ -25,6 +25,7 @@ from tunelab.models.load import load_model, load_tokenizer
 from tunelab.models.resolve import resolve_model
 from tunelab.track.fanout import RunLog, check_trackers
 from tunelab.track.jsonl import MetricsLog
+from tunelab.train.best import BestTracker
 from tunelab.train.checkpoint import TrainerState, latest_checkpoint, load_checkpoint, save_checkpoint
 from tunelab.train.flops import matmul_peak_flops, training_flops
 from tunelab.train.loop import LoopContext, TrainingFault, epoch_plan, fit
@@ -94,18 +95,15 @@ def _train(config: RunConfig, log: RunLog, *, resume: bool, overwrite: bool, con
         f"[bold]{config.method.name}[/] on {config.model}: {trainable:,} trainable of {total:,} parameters "
         f"({100 * trainable / total:.2f}%), {precision} on {device}"
     )
+    renderer = ChatRenderer(tokenizer, config.data.chat_template)
+    generation = GenerationOptions(max_new_tokens=config.eval.max_new_tokens, seed=config.train.seed)
+    evaluate = RunEvaluator(config, model, renderer, data, precision, generation)  # checks eval.labels
 
     if overwrite and run_dir.exists() and not resume:
         shutil.rmtree(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "config.yaml").write_text(dump_config(config))
-    renderer = ChatRenderer(tokenizer, config.data.chat_template)
-    generation = GenerationOptions(max_new_tokens=config.eval.max_new_tokens, seed=config.train.seed)
     gen_samples = data.eval_samples[: config.eval.generate_samples]
-
-    def evaluate() -> dict[str, float]:
-        return evaluate_loss(model, data.eval, pad_token_id=tokenizer.pad_token_id, precision=precision,
-                             batch_size=config.train.batch_size)
 
     ctx = LoopContext(
         config=config, model=model, optimizer=None, scheduler=None, train_samples=data.train,
@@ -138,7 +136,7 @@ def _train(config: RunConfig, log: RunLog, *, resume: bool, overwrite: bool, con
         baseline = {}
         if config.eval.before_after:
             console.print("evaluating the base model ...")
-            baseline = _measure(config, model, renderer, gen_samples, generation, evaluate())
+            baseline = _measure(evaluate, gen_samples, evaluate())
         baseline_file.write_text(json.dumps(baseline, indent=2))
     if not resume and "eval_loss" in baseline:
         log.write({"step": 0, **{k: v for k, v in baseline.items() if k.startswith("eval_")}})
@@ -171,7 +169,7 @@ def _train(config: RunConfig, log: RunLog, *, resume: bool, overwrite: bool, con
     # The loop evaluated at its last step; only restored best weights need a fresh measurement.
     final_loss = evaluate() if "restored_best_step" in state.extra else state.extra.get("last_eval", {})
     console.print("evaluating the fine-tuned model ...")
-    after = _measure(config, model, renderer, gen_samples, generation, final_loss)
+    after = _measure(evaluate, gen_samples, final_loss)
     _save_weights(model, tokenizer, run_dir, method, config)
     if config.train.save_every:
         save_checkpoint(run_dir, model, ctx.optimizer, ctx.scheduler, state, config.train.keep_checkpoints)
@@ -218,11 +216,11 @@ def _report_data(console: Console, data: PreparedData) -> None:
         console.print(f"[yellow]... and {extra} more over-long samples[/]")
 
 
-def _measure(config, model, renderer, gen_samples, generation, loss_metrics: dict) -> dict:
+def _measure(evaluate: RunEvaluator, gen_samples, loss_metrics: dict) -> dict:
     """Eval loss metrics plus task metrics and replies on the held-out generation samples."""
     result: dict = dict(loss_metrics)
     if gen_samples:
-        metrics, replies = evaluate_generations(model, renderer, gen_samples, config.eval.metrics, generation)
+        metrics, replies = evaluate.task(gen_samples)
         result.update({"metrics": metrics, "replies": replies})
     return result
 
@@ -285,6 +283,7 @@ def _write_summary(run_dir, model, config, data, state, baseline, after, trainab
         "precision": precision,
         "device": str(device),
         "data": data.stats,
+        "best": BestTracker(config.train, run_dir, model).summary(state),
         "trainer_state": asdict(state),
     }
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))

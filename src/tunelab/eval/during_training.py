@@ -1,0 +1,78 @@
+"""What a training run measures: loss on all held-out data at every evaluation, task metrics on a fixed
+held-out subset when `eval.during_training` is on, and task metrics on the generation samples before and after.
+
+Cost of task metrics during training, per evaluation (every train.eval_every steps, the last step, and the
+base model at step 0): greedy generation for the first `eval.during_training_samples` held-out prompts
+(default 32), i.e. ceil(n / 16) batched `generate` calls of at most `eval.max_new_tokens` new tokens each;
+label_accuracy instead costs n prompt forwards plus n x (number of labels) short label continuations, and no
+generation. The subset is fixed, so the cost does not grow with the eval set and successive values compare the
+same samples. Measured on the default model (CPU, one thread, loaded machine): loss on 60 held-out samples 53s,
+plus 41s for exact_match on 32 generated replies of up to 64 tokens.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from tunelab.config import RunConfig
+from tunelab.data.formats import Sample
+from tunelab.data.prepare import PreparedData
+from tunelab.data.template import ChatRenderer
+from tunelab.eval.evaluate import evaluate_loss, evaluate_task
+from tunelab.eval.labels import LABEL_METRICS, resolve_labels
+from tunelab.infer.generate import GenerationOptions
+
+
+@dataclass
+class RunEvaluator:
+    """Called by the training loop for each evaluation; `task` scores any held-out samples."""
+
+    config: RunConfig
+    model: object
+    renderer: ChatRenderer
+    data: PreparedData
+    precision: str
+    generation: GenerationOptions
+    labels: list[str] | None = field(init=False, default=None)
+    """label_accuracy's label set, resolved once over all held-out references so every evaluation uses it."""
+
+    def __post_init__(self) -> None:
+        if any(m in LABEL_METRICS for m in self.config.eval.metrics) and self.data.eval_samples:
+            references = [s.reference for s in self.data.eval_samples]
+            self.labels = resolve_labels(self.config.eval.labels, references)
+
+    @property
+    def subset(self) -> list[Sample]:
+        """The fixed samples task metrics are computed on at each evaluation ([] when that is off)."""
+        if not self.config.eval.during_training:
+            return []
+        return self.data.eval_samples[: self.config.eval.during_training_samples]
+
+    def __call__(self) -> dict[str, float]:
+        """eval_loss, eval_perplexity (and per source), plus eval_<metric> on the subset."""
+        result = evaluate_loss(
+            self.model,
+            self.data.eval,
+            pad_token_id=self.renderer.tokenizer.pad_token_id,
+            precision=self.precision,
+            batch_size=self.config.train.batch_size,
+        )
+        if result and self.subset:
+            metrics, _ = self.task(self.subset)
+            result.update({f"eval_{key}": value for key, value in metrics.items()})
+        return result
+
+    def task(self, samples: list[Sample]) -> tuple[dict[str, float], list[str]]:
+        """eval.metrics on `samples` and the model's replies (the predicted labels for label_accuracy alone)."""
+        outcome = evaluate_task(
+            self.model,
+            self.renderer,
+            samples,
+            self.config.eval.metrics,
+            self.generation,
+            labels=self.labels,
+            label_score=self.config.eval.label_score,
+            precision=self.precision,
+            max_length=self.config.data.max_length,
+        )
+        return outcome.metrics, outcome.replies
