@@ -6,8 +6,6 @@ from __future__ import annotations
 import base64
 import json
 import math
-import shutil
-import subprocess
 from html.parser import HTMLParser
 from pathlib import Path
 
@@ -308,37 +306,3 @@ def test_comparison_puts_runs_side_by_side(tmp_path):
 
 def test_runs_with_the_same_name_are_told_apart():
     assert run_labels([Path("a/run"), Path("b/run"), Path("b/other")]) == ["a/run", "b/run", "other"]
-
-
-CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
-
-
-@pytest.mark.skipif(CHROMIUM is None, reason="chromium is not installed")
-def test_report_renders_offline_in_a_headless_browser(tmp_path):
-    import matplotlib.image
-
-    run_dir = tmp_path / "lora-run"
-    make_run(run_dir)
-    report = write_report(run_dir)
-    screenshot = tmp_path / "report.png"
-
-    subprocess.run(
-        [
-            CHROMIUM,
-            "--headless",
-            "--no-sandbox",
-            "--disable-gpu",
-            "--disable-background-networking",
-            f"--screenshot={screenshot}",
-            "--window-size=1200,1600",
-            report.resolve().as_uri(),
-        ],
-        check=True,
-        capture_output=True,
-        timeout=120,
-    )
-
-    assert screenshot.read_bytes().startswith(PNG_SIGNATURE)
-    pixels = matplotlib.image.imread(screenshot)
-    assert pixels.shape[:2] == (1600, 1200)
-    assert pixels[..., :3].std() > 0.05  # not a blank page
