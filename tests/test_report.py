@@ -6,8 +6,6 @@ from __future__ import annotations
 import base64
 import json
 import math
-import shutil
-import subprocess
 from html.parser import HTMLParser
 from pathlib import Path
 
@@ -15,6 +13,8 @@ import pytest
 
 from tunelab.errors import ConfigError
 from tunelab.eval.report import run_labels, write_comparison, write_report
+from tunelab.eval.report_html import SAMPLES_SHOWN
+from tunelab.eval.report_plots import metric_bars
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 STEPS, EVAL_EVERY = 12, 4
@@ -310,35 +310,32 @@ def test_runs_with_the_same_name_are_told_apart():
     assert run_labels([Path("a/run"), Path("b/run"), Path("b/other")]) == ["a/run", "b/run", "other"]
 
 
-CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
-
-
-@pytest.mark.skipif(CHROMIUM is None, reason="chromium is not installed")
-def test_report_renders_offline_in_a_headless_browser(tmp_path):
-    import matplotlib.image
-
+def test_long_sample_galleries_fold_and_empty_replies_say_so(tmp_path):
     run_dir = tmp_path / "lora-run"
     make_run(run_dir)
-    report = write_report(run_dir)
-    screenshot = tmp_path / "report.png"
+    sample = {
+        "where": "tickets.jsonl:1",
+        "prompt": "Where is my lamp?",
+        "reference": "x",
+        "base": "",
+        "fine_tuned": "y",
+    }
+    samples = [{**sample, "where": f"tickets.jsonl:{n}"} for n in range(1, SAMPLES_SHOWN + 4)]
+    (run_dir / "samples.jsonl").write_text("".join(json.dumps(s) + "\n" for s in samples))
 
-    subprocess.run(
-        [
-            CHROMIUM,
-            "--headless",
-            "--no-sandbox",
-            "--disable-gpu",
-            "--disable-background-networking",
-            f"--screenshot={screenshot}",
-            "--window-size=1200,1600",
-            report.resolve().as_uri(),
-        ],
-        check=True,
-        capture_output=True,
-        timeout=120,
-    )
+    html_text = write_report(run_dir).read_text(encoding="utf-8")
 
-    assert screenshot.read_bytes().startswith(PNG_SIGNATURE)
-    pixels = matplotlib.image.imread(screenshot)
-    assert pixels.shape[:2] == (1600, 1200)
-    assert pixels[..., :3].std() > 0.05  # not a blank page
+    shown, folded = html_text.split("<details><summary>3 more samples</summary>")
+    assert shown.count('class="sample"') == SAMPLES_SHOWN and folded.count('class="sample"') == 3
+    assert f"tickets.jsonl:{SAMPLES_SHOWN + 3}<" in folded
+    assert shown.count("empty reply") == SAMPLES_SHOWN  # the base model's "" is named, not an empty box
+
+
+def test_metric_bars_put_0_to_100_metrics_on_their_own_axis():
+    fig = metric_bars([("a", {"exact_match": 0.5, "chrf": 80.0}), ("b", {"exact_match": 0.25, "chrf": 40.0})])
+
+    left, right = fig.axes
+    assert [round(p.get_height(), 2) for p in left.patches] == [0.5, 0.25]
+    assert [round(p.get_height(), 2) for p in right.patches] == [80.0, 40.0]
+    assert left.get_ylim()[1] < 1.2 and right.get_ylim()[1] > 80
+    assert [t.get_text() for t in left.get_xticklabels()] == ["exact_match", "chrf (right)"]
