@@ -24,7 +24,14 @@ from tunelab.methods import METHODS, count_parameters
 from tunelab.models.load import load_model, load_tokenizer
 from tunelab.models.resolve import resolve_model
 from tunelab.track.jsonl import MetricsLog
-from tunelab.train.checkpoint import TrainerState, latest_checkpoint, load_checkpoint, save_checkpoint
+from tunelab.train.checkpoint import (
+    TrainerState,
+    check_same_data,
+    data_order_fingerprint,
+    latest_checkpoint,
+    load_checkpoint,
+    save_checkpoint,
+)
 from tunelab.train.flops import matmul_peak_flops, training_flops
 from tunelab.train.loop import LoopContext, TrainingFault, epoch_plan, fit
 from tunelab.train.outputs import peak_memory_mb, write_model_card, write_samples
@@ -51,9 +58,11 @@ def seed_everything(seed: int) -> None:
 
 
 def train_run(
-    config: RunConfig, *, resume: bool = False, overwrite: bool = False, console: Console | None = None
+    config: RunConfig, *, resume: bool = False, overwrite: bool = False, console: Console | None = None,
+    on_batches=None,
 ) -> dict:
-    """Run a whole fine-tune as `config` says and return its summary (also written to summary.json)."""
+    """Run a whole fine-tune as `config` says and return its summary (also written to summary.json).
+    `on_batches(step, micro_batches)` sees the sample ids of every finished step (see LoopContext)."""
     console = console or Console(quiet=True)
     run_dir = config.output_dir
     check_output_dir(run_dir, resume=resume, overwrite=overwrite)
@@ -64,6 +73,9 @@ def train_run(
     model_path = resolve_model(config.model)
     tokenizer = load_tokenizer(model_path)
     data = prepare_data(config.data, tokenizer, config.train.seed)
+    data_order = data_order_fingerprint(config, data.fingerprint)
+    if resume:
+        check_same_data(latest_checkpoint(run_dir), data_order)
     _report_data(console, data)
 
     device = _training_device()
@@ -95,15 +107,18 @@ def train_run(
         pad_token_id=tokenizer.pad_token_id, precision=precision, device=device, run_dir=run_dir, log=log,
         total_steps=0, evaluate=evaluate,
     )
+    if on_batches is not None:
+        ctx.on_batches = on_batches
     steps_per_epoch = math.ceil(len(epoch_plan(ctx, 0).batches) / config.train.grad_accum)
     ctx.total_steps = config.train.max_steps or max(1, math.ceil(config.train.epochs * steps_per_epoch))
     ctx.optimizer, ctx.scheduler = build_optimizer(model, config.train, ctx.total_steps)
 
-    state = TrainerState()
+    state = TrainerState(extra={"data_fingerprint": data_order})
     baseline_file = run_dir / "baseline.json"
     if resume:
         checkpoint = latest_checkpoint(run_dir)
         state = load_checkpoint(checkpoint, model, ctx.optimizer, ctx.scheduler)
+        state.extra.setdefault("data_fingerprint", data_order)
         log.truncate_after(state.step)
         console.print(f"resuming from {checkpoint} (step {state.step} of {ctx.total_steps})")
     else:
@@ -176,7 +191,7 @@ def _report_data(console: Console, data: PreparedData) -> None:
     )
     for note in (data.truncated + data.dropped)[:5]:
         console.print(f"[yellow]{note}[/]")
-    extra = len(data.truncated) + len(data.dropped) - 5
+    extra = data.truncated_count + data.dropped_count - 5
     if extra > 0:
         console.print(f"[yellow]... and {extra} more over-long samples[/]")
 
