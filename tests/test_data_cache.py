@@ -202,3 +202,14 @@ def test_lengths_come_from_arrays_not_rows(files, home, tiny_tokenizer):
     assert isinstance(data.train.lengths, np.ndarray)
     assert data.train.lengths.tolist() == [len(s.input_ids) for s in data.train]
     assert data.train[-1].where == list(data.train)[-1].where and data.train[1:3] == [data.train[1], data.train[2]]
+
+
+def test_an_unwritable_cache_is_one_clear_error(files, tmp_path, monkeypatch, tiny_tokenizer):
+    from tunelab.errors import UserError
+
+    home = tmp_path / "home"
+    home.write_text("a file where the cache folder should be")
+    monkeypatch.setenv("TUNELAB_HOME", str(home))
+    with pytest.raises(UserError, match="data.cache: false"):
+        prepare_data(DataConfig(train=files[0]), tiny_tokenizer, seed=0)
+    assert prepare_data(DataConfig(train=files[0], cache=False), tiny_tokenizer, seed=0).train

@@ -9,7 +9,8 @@ tokenising modules (so a code change never serves stale rows). Settings that onl
 eval_split, weights, shuffle, packing) are not in the key: they act on the cached tables on every run.
 
 An entry is built in a scratch folder and renamed into place, so a crash or Ctrl-C never leaves one that looks
-complete; a file with invalid rows caches nothing.
+complete; a file with invalid rows caches nothing. Entries are never rewritten: deleting one (or the whole folder)
+is safe even while a run reads it, but overwriting its files in place would crash that run (SIGBUS).
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ from tunelab.data.formats import RowError, detect_format, to_sample
 from tunelab.data.sources import iter_records, resolve_data_path
 from tunelab.data.template import ChatRenderer
 from tunelab.data.tokenize import MAX_LISTED, tokenize_sample
-from tunelab.errors import DataError
+from tunelab.errors import DataError, UserError
 
 DATA_VERSION = 1
 """Bump when the layout of a cache entry changes."""
@@ -125,8 +126,8 @@ def tokenized_file(
     if table is not None:
         return table, "hit"
     scratch = entry.parent / f".tmp-{key}-{os.getpid()}-{secrets.token_hex(4)}"
-    scratch.mkdir(parents=True)
     try:
+        scratch.mkdir(parents=True)
         built = _build(path, fmt, config, renderer, problems, folder=scratch)
         if built is None:
             return None, "miss"
@@ -137,6 +138,12 @@ def tokenized_file(
         except OSError:
             if not (entry / "meta.json").is_file():  # not a concurrent build that finished first
                 raise
+    except OSError as err:
+        raise UserError(
+            f"writing its tokenised rows to the cache under {entry.parent} failed ({err}); free space or fix "
+            "permissions there, point TUNELAB_HOME elsewhere, or set data.cache: false",
+            where=name,
+        ) from None
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
     table = _open(entry, name)

@@ -7,6 +7,7 @@ import json
 import math
 import random
 import shutil
+from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
 
@@ -59,7 +60,7 @@ def seed_everything(seed: int) -> None:
 
 def train_run(
     config: RunConfig, *, resume: bool = False, overwrite: bool = False, console: Console | None = None,
-    on_batches=None,
+    on_batches: Callable[[int, list], None] | None = None,
 ) -> dict:
     """Run a whole fine-tune as `config` says and return its summary (also written to summary.json).
     `on_batches(step, micro_batches)` sees the sample ids of every finished step (see LoopContext)."""
