@@ -64,3 +64,65 @@ def test_epoch_plan_is_deterministic_and_differs_between_epochs():
     assert a == plan_epoch(data, batch_size=4, seed=1, epoch=0).batches
     assert a != plan_epoch(data, batch_size=4, seed=1, epoch=1).batches
     assert sorted(i for batch in a for row in batch for i in row) == list(range(20))
+
+
+def plain_first_fit(lengths: list[int], max_length: int) -> list[list[int]]:
+    """The definition: scan the rows in order, take the first with room, else open a new one."""
+    rows: list[list[int]] = []
+    space: list[int] = []
+    for index, length in enumerate(lengths):
+        length = min(length, max_length)
+        for row_id, free in enumerate(space):
+            if length <= free:
+                rows[row_id].append(index)
+                space[row_id] -= length
+                break
+        else:
+            rows.append([index])
+            space.append(max_length - length)
+    return rows
+
+
+def plain_plan(lengths, *, batch_size, seed, epoch, shuffle, group_by_length, packing, max_length):
+    """The epoch plan written out with Python lists, as tunelab planned before plans became arrays."""
+    import random
+
+    rng = random.Random(seed * 1000 + epoch)
+    order = list(range(len(lengths)))
+    if shuffle:
+        rng.shuffle(order)
+    if packing:
+        rows = [[order[i] for i in row] for row in plain_first_fit([lengths[i] for i in order], max_length)]
+    else:
+        if group_by_length:
+            window = batch_size * 50
+            order = [i for start in range(0, len(order), window)
+                     for i in sorted(order[start : start + window], key=lambda i: lengths[i], reverse=True)]
+        rows = [[i] for i in order]
+    batches = [rows[i : i + batch_size] for i in range(0, len(rows), batch_size)]
+    if group_by_length and shuffle and not packing:
+        rng.shuffle(batches)
+    return batches
+
+
+def test_first_fit_packs_exactly_like_the_plain_scan():
+    import random
+
+    rng = random.Random(0)
+    for _ in range(200):
+        capacity = rng.choice([8, 64, 512])
+        lengths = [rng.randint(0, capacity + 20) for _ in range(rng.randint(0, 300))]
+        assert pack_samples(lengths, capacity) == plain_first_fit(lengths, capacity)
+
+
+def test_epoch_plan_matches_the_plain_plan_for_every_setting():
+    import itertools
+    import random
+
+    rng = random.Random(1)
+    lengths = [rng.randint(1, 90) for _ in range(1234)]
+    data = [TokenizedSample([0] * n, [0] * n, str(i)) for i, n in enumerate(lengths)]
+    for shuffle, group, packing in itertools.product([True, False], repeat=3):
+        settings = dict(batch_size=7, seed=3, epoch=2, shuffle=shuffle, group_by_length=group, packing=packing,
+                        max_length=128)
+        assert plan_epoch(data, **settings).batches == plain_plan(lengths, **settings), settings

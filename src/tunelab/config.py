@@ -61,6 +61,10 @@ class DataConfig(Strict):
     packing: bool = False
     """Pack samples into fixed-length rows (attention stays within each sample)."""
     shuffle: bool = True
+    cache: bool = True
+    """Keep each data file's tokenised rows on disk (TUNELAB_HOME/cache/tokenized, memory-mapped Arrow), keyed by
+    its content, the tokenizer and the settings that change tokens: a second run skips reading and tokenising.
+    `false`: nothing is written; the tokenised rows are held in memory."""
 
 
 class FullMethod(Strict):

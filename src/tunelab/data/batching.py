@@ -9,22 +9,63 @@ position t must predict, -100 for no loss), so a packed row never learns across 
 from __future__ import annotations
 
 import random
-from dataclasses import dataclass
+from collections.abc import Sequence
 
+import numpy as np
 import torch
 
 from tunelab.data.template import IGNORE_INDEX, TokenizedSample
 
 
-@dataclass(frozen=True)
 class BatchPlan:
-    """How one epoch is cut into batches: each batch is a list of rows, each row a list of sample ids."""
+    """How one epoch is cut into batches: each batch is a list of rows, each row a list of sample ids.
 
-    batches: list[list[list[int]]]
+    Kept as flat arrays (sample ids row after row, where each row starts, where each batch starts): an epoch of
+    millions of samples would otherwise be millions of small Python lists. `batches` reads like the lists."""
+
+    def __init__(self, ids: np.ndarray, row_starts: np.ndarray, batch_starts: np.ndarray) -> None:
+        self.ids = ids
+        self.row_starts = row_starts
+        self.batch_starts = batch_starts
+        self.batches = _Batches(self)
+
+    def row(self, index: int) -> list[int]:
+        return self.ids[self.row_starts[index] : self.row_starts[index + 1]].tolist()
+
+
+class _Batches(Sequence[list[list[int]]]):
+    def __init__(self, plan: BatchPlan) -> None:
+        self._plan = plan
+
+    def __len__(self) -> int:
+        return len(self._plan.batch_starts) - 1
+
+    def __getitem__(self, index):
+        if isinstance(index, slice):
+            return [self[i] for i in range(*index.indices(len(self)))]
+        if index < 0:
+            index += len(self)
+        if not 0 <= index < len(self):
+            raise IndexError(index)
+        starts = self._plan.batch_starts
+        return [self._plan.row(r) for r in range(int(starts[index]), int(starts[index + 1]))]
+
+    def __eq__(self, other) -> bool:
+        return isinstance(other, Sequence) and len(self) == len(other) and list(self) == list(other)
+
+    __hash__ = None
+
+
+def sample_lengths(samples: Sequence[TokenizedSample]) -> np.ndarray:
+    """Token count of every sample: from the `lengths` array of a TokenizedView (no row is built), else counted."""
+    lengths = getattr(samples, "lengths", None)
+    if lengths is not None:
+        return np.asarray(lengths, np.int64)
+    return np.fromiter((len(s.input_ids) for s in samples), np.int64, count=len(samples))
 
 
 def plan_epoch(
-    samples: list[TokenizedSample],
+    samples: Sequence[TokenizedSample],
     *,
     batch_size: int,
     seed: int,
@@ -34,49 +75,83 @@ def plan_epoch(
     packing: bool = False,
     max_length: int = 512,
 ) -> BatchPlan:
-    """The batches of one epoch. Deterministic in (seed, epoch)."""
+    """The batches of one epoch. Deterministic in (seed, epoch); needs only the samples' lengths."""
+    lengths = sample_lengths(samples)
     rng = random.Random(seed * 1000 + epoch)
-    order = list(range(len(samples)))
+    shuffled = list(range(len(lengths)))
     if shuffle:
-        rng.shuffle(order)
+        rng.shuffle(shuffled)
+    order = np.asarray(shuffled, np.int64)
+    del shuffled
     if packing:
-        rows = pack_samples([len(samples[i].input_ids) for i in order], max_length)
-        rows = [[order[i] for i in row] for row in rows]
+        row_of = first_fit(lengths[order].tolist(), max_length)
+        ids = order[np.argsort(row_of, kind="stable")]  # rows in creation order, samples in packing order
+        counts = np.bincount(row_of, minlength=int(row_of.max()) + 1 if len(row_of) else 0)
     else:
-        if group_by_length:
-            order = _group_by_length(order, samples, batch_size)
-        rows = [[i] for i in order]
-    batches = [rows[i : i + batch_size] for i in range(0, len(rows), batch_size)]
-    if group_by_length and shuffle and not packing:
-        rng.shuffle(batches)
-    return BatchPlan(batches)
+        ids = _group_by_length(order, lengths, batch_size) if group_by_length else order
+        counts = np.ones(len(ids), np.int64)
+    row_starts = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
+    num_rows = len(row_starts) - 1
+    batch_starts = np.append(np.arange(0, num_rows, batch_size, dtype=np.int64), num_rows)
+    if group_by_length and shuffle and not packing:  # whole batches shuffled (rows are single samples here)
+        batch_order = list(range(len(batch_starts) - 1))
+        rng.shuffle(batch_order)
+        order_of = np.asarray(batch_order, np.int64)
+        new_place = np.empty(len(order_of), np.int64)
+        new_place[order_of] = np.arange(len(order_of))
+        ids = ids[np.argsort(new_place[np.arange(len(ids)) // batch_size], kind="stable")]
+        batch_starts = np.concatenate([[0], np.cumsum(np.diff(batch_starts)[order_of])]).astype(np.int64)
+    return BatchPlan(ids, row_starts, batch_starts)
 
 
-def _group_by_length(order: list[int], samples: list[TokenizedSample], batch_size: int) -> list[int]:
+def _group_by_length(order: np.ndarray, lengths: np.ndarray, batch_size: int) -> np.ndarray:
     """Sort by length within windows of 50 batches, so batches hold similar lengths but stay random."""
     window = batch_size * 50
-    grouped: list[int] = []
+    pieces = []
     for start in range(0, len(order), window):
         chunk = order[start : start + window]
-        grouped += sorted(chunk, key=lambda i: len(samples[i].input_ids), reverse=True)
-    return grouped
+        pieces.append(chunk[np.argsort(-lengths[chunk], kind="stable")])  # longest first, ties in order
+    return np.concatenate(pieces) if pieces else order
 
 
 def pack_samples(lengths: list[int], max_length: int) -> list[list[int]]:
     """First-fit packing of samples (by position in `lengths`) into rows of at most max_length tokens."""
     rows: list[list[int]] = []
-    space: list[int] = []
-    for index, length in enumerate(lengths):
-        length = min(length, max_length)
-        for row_id, free in enumerate(space):
-            if length <= free:
-                rows[row_id].append(index)
-                space[row_id] -= length
-                break
-        else:
-            rows.append([index])
-            space.append(max_length - length)
+    for index, row in enumerate(first_fit(list(lengths), max_length).tolist()):
+        if row == len(rows):
+            rows.append([])
+        rows[row].append(index)
     return rows
+
+
+def first_fit(lengths: list[int], capacity: int) -> np.ndarray:
+    """The row each sample goes to: the first row (in creation order) with room for it, else a new one.
+
+    A max-tree over the free space of rows (rows not yet opened count as empty) finds that row in O(log n)
+    rather than scanning every row: the same rows as the plain scan, in seconds for millions of samples."""
+    size = 1
+    while size < len(lengths):
+        size *= 2
+    tree = [capacity] * (2 * size)
+    row_of = [0] * len(lengths)
+    for index, length in enumerate(lengths):
+        need = length if length < capacity else capacity
+        node = 1
+        while node < size:  # leftmost leaf with free >= need
+            node += node
+            if tree[node] < need:
+                node += 1
+        row_of[index] = node - size
+        tree[node] -= need
+        while node > 1:
+            parent = node >> 1
+            left, right = tree[parent + parent], tree[parent + parent + 1]
+            best = left if left > right else right
+            if tree[parent] == best:
+                break
+            tree[parent] = best
+            node = parent
+    return np.asarray(row_of, np.int64)
 
 
 def shifted_targets(labels: list[int]) -> list[int]:

@@ -4,9 +4,11 @@ messages (or raw text). Each function here is pure: a row in, a sample or an err
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from tunelab.data.sources import Record
+from tunelab.errors import DataError
 
 ROLES = ("system", "user", "assistant")
 # ShareGPT-style role names, mapped to ours.
@@ -196,3 +198,25 @@ def prompt_messages(row: dict[str, Any], system_prompt: str | None = None) -> li
     if messages[-1]["role"] != "user":
         raise RowError("the conversation must end with a user turn to be answered")
     return messages
+
+
+def file_format(records: list[Record], fmt: str, path: Path | str) -> tuple[str, str]:
+    """(format, why): as configured, or detected from the columns of the file's first rows."""
+    if fmt != "auto":
+        return fmt, "set in the config"
+    if not records:
+        return "unknown", "no readable row"
+    try:
+        return detect_format([r.row for r in records])
+    except RowError as err:
+        raise DataError(str(err), where=str(path)) from None
+
+
+def needs_pair_objective(fmt: str, why: str) -> str:
+    """Why SFT cannot train on preference or feedback rows, and what would."""
+    if fmt == "preference":
+        return (f"rows hold preference pairs ({why}): supervised fine-tuning needs one reply to imitate, so "
+                "these need a preference objective (DPO), which tunelab does not have yet; to fine-tune on the "
+                "chosen replies alone, set data.format: preference_chosen")
+    return (f"rows hold unpaired feedback ({why}): supervised fine-tuning cannot learn from replies labelled "
+            "bad, so these need a feedback objective (KTO), which tunelab does not have yet")

@@ -1,20 +1,39 @@
-"""The whole data pipeline: read every row, validate, split, template and tokenise, before training
-starts. Every bad row is reported at once, by file and line, in one DataError."""
+"""The whole data pipeline before training: read, validate, split, mix, template and tokenise. Every bad row is
+reported at once, by file and line, in one DataError.
+
+Each data file is streamed through validation and tokenisation into memory-mapped Arrow tables (cached on disk,
+see data/cache.py), so a file larger than memory trains with bounded memory. Splitting and mixing then pick
+rows of those tables by index; they run the same way on every run, cache hit or not.
+"""
 
 from __future__ import annotations
 
 import random
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TypeVar
 
+import numpy as np
+
 from tunelab.config import DataConfig, DataSource
-from tunelab.data.formats import PAIR_FORMATS, RowError, Sample, detect_format, to_sample
-from tunelab.data.sources import Record, read_records
-from tunelab.data.template import ChatRenderer, TemplateError, TokenizedSample, tokenize_chat, tokenize_text
+from tunelab.data.arrow_store import SampleView, TokenizedView, TokenTable
+from tunelab.data.batching import sample_lengths
+from tunelab.data.cache import tokenized_file
+from tunelab.data.formats import (  # noqa: F401 - file_format and needs_pair_objective are used from here
+    PAIR_FORMATS,
+    RowError,
+    Sample,
+    file_format,
+    needs_pair_objective,
+    to_sample,
+)
+from tunelab.data.sources import read_records
+from tunelab.data.template import ChatRenderer, TemplateError, TokenizedSample
+from tunelab.data.tokenize import MAX_LISTED, Problems, tokenize_sample
 from tunelab.errors import DataError
 
-_MAX_LISTED = 10
+_MAX_LISTED = MAX_LISTED
 T = TypeVar("T")
 
 
@@ -22,32 +41,51 @@ T = TypeVar("T")
 class PreparedData:
     """Tokenised train and eval sets plus what a user should know about them."""
 
-    train: list[TokenizedSample]
-    eval: list[TokenizedSample]
-    eval_samples: list[Sample]
+    train: Sequence[TokenizedSample]
+    """In training order (mixing weights applied); a TokenizedView over memory-mapped tables."""
+    eval: Sequence[TokenizedSample]
+    eval_samples: Sequence[Sample]
     """Held-out samples in canonical form, for generation-based evaluation."""
     formats: dict[str, str] = field(default_factory=dict)
     """Detected format (and why) per data file."""
     truncated: list[str] = field(default_factory=list)
+    """The first notes on truncated samples (all of them are counted in `truncated_count`)."""
     dropped: list[str] = field(default_factory=list)
     source_weights: dict[str, float] = field(default_factory=dict)
+    truncated_count: int = 0
+    dropped_count: int = 0
+    cache: dict[str, str] = field(default_factory=dict)
+    """Per data file: `hit` (tokenised rows read from the cache), `miss` (tokenised now and cached) or `off`."""
+
+    @property
+    def tokenized_cache(self) -> str:
+        statuses = set(self.cache.values())
+        return next(iter(statuses)) if len(statuses) == 1 else "miss" if "miss" in statuses else "off"
+
+    @property
+    def fingerprint(self) -> str:
+        """Identifies the training rows in order; a resumed run must see the same ones to continue exactly."""
+        digest = getattr(self.train, "digest", None)
+        return digest() if digest else ""
 
     @property
     def stats(self) -> dict[str, object]:
-        lengths = sorted(len(s.input_ids) for s in self.train)
-        trainable = sum(s.trainable_tokens for s in self.train)
-        total = sum(lengths)
+        lengths = np.sort(sample_lengths(self.train))
+        trained = getattr(self.train, "trained_counts", None)
+        trainable = int(trained.sum()) if trained is not None else sum(s.trainable_tokens for s in self.train)
+        total = int(lengths.sum())
         return {
             "train_samples": len(self.train),
             "eval_samples": len(self.eval),
             "train_tokens": total,
             "trainable_tokens": trainable,
             "trainable_fraction": round(trainable / total, 4) if total else 0.0,
-            "max_length_seen": lengths[-1] if lengths else 0,
-            "median_length": lengths[len(lengths) // 2] if lengths else 0,
-            "truncated_samples": len(self.truncated),
-            "dropped_samples": len(self.dropped),
+            "max_length_seen": int(lengths[-1]) if len(lengths) else 0,
+            "median_length": int(lengths[len(lengths) // 2]) if len(lengths) else 0,
+            "truncated_samples": self.truncated_count,
+            "dropped_samples": self.dropped_count,
             "formats": self.formats,
+            "tokenized_cache": self.tokenized_cache,
         }
 
 
@@ -82,76 +120,94 @@ def load_samples(
     return samples, fmt, why, rows
 
 
-def file_format(records: list[Record], fmt: str, path: Path | str) -> tuple[str, str]:
-    """(format, why): as configured, or detected from the columns of the file's first rows."""
-    if fmt != "auto":
-        return fmt, "set in the config"
-    if not records:
-        return "unknown", "no readable row"
-    try:
-        return detect_format([r.row for r in records])
-    except RowError as err:
-        raise DataError(str(err), where=str(path)) from None
-
-
-def needs_pair_objective(fmt: str, why: str) -> str:
-    """Why SFT cannot train on preference or feedback rows, and what would."""
-    if fmt == "preference":
-        return (f"rows hold preference pairs ({why}): supervised fine-tuning needs one reply to imitate, so "
-                "these need a preference objective (DPO), which tunelab does not have yet; to fine-tune on the "
-                "chosen replies alone, set data.format: preference_chosen")
-    return (f"rows hold unpaired feedback ({why}): supervised fine-tuning cannot learn from replies labelled "
-            "bad, so these need a feedback objective (KTO), which tunelab does not have yet")
+def split_indices(count: int, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """(train, eval) positions of a seeded split of `count` samples, each in file order; at least one eval
+    sample when a fraction is asked for. The shuffle is Python's, so splits match earlier tunelab versions."""
+    everything = np.arange(count, dtype=np.int64)
+    if fraction <= 0 or count < 2:
+        return everything, everything[:0]
+    order = list(range(count))
+    random.Random(seed).shuffle(order)
+    held = np.zeros(count, bool)
+    held[np.asarray(order[: max(1, round(count * fraction))], np.int64)] = True
+    return everything[~held], everything[held]
 
 
 def split_samples(samples: list[T], fraction: float, seed: int) -> tuple[list[T], list[T]]:
     """A seeded train/eval split; at least one eval sample when a fraction is asked for. Row kinds of every
     objective (SFT samples, preference pairs, feedback) split the same way."""
-    if fraction <= 0 or len(samples) < 2:
+    train_ids, eval_ids = split_indices(len(samples), fraction, seed)
+    if not len(eval_ids):
         return samples, []
-    order = list(range(len(samples)))
-    random.Random(seed).shuffle(order)
-    n_eval = max(1, round(len(samples) * fraction))
-    eval_ids = set(order[:n_eval])
-    return (
-        [s for i, s in enumerate(samples) if i not in eval_ids],
-        [s for i, s in enumerate(samples) if i in eval_ids],
-    )
+    return [samples[i] for i in train_ids], [samples[i] for i in eval_ids]
+
+
+def weighted_indices(ids: np.ndarray, weight: float, seed: int) -> np.ndarray:
+    """A source's rows repeated (weight > 1) or subsampled (weight < 1) for multi-task mixing."""
+    if weight == 1 or not len(ids):
+        return ids
+    whole, part = divmod(weight, 1)
+    extra = round(len(ids) * part)
+    picked = random.Random(seed + 1).sample(range(len(ids)), extra)
+    return np.concatenate([np.tile(ids, int(whole)), ids[np.asarray(picked, np.int64)]])
 
 
 def prepare_data(config: DataConfig, tokenizer, seed: int) -> PreparedData:
     """Read, validate, split and tokenise all data named by `config`. Raises DataError listing every bad
     row (missing fields, empty text, wrong roles, over-long samples, samples with nothing to train)."""
-    problems: list[str] = []
+    problems = Problems()
     renderer = ChatRenderer(tokenizer, config.chat_template)
     try:
         renderer.template  # noqa: B018 - fail early when the template mode cannot work
     except TemplateError as err:
         raise DataError(str(err), where="data.chat_template") from None
     prepared = PreparedData(train=[], eval=[], eval_samples=[])
-    train_samples: list[Sample] = []
-    eval_samples: list[Sample] = []
-    for source in train_sources(config):
-        samples, fmt, why, _ = load_samples(source.path, source.format or config.format, config.system_prompt, problems)
-        prepared.formats[str(source.path)] = f"{fmt} ({why})"
-        prepared.source_weights[Path(str(source.path)).stem] = source.weight
-        if config.eval is None:
-            train_part, eval_part = split_samples(samples, config.eval_split, seed)
-        else:
-            train_part, eval_part = samples, []
-        train_samples += weighted(train_part, source.weight, seed)
-        eval_samples += eval_part
+    tables: list[TokenTable] = []
+    train_parts: list[tuple[int, np.ndarray]] = []
+    eval_parts: list[tuple[int, np.ndarray]] = []
+    held_out: list[tuple[int, np.ndarray]] = []
+    files = [(s.path, s.format or config.format, s.weight, config.eval is None) for s in train_sources(config)]
     if config.eval is not None:
-        samples, fmt, why, _ = load_samples(config.eval, config.format, config.system_prompt, problems)
-        prepared.formats[str(config.eval)] = f"{fmt} ({why})"
-        eval_samples += samples
-    prepared.train = _tokenize_all(train_samples, renderer, config, problems, prepared)
-    prepared.eval = _tokenize_all(eval_samples, renderer, config, problems, prepared)
-    prepared.eval_samples = [s for s in eval_samples if s.messages]
+        files.append((config.eval, config.format, None, False))
+    for path, fmt, weight, split in files:
+        table = _tokenized(path, fmt, config, renderer, problems, prepared)
+        if weight is not None:
+            prepared.source_weights[Path(str(path)).stem] = weight
+        if table is None:
+            continue
+        if split:
+            train_ids, eval_ids = split_indices(table.num_samples, config.eval_split, seed)
+        elif weight is not None:
+            train_ids, eval_ids = np.arange(table.num_samples), np.zeros(0, np.int64)
+        else:  # the data.eval file
+            train_ids, eval_ids = np.zeros(0, np.int64), np.arange(table.num_samples)
+        number = len(tables)
+        tables.append(table)
+        if weight is not None:
+            train_parts.append((number, table.units_of(weighted_indices(train_ids, weight, seed))))
+        eval_parts.append((number, table.units_of(eval_ids)))
+        held_out.append((number, table.with_messages(eval_ids)))
     raise_problems(problems)
+    prepared.train = TokenizedView(tables, train_parts)
+    prepared.eval = TokenizedView(tables, eval_parts)
+    prepared.eval_samples = SampleView(tables, held_out)
     if not prepared.train:
         raise DataError("no training samples left after validation", where="data.train")
     return prepared
+
+
+def _tokenized(path, fmt: str, config: DataConfig, renderer, problems, prepared: PreparedData) -> TokenTable | None:
+    """One file's tokenised table (cached or built now); records its format, notes and cache status."""
+    table, status = tokenized_file(path, fmt, config, renderer, problems, use_cache=config.cache)
+    prepared.cache[str(path)] = status
+    if table is None:
+        return None
+    prepared.formats[str(path)] = f"{table.meta['format']} ({table.meta['format_reason']})"
+    prepared.truncated += table.notes("truncated")[: MAX_LISTED - len(prepared.truncated)]
+    prepared.dropped += table.notes("dropped")[: MAX_LISTED - len(prepared.dropped)]
+    prepared.truncated_count += table.meta["truncated"]
+    prepared.dropped_count += table.meta["dropped"]
+    return table
 
 
 def prepare_eval_file(path: Path, config: DataConfig, tokenizer) -> tuple[list[TokenizedSample], list[Sample]]:
@@ -159,56 +215,24 @@ def prepare_eval_file(path: Path, config: DataConfig, tokenizer) -> tuple[list[T
     problems: list[str] = []
     renderer = ChatRenderer(tokenizer, config.chat_template)
     samples, _, _, _ = load_samples(path, config.format, config.system_prompt, problems)
-    tokenized = _tokenize_all(samples, renderer, config, problems, PreparedData([], [], []))
+    tokenized: list[TokenizedSample] = []
+    for sample in samples:
+        result = tokenize_sample(sample, renderer, config)
+        if result.problem:
+            problems.append(result.problem)
+        tokenized += result.units
     raise_problems(problems)
     return tokenized, [s for s in samples if s.messages]
 
 
-def raise_problems(problems: list[str]) -> None:
-    if problems:
-        shown = "\n  ".join(problems[:_MAX_LISTED])
+def raise_problems(problems) -> None:
+    """One DataError quoting the first problems (a list or a Problems log) and counting the rest."""
+    if len(problems):
+        shown = "\n  ".join(list(problems)[:_MAX_LISTED])
         more = f"\n  ... and {len(problems) - _MAX_LISTED} more" if len(problems) > _MAX_LISTED else ""
         raise DataError(f"{len(problems)} invalid row(s):\n  {shown}{more}")
 
 
 def weighted(samples: list[T], weight: float, seed: int) -> list[T]:
-    """A source's rows repeated (weight > 1) or subsampled (weight < 1) for multi-task mixing."""
-    if weight == 1 or not samples:
-        return samples
-    whole, part = divmod(weight, 1)
-    chosen = samples * int(whole)
-    extra = round(len(samples) * part)
-    chosen += random.Random(seed + 1).sample(samples, extra)
-    return chosen
-
-
-def _tokenize_all(
-    samples: list[Sample], renderer: ChatRenderer, config: DataConfig, problems: list[str], prepared: PreparedData
-) -> list[TokenizedSample]:
-    out: list[TokenizedSample] = []
-    for sample in samples:
-        if sample.text is not None:
-            out += tokenize_text(sample, renderer.tokenizer, config.max_length)
-            continue
-        try:
-            tokenized = tokenize_chat(sample, renderer, config.train_on)
-        except TemplateError as err:
-            problems.append(f"{sample.where}: {err}")
-            continue
-        length = len(tokenized.input_ids)
-        if length > config.max_length:
-            what = f"has {length} tokens, more than data.max_length={config.max_length}"
-            if config.overlong == "error":
-                problems.append(f"{sample.where}: {what} (data.overlong=error)")
-                continue
-            if config.overlong == "drop":
-                prepared.dropped.append(f"{sample.where}: {what}; dropped")
-                continue
-            tokenized.input_ids = tokenized.input_ids[: config.max_length]
-            tokenized.labels = tokenized.labels[: config.max_length]
-            prepared.truncated.append(f"{sample.where}: {what}; cut to {config.max_length}")
-        if tokenized.trainable_tokens == 0:
-            problems.append(f"{sample.where}: no trainable token left (the reply lies beyond data.max_length)")
-            continue
-        out.append(tokenized)
-    return out
+    """A list of rows (any objective's) repeated or subsampled exactly as `weighted_indices` picks them."""
+    return [samples[i] for i in weighted_indices(np.arange(len(samples)), weight, seed)]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+from collections.abc import Iterator
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
@@ -44,29 +45,37 @@ def read_records(path: Path | str, problems: list[str] | None = None) -> list[Re
 
     Unreadable rows raise one DataError listing them all, or, when `problems` is given, are appended to it
     (file:line: why) and skipped, as `data inspect` wants."""
+    bad: list[str] = []
+    records = list(iter_records(path, bad))
+    if bad and problems is None:
+        raise DataError(_summarise(bad, str(path)))
+    if problems is not None:
+        problems.extend(bad)
+    return records
+
+
+def iter_records(path: Path | str, problems) -> Iterator[Record]:
+    """The rows of a data file one at a time, so a file larger than memory can be read (.json files excepted:
+    one JSON document is parsed whole). Unreadable rows are appended to `problems` (file:line: why) and skipped."""
     file = resolve_data_path(path)
     name = str(path)
     suffix = file.suffix.lower()
-    if suffix in (".jsonl", ".json"):
-        bad: list[str] = []
-        records = _read_jsonl(file, name, bad) if suffix == ".jsonl" else _read_json(file, name, bad)
-        if bad and problems is None:
-            raise DataError(_summarise(bad, name))
-        if problems is not None:
-            problems.extend(bad)
-        return records
-    if suffix == ".csv":
-        return _read_csv(file, name)
-    if suffix == ".parquet":
-        return _read_parquet(file, name)
-    if suffix in TEXT_SUFFIXES:
-        return _read_text(file, name)
-    known = ", ".join(sorted(TABLE_SUFFIXES | TEXT_SUFFIXES))
-    raise DataError(f"unsupported file type '{suffix}' (expected one of {known})", where=name)
+    if suffix == ".jsonl":
+        yield from _iter_jsonl(file, name, problems)
+    elif suffix == ".json":
+        yield from _read_json(file, name, problems)
+    elif suffix == ".csv":
+        yield from _iter_csv(file, name)
+    elif suffix == ".parquet":
+        yield from _iter_parquet(file, name)
+    elif suffix in TEXT_SUFFIXES:
+        yield from _iter_text(file, name)
+    else:
+        known = ", ".join(sorted(TABLE_SUFFIXES | TEXT_SUFFIXES))
+        raise DataError(f"unsupported file type '{suffix}' (expected one of {known})", where=name)
 
 
-def _read_jsonl(file: Path, name: str, bad: list[str]) -> list[Record]:
-    records = []
+def _iter_jsonl(file: Path, name: str, bad) -> Iterator[Record]:
     with open(file, encoding="utf-8") as handle:
         for number, line in enumerate(handle, start=1):
             if not line.strip():
@@ -79,11 +88,10 @@ def _read_jsonl(file: Path, name: str, bad: list[str]) -> list[Record]:
             if not isinstance(row, dict):
                 bad.append(f"{name}:{number}: expected a JSON object, got {type(row).__name__}")
                 continue
-            records.append(Record(row, f"{name}:{number}"))
-    return records
+            yield Record(row, f"{name}:{number}")
 
 
-def _read_json(file: Path, name: str, bad: list[str]) -> list[Record]:
+def _read_json(file: Path, name: str, bad) -> list[Record]:
     try:
         data = json.loads(file.read_text(encoding="utf-8"))
     except json.JSONDecodeError as err:
@@ -92,46 +100,52 @@ def _read_json(file: Path, name: str, bad: list[str]) -> list[Record]:
         data = data["data"]
     if not isinstance(data, list):
         raise DataError("expected a JSON list of objects", where=name)
-    bad += [f"{name}[{i}]: expected an object" for i, row in enumerate(data) if not isinstance(row, dict)]
+    bad.extend(f"{name}[{i}]: expected an object" for i, row in enumerate(data) if not isinstance(row, dict))
     return [Record(row, f"{name}[{i}]") for i, row in enumerate(data) if isinstance(row, dict)]
 
 
-def _read_csv(file: Path, name: str) -> list[Record]:
+def _iter_csv(file: Path, name: str) -> Iterator[Record]:
     with open(file, encoding="utf-8", newline="") as handle:
         reader = csv.DictReader(handle)
-        records = []
         for row in reader:
             # reader.line_num is the physical line where this row ended (quoted fields may span lines)
             cleaned = {k: v for k, v in row.items() if k is not None and v not in (None, "")}
-            records.append(Record(cleaned, f"{name}:{reader.line_num}"))
-    return records
+            yield Record(cleaned, f"{name}:{reader.line_num}")
 
 
-def _read_parquet(file: Path, name: str) -> list[Record]:
+def _iter_parquet(file: Path, name: str) -> Iterator[Record]:
+    import pyarrow as pa
     import pyarrow.parquet as pq
 
     try:
-        table = pq.read_table(file)
-    except Exception as err:
+        batches = pq.ParquetFile(file).iter_batches(batch_size=1024)
+        number = 0
+        for batch in batches:
+            for row in batch.to_pylist():
+                number += 1
+                yield Record(row, f"{name}:row {number}")
+    except (OSError, ValueError, pa.ArrowException) as err:
         raise DataError(f"cannot read parquet file ({err})", where=name) from None
-    return [Record(row, f"{name}:row {i + 1}") for i, row in enumerate(table.to_pylist())]
 
 
-def _read_text(file: Path, name: str) -> list[Record]:
-    """Blocks separated by blank lines become documents; each remembers the line it starts on."""
-    records = []
+def _iter_text(file: Path, name: str) -> Iterator[Record]:
+    """Blocks separated by blank lines become documents; each remembers the line it starts on. Lines are
+    numbered as str.splitlines numbers them (form feeds and the like end a line too)."""
     block: list[str] = []
-    start = 1
-    lines = file.read_text(encoding="utf-8").splitlines()
-    for number, line in enumerate([*lines, ""], start=1):
-        if line.strip():
-            if not block:
-                start = number
-            block.append(line)
-        elif block:
-            records.append(Record({"text": "\n".join(block)}, f"{name}:{start}"))
-            block = []
-    return records
+    start = number = 0
+    with open(file, encoding="utf-8") as handle:
+        for physical in handle:
+            for line in physical.splitlines():
+                number += 1
+                if line.strip():
+                    if not block:
+                        start = number
+                    block.append(line)
+                elif block:
+                    yield Record({"text": "\n".join(block)}, f"{name}:{start}")
+                    block = []
+    if block:
+        yield Record({"text": "\n".join(block)}, f"{name}:{start}")
 
 
 def _summarise(problems: list[str], name: str, limit: int = 10) -> str:

@@ -105,7 +105,7 @@ def trained_spans(renderer: ChatRenderer, messages: list[dict[str, str]], train_
     spans = []
     for i in replies:
         prefix = renderer.render(messages[:i], add_generation_prompt=True)
-        through = renderer.render(messages[: i + 1])
+        through = full if i == len(messages) - 1 else renderer.render(messages[: i + 1])
         if not (through.startswith(prefix) and full.startswith(through)):
             raise TemplateError(
                 "the chat template does not render conversations prefix-consistently, so replies cannot be "
@@ -143,10 +143,14 @@ def tokenize_chat(
     text, spans = trained_spans(renderer, sample.messages, train_on)
     encoding = renderer.tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
     input_ids = list(encoding["input_ids"])
-    labels = [
-        token if any(start <= begin < end for start, end in spans) else IGNORE_INDEX
-        for token, (begin, _) in zip(input_ids, encoding["offset_mapping"], strict=True)
-    ]
+    pairs = zip(input_ids, encoding["offset_mapping"], strict=True)
+    if len(spans) == 1:  # the common case, written out: this loop runs once per token of a whole dataset
+        ((start, end),) = spans
+        labels = [token if start <= begin < end else IGNORE_INDEX for token, (begin, _) in pairs]
+    else:
+        labels = [
+            token if any(start <= begin < end for start, end in spans) else IGNORE_INDEX for token, (begin, _) in pairs
+        ]
     return TokenizedSample(input_ids, labels, sample.where, sample.source)
 
 

@@ -7,6 +7,7 @@ checkpoint that looks complete.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import random
 import shutil
@@ -102,3 +103,28 @@ def load_checkpoint(path: Path, model, optimizer, scheduler) -> TrainerState:
     random.setstate(saved["rng"]["python"])
     torch.set_rng_state(saved["rng"]["torch"])
     return TrainerState(**json.loads((path / "state.json").read_text()))
+
+
+def data_order_fingerprint(config, rows_digest: str) -> str:
+    """Identifies the sequence of batches a run trains on: its rows (PreparedData.fingerprint) and every setting
+    the epoch planner uses. Empty when the rows cannot be identified."""
+    if not rows_digest:
+        return ""
+    plan = [rows_digest, config.train.seed, config.train.batch_size, config.train.group_by_length,
+            config.data.shuffle, config.data.packing, config.data.max_length]
+    return hashlib.sha256(json.dumps(plan).encode()).hexdigest()
+
+
+def check_same_data(checkpoint: Path, fingerprint: str) -> None:
+    """Refuse to resume on other batches: the saved data position would point elsewhere. Checkpoints written
+    before tunelab recorded the fingerprint are not checked."""
+    from tunelab.errors import ConfigError
+
+    saved = json.loads((checkpoint / "state.json").read_text()).get("extra", {}).get("data_fingerprint")
+    if saved and fingerprint and saved != fingerprint:
+        raise ConfigError(
+            f"the training data or their batching differ from those of {checkpoint} (data files, tokenizer, "
+            "data settings, train.seed or train.batch_size changed), so its data position would not continue the "
+            "same sequence; restore them or start a new run",
+            where="data",
+        )

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -36,7 +36,7 @@ class LoopContext:
     model: torch.nn.Module
     optimizer: torch.optim.Optimizer
     scheduler: torch.optim.lr_scheduler.LRScheduler
-    train_samples: list[TokenizedSample]
+    train_samples: Sequence[TokenizedSample]
     pad_token_id: int
     precision: str
     device: torch.device
@@ -47,6 +47,9 @@ class LoopContext:
     """Returns eval metrics ({} when there is no eval data)."""
     on_step: Callable[[TrainerState, dict], None] = lambda state, record: None
     """Progress display hook."""
+    on_batches: Callable[[int, list[list[list[int]]]], None] = lambda step, batches: None
+    """Called after each finished step with its number and its micro-batches as rows of train_samples ids:
+    what a resumed run must see again."""
     rng_at_last_step: dict | None = None
     """Random state when the last finished step ended: what an interruption checkpoint must restore."""
 
@@ -115,6 +118,7 @@ def fit(ctx: LoopContext, state: TrainerState) -> TrainerState:
         last_epoch, last_index, epoch_length, _ = step_batches[-1]
         state.step += 1
         state.epoch, state.batch_in_epoch = last_epoch, last_index + 1
+        ctx.on_batches(state.step, [rows for _, _, _, rows in step_batches])
         state.tokens_seen += step_tokens
         state.train_seconds += elapsed
         state.extra["computed_tokens"] = state.extra.get("computed_tokens", 0) + computed_tokens

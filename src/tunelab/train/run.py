@@ -7,6 +7,7 @@ import json
 import math
 import random
 import shutil
+from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
 
@@ -26,7 +27,14 @@ from tunelab.models.resolve import resolve_model
 from tunelab.track.fanout import RunLog, check_trackers
 from tunelab.track.jsonl import MetricsLog
 from tunelab.train.best import BestTracker
-from tunelab.train.checkpoint import TrainerState, latest_checkpoint, load_checkpoint, save_checkpoint
+from tunelab.train.checkpoint import (
+    TrainerState,
+    check_same_data,
+    data_order_fingerprint,
+    latest_checkpoint,
+    load_checkpoint,
+    save_checkpoint,
+)
 from tunelab.train.flops import matmul_peak_flops, training_flops
 from tunelab.train.loop import LoopContext, TrainingFault, epoch_plan, fit
 from tunelab.train.memory import MemoryEstimate, estimate_peak_memory
@@ -54,17 +62,19 @@ def seed_everything(seed: int) -> None:
 
 
 def train_run(
-    config: RunConfig, *, resume: bool = False, overwrite: bool = False, console: Console | None = None
+    config: RunConfig, *, resume: bool = False, overwrite: bool = False, console: Console | None = None,
+    on_batches: Callable[[int, list], None] | None = None,
 ) -> dict:
     """Run a whole fine-tune as `config` says and return its summary (also written to summary.json).
-    The trackers in `track.to` are checked before anything is written and closed however the run ends."""
+    The trackers in `track.to` are checked before anything is written and closed however the run ends.
+    `on_batches(step, micro_batches)` sees the sample ids of every finished step (see LoopContext)."""
     console = console or Console(quiet=True)
     check_output_dir(config.output_dir, resume=resume, overwrite=overwrite)
     check_trackers(config.track)
     log = RunLog(config.output_dir / "metrics.jsonl", console)
     status = "failed"
     try:
-        summary = _train(config, log, resume=resume, overwrite=overwrite, console=console)
+        summary = _train(config, log, resume=resume, overwrite=overwrite, console=console, on_batches=on_batches)
         status = summary["status"]
         return summary
     except KeyboardInterrupt:
@@ -74,7 +84,8 @@ def train_run(
         log.close(status)
 
 
-def _train(config: RunConfig, log: RunLog, *, resume: bool, overwrite: bool, console: Console) -> dict:
+def _train(config: RunConfig, log: RunLog, *, resume: bool, overwrite: bool, console: Console,
+           on_batches: Callable[[int, list], None] | None) -> dict:
     run_dir = config.output_dir
     seed_everything(config.train.seed)
 
@@ -83,6 +94,9 @@ def _train(config: RunConfig, log: RunLog, *, resume: bool, overwrite: bool, con
     model_path = resolve_model(config.model)
     tokenizer = load_tokenizer(model_path)
     data = prepare_data(config.data, tokenizer, config.train.seed)
+    data_order = data_order_fingerprint(config, data.fingerprint)
+    if resume:
+        check_same_data(latest_checkpoint(run_dir), data_order)
     _report_data(console, data)
 
     device = _training_device()
@@ -110,6 +124,8 @@ def _train(config: RunConfig, log: RunLog, *, resume: bool, overwrite: bool, con
         pad_token_id=tokenizer.pad_token_id, precision=precision, device=device, run_dir=run_dir, log=log,
         total_steps=0, evaluate=evaluate,
     )
+    if on_batches is not None:
+        ctx.on_batches = on_batches
     steps_per_epoch = math.ceil(len(epoch_plan(ctx, 0).batches) / config.train.grad_accum)
     ctx.total_steps = config.train.max_steps or max(1, math.ceil(config.train.epochs * steps_per_epoch))
     ctx.optimizer, ctx.scheduler = build_optimizer(model, config.train, ctx.total_steps)
@@ -120,11 +136,12 @@ def _train(config: RunConfig, log: RunLog, *, resume: bool, overwrite: bool, con
         f"{memory.activations_mb:,.0f} activations (largest batch)"
     )
 
-    state = TrainerState()
+    state = TrainerState(extra={"data_fingerprint": data_order})
     baseline_file = run_dir / "baseline.json"
     if resume:
         checkpoint = latest_checkpoint(run_dir)
         state = load_checkpoint(checkpoint, model, ctx.optimizer, ctx.scheduler)
+        state.extra.setdefault("data_fingerprint", data_order)
         log.truncate_after(state.step)
         console.print(f"resuming from {checkpoint} (step {state.step} of {ctx.total_steps})")
     else:
@@ -185,7 +202,8 @@ def _train(config: RunConfig, log: RunLog, *, resume: bool, overwrite: bool, con
 
 def _estimate_memory(ctx: LoopContext, data: PreparedData, tokenizer) -> MemoryEstimate:
     """Peak memory this run should reach, from the shapes of the first epoch's batches."""
-    shapes = [(len(rows), max(sum(len(ctx.train_samples[i].input_ids) for i in row) for row in rows))
+    lengths = ctx.train_samples.lengths
+    shapes = [(len(rows), max(sum(int(lengths[i]) for i in row) for row in rows))
               for rows in epoch_plan(ctx, 0).batches]
     return estimate_peak_memory(
         ctx.model, shapes, packed=ctx.config.data.packing, precision=ctx.precision, device=ctx.device,
@@ -211,7 +229,7 @@ def _report_data(console: Console, data: PreparedData) -> None:
     )
     for note in (data.truncated + data.dropped)[:5]:
         console.print(f"[yellow]{note}[/]")
-    extra = len(data.truncated) + len(data.dropped) - 5
+    extra = data.truncated_count + data.dropped_count - 5
     if extra > 0:
         console.print(f"[yellow]... and {extra} more over-long samples[/]")
 
