@@ -12,6 +12,7 @@ from tunelab.config import DataConfig, DataSource
 from tunelab.data.formats import PAIR_FORMATS, RowError, Sample, detect_format, to_sample
 from tunelab.data.sources import Record, read_records
 from tunelab.data.template import ChatRenderer, TemplateError, TokenizedSample, tokenize_chat, tokenize_text
+from tunelab.data.template_check import verify_before_training
 from tunelab.errors import DataError
 
 _MAX_LISTED = 10
@@ -151,6 +152,8 @@ def prepare_data(config: DataConfig, tokenizer, seed: int) -> PreparedData:
     raise_problems(problems)
     if not prepared.train:
         raise DataError("no training samples left after validation", where="data.train")
+    # Token-level agreement with `generate` and the mask of every turn, on a seeded sample of conversations.
+    verify_before_training([*train_samples, *eval_samples], renderer, config.train_on, seed)
     return prepared
 
 
