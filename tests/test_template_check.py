@@ -256,3 +256,10 @@ def test_training_refuses_a_mismatching_template_before_writing_anything(tmp_pat
     assert "chat template check failed" in result.output and f"{path}:1" in result.output
     assert "FAIL (a)" in result.output
     assert not out.exists()
+
+
+def test_replies_that_repeat_template_words_are_located_after_the_generation_prompt(tmp_path):
+    # "assistant" also occurs in the header before each reply; the next user turn repeats the reply.
+    rows = [sharegpt(None, "say assistant", "assistant", "assistant", "user")]
+    report = run_check(tmp_path, CHATML, rows=rows)
+    assert report.ok and statuses(report) == ALL_PASS and report.replies == 2

@@ -163,7 +163,8 @@ def check_conversation(
     if labels is None:
         outcome["masks"] = Failure(sample.where, template_error or "")
         return outcome, len(chosen)
-    anchors = _content_anchors(text, messages)
+    # A reply's text is looked for from where generation starts, not in the template text before it.
+    anchors = _content_anchors(text, messages, {i: offsets[p] for i, p in starts.items() if p < len(offsets)})
     spans: dict[int, tuple[int, int]] = {}
     ends: dict[int, int] = {}
     outcome["end_of_turn"] = None
@@ -241,13 +242,13 @@ def _mask_outcome(where, tokenizer, ids, offsets, labels, spans, ends, anchors, 
     return {"masks": masks, "no_leak": leak}
 
 
-def _content_anchors(text: str, messages: list[dict[str, str]]) -> list[tuple[int, int]]:
+def _content_anchors(text: str, messages: list[dict[str, str]], floors: dict[int, int]) -> list[tuple[int, int]]:
     """(start, end) character span of each message's content in the rendered text, found in order;
     (-1, -1) where a template changed the content beyond recognition."""
     anchors, at = [], 0
     for message in messages:
         content = message["content"].strip()
-        start = text.find(content, at)
+        start = text.find(content, max(at, floors.get(len(anchors), 0)))
         anchors.append((start, start + len(content)) if start >= 0 else (-1, -1))
         at = start + len(content) if start >= 0 else at
     return anchors
@@ -310,7 +311,10 @@ def verify_before_training(samples: list[Sample], renderer: ChatRenderer, train_
         lines = [f"the chat template check failed on {len(chosen)} sampled conversation(s):"]
         for name, result in failed.items():
             lines += _failure_lines(name, result)
-        lines.append("`tunelab data check-template CONFIG` checks every conversation")
+        lines.append(
+            "`tunelab data check-template CONFIG` checks every conversation; data.chat_template: tunelab "
+            "switches to tunelab's own template"
+        )
         raise DataError("\n  ".join(lines))
 
 
