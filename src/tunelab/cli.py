@@ -252,6 +252,43 @@ def data_inspect(
         typer.echo(render_text(report, color=console.is_terminal))
 
 
+@data_app.command("check-template")
+def data_check_template(
+    target: Path = typer.Argument(..., help="A chat data file, or a run config (YAML) whose data is checked."),
+    model: str | None = typer.Option(None, help="Model whose tokenizer, chat template and stop tokens to use "
+                                     "(default: the config's model, else smollm2-135m-instruct)."),
+    limit: int | None = typer.Option(None, min=1, help="Check a seeded sample of N conversations (default: all)."),
+    train_on: str | None = typer.Option(None, help="data.train_on to check: all_assistant, last_assistant, all."),
+    as_json: bool = typer.Option(False, "--json", help="Print the report as JSON."),
+) -> None:
+    """Check that training tokenises each conversation exactly as `generate` builds its prompt and trains every
+    assistant reply with its end-of-turn token and nothing else. Exit code 2 when a check fails."""
+    _quiet_libraries()
+    from tunelab.config import DataConfig, load_config
+    from tunelab.data.inspect import is_run_config
+    from tunelab.data.template_check import check_data, render_check_text
+    from tunelab.models.load import load_tokenizer
+    from tunelab.models.resolve import resolve_model
+
+    try:
+        run_config = load_config(target) if is_run_config(target) else None
+        data_config = run_config.data if run_config else DataConfig(train=target, eval_split=0)
+        if train_on is not None:
+            if train_on not in ("all_assistant", "last_assistant", "all"):
+                raise UserError("must be all_assistant, last_assistant or all", where="--train-on")
+            data_config = data_config.model_copy(update={"train_on": train_on})
+        spec = model or (run_config.model if run_config else "smollm2-135m-instruct")
+        model_path = resolve_model(spec)
+        report = check_data(data_config, tokenizer=load_tokenizer(model_path), model_path=model_path,
+                            model_name=spec, target=str(target), seed=run_config.train.seed if run_config else 0,
+                            limit=limit)
+    except UserError as err:
+        _fail(err)
+    typer.echo(json.dumps(report.to_json(), indent=2) if as_json else render_check_text(report))
+    if not report.ok:
+        raise typer.Exit(2)
+
+
 @models_app.command("list")
 def models_list() -> None:
     """Show the named presets and whether each is already in the local cache."""

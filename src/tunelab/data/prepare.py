@@ -30,6 +30,7 @@ from tunelab.data.formats import (  # noqa: F401 - file_format and needs_pair_ob
 )
 from tunelab.data.sources import read_records
 from tunelab.data.template import ChatRenderer, TemplateError, TokenizedSample
+from tunelab.data.template_check import TRAIN_CHECK_SAMPLES, verify_before_training
 from tunelab.data.tokenize import MAX_LISTED, Problems, tokenize_sample
 from tunelab.errors import DataError
 
@@ -193,7 +194,25 @@ def prepare_data(config: DataConfig, tokenizer, seed: int) -> PreparedData:
     prepared.eval_samples = SampleView(tables, held_out)
     if not prepared.train:
         raise DataError("no training samples left after validation", where="data.train")
+    # Token-level agreement with `generate` and the mask of every turn, on a seeded sample of conversations.
+    verify_before_training(_check_sample(tables, seed), renderer, config.train_on, seed)
     return prepared
+
+
+def _check_sample(tables: list[TokenTable], seed: int) -> list[Sample]:
+    """A seeded handful of conversations from every file, for the template check (built without reading the
+    rest, so large data stays on disk)."""
+    chats = [(number, table.with_messages(np.arange(table.num_samples))) for number, table in enumerate(tables)]
+    total = sum(len(ids) for _, ids in chats)
+    if not total:
+        return []
+    picked = np.zeros(total, bool)
+    picked[random.Random(seed).sample(range(total), min(total, TRAIN_CHECK_SAMPLES))] = True
+    parts, at = [], 0
+    for number, ids in chats:
+        parts.append((number, ids[picked[at : at + len(ids)]]))
+        at += len(ids)
+    return list(SampleView(tables, parts))
 
 
 def _tokenized(path, fmt: str, config: DataConfig, renderer, problems, prepared: PreparedData) -> TokenTable | None:

@@ -6,7 +6,7 @@ from threading import Thread
 
 from rich.console import Console
 
-from tunelab.infer.generate import GenerationOptions, stop_token_ids
+from tunelab.infer.generate import GenerationOptions, encode_prompts, stop_token_ids
 from tunelab.infer.load import LoadedModel
 
 
@@ -15,9 +15,8 @@ def stream_reply(loaded: LoadedModel, messages: list[dict[str, str]], options: G
     from transformers import TextIteratorStreamer
 
     tokenizer = loaded.tokenizer
-    prompt = loaded.renderer.render(messages, add_generation_prompt=True)
     device = next(loaded.model.parameters()).device
-    encoded = tokenizer(prompt, add_special_tokens=False, return_tensors="pt").to(device)
+    encoded = encode_prompts(loaded.renderer, [messages]).to(device)  # the same encoding as `generate`
     streamer = TextIteratorStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
     sampling = {"temperature": options.temperature, "top_p": options.top_p} if options.do_sample else {}
     kwargs = dict(

@@ -34,6 +34,13 @@ def stop_token_ids(model, tokenizer) -> list[int]:
     return sorted(ids)
 
 
+def encode_prompts(renderer: ChatRenderer, conversations: list[list[dict[str, str]]]):
+    """The token ids generation feeds the model, padded on the tokenizer's padding side. The template check
+    (data/template_check.py) compares training's tokens against this very encoding."""
+    prompts = [renderer.prompt(c) for c in conversations]
+    return renderer.tokenizer(prompts, add_special_tokens=False, padding=True, return_tensors="pt")
+
+
 @torch.no_grad()
 def generate_replies(
     model, renderer: ChatRenderer, conversations: list[list[dict[str, str]]], options: GenerationOptions
@@ -53,8 +60,7 @@ def _generate_batches(
     tokenizer.padding_side = "left"  # generation continues from the right edge of every row
     try:
         for start in range(0, len(conversations), options.batch_size):
-            prompts = [renderer.prompt(c) for c in conversations[start : start + options.batch_size]]
-            encoded = tokenizer(prompts, add_special_tokens=False, padding=True, return_tensors="pt").to(device)
+            encoded = encode_prompts(renderer, conversations[start : start + options.batch_size]).to(device)
             if options.do_sample:
                 torch.manual_seed(options.seed + start)
             sampling = {"temperature": options.temperature, "top_p": options.top_p} if options.do_sample else {}
