@@ -185,6 +185,9 @@ class TrainConfig(Strict):
     """End with the weights of the best evaluation, not the last (always on with early stopping)."""
     log_every: int = Field(1, ge=1)
     group_by_length: bool = False
+    attention: Literal["auto", "sdpa", "matmul"] = "auto"
+    """Attention in training: sdpa, or plain matmuls with float32 scores (faster backward on CPU for short
+    rows); auto picks matmul for bf16 on CPU when data.max_length <= 256."""
     """Batch samples of similar length together to cut padding."""
 
 

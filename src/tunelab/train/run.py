@@ -22,6 +22,7 @@ from tunelab.eval.during_training import RunEvaluator
 from tunelab.eval.report import write_report
 from tunelab.infer.generate import GenerationOptions
 from tunelab.methods import METHODS, count_parameters
+from tunelab.models.attention import attention_implementation, training_attention
 from tunelab.models.load import load_model, load_tokenizer
 from tunelab.models.resolve import resolve_model
 from tunelab.track.fanout import RunLog, check_trackers
@@ -129,7 +130,9 @@ def _train(config: RunConfig, log: RunLog, *, resume: bool, overwrite: bool, con
     steps_per_epoch = math.ceil(len(epoch_plan(ctx, 0).batches) / config.train.grad_accum)
     ctx.total_steps = config.train.max_steps or max(1, math.ceil(config.train.epochs * steps_per_epoch))
     ctx.optimizer, ctx.scheduler = build_optimizer(model, config.train, ctx.total_steps)
-    memory = _estimate_memory(ctx, data, tokenizer)
+    attention = training_attention(config.train.attention, device, precision, config.data.max_length, model)
+    with attention_implementation(model, attention):
+        memory = _estimate_memory(ctx, data, tokenizer)
     console.print(
         f"estimated peak memory {memory.peak_mb:,.0f} MB: {memory.resident_mb:,.0f} in use now, "
         f"{memory.optimizer_mb + memory.gradients_mb:,.0f} optimizer states and gradients, "
@@ -162,7 +165,7 @@ def _train(config: RunConfig, log: RunLog, *, resume: bool, overwrite: bool, con
     ctx.on_step = progress.update
     status = "completed"
     try:
-        with progress:
+        with progress, attention_implementation(model, attention):
             state = fit(ctx, state)
     except KeyboardInterrupt:
         status = "interrupted"

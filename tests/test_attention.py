@@ -1,0 +1,90 @@
+"""The matmul attention path computes what sdpa computes (loss and gradients), padded or packed, and training
+with it leaves the model on its own attention afterwards."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from tunelab.config import load_config
+from tunelab.data.batching import collate
+from tunelab.data.template import IGNORE_INDEX, TokenizedSample
+from tunelab.models.attention import MATMUL, attention_implementation, training_attention
+from tunelab.objectives.sft import sft_loss_sum
+from tunelab.train.run import train_run
+
+
+def samples(lengths: list[int]) -> list[TokenizedSample]:
+    generator = torch.Generator().manual_seed(0)
+    out = []
+    for n in lengths:
+        ids = torch.randint(3, 390, (n,), generator=generator).tolist()
+        out.append(TokenizedSample(ids, [IGNORE_INDEX] * 3 + ids[3:], "t"))
+    return out
+
+
+def loss_and_grads(model, batch, name):
+    model.zero_grad()
+    with attention_implementation(model, name):
+        loss, tokens = sft_loss_sum(model, batch)
+    (loss / tokens).backward()
+    return float(loss.detach()), {n: p.grad.clone() for n, p in model.named_parameters()}
+
+
+@pytest.mark.parametrize("packed", [False, True])
+def test_matmul_attention_equals_sdpa_in_fp32(tiny_model_dir, packed, monkeypatch):
+    from transformers import AutoModelForCausalLM
+
+    from tunelab.models import attention
+
+    calls = []
+    real = attention.matmul_attention
+    monkeypatch.setattr(attention, "matmul_attention", lambda *a, **k: calls.append(1) or real(*a, **k))
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, attn_implementation="sdpa").train()
+    group = samples([20, 13, 7, 17])
+    rows = [group[:2], group[2:]] if packed else [[s] for s in group]
+    batch = collate(rows, pad_token_id=0, packed=packed)
+    reference_loss, reference_grads = loss_and_grads(model, batch, "sdpa")
+    loss, grads = loss_and_grads(model, batch, MATMUL)
+    assert len(calls) == 2  # both layers ran the matmul path
+    assert loss == pytest.approx(reference_loss, rel=1e-6)
+    for name, grad in grads.items():
+        torch.testing.assert_close(grad, reference_grads[name], atol=1e-6, rtol=1e-4)
+    assert model.config._attn_implementation == "sdpa"  # put back after the block
+
+
+def test_auto_picks_matmul_only_for_short_bf16_rows_on_cpu(tiny_model_dir):
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert training_attention("auto", cpu, "bf16", 256, model) == MATMUL
+    assert training_attention("auto", cpu, "fp32", 256, model) is None
+    assert training_attention("auto", cpu, "bf16", 1024, model) is None
+    assert training_attention("auto", cuda, "bf16", 256, model) is None
+    assert training_attention("matmul", cpu, "fp32", 4096, model) == MATMUL
+
+
+@pytest.mark.parametrize("method", ["lora", "prefix"])
+def test_training_on_the_matmul_path_learns_and_reloads_with_the_same_replies(tiny_model_dir, tmp_path, method):
+    from tunelab.infer.generate import GenerationOptions, generate_replies
+    from tunelab.infer.load import load_for_inference
+
+    data = tmp_path / "qa.jsonl"
+    rows = [{"question": f"what is {a} plus {b}?", "answer": f"{a + b}"} for a in range(6) for b in range(6)]
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    out = tmp_path / "run"
+    summary = train_run(load_config(None, [
+        f"model={tiny_model_dir}", f"data.train={data}", "data.eval_split=0.2", "data.max_length=64",
+        f"method.name={method}", "train.attention=matmul", "train.epochs=2", "train.lr=3e-2", "train.batch_size=4",
+        "train.precision=fp32", "eval.generate_samples=4", "eval.max_new_tokens=4", f"output_dir={out}",
+    ]))
+    assert summary["final_eval_loss"] < summary["base_eval_loss"]
+    saved = [json.loads(line) for line in (out / "samples.jsonl").read_text().splitlines()]
+    loaded = load_for_inference(out)
+    replies = generate_replies(loaded.model, loaded.renderer, [s["prompt"] for s in saved],
+                               GenerationOptions(max_new_tokens=4))
+    assert replies == [s["fine_tuned"] for s in saved]
