@@ -88,3 +88,17 @@ def test_training_on_the_matmul_path_learns_and_reloads_with_the_same_replies(ti
     replies = generate_replies(loaded.model, loaded.renderer, [s["prompt"] for s in saved],
                                GenerationOptions(max_new_tokens=4))
     assert replies == [s["fine_tuned"] for s in saved]
+
+
+def test_matmul_attention_under_bf16_autocast_stays_close_to_fp32(tiny_model_dir):
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, attn_implementation="sdpa").train()
+    batch = collate([[s] for s in samples([24, 19, 11])], pad_token_id=0, packed=False)
+    reference_loss, reference_grads = loss_and_grads(model, batch, "sdpa")
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss, grads = loss_and_grads(model, batch, MATMUL)
+    assert loss == pytest.approx(reference_loss, rel=1e-2)
+    for name, grad in grads.items():
+        cosine = torch.nn.functional.cosine_similarity(grad.flatten(), reference_grads[name].flatten(), dim=0)
+        assert cosine > 0.99, name

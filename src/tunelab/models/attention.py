@@ -23,20 +23,49 @@ PLAIN_ATTENTION_MODELS = {"llama", "mistral", "qwen2", "qwen3"}
 custom scaling), so the matmul path computes what their own attention computes."""
 
 
+class _MatmulAttention(torch.autograd.Function):
+    """softmax(Q K^T * scaling + mask) V with float32 scores, keeping only the probabilities in V's dtype
+    (bf16 under autocast) for backward: a third of what autograd would keep (float32 softmax output plus
+    its bf16 copy), which is what makes this path affordable at all."""
+
+    @staticmethod
+    def forward(ctx, query, key, value, mask, scaling):
+        with torch.autocast(query.device.type, enabled=False):
+            scores = torch.matmul(query.float(), key.float().transpose(2, 3)).mul_(scaling)
+            if mask is not None:
+                scores = scores + mask
+            probs = torch.softmax(scores, dim=-1).to(value.dtype)
+            output = torch.matmul(probs, value)
+        ctx.save_for_backward(query, key, value, probs)
+        ctx.scaling = scaling
+        return output
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        query, key, value, probs = ctx.saved_tensors
+        with torch.autocast(query.device.type, enabled=False):
+            grad_output = grad_output.to(value.dtype)
+            grad_value = torch.matmul(probs.transpose(2, 3), grad_output)
+            grad_probs = torch.matmul(grad_output, value.transpose(2, 3)).float()
+            p = probs.float()
+            grad_scores = p * (grad_probs - (grad_probs * p).sum(dim=-1, keepdim=True))
+            grad_scores = grad_scores.mul_(ctx.scaling).to(value.dtype)
+            grad_query = torch.matmul(grad_scores, key.to(value.dtype)).to(query.dtype)
+            grad_key = torch.matmul(grad_scores.transpose(2, 3), query.to(value.dtype)).to(key.dtype)
+        return grad_query, grad_key, grad_value, None, None
+
+
 def matmul_attention(module, query, key, value, attention_mask, scaling, dropout=0.0, **kwargs):
     """transformers' attention-function signature: [B, H, T, D] inputs, [B, T, H, D] output."""
     from transformers.models.llama.modeling_llama import repeat_kv
 
+    if dropout and module.training:
+        raise ValueError("the matmul attention path has no attention dropout; set train.attention: sdpa")
     groups = getattr(module, "num_key_value_groups", 1)
     key, value = repeat_kv(key, groups), repeat_kv(value, groups)
-    with torch.autocast(query.device.type, enabled=False):
-        scores = torch.matmul(query.float(), key.float().transpose(2, 3)) * scaling
-        if attention_mask is not None:
-            scores = scores + attention_mask
-        probs = torch.softmax(scores, dim=-1)
-    if dropout and module.training:
-        probs = torch.nn.functional.dropout(probs, p=dropout)
-    output = torch.matmul(probs.to(value.dtype), value)
+    if torch.is_autocast_enabled(query.device.type):
+        value = value.to(torch.get_autocast_dtype(query.device.type))
+    output = _MatmulAttention.apply(query, key, value, attention_mask, scaling)
     return output.transpose(1, 2).contiguous(), None
 
 
