@@ -157,3 +157,23 @@ def test_qlora_gradients_are_unchanged_by_an_evaluation_pass(tiny_model_dir):
     assert any(g.abs().sum() > 0 for g in before)
     for grad_before, grad_after in zip(before, after, strict=True):
         torch.testing.assert_close(grad_after, grad_before)
+
+
+def test_prefix_tuning_starts_as_the_base_model_reading_the_init_text(tiny_model_dir):
+    """Prefixes initialised from the model's own keys and values for a neutral instruction: before training,
+    the prefixed model on X computes exactly what the base model computes on instruction + X."""
+    from transformers import AutoTokenizer
+
+    from tunelab.config import PrefixMethod
+    from tunelab.methods import prompt_learning
+    from tunelab.models.load import load_model
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    init = tokenizer(prompt_learning.PREFIX_INIT_TEXT, add_special_tokens=False)["input_ids"][:6]
+    base = load_model(tiny_model_dir).eval()
+    prefixed = prompt_learning.apply(load_model(tiny_model_dir), PrefixMethod(name="prefix", num_virtual_tokens=6))
+    ids = torch.tensor([[5, 17, 42, 99, 3, 250, 7]])
+    with torch.no_grad():
+        expected = base(input_ids=torch.tensor([init + ids[0].tolist()])).logits[:, len(init):]
+        actual = prefixed.eval()(input_ids=ids).logits
+    torch.testing.assert_close(actual, expected, atol=1e-4, rtol=1e-4)

@@ -192,11 +192,11 @@ def _plot(rows: list[dict], path: Path) -> None:
     for axis, (key, title) in zip(axes.flat, panels, strict=True):
         values = [row.get(key) or 0 for row in rows]
         axis.bar(names, values, color="#4C72B0")
-        if key == "final_eval_loss":
-            base_losses = [row.get("base_eval_loss") for row in rows if row.get("base_eval_loss") is not None]
-            if base_losses:
-                axis.axhline(base_losses[0], color="#C44E52", linestyle="--", label="base model")
-                axis.legend()
+        before_key = {"final_eval_loss": "base_eval_loss", "metric_after": "metric_before"}.get(key)
+        before = [row.get(before_key) for row in rows if before_key and row.get(before_key) is not None]
+        if before:
+            axis.axhline(before[0], color="#C44E52", linestyle="--", label="base model")
+            axis.legend()
         axis.set_title(title)
         axis.tick_params(axis="x", rotation=45)
     figure.tight_layout()
