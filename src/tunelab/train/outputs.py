@@ -17,6 +17,13 @@ def peak_memory_mb(device: torch.device) -> float:
     """Peak CUDA memory allocated on GPU; peak resident set size of this process on CPU."""
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**20
+    if sys.platform.startswith("linux"):
+        # VmHWM starts afresh at exec; ru_maxrss does not (Linux carries it over from the forked parent, so a run
+        # started by a large process, a test runner say, would report the parent's size).
+        with open("/proc/self/status") as handle:
+            for line in handle:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 2**10
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return peak / 2**20 if sys.platform == "darwin" else peak / 2**10  # bytes on macOS, KiB on Linux
 
