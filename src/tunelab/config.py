@@ -61,6 +61,19 @@ class DataConfig(Strict):
     packing: bool = False
     """Pack samples into fixed-length rows (attention stays within each sample)."""
     shuffle: bool = True
+    columns: dict[str, str] = {}
+    """Your files' column names for tunelab's fields, e.g. {prompt: "Consumer complaint narrative", completion:
+    Product}: each named column is read as that field in every data file that has it (see data/columns.py)."""
+
+    @field_validator("columns")
+    @classmethod
+    def _known_fields(cls, columns: dict[str, str]) -> dict[str, str]:
+        from tunelab.data.columns import FIELDS
+
+        unknown = [f for f in columns if f not in FIELDS]
+        if unknown:
+            raise ValueError(f"unknown field(s) {', '.join(unknown)}; fields: {', '.join(FIELDS)}")
+        return columns
 
 
 class FullMethod(Strict):

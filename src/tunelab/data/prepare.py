@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import TypeVar
 
 from tunelab.config import DataConfig, DataSource
+from tunelab.data.columns import explain, rename_columns
 from tunelab.data.formats import PAIR_FORMATS, RowError, Sample, detect_format, to_sample
 from tunelab.data.sources import Record, read_records
 from tunelab.data.template import ChatRenderer, TemplateError, TokenizedSample, tokenize_chat, tokenize_text
@@ -58,12 +59,19 @@ def train_sources(config: DataConfig) -> list[DataSource]:
 
 
 def load_samples(
-    path: Path, fmt: str, system_prompt: str | None, problems: list[str], *, skip_unreadable: bool = False
+    path: Path,
+    fmt: str,
+    system_prompt: str | None,
+    problems: list[str],
+    *,
+    skip_unreadable: bool = False,
+    columns: dict[str, str] | None = None,
 ) -> tuple[list[Sample], str, str, int]:
     """(canonical samples, format, why that format, rows in the file). Rows that cannot become samples go to
-    `problems` as `file:line: why`; unreadable lines raise, or with `skip_unreadable` go there too."""
+    `problems` as `file:line: why`; unreadable lines raise, or with `skip_unreadable` go there too. `columns` is
+    data.columns (file columns read as tunelab's fields)."""
     already = len(problems)
-    records = read_records(path, problems if skip_unreadable else None)
+    records = rename_columns(read_records(path, problems if skip_unreadable else None), columns, path)
     rows = len(records) + len(problems) - already
     if not rows:
         raise DataError("file holds no rows", where=str(path))
@@ -75,7 +83,7 @@ def load_samples(
         try:
             sample = to_sample(record, fmt, system_prompt)
         except RowError as err:
-            problems.append(f"{record.where}: {err}")
+            problems.append(f"{record.where}: {explain(str(err), columns)}")
             continue
         sample.source = Path(str(path)).stem
         samples.append(sample)
@@ -132,7 +140,8 @@ def prepare_data(config: DataConfig, tokenizer, seed: int) -> PreparedData:
     train_samples: list[Sample] = []
     eval_samples: list[Sample] = []
     for source in train_sources(config):
-        samples, fmt, why, _ = load_samples(source.path, source.format or config.format, config.system_prompt, problems)
+        samples, fmt, why, _ = load_samples(source.path, source.format or config.format, config.system_prompt, problems,
+                                            columns=config.columns)
         prepared.formats[str(source.path)] = f"{fmt} ({why})"
         prepared.source_weights[Path(str(source.path)).stem] = source.weight
         if config.eval is None:
@@ -142,7 +151,8 @@ def prepare_data(config: DataConfig, tokenizer, seed: int) -> PreparedData:
         train_samples += weighted(train_part, source.weight, seed)
         eval_samples += eval_part
     if config.eval is not None:
-        samples, fmt, why, _ = load_samples(config.eval, config.format, config.system_prompt, problems)
+        samples, fmt, why, _ = load_samples(config.eval, config.format, config.system_prompt, problems,
+                                            columns=config.columns)
         prepared.formats[str(config.eval)] = f"{fmt} ({why})"
         eval_samples += samples
     prepared.train = _tokenize_all(train_samples, renderer, config, problems, prepared)
@@ -158,7 +168,7 @@ def prepare_eval_file(path: Path, config: DataConfig, tokenizer) -> tuple[list[T
     """A whole file as an evaluation set: tokenised samples for loss, canonical samples for generation."""
     problems: list[str] = []
     renderer = ChatRenderer(tokenizer, config.chat_template)
-    samples, _, _, _ = load_samples(path, config.format, config.system_prompt, problems)
+    samples, _, _, _ = load_samples(path, config.format, config.system_prompt, problems, columns=config.columns)
     tokenized = _tokenize_all(samples, renderer, config, problems, PreparedData([], [], []))
     raise_problems(problems)
     return tokenized, [s for s in samples if s.messages]

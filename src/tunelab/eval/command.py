@@ -98,7 +98,8 @@ def _score(spec, data_path, metrics, options, limit, max_length, run_config=None
     data_config = DataConfig(train=data_path, eval_split=0, max_length=max_length, overlong="truncate")
     if run_config is not None:
         data_config = data_config.model_copy(
-            update={"chat_template": run_config.data.chat_template, "train_on": run_config.data.train_on}
+            update={"chat_template": run_config.data.chat_template, "train_on": run_config.data.train_on,
+                    "columns": run_config.data.columns}
         )
     tokenized, samples = prepare_eval_file(data_path, data_config, loaded.tokenizer)
     if any(m in LABEL_METRICS for m in metrics):
