@@ -17,6 +17,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
 from tunelab.errors import ConfigError
+from tunelab.eval.recorded import evaluations_section
 
 RUN_FILES = ("config.yaml", "metrics.jsonl", "summary.json", "samples.jsonl")
 WHY_MISSING = {
@@ -451,6 +452,7 @@ def write_report(run_dir: Path) -> Path:
         _notice(run.problems),
         _section("run", _table(_run_facts(run), numbers=False)),
         _before_after_section(run),
+        evaluations_section(run_dir),
         _plots_section(run, run_dir / "plots"),
         _samples_section(run),
         _data_section(run),
