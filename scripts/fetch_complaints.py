@@ -12,8 +12,8 @@ Written to --out (default data/complaints):
                                 "Consumer complaint narrative", "Product"; multi-line quoted fields, up to 21k chars)
   complaints-train.jsonl        --train-rows rows sampled (seeded) from train.csv, as chat messages: a fixed
                                 question listing the 8 short labels plus the narrative, and the short label as reply
-  complaints-eval.jsonl         --eval-rows rows sampled (seeded) from test.csv, same form (narratives that also occur
-                                in train.csv, ignoring case and spacing, are left out)
+  complaints-eval.jsonl         --eval-rows rows sampled (seeded) from test.csv, same form; test rows whose cut
+                                narrative equals one of train.csv (ignoring case and spacing) are left out first
   labels.json                   short label -> the CFPB product name, and the counts per label of each file
 
 Narratives are cut at a word boundary after --max-chars characters (about 4.2 characters per token with the default
@@ -162,8 +162,10 @@ def build(out: Path, train_rows: int, eval_rows: int, max_chars: int, seed: int,
     train_all, test_all = read_rows(raw["train.csv"]), read_rows(raw["test.csv"])
     rng = random.Random(seed)
     train = rng.sample(train_all, min(train_rows, len(train_all)))
-    seen = {normalised(text) for text, _ in train_all}
-    unseen_test = [row for row in test_all if normalised(row[0]) not in seen]
+    # What the model sees is the cut narrative: a test complaint whose cut text equals a train.csv one (the same
+    # complaint filed twice, or one that differs only after the cut) would be a held-out row seen in training.
+    seen = {normalised(shorten(text, max_chars)) for text, _ in train_all}
+    unseen_test = [row for row in test_all if normalised(shorten(row[0], max_chars)) not in seen]
     held_out = rng.sample(unseen_test, min(eval_rows, len(unseen_test)))
     write_jsonl(out / "complaints-train.jsonl", [to_sample(text, label, max_chars) for text, label in train])
     write_jsonl(out / "complaints-eval.jsonl", [to_sample(text, label, max_chars) for text, label in held_out])
