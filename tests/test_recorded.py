@@ -66,10 +66,10 @@ def test_eval_against_base_is_recorded_and_reported_with_its_interval(tmp_path, 
     printed = json.loads(result.output)
 
     found, problems = read_evaluations(run)
-    assert problems == [] and found == [("parity.json", printed)]
+    assert problems == [] and found == [("parity-loss-label_accuracy.json", printed)]
     difference = printed["comparison"]["differences"]["label_accuracy"]
     assert difference["difference"] == printed["label_accuracy"] - printed["baseline"]["label_accuracy"]
-    rows = table((run / "report.html").read_text(), "eval-parity")
+    rows = table((run / "report.html").read_text(), "eval-parity-loss-label_accuracy")
     base, tuned = printed["baseline"]["label_accuracy"], printed["label_accuracy"]
     interval = f"[{difference['ci95_low']:+.4f}, {difference['ci95_high']:+.4f}]"
     assert rows["label_accuracy"][0] == f"{base:.4f}" and rows["label_accuracy"][1] == f"{tuned:.4f}"
@@ -79,4 +79,4 @@ def test_eval_against_base_is_recorded_and_reported_with_its_interval(tmp_path, 
     # A damaged record does not break the report; it is named.
     (run / "evals" / "broken.json").write_text("{not json")
     page = write_report(run).read_text()
-    assert "evals/broken.json is unreadable" in page and "eval-parity" in page
+    assert "evals/broken.json is unreadable" in page and "eval-parity-loss-label_accuracy" in page

@@ -47,7 +47,7 @@ def evaluate_model(
     """Evaluate `spec` on `data_path`. Returns the metrics; with `output`, writes eval.json and the
     per-sample replies (eval_samples.jsonl) there. With `baseline` (a model spec, or `base` for a run's base
     model), the baseline is evaluated on the same samples and the differences come with 95% intervals. When `spec`
-    is a run directory the result is also kept there (RUN/evals/<data>.json) and its report.html shows it.
+    is a run directory the result is also kept there (RUN/evals/<data>-<metrics>.json) and its report.html shows it.
     `labels` (which adds label_accuracy) is the label set that metric scores; by default the distinct
     references of the whole file, when there are at most 50."""
     if labels is not None and "label_accuracy" not in metrics:
@@ -90,7 +90,7 @@ def evaluate_model(
                     record["label"] = predicted[i]
                 handle.write(json.dumps(record) + "\n")
     if run_config is not None and Path(str(spec)).is_dir():  # evidence about a run is kept with it
-        record_evaluation(Path(str(spec)), result)
+        record_evaluation(Path(str(spec)), result, metrics)
     return result
 
 

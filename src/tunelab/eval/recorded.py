@@ -2,7 +2,7 @@
 
 `tunelab eval RUN --data held_out.jsonl --baseline base` answers the question a run exists for: is the fine-tuned
 model better than the base model on data neither saw in training, and by how much. Those numbers are evidence
-about the run, so they are saved with it (RUN/evals/<data file name>.json, the command's JSON output) and
+about the run, so they are saved with it (RUN/evals/<data file name>-<metrics>.json, the command's JSON output) and
 report.html shows each evaluation: the baseline's value, the run's, the difference and its 95% paired-bootstrap
 interval (an interval that excludes 0 is a difference the held-out sample supports).
 """
@@ -11,20 +11,22 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from pathlib import Path
 
 EVALS_DIR = "evals"
 LOWER_IS_BETTER = {"loss", "perplexity"}
 
 
-def record_evaluation(run_dir: Path, result: dict) -> Path:
-    """Save `result` (evaluate_model's output) as RUN/evals/<data stem>.json, replacing an earlier evaluation
-    of the same data file, and rebuild report.html so that it shows it."""
+def record_evaluation(run_dir: Path, result: dict, metrics: list[str]) -> Path:
+    """Save `result` (evaluate_model's output for `metrics`) as RUN/evals/<data stem>-<metrics>.json, replacing an
+    earlier evaluation of the same data and metrics, and rebuild report.html so that it shows it."""
     from tunelab.eval.report import write_report  # the report reads what this module writes
 
     folder = Path(run_dir) / EVALS_DIR
     folder.mkdir(exist_ok=True)
-    path = folder / f"{Path(str(result['data'])).stem}.json"
+    names = "-".join(re.sub(r"[^A-Za-z0-9_.]+", "_", Path(m).name if ":" in m else m) for m in metrics)
+    path = folder / f"{Path(str(result['data'])).stem}-{names}.json"
     path.write_text(json.dumps(result, indent=2))
     write_report(Path(run_dir))
     return path
