@@ -8,6 +8,7 @@ from pathlib import Path
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from tunelab.errors import UserError
@@ -39,7 +40,7 @@ def _quiet_libraries() -> None:
 
 
 def _fail(err: UserError) -> None:
-    errors.print(f"[bold red]error:[/] {err}", highlight=False, soft_wrap=True)
+    errors.print(f"[bold red]error:[/] {escape(str(err))}", highlight=False, soft_wrap=True)
     raise typer.Exit(2)
 
 
@@ -224,10 +225,13 @@ def data_inspect(
     samples: int = typer.Option(2, help="Samples rendered with their trained tokens marked."),
     as_json: bool = typer.Option(False, "--json", help="Print the report as JSON."),
     histogram: Path | None = typer.Option(None, help="Write a token-length histogram PNG here."),
+    column: list[str] = typer.Option(None, "--column", help="FIELD=COLUMN: read the file's COLUMN as tunelab's "
+                                     "FIELD (data.columns), e.g. --column 'prompt=Consumer complaint narrative'."),
 ) -> None:
     """Formats, invalid rows, token lengths, duplicates, train/eval overlap and loss masks of a dataset."""
     _quiet_libraries()
     from tunelab.config import DataConfig, load_config
+    from tunelab.data.columns import parse_column_options
     from tunelab.data.inspect import inspect_data, is_run_config, render_text, write_length_histogram
     from tunelab.models.load import load_tokenizer
     from tunelab.models.resolve import resolve_model
@@ -237,6 +241,8 @@ def data_inspect(
         data_config = run_config.data if run_config else DataConfig(train=target)
         if max_length:
             data_config = data_config.model_copy(update={"max_length": max_length})
+        if column:
+            data_config = data_config.model_copy(update={"columns": parse_column_options(column)})
         spec = model or (run_config.model if run_config else "smollm2-135m-instruct")
         tokenizer = load_tokenizer(resolve_model(spec))
         seed = run_config.train.seed if run_config else None

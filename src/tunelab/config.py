@@ -65,6 +65,19 @@ class DataConfig(Strict):
     """Keep each data file's tokenised rows on disk (TUNELAB_HOME/cache/tokenized, memory-mapped Arrow), keyed by
     its content, the tokenizer and the settings that change tokens: a second run skips reading and tokenising.
     `false`: nothing is written; the tokenised rows are held in memory."""
+    columns: dict[str, str] = {}
+    """Your files' column names for tunelab's fields, e.g. {prompt: "Consumer complaint narrative", completion:
+    Product}: each named column is read as that field in every data file that has it (see data/columns.py)."""
+
+    @field_validator("columns")
+    @classmethod
+    def _known_fields(cls, columns: dict[str, str]) -> dict[str, str]:
+        from tunelab.data.columns import FIELDS
+
+        unknown = [f for f in columns if f not in FIELDS]
+        if unknown:
+            raise ValueError(f"unknown field(s) {', '.join(unknown)}; fields: {', '.join(FIELDS)}")
+        return columns
 
 
 class FullMethod(Strict):

@@ -28,8 +28,9 @@ import pyarrow as pa
 
 from tunelab.config import DataConfig
 from tunelab.data.arrow_store import TableWriter, TokenTable
+from tunelab.data.columns import explain, rename_columns
 from tunelab.data.formats import PAIR_FORMATS, RowError, file_format, needs_pair_objective, to_sample
-from tunelab.data.sources import iter_records, resolve_data_path
+from tunelab.data.sources import Record, iter_records, resolve_data_path
 from tunelab.data.template import ChatRenderer
 from tunelab.data.tokenize import MAX_LISTED, tokenize_sample
 from tunelab.errors import DataError, UserError
@@ -104,6 +105,7 @@ def cache_key(file: Path, fmt: str, config: DataConfig, renderer: ChatRenderer) 
         "max_length": config.max_length,
         "overlong": config.overlong,
         "chat_template": config.chat_template,
+        "columns": config.columns,
         "template": renderer.template,
         "tokenizer": tokenizer_fingerprint(renderer.tokenizer),
         "versions": [transformers.__version__, tokenizers.__version__, jinja2.__version__],
@@ -177,7 +179,9 @@ def _build(path: Path | str, fmt: str, config: DataConfig, renderer: ChatRendere
     name = str(path)
     already = len(problems)
     records = iter_records(path, problems)
-    head = list(itertools.islice(records, 20))  # detect_format looks at the first 20 readable rows
+    # detect_format looks at the first 20 readable rows; data.columns renames the file's columns to fields.
+    head = rename_columns(list(itertools.islice(records, 20)), config.columns, name)
+    records = (_renamed(record, config.columns) for record in records)
     fmt, why = file_format(head, fmt, name)
     if head and fmt in PAIR_FORMATS:
         raise DataError(needs_pair_objective(fmt, why), where=name)
@@ -191,7 +195,7 @@ def _build(path: Path | str, fmt: str, config: DataConfig, renderer: ChatRendere
             sample = to_sample(record, fmt, config.system_prompt)
         except RowError as err:
             invalid += 1
-            problems.append(f"{record.where}: {err}")
+            problems.append(f"{record.where}: {explain(str(err), config.columns)}")
             continue
         result = tokenize_sample(sample, renderer, config)
         if result.problem:
@@ -224,3 +228,13 @@ def _build(path: Path | str, fmt: str, config: DataConfig, renderer: ChatRendere
         "dropped_notes": notes["dropped"],
     }
     return units, samples, meta
+
+
+def _renamed(record: Record, columns: dict[str, str]) -> Record:
+    """One streamed row with data.columns applied (the whole-file column check ran on the first rows)."""
+    mapped = {field: column for field, column in columns.items() if column in record.row}
+    if not mapped:
+        return record
+    row = {k: v for k, v in record.row.items() if k not in mapped.values()}
+    row.update({field: record.row[column] for field, column in mapped.items()})
+    return Record(row, record.where)

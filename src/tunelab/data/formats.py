@@ -66,7 +66,8 @@ def detect_format(rows: list[dict[str, Any]]) -> tuple[str, str]:
     seen = ", ".join(sorted(set().union(*(set(r) for r in rows[:20])))) if rows else "none"
     expected = "; ".join(f"{name}: {', '.join(cols)}" for name, cols in FORMAT_COLUMNS.items())
     expected += f"; preference: [prompt,] chosen, rejected; feedback: {', '.join(FEEDBACK_COLUMNS)}"
-    raise RowError(f"cannot detect the format from columns ({seen}); expected one of: {expected}")
+    raise RowError(f"cannot detect the format from columns ({seen}); expected one of: {expected}; or map your "
+                   "columns to these fields with data.columns (data inspect: --column FIELD=COLUMN)")
 
 
 def _pair_format(keys: set[str]) -> tuple[str, str] | None:

@@ -265,7 +265,8 @@ def _inspect_file(
     shown: list[ShownSample],
 ) -> _FileResult:
     problems: list[str] = []
-    samples, fmt, why, rows = load_samples(path, fmt, config.system_prompt, problems, skip_unreadable=True)
+    samples, fmt, why, rows = load_samples(path, fmt, config.system_prompt, problems, skip_unreadable=True,
+                                           columns=config.columns)
     measured = []
     for sample in samples:
         try:

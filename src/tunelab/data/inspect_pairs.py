@@ -205,7 +205,8 @@ def _load(
 ) -> tuple[list[PairRow], str, list[_Measured], FileSummary]:
     """A file's valid rows, its format, its rows tokenised, and its summary (invalid rows of both steps)."""
     before = len(problems)
-    rows, fmt, why, count = load_pairs(path, fmt, config.system_prompt, problems, skip_unreadable=True)
+    rows, fmt, why, count = load_pairs(path, fmt, config.system_prompt, problems, skip_unreadable=True,
+                                       columns=config.columns)
     measured = _measure(rows, renderer, problems)
     return rows, fmt, measured, FileSummary(str(path), role, fmt, why, count, len(problems) - before)
 

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from tunelab.config import DataConfig
+from tunelab.data.columns import explain, rename_columns
 from tunelab.data.formats import PAIR_FORMATS, RowError
 from tunelab.data.pairs import FeedbackSample, PairRow, PreferencePair, to_pair
 from tunelab.data.prepare import file_format, raise_problems, split_samples, train_sources, weighted
@@ -158,12 +159,18 @@ def collate_pairs(pairs: list[TokenizedPair], pad_token_id: int) -> dict[str, to
 
 
 def load_pairs(
-    path: Path, fmt: str, system_prompt: str | None, problems: list[str], *, skip_unreadable: bool = False
+    path: Path,
+    fmt: str,
+    system_prompt: str | None,
+    problems: list[str],
+    *,
+    skip_unreadable: bool = False,
+    columns: dict[str, str] | None = None,
 ) -> tuple[list[PairRow], str, str, int]:
     """(canonical rows, format, why that format, rows in the file), like `load_samples` for SFT data. Rows
     that cannot become pairs or feedback go to `problems` as `file:line: why`."""
     already = len(problems)
-    records = read_records(path, problems if skip_unreadable else None)
+    records = rename_columns(read_records(path, problems if skip_unreadable else None), columns, path)
     rows = len(records) + len(problems) - already
     if not rows:
         raise DataError("file holds no rows", where=str(path))
@@ -179,7 +186,7 @@ def load_pairs(
         try:
             row = to_pair(record, fmt, system_prompt)
         except RowError as err:
-            problems.append(f"{record.where}: {err}")
+            problems.append(f"{record.where}: {explain(str(err), columns)}")
             continue
         row.source = Path(str(path)).stem
         out.append(row)
@@ -195,7 +202,7 @@ def data_kind(config: DataConfig) -> str:
         paths.append((config.eval, config.format))
     for path, fmt in paths:
         if fmt == "auto":
-            fmt, _ = file_format(read_records(path, []), fmt, path)
+            fmt, _ = file_format(rename_columns(read_records(path, []), config.columns, path), fmt, path)
         kinds[str(path)] = fmt if fmt in PAIR_FORMATS else "sft"
     if len(set(kinds.values())) > 1:
         listed = ", ".join(f"{p} ({k})" for p, k in kinds.items())
@@ -223,14 +230,16 @@ def prepare_preference_data(config: DataConfig, tokenizer, seed: int) -> Prepare
     train_rows: list[PairRow] = []
     eval_rows: list[PairRow] = []
     for source in train_sources(config):
-        rows, fmt, why, _ = load_pairs(source.path, source.format or config.format, config.system_prompt, problems)
+        rows, fmt, why, _ = load_pairs(source.path, source.format or config.format, config.system_prompt, problems,
+                                       columns=config.columns)
         prepared.formats[str(source.path)] = f"{fmt} ({why})"
         prepared.source_weights[Path(str(source.path)).stem] = source.weight
         train_part, eval_part = (rows, []) if config.eval is not None else split_samples(rows, config.eval_split, seed)
         train_rows += weighted(train_part, source.weight, seed)
         eval_rows += eval_part
     if config.eval is not None:
-        rows, fmt, why, _ = load_pairs(config.eval, config.format, config.system_prompt, problems)
+        rows, fmt, why, _ = load_pairs(config.eval, config.format, config.system_prompt, problems,
+                                       columns=config.columns)
         prepared.formats[str(config.eval)] = f"{fmt} ({why})"
         eval_rows += rows
     prepared.train = _tokenize_all(train_rows, renderer, config, problems, prepared)

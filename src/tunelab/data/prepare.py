@@ -20,6 +20,7 @@ from tunelab.config import DataConfig, DataSource
 from tunelab.data.arrow_store import SampleView, TokenizedView, TokenTable
 from tunelab.data.batching import sample_lengths
 from tunelab.data.cache import tokenized_file
+from tunelab.data.columns import explain, rename_columns
 from tunelab.data.formats import (  # noqa: F401 - file_format and needs_pair_objective are used from here
     PAIR_FORMATS,
     RowError,
@@ -97,12 +98,19 @@ def train_sources(config: DataConfig) -> list[DataSource]:
 
 
 def load_samples(
-    path: Path, fmt: str, system_prompt: str | None, problems: list[str], *, skip_unreadable: bool = False
+    path: Path,
+    fmt: str,
+    system_prompt: str | None,
+    problems: list[str],
+    *,
+    skip_unreadable: bool = False,
+    columns: dict[str, str] | None = None,
 ) -> tuple[list[Sample], str, str, int]:
     """(canonical samples, format, why that format, rows in the file). Rows that cannot become samples go to
-    `problems` as `file:line: why`; unreadable lines raise, or with `skip_unreadable` go there too."""
+    `problems` as `file:line: why`; unreadable lines raise, or with `skip_unreadable` go there too. `columns` is
+    data.columns (file columns read as tunelab's fields)."""
     already = len(problems)
-    records = read_records(path, problems if skip_unreadable else None)
+    records = rename_columns(read_records(path, problems if skip_unreadable else None), columns, path)
     rows = len(records) + len(problems) - already
     if not rows:
         raise DataError("file holds no rows", where=str(path))
@@ -114,7 +122,7 @@ def load_samples(
         try:
             sample = to_sample(record, fmt, system_prompt)
         except RowError as err:
-            problems.append(f"{record.where}: {err}")
+            problems.append(f"{record.where}: {explain(str(err), columns)}")
             continue
         sample.source = Path(str(path)).stem
         samples.append(sample)
@@ -233,7 +241,7 @@ def prepare_eval_file(path: Path, config: DataConfig, tokenizer) -> tuple[list[T
     """A whole file as an evaluation set: tokenised samples for loss, canonical samples for generation."""
     problems: list[str] = []
     renderer = ChatRenderer(tokenizer, config.chat_template)
-    samples, _, _, _ = load_samples(path, config.format, config.system_prompt, problems)
+    samples, _, _, _ = load_samples(path, config.format, config.system_prompt, problems, columns=config.columns)
     tokenized: list[TokenizedSample] = []
     for sample in samples:
         result = tokenize_sample(sample, renderer, config)

@@ -15,6 +15,7 @@ from tunelab.eval.evaluate import evaluate_loss, evaluate_task
 from tunelab.eval.labels import LABEL_METRICS, LabelScore, resolve_labels
 from tunelab.eval.metrics import METRICS, is_custom_metric
 from tunelab.eval.paired import bootstrap_difference, compare_replies
+from tunelab.eval.recorded import record_evaluation
 from tunelab.infer.generate import GenerationOptions
 from tunelab.infer.load import load_for_inference
 from tunelab.train.precision import resolve_precision
@@ -45,7 +46,8 @@ def evaluate_model(
 ) -> dict:
     """Evaluate `spec` on `data_path`. Returns the metrics; with `output`, writes eval.json and the
     per-sample replies (eval_samples.jsonl) there. With `baseline` (a model spec, or `base` for a run's base
-    model), the baseline is evaluated on the same samples and the differences come with 95% intervals.
+    model), the baseline is evaluated on the same samples and the differences come with 95% intervals. When `spec`
+    is a run directory the result is also kept there (RUN/evals/<data>-<metrics>.json) and its report.html shows it.
     `labels` (which adds label_accuracy) is the label set that metric scores; by default the distinct
     references of the whole file, when there are at most 50."""
     if labels is not None and "label_accuracy" not in metrics:
@@ -87,6 +89,8 @@ def evaluate_model(
                 if i < len(predicted):
                     record["label"] = predicted[i]
                 handle.write(json.dumps(record) + "\n")
+    if run_config is not None and Path(str(spec)).is_dir():  # evidence about a run is kept with it
+        record_evaluation(Path(str(spec)), result, metrics)
     return result
 
 
@@ -98,7 +102,8 @@ def _score(spec, data_path, metrics, options, limit, max_length, run_config=None
     data_config = DataConfig(train=data_path, eval_split=0, max_length=max_length, overlong="truncate")
     if run_config is not None:
         data_config = data_config.model_copy(
-            update={"chat_template": run_config.data.chat_template, "train_on": run_config.data.train_on}
+            update={"chat_template": run_config.data.chat_template, "train_on": run_config.data.train_on,
+                    "columns": run_config.data.columns}
         )
     tokenized, samples = prepare_eval_file(data_path, data_config, loaded.tokenizer)
     if any(m in LABEL_METRICS for m in metrics):

@@ -11,6 +11,7 @@ from pathlib import Path
 
 from tunelab.errors import ConfigError
 from tunelab.eval import report_plots as plots
+from tunelab.eval.recorded import evaluations_section
 from tunelab.eval.report_html import (
     Cell,
     change,
@@ -176,6 +177,7 @@ def write_report(run_dir: Path) -> Path:
         notice(run.problems),
         section("run", table(run_facts(run.summary, run.metrics), numbers=False)),
         _before_after_section(run),
+        evaluations_section(run_dir),
         _plots_section(run, run_dir / "plots"),
         samples_section(run.samples),
         data_section(s.get("data")),
