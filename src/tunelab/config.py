@@ -199,8 +199,8 @@ class TrainConfig(Strict):
     log_every: int = Field(1, ge=1)
     group_by_length: bool = False
     attention: Literal["auto", "sdpa", "matmul"] = "auto"
-    """Attention in training: sdpa, or plain matmuls with float32 scores (faster backward on CPU for short
-    rows); auto picks matmul for bf16 on CPU when data.max_length <= 256."""
+    """Attention in training: the model's own (auto), sdpa, or matmul: plain matmuls with float32 scores for
+    llama-style attention (no soft-capping), whose backward beat CPU flash attention in a one-thread test."""
     """Batch samples of similar length together to cut padding."""
 
 

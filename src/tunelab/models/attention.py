@@ -1,11 +1,11 @@
-"""Attention for training on CPU: plain matmuls with float32 scores.
+"""Attention for training on CPU: plain matmuls with float32 scores (`train.attention: matmul`).
 
 PyTorch's CPU flash-attention kernel (what `sdpa` picks) has a slow backward at the short lengths of
-instruction data: on the default model, batch 8 x ~140 tokens, it took a fifth of each LoRA step. Two
-matmuls and a softmax do the same work faster there (measured 15-20% less step time; see bench/README.md),
-at the price of holding the B x heads x T x T probabilities for backward, so `auto` uses them only for
-short rows. Scores are computed and normalised in float32 (bf16 scores cost 0.5% of the loss in a test
-against float32; these cost 0.2%, like sdpa's).
+instruction data: on the default model, batch 8 x ~140 tokens, it took a fifth of a one-thread LoRA step, and
+two matmuls and a softmax cut the step by 15-20% there. On two idle threads the whole main job was no faster,
+and the B x heads x T x T probabilities kept for backward raise peak memory, so the path is opt-in until the
+benchmark shows it pays. Scores are computed and normalised in float32 (bf16 scores cost 0.5% of the loss in
+a test against float32; these cost 0.2%, like sdpa's).
 """
 
 from __future__ import annotations
@@ -16,11 +16,6 @@ from contextlib import contextmanager
 import torch
 
 MATMUL = "tunelab_matmul"
-SHORT_ROWS = 256
-"""Longest row for which `auto` picks the matmul path (its T x T probabilities stay small)."""
-PLAIN_ATTENTION_MODELS = {"llama", "mistral", "qwen2", "qwen3"}
-"""Architectures whose attention is exactly softmax(QK^T * scaling + mask) V (no soft-capping, sinks or
-custom scaling), so the matmul path computes what their own attention computes."""
 
 
 class _MatmulAttention(torch.autograd.Function):
@@ -79,15 +74,15 @@ def register() -> None:
 
 
 def training_attention(setting: str, device: torch.device, precision: str, max_length: int, model) -> str | None:
-    """The attention implementation training should use, or None to keep the model's own."""
+    """The attention implementation training should use, or None to keep the model's own. `auto` keeps the
+    model's own for now: the matmul path won 15-20% per step in a one-thread test on a loaded machine, but the
+    whole main job on two idle threads was no faster (248 vs 270 input tokens/s) and peaked higher, so it stays
+    opt-in until bench/compare_peer.py shows it pays."""
     if setting == "sdpa":
         return "sdpa"
     if setting == "matmul":
         return MATMUL
-    config = _base_config(model)
-    plain = getattr(config, "model_type", None) in PLAIN_ATTENTION_MODELS
-    short_cpu_bf16 = device.type == "cpu" and precision == "bf16" and max_length <= SHORT_ROWS
-    return MATMUL if plain and short_cpu_bf16 else None
+    return None
 
 
 @contextmanager
