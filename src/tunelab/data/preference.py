@@ -17,10 +17,18 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from tunelab.config import DataConfig
-from tunelab.data.columns import explain, rename_columns
-from tunelab.data.formats import PAIR_FORMATS, RowError
+from tunelab.data.columns import rename_columns
+from tunelab.data.formats import PAIR_FORMATS
 from tunelab.data.pairs import FeedbackSample, PairRow, PreferencePair, to_pair
-from tunelab.data.prepare import file_format, raise_problems, split_samples, train_sources, weighted
+from tunelab.data.prepare import (
+    convert_rows,
+    file_format,
+    raise_problems,
+    read_file_rows,
+    split_samples,
+    train_sources,
+    weighted,
+)
 from tunelab.data.sources import read_records
 from tunelab.data.template import IGNORE_INDEX, ChatRenderer, TemplateError, TokenizedSample, trained_spans
 from tunelab.errors import DataError
@@ -169,28 +177,14 @@ def load_pairs(
 ) -> tuple[list[PairRow], str, str, int]:
     """(canonical rows, format, why that format, rows in the file), like `load_samples` for SFT data. Rows
     that cannot become pairs or feedback go to `problems` as `file:line: why`."""
-    already = len(problems)
-    records = rename_columns(read_records(path, problems if skip_unreadable else None), columns, path)
-    rows = len(records) + len(problems) - already
-    if not rows:
-        raise DataError("file holds no rows", where=str(path))
-    fmt, why = file_format(records, fmt, path)
+    records, fmt, why, rows = read_file_rows(path, fmt, problems, skip_unreadable=skip_unreadable, columns=columns)
     if records and fmt not in PAIR_FORMATS:
         raise DataError(
             f"rows are '{fmt}' data ({why}), not preference pairs (prompt/chosen/rejected) or "
             "feedback (prompt/completion/label)",
             where=str(path),
         )
-    out: list[PairRow] = []
-    for record in records:
-        try:
-            row = to_pair(record, fmt, system_prompt)
-        except RowError as err:
-            problems.append(f"{record.where}: {explain(str(err), columns)}")
-            continue
-        row.source = Path(str(path)).stem
-        out.append(row)
-    return out, fmt, why, rows
+    return convert_rows(records, lambda r: to_pair(r, fmt, system_prompt), path, problems, columns), fmt, why, rows
 
 
 def data_kind(config: DataConfig) -> str:

@@ -109,24 +109,38 @@ def load_samples(
     """(canonical samples, format, why that format, rows in the file). Rows that cannot become samples go to
     `problems` as `file:line: why`; unreadable lines raise, or with `skip_unreadable` go there too. `columns` is
     data.columns (file columns read as tunelab's fields)."""
+    records, fmt, why, rows = read_file_rows(path, fmt, problems, skip_unreadable=skip_unreadable, columns=columns)
+    if records and fmt in PAIR_FORMATS:
+        raise DataError(needs_pair_objective(fmt, why), where=str(path))
+    return convert_rows(records, lambda r: to_sample(r, fmt, system_prompt), path, problems, columns), fmt, why, rows
+
+
+def read_file_rows(path: Path, fmt: str, problems: list[str], *, skip_unreadable: bool = False,
+                   columns: dict[str, str] | None = None):
+    """(records with data.columns applied, format, why that format, rows in the file): the reading every
+    objective's loader shares. Raises DataError for a file without rows."""
     already = len(problems)
     records = rename_columns(read_records(path, problems if skip_unreadable else None), columns, path)
     rows = len(records) + len(problems) - already
     if not rows:
         raise DataError("file holds no rows", where=str(path))
     fmt, why = file_format(records, fmt, path)
-    if records and fmt in PAIR_FORMATS:
-        raise DataError(needs_pair_objective(fmt, why), where=str(path))
-    samples = []
+    return records, fmt, why, rows
+
+
+def convert_rows(records, convert, path: Path, problems: list[str], columns: dict[str, str] | None) -> list:
+    """Each record through `convert` (to a sample, pair or feedback row) tagged with its source; rows that
+    cannot convert go to `problems` as `file:line: why`."""
+    out = []
     for record in records:
         try:
-            sample = to_sample(record, fmt, system_prompt)
+            row = convert(record)
         except RowError as err:
             problems.append(f"{record.where}: {explain(str(err), columns)}")
             continue
-        sample.source = Path(str(path)).stem
-        samples.append(sample)
-    return samples, fmt, why, rows
+        row.source = Path(str(path)).stem
+        out.append(row)
+    return out
 
 
 def split_indices(count: int, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
