@@ -67,7 +67,7 @@ def main() -> None:
         data_seed=spec["seed"],
         bf16=spec["precision"] == "bf16",
         use_cpu=device.type == "cpu",
-        gradient_checkpointing=False,
+        gradient_checkpointing=spec.get("peer_gradient_checkpointing", False),
         train_sampling_strategy="sequential",
         shuffle_dataset=False,
         max_length=spec["max_length"],

@@ -44,7 +44,7 @@ def overrides(spec: dict) -> list[str]:
         lora = spec["lora"]
         items += [f"method.r={lora['r']}", f"method.alpha={lora['alpha']}", f"method.dropout={lora['dropout']}",
                   "method.target_modules=all-linear"]
-    return items
+    return items + list(spec.get("tunelab_overrides", []))
 
 
 def main() -> None:

@@ -90,6 +90,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--wait-idle", type=float, default=120,
                         help="before each run, wait up to this many seconds for other processes to leave the CPU "
                         "(under 15%% use); 0 to start at once")
+    parser.add_argument("--tunelab-set", action="append", default=[], metavar="KEY=VALUE",
+                        help="extra tunelab config override for its runs (repeatable), e.g. train.attention=sdpa")
+    parser.add_argument("--peer-gradient-checkpointing", action="store_true",
+                        help="leave the peer's gradient checkpointing on, as TRL's SFTConfig does by default "
+                        "(default: off, like tunelab)")
     args = parser.parse_args(argv)
     names = list(CASES) if args.cases == "all" else [c.strip() for c in args.cases.split(",") if c.strip()]
     unknown = [n for n in names if n not in CASES]
@@ -212,6 +217,8 @@ def child_spec(case: Case, data: dict, model_path: Path, args, precision: str, r
         "lr": case.lr,
         "seed": args.seed,
         "precision": precision,
+        "tunelab_overrides": args.tunelab_set,
+        "peer_gradient_checkpointing": args.peer_gradient_checkpointing,
         "run_dir": str(run_dir),
         "result": str(result),
     }
@@ -289,6 +296,8 @@ def markdown(outcome: dict, summary: dict, machine: dict, args) -> str:
         f"device {machine['device']} ({machine['cpu']}, {machine['cpus_available']} cores, "
         f"torch threads {first['tunelab'].get('torch_threads', '-')})",
         f"- batching: tunelab {first['tunelab'].get('batching', '-')}; peer {first['peer'].get('batching', '-')}",
+        f"- tunelab overrides: {', '.join(args.tunelab_set) or 'none'}; peer gradient checkpointing: "
+        + ("on (TRL's default)" if args.peer_gradient_checkpointing else "off (like tunelab)"),
         f"- versions: tunelab {machine['tunelab_commit']}, trl {machine['versions'].get('trl')}, "
         f"transformers {machine['versions'].get('transformers')}, peft {machine['versions'].get('peft')}, "
         f"torch {machine['versions'].get('torch')}",

@@ -56,11 +56,19 @@ def test_matmul_attention_equals_sdpa_in_fp32(tiny_model_dir, packed, monkeypatc
     assert model.config._attn_implementation == "sdpa"  # put back after the block
 
 
-def test_auto_keeps_the_models_own_attention_until_matmul_is_asked_for(tiny_model_dir):
+def test_auto_takes_the_matmul_path_only_on_cpu_for_llama_style_models_and_short_rows(tiny_model_dir):
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
     cpu = torch.device("cpu")
+    assert training_attention("auto", cpu, "bf16", 256, model, batch_size=8) == MATMUL
+    # 8 x heads x 4096^2 bf16 probabilities per layer exceed the budget: flash attention keeps no T x T matrix
+    assert training_attention("auto", cpu, "bf16", 4096, model, batch_size=8) is None
+    assert training_attention("auto", torch.device("cuda"), "bf16", 256, model) is None
+    model.config.attention_dropout = 0.1
+    assert training_attention("auto", cpu, "bf16", 256, model) is None
+    model.config.attention_dropout = 0.0
+    model.config.model_type = "gemma2"  # soft-capped scores: not plain dot-product attention
     assert training_attention("auto", cpu, "bf16", 256, model) is None
     assert training_attention("sdpa", cpu, "bf16", 256, model) == "sdpa"
     assert training_attention("matmul", cpu, "fp32", 4096, model) == MATMUL

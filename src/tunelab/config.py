@@ -198,10 +198,12 @@ class TrainConfig(Strict):
     """End with the weights of the best evaluation, not the last (always on with early stopping)."""
     log_every: int = Field(1, ge=1)
     group_by_length: bool = False
-    attention: Literal["auto", "sdpa", "matmul"] = "auto"
-    """Attention in training: the model's own (auto), sdpa, or matmul: plain matmuls with float32 scores for
-    llama-style attention (no soft-capping), whose backward beat CPU flash attention in a one-thread test."""
     """Batch samples of similar length together to cut padding."""
+    attention: Literal["auto", "sdpa", "matmul"] = "auto"
+    """Attention in training: sdpa, or matmul (plain matmuls with float32 scores, llama-style attention only),
+    whose backward beats CPU flash attention on short rows. auto: matmul on CPU for llama-style models when its
+    kept probabilities stay small (batch x heads x max_length^2, summed over layers, at most 512 MB), else the
+    model's own."""
 
 
 class EvalConfig(Strict):

@@ -1,11 +1,11 @@
 """Attention for training on CPU: plain matmuls with float32 scores (`train.attention: matmul`).
 
 PyTorch's CPU flash-attention kernel (what `sdpa` picks) has a slow backward at the short lengths of
-instruction data: on the default model, batch 8 x ~140 tokens, it took a fifth of a one-thread LoRA step, and
-two matmuls and a softmax cut the step by 15-20% there. On two idle threads the whole main job was no faster,
-and the B x heads x T x T probabilities kept for backward raise peak memory, so the path is opt-in until the
-benchmark shows it pays. Scores are computed and normalised in float32 (bf16 scores cost 0.5% of the loss in
-a test against float32; these cost 0.2%, like sdpa's).
+instruction data: on the default model, batch 8 x ~140 tokens, it took a fifth of a LoRA step, and two
+matmuls and a softmax cut the step by 12-20%. The B x heads x T x T probabilities kept for backward grow with
+the square of the length, so `auto` takes this path only while they stay small (see training_attention).
+Scores are computed and normalised in float32 (bf16 scores cost 0.5% of the loss in a test against float32;
+these cost 0.2%, like sdpa's).
 """
 
 from __future__ import annotations
@@ -73,16 +73,36 @@ def register() -> None:
     AttentionMaskInterface.register(MATMUL, eager_mask)
 
 
-def training_attention(setting: str, device: torch.device, precision: str, max_length: int, model) -> str | None:
-    """The attention implementation training should use, or None to keep the model's own. `auto` keeps the
-    model's own for now: the matmul path won 15-20% per step in a one-thread test on a loaded machine, but the
-    whole main job on two idle threads was no faster (248 vs 270 input tokens/s) and peaked higher, so it stays
-    opt-in until bench/compare_peer.py shows it pays."""
+MATMUL_MODEL_TYPES = {"llama", "mistral", "qwen2", "qwen3"}
+"""Models whose attention is plain scaled dot-product (no soft-capping, sinks or attention dropout by default)."""
+MATMUL_PROBS_BUDGET = 512 * 2**20
+"""Bytes of bf16 probabilities the matmul path may keep for backward, over all layers, before auto declines."""
+
+
+def training_attention(
+    setting: str, device: torch.device, precision: str, max_length: int, model, batch_size: int = 8
+) -> str | None:
+    """The attention implementation training should use, or None to keep the model's own.
+
+    `auto` takes the matmul path on CPU for llama-style models when the probabilities it keeps for backward
+    (batch x heads x max_length^2 per layer) fit MATMUL_PROBS_BUDGET: on the default model (batch 8, rows of
+    ~140 tokens, two threads, bf16) it cut a LoRA step from 3.73-3.81 s to 3.30 s, since PyTorch's CPU
+    flash-attention backward spends ~0.75 s a step at these lengths. Long rows keep the model's own
+    (flash attention stores no T x T matrix)."""
     if setting == "sdpa":
         return "sdpa"
     if setting == "matmul":
         return MATMUL
-    return None
+    config = _base_config(model)
+    if device.type != "cpu" or config is None or getattr(config, "model_type", None) not in MATMUL_MODEL_TYPES:
+        return None
+    if getattr(config, "attention_dropout", 0.0) or getattr(config, "attn_logit_softcapping", None):
+        return None
+    layers = getattr(config, "num_hidden_layers", 0)
+    heads = getattr(config, "num_attention_heads", 0)
+    element = 2 if precision == "bf16" else 4
+    kept = batch_size * heads * max_length**2 * element * layers
+    return MATMUL if 0 < kept <= MATMUL_PROBS_BUDGET else None
 
 
 @contextmanager

@@ -130,7 +130,8 @@ def _train(config: RunConfig, log: RunLog, *, resume: bool, overwrite: bool, con
     steps_per_epoch = math.ceil(len(epoch_plan(ctx, 0).batches) / config.train.grad_accum)
     ctx.total_steps = config.train.max_steps or max(1, math.ceil(config.train.epochs * steps_per_epoch))
     ctx.optimizer, ctx.scheduler = build_optimizer(model, config.train, ctx.total_steps)
-    attention = training_attention(config.train.attention, device, precision, config.data.max_length, model)
+    attention = training_attention(config.train.attention, device, precision, config.data.max_length, model,
+                                   config.train.batch_size)
     with attention_implementation(model, attention):
         memory = _estimate_memory(ctx, data, tokenizer)
     console.print(
