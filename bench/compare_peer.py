@@ -25,6 +25,7 @@ from importlib import metadata
 from pathlib import Path
 
 from _case_data import write_case_data
+from _random_model import SHAPES, build_random_model
 
 BENCH = Path(__file__).resolve().parent
 REPO = BENCH.parent
@@ -80,7 +81,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--repeats", type=int, default=2, help="pairs of runs (tunelab, peer) per case")
     parser.add_argument("--steps", type=int, default=20, help="optimiser steps per run")
     parser.add_argument("--batch-size", type=int, default=8)
-    parser.add_argument("--model", default="smollm2-135m-instruct", help="tunelab preset, hub id or local folder")
+    parser.add_argument("--model", default="smollm2-135m-instruct",
+                        help="tunelab preset, hub id or local folder; or a random-weight Llama built from a config: "
+                        + ", ".join(SHAPES) + " (speed and memory only)")
     parser.add_argument("--precision", choices=["auto", "bf16", "fp32"], default="auto",
                         help="auto: bf16 autocast where the CPU (AMX/AVX512-BF16) or GPU supports it")
     parser.add_argument("--seed", type=int, default=42)
@@ -370,9 +373,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     from tunelab.models.resolve import resolve_model
 
-    model_path = resolve_model(args.model)
     precision = resolve_precision(args.precision)
-    machine = machine_info(model_path)
     args.results.mkdir(parents=True, exist_ok=True)
     stamp = time.strftime("%Y%m%d-%H%M%S")
     temp = None
@@ -383,6 +384,13 @@ def main(argv: list[str] | None = None) -> int:
         workdir = args.workdir
     failed = False
     try:
+        if args.model in SHAPES:
+            print(f"building {args.model} (random weights) ...", file=sys.stderr, flush=True)
+            model_path = build_random_model(args.model, resolve_model("smollm2-135m-instruct"),
+                                            workdir / "models" / args.model, seed=args.seed)
+        else:
+            model_path = resolve_model(args.model)
+        machine = machine_info(model_path)
         for name in args.case_names:
             outcome = run_case(name, args, model_path, precision, workdir)
             summary = summarise(outcome)

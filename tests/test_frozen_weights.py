@@ -3,7 +3,6 @@ the float32 masters, and the masters come back untouched."""
 
 from __future__ import annotations
 
-import pytest
 import torch
 
 from tunelab.config import LoraMethod
@@ -52,16 +51,19 @@ def test_bf16_frozen_weights_give_bitwise_the_same_loss_and_gradients(tiny_model
     frozen = FrozenWeights(model, "bf16")
     frozen.to_compute()
     dtypes = {n: p.dtype for n, p in model.named_parameters()}
+    head_dtype = model.get_output_embeddings().weight.dtype
     loss, grads = loss_and_grads(model, inputs)
     frozen.to_masters()
 
-    assert frozen.count == 7 * 2  # every frozen projection of both blocks
+    assert frozen.count == 7 * 2 + 1  # every frozen projection of both blocks, and the output head
     assert all(dtypes[n] == torch.bfloat16 for n in dtypes if n.endswith("base_layer.weight"))
     assert dtypes["base_model.model.model.embed_tokens.weight"] == torch.float32  # tied to the output head
+    assert head_dtype == torch.bfloat16
     assert all(dtypes[n] == torch.float32 for n in dtypes if "lora_" in n or "norm" in n)
     assert loss == reference_loss
     for name, grad in grads.items():
         assert torch.equal(grad, reference_grads[name]), name
+    assert model.get_output_embeddings().weight is model.get_input_embeddings().weight  # tied again
     for name, param in model.named_parameters():  # the very same float32 storage, unchanged
         assert param.data_ptr() == masters[name][0] and torch.equal(param, masters[name][1]), name
 
@@ -77,8 +79,11 @@ def test_masters_context_restores_float32_for_evaluation_and_goes_back(tiny_mode
     frozen.to_masters()
 
 
-@pytest.mark.parametrize(("precision", "name"), [("fp32", "lora"), ("bf16", "dora")])
-def test_nothing_is_swapped_in_fp32_or_under_dora(tiny_model_dir, precision, name):
-    """DoRA adds the float32 base weight to its update outside any matmul, so its base layers keep float32."""
-    frozen = FrozenWeights(lora_model(tiny_model_dir, name), precision)
-    assert frozen.count == 0
+def test_nothing_is_swapped_in_fp32(tiny_model_dir):
+    assert FrozenWeights(lora_model(tiny_model_dir), "fp32").count == 0
+
+
+def test_dora_base_layers_keep_float32(tiny_model_dir):
+    """DoRA adds the float32 base weight to its update outside any matmul: only the output head is swapped."""
+    frozen = FrozenWeights(lora_model(tiny_model_dir, "dora"), "bf16")
+    assert frozen.swaps == [] and frozen.head is not None

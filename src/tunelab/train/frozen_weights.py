@@ -21,9 +21,10 @@ class FrozenWeights:
 
     def __init__(self, model: torch.nn.Module, precision: str):
         self.swaps: list[tuple[torch.nn.Parameter, torch.Tensor, torch.Tensor]] = []
+        self.head: tuple[torch.nn.Linear, torch.nn.Parameter, torch.nn.Parameter] | None = None
         if precision != "bf16":
             return
-        shared = _embedding_weights(model)  # a tied output head shares the input embedding: keep it float32
+        shared = _embedding_weights(model)  # a tied output head shares the input embedding (see below)
         dora = _dora_base_layers(model)  # DoRA adds the float32 weight to its update outside the matmul
         seen: set[int] = set()
         for module in model.modules():
@@ -36,18 +37,28 @@ class FrozenWeights:
                     continue
                 seen.add(id(param))
                 self.swaps.append((param, param.data, param.data.to(torch.bfloat16)))
+        head = _output_head(model)
+        if (type(head) is torch.nn.Linear and head.weight.data_ptr() in shared and not head.weight.requires_grad
+                and head.weight.dtype == torch.float32):
+            # Tied to the input embedding, whose lookups must stay float32: the head gets its own bf16 copy.
+            copy = torch.nn.Parameter(head.weight.detach().to(torch.bfloat16), requires_grad=False)
+            self.head = (head, head.weight, copy)
 
     @property
     def count(self) -> int:
-        return len(self.swaps)
+        return len(self.swaps) + (self.head is not None)
 
     def to_compute(self) -> None:
         for param, _, compute in self.swaps:
             param.data = compute
+        if self.head is not None:
+            self.head[0].weight = self.head[2]
 
     def to_masters(self) -> None:
         for param, master, _ in self.swaps:
             param.data = master
+        if self.head is not None:
+            self.head[0].weight = self.head[1]
 
     @contextmanager
     def masters(self) -> Iterator[None]:
@@ -57,6 +68,11 @@ class FrozenWeights:
             yield
         finally:
             self.to_compute()
+
+
+def _output_head(model: torch.nn.Module) -> torch.nn.Module | None:
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return base.get_output_embeddings() if hasattr(base, "get_output_embeddings") else None
 
 
 def _embedding_weights(model: torch.nn.Module) -> set[int]:
