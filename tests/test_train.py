@@ -65,6 +65,13 @@ def test_lora_lowers_eval_loss_and_writes_the_run_directory(tiny_model_dir, qa_f
     assert 0 < written["mfu"] < 1 and written["peak_matmul_tflops"] > 0
 
 
+def test_lora_with_activation_checkpointing_learns(tiny_model_dir, qa_file, tmp_path):
+    summary = train_run(run_config(tiny_model_dir, qa_file, tmp_path / "run", "train.activation_checkpointing=1",
+                                   "train.epochs=4", "train.lr=3e-3"))
+    assert summary["status"] == "completed"
+    assert summary["final_eval_loss"] < summary["base_eval_loss"] - 0.5
+
+
 def test_full_fine_tuning_trains_every_weight(tiny_model_dir, qa_file, tmp_path):
     out = tmp_path / "full"
     summary = train_run(run_config(tiny_model_dir, qa_file, out, "method.name=full", "train.epochs=3",

