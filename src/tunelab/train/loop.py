@@ -21,7 +21,6 @@ from tunelab.objectives.sft import sft_loss_sum
 from tunelab.track.jsonl import MetricsLog
 from tunelab.train.best import BestTracker
 from tunelab.train.checkpoint import TrainerState, rng_snapshot, save_checkpoint
-from tunelab.train.frozen_weights import FrozenWeights
 from tunelab.train.precision import autocast
 
 
@@ -82,24 +81,12 @@ def micro_batches(ctx: LoopContext, epoch: int, batch_in_epoch: int) -> Iterator
 def fit(ctx: LoopContext, state: TrainerState) -> TrainerState:
     """Train from `state` to the last step; returns the final state. Stops early when train.best_metric stops
     improving, and ends with the best step's weights when early stopping or keep_best is on."""
-    model = ctx.model
-    trainable = [p for p in model.parameters() if p.requires_grad]
-    batches = micro_batches(ctx, state.epoch, state.batch_in_epoch)
-    best = BestTracker(ctx.config.train, ctx.run_dir, model)
-    model.train()
-    frozen = FrozenWeights(model, ctx.precision)
-    frozen.to_compute()
-    try:
-        _steps(ctx, state, frozen, batches, trainable, best)
-    finally:
-        frozen.to_masters()
-    best.restore(state)
-    return state
-
-
-def _steps(ctx: LoopContext, state: TrainerState, frozen: FrozenWeights, batches, trainable, best: BestTracker) -> None:
     cfg = ctx.config.train
     model, optimizer, scheduler = ctx.model, ctx.optimizer, ctx.scheduler
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    batches = micro_batches(ctx, state.epoch, state.batch_in_epoch)
+    best = BestTracker(cfg, ctx.run_dir, model)
+    model.train()
     while state.step < ctx.total_steps:
         started = time.perf_counter()
         step_batches = [next(batches) for _ in range(cfg.grad_accum)]
@@ -149,8 +136,7 @@ def _steps(ctx: LoopContext, state: TrainerState, frozen: FrozenWeights, batches
         stop = False
         last = state.step == ctx.total_steps
         if (cfg.eval_every and state.step % cfg.eval_every == 0) or last:
-            with frozen.masters():
-                metrics = ctx.evaluate()
+            metrics = ctx.evaluate()
             record.update(metrics)
             state.extra["last_eval"] = metrics
             stop = best.observe(state, metrics)
@@ -161,7 +147,9 @@ def _steps(ctx: LoopContext, state: TrainerState, frozen: FrozenWeights, batches
             save_checkpoint(ctx.run_dir, model, optimizer, scheduler, state, cfg.keep_checkpoints)
         if stop:
             state.extra["early_stopped_at"] = state.step
-            return
+            break
+    best.restore(state)
+    return state
 
 
 def _rows(ctx: LoopContext, rows: list[list[int]]) -> list[list[TokenizedSample]]:
