@@ -225,13 +225,10 @@ class _Parts:
         return np.concatenate([per_table(t) for t in self.tables])[self.index]
 
 
-class TokenizedView(Sequence[TokenizedSample]):
-    """Token rows of several tables in training order: a read-only list of TokenizedSample for callers, plain
-    arrays (`lengths`, `trained_counts`) for the batch planner and statistics."""
+class _PartsView(Sequence):
+    """A read-only list over rows of several tables in a given order; subclasses build one row."""
 
-    def __init__(self, tables: list[TokenTable], parts: list[tuple[int, np.ndarray]]) -> None:
-        self._parts = _Parts(tables, parts, lambda t: t.num_units)
-        self._lengths: np.ndarray | None = None
+    _parts: _Parts
 
     def __len__(self) -> int:
         return len(self._parts.index)
@@ -244,6 +241,21 @@ class TokenizedView(Sequence[TokenizedSample]):
         if not 0 <= position < len(self):
             raise IndexError(position)
         table, local = self._parts.locate(position)
+        return self._row(table, local)
+
+    def _row(self, table: TokenTable, local: int):
+        raise NotImplementedError
+
+
+class TokenizedView(_PartsView):
+    """Token rows of several tables in training order: a read-only list of TokenizedSample for callers, plain
+    arrays (`lengths`, `trained_counts`) for the batch planner and statistics."""
+
+    def __init__(self, tables: list[TokenTable], parts: list[tuple[int, np.ndarray]]) -> None:
+        self._parts = _Parts(tables, parts, lambda t: t.num_units)
+        self._lengths: np.ndarray | None = None
+
+    def _row(self, table: TokenTable, local: int) -> TokenizedSample:
         return table.unit(local)
 
     @property
@@ -265,21 +277,11 @@ class TokenizedView(Sequence[TokenizedSample]):
         return digest.hexdigest()
 
 
-class SampleView(Sequence[Sample]):
+class SampleView(_PartsView):
     """Held-out samples (those with messages) of several tables, built one at a time when asked for."""
 
     def __init__(self, tables: list[TokenTable], parts: list[tuple[int, np.ndarray]]) -> None:
         self._parts = _Parts(tables, parts, lambda t: t.num_samples)
 
-    def __len__(self) -> int:
-        return len(self._parts.index)
-
-    def __getitem__(self, position):
-        if isinstance(position, slice):
-            return [self[i] for i in range(*position.indices(len(self)))]
-        if position < 0:
-            position += len(self)
-        if not 0 <= position < len(self):
-            raise IndexError(position)
-        table, local = self._parts.locate(position)
+    def _row(self, table: TokenTable, local: int) -> Sample:
         return table.sample(local)
