@@ -151,11 +151,11 @@ def test_every_other_method_lowers_eval_loss_on_the_default_model_and_reloads(de
     assert replies == [s["fine_tuned"] for s in samples]
 
 
-def test_qlora_peaks_below_lora_and_the_memory_estimate_holds(default_model_dir, qa_file, tmp_path):
-    """compare-methods on the real model at batch 1, where weights dominate: the 4-bit base peaks lower (measured
-    1377-1500 vs 1587-1590 MB: the peak is set while loading, when the quantiser reads every float32 page of the
-    mapped checkpoint, and varies by ~120 MB between runs), and the estimate printed before training is within
-    25% of the measured peak."""
+def test_memory_estimate_holds_for_lora_and_qlora(default_model_dir, qa_file, tmp_path):
+    """compare-methods on the real model at batch 1: the estimate printed before training is within 25% of the
+    measured peak. QLoRA's peak is not compared with LoRA's here: at batch 1 it is set while loading (the
+    quantiser reads every float32 page of the mapped checkpoint) and measured 1377-1583 MB against LoRA's
+    1565-1590 MB across runs, so either can be lower."""
     config = tmp_path / "run.yaml"
     config.write_text(
         f"model: {default_model_dir}\n"
@@ -167,6 +167,5 @@ def test_qlora_peaks_below_lora_and_the_memory_estimate_holds(default_model_dir,
     result = CliRunner().invoke(app, ["compare-methods", str(config), "--methods", "lora,qlora", "-o", str(out)])
     assert result.exit_code == 0, result.output
     rows = {row["method"]: row for row in json.loads((out / "compare.json").read_text())}
-    assert rows["qlora"]["peak_memory_mb"] < rows["lora"]["peak_memory_mb"]
     for row in rows.values():
         assert abs(row["peak_memory_estimate_mb"] - row["peak_memory_mb"]) < 0.25 * row["peak_memory_mb"]
