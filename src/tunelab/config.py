@@ -208,6 +208,10 @@ class TrainConfig(Strict):
     """Recompute decoder layers' activations in backward instead of keeping them: 0 off, 1 every layer, N every
     N-th layer (less memory saved, less recomputed). Costs about one extra forward pass; for long rows or big
     batches that would not fit otherwise."""
+    fused_lora: bool = True
+    """LoRA linear layers (plain, not DoRA or quantised) as one autograd function, frozen weights cast to bf16
+    once instead of every forward, and the input shared by q/k/v and gate/up cast once (methods/fused_lora.py).
+    Same arithmetic; off only to compare against PEFT's own layers."""
 
 
 class EvalConfig(Strict):

@@ -12,7 +12,18 @@ import torch.nn.functional as F
 
 from tunelab.data.template import IGNORE_INDEX
 
-HEAD_CHUNK = 1024  # trained positions per head matmul
+HEAD_CHUNK = 1024  # trained positions per head matmul on accelerators
+CPU_LOGITS_CHUNK_BYTES = 24 * 2**20
+"""On CPU a chunk's float32 logits stay under glibc's largest mmap threshold (32 MB), so the allocator reuses
+heap memory instead of mapping and page-faulting fresh pages for every chunk: on the default model (49k
+vocabulary) 128-row chunks made a LoRA step 9% faster than 1024-row ones (256 rows, 50 MB: no gain)."""
+
+
+def head_chunk_rows(vocab_size: int, device: torch.device) -> int:
+    """Trained positions per head matmul."""
+    if device.type != "cpu":
+        return HEAD_CHUNK
+    return max(16, min(HEAD_CHUNK, CPU_LOGITS_CHUNK_BYTES // (4 * vocab_size)))
 
 
 def decoder_and_head(model):
@@ -52,7 +63,8 @@ def sft_loss_sum(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, i
     wanted = targets[keep]  # [N]
     _, head = decoder_and_head(model)
     total = selected.new_zeros((), dtype=torch.float32)
-    for start in range(0, selected.shape[0], HEAD_CHUNK):
-        logits = head(selected[start : start + HEAD_CHUNK]).float()  # [n, V]
-        total = total + F.cross_entropy(logits, wanted[start : start + HEAD_CHUNK], reduction="sum")
+    chunk = head_chunk_rows(head.weight.shape[0], selected.device)
+    for start in range(0, selected.shape[0], chunk):
+        logits = head(selected[start : start + chunk]).float()  # [n, V]
+        total = total + F.cross_entropy(logits, wanted[start : start + chunk], reduction="sum")
     return total, int(keep.sum())

@@ -21,7 +21,8 @@ import torch
 
 from tunelab.data.batching import collate
 from tunelab.data.template import IGNORE_INDEX, TokenizedSample
-from tunelab.objectives.sft import HEAD_CHUNK, decoder_and_head, sft_loss_sum
+from tunelab.methods.fused_lora import cached_weight_storages
+from tunelab.objectives.sft import decoder_and_head, head_chunk_rows, sft_loss_sum
 from tunelab.train.precision import autocast
 
 _MB = 2**20
@@ -79,6 +80,8 @@ def saved_activation_bytes(model, batch: dict[str, torch.Tensor], precision: str
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), autocast(precision, device):
         loss, _ = sft_loss_sum(model, batch)
     del loss
+    for cast in cached_weight_storages(model):  # counted once, in the resident memory measured afterwards
+        seen.pop(cast, None)
     return sum(seen.values())
 
 
@@ -105,7 +108,7 @@ def _head_backward_bytes(model, batch_shapes: list[tuple[int, int]], trained_fra
     _, head = decoder_and_head(model)
     vocab = head.weight.shape[0]
     tokens = max(rows * length for rows, length in batch_shapes) * trained_fraction
-    return min(HEAD_CHUNK, tokens) * vocab * (4 + 4 + 2)
+    return min(head_chunk_rows(vocab, head.weight.device), tokens) * vocab * (4 + 4 + 2)
 
 
 def fit_activation_model(lengths: list[int], measured: list[float], rows: int) -> tuple[float, float, float]:

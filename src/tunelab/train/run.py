@@ -22,6 +22,7 @@ from tunelab.eval.during_training import RunEvaluator
 from tunelab.eval.report import write_report
 from tunelab.infer.generate import GenerationOptions
 from tunelab.methods import METHODS, count_parameters
+from tunelab.methods.fused_lora import fuse_lora_layers
 from tunelab.models.attention import attention_implementation, training_attention
 from tunelab.models.load import enable_activation_checkpointing, load_model, load_tokenizer
 from tunelab.models.resolve import resolve_model
@@ -107,6 +108,8 @@ def _train(config: RunConfig, log: RunLog, *, resume: bool, overwrite: bool, con
     model = method.apply(load_model(model_path, quantization=quantization, device=str(device)), config.method)
     if config.train.activation_checkpointing:
         enable_activation_checkpointing(model, config.train.activation_checkpointing)
+    if config.train.fused_lora:
+        fuse_lora_layers(model)
     trainable, total = count_parameters(model)
     console.print(
         f"[bold]{config.method.name}[/] on {config.model}: {trainable:,} trainable of {total:,} parameters "

@@ -1,0 +1,198 @@
+"""LoRA linear layers as one autograd function (`train.fused_lora`).
+
+PEFT computes `base(x) + lora_B(lora_A(dropout(x))) * scaling` as separate modules. Under bf16 autocast that
+casts the frozen base weight to bf16 on every forward, casts the same input once per linear (q, k and v
+each cast and keep their own copy of one norm output, and each LoRA A again), and runs the scaling and the
+sum as extra passes over the output. Here one function does `y = x W^T; y += scaling * (x A^T) B^T` with an
+in-place addmm, the frozen weight is cast once and kept (autocast kept those casts through backward anyway),
+and the cast input is shared by every layer that reads it, so it is also saved for backward only once.
+Same arithmetic as autocast (bf16 matmuls, fp32 master adapter weights and gradients).
+"""
+
+from __future__ import annotations
+
+import weakref
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import torch
+from torch import nn
+
+
+class _LoraLinear(torch.autograd.Function):
+    """y = x W^T + b + scaling * (x A^T) B^T, everything in `x_c`'s dtype; x_c is x already cast."""
+
+    @staticmethod
+    def forward(ctx, x, x_c, weight, bias, lora_a, lora_b, scaling):
+        a, b = lora_a.to(x_c.dtype), lora_b.to(x_c.dtype)
+        flat = x_c.reshape(-1, x_c.shape[-1])
+        hidden = flat @ a.t()  # [N, r]
+        out = flat @ weight.t() if bias is None else torch.addmm(bias, flat, weight.t())
+        out.addmm_(hidden, b.t(), alpha=scaling)
+        ctx.save_for_backward(x_c, weight, a, b, hidden)
+        ctx.scaling, ctx.x_dtype = scaling, x.dtype
+        ctx.param_dtypes = (lora_a.dtype, lora_b.dtype)
+        return out.view(*x_c.shape[:-1], out.shape[-1])
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        x_c, weight, a, b, hidden = ctx.saved_tensors
+        grad = grad_out.reshape(-1, grad_out.shape[-1]).to(x_c.dtype)
+        flat = x_c.reshape(-1, x_c.shape[-1])
+        grad_hidden = (grad @ b).mul_(ctx.scaling)  # [N, r]
+        grad_a = (grad_hidden.t() @ flat).to(ctx.param_dtypes[0])
+        grad_b = (grad.t() @ hidden).mul_(ctx.scaling).to(ctx.param_dtypes[1])
+        grad_x = None
+        if ctx.needs_input_grad[0]:
+            grad_x = (grad @ weight).addmm_(grad_hidden, a).to(ctx.x_dtype).view(x_c.shape)
+        return grad_x, None, None, None, grad_a, grad_b, None
+
+
+class _SharedCast:
+    """The last input cast to the compute dtype: q, k and v (and gate and up) read the same norm output, so
+    the first of them casts it and the others reuse that copy while the input is unchanged."""
+
+    def __init__(self) -> None:
+        self.source: weakref.ref | None = None
+        self.version = -1
+        self.cast: torch.Tensor | None = None
+
+    def __call__(self, x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        if x.dtype == dtype:
+            return x.detach()
+        cached = self.source() if self.source is not None else None
+        if cached is x and self.version == x._version and self.cast is not None and self.cast.dtype == dtype:
+            return self.cast
+        with torch.no_grad():
+            self.cast = x.detach().to(dtype)
+        self.source, self.version = weakref.ref(x), x._version
+        return self.cast
+
+    def clear(self) -> None:
+        self.source, self.cast = None, None
+
+
+def _compute_dtype(x: torch.Tensor) -> torch.dtype:
+    if torch.is_autocast_enabled(x.device.type):
+        return torch.get_autocast_dtype(x.device.type)
+    return x.dtype
+
+
+def _fusable(layer, x: torch.Tensor, kwargs: dict) -> str | None:
+    """The active adapter when this call can take the fused path, else None (PEFT's own forward runs)."""
+    if kwargs or layer.disable_adapters or layer.merged:
+        return None
+    active = [name for name in layer.active_adapters if name in layer.lora_A]
+    if len(active) != 1 or active[0] in getattr(layer, "lora_variant", {}):
+        return None
+    adapter = active[0]
+    dropout = layer.lora_dropout[adapter]
+    if not isinstance(dropout, nn.Identity) and (layer.training and dropout.p > 0):
+        return None
+    base = layer.base_layer
+    if type(base) is not nn.Linear or base.weight.requires_grad or not x.is_floating_point():
+        return None
+    if getattr(layer, "fan_in_fan_out", False):
+        return None
+    return adapter
+
+
+def _frozen_weight(layer, dtype: torch.dtype) -> torch.Tensor:
+    """The (base) weight in `dtype`, cast once and kept while the weight is unchanged."""
+    weight = getattr(layer, "base_layer", layer).weight
+    if weight.dtype == dtype:
+        return weight
+    cached = getattr(layer, "_tunelab_weight", None)
+    if cached is None or cached[0] != weight._version or cached[1].dtype != dtype:
+        with torch.no_grad():
+            cached = (weight._version, weight.detach().to(dtype))
+        layer._tunelab_weight = cached
+    return cached[1]
+
+
+def _make_forward(layer, shared: _SharedCast):
+    peft_forward = type(layer).forward
+
+    def forward(x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        adapter = _fusable(layer, x, kwargs) if not args else None
+        if adapter is None:
+            return peft_forward(layer, x, *args, **kwargs)
+        dtype = _compute_dtype(x)
+        bias = layer.base_layer.bias
+        if bias is not None:
+            bias = bias.detach().to(dtype)
+        with torch.autocast(x.device.type, enabled=False):
+            return _LoraLinear.apply(x, shared(x, dtype), _frozen_weight(layer, dtype), bias,
+                                     layer.lora_A[adapter].weight, layer.lora_B[adapter].weight,
+                                     float(layer.scaling[adapter]))
+
+    return forward
+
+
+def _frozen_head_forward(head: nn.Linear):
+    """The output head (frozen in every method but full fine-tuning) with its weight cast once, not per call:
+    on a 49k vocabulary that cast is 28M elements a step."""
+    linear_forward = type(head).forward
+
+    def forward(x: torch.Tensor) -> torch.Tensor:
+        dtype = _compute_dtype(x)
+        if head.weight.requires_grad or head.weight.dtype == dtype:
+            return linear_forward(head, x)
+        bias = None if head.bias is None else head.bias.detach().to(dtype)
+        with torch.autocast(x.device.type, enabled=False):
+            return nn.functional.linear(x.to(dtype), _frozen_weight(head, dtype), bias)
+
+    return forward
+
+
+def lora_linear_layers(model) -> list:
+    """PEFT LoRA layers over plain nn.Linear bases (QLoRA's quantised bases and DoRA keep PEFT's path)."""
+    try:
+        from peft.tuners.lora.layer import Linear as LoraLinear
+    except ImportError:  # pragma: no cover - peft is a dependency
+        return []
+    return [m for m in model.modules() if type(m) is LoraLinear and type(m.base_layer) is nn.Linear]
+
+
+def fuse_lora_layers(model) -> int:
+    """Fuse the model's LoRA linear layers and cast its frozen output head's weight once; returns how many
+    modules changed. Parameters and state dicts are untouched: saving and checkpoints see a plain model."""
+    shared = _SharedCast()
+    layers = lora_linear_layers(model)
+    for layer in layers:
+        layer.forward = _make_forward(layer, shared)
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    head = base.get_output_embeddings() if hasattr(base, "get_output_embeddings") else None
+    if type(head) is nn.Linear:
+        head.forward = _frozen_head_forward(head)
+        layers.append(head)
+    model._tunelab_fused = (layers, shared)
+    return len(layers)
+
+
+def cached_weight_storages(model) -> set[int]:
+    """Storage addresses of the weight casts fused layers keep: resident memory, not activations."""
+    layers, _ = model.__dict__.get("_tunelab_fused", ([], None))
+    cached = (layer.__dict__.get("_tunelab_weight") for layer in layers)
+    return {entry[1].untyped_storage().data_ptr() for entry in cached if entry is not None}
+
+
+def unfuse_lora_layers(model) -> None:
+    """Put the modules' own forwards back and drop the cached weight casts."""
+    layers, shared = model.__dict__.pop("_tunelab_fused", ([], None))
+    if shared is not None:
+        shared.clear()
+    for layer in layers:
+        layer.__dict__.pop("forward", None)
+        layer.__dict__.pop("_tunelab_weight", None)
+
+
+@contextmanager
+def fused_lora(model, enabled: bool = True) -> Iterator[int]:
+    """Run a block with `fuse_lora_layers` applied; yields how many modules changed."""
+    changed = fuse_lora_layers(model) if enabled else 0
+    try:
+        yield changed
+    finally:
+        if enabled:
+            unfuse_lora_layers(model)
