@@ -108,3 +108,50 @@ def test_matmul_attention_under_bf16_autocast_stays_close_to_fp32(tiny_model_dir
     for name, grad in grads.items():
         cosine = torch.nn.functional.cosine_similarity(grad.flatten(), reference_grads[name].flatten(), dim=0)
         assert cosine > 0.99, name
+
+
+def test_segments_lay_each_sample_out_in_its_own_slot():
+    from tunelab.models.attention import segments_from_positions
+
+    group = samples([4, 5, 3])
+    batch = collate([group[:2], group[2:]], pad_token_id=0, packed=True)  # width 9: second row 3 + 6 padding
+    segments = segments_from_positions(batch["position_ids"])
+    assert (segments.count, segments.length) == (4, 6)  # samples of 4, 5 and 3 tokens, and the padding
+    slots = segments.gather.view(4, 6)
+    assert slots[0, :4].tolist() == [0, 1, 2, 3] and slots[1, :5].tolist() == [4, 5, 6, 7, 8]
+    assert slots[2, :3].tolist() == [9, 10, 11] and slots[3].tolist() == [12, 13, 14, 15, 16, 17]
+    assert segments.gather[segments.scatter].tolist() == list(range(18))  # every token comes back to itself
+    allowed = segments.mask[:, 0] == 0
+    assert allowed[0, 2].tolist() == [True, True, True, False, False, False]  # causal, pad slots never keys
+    assert allowed[0, 5].tolist() == [True, True, True, True, False, False]
+
+
+def test_a_padding_free_batch_equals_the_padded_one(tiny_model_dir):
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, attn_implementation="sdpa").train()
+    group = samples([20, 13, 7, 17])
+    padded = collate([[s] for s in group], pad_token_id=0, packed=False)
+    padding_free = collate([group], pad_token_id=0, packed=True)
+    assert padding_free["input_ids"].shape == (1, 57)
+    reference_loss, reference_grads = loss_and_grads(model, padded, "sdpa")
+    loss, grads = loss_and_grads(model, padding_free, MATMUL)
+    assert loss == pytest.approx(reference_loss, rel=1e-6)
+    for name, grad in grads.items():
+        torch.testing.assert_close(grad, reference_grads[name], atol=1e-6, rtol=1e-4)
+
+
+def test_training_on_the_matmul_path_computes_no_padding(tiny_model_dir, tmp_path):
+    data = tmp_path / "qa.jsonl"
+    rows = [{"question": f"what is {a} plus {b}{'?' * a}", "answer": f"{a + b}"} for a in range(6) for b in range(6)]
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    common = [f"model={tiny_model_dir}", f"data.train={data}", "data.eval_split=0", "data.max_length=64",
+              "train.max_steps=3", "train.batch_size=6", "train.precision=fp32", "eval.generate_samples=0",
+              "eval.before_after=false", "data.shuffle=true"]
+    free = train_run(load_config(None, [*common, "train.attention=matmul", f"output_dir={tmp_path / 'a'}"]))
+    padded = train_run(load_config(None, [*common, "train.attention=sdpa", f"output_dir={tmp_path / 'b'}"]))
+    assert free["non_padding_fraction"] == 1.0
+    assert padded["non_padding_fraction"] < 0.95
+    losses = [[json.loads(line)["loss"] for line in (tmp_path / run / "metrics.jsonl").read_text().splitlines()
+               if '"loss"' in line] for run in ("a", "b")]
+    assert len(losses[0]) == 3 and losses[0] == pytest.approx(losses[1], rel=1e-5)

@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from tunelab.data.template import IGNORE_INDEX
+from tunelab.models.attention import segment_inputs
 
 HEAD_CHUNK = 1024  # trained positions per head matmul on accelerators
 CPU_LOGITS_CHUNK_BYTES = 24 * 2**20
@@ -47,7 +48,7 @@ def hidden_states(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         return out.hidden_states[-1][:, -batch["input_ids"].shape[1] :]
     decoder, _ = decoder_and_head(model)
     inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "position_ids") if k in batch}
-    return decoder(**inputs, use_cache=False).last_hidden_state
+    return decoder(**inputs, **segment_inputs(model, batch), use_cache=False).last_hidden_state
 
 
 def sft_loss_sum(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:

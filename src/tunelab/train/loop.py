@@ -50,6 +50,9 @@ class LoopContext:
     on_batches: Callable[[int, list[list[list[int]]]], None] = lambda step, batches: None
     """Called after each finished step with its number and its micro-batches as rows of train_samples ids:
     what a resumed run must see again."""
+    padding_free: bool = False
+    """Lay each micro-batch out as one row of its samples back to back (position ids restart per sample), for
+    an attention that keeps samples apart by itself (tunelab's matmul attention): no layer computes padding."""
     rng_at_last_step: dict | None = None
     """Random state when the last finished step ended: what an interruption checkpoint must restore."""
 
@@ -91,8 +94,7 @@ def fit(ctx: LoopContext, state: TrainerState) -> TrainerState:
         started = time.perf_counter()
         step_batches = [next(batches) for _ in range(cfg.grad_accum)]
         step_rows = [_rows(ctx, rows) for _, _, _, rows in step_batches]
-        packed = ctx.config.data.packing
-        tensors = [_to_device(collate(rows, ctx.pad_token_id, packed), ctx.device) for rows in step_rows]
+        tensors = [_to_device(batch_tensors(ctx, rows), ctx.device) for rows in step_rows]
         real_tokens = sum(len(sample.input_ids) for rows in step_rows for row in rows for sample in row)
         step_tokens = sum(int((t["targets"] != -100).sum()) for t in tensors)
         computed_tokens = sum(t["input_ids"].numel() for t in tensors)
@@ -150,6 +152,13 @@ def fit(ctx: LoopContext, state: TrainerState) -> TrainerState:
             break
     best.restore(state)
     return state
+
+
+def batch_tensors(ctx: LoopContext, rows: list[list[TokenizedSample]]) -> dict[str, torch.Tensor]:
+    """The micro-batch as tensors: padded or packed rows, or one padding-free row."""
+    if ctx.padding_free:
+        return collate([[sample for row in rows for sample in row]], ctx.pad_token_id, packed=True)
+    return collate(rows, ctx.pad_token_id, ctx.config.data.packing)
 
 
 def _rows(ctx: LoopContext, rows: list[list[int]]) -> list[list[TokenizedSample]]:

@@ -23,9 +23,10 @@ from tunelab.eval.report import write_report
 from tunelab.infer.generate import GenerationOptions
 from tunelab.methods import METHODS, count_parameters
 from tunelab.methods.fused_lora import fuse_lora_layers
-from tunelab.models.attention import attention_implementation, training_attention
+from tunelab.models.attention import MATMUL, attention_implementation, training_attention
 from tunelab.models.load import enable_activation_checkpointing, load_model, load_tokenizer
 from tunelab.models.resolve import resolve_model
+from tunelab.objectives.sft import uses_virtual_tokens
 from tunelab.track.fanout import RunLog, check_trackers
 from tunelab.track.jsonl import MetricsLog
 from tunelab.train.best import BestTracker
@@ -137,6 +138,7 @@ def _train(config: RunConfig, log: RunLog, *, resume: bool, overwrite: bool, con
     ctx.optimizer, ctx.scheduler = build_optimizer(model, config.train, ctx.total_steps)
     attention = training_attention(config.train.attention, device, precision, config.data.max_length, model,
                                    config.train.batch_size)
+    ctx.padding_free = attention == MATMUL and not uses_virtual_tokens(model)  # PEFT's prompt path needs rows
     with attention_implementation(model, attention):
         memory = _estimate_memory(ctx, data, tokenizer)
     console.print(
