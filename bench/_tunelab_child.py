@@ -47,6 +47,16 @@ def overrides(spec: dict) -> list[str]:
     return items + list(spec.get("tunelab_overrides", []))
 
 
+def batching(spec: dict, summary: dict) -> str:
+    """How tunelab laid out its batches, from what the run computed (padding-free on its matmul attention)."""
+    if summary.get("non_padding_fraction") == 1.0:
+        return ("padding-free: each batch one row of its samples (packed rows first, when packing), attention "
+                "within each sample")
+    if spec["packing"]:
+        return "packed rows (first-fit), position ids restart per sample"
+    return "padded to the longest row of each batch"
+
+
 def main() -> None:
     spec = common.read_spec()
     device = common.training_device()
@@ -96,8 +106,7 @@ def main() -> None:
         "version": getattr(tunelab, "__version__", "unknown"),
         "precision": summary["precision"],
         "device": summary["device"],
-        "batching": "packed rows (first-fit), position ids restart per sample" if spec["packing"]
-        else "padded to the longest row of each batch",
+        "batching": batching(spec, summary),
         **common.run_measurements(steps=summary["steps"], wall=wall, peak=peak, peak_rss=peak_rss, losses=losses,
                                   evaluation=evaluation, clock=clock, planned_steps=spec["steps"]),
         "tool_reported": {
