@@ -18,6 +18,8 @@ from contextlib import contextmanager
 import torch
 from torch import nn
 
+from tunelab.objectives.sft import decoder_and_head
+
 
 class _LoraLinear(torch.autograd.Function):
     """y = x W^T + b + scaling * (x A^T) B^T, everything in `x_c`'s dtype; x_c is x already cast."""
@@ -161,8 +163,7 @@ def fuse_lora_layers(model) -> int:
     layers = lora_linear_layers(model)
     for layer in layers:
         layer.forward = _make_forward(layer, shared)
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    head = base.get_output_embeddings() if hasattr(base, "get_output_embeddings") else None
+    _, head = decoder_and_head(model)
     if type(head) is nn.Linear:
         head.forward = _frozen_head_forward(head)
         layers.append(head)
