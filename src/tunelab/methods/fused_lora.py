@@ -88,8 +88,7 @@ def _fusable(layer, x: torch.Tensor, kwargs: dict) -> str | None:
     if len(active) != 1 or active[0] in getattr(layer, "lora_variant", {}):
         return None
     adapter = active[0]
-    dropout = layer.lora_dropout[adapter]
-    if not isinstance(dropout, nn.Identity) and (layer.training and dropout.p > 0):
+    if layer.training and getattr(layer.lora_dropout[adapter], "p", 0.0) > 0:  # nn.Identity when dropout is 0
         return None
     base = layer.base_layer
     if type(base) is not nn.Linear or base.weight.requires_grad or not x.is_floating_point():
