@@ -282,8 +282,8 @@ def test_data_kind_refuses_mixed_objectives(tmp_path):
 
 def test_sft_training_on_preference_or_feedback_data_names_the_objective(tiny_model_dir, tmp_path):
     for name, rows, needs in (
-        ("pairs", [PAIR], "preference objective (DPO)"),
-        ("feedback", [{"prompt": "q", "completion": "a", "label": "good"}], "feedback objective (KTO)"),
+        ("pairs", [PAIR], "set objective.name: dpo"),
+        ("feedback", [{"prompt": "q", "completion": "a", "label": "good"}], "set objective.name: kto"),
     ):
         data = write_jsonl(tmp_path / f"{name}.jsonl", rows)
         out = tmp_path / f"out-{name}"

@@ -18,7 +18,8 @@ from tunelab.data.batching import collate, plan_epoch
 from tunelab.data.prepare import prepare_data
 from tunelab.data.template import IGNORE_INDEX
 from tunelab.models.load import load_tokenizer
-from tunelab.objectives.sft import decoder_and_head, sft_loss_sum
+from tunelab.models.logprobs import decoder_and_head
+from tunelab.objectives.sft import sft_loss_sum
 
 pytestmark = pytest.mark.integration
 

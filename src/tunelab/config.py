@@ -292,11 +292,81 @@ class TrackConfig(Strict):
         return names
 
 
+class SftObjective(Strict):
+    """Supervised fine-tuning: next-token cross-entropy on the trained tokens (the default)."""
+
+    name: Literal["sft"]
+
+
+ReferenceMode = Literal["auto", "adapter", "precompute"]
+"""Where the reference log-probabilities come from. `adapter`: the model with its adapter switched off, live in
+every step (one model in memory; adapter methods only). `precompute`: the starting model scores every row once
+before training (any method; no reference pass in the steps). `auto`: adapter for adapter methods, precompute
+for full and freeze."""
+
+
+class DpoObjective(Strict):
+    """Direct preference optimisation on preference rows (prompt/chosen/rejected), against a frozen reference."""
+
+    name: Literal["dpo"]
+    beta: float = Field(0.1, gt=0)
+    """How far the policy may move from the reference (larger: closer to it)."""
+    loss_type: Literal["sigmoid", "ipo", "hinge", "robust"] = "sigmoid"
+    """sigmoid: DPO's log-sigmoid; ipo: squared distance to 1/(2 beta), on per-token averaged log-probs; hinge:
+    SLiC's max(0, 1 - beta x margin); robust: conservative DPO, unbiased under label_smoothing flipped labels."""
+    label_smoothing: float = Field(0.0, ge=0, lt=0.5)
+    """Assumed fraction of pairs whose labels are flipped (sigmoid and robust)."""
+    sft_weight: float = Field(0.0, ge=0)
+    """Adds this times the chosen reply's per-token cross-entropy to each pair's loss (RPO)."""
+    reference: ReferenceMode = "auto"
+
+
+class OrpoObjective(Strict):
+    """ORPO: cross-entropy on the chosen reply plus an odds-ratio penalty on the rejected one; no reference."""
+
+    name: Literal["orpo"]
+    beta: float = Field(0.1, gt=0)
+    """Weight of the odds-ratio term (ORPO's lambda)."""
+
+
+class SimpoObjective(Strict):
+    """SimPO: a margin between the chosen and rejected replies' per-token average log-probs; no reference."""
+
+    name: Literal["simpo"]
+    beta: float = Field(2.0, gt=0)
+    """Scale of the average log-prob difference."""
+    gamma: float = Field(0.5, ge=0)
+    """Target reward margin (in units of beta x average log-prob)."""
+    label_smoothing: float = Field(0.0, ge=0, lt=0.5)
+    sft_weight: float = Field(0.0, ge=0)
+    """Adds this times the chosen reply's per-token cross-entropy to each pair's loss (CPO-SimPO)."""
+
+
+class KtoObjective(Strict):
+    """KTO on feedback rows (prompt/completion/label): each reply pushed up or down against a frozen reference."""
+
+    name: Literal["kto"]
+    beta: float = Field(0.1, gt=0)
+    desirable_weight: float = Field(1.0, gt=0)
+    """Loss weight of good replies; raise it when they are rarer than bad ones."""
+    undesirable_weight: float = Field(1.0, gt=0)
+    reference: ReferenceMode = "auto"
+
+
+ObjectiveConfig = Annotated[
+    SftObjective | DpoObjective | OrpoObjective | SimpoObjective | KtoObjective,
+    Field(discriminator="name"),
+]
+
+
 class RunConfig(Strict):
     model: str = "smollm2-135m-instruct"
     """A preset name, a hub id, a local folder or a .gguf file."""
     data: DataConfig = DataConfig()
     method: MethodConfig = LoraMethod(name="lora")
+    objective: ObjectiveConfig = SftObjective(name="sft")
+    """What training minimises: `sft` (default), or a preference objective (dpo, orpo, simpo on preference rows;
+    kto on feedback rows). `objective: dpo` is shorthand for `objective: {name: dpo}`."""
     train: TrainConfig = TrainConfig()
     eval: EvalConfig = EvalConfig()
     track: TrackConfig = TrackConfig()
@@ -307,6 +377,14 @@ class RunConfig(Strict):
         if self.data.packing and self.method.name in ("prompt", "prefix"):
             raise ValueError("data.packing cannot be used with prompt or prefix tuning: the virtual tokens would be "
                              "shared across packed samples; set data.packing: false")
+        if self.objective.name != "sft" and self.data.packing:
+            raise ValueError(f"objective.name={self.objective.name} compares whole replies and cannot use "
+                             "data.packing; set data.packing: false")
+        from tunelab.methods import has_frozen_base
+
+        if getattr(self.objective, "reference", None) == "adapter" and not has_frozen_base(self.method.name):
+            raise ValueError(f"objective.reference=adapter needs an adapter method, and method.name={self.method.name} "
+                             "trains the base weights; use objective.reference: precompute")
         if self.train.early_stopping_patience and not (self.data.eval or self.data.eval_split > 0):
             raise ValueError("train.early_stopping_patience needs eval data: set data.eval or data.eval_split")
         from tunelab.train.best import best_metric_problem
@@ -352,7 +430,7 @@ def _section_at(loc: tuple[Any, ...]) -> type[BaseModel] | None:
         annotation = field.annotation
         if isinstance(annotation, type) and issubclass(annotation, BaseModel):
             section = annotation
-        elif str(part) == "method":
+        elif str(part) in _UNIONS:
             continue
         else:
             return None
@@ -373,12 +451,23 @@ _METHOD_CLASSES = {
 }
 
 
+_OBJECTIVE_CLASSES = {
+    "sft": SftObjective,
+    "dpo": DpoObjective,
+    "orpo": OrpoObjective,
+    "simpo": SimpoObjective,
+    "kto": KtoObjective,
+}
+_UNIONS: dict[str, dict[str, type[BaseModel]]] = {"method": _METHOD_CLASSES, "objective": _OBJECTIVE_CLASSES}
+"""Sections that are a discriminated union on `name`, and the class of each name."""
+
+
 def _format_error(error: dict[str, Any], source: str) -> str:
     loc = tuple(error["loc"])
     # The discriminated union puts the chosen tag into the location: ("method", "lora", "rank").
-    if len(loc) >= 2 and loc[0] == "method" and loc[1] in _METHOD_CLASSES:
-        key = ".".join(["method", *map(str, loc[2:])])
-        section: type[BaseModel] | None = _METHOD_CLASSES[loc[1]]
+    if len(loc) >= 2 and loc[0] in _UNIONS and loc[1] in _UNIONS[loc[0]]:
+        key = ".".join([str(loc[0]), *map(str, loc[2:])])
+        section: type[BaseModel] | None = _UNIONS[loc[0]][loc[1]]
     else:
         key = ".".join(map(str, loc))
         section = _section_at(loc)
@@ -451,6 +540,8 @@ def load_config(path: Path | None, overrides: list[str] = ()) -> RunConfig:
     _method_as_mapping(tree)
     if isinstance(tree.get("method"), dict) and "name" not in tree["method"]:
         tree["method"] = {"name": "lora", **tree["method"]}
+    if isinstance(tree.get("objective"), dict) and "name" not in tree["objective"]:
+        tree["objective"] = {"name": "sft", **tree["objective"]}
     try:
         return RunConfig.model_validate(tree)
     except ValidationError as err:
@@ -459,9 +550,10 @@ def load_config(path: Path | None, overrides: list[str] = ()) -> RunConfig:
 
 
 def _method_as_mapping(tree: dict[str, Any]) -> None:
-    """`method: qlora` is shorthand for `method: {name: qlora}`."""
-    if isinstance(tree.get("method"), str):
-        tree["method"] = {"name": tree["method"]}
+    """`method: qlora` is shorthand for `method: {name: qlora}`; `objective: dpo` for `objective: {name: dpo}`."""
+    for section in _UNIONS:
+        if isinstance(tree.get(section), str):
+            tree[section] = {"name": tree[section]}
 
 
 def _track_as_mapping(tree: dict[str, Any]) -> None:

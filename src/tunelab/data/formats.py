@@ -216,8 +216,8 @@ def file_format(records: list[Record], fmt: str, path: Path | str) -> tuple[str,
 def needs_pair_objective(fmt: str, why: str) -> str:
     """Why SFT cannot train on preference or feedback rows, and what would."""
     if fmt == "preference":
-        return (f"rows hold preference pairs ({why}): supervised fine-tuning needs one reply to imitate, so "
-                "these need a preference objective (DPO), which tunelab does not have yet; to fine-tune on the "
-                "chosen replies alone, set data.format: preference_chosen")
+        return (f"rows hold preference pairs ({why}): supervised fine-tuning needs one reply to imitate; set "
+                "objective.name: dpo (or orpo, simpo) to train on the pairs, or data.format: preference_chosen to "
+                "fine-tune on the chosen replies alone")
     return (f"rows hold unpaired feedback ({why}): supervised fine-tuning cannot learn from replies labelled "
-            "bad, so these need a feedback objective (KTO), which tunelab does not have yet")
+            "bad; set objective.name: kto to train on them")

@@ -12,13 +12,16 @@ Over-long sequences follow data.overlong: `truncate` cuts the reply's end and ke
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+import numpy as np
+
 from tunelab.config import DataConfig
 from tunelab.data.columns import rename_columns
-from tunelab.data.formats import PAIR_FORMATS
+from tunelab.data.formats import PAIR_FORMATS, Sample
 from tunelab.data.pairs import FeedbackSample, PairRow, PreferencePair, to_pair
 from tunelab.data.prepare import (
     convert_rows,
@@ -48,6 +51,8 @@ class TokenizedPair:
     prompt_length: int
     where: str
     source: str = ""
+    reference_logps: tuple[float, float] | None = None
+    """The reference model's summed log-probabilities of (chosen, rejected), when precomputed before training."""
 
 
 @dataclass
@@ -59,9 +64,22 @@ class TokenizedFeedback:
     label: bool
     where: str
     source: str = ""
+    mismatched: TokenizedSample | None = None
+    """This row's prompt followed by another row's reply: what KTO estimates its KL reference point from."""
+    reference_logps: tuple[float, float] | None = None
+    """The reference model's summed log-probabilities of (sample, mismatched), when precomputed."""
 
 
 TokenizedRow = TokenizedPair | TokenizedFeedback
+
+
+class RowList(list):
+    """Tokenised rows in training order, with the token length of each row's longest sequence (`lengths`):
+    what the batch planner reads."""
+
+    @property
+    def lengths(self) -> np.ndarray:
+        return np.fromiter((max(len(s.input_ids) for s in sequences_of(r)) for r in self), np.int64, count=len(self))
 
 
 @dataclass
@@ -82,15 +100,40 @@ class PreparedPairs:
     source_weights: dict[str, float] = field(default_factory=dict)
 
     @property
+    def eval_samples(self) -> list[Sample]:
+        """Held-out prompts with the reply to compare generations against (chosen replies; good feedback)."""
+        samples = []
+        for row in self.eval_rows:
+            reply = row.chosen if isinstance(row, PreferencePair) else row.completion if row.label else None
+            if reply is not None:
+                samples.append(Sample(row.where, [*row.prompt, {"role": "assistant", "content": reply}],
+                                      source=row.source))
+        return samples
+
+    @property
+    def fingerprint(self) -> str:
+        """Identifies the training rows in order; a resumed run must see the same ones to continue exactly."""
+        digest = hashlib.sha256()
+        for row in self.train:
+            for sequence in sequences_of(row):
+                digest.update(np.asarray(sequence.input_ids, np.int64).tobytes())
+                digest.update(np.asarray(sequence.labels, np.int64).tobytes())
+        return digest.hexdigest()
+
+    @property
     def stats(self) -> dict[str, object]:
         sequences = [s for row in self.train for s in sequences_of(row)]
         lengths = sorted(len(s.input_ids) for s in sequences)
+        trainable = sum(s.trainable_tokens for s in sequences)
         stats: dict[str, object] = {
             "kind": self.kind,
             "train_rows": len(self.train),
             "eval_rows": len(self.eval),
+            "train_samples": len(self.train),  # a row is a sample here (the model card and report read these)
+            "eval_samples": len(self.eval),
             "train_tokens": sum(lengths),
-            "trainable_tokens": sum(s.trainable_tokens for s in sequences),
+            "trainable_tokens": trainable,
+            "trainable_fraction": trainable / max(1, sum(lengths)),
             "max_length_seen": lengths[-1] if lengths else 0,
             "median_length": lengths[len(lengths) // 2] if lengths else 0,
             "truncated_rows": len(self.truncated),
@@ -105,8 +148,25 @@ class PreparedPairs:
 
 
 def sequences_of(row: TokenizedRow) -> list[TokenizedSample]:
-    """The token sequences of a row: chosen and rejected of a pair, the one reply of a feedback sample."""
-    return [row.chosen, row.rejected] if isinstance(row, TokenizedPair) else [row.sample]
+    """The token sequences of a row: chosen and rejected of a pair; the reply of a feedback sample, and its
+    mismatched sequence once it has one."""
+    if isinstance(row, TokenizedPair):
+        return [row.chosen, row.rejected]
+    return [row.sample] if row.mismatched is None else [row.sample, row.mismatched]
+
+
+def add_mismatched(rows: list[TokenizedFeedback], max_length: int) -> None:
+    """Give each feedback row its prompt followed by the reply of the next distinct row (in order, wrapping
+    round): a reply that does not answer the prompt, fixed per row so a precomputed reference stays valid."""
+    distinct = list({id(row): row for row in rows}.values())
+    for index, row in enumerate(distinct):
+        partner = distinct[(index + 1) % len(distinct)]
+        prompt = row.sample.input_ids[: row.prompt_length]
+        reply = partner.sample.input_ids[partner.prompt_length :]
+        reply_labels = partner.sample.labels[partner.prompt_length :]
+        ids = [*prompt, *reply][:max_length]
+        labels = ([IGNORE_INDEX] * len(prompt) + reply_labels)[:max_length]
+        row.mismatched = TokenizedSample(ids, labels, row.where, row.source)
 
 
 def tokenize_prompt(prompt: Messages, renderer: ChatRenderer) -> tuple[str, list[int]]:
@@ -236,8 +296,12 @@ def prepare_preference_data(config: DataConfig, tokenizer, seed: int) -> Prepare
                                        columns=config.columns)
         prepared.formats[str(config.eval)] = f"{fmt} ({why})"
         eval_rows += rows
-    prepared.train = _tokenize_all(train_rows, renderer, config, problems, prepared)
+    prepared.train = RowList(_tokenize_all(train_rows, renderer, config, problems, prepared))
     prepared.eval = _tokenize_all(eval_rows, renderer, config, problems, prepared)
+    if kind == "feedback":
+        for rows in (prepared.train, prepared.eval):
+            if rows:
+                add_mismatched(rows, config.max_length)
     kept = {row.where for row in prepared.eval}
     prepared.eval_rows = [row for row in eval_rows if row.where in kept]
     raise_problems(problems)

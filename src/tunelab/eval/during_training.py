@@ -12,6 +12,7 @@ plus 41s for exact_match on 32 generated replies of up to 64 tokens.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from tunelab.config import RunConfig
@@ -33,6 +34,8 @@ class RunEvaluator:
     data: PreparedData
     precision: str
     generation: GenerationOptions
+    loss: Callable[[], dict[str, float]] | None = None
+    """The held-out loss of a non-SFT objective and its metrics; None: token-level loss and perplexity."""
     labels: list[str] | None = field(init=False, default=None)
     """label_accuracy's label set, resolved once over all held-out references so every evaluation uses it."""
 
@@ -50,13 +53,11 @@ class RunEvaluator:
 
     def __call__(self) -> dict[str, float]:
         """eval_loss, eval_perplexity (and per source), plus eval_<metric> on the subset."""
-        result = evaluate_loss(
-            self.model,
-            self.data.eval,
-            pad_token_id=self.renderer.tokenizer.pad_token_id,
-            precision=self.precision,
-            batch_size=self.config.train.batch_size,
-        )
+        if self.loss is not None:
+            result = self.loss()
+        else:
+            result = evaluate_loss(self.model, self.data.eval, pad_token_id=self.renderer.tokenizer.pad_token_id,
+                                   precision=self.precision, batch_size=self.config.train.batch_size)
         if result and self.subset:
             metrics, _ = self.task(self.subset)
             result.update({f"eval_{key}": value for key, value in metrics.items()})

@@ -27,7 +27,7 @@ from tunelab.data.formats import Sample
 from tunelab.data.template import IGNORE_INDEX, ChatRenderer, TokenizedSample, tokenize_chat
 from tunelab.errors import ConfigError
 from tunelab.eval.metrics import LABEL_METRICS, _label_form
-from tunelab.objectives.sft import decoder_and_head, hidden_states, uses_virtual_tokens
+from tunelab.models.logprobs import decoder_and_head, hidden_states, uses_virtual_tokens
 from tunelab.train.precision import autocast
 
 __all__ = ["LABEL_METRICS", "LabelEvaluation", "evaluate_labels", "resolve_labels", "score_labels"]

@@ -3,6 +3,8 @@
 Each method module offers:
     apply(model, config) -> model            make the loaded base model trainable
     quantization(config, compute_dtype)      bitsandbytes settings for loading the base, or None
+and, when the trained weights sit beside a frozen base (adapters of any kind):
+    without_adapter(model) -> context manager   the model computes what its base computes (a free reference)
 and, when the method saves in a format of its own (not PEFT's, not a full checkpoint):
     save(model, run_dir, config)             write the trained weights
     load(base_model, run_dir) -> model       rebuild the trained model on its base
@@ -44,6 +46,11 @@ RECOMMENDED_LR: dict[str, float] = {
     "prefix": 1e-2,
     "adapter": 1e-3,
 }
+
+
+def has_frozen_base(name: str) -> bool:
+    """Whether the method can switch its trained part off, giving the base model back for free."""
+    return hasattr(METHODS[name], "without_adapter")
 
 
 def count_parameters(model) -> tuple[int, int]:

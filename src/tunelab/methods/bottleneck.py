@@ -10,6 +10,8 @@ They are non-linear, so they cannot be merged into the base weights.
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -34,8 +36,11 @@ class Bottleneck(nn.Module):
         self.up = nn.Linear(self.down.out_features, hidden)
         nn.init.zeros_(self.up.weight)
         nn.init.zeros_(self.up.bias)
+        self.enabled = True
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        if not self.enabled:
+            return hidden
         return hidden + self.up(self.act(self.down(hidden)))
 
 
@@ -62,6 +67,19 @@ def apply(model, config: AdapterMethod):
         module.register_forward_hook(lambda _module, _inputs, output, adapter=adapter: adapter(output))
     model.add_module("bottleneck_adapters", adapters)
     return model
+
+
+@contextmanager
+def without_adapter(model) -> Iterator[None]:
+    """A context in which the adapters pass their input through: the model computes what its base computes."""
+    adapters = list(model.bottleneck_adapters.values())
+    for adapter in adapters:
+        adapter.enabled = False
+    try:
+        yield
+    finally:
+        for adapter in adapters:
+            adapter.enabled = True
 
 
 def quantization(config, compute_dtype):

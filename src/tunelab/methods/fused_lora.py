@@ -18,7 +18,7 @@ from contextlib import contextmanager
 import torch
 from torch import nn
 
-from tunelab.objectives.sft import decoder_and_head
+from tunelab.models.logprobs import decoder_and_head
 
 
 class _LoraLinear(torch.autograd.Function):

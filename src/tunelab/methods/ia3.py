@@ -16,5 +16,10 @@ def apply(model, config: IA3Method):
     return get_peft_model(model, peft_config)
 
 
+def without_adapter(model):
+    """A context in which the model computes what its base computes (the reference of preference objectives)."""
+    return model.disable_adapter()
+
+
 def quantization(config, compute_dtype):
     return None

@@ -40,5 +40,10 @@ def keep_4bit_weights_differentiable(model) -> None:
             module.support_avx512bf16_for_cpu = False
 
 
+def without_adapter(model):
+    """A context in which the model computes what its base computes (the reference of preference objectives)."""
+    return model.disable_adapter()
+
+
 def quantization(config, compute_dtype):
     return quantization_config(config, compute_dtype) if isinstance(config, QLoraMethod) else None

@@ -70,5 +70,10 @@ def peft_config(model, config: PromptMethod | PrefixMethod):
     return PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=config.num_virtual_tokens)
 
 
+def without_adapter(model):
+    """A context in which the model computes what its base computes (the reference of preference objectives)."""
+    return model.disable_adapter()
+
+
 def quantization(config, compute_dtype):
     return None

@@ -1,1 +1,48 @@
-"""Training objectives: functions from a model and a batch to a loss."""
+"""Training objectives: how rows become a batch, what the loss is divided by, and the loss.
+
+Every objective offers:
+    data_kind                             `sft`, `preference` or `feedback`: the rows it trains on
+    collate(rows, pad_token_id, padding_free) -> batch   tensors of one micro-batch (rows of items)
+    count(batch) -> int                   what the step's loss is divided by (trained tokens, pairs, rows)
+    input_tokens(item) -> int             tokens of one item, for throughput
+    loss_sum(model, batch) -> (loss_sum, metrics)   metrics as (sum, count), logged as sum / count
+and, when it compares against a reference model:
+    reference: Reference                  live (the adapter switched off) or precomputed per row
+    sequences(item) -> (first, second)    the two sequences whose reference log-probs a row stores
+The loop in train/ knows no objective by name.
+"""
+
+from __future__ import annotations
+
+from functools import partial
+
+from tunelab.config import ObjectiveConfig
+from tunelab.methods import METHODS
+from tunelab.objectives.dpo import dpo_losses
+from tunelab.objectives.kto import KtoObjective
+from tunelab.objectives.orpo import orpo_losses
+from tunelab.objectives.pairs import PairObjective, Reference
+from tunelab.objectives.sft import SftObjective
+from tunelab.objectives.simpo import simpo_losses
+
+PAIR_LOSSES = {"dpo": dpo_losses, "orpo": orpo_losses, "simpo": simpo_losses}
+"""Objectives on preference pairs: each a function (policy, reference, config) -> PairLosses."""
+
+
+def reference_for(config: ObjectiveConfig, method_name: str) -> Reference:
+    """Where the objective's reference log-probabilities come from (see config.ReferenceMode)."""
+    switch_off = getattr(METHODS[method_name], "without_adapter", None)
+    mode = getattr(config, "reference", "auto")
+    if mode == "precompute" or switch_off is None:
+        return Reference(switch_off=None)
+    return Reference(switch_off=switch_off)
+
+
+def build_objective(config: ObjectiveConfig, method_name: str, packing: bool):
+    """The objective `config` names, for a model trained with `method_name`."""
+    if config.name == "sft":
+        return SftObjective(packing)
+    if config.name == "kto":
+        return KtoObjective(config, reference_for(config, method_name))
+    reference = reference_for(config, method_name) if hasattr(config, "reference") else None
+    return PairObjective(config.name, partial(PAIR_LOSSES[config.name], config=config), reference)

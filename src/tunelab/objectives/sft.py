@@ -1,54 +1,15 @@
-"""Supervised fine-tuning: summed next-token cross-entropy over trained tokens.
-
-The output head runs only on positions that carry loss, so no logits are computed for prompt tokens
-and padding: on a 49k vocabulary the head is a fifth of a small model's compute and most of its
-activation memory. Chunking bounds the float32 upcast of the logits to one chunk at a time.
-"""
+"""Supervised fine-tuning: summed next-token cross-entropy over trained tokens, divided by the trained tokens
+of the whole optimiser step."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
-import torch.nn.functional as F
 
-from tunelab.data.template import IGNORE_INDEX
-from tunelab.models.attention import segment_inputs
-
-HEAD_CHUNK = 1024  # trained positions per head matmul on accelerators
-CPU_LOGITS_CHUNK_BYTES = 24 * 2**20
-"""On CPU a chunk's float32 logits stay under glibc's largest mmap threshold (32 MB), so the allocator reuses
-heap memory instead of mapping and page-faulting fresh pages for every chunk: on the default model (49k
-vocabulary) 128-row chunks made a LoRA step 9% faster than 1024-row ones (256 rows, 50 MB: no gain)."""
-
-
-def head_chunk_rows(vocab_size: int, device: torch.device) -> int:
-    """Trained positions per head matmul."""
-    if device.type != "cpu":
-        return HEAD_CHUNK
-    return max(16, min(HEAD_CHUNK, CPU_LOGITS_CHUNK_BYTES // (4 * vocab_size)))
-
-
-def decoder_and_head(model):
-    """The transformer body and the output projection of a (possibly PEFT-wrapped) causal LM."""
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    return base.get_decoder(), base.get_output_embeddings()
-
-
-def uses_virtual_tokens(model) -> bool:
-    """Prompt and prefix tuning: PEFT's own forward must run, since it adds the learned inputs."""
-    config = getattr(model, "active_peft_config", None)
-    return bool(getattr(config, "is_prompt_learning", False))
-
-
-def hidden_states(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    """Last hidden states [B, T, H] for the batch (attention mask or packed position ids)."""
-    if uses_virtual_tokens(model):
-        out = model(input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask"),
-                    output_hidden_states=True, logits_to_keep=1)
-        # Prompt tuning prepends its virtual tokens: keep the positions of the real ones.
-        return out.hidden_states[-1][:, -batch["input_ids"].shape[1] :]
-    decoder, _ = decoder_and_head(model)
-    inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "position_ids") if k in batch}
-    return decoder(**inputs, **segment_inputs(model, batch), use_cache=False).last_hidden_state
+from tunelab.data.batching import collate
+from tunelab.data.template import IGNORE_INDEX, TokenizedSample
+from tunelab.models.logprobs import trained_token_logprobs
 
 
 def sft_loss_sum(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
@@ -57,15 +18,32 @@ def sft_loss_sum(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, i
     The caller divides by the trained-token count of the whole optimiser step, so every token weighs
     the same however the tokens fall into micro-batches.
     """
-    targets = batch["targets"]  # [B, T], already shifted
-    hidden = hidden_states(model, batch)  # [B, T, H]
-    keep = targets != IGNORE_INDEX
-    selected = hidden[keep]  # [N, H]
-    wanted = targets[keep]  # [N]
-    _, head = decoder_and_head(model)
-    total = selected.new_zeros((), dtype=torch.float32)
-    chunk = head_chunk_rows(head.weight.shape[0], selected.device)
-    for start in range(0, selected.shape[0], chunk):
-        logits = head(selected[start : start + chunk]).float()  # [n, V]
-        total = total + F.cross_entropy(logits, wanted[start : start + chunk], reduction="sum")
-    return total, int(keep.sum())
+    token_logps, keep = trained_token_logprobs(model, batch)
+    return -token_logps.sum(), int(keep.sum())
+
+
+class SftObjective:
+    """Next-token cross-entropy on the trained tokens of each sample (rows may pack several samples)."""
+
+    data_kind = "sft"
+    sequences_per_item = 1
+
+    def __init__(self, packing: bool) -> None:
+        self.packing = packing
+
+    def collate(self, rows: Sequence[Sequence[TokenizedSample]], pad_token_id: int,
+                padding_free: bool) -> dict[str, torch.Tensor]:
+        if padding_free:
+            return collate([[sample for row in rows for sample in row]], pad_token_id, packed=True)
+        return collate([list(row) for row in rows], pad_token_id, self.packing)
+
+    def count(self, batch: dict[str, torch.Tensor]) -> int:
+        """What the loss is divided by: trained tokens."""
+        return int((batch["targets"] != IGNORE_INDEX).sum())
+
+    def input_tokens(self, sample: TokenizedSample) -> int:
+        return len(sample.input_ids)
+
+    def loss_sum(self, model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, float]]:
+        loss, _ = sft_loss_sum(model, batch)
+        return loss, {}

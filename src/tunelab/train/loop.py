@@ -1,7 +1,9 @@
 """The training loop: batch in, forward, objective, backward, step, log, eval, checkpoint.
 
-One optimiser step takes `grad_accum` micro-batches; the loss of each is divided by the number of
-trained tokens in the whole step, so every token weighs the same whatever micro-batch it falls in.
+One optimiser step takes `grad_accum` micro-batches; the loss of each is divided by what the objective counts
+in the whole step (trained tokens for SFT, pairs for DPO, ...), so every token or pair weighs the same whatever
+micro-batch it falls in. The objective (objectives/) builds the batches and computes the loss; the loop knows
+none by name.
 """
 
 from __future__ import annotations
@@ -15,9 +17,9 @@ from pathlib import Path
 import torch
 
 from tunelab.config import RunConfig
-from tunelab.data.batching import collate, plan_epoch
-from tunelab.data.template import TokenizedSample
-from tunelab.objectives.sft import sft_loss_sum
+from tunelab.data.batching import plan_epoch
+from tunelab.data.template import IGNORE_INDEX
+from tunelab.objectives.pairs import MetricTotals
 from tunelab.track.jsonl import MetricsLog
 from tunelab.train.best import BestTracker
 from tunelab.train.checkpoint import TrainerState, rng_snapshot, save_checkpoint
@@ -34,9 +36,12 @@ class LoopContext:
 
     config: RunConfig
     model: torch.nn.Module
+    objective: object
+    """What is minimised (see objectives/__init__.py): batches, the loss and what it is divided by."""
     optimizer: torch.optim.Optimizer
     scheduler: torch.optim.lr_scheduler.LRScheduler
-    train_samples: Sequence[TokenizedSample]
+    train_samples: Sequence
+    """Training items in order: SFT samples, preference pairs or feedback rows (whatever the objective reads)."""
     pad_token_id: int
     precision: str
     device: torch.device
@@ -95,16 +100,19 @@ def fit(ctx: LoopContext, state: TrainerState) -> TrainerState:
         step_batches = [next(batches) for _ in range(cfg.grad_accum)]
         step_rows = [_rows(ctx, rows) for _, _, _, rows in step_batches]
         tensors = [_to_device(batch_tensors(ctx, rows), ctx.device) for rows in step_rows]
-        real_tokens = sum(len(sample.input_ids) for rows in step_rows for row in rows for sample in row)
-        step_tokens = sum(int((t["targets"] != -100).sum()) for t in tensors)
+        real_tokens = sum(ctx.objective.input_tokens(item) for rows in step_rows for row in rows for item in row)
+        step_tokens = sum(int((t["targets"] != IGNORE_INDEX).sum()) for t in tensors)
         computed_tokens = sum(t["input_ids"].numel() for t in tensors)
+        step_count = max(1, sum(ctx.objective.count(t) for t in tensors))
         loss_total = 0.0
+        metrics_of_step = MetricTotals()
         for batch in tensors:
             with autocast(ctx.precision, ctx.device):
-                loss_sum, _ = sft_loss_sum(model, batch)
-            (loss_sum / max(1, step_tokens)).backward()
+                loss_sum, metrics = ctx.objective.loss_sum(model, batch)
+            (loss_sum / step_count).backward()
             loss_total += float(loss_sum.detach())
-        loss = loss_total / max(1, step_tokens)
+            metrics_of_step.add(metrics)
+        loss = loss_total / step_count
         if not math.isfinite(loss):
             optimizer.zero_grad(set_to_none=True)
             raise TrainingFault(f"the loss became {loss} at step {state.step + 1}; try a lower train.lr")
@@ -134,6 +142,7 @@ def fit(ctx: LoopContext, state: TrainerState) -> TrainerState:
             "grad_norm": grad_norm,
             "tokens": state.tokens_seen,
             "tokens_per_second": step_tokens / elapsed if elapsed else 0.0,
+            **metrics_of_step.means(),
         }
         stop = False
         last = state.step == ctx.total_steps
@@ -154,14 +163,12 @@ def fit(ctx: LoopContext, state: TrainerState) -> TrainerState:
     return state
 
 
-def batch_tensors(ctx: LoopContext, rows: list[list[TokenizedSample]]) -> dict[str, torch.Tensor]:
+def batch_tensors(ctx: LoopContext, rows: list[list]) -> dict[str, torch.Tensor]:
     """The micro-batch as tensors: padded or packed rows, or one padding-free row."""
-    if ctx.padding_free:
-        return collate([[sample for row in rows for sample in row]], ctx.pad_token_id, packed=True)
-    return collate(rows, ctx.pad_token_id, ctx.config.data.packing)
+    return ctx.objective.collate(rows, ctx.pad_token_id, ctx.padding_free)
 
 
-def _rows(ctx: LoopContext, rows: list[list[int]]) -> list[list[TokenizedSample]]:
+def _rows(ctx: LoopContext, rows: list[list[int]]) -> list[list]:
     return [[ctx.train_samples[i] for i in row] for row in rows]
 
 

@@ -22,7 +22,8 @@ import torch
 from tunelab.data.batching import collate
 from tunelab.data.template import IGNORE_INDEX, TokenizedSample
 from tunelab.methods.fused_lora import cached_weight_storages
-from tunelab.objectives.sft import decoder_and_head, head_chunk_rows, sft_loss_sum
+from tunelab.models.logprobs import decoder_and_head, head_chunk_rows
+from tunelab.objectives.sft import sft_loss_sum
 from tunelab.train.precision import autocast
 
 _MB = 2**20

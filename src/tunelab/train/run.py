@@ -15,18 +15,22 @@ import torch
 from rich.console import Console
 
 from tunelab.config import RunConfig, dump_config
+from tunelab.data.preference import PreparedPairs, data_kind, prepare_preference_data
 from tunelab.data.prepare import PreparedData, prepare_data
 from tunelab.data.template import ChatRenderer
 from tunelab.errors import ConfigError
 from tunelab.eval.during_training import RunEvaluator
+from tunelab.eval.preference import evaluate_objective
 from tunelab.eval.report import write_report
 from tunelab.infer.generate import GenerationOptions
 from tunelab.methods import METHODS, count_parameters
 from tunelab.methods.fused_lora import fuse_lora_layers
 from tunelab.models.attention import MATMUL, attention_implementation, training_attention
 from tunelab.models.load import enable_activation_checkpointing, load_model, load_tokenizer
+from tunelab.models.logprobs import uses_virtual_tokens
 from tunelab.models.resolve import resolve_model
-from tunelab.objectives.sft import uses_virtual_tokens
+from tunelab.objectives import build_objective
+from tunelab.objectives.reference import precompute_reference
 from tunelab.track.fanout import RunLog, check_trackers
 from tunelab.track.jsonl import MetricsLog
 from tunelab.train.best import BestTracker
@@ -96,7 +100,8 @@ def _train(config: RunConfig, log: RunLog, *, resume: bool, overwrite: bool, con
         config = config.model_copy(update={"model": str(Path(config.model).resolve())})
     model_path = resolve_model(config.model)
     tokenizer = load_tokenizer(model_path)
-    data = prepare_data(config.data, tokenizer, config.train.seed)
+    objective = build_objective(config.objective, config.method.name, config.data.packing)
+    data = _prepare(config, tokenizer, objective.data_kind)
     data_order = data_order_fingerprint(config, data.fingerprint)
     if resume:
         check_same_data(latest_checkpoint(run_dir), data_order)
@@ -118,7 +123,8 @@ def _train(config: RunConfig, log: RunLog, *, resume: bool, overwrite: bool, con
     )
     renderer = ChatRenderer(tokenizer, config.data.chat_template)
     generation = GenerationOptions(max_new_tokens=config.eval.max_new_tokens, seed=config.train.seed)
-    evaluate = RunEvaluator(config, model, renderer, data, precision, generation)  # checks eval.labels
+    evaluate = RunEvaluator(config, model, renderer, data, precision, generation,  # checks eval.labels
+                            loss=_objective_loss(objective, model, data, tokenizer, precision, config))
 
     if overwrite and run_dir.exists() and not resume:
         shutil.rmtree(run_dir)
@@ -127,7 +133,7 @@ def _train(config: RunConfig, log: RunLog, *, resume: bool, overwrite: bool, con
     gen_samples = data.eval_samples[: config.eval.generate_samples]
 
     ctx = LoopContext(
-        config=config, model=model, optimizer=None, scheduler=None, train_samples=data.train,
+        config=config, model=model, objective=objective, optimizer=None, scheduler=None, train_samples=data.train,
         pad_token_id=tokenizer.pad_token_id, precision=precision, device=device, run_dir=run_dir, log=log,
         total_steps=0, evaluate=evaluate,
     )
@@ -146,6 +152,12 @@ def _train(config: RunConfig, log: RunLog, *, resume: bool, overwrite: bool, con
         f"{memory.optimizer_mb + memory.gradients_mb:,.0f} optimizer states and gradients, "
         f"{memory.activations_mb:,.0f} activations (largest batch)"
     )
+
+    reference = getattr(objective, "reference", None)
+    if reference is not None and reference.precomputed:  # before a checkpoint loads: the starting weights
+        console.print("scoring the data with the reference model (once, before training) ...")
+        precompute_reference(model, objective, [*data.train, *data.eval], pad_token_id=tokenizer.pad_token_id,
+                             precision=precision, batch_size=config.train.batch_size)
 
     state = TrainerState(extra={"data_fingerprint": data_order})
     baseline_file = run_dir / "baseline.json"
@@ -211,10 +223,33 @@ def _train(config: RunConfig, log: RunLog, *, resume: bool, overwrite: bool, con
     return summary
 
 
-def _estimate_memory(ctx: LoopContext, data: PreparedData, tokenizer) -> MemoryEstimate:
+def _prepare(config: RunConfig, tokenizer, kind: str) -> PreparedData | PreparedPairs:
+    """The run's data, for the kind of rows its objective trains on. Raises ConfigError naming the objective and
+    the data when they do not fit, DataError for bad rows."""
+    if kind == "sft":
+        return prepare_data(config.data, tokenizer, config.train.seed)
+    found = data_kind(config.data)
+    if found != kind:
+        wanted = {"preference": "preference pairs (prompt/chosen/rejected)",
+                  "feedback": "feedback rows (prompt/completion/label)"}[kind]
+        raise ConfigError(f"'{config.objective.name}' trains on {wanted}, but the data holds "
+                          f"{'SFT' if found == 'sft' else found} rows", where="objective.name")
+    return prepare_preference_data(config.data, tokenizer, config.train.seed)
+
+
+def _objective_loss(objective, model, data, tokenizer, precision: str, config: RunConfig):
+    """The held-out loss of a non-SFT objective (None: RunEvaluator's token-level loss and perplexity)."""
+    if objective.data_kind == "sft":
+        return None
+    return lambda: evaluate_objective(model, objective, data.eval, pad_token_id=tokenizer.pad_token_id,
+                                      precision=precision, batch_size=config.train.batch_size)
+
+
+def _estimate_memory(ctx: LoopContext, data: PreparedData | PreparedPairs, tokenizer) -> MemoryEstimate:
     """Peak memory this run should reach, from the shapes of the first epoch's batches."""
     lengths = ctx.train_samples.lengths
-    shapes = [(len(rows), max(sum(int(lengths[i]) for i in row) for row in rows))
+    per_item = ctx.objective.sequences_per_item
+    shapes = [(len(rows) * per_item, max(sum(int(lengths[i]) for i in row) for row in rows))
               for rows in epoch_plan(ctx, 0).batches]
     return estimate_peak_memory(
         ctx.model, shapes, packed=ctx.config.data.packing, precision=ctx.precision, device=ctx.device,
@@ -230,10 +265,16 @@ def _training_device() -> torch.device:
     return PartialState().device
 
 
-def _report_data(console: Console, data: PreparedData) -> None:
+def _report_data(console: Console, data: PreparedData | PreparedPairs) -> None:
     stats = data.stats
     for path, fmt in data.formats.items():
         console.print(f"data {path}: {fmt}")
+    if isinstance(data, PreparedPairs):
+        console.print(f"{stats['train_rows']} train / {stats['eval_rows']} eval {data.kind} rows, "
+                      f"{stats['train_tokens']:,} train tokens, median sequence {stats['median_length']}")
+        for note in (data.truncated + data.dropped + data.identical)[:5]:
+            console.print(f"[yellow]{note}[/]")
+        return
     console.print(
         f"{stats['train_samples']} train / {stats['eval_samples']} eval samples, {stats['train_tokens']:,} train "
         f"tokens ({100 * stats['trainable_fraction']:.0f}% trained), median length {stats['median_length']}"
@@ -286,6 +327,7 @@ def _write_summary(run_dir, model, config, data, state, baseline, after, trainab
         "status": status,
         "model": config.model,
         "method": config.method.name,
+        "objective": config.objective.name,
         "steps": state.step,
         "train_tokens": state.tokens_seen,
         "train_seconds": round(state.train_seconds, 2),
@@ -305,6 +347,8 @@ def _write_summary(run_dir, model, config, data, state, baseline, after, trainab
         "base_eval_loss": baseline.get("eval_loss"),
         "final_eval_loss": after.get("eval_loss", state.best_eval_loss),
         "final_eval_perplexity": after.get("eval_perplexity"),
+        "eval_before": {k: v for k, v in baseline.items() if k.startswith("eval_")},
+        "eval_after": {k: v for k, v in after.items() if k.startswith("eval_")},
         "metrics_before": baseline.get("metrics", {}),
         "metrics_after": after.get("metrics", {}),
         "trainable_parameters": trainable,
@@ -326,9 +370,13 @@ def _print_outcome(console, summary, samples, before, after, show) -> None:
     table.add_column("metric")
     table.add_column("base model", justify="right")
     table.add_column("fine-tuned", justify="right")
-    rows = [("eval loss", summary["base_eval_loss"], summary["final_eval_loss"])]
-    if summary["base_eval_loss"] is not None and summary["final_eval_loss"] is not None:
-        rows.append(("eval perplexity", math.exp(summary["base_eval_loss"]), math.exp(summary["final_eval_loss"])))
+    rows = [(f"eval loss ({summary['objective']})", summary["base_eval_loss"], summary["final_eval_loss"])]
+    if "eval_perplexity" in summary["eval_after"]:
+        rows.append(("eval perplexity", summary["eval_before"].get("eval_perplexity"),
+                     summary["eval_after"]["eval_perplexity"]))
+    for name in ("eval_preference_accuracy", "eval_logps/margins"):
+        if name in summary["eval_after"]:
+            rows.append((name.removeprefix("eval_"), summary["eval_before"].get(name), summary["eval_after"][name]))
     for name, value in summary["metrics_after"].items():
         rows.append((name, summary["metrics_before"].get(name), value))
     for name, base, tuned in rows:

@@ -1,0 +1,36 @@
+"""Held-out evaluation of a preference objective: its loss and every metric it logs, on the eval rows. For pairs
+these include `preference_accuracy` (how often the model's summed log-probability of the chosen reply is above
+the rejected one's) and `logps/margins` (the mean difference): they need no reference, so the base model has
+them too, and they are a preference run's before/after numbers."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from tunelab.objectives.pairs import MetricTotals
+from tunelab.train.precision import autocast
+
+
+@torch.no_grad()
+def evaluate_objective(model, objective, rows: Sequence, *, pad_token_id: int, precision: str,
+                       batch_size: int = 8) -> dict[str, float]:
+    """eval_loss (the objective's, per pair or row) and eval_<metric> for each metric it logs."""
+    if not rows:
+        return {}
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    loss_total, count = 0.0, 0
+    totals = MetricTotals()
+    for start in range(0, len(rows), batch_size):
+        chunk = [[row] for row in rows[start : start + batch_size]]
+        batch = {k: v.to(device) for k, v in objective.collate(chunk, pad_token_id, False).items()}
+        with autocast(precision, device):
+            loss_sum, metrics = objective.loss_sum(model, batch)
+        loss_total += float(loss_sum)
+        count += objective.count(batch)
+        totals.add(metrics)
+    model.train(was_training)
+    return {"eval_loss": loss_total / max(1, count), **totals.means("eval_")}

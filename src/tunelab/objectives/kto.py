@@ -1,0 +1,76 @@
+"""KTO (Ethayarajh et al. 2024) on unpaired feedback: each reply's log-ratio to the reference is pushed above
+(good replies) or below (bad ones) a reference point, the policy's KL divergence from the reference.
+
+The KL term is estimated as TRL does, from replies paired with prompts they do not answer (each row's
+`mismatched` sequence, built when the data is prepared), averaged over the micro-batch, clamped at zero and
+without gradient; the policy scores those sequences without building a graph.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from tunelab.config import KtoObjective as KtoConfig
+from tunelab.data.preference import TokenizedFeedback
+from tunelab.models.logprobs import sequence_logprobs
+from tunelab.objectives.pairs import Metrics, Reference, collate_sequences, mean_metrics
+
+KL_PREFIX = "kl/"
+
+
+def kto_losses(policy: torch.Tensor, reference: torch.Tensor, desirable: torch.Tensor, kl: torch.Tensor,
+               config: KtoConfig) -> tuple[torch.Tensor, torch.Tensor]:
+    """(per-row weighted losses, rewards beta x log-ratio) for summed log-probabilities [P] of each reply."""
+    logratios = policy - reference
+    good = 1 - torch.sigmoid(config.beta * (logratios - kl))
+    bad = 1 - torch.sigmoid(config.beta * (kl - logratios))
+    losses = torch.where(desirable, config.desirable_weight * good, config.undesirable_weight * bad)
+    return losses, config.beta * logratios.detach()
+
+
+class KtoObjective:
+    """KTO on feedback rows; the loss is divided by the rows of the optimiser step."""
+
+    data_kind = "feedback"
+    sequences_per_item = 2
+
+    def __init__(self, config: KtoConfig, reference: Reference) -> None:
+        self.config = config
+        self.reference = reference
+
+    def sequences(self, row: TokenizedFeedback):
+        return row.sample, row.mismatched
+
+    def collate(self, rows, pad_token_id: int, padding_free: bool) -> dict[str, torch.Tensor]:
+        items: list[TokenizedFeedback] = [item for row in rows for item in row]
+        precomputed = self.reference.precomputed and items[0].reference_logps is not None
+        replies = collate_sequences([i.sample for i in items], pad_token_id, padding_free,
+                                    [i.reference_logps[0] for i in items] if precomputed else None)
+        mismatched = collate_sequences([i.mismatched for i in items], pad_token_id, padding_free,
+                                       [i.reference_logps[1] for i in items] if precomputed else None)
+        replies["desirable"] = torch.tensor([i.label for i in items])
+        return {**replies, **{KL_PREFIX + key: value for key, value in mismatched.items()}}
+
+    def count(self, batch: dict[str, torch.Tensor]) -> int:
+        """What the loss is divided by: feedback rows."""
+        return int(batch["sequence_count"])
+
+    def input_tokens(self, row: TokenizedFeedback) -> int:
+        return len(row.sample.input_ids) + len(row.mismatched.input_ids)
+
+    def loss_sum(self, model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, Metrics]:
+        replies = {k: v for k, v in batch.items() if not k.startswith(KL_PREFIX)}
+        mismatched = {k.removeprefix(KL_PREFIX): v for k, v in batch.items() if k.startswith(KL_PREFIX)}
+        policy, _ = sequence_logprobs(model, replies)
+        with torch.no_grad():
+            policy_kl, _ = sequence_logprobs(model, mismatched)
+        reference, _ = self.reference.logprobs(model, replies)
+        reference_kl, _ = self.reference.logprobs(model, mismatched)
+        kl = (policy_kl - reference_kl).mean().clamp(min=0)
+        desirable = replies["desirable"]
+        losses, rewards = kto_losses(policy, reference, desirable, kl, self.config)
+        metrics = mean_metrics({"rewards/chosen": rewards[desirable], "rewards/rejected": rewards[~desirable],
+                                "logps/chosen": policy.detach()[desirable],
+                                "logps/rejected": policy.detach()[~desirable]})
+        metrics["kl"] = (float(kl), 1)
+        return losses.sum(), metrics

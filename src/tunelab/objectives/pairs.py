@@ -1,0 +1,171 @@
+"""What the preference objectives share: batches of whole sequences, per-sequence log-probabilities, and the
+reference those log-probabilities are compared with.
+
+A batch holds S sequences (a pair's chosen and rejected replies, or a feedback row's reply and its mismatched
+partner), one per padded row or back to back in one padding-free row; `sequence_ids` [B, T] says which sequence
+each position belongs to, so a sequence's log-probability does not depend on the layout, its neighbours or the
+padding side.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from contextlib import AbstractContextManager
+from dataclasses import dataclass
+
+import torch
+
+from tunelab.data.batching import collate
+from tunelab.data.template import TokenizedSample
+from tunelab.models.logprobs import sequence_logprobs
+
+Metrics = dict[str, tuple[float, int]]
+"""Each logged metric as (sum, count): the loop adds them over micro-batches and logs sum / count."""
+
+
+class MetricTotals:
+    """Sums and counts of logged metrics over micro-batches or eval batches; `means()` is what gets logged."""
+
+    def __init__(self) -> None:
+        self.totals: dict[str, list[float]] = {}
+
+    def add(self, metrics: Metrics) -> None:
+        for name, (total, count) in metrics.items():
+            entry = self.totals.setdefault(name, [0.0, 0])
+            entry[0] += total
+            entry[1] += count
+
+    def means(self, prefix: str = "") -> dict[str, float]:
+        return {prefix + name: total / count for name, (total, count) in self.totals.items() if count}
+
+
+def collate_sequences(sequences: Sequence[TokenizedSample], pad_token_id: int, padding_free: bool,
+                      reference: Sequence[float] | None = None) -> dict[str, torch.Tensor]:
+    """A batch of whole sequences with `sequence_ids`, `sequence_count` and, when given, `reference_logps` [S]."""
+    if padding_free:
+        batch = collate([list(sequences)], pad_token_id, packed=True)
+        lengths = torch.tensor([len(s.input_ids) for s in sequences])
+        batch["sequence_ids"] = torch.repeat_interleave(torch.arange(len(sequences)), lengths)[None, :]
+    else:
+        batch = collate([[s] for s in sequences], pad_token_id, packed=False)
+        rows, width = batch["input_ids"].shape
+        batch["sequence_ids"] = torch.arange(rows)[:, None].expand(rows, width).contiguous()
+    batch["sequence_count"] = torch.tensor(len(sequences))
+    if reference is not None:
+        batch["reference_logps"] = torch.tensor(reference, dtype=torch.float32)
+    return batch
+
+
+@dataclass
+class Reference:
+    """Where reference log-probabilities come from: the model with its adapter switched off (`switch_off`, live
+    in every step), or the values precomputed on each row before training (read from the batch)."""
+
+    switch_off: Callable[[object], AbstractContextManager] | None
+
+    @property
+    def precomputed(self) -> bool:
+        return self.switch_off is None
+
+    def logprobs(self, model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """(summed log-probability [S], trained tokens [S]) of every sequence under the reference."""
+        if self.precomputed:
+            if "reference_logps" not in batch:
+                raise RuntimeError("reference log-probabilities were not precomputed for this batch")
+            return batch["reference_logps"], _token_counts(batch)
+        with torch.no_grad(), self.switch_off(model):
+            return sequence_logprobs(model, batch)
+
+
+def _token_counts(batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    keep = batch["targets"] != -100
+    owners = batch["sequence_ids"][keep]
+    return torch.zeros(int(batch["sequence_count"]), dtype=torch.long, device=owners.device).index_add(
+        0, owners, torch.ones_like(owners))
+
+
+def mean_metrics(named: dict[str, torch.Tensor]) -> Metrics:
+    """Per-row values as (sum, count) metrics."""
+    return {name: (float(values.detach().float().sum()), int(values.numel())) for name, values in named.items()}
+
+
+@dataclass
+class PairLogps:
+    """Summed log-probabilities of each pair's chosen and rejected replies [P], and their trained tokens [P]."""
+
+    chosen: torch.Tensor
+    rejected: torch.Tensor
+    chosen_tokens: torch.Tensor
+    rejected_tokens: torch.Tensor
+
+    @classmethod
+    def split(cls, sums: torch.Tensor, tokens: torch.Tensor) -> PairLogps:
+        """From per-sequence values laid out as every chosen reply, then every rejected one."""
+        half = sums.shape[0] // 2
+        return cls(sums[:half], sums[half:], tokens[:half], tokens[half:])
+
+    def averaged(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-token mean log-probabilities (chosen, rejected)."""
+        return self.chosen / self.chosen_tokens.clamp(min=1), self.rejected / self.rejected_tokens.clamp(min=1)
+
+
+@dataclass
+class PairLosses:
+    """Each pair's loss and the implied rewards of its two replies (what TRL logs as rewards/*)."""
+
+    losses: torch.Tensor
+    chosen_rewards: torch.Tensor
+    rejected_rewards: torch.Tensor
+
+
+PairLossFunction = Callable[[PairLogps, "PairLogps | None"], PairLosses]
+
+
+class PairObjective:
+    """A loss over preference pairs: one forward pass scores both replies of every pair (chosen rows first, then
+    rejected), the reference (when the loss has one) scores them again without gradients or comes precomputed.
+    The loss is divided by the pairs of the optimiser step."""
+
+    data_kind = "preference"
+    sequences_per_item = 2
+
+    def __init__(self, name: str, losses: PairLossFunction, reference: Reference | None) -> None:
+        self.name = name
+        self.losses = losses
+        self.reference = reference
+
+    def sequences(self, pair) -> tuple[TokenizedSample, TokenizedSample]:
+        return pair.chosen, pair.rejected
+
+    def collate(self, rows, pad_token_id: int, padding_free: bool) -> dict[str, torch.Tensor]:
+        pairs = [item for row in rows for item in row]
+        sequences = [p.chosen for p in pairs] + [p.rejected for p in pairs]
+        reference = None
+        if self.reference is not None and self.reference.precomputed and pairs[0].reference_logps is not None:
+            reference = [p.reference_logps[0] for p in pairs] + [p.reference_logps[1] for p in pairs]
+        return collate_sequences(sequences, pad_token_id, padding_free, reference)
+
+    def count(self, batch: dict[str, torch.Tensor]) -> int:
+        """What the loss is divided by: pairs."""
+        return int(batch["sequence_count"]) // 2
+
+    def input_tokens(self, pair) -> int:
+        return len(pair.chosen.input_ids) + len(pair.rejected.input_ids)
+
+    def loss_sum(self, model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, Metrics]:
+        policy = PairLogps.split(*sequence_logprobs(model, batch))
+        reference = PairLogps.split(*self.reference.logprobs(model, batch)) if self.reference else None
+        out = self.losses(policy, reference)
+        margins = out.chosen_rewards - out.rejected_rewards
+        metrics = mean_metrics({
+            "rewards/chosen": out.chosen_rewards,
+            "rewards/rejected": out.rejected_rewards,
+            "rewards/margins": margins,
+            "rewards/accuracies": (margins > 0).float(),
+            "logps/chosen": policy.chosen,
+            "logps/rejected": policy.rejected,
+            # The model's own preference, no reference involved: what the base model is compared on.
+            "logps/margins": policy.chosen - policy.rejected,
+            "preference_accuracy": (policy.chosen > policy.rejected).float(),
+        })
+        return out.losses.sum(), metrics
