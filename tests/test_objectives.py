@@ -240,6 +240,18 @@ def test_dpo_with_lora_turns_the_models_preference_and_logs_trls_names(tiny_mode
     assert records[-1]["rewards/margins"] > 0
     assert summary["objective"] == "dpo" and (out / "adapter_model.safetensors").is_file()
 
+    from tunelab.eval.command import evaluate_model
+    from tunelab.infer.generate import GenerationOptions
+
+    scores = evaluate_model(str(out), data, ["preference_accuracy", "reward_margin"], options=GenerationOptions(),
+                            baseline="base")
+    assert scores["samples"] == len(PAIRS)
+    gained = scores["comparison"]["differences"]["reward_margin"]
+    assert gained["difference"] == pytest.approx(scores["reward_margin"] - scores["baseline"]["reward_margin"])
+    assert gained["ci95_low"] > 5  # the fine-tuned run's margins moved by more than 5 nats on every resample
+    assert scores["baseline"]["reward_margin"] == pytest.approx(before["eval_logps/margins"], abs=3)
+    assert list((out / "evals").glob("*.json"))
+
 
 def test_dpo_with_full_fine_tuning_uses_a_precomputed_reference(tiny_model_dir, tmp_path):
     data = write_jsonl(tmp_path / "pairs.jsonl", PAIRS)
@@ -318,3 +330,30 @@ def test_objective_and_data_that_do_not_fit_exit_2_naming_both(tiny_model_dir, t
         assert result.exit_code == 2, result.output
         assert message in " ".join(result.output.split()), result.output
         assert not out.exists()
+
+
+def test_a_previous_run_is_the_next_stages_model_and_reference(tiny_model_dir, tmp_path, monkeypatch):
+    from tunelab.infer.load import load_for_inference
+
+    monkeypatch.setenv("TUNELAB_HOME", str(tmp_path / "home"))  # the folded SFT model is cached there
+
+    qa = write_jsonl(tmp_path / "qa.jsonl", [{"question": p["prompt"], "answer": p["chosen"]} for p in PAIRS])
+    pairs = write_jsonl(tmp_path / "pairs.jsonl", PAIRS)
+    sft_run = tmp_path / "sft"
+    train_run(run_config(tiny_model_dir, qa, sft_run, "train.epochs=2", "train.lr=3e-3"))
+    dpo = train_run(run_config(sft_run, pairs, tmp_path / "dpo", "objective=dpo", "train.max_steps=2"))
+
+    def chosen_logps(model) -> float:
+        from tunelab.data.preference import prepare_preference_data
+
+        config = run_config(tiny_model_dir, pairs, tmp_path / "unused").data
+        data = prepare_preference_data(config, load_for_inference(sft_run).tokenizer, seed=42)
+        batch = collate_sequences([p.chosen for p in data.eval], 0, False)
+        with torch.no_grad():
+            return float(sequence_logprobs(model, batch)[0].mean())
+
+    sft_model = load_for_inference(sft_run).model
+    raw_base = load_for_inference(tiny_model_dir).model
+    assert dpo["eval_before"]["eval_logps/chosen"] == pytest.approx(chosen_logps(sft_model), rel=1e-4)
+    assert abs(chosen_logps(raw_base) - chosen_logps(sft_model)) > 1.0
+    assert dpo["eval_before"]["eval_loss"] == pytest.approx(math.log(2), abs=1e-5)  # reference = the SFT model

@@ -8,6 +8,7 @@ from pathlib import Path
 import torch
 
 from tunelab.config import DataConfig
+from tunelab.data.preference import prepare_preference_data
 from tunelab.data.prepare import prepare_eval_file
 from tunelab.data.template import ChatRenderer
 from tunelab.errors import ConfigError
@@ -15,20 +16,27 @@ from tunelab.eval.evaluate import evaluate_loss, evaluate_task
 from tunelab.eval.labels import LABEL_METRICS, LabelScore, resolve_labels
 from tunelab.eval.metrics import METRICS, is_custom_metric
 from tunelab.eval.paired import bootstrap_difference, compare_replies
+from tunelab.eval.preference import pair_margins
 from tunelab.eval.recorded import record_evaluation
 from tunelab.infer.generate import GenerationOptions
 from tunelab.infer.load import load_for_inference
 from tunelab.train.precision import resolve_precision
 
 LOSS_METRICS = {"loss", "perplexity"}
+PREFERENCE_METRICS = {"preference_accuracy", "reward_margin"}
+"""On preference files: how often the model's log-probability of the chosen reply is above the rejected one's,
+and the mean difference (summed over each reply's tokens)."""
 
 
 def check_metric_names(names: list[str]) -> None:
-    known_names = LOSS_METRICS | set(METRICS) | set(LABEL_METRICS)
+    known_names = LOSS_METRICS | set(METRICS) | set(LABEL_METRICS) | PREFERENCE_METRICS
     unknown = [n for n in names if n not in known_names and not is_custom_metric(n)]
     if unknown:
         known = ", ".join(sorted(known_names)) + " or path/to/file.py:function"
         raise ConfigError(f"unknown metric(s) {', '.join(unknown)}; known: {known}", where="--metrics")
+    if PREFERENCE_METRICS & set(names) and not set(names) <= PREFERENCE_METRICS:
+        raise ConfigError("preference_accuracy and reward_margin score preference files and go alone; evaluate "
+                          "other metrics in a second call", where="--metrics")
 
 
 def evaluate_model(
@@ -53,6 +61,9 @@ def evaluate_model(
     if labels is not None and "label_accuracy" not in metrics:
         metrics = [*metrics, "label_accuracy"]
     check_metric_names(metrics)
+    if PREFERENCE_METRICS & set(metrics):
+        return _evaluate_pairs(spec, data_path, metrics, limit=limit, max_length=max_length, output=output,
+                               baseline=baseline)
     scoring = {"labels": labels, "label_score": label_score}
     result, samples, replies, run_config, classified = _score(spec, data_path, metrics, options, limit, max_length,
                                                               **scoring)
@@ -130,3 +141,49 @@ def _score(spec, data_path, metrics, options, limit, max_length, run_config=None
             result["labels"] = classified.labels
             result["label_confusion"] = classified.confusion
     return result, samples, replies, loaded.run_config, classified
+
+
+def _evaluate_pairs(spec, data_path: Path, metrics: list[str], *, limit, max_length, output, baseline) -> dict:
+    """preference_accuracy / reward_margin of `spec` on a preference file, with a baseline's differences and
+    their 95% paired-bootstrap intervals."""
+    result, margins, run_config = _score_pairs(spec, data_path, metrics, limit, max_length)
+    if baseline is not None:
+        if baseline == "base":
+            if run_config is None:
+                raise ConfigError("--baseline base needs a tunelab run directory", where="--baseline")
+            baseline = run_config.model
+        base_result, base_margins, _ = _score_pairs(baseline, data_path, metrics, limit, max_length, run_config)
+        result["baseline"] = base_result
+        per_pair = {"preference_accuracy": lambda m: [float(x > 0) for x in m], "reward_margin": list}
+        result["comparison"] = {"differences": {
+            name: bootstrap_difference(per_pair[name](margins), per_pair[name](base_margins)) for name in metrics}}
+    if output is not None:
+        output.mkdir(parents=True, exist_ok=True)
+        (output / "eval.json").write_text(json.dumps(result, indent=2))
+    if run_config is not None and Path(str(spec)).is_dir():
+        record_evaluation(Path(str(spec)), result, metrics)
+    return result
+
+
+def _score_pairs(spec, data_path: Path, metrics: list[str], limit, max_length, run_config=None):
+    """(metrics, per-pair margins, the run's config) of one model on a preference file."""
+    loaded = load_for_inference(spec)
+    run_config = loaded.run_config or run_config
+    data_config = DataConfig(train=data_path, eval_split=0, max_length=max_length, overlong="truncate")
+    if run_config is not None:
+        data_config = data_config.model_copy(
+            update={"chat_template": run_config.data.chat_template, "columns": run_config.data.columns})
+    prepared = prepare_preference_data(data_config, loaded.tokenizer, seed=0)
+    if prepared.kind != "preference":
+        raise ConfigError(f"{data_path} holds {prepared.kind} rows; {', '.join(metrics)} need preference pairs "
+                          "(prompt/chosen/rejected)", where="--metrics")
+    pairs = list(prepared.train)[:limit] if limit else list(prepared.train)
+    device = next(loaded.model.parameters()).device
+    precision = resolve_precision(run_config.train.precision if run_config else "auto", torch.device(device))
+    margins = pair_margins(loaded.model, pairs, pad_token_id=loaded.tokenizer.pad_token_id, precision=precision)
+    result: dict = {"model": str(spec), "data": str(data_path), "samples": len(pairs)}
+    if "preference_accuracy" in metrics:
+        result["preference_accuracy"] = sum(m > 0 for m in margins) / max(1, len(margins))
+    if "reward_margin" in metrics:
+        result["reward_margin"] = sum(margins) / max(1, len(margins))
+    return result, margins, loaded.run_config

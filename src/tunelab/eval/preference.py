@@ -9,7 +9,8 @@ from collections.abc import Sequence
 
 import torch
 
-from tunelab.objectives.pairs import MetricTotals
+from tunelab.models.logprobs import sequence_logprobs
+from tunelab.objectives.pairs import MetricTotals, collate_sequences
 from tunelab.train.precision import autocast
 
 
@@ -34,3 +35,22 @@ def evaluate_objective(model, objective, rows: Sequence, *, pad_token_id: int, p
         totals.add(metrics)
     model.train(was_training)
     return {"eval_loss": loss_total / max(1, count), **totals.means("eval_")}
+
+
+@torch.no_grad()
+def pair_margins(model, pairs: Sequence, *, pad_token_id: int, precision: str, batch_size: int = 8) -> list[float]:
+    """Summed log-probability of each chosen reply minus the rejected one's, under the model alone: positive
+    where the model prefers the chosen reply (what `tunelab eval --metrics preference_accuracy` counts)."""
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    margins: list[float] = []
+    for start in range(0, len(pairs), batch_size):
+        chunk = pairs[start : start + batch_size]
+        sequences = [p.chosen for p in chunk] + [p.rejected for p in chunk]
+        batch = {k: v.to(device) for k, v in collate_sequences(sequences, pad_token_id, False).items()}
+        with autocast(precision, device):
+            sums, _ = sequence_logprobs(model, batch)
+        margins += (sums[: len(chunk)] - sums[len(chunk) :]).float().tolist()
+    model.train(was_training)
+    return margins

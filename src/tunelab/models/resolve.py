@@ -42,6 +42,8 @@ def resolve_model(spec: str) -> Path:
             raise ModelError("GGUF file does not exist", where=spec)
         return _converted_gguf(path)
     if path.is_dir():
+        if (path / "config.yaml").is_file() and (path / "adapter_config.json").is_file():
+            return _folded_run(path)
         if not (path / "config.json").is_file():
             raise ModelError("folder has no config.json: not a model checkpoint", where=spec)
         return path
@@ -53,6 +55,22 @@ def resolve_model(spec: str) -> Path:
     raise ModelError(
         f"unknown model '{spec}': not a preset ({presets}), an existing folder, a .gguf file or a hub id"
     )
+
+
+def _folded_run(run_dir: Path) -> Path:
+    """A previous tunelab run trained with an adapter, as a plain checkpoint: its adapter folded into its base,
+    its tokenizer and chat template kept (so SFT -> DPO is two configs in sequence). Folded once into the cache,
+    keyed by the adapter's weights and the run's config."""
+    from tunelab.infer.merge import merge_adapter
+
+    digest = hashlib.sha256()
+    for name in ("config.yaml", "adapter_config.json", "adapter_model.safetensors"):
+        if (run_dir / name).is_file():
+            digest.update((run_dir / name).read_bytes())
+    target = _cache_dir_for(f"runs--{run_dir.resolve().name}-{digest.hexdigest()[:16]}")
+    if not _is_complete(target):
+        merge_adapter(run_dir, target, overwrite=True)
+    return target
 
 
 def cached_preset(name: str) -> bool:

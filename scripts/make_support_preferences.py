@@ -1,0 +1,64 @@
+"""Build tunelab's bundled preference set, src/tunelab/datasets/support_preferences.jsonl, from the bundled
+support tickets: for every ticket, the correct JSON is the chosen reply and the default model's own greedy
+reply (SmolLM2-135M-Instruct before any fine-tuning) the rejected one.
+
+The rejected replies are real mistakes of a real model, not invented ones: wrong keys, invented labels, the
+order number copied into the product, free text instead of JSON. Rows whose base reply already equals the
+correct JSON (as parsed objects) are left out, since such a pair teaches nothing.
+
+Greedy decoding in float32 (`max_new_tokens` 64, the support tickets' eval setting); rerunning it on the same
+machine reproduces the file; another CPU may break a near-tie differently in a few replies.
+
+    python scripts/make_support_preferences.py [--out PATH] [--model smollm2-135m-instruct]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+from tunelab.data.formats import to_sample
+from tunelab.data.sources import Record
+from tunelab.infer.generate import GenerationOptions, generate_replies
+from tunelab.infer.load import load_for_inference
+
+ROOT = Path(__file__).resolve().parent.parent
+TICKETS = ROOT / "src/tunelab/datasets/support_tickets.jsonl"
+
+
+def same_json(a: str, b: str) -> bool:
+    try:
+        return json.loads(a) == json.loads(b)
+    except ValueError:
+        return False
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", type=Path, default=ROOT / "src/tunelab/datasets/support_preferences.jsonl")
+    parser.add_argument("--model", default="smollm2-135m-instruct")
+    args = parser.parse_args()
+
+    rows = [json.loads(line) for line in TICKETS.read_text().splitlines()]
+    samples = [to_sample(Record(row, f"{TICKETS.name}:{i + 1}"), "alpaca") for i, row in enumerate(rows)]
+    loaded = load_for_inference(args.model, device="cpu")
+    started = time.perf_counter()
+    replies = generate_replies(loaded.model, loaded.renderer, [s.messages for s in samples],
+                               GenerationOptions(max_new_tokens=64, batch_size=16))
+    print(f"{len(replies)} base replies in {time.perf_counter() - started:.0f}s")
+    kept = 0
+    with args.out.open("w") as out:
+        for sample, reply in zip(samples, replies, strict=True):
+            chosen = sample.reference
+            if not reply.strip() or same_json(reply, chosen):
+                continue
+            prompt = sample.messages[-2]["content"]
+            out.write(json.dumps({"prompt": prompt, "chosen": chosen, "rejected": reply}) + "\n")
+            kept += 1
+    print(f"wrote {kept} pairs to {args.out} ({len(rows) - kept} left out)")
+
+
+if __name__ == "__main__":
+    main()
