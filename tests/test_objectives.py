@@ -239,6 +239,8 @@ def test_dpo_with_lora_turns_the_models_preference_and_logs_trls_names(tiny_mode
     assert trl_names <= set(records[1]) and records[1]["loss"] == pytest.approx(math.log(2), abs=1e-5)
     assert records[-1]["rewards/margins"] > 0
     assert summary["objective"] == "dpo" and (out / "adapter_model.safetensors").is_file()
+    assert (out / "plots" / "objective.png").is_file()
+    assert "preference_accuracy" in (out / "report.html").read_text()
 
     from tunelab.eval.command import evaluate_model
     from tunelab.infer.generate import GenerationOptions

@@ -119,7 +119,14 @@ def before_after_rows(run: RunRecord) -> list[tuple[str, float | None, float | N
     final_record = next((r for r in evals if restored and r.get("step") == restored), final_record)
     base_loss = _known(summary.get("base_eval_loss"), base_record.get("eval_loss"))
     final_loss = _known(summary.get("final_eval_loss"), final_record.get("eval_loss"))
-    rows = [("eval loss", base_loss, final_loss, True), ("eval perplexity", _ppl(base_loss), _ppl(final_loss), True)]
+    objective = summary.get("objective", "sft")
+    if objective == "sft":
+        rows = [("eval loss", base_loss, final_loss, True),
+                ("eval perplexity", _ppl(base_loss), _ppl(final_loss), True)]
+    else:  # a preference loss has no perplexity; the model's own ranking of the pairs is its before/after
+        rows = [(f"eval loss ({objective})", base_loss, final_loss, True)]
+        rows += [(key.removeprefix("eval_"), base_record.get(key), final_record.get(key), False)
+                 for key in ("eval_preference_accuracy", "eval_logps/margins") if key in final_record]
     per_dataset = sorted({k for r in (base_record, final_record) for k in r if k.startswith("eval_loss/")})
     rows += [(f"eval loss ({k.split('/', 1)[1]})", base_record.get(k), final_record.get(k), True) for k in per_dataset]
     before, after = summary.get("metrics_before") or {}, summary.get("metrics_after") or {}
@@ -153,6 +160,7 @@ def _plots_section(run: RunRecord, plots_dir: Path) -> str:
     summary = run.summary or {}
     figures = {
         "loss": plots.loss_figure(run.metrics),
+        "objective": plots.objective_figure(run.metrics),
         "task_metrics": plots.task_metrics_figure(run.metrics, (summary.get("best") or {}).get("step")),
         "learning_rate": plots.learning_rate_figure(run.metrics),
         "throughput": plots.throughput_figure(run.metrics, summary.get("tokens_per_second")),

@@ -62,10 +62,47 @@ def is_loss_key(key: str) -> bool:
     return "loss" in key or "perplexity" in key
 
 
+OBJECTIVE_REWARDS = ("rewards/chosen", "rewards/rejected", "rewards/margins", "kl")
+OBJECTIVE_RATES = ("rewards/accuracies", "preference_accuracy")
+
+
+def is_objective_key(key: str) -> bool:
+    """Metrics a preference objective logs (TRL's names), train or eval: drawn in their own figure."""
+    name = key.removeprefix("eval_")
+    return name.startswith(("rewards/", "logps/")) or name in ("kl", "preference_accuracy")
+
+
+def objective_figure(metrics: list[dict]) -> Figure | None:
+    """A preference objective's own curves: implied rewards and their margin (and KTO's KL) on the left, the
+    share of pairs ranked right on the right; lines for training steps, markers for evaluations. A falling
+    rewards/chosen (both replies pushed down) is the failure users most often miss."""
+    left = [k for k in OBJECTIVE_REWARDS if series(metrics, k)[0]]
+    right_keys = [k for k in OBJECTIVE_RATES if series(metrics, k)[0]]
+    if not left and not right_keys:
+        return None
+    fig, ax = _figure("objective: rewards and ranking accuracy")
+    right = ax.twinx() if right_keys else None
+    colors = itertools.cycle(DATASET_COLORS)  # one cycle over both axes: no two curves share a colour
+    for axis, keys in ((ax, left), (right, right_keys)):
+        for key, color in zip(keys, colors, strict=False):
+            axis.plot(*series(metrics, key), "-", color=color, linewidth=1.2, label=key)
+            if series(metrics, f"eval_{key}")[0]:
+                axis.plot(*series(metrics, f"eval_{key}"), "o", color=color, markersize=5, label=f"eval {key}")
+    if right is not None:
+        right.set_ylim(-0.02, 1.02)
+        right.set_ylabel("share of pairs")
+    ax.axhline(0, color="gray", linewidth=0.5)
+    ax.set_xlabel("step")
+    handles = [h for axis in (ax, right) if axis for h in axis.get_legend_handles_labels()[0]]
+    (right or ax).legend(handles=handles, fontsize=7, ncol=2)
+    return fig
+
+
 def task_metrics_figure(metrics: list[dict], best_step: int | None) -> Figure | None:
     """Task metrics logged at each evaluation (eval.during_training), from the base model at step 0; metrics on
     a 0-100 scale (BLEU, chrF) get their own axis on the right."""
-    keys = sorted({k for r in metrics for k in r if k.startswith("eval_") and not is_loss_key(k)})
+    keys = sorted({k for r in metrics for k in r
+                   if k.startswith("eval_") and not is_loss_key(k) and not is_objective_key(k)})
     if not keys:
         return None
     fig, ax = _figure("task metrics on the eval subset")
