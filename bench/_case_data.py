@@ -84,3 +84,23 @@ def write_case_data(case, folder: Path, model_path: Path, steps: int, batch_size
     )
     files["eval_chat"].write_text("".join(json.dumps({"messages": m}) + "\n" for m in held_out))
     return {key: str(path) for key, path in files.items()} | {"train_rows": len(train), "eval_rows": len(held_out)}
+
+
+PREFERENCES = Path(__file__).resolve().parent.parent / "src/tunelab/datasets/support_preferences.jsonl"
+
+
+def write_preference_data(folder: Path, steps: int, batch_size: int, eval_pairs: int = 48) -> dict:
+    """The bundled preference pairs (correct JSON vs the base model's own reply) in TRL's conversational form,
+    which tunelab reads as well: the first steps x batch of every ten pairs but the tenth for training, in
+    order, and the tenth ones held out."""
+    rows = [json.loads(line) for line in PREFERENCES.read_text().splitlines() if line.strip()]
+    convert = [{"prompt": [{"role": "user", "content": r["prompt"]}],
+                "chosen": [{"role": "assistant", "content": r["chosen"]}],
+                "rejected": [{"role": "assistant", "content": r["rejected"]}]} for r in rows]
+    train = [r for i, r in enumerate(convert) if i % EVAL_EVERY != EVAL_EVERY - 1][: steps * batch_size]
+    held_out = [r for i, r in enumerate(convert) if i % EVAL_EVERY == EVAL_EVERY - 1][:eval_pairs]
+    folder.mkdir(parents=True, exist_ok=True)
+    files = {"train_pairs": folder / "train_pairs.jsonl", "eval_pairs": folder / "eval_pairs.jsonl"}
+    files["train_pairs"].write_text("".join(json.dumps(r) + "\n" for r in train))
+    files["eval_pairs"].write_text("".join(json.dumps(r) + "\n" for r in held_out))
+    return {key: str(path) for key, path in files.items()} | {"train_rows": len(train), "eval_rows": len(held_out)}

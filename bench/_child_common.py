@@ -164,6 +164,67 @@ def heldout_eval_loss(model, tokenizer, eval_path: str, *, max_length: int, prec
     return {"eval_loss": total / max(1, count), "eval_tokens": count, "eval_rows": len(samples)}
 
 
+@torch.no_grad()
+def pair_logps(model, tokenizer, pairs: list[dict], *, max_length: int, precision: str,
+               device: torch.device) -> list[tuple[float, float]]:
+    """(summed log-probability of the chosen reply, of the rejected reply) for each conversational pair, each
+    reply through its end-of-turn token after the prompt as the chat template renders it."""
+    sequences = [assistant_targets(tokenizer, [*p["prompt"], *p[key]], max_length)
+                 for p in pairs for key in ("chosen", "rejected")]
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    model.eval()
+    sums: list[float] = []
+    for start in range(0, len(sequences), 8):
+        chunk = sequences[start : start + 8]
+        width = max(len(ids) for ids, _ in chunk)
+        input_ids = torch.full((len(chunk), width), pad, dtype=torch.long)
+        labels = torch.full((len(chunk), width), IGNORE_INDEX, dtype=torch.long)
+        attention = torch.zeros((len(chunk), width), dtype=torch.long)
+        for i, (ids, lab) in enumerate(chunk):
+            input_ids[i, : len(ids)] = torch.tensor(ids)
+            labels[i, : len(lab)] = torch.tensor(lab)
+            attention[i, : len(ids)] = 1
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16"):
+            logits = model(input_ids=input_ids.to(device), attention_mask=attention.to(device)).logits
+        targets = labels[:, 1:].to(device)
+        logps = torch.log_softmax(logits[:, :-1].float(), dim=-1)
+        keep = targets != IGNORE_INDEX
+        picked = logps.gather(-1, targets.clamp(min=0).unsqueeze(-1)).squeeze(-1) * keep
+        sums += picked.sum(dim=1).tolist()
+    return list(zip(sums[0::2], sums[1::2], strict=True))
+
+
+def heldout_preference(model, reference, tokenizer, eval_path: str, *, beta: float, max_length: int,
+                       precision: str, device: torch.device) -> dict:
+    """DPO's held-out loss and reward accuracy (margin over the untrained reference), and how often the trained
+    model alone ranks the chosen reply above the rejected one, on every held-out pair."""
+    pairs = [json.loads(line) for line in Path(eval_path).read_text().splitlines() if line.strip()]
+    policy = pair_logps(model, tokenizer, pairs, max_length=max_length, precision=precision, device=device)
+    base = pair_logps(reference, tokenizer, pairs, max_length=max_length, precision=precision, device=device)
+    margins = [(pc - pr) - (rc - rr) for (pc, pr), (rc, rr) in zip(policy, base, strict=True)]
+    losses = [float(torch.nn.functional.softplus(torch.tensor(-beta * m))) for m in margins]
+    return {
+        "eval_loss": sum(losses) / len(losses),
+        "eval_reward_accuracy": sum(m > 0 for m in margins) / len(margins),
+        "eval_preference_accuracy": sum(pc > pr for pc, pr in policy) / len(policy),
+        "eval_preference_accuracy_base": sum(rc > rr for rc, rr in base) / len(base),
+        "eval_rows": len(pairs),
+    }
+
+
+def evaluate(spec: dict, run_dir: Path, tokenizer, device: torch.device) -> dict:
+    """The harness's held-out measurement of a finished run: SFT loss, or DPO loss and accuracies."""
+    model = load_trained_model(spec, run_dir, device)
+    if spec.get("objective", "sft") == "sft":
+        return heldout_eval_loss(model, tokenizer, spec["eval_chat"], max_length=spec["max_length"],
+                                 precision=spec["precision"], device=device)
+    from transformers import AutoModelForCausalLM
+
+    reference = AutoModelForCausalLM.from_pretrained(spec["model_path"], dtype=torch.float32).to(device)
+    return heldout_preference(model, reference, tokenizer, spec["eval_pairs"], beta=spec["beta"],
+                              max_length=spec["max_length"], precision=spec["precision"], device=device)
+
+
 def load_trained_model(spec: dict, run_dir: Path, device: torch.device):
     """The trained model as the tool saved it: base (+ 4-bit when QLoRA) plus the PEFT adapter, or the full
     fine-tuned checkpoint. Both tools' outputs are reloaded the same way."""

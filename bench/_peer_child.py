@@ -112,9 +112,7 @@ def main() -> None:
     adapter_dtypes = sorted({str(p.dtype) for p in trainer.model.parameters() if p.requires_grad})
     del trainer, model
 
-    reloaded = common.load_trained_model(spec, run_dir, device)
-    evaluation = common.heldout_eval_loss(reloaded, tokenizer, spec["eval_chat"], max_length=spec["max_length"],
-                                          precision=spec["precision"], device=device)
+    evaluation = common.evaluate(spec, run_dir, tokenizer, device)
     result = {
         "tool": "peer",
         "version": f"trl {trl.__version__}",

@@ -17,9 +17,11 @@ import torch
 def overrides(spec: dict) -> list[str]:
     """The tunelab config for the spec: same data, order, steps, schedule and adapter as the peer."""
     method = spec["method"]
+    objective = spec.get("objective", "sft")
     items = [
         f"model={spec['model_path']}",
-        f"data.train={spec['train_chat']}",
+        f"data.train={spec['train_chat'] if objective == 'sft' else spec['train_pairs']}",
+        f"objective.name={objective}",
         "data.eval_split=0",
         f"data.max_length={spec['max_length']}",
         "data.shuffle=false",
@@ -44,6 +46,8 @@ def overrides(spec: dict) -> list[str]:
         lora = spec["lora"]
         items += [f"method.r={lora['r']}", f"method.alpha={lora['alpha']}", f"method.dropout={lora['dropout']}",
                   "method.target_modules=all-linear"]
+    if objective == "dpo":
+        items += [f"objective.beta={spec['beta']}", "objective.loss_type=sigmoid"]
     return items + list(spec.get("tunelab_overrides", []))
 
 
@@ -65,16 +69,19 @@ def main() -> None:
     clock = common.StepClock()
 
     import tunelab
-    import tunelab.train.loop as loop
+    import tunelab.objectives.pairs as pairs
+    import tunelab.objectives.sft as sft
     from tunelab.config import load_config
     from tunelab.train.run import train_run
 
-    # Benchmark instrumentation only: count the tokens of each batch the loop collates. The loop looks
-    # `collate` up in its module at call time, so wrapping the name there sees every training batch.
-    collate = loop.collate
+    # Benchmark instrumentation only: count the tokens of each batch the objective collates. Both objective
+    # modules look `collate` up at call time, so wrapping the name there sees every training batch.
+    collate = sft.collate
 
     def counting_collate(rows, pad_token_id, packed):
         batch = collate(rows, pad_token_id, packed)
+        if not torch.is_grad_enabled():  # the reference scoring before training, or evaluation
+            return batch
         clock.record_batch(
             trained=int((batch["targets"] != common.IGNORE_INDEX).sum()),
             nonpad=sum(len(sample.input_ids) for row in rows for sample in row),
@@ -82,7 +89,7 @@ def main() -> None:
         )
         return batch
 
-    loop.collate = counting_collate
+    sft.collate = pairs.collate = counting_collate
 
     started = time.perf_counter()
     config = load_config(None, overrides(spec))
@@ -98,9 +105,7 @@ def main() -> None:
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(run_dir)
-    model = common.load_trained_model(spec, run_dir, device)
-    evaluation = common.heldout_eval_loss(model, tokenizer, spec["eval_chat"], max_length=spec["max_length"],
-                                          precision=spec["precision"], device=device)
+    evaluation = common.evaluate(spec, run_dir, tokenizer, device)
     result = {
         "tool": "tunelab",
         "version": getattr(tunelab, "__version__", "unknown"),

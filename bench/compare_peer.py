@@ -1,4 +1,5 @@
-"""tunelab against its peer (TRL SFTTrainer + PEFT) on the same model, data, order and hyper-parameters.
+"""tunelab against its peer (TRL SFTTrainer or DPOTrainer + PEFT) on the same model, data, order and
+hyper-parameters.
 
     python bench/compare_peer.py --cases lora-short --repeats 2 --steps 20
 
@@ -24,12 +25,13 @@ from dataclasses import asdict, dataclass
 from importlib import metadata
 from pathlib import Path
 
-from _case_data import write_case_data
+from _case_data import write_case_data, write_preference_data
 from _random_model import SHAPES, build_random_model
 
 BENCH = Path(__file__).resolve().parent
 REPO = BENCH.parent
-CHILDREN = {"tunelab": BENCH / "_tunelab_child.py", "peer": BENCH / "_peer_child.py"}
+CHILDREN = {"tunelab": BENCH / "_tunelab_child.py", "peer": BENCH / "_peer_child.py",
+            "peer-dpo": BENCH / "_peer_dpo_child.py"}
 
 
 @dataclass(frozen=True)
@@ -41,6 +43,8 @@ class Case:
     max_length: int
     packing: bool = False
     lr: float = 2e-4
+    objective: str = "sft"
+    """sft, or dpo (against TRL's DPOTrainer, on the bundled preference pairs)"""
 
 
 CASES = {
@@ -49,7 +53,9 @@ CASES = {
     "qlora-short": Case("qlora", "short", 256),
     "full-short": Case("full", "short", 256, lr=2e-5),
     "lora-short-packed": Case("lora", "short", 256, packing=True),
+    "dpo-lora": Case("lora", "pairs", 256, lr=5e-5, objective="dpo"),
 }
+DPO_BETA = 0.1
 
 # (key in a child's result, label, format, what a better tunelab/peer ratio is)
 METRICS = [
@@ -66,7 +72,9 @@ METRICS = [
     ("first_step_loss_sum", "train loss sum, step 1 (loss × trained tokens)", "{:.2f}", "same"),
     ("final_train_loss", "train loss, last step", "{:.4f}", "lower"),
     ("mean_train_loss", "train loss, mean of steps", "{:.4f}", "lower"),
-    ("eval_loss", "held-out eval loss", "{:.4f}", "lower"),
+    ("eval_loss", "held-out eval loss (DPO loss for dpo cases)", "{:.4f}", "lower"),
+    ("eval_reward_accuracy", "held-out reward accuracy (dpo)", "{:.3f}", "higher"),
+    ("eval_preference_accuracy", "held-out preference accuracy, model alone (dpo)", "{:.3f}", "higher"),
     ("trained_tokens", "trained tokens", "{:.0f}", "same"),
     ("total_tokens", "total tokens (non-pad)", "{:.0f}", "same"),
     ("padding_efficiency", "non-pad / computed positions", "{:.3f}", "higher"),
@@ -181,7 +189,8 @@ def run_child(tool: str, spec: dict, workdir: Path, name: str, timeout: int) -> 
     started = time.perf_counter()
     with open(log_path, "w") as log:
         try:
-            code = subprocess.run([sys.executable, str(CHILDREN[tool]), str(spec_path)], stdout=log,
+            child = CHILDREN["peer-dpo" if tool == "peer" and spec.get("objective") == "dpo" else tool]
+            code = subprocess.run([sys.executable, str(child), str(spec_path)], stdout=log,
                                   stderr=subprocess.STDOUT, env=env, cwd=BENCH, timeout=timeout).returncode
         except subprocess.TimeoutExpired:
             code = "timeout"
@@ -200,7 +209,7 @@ def run_child(tool: str, spec: dict, workdir: Path, name: str, timeout: int) -> 
                   foreign_cpu_share=foreign_share)
     # Summed step-1 loss: equal for both tools when they start from the same weights and batch, whatever
     # extra tokens one of them trains that are near-free to predict (see README).
-    if result.get("first_train_loss") is not None:
+    if result.get("first_train_loss") is not None and spec.get("objective", "sft") == "sft":
         result["first_step_loss_sum"] = result["first_train_loss"] * result["step_trained_tokens"][0]
     return result
 
@@ -210,9 +219,10 @@ def child_spec(case: Case, data: dict, model_path: Path, args, precision: str, r
         "model_path": str(model_path),
         "method": case.method,
         "lora": {"r": 16, "alpha": 32, "dropout": 0.0},
-        "train_chat": data["train_chat"],
-        "train_prompt_completion": data["train_prompt_completion"],
-        "eval_chat": data["eval_chat"],
+        "objective": case.objective,
+        "beta": DPO_BETA,
+        **{key: data[key] for key in ("train_chat", "train_prompt_completion", "eval_chat", "train_pairs",
+                                      "eval_pairs") if key in data},
         "max_length": case.max_length,
         "packing": case.packing,
         "batch_size": args.batch_size,
@@ -229,7 +239,11 @@ def child_spec(case: Case, data: dict, model_path: Path, args, precision: str, r
 
 def run_case(name: str, args, model_path: Path, precision: str, workdir: Path) -> dict:
     case = CASES[name]
-    data = write_case_data(case, workdir / name / "data", model_path, args.steps, args.batch_size, args.seed)
+    folder = workdir / name / "data"
+    if case.objective == "dpo":
+        data = write_preference_data(folder, args.steps, args.batch_size)
+    else:
+        data = write_case_data(case, folder, model_path, args.steps, args.batch_size, args.seed)
     runs: list[dict] = []
     for repeat in range(1, args.repeats + 1):
         for tool in ("tunelab", "peer"):
@@ -286,13 +300,15 @@ def markdown(outcome: dict, summary: dict, machine: dict, args) -> str:
     runs = [r for r in outcome["runs"] if "error" not in r]
     first = {tool: next((r for r in runs if r["tool"] == tool), {}) for tool in ("tunelab", "peer")}
     lines = [
-        f"## {outcome['case']}: tunelab vs TRL SFTTrainer + PEFT",
+        f"## {outcome['case']}: tunelab vs TRL {'DPOTrainer' if case['objective'] == 'dpo' else 'SFTTrainer'} + PEFT",
         "",
         f"- model `{args.model}`, method **{case['method']}**"
         + (" (r=16, alpha=32, dropout 0, all-linear)" if case["method"] != "full" else "")
         + f", {args.steps} steps, batch {args.batch_size}, max_length {case['max_length']}, lr {case['lr']} constant, "
         f"no warm-up, grad clip 1.0, seed {args.seed}, {outcome['data']['train_rows']} train / "
-        f"{outcome['data']['eval_rows']} held-out rows, assistant-only loss",
+        f"{outcome['data']['eval_rows']} held-out rows, "
+        + (f"DPO sigmoid loss, beta {DPO_BETA}, reference = base with the adapter off" if case["objective"] == "dpo"
+           else "assistant-only loss"),
         f"- precision: tunelab {first['tunelab'].get('precision', '-')} (linear layers computed in "
         f"{first['tunelab'].get('observed_compute_dtype', '-')}), peer {first['peer'].get('precision', '-')} "
         f"(computed in {first['peer'].get('observed_compute_dtype', '-')}), fp32 master weights; "

@@ -1,6 +1,8 @@
 """Build tunelab's bundled preference set, src/tunelab/datasets/support_preferences.jsonl, from the bundled
 support tickets: for every ticket, the correct JSON is the chosen reply and the default model's own greedy
-reply (SmolLM2-135M-Instruct before any fine-tuning) the rejected one.
+reply (SmolLM2-135M-Instruct before any fine-tuning) the rejected one. Also writes support_feedback.jsonl, the
+same pairs unpaired for KTO: even rows keep the chosen reply labelled good, odd rows the rejected one labelled
+bad (one reply per ticket, so no prompt is both good and bad).
 
 The rejected replies are real mistakes of a real model, not invented ones: wrong keys, invented labels, the
 order number copied into the product, free text instead of JSON. Rows whose base reply already equals the
@@ -10,6 +12,7 @@ Greedy decoding in float32 (`max_new_tokens` 64, the support tickets' eval setti
 machine reproduces the file; another CPU may break a near-tie differently in a few replies.
 
     python scripts/make_support_preferences.py [--out PATH] [--model smollm2-135m-instruct]
+    python scripts/make_support_preferences.py --feedback-only    # support_feedback.jsonl from the pairs
 """
 
 from __future__ import annotations
@@ -35,11 +38,27 @@ def same_json(a: str, b: str) -> bool:
         return False
 
 
+def write_feedback(pairs_path: Path, out: Path) -> None:
+    """One labelled reply per pair: the chosen one (good) on even rows, the rejected one (bad) on odd rows."""
+    rows = [json.loads(line) for line in pairs_path.read_text().splitlines() if line.strip()]
+    with out.open("w") as handle:
+        for index, row in enumerate(rows):
+            good = index % 2 == 0
+            reply = row["chosen"] if good else row["rejected"]
+            handle.write(json.dumps({"prompt": row["prompt"], "completion": reply, "label": good}) + "\n")
+    print(f"wrote {len(rows)} feedback rows to {out}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=ROOT / "src/tunelab/datasets/support_preferences.jsonl")
     parser.add_argument("--model", default="smollm2-135m-instruct")
+    parser.add_argument("--feedback-only", action="store_true", help="only derive the feedback file from --out")
     args = parser.parse_args()
+    feedback = args.out.with_name("support_feedback.jsonl")
+    if args.feedback_only:
+        write_feedback(args.out, feedback)
+        return
 
     rows = [json.loads(line) for line in TICKETS.read_text().splitlines()]
     samples = [to_sample(Record(row, f"{TICKETS.name}:{i + 1}"), "alpaca") for i, row in enumerate(rows)]
@@ -58,6 +77,7 @@ def main() -> None:
             out.write(json.dumps({"prompt": prompt, "chosen": chosen, "rejected": reply}) + "\n")
             kept += 1
     print(f"wrote {kept} pairs to {args.out} ({len(rows) - kept} left out)")
+    write_feedback(args.out, feedback)
 
 
 if __name__ == "__main__":

@@ -7,8 +7,7 @@ from pathlib import Path
 from tunelab.config import load_config
 from tunelab.errors import ConfigError, ModelError
 from tunelab.infer.load import is_run_dir
-from tunelab.methods import bottleneck
-from tunelab.methods.prompt_learning import CANNOT_MERGE
+from tunelab.methods import METHODS, bottleneck
 from tunelab.models.load import load_model, load_tokenizer
 from tunelab.models.resolve import resolve_model, staged_folder
 
@@ -29,8 +28,9 @@ def merge_adapter(run_dir: Path, output: Path, *, overwrite: bool = False) -> Pa
     from peft import PeftModel
 
     config = load_config(run_dir / "config.yaml")
-    if config.method.name in ("prompt", "prefix"):
-        raise ConfigError(f"{run_dir} cannot be merged: {CANNOT_MERGE}", where="merge")
+    why_not = getattr(METHODS[config.method.name], "CANNOT_MERGE", None)
+    if why_not:
+        raise ConfigError(f"{run_dir} cannot be merged: {why_not}", where="merge")
     base = load_model(resolve_model(config.model), device="cpu")
     merged = PeftModel.from_pretrained(base, run_dir).merge_and_unload()
     tokenizer = load_tokenizer(run_dir)

@@ -5,6 +5,8 @@ Each method module offers:
     quantization(config, compute_dtype)      bitsandbytes settings for loading the base, or None
 and, when the trained weights sit beside a frozen base (adapters of any kind):
     without_adapter(model) -> context manager   the model computes what its base computes (a free reference)
+and, when its trained weights cannot be folded into the base:
+    CANNOT_MERGE: str                        why not, in a user's words
 and, when the method saves in a format of its own (not PEFT's, not a full checkpoint):
     save(model, run_dir, config)             write the trained weights
     load(base_model, run_dir) -> model       rebuild the trained model on its base

@@ -23,7 +23,7 @@ from tunelab.eval.during_training import RunEvaluator
 from tunelab.eval.preference import evaluate_objective
 from tunelab.eval.report import write_report
 from tunelab.infer.generate import GenerationOptions
-from tunelab.methods import METHODS, count_parameters
+from tunelab.methods import METHODS, count_parameters, has_frozen_base
 from tunelab.methods.fused_lora import fuse_lora_layers
 from tunelab.models.attention import MATMUL, attention_implementation, training_attention
 from tunelab.models.load import enable_activation_checkpointing, load_model, load_tokenizer
@@ -309,7 +309,7 @@ def _utilisation(model, config, state, precision, device) -> dict:
     """Achieved training FLOP/s and MFU against this machine's measured matmul peak."""
     if not state.train_seconds:
         return {}
-    base_trains = config.method.name in ("full", "freeze")
+    base_trains = not has_frozen_base(config.method.name)
     flops = training_flops(model, input_tokens=state.extra.get("real_tokens", 0), trained_tokens=state.tokens_seen,
                            base_trains=base_trains)
     achieved = flops / state.train_seconds
