@@ -157,7 +157,7 @@ def test_dpo_starts_at_ln2_with_zero_rewards(tiny_tokenizer):
     objective = build_objective(DpoObjective(name="dpo"), "lora", packing=False)
     batch = objective.collate([[p] for p in tokenized_pairs(tiny_tokenizer)], tiny_tokenizer.pad_token_id, False)
     loss_sum, metrics = objective.loss_sum(model, batch)
-    assert float(loss_sum) / objective.count(batch) == pytest.approx(math.log(2), abs=1e-6)
+    assert float(loss_sum.detach()) / objective.count(batch) == pytest.approx(math.log(2), abs=1e-6)
     for name in ("rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies"):
         total, count = metrics[name]
         assert count == 3 and total == pytest.approx(0.0, abs=1e-6), name
@@ -359,3 +359,14 @@ def test_a_previous_run_is_the_next_stages_model_and_reference(tiny_model_dir, t
     assert dpo["eval_before"]["eval_logps/chosen"] == pytest.approx(chosen_logps(sft_model), rel=1e-4)
     assert abs(chosen_logps(raw_base) - chosen_logps(sft_model)) > 1.0
     assert dpo["eval_before"]["eval_loss"] == pytest.approx(math.log(2), abs=1e-5)  # reference = the SFT model
+
+
+def test_early_stopping_may_follow_the_objectives_own_metrics():
+    from tunelab.errors import ConfigError
+
+    config = load_config(None, ["objective=dpo", "train.best_metric=eval_preference_accuracy",
+                                "train.early_stopping_patience=2"])
+    assert config.train.best_metric == "eval_preference_accuracy"
+    assert load_config(None, ["objective=kto", "train.best_metric=eval_kl", "train.keep_best=true"])
+    with pytest.raises(ConfigError, match="eval.during_training"):  # SFT logs no such metric
+        load_config(None, ["train.best_metric=eval_preference_accuracy", "train.keep_best=true"])

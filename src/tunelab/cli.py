@@ -119,6 +119,24 @@ def chat(
 
 
 @app.command()
+def score(
+    run: str = typer.Argument(..., help="A reward model run (objective.name: reward)."),
+    input: Path = typer.Option(..., "--input", "-i", help="JSONL/JSON/CSV/Parquet rows: a prompt and a reply."),
+    output: Path = typer.Option(..., "--output", "-o", help="JSONL file: each input row plus 'score'."),
+    batch_size: int = typer.Option(8),
+) -> None:
+    """Score the reply of every row in INPUT with a trained reward model."""
+    _quiet_libraries()
+    from tunelab.infer.score import score_file
+
+    try:
+        count = score_file(run, input, output, batch_size=batch_size)
+    except UserError as err:
+        _fail(err)
+    console.print(f"wrote {count} scores to {output}")
+
+
+@app.command()
 def merge(
     run: Path = typer.Argument(..., help="A run directory holding an adapter."),
     output: Path = typer.Option(..., "--output", "-o", help="Folder for the merged model."),

@@ -353,8 +353,15 @@ class KtoObjective(Strict):
     reference: ReferenceMode = "auto"
 
 
+class RewardObjective(Strict):
+    """A reward model: a scalar head on the model, trained on preference pairs so that the chosen reply scores
+    above the rejected one (Bradley-Terry; a row's optional `margin` column is the gap it must clear)."""
+
+    name: Literal["reward"]
+
+
 ObjectiveConfig = Annotated[
-    SftObjective | DpoObjective | OrpoObjective | SimpoObjective | KtoObjective,
+    SftObjective | DpoObjective | OrpoObjective | SimpoObjective | KtoObjective | RewardObjective,
     Field(discriminator="name"),
 ]
 
@@ -366,7 +373,8 @@ class RunConfig(Strict):
     method: MethodConfig = LoraMethod(name="lora")
     objective: ObjectiveConfig = SftObjective(name="sft")
     """What training minimises: `sft` (default), or a preference objective (dpo, orpo, simpo on preference rows;
-    kto on feedback rows). `objective: dpo` is shorthand for `objective: {name: dpo}`."""
+    kto on feedback rows), or `reward` (a reward model on preference rows). `objective: dpo` is shorthand for
+    `objective: {name: dpo}`."""
     train: TrainConfig = TrainConfig()
     eval: EvalConfig = EvalConfig()
     track: TrackConfig = TrackConfig()
@@ -385,11 +393,20 @@ class RunConfig(Strict):
         if getattr(self.objective, "reference", None) == "adapter" and not has_frozen_base(self.method.name):
             raise ValueError(f"objective.reference=adapter needs an adapter method, and method.name={self.method.name} "
                              "trains the base weights; use objective.reference: precompute")
+        if self.objective.name == "reward" and self.method.name in ("prompt", "prefix", "adapter"):
+            raise ValueError(f"objective.name=reward trains a scalar head beside the model, which "
+                             f"method.name={self.method.name} cannot save with it; use lora, dora, rslora, qlora, "
+                             "ia3, freeze or full")
+        if self.objective.name == "reward" and self.eval.during_training:
+            raise ValueError("eval.during_training generates replies, which a reward model cannot; its held-out "
+                             "pairwise accuracy (eval_rewards/accuracies) is measured at every evaluation anyway")
         if self.train.early_stopping_patience and not (self.data.eval or self.data.eval_split > 0):
             raise ValueError("train.early_stopping_patience needs eval data: set data.eval or data.eval_split")
+        from tunelab.objectives import objective_metrics
         from tunelab.train.best import best_metric_problem
 
-        problem = best_metric_problem(self.train, self.eval, has_eval_data=bool(self.data.eval or self.data.eval_split))
+        problem = best_metric_problem(self.train, self.eval, has_eval_data=bool(self.data.eval or self.data.eval_split),
+                                      objective_keys=objective_metrics(self.objective.name))
         if problem:
             raise ValueError(problem)
         return self
@@ -457,6 +474,7 @@ _OBJECTIVE_CLASSES = {
     "orpo": OrpoObjective,
     "simpo": SimpoObjective,
     "kto": KtoObjective,
+    "reward": RewardObjective,
 }
 _UNIONS: dict[str, dict[str, type[BaseModel]]] = {"method": _METHOD_CLASSES, "objective": _OBJECTIVE_CLASSES}
 """Sections that are a discriminated union on `name`, and the class of each name."""

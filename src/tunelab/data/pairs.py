@@ -37,6 +37,8 @@ class PreferencePair:
     chosen: str
     rejected: str
     source: str = ""
+    margin: float | None = None
+    """How far the chosen reply should score above the rejected one (reward models; the `margin` column)."""
 
     @property
     def identical(self) -> bool:
@@ -97,7 +99,19 @@ def _preference(row: dict[str, Any], where: str, system_prompt: str | None) -> P
         prompt = chosen_turns
     prompt = _with_system(prompt, system_prompt)
     check_roles([*prompt, {"role": "assistant", "content": chosen}])
-    return PreferencePair(where, prompt, chosen, rejected)
+    return PreferencePair(where, prompt, chosen, rejected, margin=_margin(row.get("margin")))
+
+
+def _margin(value: Any) -> float | None:
+    if value is None:
+        return None
+    try:
+        margin = float(value)
+    except (TypeError, ValueError):
+        raise RowError(f"margin {value!r} is not a number") from None
+    if margin != margin or margin in (float("inf"), float("-inf")):
+        raise RowError(f"margin {value!r} is not a finite number")
+    return margin
 
 
 def _feedback(row: dict[str, Any], where: str, system_prompt: str | None) -> FeedbackSample:

@@ -53,6 +53,8 @@ class TokenizedPair:
     source: str = ""
     reference_logps: tuple[float, float] | None = None
     """The reference model's summed log-probabilities of (chosen, rejected), when precomputed before training."""
+    margin: float | None = None
+    """The row's `margin` column: how far a reward model should score chosen above rejected."""
 
 
 @dataclass
@@ -202,7 +204,7 @@ def tokenize_pair(pair: PreferencePair, renderer: ChatRenderer) -> TokenizedPair
     rejected = tokenize_reply(pair.prompt, pair.rejected, renderer, text, ids)
     for sequence in (chosen, rejected):
         sequence.where, sequence.source = pair.where, pair.source
-    return TokenizedPair(chosen, rejected, len(ids), pair.where, pair.source)
+    return TokenizedPair(chosen, rejected, len(ids), pair.where, pair.source, margin=pair.margin)
 
 
 def tokenize_feedback(sample: FeedbackSample, renderer: ChatRenderer) -> TokenizedFeedback:

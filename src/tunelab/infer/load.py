@@ -48,6 +48,7 @@ def _load_run(run_dir: Path, device: str) -> LoadedModel:
     config = load_config(run_dir / "config.yaml")
     tokenizer = load_tokenizer(run_dir)
     renderer = ChatRenderer(tokenizer, config.data.chat_template)
+    head = {"head": "reward", "pad_token_id": tokenizer.pad_token_id} if config.objective.name == "reward" else {}
     if (run_dir / "adapter_config.json").is_file():
         from peft import PeftModel
 
@@ -56,7 +57,7 @@ def _load_run(run_dir: Path, device: str) -> LoadedModel:
         if isinstance(config.method, QLoraMethod):
             # Same frozen base as in training, so outputs match the in-process ones.
             quantization = quantization_config(config.method, _compute_dtype(config, device))
-        base = load_model(base_path, quantization=quantization, device=device)
+        base = load_model(base_path, quantization=quantization, device=device, **head)
         try:
             model = PeftModel.from_pretrained(base, run_dir)
         except Exception as err:
@@ -64,7 +65,7 @@ def _load_run(run_dir: Path, device: str) -> LoadedModel:
     elif (run_dir / bottleneck.CONFIG_FILE).is_file():
         model = bottleneck.load(load_model(resolve_model(config.model), device=device), run_dir)
     else:
-        model = load_model(run_dir, device=device)
+        model = load_model(run_dir, device=device, **head)
     model.eval()
     return LoadedModel(model, tokenizer, renderer, config)
 

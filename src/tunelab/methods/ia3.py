@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from tunelab.config import IA3Method
+from tunelab.methods.lora import task_type
 
 
 def apply(model, config: IA3Method):
@@ -11,7 +12,7 @@ def apply(model, config: IA3Method):
     peft_config = IA3Config(
         target_modules=config.target_modules,
         feedforward_modules=config.feedforward_modules,
-        task_type="CAUSAL_LM",
+        task_type=task_type(model),
     )
     return get_peft_model(model, peft_config)
 

@@ -6,7 +6,13 @@ from tunelab.config import LoraMethod, QLoraMethod
 from tunelab.models.load import quantization_config
 
 
-def peft_config(config: LoraMethod | QLoraMethod):
+def task_type(model) -> str:
+    """PEFT's task type for the model: a scalar-head reward model keeps its head trainable and saved with the
+    adapter (SEQ_CLS), a language model does not (CAUSAL_LM)."""
+    return "SEQ_CLS" if type(model).__name__.endswith("ForSequenceClassification") else "CAUSAL_LM"
+
+
+def peft_config(config: LoraMethod | QLoraMethod, task: str = "CAUSAL_LM"):
     from peft import LoraConfig
 
     return LoraConfig(
@@ -16,7 +22,7 @@ def peft_config(config: LoraMethod | QLoraMethod):
         target_modules=config.target_modules,
         use_dora=config.name == "dora",
         use_rslora=config.name == "rslora",
-        task_type="CAUSAL_LM",
+        task_type=task,
     )
 
 
@@ -27,7 +33,7 @@ def apply(model, config: LoraMethod | QLoraMethod):
         # Casts norms and the head to fp32 and freezes the quantised base; no gradient checkpointing.
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
         keep_4bit_weights_differentiable(model)
-    return get_peft_model(model, peft_config(config))
+    return get_peft_model(model, peft_config(config, task_type(model)))
 
 
 def keep_4bit_weights_differentiable(model) -> None:

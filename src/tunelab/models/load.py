@@ -37,16 +37,22 @@ def quantization_config(method: QLoraMethod, compute_dtype: torch.dtype):
     )
 
 
-def load_model(path: Path, *, quantization=None, device: str = "cpu"):
-    """A causal LM in float32 master weights (or quantised), on `device`, in training-ready state."""
-    from transformers import AutoModelForCausalLM
+def load_model(path: Path, *, quantization=None, device: str = "cpu", head: str = "lm",
+               pad_token_id: int | None = None):
+    """A causal LM in float32 master weights (or quantised), on `device`, in training-ready state. `head="reward"`:
+    the same body with a one-output score head instead (transformers' sequence classification; the head is
+    initialised afresh unless `path` already is a reward model), `pad_token_id` written to its config."""
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
     kwargs = {"dtype": torch.float32}
     if quantization is not None:
         kwargs["quantization_config"] = quantization
         kwargs["device_map"] = device
+    if head == "reward":
+        kwargs.update(num_labels=1, pad_token_id=pad_token_id)
+    loader = AutoModelForSequenceClassification if head == "reward" else AutoModelForCausalLM
     try:
-        model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+        model = loader.from_pretrained(path, **kwargs)
     except Exception as err:
         raise ModelError(f"cannot load model: {err}", where=str(path)) from None
     if quantization is None:

@@ -5,7 +5,9 @@ Every objective offers:
     collate(rows, pad_token_id, padding_free) -> batch   tensors of one micro-batch (rows of items)
     count(batch) -> int                   what the step's loss is divided by (trained tokens, pairs, rows)
     input_tokens(item) -> int             tokens of one item, for throughput
+    sequences_per_item                    sequences one item becomes (2 for a pair), for memory and attention
     loss_sum(model, batch) -> (loss_sum, metrics)   metrics as (sum, count), logged as sum / count
+    model_head                            `lm` (the output head) or `reward` (a scalar head: sequence classification)
 and, when it compares against a reference model:
     reference: Reference                  live (the adapter switched off) or precomputed per row
     sequences(item) -> (first, second)    the two sequences whose reference log-probs a row stores
@@ -19,14 +21,20 @@ from functools import partial
 from tunelab.config import ObjectiveConfig
 from tunelab.methods import METHODS
 from tunelab.objectives.dpo import dpo_losses
-from tunelab.objectives.kto import KtoObjective
+from tunelab.objectives.kto import KTO_METRICS, KtoObjective
 from tunelab.objectives.orpo import orpo_losses
-from tunelab.objectives.pairs import PairObjective, Reference
+from tunelab.objectives.pairs import PAIR_METRICS, PairObjective, Reference
+from tunelab.objectives.reward import REWARD_METRICS, RewardObjective
 from tunelab.objectives.sft import SftObjective
 from tunelab.objectives.simpo import simpo_losses
 
 PAIR_LOSSES = {"dpo": dpo_losses, "orpo": orpo_losses, "simpo": simpo_losses}
 """Objectives on preference pairs: each a function (policy, reference, config) -> PairLosses."""
+
+
+def objective_metrics(name: str) -> tuple[str, ...]:
+    """The metrics objective `name` logs at every step and evaluation (what train.best_metric may follow)."""
+    return {"sft": (), "kto": KTO_METRICS, "reward": REWARD_METRICS}.get(name, PAIR_METRICS)
 
 
 def reference_for(config: ObjectiveConfig, method_name: str) -> Reference:
@@ -42,6 +50,8 @@ def build_objective(config: ObjectiveConfig, method_name: str, packing: bool):
     """The objective `config` names, for a model trained with `method_name`."""
     if config.name == "sft":
         return SftObjective(packing)
+    if config.name == "reward":
+        return RewardObjective()
     if config.name == "kto":
         return KtoObjective(config, reference_for(config, method_name))
     reference = reference_for(config, method_name) if hasattr(config, "reference") else None

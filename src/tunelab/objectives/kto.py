@@ -16,6 +16,7 @@ from tunelab.models.logprobs import sequence_logprobs
 from tunelab.objectives.pairs import Metrics, Reference, collate_sequences, mean_metrics
 
 KL_PREFIX = "kl/"
+KTO_METRICS = ("rewards/chosen", "rewards/rejected", "logps/chosen", "logps/rejected", "kl")
 
 
 def kto_losses(policy: torch.Tensor, reference: torch.Tensor, desirable: torch.Tensor, kl: torch.Tensor,
@@ -33,6 +34,7 @@ class KtoObjective:
 
     data_kind = "feedback"
     sequences_per_item = 2
+    model_head = "lm"
 
     def __init__(self, config: KtoConfig, reference: Reference) -> None:
         self.config = config

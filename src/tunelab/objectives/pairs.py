@@ -3,8 +3,8 @@ reference those log-probabilities are compared with.
 
 A batch holds S sequences (a pair's chosen and rejected replies, or a feedback row's reply and its mismatched
 partner), one per padded row or back to back in one padding-free row; `sequence_ids` [B, T] says which sequence
-each position belongs to, so a sequence's log-probability does not depend on the layout, its neighbours or the
-padding side.
+each position belongs to (-1 on padding), so a sequence's log-probability does not depend on the layout, its
+neighbours or the padding side.
 """
 
 from __future__ import annotations
@@ -18,6 +18,10 @@ import torch
 from tunelab.data.batching import collate
 from tunelab.data.template import TokenizedSample
 from tunelab.models.logprobs import sequence_logprobs
+
+PAIR_METRICS = ("rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies", "logps/chosen",
+                "logps/rejected", "logps/margins", "preference_accuracy")
+"""What a pair objective logs every step (and as eval_<name> at every evaluation)."""
 
 Metrics = dict[str, tuple[float, int]]
 """Each logged metric as (sum, count): the loop adds them over micro-batches and logs sum / count."""
@@ -48,8 +52,8 @@ def collate_sequences(sequences: Sequence[TokenizedSample], pad_token_id: int, p
         batch["sequence_ids"] = torch.repeat_interleave(torch.arange(len(sequences)), lengths)[None, :]
     else:
         batch = collate([[s] for s in sequences], pad_token_id, packed=False)
-        rows, width = batch["input_ids"].shape
-        batch["sequence_ids"] = torch.arange(rows)[:, None].expand(rows, width).contiguous()
+        rows = batch["input_ids"].shape[0]
+        batch["sequence_ids"] = torch.where(batch["attention_mask"].bool(), torch.arange(rows)[:, None], -1)
     batch["sequence_count"] = torch.tensor(len(sequences))
     if reference is not None:
         batch["reference_logps"] = torch.tensor(reference, dtype=torch.float32)
@@ -128,6 +132,7 @@ class PairObjective:
 
     data_kind = "preference"
     sequences_per_item = 2
+    model_head = "lm"
 
     def __init__(self, name: str, losses: PairLossFunction, reference: Reference | None) -> None:
         self.name = name

@@ -27,6 +27,7 @@ class SftObjective:
 
     data_kind = "sft"
     sequences_per_item = 1
+    model_head = "lm"
 
     def __init__(self, packing: bool) -> None:
         self.packing = packing

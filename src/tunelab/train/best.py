@@ -47,8 +47,9 @@ def metric_mode(metric: str, mode: str | None = None) -> str:
     return "min" if any(word in metric for word in _LOWER_IS_BETTER) else "max"
 
 
-def best_metric_problem(train, evaluation, *, has_eval_data: bool) -> str | None:
-    """Why train.best_metric / keep_best / eval.during_training cannot work with this config, or None."""
+def best_metric_problem(train, evaluation, *, has_eval_data: bool, objective_keys: tuple[str, ...] = ()) -> str | None:
+    """Why train.best_metric / keep_best / eval.during_training cannot work with this config, or None.
+    `objective_keys` are the metrics the objective itself logs at every evaluation (eval_<key>)."""
     if not has_eval_data:
         for on, key in ((train.keep_best, "train.keep_best"), (evaluation.during_training, "eval.during_training")):
             if on:
@@ -57,6 +58,8 @@ def best_metric_problem(train, evaluation, *, has_eval_data: bool) -> str | None
     if metric in LOSS_KEYS or metric.startswith("eval_loss/"):
         return None
     key = metric[len("eval_") :] if metric.startswith("eval_") else ""
+    if key in objective_keys:
+        return None
     if not key:
         return (
             f"train.best_metric: '{metric}' is not an eval metric; use eval_loss, eval_perplexity or "

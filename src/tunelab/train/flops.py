@@ -35,9 +35,10 @@ def training_flops(model, *, input_tokens: int, trained_tokens: int, base_trains
     """Approximate FLOPs spent on `input_tokens` (non-padding) of which `trained_tokens` carry loss."""
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     embedding = base.get_input_embeddings().weight
-    head = base.get_output_embeddings().weight
+    output = base.get_output_embeddings()  # None for a scalar (reward) head, whose FLOPs are negligible
+    head = output.weight if output is not None else embedding.new_zeros(0)
     body = sum(p.numel() for p in base.parameters()) - embedding.numel()
-    if head.data_ptr() != embedding.data_ptr():
+    if output is not None and head.data_ptr() != embedding.data_ptr():
         body -= head.numel()
     passes = 3 if base_trains else 2  # forward, activation grads, (weight grads)
     return passes * 2 * (body * input_tokens + head.numel() * trained_tokens)

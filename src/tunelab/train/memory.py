@@ -22,7 +22,7 @@ import torch
 from tunelab.data.batching import collate
 from tunelab.data.template import IGNORE_INDEX, TokenizedSample
 from tunelab.methods.fused_lora import cached_weight_storages
-from tunelab.models.logprobs import decoder_and_head, head_chunk_rows
+from tunelab.models.logprobs import decoder_and_head, head_chunk_rows, hidden_states
 from tunelab.objectives.sft import sft_loss_sum
 from tunelab.train.precision import autocast
 
@@ -79,11 +79,19 @@ def saved_activation_bytes(model, batch: dict[str, torch.Tensor], precision: str
 
     batch = {k: v.to(device) for k, v in batch.items()}
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), autocast(precision, device):
-        loss, _ = sft_loss_sum(model, batch)
+        loss = _probe_loss(model, batch)
     del loss
     for cast in cached_weight_storages(model):  # counted once, in the resident memory measured afterwards
         seen.pop(cast, None)
     return sum(seen.values())
+
+
+def _probe_loss(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """What a training step computes on `batch`: the language-model loss, or, for a model with a scalar head
+    instead of an output head (a reward model), the decoder's last hidden states (the head is negligible)."""
+    if decoder_and_head(model)[1] is None:
+        return hidden_states(model, batch)[:, -1].float().sum()
+    return sft_loss_sum(model, batch)[0]
 
 
 def _probe_sample(length: int, trained_fraction: float, token_id: int) -> TokenizedSample:
@@ -107,6 +115,8 @@ def _head_backward_bytes(model, batch_shapes: list[tuple[int, int]], trained_fra
     """Backward through one chunk of the output head holds its float32 logit gradient, the softmax gradient
     and a bf16 copy at once: the largest transient a forward-only probe does not see."""
     _, head = decoder_and_head(model)
+    if head is None:  # a scalar head: no logits
+        return 0.0
     vocab = head.weight.shape[0]
     tokens = max(rows * length for rows, length in batch_shapes) * trained_fraction
     return min(head_chunk_rows(vocab, head.weight.device), tokens) * vocab * (4 + 4 + 2)

@@ -21,7 +21,7 @@ from tunelab.data.template import ChatRenderer
 from tunelab.errors import ConfigError
 from tunelab.eval.during_training import RunEvaluator
 from tunelab.eval.preference import evaluate_objective
-from tunelab.eval.report import write_report
+from tunelab.eval.report import before_after_keys, write_report
 from tunelab.infer.generate import GenerationOptions
 from tunelab.methods import METHODS, count_parameters, has_frozen_base
 from tunelab.methods.fused_lora import fuse_lora_layers
@@ -31,6 +31,7 @@ from tunelab.models.logprobs import uses_virtual_tokens
 from tunelab.models.resolve import resolve_model
 from tunelab.objectives import build_objective
 from tunelab.objectives.reference import precompute_reference
+from tunelab.objectives.reward import make_head_trainable
 from tunelab.track.fanout import RunLog, check_trackers
 from tunelab.track.jsonl import MetricsLog
 from tunelab.train.best import BestTracker
@@ -111,7 +112,11 @@ def _train(config: RunConfig, log: RunLog, *, resume: bool, overwrite: bool, con
     precision = resolve_precision(config.train.precision, device)
     method = METHODS[config.method.name]
     quantization = method.quantization(config.method, torch.bfloat16 if precision == "bf16" else torch.float32)
-    model = method.apply(load_model(model_path, quantization=quantization, device=str(device)), config.method)
+    base = load_model(model_path, quantization=quantization, device=str(device), head=objective.model_head,
+                      pad_token_id=tokenizer.pad_token_id)
+    model = method.apply(base, config.method)
+    if objective.model_head == "reward":
+        make_head_trainable(model)
     if config.train.activation_checkpointing:
         enable_activation_checkpointing(model, config.train.activation_checkpointing)
     if config.train.fused_lora:
@@ -130,7 +135,8 @@ def _train(config: RunConfig, log: RunLog, *, resume: bool, overwrite: bool, con
         shutil.rmtree(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "config.yaml").write_text(dump_config(config))
-    gen_samples = data.eval_samples[: config.eval.generate_samples]
+    # A reward model scores replies; it has no output head to generate them with.
+    gen_samples = data.eval_samples[: config.eval.generate_samples] if objective.model_head == "lm" else []
 
     ctx = LoopContext(
         config=config, model=model, objective=objective, optimizer=None, scheduler=None, train_samples=data.train,
@@ -142,8 +148,9 @@ def _train(config: RunConfig, log: RunLog, *, resume: bool, overwrite: bool, con
     steps_per_epoch = math.ceil(len(epoch_plan(ctx, 0).batches) / config.train.grad_accum)
     ctx.total_steps = config.train.max_steps or max(1, math.ceil(config.train.epochs * steps_per_epoch))
     ctx.optimizer, ctx.scheduler = build_optimizer(model, config.train, ctx.total_steps)
+    sequences_per_batch = config.train.batch_size * objective.sequences_per_item  # DPO: chosen and rejected
     attention = training_attention(config.train.attention, device, precision, config.data.max_length, model,
-                                   config.train.batch_size)
+                                   sequences_per_batch)
     ctx.padding_free = attention == MATMUL and not uses_virtual_tokens(model)  # PEFT's prompt path needs rows
     with attention_implementation(model, attention):
         memory = _estimate_memory(ctx, data, tokenizer)
@@ -374,7 +381,7 @@ def _print_outcome(console, summary, samples, before, after, show) -> None:
     if "eval_perplexity" in summary["eval_after"]:
         rows.append(("eval perplexity", summary["eval_before"].get("eval_perplexity"),
                      summary["eval_after"]["eval_perplexity"]))
-    for name in ("eval_preference_accuracy", "eval_logps/margins"):
+    for name in before_after_keys(summary["objective"]):
         if name in summary["eval_after"]:
             rows.append((name.removeprefix("eval_"), summary["eval_before"].get(name), summary["eval_after"][name]))
     for name, value in summary["metrics_after"].items():
