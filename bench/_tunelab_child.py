@@ -123,7 +123,7 @@ def main() -> None:
             "trainable_parameters": summary["trainable_parameters"],
             "total_parameters": summary["total_parameters"],
             "train_samples": summary["data"]["train_samples"],
-            "truncated_samples": summary["data"]["truncated_samples"],
+            "truncated_samples": summary["data"].get("truncated_samples", summary["data"].get("truncated_rows")),
         },
         **common.environment(),
     }

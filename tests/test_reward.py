@@ -95,6 +95,12 @@ def test_a_reward_model_learns_the_preference_and_transformers_scores_it_the_sam
     scored = [json.loads(line) for line in (tmp_path / "s.jsonl").read_text().splitlines()]
     assert all(a["score"] > b["score"] for a, b in zip(scored[0::2], scored[1::2], strict=True))
 
+    from tunelab.eval.command import evaluate_model
+    from tunelab.infer.generate import GenerationOptions
+
+    ranked = evaluate_model(str(out), data, ["preference_accuracy", "reward_margin"], options=GenerationOptions())
+    assert ranked["preference_accuracy"] > 0.9 and ranked["reward_margin"] > 0
+
     if method == "full":
         theirs = AutoModelForSequenceClassification.from_pretrained(out).eval()
     else:

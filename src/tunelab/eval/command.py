@@ -24,8 +24,8 @@ from tunelab.train.precision import resolve_precision
 
 LOSS_METRICS = {"loss", "perplexity"}
 PREFERENCE_METRICS = {"preference_accuracy", "reward_margin"}
-"""On preference files: how often the model's log-probability of the chosen reply is above the rejected one's,
-and the mean difference (summed over each reply's tokens)."""
+"""On preference files: how often the model ranks the chosen reply above the rejected one, and the mean
+difference: summed log-probabilities of each reply's tokens, or a reward model's scores."""
 
 
 def check_metric_names(names: list[str]) -> None:
@@ -151,6 +151,9 @@ def _evaluate_pairs(spec, data_path: Path, metrics: list[str], *, limit, max_len
         if baseline == "base":
             if run_config is None:
                 raise ConfigError("--baseline base needs a tunelab run directory", where="--baseline")
+            if run_config.objective.name == "reward":
+                raise ConfigError("a reward model's base has no score head to compare with; its held-out accuracy "
+                                  "before training is in the run's summary.json (eval_before)", where="--baseline")
             baseline = run_config.model
         base_result, base_margins, _ = _score_pairs(baseline, data_path, metrics, limit, max_length, run_config)
         result["baseline"] = base_result
@@ -180,7 +183,15 @@ def _score_pairs(spec, data_path: Path, metrics: list[str], limit, max_length, r
     pairs = list(prepared.train)[:limit] if limit else list(prepared.train)
     device = next(loaded.model.parameters()).device
     precision = resolve_precision(run_config.train.precision if run_config else "auto", torch.device(device))
-    margins = pair_margins(loaded.model, pairs, pad_token_id=loaded.tokenizer.pad_token_id, precision=precision)
+    if loaded.run_config is not None and loaded.run_config.objective.name == "reward":  # ranked by its scores
+        from tunelab.infer.score import reward_scores
+
+        sequences = [p.chosen for p in pairs] + [p.rejected for p in pairs]
+        scores = reward_scores(loaded.model, sequences, pad_token_id=loaded.tokenizer.pad_token_id)
+        margins = [c - r for c, r in zip(scores[: len(pairs)], scores[len(pairs) :], strict=True)]
+    else:  # ranked by the model's own log-probabilities
+        margins = pair_margins(loaded.model, pairs, pad_token_id=loaded.tokenizer.pad_token_id,
+                               precision=precision)
     result: dict = {"model": str(spec), "data": str(data_path), "samples": len(pairs)}
     if "preference_accuracy" in metrics:
         result["preference_accuracy"] = sum(m > 0 for m in margins) / max(1, len(margins))
