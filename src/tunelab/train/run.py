@@ -11,6 +11,7 @@ from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
 
+import numpy as np
 import torch
 from rich.console import Console
 
@@ -148,9 +149,12 @@ def _train(config: RunConfig, log: RunLog, *, resume: bool, overwrite: bool, con
     steps_per_epoch = math.ceil(len(epoch_plan(ctx, 0).batches) / config.train.grad_accum)
     ctx.total_steps = config.train.max_steps or max(1, math.ceil(config.train.epochs * steps_per_epoch))
     ctx.optimizer, ctx.scheduler = build_optimizer(model, config.train, ctx.total_steps)
-    sequences_per_batch = config.train.batch_size * objective.sequences_per_item  # DPO: chosen and rejected
-    attention = training_attention(config.train.attention, device, precision, config.data.max_length, model,
-                                   sequences_per_batch)
+    # The attention budget counts what a micro-batch really holds: both sequences of a pair, and rows no longer
+    # than the longest the data has (packed rows fill max_length).
+    sequences_per_batch = config.train.batch_size * objective.sequences_per_item
+    longest = config.data.max_length if config.data.packing else int(np.asarray(data.train.lengths).max(initial=1))
+    attention = training_attention(config.train.attention, device, precision, min(longest, config.data.max_length),
+                                   model, sequences_per_batch)
     ctx.padding_free = attention == MATMUL and not uses_virtual_tokens(model)  # PEFT's prompt path needs rows
     with attention_implementation(model, attention):
         memory = _estimate_memory(ctx, data, tokenizer)
