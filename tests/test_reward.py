@@ -95,6 +95,10 @@ def test_a_reward_model_learns_the_preference_and_transformers_scores_it_the_sam
     scored = [json.loads(line) for line in (tmp_path / "s.jsonl").read_text().splitlines()]
     assert all(a["score"] > b["score"] for a, b in zip(scored[0::2], scored[1::2], strict=True))
 
+    refused = CliRunner().invoke(app, ["generate", str(out), "--input", str(rows), "--output",
+                                       str(tmp_path / "g.jsonl")])
+    assert refused.exit_code == 2 and "is a reward model" in refused.output
+
     from tunelab.eval.command import evaluate_model
     from tunelab.infer.generate import GenerationOptions
 

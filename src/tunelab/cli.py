@@ -109,10 +109,10 @@ def chat(
     _quiet_libraries()
     from tunelab.infer.chat import chat_loop
     from tunelab.infer.generate import GenerationOptions
-    from tunelab.infer.load import load_for_inference
+    from tunelab.infer.load import load_generator
 
     try:
-        loaded = load_for_inference(model)
+        loaded = load_generator(model)
     except UserError as err:
         _fail(err)
     chat_loop(loaded, GenerationOptions(max_new_tokens, sample, temperature, top_p), system, console)

@@ -19,7 +19,7 @@ from tunelab.eval.paired import bootstrap_difference, compare_replies
 from tunelab.eval.preference import pair_margins
 from tunelab.eval.recorded import record_evaluation
 from tunelab.infer.generate import GenerationOptions
-from tunelab.infer.load import load_for_inference
+from tunelab.infer.load import load_for_inference, load_generator
 from tunelab.train.precision import resolve_precision
 
 LOSS_METRICS = {"loss", "perplexity"}
@@ -108,7 +108,7 @@ def evaluate_model(
 def _score(spec, data_path, metrics, options, limit, max_length, run_config=None, labels=None, label_score="sum"):
     """(metrics, samples, replies, the run's config, label classification) of one model; `run_config` fixes the
     template settings when a baseline is scored for a run, so both see identical prompts."""
-    loaded = load_for_inference(spec)
+    loaded = load_generator(spec)  # loss and generated replies need the output head a reward model lacks
     run_config = loaded.run_config or run_config
     data_config = DataConfig(train=data_path, eval_split=0, max_length=max_length, overlong="truncate")
     if run_config is not None:

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 
 from tunelab.config import RunConfig
 from tunelab.data.formats import Sample
+from tunelab.data.preference import PreparedPairs
 from tunelab.data.prepare import PreparedData
 from tunelab.data.template import ChatRenderer
 from tunelab.eval.evaluate import evaluate_loss, evaluate_task
@@ -31,7 +32,8 @@ class RunEvaluator:
     config: RunConfig
     model: object
     renderer: ChatRenderer
-    data: PreparedData
+    data: PreparedData | PreparedPairs
+    """SFT data, or preference/feedback rows (their eval_samples: held-out prompts with the chosen reply)."""
     precision: str
     generation: GenerationOptions
     loss: Callable[[], dict[str, float]] | None = None

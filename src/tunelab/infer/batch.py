@@ -9,7 +9,7 @@ from tunelab.data.formats import RowError, prompt_messages
 from tunelab.data.sources import read_records
 from tunelab.errors import DataError
 from tunelab.infer.generate import GenerationOptions, generate_replies
-from tunelab.infer.load import load_for_inference
+from tunelab.infer.load import load_generator
 
 
 def generate_file(model: str, input_path: Path, output_path: Path, options: GenerationOptions,
@@ -24,7 +24,7 @@ def generate_file(model: str, input_path: Path, output_path: Path, options: Gene
             problems.append(f"{record.where}: {err}")
     if problems:
         raise DataError(f"{len(problems)} invalid row(s):\n  " + "\n  ".join(problems[:10]))
-    loaded = load_for_inference(model)
+    loaded = load_generator(model)
     replies = generate_replies(loaded.model, loaded.renderer, conversations, options)
     partial = output_path.with_name(output_path.name + ".partial")
     output_path.parent.mkdir(parents=True, exist_ok=True)

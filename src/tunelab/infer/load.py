@@ -9,7 +9,7 @@ import torch
 
 from tunelab.config import QLoraMethod, RunConfig, load_config
 from tunelab.data.template import ChatRenderer
-from tunelab.errors import ModelError
+from tunelab.errors import ConfigError, ModelError
 from tunelab.methods import bottleneck
 from tunelab.models.load import load_model, load_tokenizer, quantization_config
 from tunelab.models.resolve import resolve_model
@@ -42,6 +42,16 @@ def load_for_inference(spec: str | Path, device: str | None = None) -> LoadedMod
     model = load_model(model_path, device=device)
     model.eval()
     return LoadedModel(model, tokenizer, ChatRenderer(tokenizer, "auto"), None)
+
+
+def load_generator(spec: str | Path, device: str | None = None) -> LoadedModel:
+    """Like load_for_inference, for commands that generate text: a reward model (a scalar head, no output head)
+    is refused with what to use instead."""
+    loaded = load_for_inference(spec, device)
+    if loaded.run_config is not None and loaded.run_config.objective.name == "reward":
+        raise ConfigError(f"{spec} is a reward model: it scores replies (tunelab score) and cannot write them",
+                          where=str(spec))
+    return loaded
 
 
 def _load_run(run_dir: Path, device: str) -> LoadedModel:
