@@ -134,6 +134,22 @@ def assistant_targets(tokenizer, messages: list[dict], max_length: int) -> tuple
     return ids[:max_length], labels[:max_length]
 
 
+def _forward_padded(model, chunk: list[tuple[list[int], list[int]]], pad: int, *, precision: str,
+                    device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """(logits [B, T, V], labels [B, T]) of (input_ids, labels) rows padded on the right."""
+    width = max(len(ids) for ids, _ in chunk)
+    input_ids = torch.full((len(chunk), width), pad, dtype=torch.long)
+    labels = torch.full((len(chunk), width), IGNORE_INDEX, dtype=torch.long)
+    attention = torch.zeros((len(chunk), width), dtype=torch.long)
+    for i, (ids, lab) in enumerate(chunk):
+        input_ids[i, : len(ids)] = torch.tensor(ids)
+        labels[i, : len(lab)] = torch.tensor(lab)
+        attention[i, : len(ids)] = 1
+    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16"):
+        logits = model(input_ids=input_ids.to(device), attention_mask=attention.to(device)).logits
+    return logits, labels
+
+
 @torch.no_grad()
 def heldout_eval_loss(model, tokenizer, eval_path: str, *, max_length: int, precision: str,
                       device: torch.device) -> dict:
@@ -146,16 +162,7 @@ def heldout_eval_loss(model, tokenizer, eval_path: str, *, max_length: int, prec
     total, count = 0.0, 0
     for start in range(0, len(samples), batch_size):
         chunk = samples[start : start + batch_size]
-        width = max(len(ids) for ids, _ in chunk)
-        input_ids = torch.full((len(chunk), width), pad, dtype=torch.long)
-        labels = torch.full((len(chunk), width), IGNORE_INDEX, dtype=torch.long)
-        attention = torch.zeros((len(chunk), width), dtype=torch.long)
-        for i, (ids, lab) in enumerate(chunk):
-            input_ids[i, : len(ids)] = torch.tensor(ids)
-            labels[i, : len(lab)] = torch.tensor(lab)
-            attention[i, : len(ids)] = 1
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16"):
-            logits = model(input_ids=input_ids.to(device), attention_mask=attention.to(device)).logits
+        logits, labels = _forward_padded(model, chunk, pad, precision=precision, device=device)
         targets = labels[:, 1:].to(device)  # [B, T-1]: position t predicts token t+1
         logits = logits[:, :-1].float()  # [B, T-1, V]
         keep = targets != IGNORE_INDEX
@@ -176,16 +183,7 @@ def pair_logps(model, tokenizer, pairs: list[dict], *, max_length: int, precisio
     sums: list[float] = []
     for start in range(0, len(sequences), 8):
         chunk = sequences[start : start + 8]
-        width = max(len(ids) for ids, _ in chunk)
-        input_ids = torch.full((len(chunk), width), pad, dtype=torch.long)
-        labels = torch.full((len(chunk), width), IGNORE_INDEX, dtype=torch.long)
-        attention = torch.zeros((len(chunk), width), dtype=torch.long)
-        for i, (ids, lab) in enumerate(chunk):
-            input_ids[i, : len(ids)] = torch.tensor(ids)
-            labels[i, : len(lab)] = torch.tensor(lab)
-            attention[i, : len(ids)] = 1
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16"):
-            logits = model(input_ids=input_ids.to(device), attention_mask=attention.to(device)).logits
+        logits, labels = _forward_padded(model, chunk, pad, precision=precision, device=device)
         targets = labels[:, 1:].to(device)
         logps = torch.log_softmax(logits[:, :-1].float(), dim=-1)
         keep = targets != IGNORE_INDEX

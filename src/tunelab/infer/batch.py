@@ -26,10 +26,15 @@ def generate_file(model: str, input_path: Path, output_path: Path, options: Gene
         raise DataError(f"{len(problems)} invalid row(s):\n  " + "\n  ".join(problems[:10]))
     loaded = load_generator(model)
     replies = generate_replies(loaded.model, loaded.renderer, conversations, options)
+    write_rows(output_path, [{**record.row, "reply": reply} for record, reply in zip(records, replies, strict=True)])
+    return len(replies)
+
+
+def write_rows(output_path: Path, rows: list[dict]) -> None:
+    """JSONL written beside the target and renamed into place: an interrupted command leaves no half file."""
     partial = output_path.with_name(output_path.name + ".partial")
     output_path.parent.mkdir(parents=True, exist_ok=True)
     with open(partial, "w") as handle:
-        for record, reply in zip(records, replies, strict=True):
-            handle.write(json.dumps({**record.row, "reply": reply}) + "\n")
+        for row in rows:
+            handle.write(json.dumps(row) + "\n")
     partial.rename(output_path)
-    return len(replies)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
@@ -12,6 +11,7 @@ from tunelab.data.preference import tokenize_prompt, tokenize_reply
 from tunelab.data.sources import read_records
 from tunelab.data.template import TemplateError
 from tunelab.errors import ConfigError, DataError
+from tunelab.infer.batch import write_rows
 from tunelab.infer.load import load_for_inference
 from tunelab.objectives.pairs import collate_sequences
 from tunelab.objectives.reward import sequence_rewards
@@ -50,12 +50,7 @@ def score_file(run: str, input_path: Path, output_path: Path, *, batch_size: int
         sequences.append(sequence)
     scores = reward_scores(loaded.model, sequences, pad_token_id=loaded.tokenizer.pad_token_id,
                            batch_size=batch_size)
-    partial = output_path.with_name(output_path.name + ".partial")
-    output_path.parent.mkdir(parents=True, exist_ok=True)
-    with open(partial, "w") as handle:
-        for record, score in zip(records, scores, strict=True):
-            handle.write(json.dumps({**record.row, "score": score}) + "\n")
-    partial.rename(output_path)
+    write_rows(output_path, [{**record.row, "score": score} for record, score in zip(records, scores, strict=True)])
     return len(scores)
 
 
