@@ -10,7 +10,8 @@ from collections.abc import Sequence
 import torch
 
 from tunelab.models.logprobs import sequence_logprobs
-from tunelab.objectives.pairs import MetricTotals, collate_sequences
+from tunelab.objectives.metrics import MetricTotals
+from tunelab.objectives.pairs import collate_sequences
 from tunelab.train.precision import autocast
 
 

@@ -13,7 +13,8 @@ import torch
 from tunelab.config import KtoObjective as KtoConfig
 from tunelab.data.preference import TokenizedFeedback
 from tunelab.models.logprobs import sequence_logprobs
-from tunelab.objectives.pairs import Metrics, Reference, collate_sequences, mean_metrics
+from tunelab.objectives.metrics import Metrics, mean_metrics
+from tunelab.objectives.pairs import Reference, collate_sequences
 
 KL_PREFIX = "kl/"
 KTO_METRICS = ("rewards/chosen", "rewards/rejected", "logps/chosen", "logps/rejected", "kl")

@@ -18,30 +18,11 @@ import torch
 from tunelab.data.batching import collate
 from tunelab.data.template import TokenizedSample
 from tunelab.models.logprobs import sequence_logprobs
+from tunelab.objectives.metrics import Metrics, mean_metrics
 
 PAIR_METRICS = ("rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies", "logps/chosen",
                 "logps/rejected", "logps/margins", "preference_accuracy")
 """What a pair objective logs every step (and as eval_<name> at every evaluation)."""
-
-Metrics = dict[str, tuple[float, int]]
-"""Each logged metric as (sum, count): the loop adds them over micro-batches and logs sum / count."""
-
-
-class MetricTotals:
-    """Sums and counts of logged metrics over micro-batches or eval batches; `means()` is what gets logged."""
-
-    def __init__(self) -> None:
-        self.totals: dict[str, list[float]] = {}
-
-    def add(self, metrics: Metrics) -> None:
-        for name, (total, count) in metrics.items():
-            entry = self.totals.setdefault(name, [0.0, 0])
-            entry[0] += total
-            entry[1] += count
-
-    def means(self, prefix: str = "") -> dict[str, float]:
-        return {prefix + name: total / count for name, (total, count) in self.totals.items() if count}
-
 
 def collate_sequences(sequences: Sequence[TokenizedSample], pad_token_id: int, padding_free: bool,
                       reference: Sequence[float] | None = None) -> dict[str, torch.Tensor]:
@@ -86,11 +67,6 @@ def _token_counts(batch: dict[str, torch.Tensor]) -> torch.Tensor:
     owners = batch["sequence_ids"][keep]
     return torch.zeros(int(batch["sequence_count"]), dtype=torch.long, device=owners.device).index_add(
         0, owners, torch.ones_like(owners))
-
-
-def mean_metrics(named: dict[str, torch.Tensor]) -> Metrics:
-    """Per-row values as (sum, count) metrics."""
-    return {name: (float(values.detach().float().sum()), int(values.numel())) for name, values in named.items()}
 
 
 @dataclass

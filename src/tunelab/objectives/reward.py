@@ -13,7 +13,8 @@ import torch
 import torch.nn.functional as F
 
 from tunelab.models.logprobs import hidden_states
-from tunelab.objectives.pairs import Metrics, collate_sequences, mean_metrics
+from tunelab.objectives.metrics import Metrics, mean_metrics
+from tunelab.objectives.pairs import collate_sequences
 
 REWARD_METRICS = ("rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies")
 

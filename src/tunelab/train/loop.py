@@ -19,7 +19,7 @@ import torch
 from tunelab.config import RunConfig
 from tunelab.data.batching import plan_epoch
 from tunelab.data.template import IGNORE_INDEX
-from tunelab.objectives.pairs import MetricTotals
+from tunelab.objectives.metrics import MetricTotals
 from tunelab.track.jsonl import MetricsLog
 from tunelab.train.best import BestTracker
 from tunelab.train.checkpoint import TrainerState, rng_snapshot, save_checkpoint
