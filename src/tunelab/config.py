@@ -11,21 +11,31 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, Field, ValidationError, field_validator, model_validator
 
+from tunelab.config_base import Strict
 from tunelab.errors import ConfigError
+from tunelab.objective_config import (  # noqa: F401 - objective schemas are part of the config's interface
+    OBJECTIVE_CLASSES,
+    DpoObjective,
+    GrpoObjective,
+    KtoObjective,
+    ObjectiveConfig,
+    OrpoObjective,
+    RewardObjective,
+    RewardSpec,
+    SftObjective,
+    SimpoObjective,
+)
 
 DataFormat = Literal[
-    "auto", "alpaca", "chat", "prompt_completion", "qa", "text", "preference", "feedback", "preference_chosen"
+    "auto", "alpaca", "chat", "prompt_completion", "qa", "text", "preference", "feedback", "preference_chosen",
+    "prompts",
 ]
 """`preference` (prompt/chosen/rejected) and `feedback` (prompt/completion/label) rows need a preference
-objective; `preference_chosen` trains SFT on the chosen replies of preference rows."""
+objective, `prompts` (a prompt column, no reply) needs grpo; `preference_chosen` trains SFT on the chosen replies
+of preference rows."""
 
-
-class Strict(BaseModel):
-    """Base for config sections: unknown keys are errors."""
-
-    model_config = ConfigDict(extra="forbid", protected_namespaces=())
 
 
 class DataSource(Strict):
@@ -292,80 +302,6 @@ class TrackConfig(Strict):
         return names
 
 
-class SftObjective(Strict):
-    """Supervised fine-tuning: next-token cross-entropy on the trained tokens (the default)."""
-
-    name: Literal["sft"]
-
-
-ReferenceMode = Literal["auto", "adapter", "precompute"]
-"""Where the reference log-probabilities come from. `adapter`: the model with its adapter switched off, live in
-every step (one model in memory; adapter methods only). `precompute`: the starting model scores every row once
-before training (any method; no reference pass in the steps). `auto`: adapter for adapter methods, precompute
-for full and freeze."""
-
-
-class DpoObjective(Strict):
-    """Direct preference optimisation on preference rows (prompt/chosen/rejected), against a frozen reference."""
-
-    name: Literal["dpo"]
-    beta: float = Field(0.1, gt=0)
-    """How far the policy may move from the reference (larger: closer to it)."""
-    loss_type: Literal["sigmoid", "ipo", "hinge", "robust"] = "sigmoid"
-    """sigmoid: DPO's log-sigmoid; ipo: squared distance to 1/(2 beta), on per-token averaged log-probs; hinge:
-    SLiC's max(0, 1 - beta x margin); robust: conservative DPO, unbiased under label_smoothing flipped labels."""
-    label_smoothing: float = Field(0.0, ge=0, lt=0.5)
-    """Assumed fraction of pairs whose labels are flipped (sigmoid and robust)."""
-    sft_weight: float = Field(0.0, ge=0)
-    """Adds this times the chosen reply's per-token cross-entropy to each pair's loss (RPO)."""
-    reference: ReferenceMode = "auto"
-
-
-class OrpoObjective(Strict):
-    """ORPO: cross-entropy on the chosen reply plus an odds-ratio penalty on the rejected one; no reference."""
-
-    name: Literal["orpo"]
-    beta: float = Field(0.1, gt=0)
-    """Weight of the odds-ratio term (ORPO's lambda)."""
-
-
-class SimpoObjective(Strict):
-    """SimPO: a margin between the chosen and rejected replies' per-token average log-probs; no reference."""
-
-    name: Literal["simpo"]
-    beta: float = Field(2.0, gt=0)
-    """Scale of the average log-prob difference."""
-    gamma: float = Field(0.5, ge=0)
-    """Target reward margin (in units of beta x average log-prob)."""
-    label_smoothing: float = Field(0.0, ge=0, lt=0.5)
-    sft_weight: float = Field(0.0, ge=0)
-    """Adds this times the chosen reply's per-token cross-entropy to each pair's loss (CPO-SimPO)."""
-
-
-class KtoObjective(Strict):
-    """KTO on feedback rows (prompt/completion/label): each reply pushed up or down against a frozen reference."""
-
-    name: Literal["kto"]
-    beta: float = Field(0.1, gt=0)
-    desirable_weight: float = Field(1.0, gt=0)
-    """Loss weight of good replies; raise it when they are rarer than bad ones."""
-    undesirable_weight: float = Field(1.0, gt=0)
-    reference: ReferenceMode = "auto"
-
-
-class RewardObjective(Strict):
-    """A reward model: a scalar head on the model, trained on preference pairs so that the chosen reply scores
-    above the rejected one (Bradley-Terry; a row's optional `margin` column is the gap it must clear)."""
-
-    name: Literal["reward"]
-
-
-ObjectiveConfig = Annotated[
-    SftObjective | DpoObjective | OrpoObjective | SimpoObjective | KtoObjective | RewardObjective,
-    Field(discriminator="name"),
-]
-
-
 class RunConfig(Strict):
     model: str = "smollm2-135m-instruct"
     """A preset name, a hub id, a local folder or a .gguf file."""
@@ -373,7 +309,8 @@ class RunConfig(Strict):
     method: MethodConfig = LoraMethod(name="lora")
     objective: ObjectiveConfig = SftObjective(name="sft")
     """What training minimises: `sft` (default), or a preference objective (dpo, orpo, simpo on preference rows;
-    kto on feedback rows), or `reward` (a reward model on preference rows). `objective: dpo` is shorthand for
+    kto on feedback rows), `reward` (a reward model on preference rows) or `grpo` (reinforcement learning from
+    rewards of sampled completions, on prompt-only rows). `objective: dpo` is shorthand for
     `objective: {name: dpo}`."""
     train: TrainConfig = TrainConfig()
     eval: EvalConfig = EvalConfig()
@@ -406,7 +343,7 @@ class RunConfig(Strict):
         from tunelab.train.best import best_metric_problem
 
         problem = best_metric_problem(self.train, self.eval, has_eval_data=bool(self.data.eval or self.data.eval_split),
-                                      objective_keys=objective_metrics(self.objective.name))
+                                      objective_keys=objective_metrics(self.objective))
         if problem:
             raise ValueError(problem)
         return self
@@ -468,14 +405,7 @@ _METHOD_CLASSES = {
 }
 
 
-_OBJECTIVE_CLASSES = {
-    "sft": SftObjective,
-    "dpo": DpoObjective,
-    "orpo": OrpoObjective,
-    "simpo": SimpoObjective,
-    "kto": KtoObjective,
-    "reward": RewardObjective,
-}
+_OBJECTIVE_CLASSES = OBJECTIVE_CLASSES
 _UNIONS: dict[str, dict[str, type[BaseModel]]] = {"method": _METHOD_CLASSES, "objective": _OBJECTIVE_CLASSES}
 """Sections that are a discriminated union on `name`, and the class of each name."""
 

@@ -29,7 +29,7 @@ import pyarrow as pa
 from tunelab.config import DataConfig
 from tunelab.data.arrow_store import TableWriter, TokenTable
 from tunelab.data.columns import explain, rename_columns
-from tunelab.data.formats import PAIR_FORMATS, RowError, file_format, needs_pair_objective, to_sample
+from tunelab.data.formats import OBJECTIVE_FORMATS, RowError, file_format, needs_pair_objective, to_sample
 from tunelab.data.sources import Record, iter_records, resolve_data_path
 from tunelab.data.template import ChatRenderer
 from tunelab.data.tokenize import MAX_LISTED, tokenize_sample
@@ -183,7 +183,7 @@ def _build(path: Path | str, fmt: str, config: DataConfig, renderer: ChatRendere
     head = rename_columns(list(itertools.islice(records, 20)), config.columns, name)
     records = (_renamed(record, config.columns) for record in records)
     fmt, why = file_format(head, fmt, name)
-    if head and fmt in PAIR_FORMATS:
+    if head and fmt in OBJECTIVE_FORMATS:
         raise DataError(needs_pair_objective(fmt, why), where=name)
     writer = TableWriter(name, folder)
     notes: dict[str, list[str]] = {"truncated": [], "dropped": []}

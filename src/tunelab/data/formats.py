@@ -29,6 +29,10 @@ CHOSEN_KEYS = ("chosen", "response_chosen")
 REJECTED_KEYS = ("rejected", "response_rejected")
 FEEDBACK_COLUMNS = ("prompt", "completion", "label")
 PAIR_FORMATS = ("preference", "feedback")
+PROMPTS_FORMAT = "prompts"
+"""Prompt-only rows (a `prompt` column, no reply; any other columns ride along) for GRPO."""
+OBJECTIVE_FORMATS = (*PAIR_FORMATS, PROMPTS_FORMAT)
+"""Formats that need an objective other than SFT."""
 
 
 @dataclass
@@ -65,7 +69,8 @@ def detect_format(rows: list[dict[str, Any]]) -> tuple[str, str]:
                 return name, f"columns {', '.join(repr(c) for c in columns)}"
     seen = ", ".join(sorted(set().union(*(set(r) for r in rows[:20])))) if rows else "none"
     expected = "; ".join(f"{name}: {', '.join(cols)}" for name, cols in FORMAT_COLUMNS.items())
-    expected += f"; preference: [prompt,] chosen, rejected; feedback: {', '.join(FEEDBACK_COLUMNS)}"
+    expected += (f"; preference: [prompt,] chosen, rejected; feedback: {', '.join(FEEDBACK_COLUMNS)}; "
+                 "prompts (grpo): prompt")
     raise RowError(f"cannot detect the format from columns ({seen}); expected one of: {expected}; or map your "
                    "columns to these fields with data.columns (data inspect: --column FIELD=COLUMN)")
 
@@ -80,6 +85,8 @@ def _pair_format(keys: set[str]) -> tuple[str, str] | None:
         return "preference", f"columns {', '.join(repr(c) for c in columns)}"
     if set(FEEDBACK_COLUMNS) <= keys:
         return "feedback", f"columns {', '.join(repr(c) for c in FEEDBACK_COLUMNS)}"
+    if "prompt" in keys and "completion" not in keys:
+        return PROMPTS_FORMAT, "column 'prompt' without a reply column"
     return None
 
 
@@ -177,7 +184,7 @@ def check_roles(messages: list[dict[str, str]]) -> None:
 def prompt_messages(row: dict[str, Any], system_prompt: str | None = None) -> list[dict[str, str]]:
     """The conversation to reply to, from a row of any format whose answer may be absent. Raises RowError."""
     pair = _pair_format(set(row))
-    if pair is not None:
+    if pair is not None and pair[0] != PROMPTS_FORMAT:
         from tunelab.data.pairs import to_pair  # pairs builds on this module
 
         return to_pair(Record(row, ""), pair[0], system_prompt).prompt
@@ -214,7 +221,10 @@ def file_format(records: list[Record], fmt: str, path: Path | str) -> tuple[str,
 
 
 def needs_pair_objective(fmt: str, why: str) -> str:
-    """Why SFT cannot train on preference or feedback rows, and what would."""
+    """Why SFT cannot train on preference, feedback or prompt-only rows, and what would."""
+    if fmt == PROMPTS_FORMAT:
+        return (f"rows hold prompts without replies ({why}): supervised fine-tuning needs a reply to imitate; set "
+                "objective.name: grpo with objective.rewards to train on completions the model samples itself")
     if fmt == "preference":
         return (f"rows hold preference pairs ({why}): supervised fine-tuning needs one reply to imitate; set "
                 "objective.name: dpo (or orpo, simpo) to train on the pairs, or data.format: preference_chosen to "

@@ -82,7 +82,7 @@ def _preference(row: dict[str, Any], where: str, system_prompt: str | None) -> P
     chosen_turns, chosen = _reply(row, chosen_key)
     rejected_turns, rejected = _reply(row, rejected_key)
     if prompt_key is not None:
-        prompt = _prompt(row, prompt_key)
+        prompt = parse_prompt(row, prompt_key)
         for key, turns in ((chosen_key, chosen_turns), (rejected_key, rejected_turns)):
             if turns and turns != prompt:
                 difference = _first_difference(turns, prompt)
@@ -97,7 +97,7 @@ def _preference(row: dict[str, Any], where: str, system_prompt: str | None) -> P
                 f"{_first_difference(chosen_turns, rejected_turns)}"
             )
         prompt = chosen_turns
-    prompt = _with_system(prompt, system_prompt)
+    prompt = with_system_prompt(prompt, system_prompt)
     check_roles([*prompt, {"role": "assistant", "content": chosen}])
     return PreferencePair(where, prompt, chosen, rejected, margin=_margin(row.get("margin")))
 
@@ -115,12 +115,12 @@ def _margin(value: Any) -> float | None:
 
 
 def _feedback(row: dict[str, Any], where: str, system_prompt: str | None) -> FeedbackSample:
-    prompt = _prompt(row, _present(row, ("prompt",)))
+    prompt = parse_prompt(row, _present(row, ("prompt",)))
     turns, completion = _reply(row, _present(row, ("completion",)))
     if turns and turns != prompt:
         raise RowError(f"the prompt turns in 'completion' differ from 'prompt'{_first_difference(turns, prompt)}")
     label = parse_label(row.get("label"))
-    prompt = _with_system(prompt, system_prompt)
+    prompt = with_system_prompt(prompt, system_prompt)
     check_roles([*prompt, {"role": "assistant", "content": completion}])
     return FeedbackSample(where, prompt, completion, label)
 
@@ -155,7 +155,7 @@ def _messages(row: dict[str, Any], key: str) -> Messages:
         raise RowError(message if f"'{key}'" in message else f"'{key}': {message}") from None
 
 
-def _prompt(row: dict[str, Any], key: str) -> Messages:
+def parse_prompt(row: dict[str, Any], key: str) -> Messages:
     value = row[key]
     if isinstance(value, list):
         turns = _messages(row, key)
@@ -191,7 +191,7 @@ def _first_difference(a: Messages, b: Messages) -> str:
     return f" ({len(a)} turns against {len(b)})"
 
 
-def _with_system(prompt: Messages, system_prompt: str | None) -> Messages:
+def with_system_prompt(prompt: Messages, system_prompt: str | None) -> Messages:
     if system_prompt and prompt[0]["role"] != "system":
         return [{"role": "system", "content": system_prompt}, *prompt]
     return prompt

@@ -21,7 +21,7 @@ import numpy as np
 
 from tunelab.config import DataConfig
 from tunelab.data.columns import rename_columns
-from tunelab.data.formats import PAIR_FORMATS, Sample
+from tunelab.data.formats import OBJECTIVE_FORMATS, PAIR_FORMATS, Sample
 from tunelab.data.pairs import FeedbackSample, PairRow, PreferencePair, to_pair
 from tunelab.data.prepare import (
     convert_rows,
@@ -259,7 +259,7 @@ def data_kind(config: DataConfig) -> str:
     for path, fmt in paths:
         if fmt == "auto":
             fmt, _ = file_format(rename_columns(read_records(path, []), config.columns, path), fmt, path)
-        kinds[str(path)] = fmt if fmt in PAIR_FORMATS else "sft"
+        kinds[str(path)] = fmt if fmt in OBJECTIVE_FORMATS else "sft"
     if len(set(kinds.values())) > 1:
         listed = ", ".join(f"{p} ({k})" for p, k in kinds.items())
         raise DataError(f"the data files are for different objectives: {listed}", where="data.train")

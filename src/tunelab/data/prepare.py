@@ -22,7 +22,7 @@ from tunelab.data.batching import sample_lengths
 from tunelab.data.cache import tokenized_file
 from tunelab.data.columns import explain, rename_columns
 from tunelab.data.formats import (  # noqa: F401 - file_format and needs_pair_objective are used from here
-    PAIR_FORMATS,
+    OBJECTIVE_FORMATS,
     RowError,
     Sample,
     file_format,
@@ -110,7 +110,7 @@ def load_samples(
     `problems` as `file:line: why`; unreadable lines raise, or with `skip_unreadable` go there too. `columns` is
     data.columns (file columns read as tunelab's fields)."""
     records, fmt, why, rows = read_file_rows(path, fmt, problems, skip_unreadable=skip_unreadable, columns=columns)
-    if records and fmt in PAIR_FORMATS:
+    if records and fmt in OBJECTIVE_FORMATS:
         raise DataError(needs_pair_objective(fmt, why), where=str(path))
     return convert_rows(records, lambda r: to_sample(r, fmt, system_prompt), path, problems, columns), fmt, why, rows
 

@@ -108,11 +108,14 @@ def _read_summary(path: Path, problems: list[str]) -> dict | None:
 # ---- numbers ---------------------------------------------------------------------------------------------------
 
 
-def before_after_keys(objective: str) -> tuple[str, ...]:
+def before_after_keys(objective: str, record: dict | None = None) -> tuple[str, ...]:
     """The eval metrics besides the loss that show what a non-SFT objective changed: the model's own ranking of
-    held-out pairs (a reward model's ranking by its scores)."""
+    held-out pairs (a reward model's ranking by its scores; for GRPO the total and each reward of its greedy
+    held-out completions, found in `record`)."""
     if objective == "reward":
         return ("eval_rewards/accuracies", "eval_rewards/margins")
+    if objective == "grpo":
+        return ("eval_reward", *sorted(k for k in record or {} if k.startswith("eval_rewards/")))
     return ("eval_preference_accuracy", "eval_logps/margins")
 
 
@@ -134,7 +137,7 @@ def before_after_rows(run: RunRecord) -> list[tuple[str, float | None, float | N
     else:  # a preference loss has no perplexity; the model's own ranking of the pairs is its before/after
         rows = [(f"eval loss ({objective})", base_loss, final_loss, True)]
         rows += [(key.removeprefix("eval_"), base_record.get(key), final_record.get(key), False)
-                 for key in before_after_keys(objective) if key in final_record]
+                 for key in before_after_keys(objective, final_record) if key in final_record]
     per_dataset = sorted({k for r in (base_record, final_record) for k in r if k.startswith("eval_loss/")})
     rows += [(f"eval loss ({k.split('/', 1)[1]})", base_record.get(k), final_record.get(k), True) for k in per_dataset]
     before, after = summary.get("metrics_before") or {}, summary.get("metrics_after") or {}

@@ -67,16 +67,19 @@ OBJECTIVE_RATES = ("rewards/accuracies", "preference_accuracy")
 
 
 def is_objective_key(key: str) -> bool:
-    """Metrics a preference objective logs (TRL's names), train or eval: drawn in their own figure."""
+    """Metrics a preference objective or GRPO logs (TRL's names), train or eval: drawn in their own figure."""
     name = key.removeprefix("eval_")
-    return name.startswith(("rewards/", "logps/")) or name in ("kl", "preference_accuracy")
+    return (name.startswith(("rewards/", "logps/", "completions/", "clip_ratio/", "seconds/"))
+            or name in ("kl", "preference_accuracy", "reward", "reward_std", "frac_reward_zero_std"))
 
 
 def objective_figure(metrics: list[dict]) -> Figure | None:
     """A preference objective's own curves: implied rewards and their margin (and KTO's KL) on the left, the
     share of pairs ranked right on the right; lines for training steps, markers for evaluations. A falling
     rewards/chosen (both replies pushed down) is the failure users most often miss."""
-    left = [k for k in OBJECTIVE_REWARDS if series(metrics, k)[0]]
+    # GRPO: the total reward and each reward's mean (eval_reward is the greedy held-out completions')
+    grpo = ["reward", *sorted({k for r in metrics for k in r if k.startswith("rewards/") and k.endswith("/mean")})]
+    left = [k for k in (*OBJECTIVE_REWARDS, *grpo) if series(metrics, k)[0]]
     right_keys = [k for k in OBJECTIVE_RATES if series(metrics, k)[0]]
     if not left and not right_keys:
         return None

@@ -52,10 +52,13 @@ def hidden_states(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     return decoder(**inputs, **segment_inputs(model, batch), use_cache=False).last_hidden_state
 
 
-def trained_token_logprobs(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-    """(log-probability of each trained target token [N] in float32, the mask [B, T] that picked them).
+def trained_token_logprobs(model, batch: dict[str, torch.Tensor], temperature: float = 1.0
+                           ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(log-probability of each trained target token [N] in float32, the mask [B, T] that picked them), in the
+    order of the batch's positions (row by row).
 
-    `batch["targets"]` holds the next-token labels already shifted (-100 where nothing is trained)."""
+    `batch["targets"]` holds the next-token labels already shifted (-100 where nothing is trained). `temperature`
+    divides the logits, for the distribution completions were sampled from (GRPO)."""
     targets = batch["targets"]  # [B, T]
     hidden = hidden_states(model, batch)  # [B, T, H]
     keep = targets != IGNORE_INDEX
@@ -66,6 +69,8 @@ def trained_token_logprobs(model, batch: dict[str, torch.Tensor]) -> tuple[torch
     pieces = []
     for start in range(0, selected.shape[0], chunk):
         logits = head(selected[start : start + chunk]).float()  # [n, V]
+        if temperature != 1.0:
+            logits = logits / temperature
         pieces.append(-F.cross_entropy(logits, wanted[start : start + chunk], reduction="none"))
     if not pieces:
         return selected.new_zeros(0, dtype=torch.float32), keep

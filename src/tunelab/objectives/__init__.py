@@ -1,7 +1,7 @@
 """Training objectives: how rows become a batch, what the loss is divided by, and the loss.
 
 Every objective offers:
-    data_kind                             `sft`, `preference` or `feedback`: the rows it trains on
+    data_kind                             `sft`, `preference`, `feedback` or `prompts`: the rows it trains on
     collate(rows, pad_token_id, padding_free) -> batch   tensors of one micro-batch (rows of items)
     count(batch) -> int                   what the step's loss is divided by (trained tokens, pairs, rows)
     input_tokens(item) -> int             tokens of one item, for throughput
@@ -11,6 +11,10 @@ Every objective offers:
 and, when it compares against a reference model:
     reference: Reference                  live (the adapter switched off) or precomputed per row
     sequences(item) -> (first, second)    the two sequences whose reference log-probs a row stores
+and, when it trains on what the model itself generates (GRPO):
+    rollout(model, step_rows, step) -> (step_rows, metrics)   the step's prompts in, its completions out
+    prepare(model)                        called once before a checkpoint loads (keep the starting model)
+    evaluate(model, rows) -> metrics      the held-out evaluation (eval_loss and the objective's own)
 The loop in train/ knows no objective by name.
 """
 
@@ -21,10 +25,12 @@ from functools import partial
 from tunelab.config import ObjectiveConfig
 from tunelab.methods import METHODS
 from tunelab.objectives.dpo import dpo_losses
+from tunelab.objectives.grpo import GRPO_EVAL_METRICS, GrpoObjective
 from tunelab.objectives.kto import KTO_METRICS, KtoObjective
 from tunelab.objectives.orpo import orpo_losses
 from tunelab.objectives.pairs import PAIR_METRICS, PairObjective, Reference
 from tunelab.objectives.reward import REWARD_METRICS, RewardObjective
+from tunelab.objectives.rewards import build_rewards, reward_names
 from tunelab.objectives.sft import SftObjective
 from tunelab.objectives.simpo import simpo_losses
 
@@ -32,9 +38,11 @@ PAIR_LOSSES = {"dpo": dpo_losses, "orpo": orpo_losses, "simpo": simpo_losses}
 """Objectives on preference pairs: each a function (policy, reference, config) -> PairLosses."""
 
 
-def objective_metrics(name: str) -> tuple[str, ...]:
-    """The metrics objective `name` logs at every step and evaluation (what train.best_metric may follow)."""
-    return {"sft": (), "kto": KTO_METRICS, "reward": REWARD_METRICS}.get(name, PAIR_METRICS)
+def objective_metrics(config: ObjectiveConfig) -> tuple[str, ...]:
+    """The metrics the objective logs at every evaluation, as eval_<key> (what train.best_metric may follow)."""
+    if config.name == "grpo":
+        return (*GRPO_EVAL_METRICS, *(f"rewards/{name}/mean" for name in reward_names(config)))
+    return {"sft": (), "kto": KTO_METRICS, "reward": REWARD_METRICS}.get(config.name, PAIR_METRICS)
 
 
 def reference_for(config: ObjectiveConfig, method_name: str) -> Reference:
@@ -46,8 +54,14 @@ def reference_for(config: ObjectiveConfig, method_name: str) -> Reference:
     return Reference(switch_off=switch_off)
 
 
-def build_objective(config: ObjectiveConfig, method_name: str, packing: bool):
-    """The objective `config` names, for a model trained with `method_name`."""
+def build_objective(config: ObjectiveConfig, method_name: str, packing: bool, *, tokenizer=None, seed: int = 0,
+                    precision: str = "fp32"):
+    """The objective `config` names, for a model trained with `method_name` (GRPO also samples with `tokenizer`
+    from a generator seeded by `seed`, in `precision`). Raises ConfigError for a reward it cannot use."""
+    if config.name == "grpo":
+        switch_off = getattr(METHODS[method_name], "without_adapter", None)
+        return GrpoObjective(config, build_rewards(config), tokenizer, seed=seed, switch_off=switch_off,
+                             precision=precision)
     if config.name == "sft":
         return SftObjective(packing)
     if config.name == "reward":

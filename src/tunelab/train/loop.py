@@ -99,13 +99,18 @@ def fit(ctx: LoopContext, state: TrainerState) -> TrainerState:
         started = time.perf_counter()
         step_batches = [next(batches) for _ in range(cfg.grad_accum)]
         step_rows = [_rows(ctx, rows) for _, _, _, rows in step_batches]
+        metrics_of_step = MetricTotals()
+        rollout_seconds = 0.0
+        if hasattr(ctx.objective, "rollout"):  # an objective that trains on what the model generates (GRPO)
+            step_rows, rollout_metrics = ctx.objective.rollout(model, step_rows, state.step)
+            metrics_of_step.add(rollout_metrics)
+            rollout_seconds = time.perf_counter() - started
         tensors = [_to_device(batch_tensors(ctx, rows), ctx.device) for rows in step_rows]
         real_tokens = sum(ctx.objective.input_tokens(item) for rows in step_rows for row in rows for item in row)
         step_tokens = sum(int((t["targets"] != IGNORE_INDEX).sum()) for t in tensors)
         computed_tokens = sum(t["input_ids"].numel() for t in tensors)
         step_count = max(1, sum(ctx.objective.count(t) for t in tensors))
         loss_total = 0.0
-        metrics_of_step = MetricTotals()
         for batch in tensors:
             with autocast(ctx.precision, ctx.device):
                 loss_sum, metrics = ctx.objective.loss_sum(model, batch)
@@ -125,6 +130,9 @@ def fit(ctx: LoopContext, state: TrainerState) -> TrainerState:
         optimizer.zero_grad(set_to_none=True)
 
         elapsed = time.perf_counter() - started
+        if rollout_seconds:
+            metrics_of_step.add({"seconds/rollout": (rollout_seconds, 1),
+                                 "seconds/update": (elapsed - rollout_seconds, 1)})
         last_epoch, last_index, epoch_length, _ = step_batches[-1]
         state.step += 1
         state.epoch, state.batch_in_epoch = last_epoch, last_index + 1

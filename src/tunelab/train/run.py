@@ -18,6 +18,7 @@ from rich.console import Console
 from tunelab.config import RunConfig, dump_config
 from tunelab.data.preference import PreparedPairs, data_kind, prepare_preference_data
 from tunelab.data.prepare import PreparedData, prepare_data
+from tunelab.data.prompts import PreparedPrompts, prepare_prompt_data
 from tunelab.data.template import ChatRenderer
 from tunelab.errors import ConfigError
 from tunelab.eval.during_training import RunEvaluator
@@ -102,15 +103,16 @@ def _train(config: RunConfig, log: RunLog, *, resume: bool, overwrite: bool, con
         config = config.model_copy(update={"model": str(Path(config.model).resolve())})
     model_path = resolve_model(config.model)
     tokenizer = load_tokenizer(model_path)
-    objective = build_objective(config.objective, config.method.name, config.data.packing)
-    data = _prepare(config, tokenizer, objective.data_kind)
+    device = _training_device()
+    precision = resolve_precision(config.train.precision, device)
+    objective = build_objective(config.objective, config.method.name, config.data.packing, tokenizer=tokenizer,
+                                seed=config.train.seed, precision=precision)
+    data = _prepare(config, tokenizer, objective)
     data_order = data_order_fingerprint(config, data.fingerprint)
     if resume:
         check_same_data(latest_checkpoint(run_dir), data_order)
     _report_data(console, data)
 
-    device = _training_device()
-    precision = resolve_precision(config.train.precision, device)
     method = METHODS[config.method.name]
     quantization = method.quantization(config.method, torch.bfloat16 if precision == "bf16" else torch.float32)
     base = load_model(model_path, quantization=quantization, device=str(device), head=objective.model_head,
@@ -169,6 +171,9 @@ def _train(config: RunConfig, log: RunLog, *, resume: bool, overwrite: bool, con
         console.print("scoring the data with the reference model (once, before training) ...")
         precompute_reference(model, objective, [*data.train, *data.eval], pad_token_id=tokenizer.pad_token_id,
                              precision=precision, batch_size=config.train.batch_size)
+
+    if hasattr(objective, "prepare"):  # before a checkpoint loads: the starting weights
+        objective.prepare(model)
 
     state = TrainerState(extra={"data_fingerprint": data_order})
     baseline_file = run_dir / "baseline.json"
@@ -234,17 +239,23 @@ def _train(config: RunConfig, log: RunLog, *, resume: bool, overwrite: bool, con
     return summary
 
 
-def _prepare(config: RunConfig, tokenizer, kind: str) -> PreparedData | PreparedPairs:
+def _prepare(config: RunConfig, tokenizer, objective) -> PreparedData | PreparedPairs | PreparedPrompts:
     """The run's data, for the kind of rows its objective trains on. Raises ConfigError naming the objective and
     the data when they do not fit, DataError for bad rows."""
+    kind = objective.data_kind
     if kind == "sft":
         return prepare_data(config.data, tokenizer, config.train.seed)
     found = data_kind(config.data)
     if found != kind:
         wanted = {"preference": "preference pairs (prompt/chosen/rejected)",
-                  "feedback": "feedback rows (prompt/completion/label)"}[kind]
+                  "feedback": "feedback rows (prompt/completion/label)",
+                  "prompts": "prompt-only rows (a prompt column, no reply)"}[kind]
         raise ConfigError(f"'{config.objective.name}' trains on {wanted}, but the data holds "
                           f"{'SFT' if found == 'sft' else found} rows", where="objective.name")
+    if kind == "prompts":
+        return prepare_prompt_data(config.data, tokenizer, config.train.seed,
+                                   completion_tokens=config.objective.max_new_tokens, check=objective.check_row,
+                                   reference_column=objective.reference_column)
     return prepare_preference_data(config.data, tokenizer, config.train.seed)
 
 
@@ -252,6 +263,8 @@ def _objective_loss(objective, model, data, tokenizer, precision: str, config: R
     """The held-out loss of a non-SFT objective (None: RunEvaluator's token-level loss and perplexity)."""
     if objective.data_kind == "sft":
         return None
+    if hasattr(objective, "evaluate"):
+        return lambda: objective.evaluate(model, data.eval)
     return lambda: evaluate_objective(model, objective, data.eval, pad_token_id=tokenizer.pad_token_id,
                                       precision=precision, batch_size=config.train.batch_size)
 
@@ -276,10 +289,16 @@ def _training_device() -> torch.device:
     return PartialState().device
 
 
-def _report_data(console: Console, data: PreparedData | PreparedPairs) -> None:
+def _report_data(console: Console, data: PreparedData | PreparedPairs | PreparedPrompts) -> None:
     stats = data.stats
     for path, fmt in data.formats.items():
         console.print(f"data {path}: {fmt}")
+    if isinstance(data, PreparedPrompts):
+        console.print(f"{stats['train_rows']} train / {stats['eval_rows']} eval prompts, {stats['train_tokens']:,} "
+                      f"prompt tokens, median prompt {stats['median_length']}")
+        for note in data.dropped[:5]:
+            console.print(f"[yellow]{note}[/]")
+        return
     if isinstance(data, PreparedPairs):
         console.print(f"{stats['train_rows']} train / {stats['eval_rows']} eval {data.kind} rows, "
                       f"{stats['train_tokens']:,} train tokens, median sequence {stats['median_length']}")
@@ -385,7 +404,7 @@ def _print_outcome(console, summary, samples, before, after, show) -> None:
     if "eval_perplexity" in summary["eval_after"]:
         rows.append(("eval perplexity", summary["eval_before"].get("eval_perplexity"),
                      summary["eval_after"]["eval_perplexity"]))
-    for name in before_after_keys(summary["objective"]):
+    for name in before_after_keys(summary["objective"], summary["eval_after"]):
         if name in summary["eval_after"]:
             rows.append((name.removeprefix("eval_"), summary["eval_before"].get(name), summary["eval_after"][name]))
     for name, value in summary["metrics_after"].items():

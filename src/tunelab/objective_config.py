@@ -1,0 +1,149 @@
+"""The `objective:` section of a run config: what training minimises, one schema per objective (a union on
+`name`)."""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal
+
+from pydantic import Field
+
+from tunelab.config_base import Strict
+
+
+class SftObjective(Strict):
+    """Supervised fine-tuning: next-token cross-entropy on the trained tokens (the default)."""
+
+    name: Literal["sft"]
+
+
+ReferenceMode = Literal["auto", "adapter", "precompute"]
+"""Where the reference log-probabilities come from. `adapter`: the model with its adapter switched off, live in
+every step (one model in memory; adapter methods only). `precompute`: the starting model scores every row once
+before training (any method; no reference pass in the steps). `auto`: adapter for adapter methods, precompute
+for full and freeze."""
+
+
+class DpoObjective(Strict):
+    """Direct preference optimisation on preference rows (prompt/chosen/rejected), against a frozen reference."""
+
+    name: Literal["dpo"]
+    beta: float = Field(0.1, gt=0)
+    """How far the policy may move from the reference (larger: closer to it)."""
+    loss_type: Literal["sigmoid", "ipo", "hinge", "robust"] = "sigmoid"
+    """sigmoid: DPO's log-sigmoid; ipo: squared distance to 1/(2 beta), on per-token averaged log-probs; hinge:
+    SLiC's max(0, 1 - beta x margin); robust: conservative DPO, unbiased under label_smoothing flipped labels."""
+    label_smoothing: float = Field(0.0, ge=0, lt=0.5)
+    """Assumed fraction of pairs whose labels are flipped (sigmoid and robust)."""
+    sft_weight: float = Field(0.0, ge=0)
+    """Adds this times the chosen reply's per-token cross-entropy to each pair's loss (RPO)."""
+    reference: ReferenceMode = "auto"
+
+
+class OrpoObjective(Strict):
+    """ORPO: cross-entropy on the chosen reply plus an odds-ratio penalty on the rejected one; no reference."""
+
+    name: Literal["orpo"]
+    beta: float = Field(0.1, gt=0)
+    """Weight of the odds-ratio term (ORPO's lambda)."""
+
+
+class SimpoObjective(Strict):
+    """SimPO: a margin between the chosen and rejected replies' per-token average log-probs; no reference."""
+
+    name: Literal["simpo"]
+    beta: float = Field(2.0, gt=0)
+    """Scale of the average log-prob difference."""
+    gamma: float = Field(0.5, ge=0)
+    """Target reward margin (in units of beta x average log-prob)."""
+    label_smoothing: float = Field(0.0, ge=0, lt=0.5)
+    sft_weight: float = Field(0.0, ge=0)
+    """Adds this times the chosen reply's per-token cross-entropy to each pair's loss (CPO-SimPO)."""
+
+
+class KtoObjective(Strict):
+    """KTO on feedback rows (prompt/completion/label): each reply pushed up or down against a frozen reference."""
+
+    name: Literal["kto"]
+    beta: float = Field(0.1, gt=0)
+    desirable_weight: float = Field(1.0, gt=0)
+    """Loss weight of good replies; raise it when they are rarer than bad ones."""
+    undesirable_weight: float = Field(1.0, gt=0)
+    reference: ReferenceMode = "auto"
+
+
+class RewardObjective(Strict):
+    """A reward model: a scalar head on the model, trained on preference pairs so that the chosen reply scores
+    above the rejected one (Bradley-Terry; a row's optional `margin` column is the gap it must clear)."""
+
+    name: Literal["reward"]
+
+
+class RewardSpec(Strict):
+    """One reward of a GRPO run."""
+
+    reward: str = Field(min_length=1)
+    """A built-in (exact_match, json_field_accuracy, json_valid, accuracy, chrf: each in [0, 1] against the row's
+    `column`), `file.py:function` with TRL's signature `fn(prompts, completions, **columns)
+    -> list[float]`, or the folder of a reward-model run (objective.name: reward)."""
+    weight: float = 1.0
+    """Its weight in the total reward (rewards are added, each times its weight)."""
+    column: str = "answer"
+    """Built-ins only: the column holding each row's reference answer."""
+
+
+class GrpoObjective(Strict):
+    """GRPO on prompt-only rows: `group_size` completions per prompt are sampled from the policy, scored by the
+    rewards, and each completion's tokens are pushed up or down by how its reward compares with its group's."""
+
+    name: Literal["grpo"]
+    rewards: list[str | RewardSpec] = Field(min_length=1)
+    """What a completion is worth: each entry a built-in name, `file.py:function`, a reward-model run folder, or
+    `{reward: ..., weight: W, column: C}`."""
+    group_size: int = Field(8, ge=2)
+    """Completions sampled per prompt (TRL's num_generations): their rewards are compared with each other."""
+    max_new_tokens: int = Field(128, ge=1)
+    """Longest completion (TRL's max_completion_length)."""
+    temperature: float = Field(1.0, gt=0)
+    top_p: float = Field(1.0, gt=0, le=1)
+    beta: float = Field(0.0, ge=0)
+    """Weight of the per-token KL penalty to the reference (the starting model). 0: no reference pass at all."""
+    epsilon: float = Field(0.2, gt=0)
+    """Clip range of the probability ratio to the policy that sampled the completions."""
+    epsilon_high: float | None = Field(None, gt=0)
+    """Upper clip range (DAPO's clip-higher: 0.28); default epsilon."""
+    loss_type: Literal["grpo", "dr_grpo", "dapo"] = "dapo"
+    """How token losses add up: grpo: mean over each completion's tokens, then over completions (favours short
+    right answers); dr_grpo: sum over tokens / (completions x max_new_tokens); dapo (TRL's default): sum over
+    tokens / the step's completion tokens."""
+    scale_rewards: Literal["group", "batch", "none"] = "group"
+    """Divide each advantage by the std of its group's rewards (`group`), of the step's (`batch`), or not at all
+    (`none`, as Dr. GRPO recommends)."""
+    mask_truncated_completions: bool = False
+    """Leave completions cut off at max_new_tokens out of the loss (DAPO)."""
+    updates_per_rollout: Literal[1] = 1
+    """Optimiser steps per batch of completions (TRL's num_iterations); 1: the completions are always the current
+    policy's, so the ratio is exactly 1 and clipping only matters through its gradient."""
+
+    def reward_specs(self) -> list[RewardSpec]:
+        """Every reward as a RewardSpec (bare strings get weight 1)."""
+        return [RewardSpec(reward=r) if isinstance(r, str) else r for r in self.rewards]
+
+    @property
+    def clip_high(self) -> float:
+        return self.epsilon if self.epsilon_high is None else self.epsilon_high
+
+
+ObjectiveConfig = Annotated[
+    SftObjective | DpoObjective | OrpoObjective | SimpoObjective | KtoObjective | RewardObjective | GrpoObjective,
+    Field(discriminator="name"),
+]
+
+OBJECTIVE_CLASSES = {
+    "sft": SftObjective,
+    "dpo": DpoObjective,
+    "orpo": OrpoObjective,
+    "simpo": SimpoObjective,
+    "kto": KtoObjective,
+    "reward": RewardObjective,
+    "grpo": GrpoObjective,
+}

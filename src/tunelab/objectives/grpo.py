@@ -1,0 +1,264 @@
+"""GRPO (Shao et al. 2024) with TRL's loss variants: for each prompt the policy samples `group_size` completions,
+the rewards score them, and each completion's advantage is its reward minus its group's mean (divided by the
+group's std under scale_rewards: group). The loss pushes every completion token's log-probability up or down
+by its advantage, through PPO's clipped ratio to the policy that sampled it, plus beta x a per-token KL estimate
+to the reference (k3: exp(ref - logp) - (ref - logp) - 1).
+
+With one update per rollout the sampling policy is the current one: the ratio is exactly 1, so the loss is
+minus the mean advantage, which group normalisation makes ~0 whatever the model learns (trl#3452). The signal
+is in `reward`, `rewards/<name>/mean` and the held-out eval_reward, not in the loss: tunelab logs them all.
+
+Rollouts are sampled with the KV cache, in the training precision, with a generator seeded by (train.seed,
+step), so a resumed run samples the very completions the uninterrupted one did.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import time
+from collections.abc import Callable, Sequence
+from contextlib import AbstractContextManager
+from dataclasses import dataclass
+
+import torch
+
+from tunelab.config import GrpoObjective as GrpoConfig
+from tunelab.data.prompts import PromptRow
+from tunelab.data.template import IGNORE_INDEX, TokenizedSample
+from tunelab.infer.generate import sample_token_ids
+from tunelab.models.attention import attention_implementation
+from tunelab.models.logprobs import trained_token_logprobs
+from tunelab.objectives.metrics import Metrics
+from tunelab.objectives.pairs import collate_sequences
+from tunelab.objectives.rewards import Reward
+from tunelab.train.precision import autocast
+
+ADVANTAGE_EPS = 1e-4  # TRL's: a group whose rewards are all equal gets advantages 0, not a division by zero
+
+
+@dataclass
+class Completion:
+    """One sampled completion after its prompt: what a GRPO step trains on."""
+
+    sample: TokenizedSample
+    """Prompt ids (untrained) followed by the completion's ids through its stop token (trained)."""
+    advantage: float
+    truncated: bool
+    """Cut at max_new_tokens before a stop token."""
+
+
+def group_advantages(rewards: torch.Tensor, group_size: int, scale: str) -> torch.Tensor:
+    """Each reward [G * group_size] minus its group's mean, divided by the group's (or the batch's) std."""
+    grouped = rewards.view(-1, group_size)
+    advantages = (grouped - grouped.mean(dim=1, keepdim=True)).view(-1)
+    if scale == "group":
+        std = grouped.std(dim=1).repeat_interleave(group_size)
+    elif scale == "batch":
+        std = rewards.std().expand_as(rewards)
+    else:
+        return advantages
+    return advantages / (std + ADVANTAGE_EPS)
+
+
+def token_losses(logps: torch.Tensor, old_logps: torch.Tensor, advantages: torch.Tensor, config: GrpoConfig,
+                 reference_logps: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(per-token loss [N], per-token KL [N] (zeros without a reference), clipped [N] bool) for completion tokens
+    with their sequence's advantage [N]."""
+    ratio = torch.exp(logps - old_logps)
+    clipped_ratio = ratio.clamp(1 - config.epsilon, 1 + config.clip_high)
+    losses = -torch.min(ratio * advantages, clipped_ratio * advantages)
+    clipped = ((ratio < 1 - config.epsilon) & (advantages < 0)) | ((ratio > 1 + config.clip_high) & (advantages > 0))
+    kl = torch.zeros_like(logps)
+    if reference_logps is not None and config.beta:
+        delta = reference_logps - logps
+        kl = torch.exp(delta) - delta - 1
+        losses = losses + config.beta * kl
+    return losses, kl.detach(), clipped
+
+
+class GrpoObjective:
+    """GRPO on prompt-only rows. The loop hands each step's prompts to `rollout`, which returns the step's
+    micro-batches as completions; `collate` and `loss_sum` then work on those like any objective."""
+
+    data_kind = "prompts"
+    model_head = "lm"
+
+    def __init__(self, config: GrpoConfig, rewards: list[Reward], tokenizer, *, seed: int,
+                 switch_off: Callable[[object], AbstractContextManager] | None, precision: str = "fp32") -> None:
+        self.config = config
+        self.rewards = rewards
+        self.tokenizer = tokenizer
+        self.seed = seed
+        self.switch_off = switch_off
+        self.precision = precision
+        self.frozen_reference = None
+        """A copy of the starting model, when beta > 0 and the method has no adapter to switch off."""
+
+    @property
+    def sequences_per_item(self) -> int:
+        return self.config.group_size
+
+    def check_row(self, row: PromptRow) -> str | None:
+        """Why a row cannot be scored (a reward's reference column missing, ...), before anything trains."""
+        return next((problem for reward in self.rewards if (problem := reward.check(row))), None)
+
+    @property
+    def reference_column(self) -> str | None:
+        """The first built-in reward's reference column: what task metrics compare generations with."""
+        return next((reward.column for reward in self.rewards if reward.column), None)
+
+    def prepare(self, model) -> None:
+        """Keep the starting model as the KL reference when nothing can be switched off (full, freeze); called
+        before a checkpoint loads, so a resumed run keeps the same reference."""
+        if self.config.beta and self.switch_off is None:
+            self.frozen_reference = copy.deepcopy(model).eval().requires_grad_(False)
+
+    # --- rollout ---------------------------------------------------------------------------------------------
+
+    def rollout(self, model, step_rows: list[list[list[PromptRow]]], step: int) -> tuple[list, Metrics]:
+        """Sample, score and normalise completions for every prompt of the step; returns the step's micro-batches
+        as rows of Completion items and the rollout's metrics."""
+        prompts = [item for rows in step_rows for row in rows for item in row]
+        started = time.perf_counter()
+        ids, truncated = self._sample(model, [p.prompt_ids for p in prompts], step)
+        generated = time.perf_counter()
+        repeated = [p for p in prompts for _ in range(self.config.group_size)]
+        texts = [self.tokenizer.decode(c, skip_special_tokens=True).strip() for c in ids]
+        scores = self.score(repeated, texts, ids)  # [C, R]
+        total = _weighted_total(scores, [r.weight for r in self.rewards])
+        advantages = group_advantages(total, self.config.group_size, self.config.scale_rewards)
+        completions = [
+            Completion(TokenizedSample([*p.prompt_ids, *c], [IGNORE_INDEX] * len(p.prompt_ids) + list(c), p.where,
+                                       p.source), float(a), t)
+            for p, c, a, t in zip(repeated, ids, advantages.tolist(), truncated, strict=True)
+        ]
+        grouped_std = total.view(-1, self.config.group_size).std(dim=1)
+        metrics: Metrics = {
+            "reward": (float(total.mean()), 1),
+            "reward_std": (float(grouped_std.mean()), 1),
+            "frac_reward_zero_std": (float((grouped_std < 1e-6).float().mean()), 1),
+            "completions/mean_length": (sum(len(c) for c in ids) / len(ids), 1),
+            "completions/clipped_ratio": (sum(truncated) / len(truncated), 1),
+            "seconds/generate": (generated - started, 1),
+            "seconds/reward": (time.perf_counter() - generated, 1),
+        }
+        for index, reward in enumerate(self.rewards):
+            column = scores[:, index]
+            column = column[~column.isnan()]
+            metrics[f"rewards/{reward.name}/mean"] = (float(column.mean()) if len(column) else math.nan, 1)
+            metrics[f"rewards/{reward.name}/std"] = (float(column.std()) if len(column) > 1 else 0.0, 1)
+        out, at = [], 0
+        for rows in step_rows:
+            count = sum(len(row) for row in rows) * self.config.group_size
+            out.append([[c] for c in completions[at : at + count]])
+            at += count
+        return out, metrics
+
+    def _sample(self, model, prompts: list[list[int]], step: int) -> tuple[list[list[int]], list[bool]]:
+        device = next(model.parameters()).device
+        was_training = model.training
+        model.eval()
+        try:
+            with attention_implementation(model, "sdpa"), autocast(self.precision, device):
+                return sample_token_ids(model, self.tokenizer, prompts, max_new_tokens=self.config.max_new_tokens,
+                                        do_sample=True, temperature=self.config.temperature, top_p=self.config.top_p,
+                                        seed=self.seed * 1_000_003 + step, repeats=self.config.group_size)
+        finally:
+            model.train(was_training)
+
+    def score(self, rows: Sequence[PromptRow], texts: list[str], ids: list[list[int]]) -> torch.Tensor:
+        """Every reward of every completion [C, R] (NaN where a reward gave None)."""
+        columns = [torch.tensor(reward.score(list(rows), texts, ids), dtype=torch.float32) for reward in self.rewards]
+        return torch.stack(columns, dim=1)
+
+    # --- the step ------------------------------------------------------------------------------------------
+
+    def collate(self, rows, pad_token_id: int, padding_free: bool) -> dict[str, torch.Tensor]:
+        completions: list[Completion] = [item for row in rows for item in row]
+        batch = collate_sequences([c.sample for c in completions], pad_token_id, padding_free)
+        batch["advantages"] = torch.tensor([c.advantage for c in completions], dtype=torch.float32)
+        keep = [not (self.config.mask_truncated_completions and c.truncated) for c in completions]
+        batch["sequence_weights"] = torch.tensor(keep, dtype=torch.float32)
+        return batch
+
+    def count(self, batch: dict[str, torch.Tensor]) -> int:
+        """What the step's loss is divided by: completions (grpo), completions x max_new_tokens (dr_grpo), or
+        the completion tokens that count (dapo)."""
+        sequences = int(batch["sequence_count"])
+        if self.config.loss_type == "grpo":
+            return sequences
+        if self.config.loss_type == "dr_grpo":
+            return sequences * self.config.max_new_tokens
+        keep = batch["targets"] != IGNORE_INDEX
+        return int(batch["sequence_weights"][batch["sequence_ids"][keep]].sum())
+
+    def input_tokens(self, completion: Completion) -> int:
+        return len(completion.sample.input_ids)
+
+    def loss_sum(self, model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, Metrics]:
+        logps, keep = trained_token_logprobs(model, batch, self.config.temperature)
+        owners = batch["sequence_ids"][keep]
+        reference = self._reference_logps(model, batch) if self.config.beta else None
+        # One update per rollout: the policy that sampled is this one, so its log-probs are these, detached.
+        losses, kl, clipped = token_losses(logps, logps.detach(), batch["advantages"][owners], self.config, reference)
+        weights = batch["sequence_weights"][owners]
+        weighted = losses * weights
+        if self.config.loss_type == "grpo":
+            count = int(batch["sequence_count"])
+            sums = weighted.new_zeros(count).index_add(0, owners, weighted)
+            tokens = weights.new_zeros(count).index_add(0, owners, weights)
+            loss_sum = (sums / tokens.clamp(min=1)).sum()
+        else:
+            loss_sum = weighted.sum()
+        counted = float(weights.sum())
+        metrics: Metrics = {"clip_ratio/region_mean": (float((clipped.float() * weights).sum()), counted)}
+        if reference is not None:
+            metrics["kl"] = (float((kl * weights).sum()), counted)
+        return loss_sum, metrics
+
+    def _reference_logps(self, model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        with torch.no_grad():
+            if self.frozen_reference is not None:
+                return trained_token_logprobs(self.frozen_reference, batch, self.config.temperature)[0]
+            with self.switch_off(model):
+                return trained_token_logprobs(model, batch, self.config.temperature)[0]
+
+    # --- evaluation ----------------------------------------------------------------------------------------
+
+    def evaluate(self, model, rows: Sequence[PromptRow], *, batch_size: int = 16) -> dict[str, float]:
+        """Greedy completions of the held-out prompts, scored by the rewards: eval_reward (the weighted total),
+        eval_rewards/<name>/mean, eval_completions/mean_length, and eval_loss = -eval_reward (so early stopping and
+        keep_best on eval_loss follow the reward)."""
+        if not rows:
+            return {}
+        device = next(model.parameters()).device
+        was_training = model.training
+        model.eval()
+        ids: list[list[int]] = []
+        try:
+            with attention_implementation(model, "sdpa"), autocast(self.precision, device):
+                for start in range(0, len(rows), batch_size):
+                    chunk = [row.prompt_ids for row in rows[start : start + batch_size]]
+                    ids += sample_token_ids(model, self.tokenizer, chunk, max_new_tokens=self.config.max_new_tokens,
+                                            do_sample=False)[0]
+        finally:
+            model.train(was_training)
+        texts = [self.tokenizer.decode(c, skip_special_tokens=True).strip() for c in ids]
+        scores = self.score(rows, texts, ids)
+        total = _weighted_total(scores, [r.weight for r in self.rewards])
+        result = {"eval_loss": -float(total.mean()), "eval_reward": float(total.mean()),
+                  "eval_completions/mean_length": sum(len(c) for c in ids) / len(ids)}
+        for index, reward in enumerate(self.rewards):
+            result[f"eval_rewards/{reward.name}/mean"] = float(scores[:, index].nanmean())
+        return result
+
+
+def _weighted_total(scores: torch.Tensor, weights: list[float]) -> torch.Tensor:
+    """Each completion's total reward: its rewards times their weights, added where not NaN."""
+    return (scores * torch.tensor(weights)).nansum(dim=1)
+
+
+GRPO_EVAL_METRICS = ("reward", "completions/mean_length")
+"""What a GRPO evaluation reports besides eval_loss and each reward (eval_rewards/<name>/mean): what
+train.best_metric may follow."""

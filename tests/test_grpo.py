@@ -1,0 +1,275 @@
+"""GRPO: advantages and token losses against their closed forms, each loss type's aggregation, TRL's reward
+function signature, whole runs on a tiny real model that raise the reward, exact resume, and the refusals."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+
+from tunelab.config import GrpoObjective as GrpoConfig
+from tunelab.config import load_config
+from tunelab.data.prompts import PromptRow
+from tunelab.data.template import IGNORE_INDEX, TokenizedSample
+from tunelab.objectives.grpo import Completion, GrpoObjective, group_advantages, token_losses
+from tunelab.objectives.rewards import build_rewards
+from tunelab.train.run import train_run
+
+REWARDS_PY = '''
+def short(prompts, completions, completion_ids, answer, **columns):
+    """1 for an immediate stop, 0 for a completion that runs to max_new_tokens (8)."""
+    assert len(prompts) == len(completions) == len(answer) == len(columns["topic"])
+    return [1.0 - (len(ids) - 1) / 7 for ids in completion_ids]
+
+
+def letters(prompts, completions, **columns):
+    """Varies between random completions from the first step, so every group has a signal."""
+    return [sum(ch.isalpha() for ch in text) / max(1, len(text)) for text in completions]
+
+
+def seen(prompts, completions, completion_ids, **columns):
+    seen.calls.append((prompts, completions, columns))
+    return [None if i % 2 else 0.5 for i in range(len(completions))]
+
+
+seen.calls = []
+'''
+
+
+def grpo(**overrides) -> GrpoConfig:
+    return GrpoConfig(name="grpo", rewards=["exact_match"], **overrides)
+
+
+def test_group_advantages_are_rewards_against_their_groups_mean_and_std():
+    rewards = torch.tensor([1.0, 0.0, 0.0, 0.0, 2.0, 2.0, 2.0, 2.0])
+    grouped = group_advantages(rewards, 4, "group")
+    std = torch.tensor([1.0, 0.0, 0.0, 0.0]).std()
+    expected = torch.tensor([0.75, -0.25, -0.25, -0.25]) / (std + 1e-4)
+    torch.testing.assert_close(grouped[:4], expected)
+    assert grouped[4:].abs().max() == 0  # equal rewards: no signal, not a division by zero
+    torch.testing.assert_close(group_advantages(rewards, 4, "none")[:4], torch.tensor([0.75, -0.25, -0.25, -0.25]))
+    torch.testing.assert_close(group_advantages(rewards, 4, "batch")[:4],
+                               torch.tensor([0.75, -0.25, -0.25, -0.25]) / (rewards.std() + 1e-4))
+
+
+def test_token_losses_are_the_clipped_surrogate_plus_k3_kl():
+    logps = torch.tensor([-1.0, -2.0, -0.5, -3.0])
+    old = torch.tensor([-1.0, -2.5, -0.1, -3.0])
+    advantages = torch.tensor([1.0, 1.0, -1.0, -2.0])
+    reference = torch.tensor([-1.5, -2.0, -0.5, -2.0])
+    config = grpo(epsilon=0.2, beta=0.04)
+    losses, kl, clipped = token_losses(logps, old, advantages, config, reference)
+    for i in range(4):
+        ratio = math.exp(logps[i] - old[i])
+        a = float(advantages[i])
+        surrogate = -min(ratio * a, min(max(ratio, 0.8), 1.2) * a)
+        delta = float(reference[i] - logps[i])
+        k3 = math.exp(delta) - delta - 1
+        assert float(losses[i]) == pytest.approx(surrogate + 0.04 * k3, rel=1e-5)
+        assert float(kl[i]) == pytest.approx(k3, rel=1e-5)
+    # token 1: ratio e^0.5 > 1.2 with a positive advantage is clipped; token 2: ratio e^-0.4 < 0.8, negative a.
+    assert clipped.tolist() == [False, True, True, False]
+
+
+def completion_batch(objective: GrpoObjective, lengths: list[int], advantages: list[float], truncated=None):
+    completions = [
+        Completion(TokenizedSample([5, 6] + [7] * n, [IGNORE_INDEX] * 2 + [7] * n, "x"), a,
+                   bool(truncated and truncated[i]))
+        for i, (n, a) in enumerate(zip(lengths, advantages, strict=True))
+    ]
+    return objective.collate([[c] for c in completions], 0, padding_free=True)
+
+
+@pytest.mark.parametrize("loss_type", ["grpo", "dr_grpo", "dapo"])
+def test_each_loss_type_adds_token_losses_as_trl_does(loss_type, tiny_tokenizer):
+    from conftest import build_tiny_model
+
+    model = build_tiny_model(len(tiny_tokenizer))
+    config = grpo(loss_type=loss_type, max_new_tokens=6, mask_truncated_completions=True)
+    objective = GrpoObjective(config, build_rewards(config), tiny_tokenizer, seed=0, switch_off=None)
+    lengths, advantages = [2, 4, 6], [1.5, -0.5, 2.0]
+    batch = completion_batch(objective, lengths, advantages, truncated=[False, False, True])
+    loss_sum, _ = objective.loss_sum(model, batch)
+    # One update per rollout: every ratio is 1, so each kept token's loss is minus its completion's advantage.
+    kept = [(n, a) for n, a, cut in zip(lengths, advantages, [False, False, True], strict=True) if not cut]
+    if loss_type == "grpo":
+        expected, count = sum(-a for _, a in kept), 3  # per-completion means; a masked one adds 0
+    elif loss_type == "dr_grpo":
+        expected, count = sum(-a * n for n, a in kept), 3 * 6
+    else:
+        expected, count = sum(-a * n for n, a in kept), sum(n for n, _ in kept)
+    assert float(loss_sum.detach()) == pytest.approx(expected, rel=1e-5)
+    assert objective.count(batch) == count
+
+
+def test_python_rewards_get_trls_keyword_arguments(tmp_path, tiny_tokenizer):
+    path = tmp_path / "rewards.py"
+    path.write_text(REWARDS_PY)
+    config = GrpoConfig(name="grpo", rewards=[f"{path}:seen", {"reward": "exact_match", "weight": 2.0}])
+    rewards = build_rewards(config)
+    assert [r.name for r in rewards] == ["seen", "exact_match"]
+    rows = [PromptRow("a:1", [{"role": "user", "content": "hi"}], [{"role": "user", "content": "hi"}],
+                      {"answer": "yes", "topic": 1}),
+            PromptRow("a:2", [{"role": "user", "content": "yo"}], "yo", {"answer": "no"})]
+    objective = GrpoObjective(config, rewards, tiny_tokenizer, seed=0, switch_off=None)
+    scores = objective.score(rows, ["Yes.", "maybe"], [[1], [2]])
+    assert scores[0].tolist() == [0.5, 1.0] and math.isnan(scores[1, 0]) and scores[1, 1] == 0.0
+    prompts, completions, columns = _calls_of(rewards[0])[0]  # the user's function saw TRL's arguments
+    assert prompts == [[{"role": "user", "content": "hi"}], "yo"]  # as the rows gave them
+    assert completions == [[{"role": "assistant", "content": "Yes."}], "maybe"]  # messages for chat prompts
+    assert columns == {"answer": ["yes", "no"], "topic": [1, None]}
+
+
+def _calls_of(reward):
+    """The `seen.calls` list of the user's module that `reward` wraps."""
+    for cell in reward.score.__closure__:
+        value = cell.cell_contents
+        if callable(value) and hasattr(value, "calls"):
+            return value.calls
+    raise AssertionError("the reward does not wrap the user's function")
+
+
+def write_prompts(path, count=36):
+    rows = [{"prompt": f"what is {a} plus {b}?", "answer": str(a + b), "topic": a}
+            for a in range(6) for b in range(6)][:count]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def grpo_config(model_dir, data, out, rewards_file, *overrides):
+    return load_config(None, [
+        f"model={model_dir}", f"data.train={data}", "data.eval_split=0.25", "data.max_length=64",
+        f"output_dir={out}", "train.batch_size=2", "train.precision=fp32", "eval.generate_samples=2",
+        "eval.max_new_tokens=8", "eval.show_samples=0", "eval.metrics=[exact_match]", "objective.name=grpo",
+        f"objective.rewards=[{rewards_file}:short, exact_match]", "objective.group_size=4",
+        "objective.max_new_tokens=8", "train.lr=1e-2", *overrides])
+
+
+def read_records(out):
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_grpo_with_lora_raises_the_reward_and_logs_what_trl_logs(tiny_model_dir, tmp_path):
+    rewards = tmp_path / "rewards.py"
+    rewards.write_text(REWARDS_PY)
+    data = write_prompts(tmp_path / "prompts.jsonl")
+    out = tmp_path / "grpo"
+    summary = train_run(grpo_config(tiny_model_dir, data, out, rewards, "train.max_steps=20"))
+    before, after = summary["eval_before"], summary["eval_after"]
+    assert before["eval_rewards/short/mean"] < 0.2  # a random model rarely stops at once
+    assert after["eval_rewards/short/mean"] > 0.8 and after["eval_reward"] > before["eval_reward"] + 0.6
+    assert after["eval_loss"] == pytest.approx(-after["eval_reward"])
+    records = read_records(out)
+    logged = {"loss", "reward", "reward_std", "frac_reward_zero_std", "rewards/short/mean", "rewards/short/std",
+              "rewards/exact_match/mean", "completions/mean_length", "completions/clipped_ratio",
+              "clip_ratio/region_mean", "seconds/generate", "seconds/rollout", "seconds/update"}
+    assert logged <= set(records[1])
+    steps = [r for r in records if "reward" in r]
+    assert sum(r["reward"] for r in steps[-5:]) > sum(r["reward"] for r in steps[:5])  # sampled at temperature 1
+    assert summary["objective"] == "grpo" and (out / "adapter_model.safetensors").is_file()
+    assert (out / "plots" / "objective.png").is_file()
+    assert "rewards/short/mean" in (out / "report.html").read_text()  # before/after, per reward
+
+
+def test_grpo_resumes_exactly(tiny_model_dir, tmp_path, monkeypatch):
+    rewards = tmp_path / "rewards.py"
+    rewards.write_text(REWARDS_PY)
+    data = write_prompts(tmp_path / "prompts.jsonl")
+    base = ["train.max_steps=6", "train.save_every=2", "eval.before_after=false"]
+    straight = train_run(grpo_config(tiny_model_dir, data, tmp_path / "straight", rewards, *base))
+    calls = {"n": 0}
+    real_step = torch.optim.AdamW.step
+
+    def interrupt_after_three(self, *args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 4:
+            raise KeyboardInterrupt
+        return real_step(self, *args, **kwargs)
+
+    monkeypatch.setattr(torch.optim.AdamW, "step", interrupt_after_three)
+    with pytest.raises(KeyboardInterrupt):
+        train_run(grpo_config(tiny_model_dir, data, tmp_path / "resumed", rewards, *base))
+    monkeypatch.setattr(torch.optim.AdamW, "step", real_step)
+    resumed = train_run(grpo_config(tiny_model_dir, data, tmp_path / "resumed", rewards, *base), resume=True)
+    assert resumed["steps"] == 6
+    straight_records, resumed_records = read_records(tmp_path / "straight"), read_records(tmp_path / "resumed")
+    assert [r["reward"] for r in resumed_records if "reward" in r] == [r["reward"] for r in straight_records
+                                                                      if "reward" in r]  # the same completions
+    assert resumed["final_eval_loss"] == pytest.approx(straight["final_eval_loss"], abs=1e-6)
+
+
+def test_grpo_with_full_fine_tuning_keeps_the_starting_model_as_kl_reference(tiny_model_dir, tmp_path):
+    rewards = tmp_path / "rewards.py"
+    rewards.write_text(REWARDS_PY)
+    data = write_prompts(tmp_path / "prompts.jsonl")
+    out = tmp_path / "full"
+    train_run(grpo_config(tiny_model_dir, data, out, rewards, "method=full", "objective.beta=0.1",
+                          f"objective.rewards=[{rewards}:letters]", "train.max_steps=4", "train.lr=1e-3",
+                          "eval.before_after=false"))
+    kls = [r["kl"] for r in read_records(out) if "kl" in r]
+    assert kls[0] == pytest.approx(0.0, abs=1e-6)  # the first step's policy is the reference
+    assert kls[-1] > 1e-5  # then they part
+
+
+def test_lora_kl_reference_is_the_base_model(tiny_model_dir, tmp_path):
+    rewards = tmp_path / "rewards.py"
+    rewards.write_text(REWARDS_PY)
+    data = write_prompts(tmp_path / "prompts.jsonl")
+    out = tmp_path / "lora-kl"
+    train_run(grpo_config(tiny_model_dir, data, out, rewards, "objective.beta=0.1",
+                          f"objective.rewards=[{rewards}:letters]", "train.max_steps=4", "eval.before_after=false"))
+    kls = [r["kl"] for r in read_records(out) if "kl" in r]
+    assert kls[0] == pytest.approx(0.0, abs=1e-6) and kls[-1] > 1e-5
+
+
+def test_grpo_input_problems_exit_2_naming_the_file_line_or_key(tiny_model_dir, tmp_path):
+    from typer.testing import CliRunner
+
+    from tunelab.cli import app
+
+    prompts = write_prompts(tmp_path / "prompts.jsonl", 8)
+    no_answer = tmp_path / "no_answer.jsonl"
+    no_answer.write_text('{"prompt": "a"}\n{"prompt": "b", "answer": "x"}\n')
+    sft = tmp_path / "qa.jsonl"
+    sft.write_text('{"question": "q", "answer": "a"}\n' * 4)
+    runner = CliRunner()
+    cases = [
+        ([f"data.train={prompts}", "objective.name=grpo", "objective.rewards=[nonsense]"],
+         "objective.rewards[0]: 'nonsense' is not a built-in reward"),
+        ([f"data.train={prompts}", "objective.name=grpo", f"objective.rewards=[{tmp_path}/none.py:f]"],
+         "reward file"),
+        ([f"data.train={no_answer}", "objective.name=grpo", "objective.rewards=[exact_match]"],
+         "no_answer.jsonl:1: missing column 'answer'"),
+        ([f"data.train={sft}", "objective.name=grpo", "objective.rewards=[exact_match]"],
+         "'grpo' trains on prompt-only rows"),
+        ([f"data.train={prompts}"], "set objective.name: grpo"),
+        ([f"data.train={prompts}", "objective.name=grpo", "objective.rewards=[exact_match]",
+          "objective.group_size=1"], "objective.group_size"),
+    ]
+    for overrides, message in cases:
+        out = tmp_path / "out"
+        config = tmp_path / "c.yaml"
+        config.write_text(f"model: {tiny_model_dir}\noutput_dir: {out}\n")
+        result = runner.invoke(app, ["train", str(config), *overrides])
+        assert result.exit_code == 2, result.output
+        assert message in " ".join(result.output.split()), result.output
+        assert not out.exists()
+
+
+def test_sharing_each_prompts_forward_across_its_group_changes_no_token(tiny_tokenizer):
+    from conftest import build_tiny_model
+    from tunelab.infer.generate import sample_token_ids
+
+    model = build_tiny_model(len(tiny_tokenizer)).eval()
+    prompts = [tiny_tokenizer(text)["input_ids"] for text in ("what is 1 plus 2?", "hello", "the quick brown fox")]
+    assert len({len(p) for p in prompts}) == 3  # left padding differs per row
+    shared, _ = sample_token_ids(model, tiny_tokenizer, prompts, max_new_tokens=12, do_sample=False, repeats=3)
+    plain, _ = sample_token_ids(model, tiny_tokenizer, [p for p in prompts for _ in range(3)], max_new_tokens=12,
+                                do_sample=False)
+    assert shared == plain
+    first, _ = sample_token_ids(model, tiny_tokenizer, prompts, max_new_tokens=12, do_sample=True, seed=7, repeats=3)
+    again, _ = sample_token_ids(model, tiny_tokenizer, prompts, max_new_tokens=12, do_sample=True, seed=7, repeats=3)
+    other, _ = sample_token_ids(model, tiny_tokenizer, prompts, max_new_tokens=12, do_sample=True, seed=8, repeats=3)
+    assert first == again and first != other  # seeded: a resumed run samples the same completions
