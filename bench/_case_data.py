@@ -104,3 +104,21 @@ def write_preference_data(folder: Path, steps: int, batch_size: int, eval_pairs:
     files["train_pairs"].write_text("".join(json.dumps(r) + "\n" for r in train))
     files["eval_pairs"].write_text("".join(json.dumps(r) + "\n" for r in held_out))
     return {key: str(path) for key, path in files.items()} | {"train_rows": len(train), "eval_rows": len(held_out)}
+
+
+PROMPTS = Path(__file__).resolve().parent.parent / "src/tunelab/datasets/support_prompts.jsonl"
+
+
+def write_prompt_data(folder: Path, steps: int, batch_size: int, eval_prompts: int = 32) -> dict:
+    """The bundled support prompts (each ticket with its correct JSON as `answer`) in TRL's conversational form,
+    which tunelab reads as well: the first steps x batch of every ten rows but the tenth for training, in order,
+    and the tenth ones held out."""
+    rows = [json.loads(line) for line in PROMPTS.read_text().splitlines() if line.strip()]
+    convert = [{"prompt": [{"role": "user", "content": r["prompt"]}], "answer": r["answer"]} for r in rows]
+    train = [r for i, r in enumerate(convert) if i % EVAL_EVERY != EVAL_EVERY - 1][: steps * batch_size]
+    held_out = [r for i, r in enumerate(convert) if i % EVAL_EVERY == EVAL_EVERY - 1][:eval_prompts]
+    folder.mkdir(parents=True, exist_ok=True)
+    files = {"train_prompts": folder / "train_prompts.jsonl", "eval_prompts": folder / "eval_prompts.jsonl"}
+    files["train_prompts"].write_text("".join(json.dumps(r) + "\n" for r in train))
+    files["eval_prompts"].write_text("".join(json.dumps(r) + "\n" for r in held_out))
+    return {key: str(path) for key, path in files.items()} | {"train_rows": len(train), "eval_rows": len(held_out)}

@@ -210,9 +210,39 @@ def heldout_preference(model, reference, tokenizer, eval_path: str, *, beta: flo
     }
 
 
+@torch.no_grad()
+def heldout_reward(model, tokenizer, eval_path: str, *, max_new_tokens: int, precision: str,
+                   device: torch.device) -> dict:
+    """The mean reward (bench/_grpo_reward.py) of greedy completions of every held-out prompt, each rendered with
+    the tokenizer's own chat template and generation prompt."""
+    from _grpo_reward import field_accuracy
+
+    rows = [json.loads(line) for line in Path(eval_path).read_text().splitlines() if line.strip()]
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    model.eval()
+    texts: list[str] = []
+    for start in range(0, len(rows), 16):
+        chunk = rows[start : start + 16]
+        prompts = [tokenizer(tokenizer.apply_chat_template(r["prompt"], tokenize=False, add_generation_prompt=True),
+                             add_special_tokens=False)["input_ids"] for r in chunk]
+        width = max(map(len, prompts))
+        input_ids = torch.tensor([[pad] * (width - len(p)) + p for p in prompts], device=device)
+        attention = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=device)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16"):
+            output = model.generate(input_ids=input_ids, attention_mask=attention, max_new_tokens=max_new_tokens,
+                                    do_sample=False, pad_token_id=pad, eos_token_id=tokenizer.eos_token_id)
+        texts += [tokenizer.decode(row, skip_special_tokens=True).strip() for row in output[:, width:]]
+    rewards = field_accuracy([r["prompt"] for r in rows], texts, [r["answer"] for r in rows])
+    return {"eval_reward": sum(rewards) / len(rewards), "eval_rows": len(rows)}
+
+
 def evaluate(spec: dict, run_dir: Path, tokenizer, device: torch.device) -> dict:
-    """The harness's held-out measurement of a finished run: SFT loss, or DPO loss and accuracies."""
+    """The harness's held-out measurement of a finished run: SFT loss, DPO loss and accuracies, or GRPO's mean
+    reward of greedy completions."""
     model = load_trained_model(spec, run_dir, device)
+    if spec.get("objective") == "grpo":
+        return heldout_reward(model, tokenizer, spec["eval_prompts"], max_new_tokens=spec["max_new_tokens"],
+                              precision=spec["precision"], device=device)
     if spec.get("objective", "sft") == "sft":
         return heldout_eval_loss(model, tokenizer, spec["eval_chat"], max_length=spec["max_length"],
                                  precision=spec["precision"], device=device)

@@ -13,6 +13,10 @@ from pathlib import Path
 import _child_common as common
 import torch
 
+TRAIN_DATA = {"sft": "train_chat", "dpo": "train_pairs", "grpo": "train_prompts"}
+"""The spec key of each objective's training file."""
+REWARD = Path(__file__).resolve().parent / "_grpo_reward.py"
+
 
 def overrides(spec: dict) -> list[str]:
     """The tunelab config for the spec: same data, order, steps, schedule and adapter as the peer."""
@@ -20,7 +24,7 @@ def overrides(spec: dict) -> list[str]:
     objective = spec.get("objective", "sft")
     items = [
         f"model={spec['model_path']}",
-        f"data.train={spec['train_chat'] if objective == 'sft' else spec['train_pairs']}",
+        f"data.train={spec[TRAIN_DATA[objective]]}",
         f"objective.name={objective}",
         "data.eval_split=0",
         f"data.max_length={spec['max_length']}",
@@ -48,6 +52,10 @@ def overrides(spec: dict) -> list[str]:
                   "method.target_modules=all-linear"]
     if objective == "dpo":
         items += [f"objective.beta={spec['beta']}", "objective.loss_type=sigmoid"]
+    if objective == "grpo":
+        items += [f"objective.rewards=[{REWARD}:field_accuracy]", f"objective.group_size={spec['group_size']}",
+                  f"objective.max_new_tokens={spec['max_new_tokens']}", "objective.temperature=1.0",
+                  "objective.beta=0", "objective.loss_type=dapo", "objective.scale_rewards=group"]
     return items + list(spec.get("tunelab_overrides", []))
 
 
@@ -72,6 +80,7 @@ def main() -> None:
     import tunelab.objectives.pairs as pairs
     import tunelab.objectives.sft as sft
     from tunelab.config import load_config
+    from tunelab.objectives.grpo import GrpoObjective
     from tunelab.train.run import train_run
 
     # Benchmark instrumentation only: count the tokens of each batch the objective collates. Both objective
@@ -90,6 +99,16 @@ def main() -> None:
         return batch
 
     sft.collate = pairs.collate = counting_collate
+    grpo_collate = GrpoObjective.collate
+
+    def counting_grpo_collate(self, rows, pad_token_id, padding_free):  # completions, counted as the peer's are
+        batch = grpo_collate(self, rows, pad_token_id, padding_free)
+        clock.record_batch(trained=int((batch["targets"] != common.IGNORE_INDEX).sum()),
+                           nonpad=sum(len(c.sample.input_ids) for row in rows for c in row),
+                           computed=batch["input_ids"].numel())
+        return batch
+
+    GrpoObjective.collate = counting_grpo_collate
 
     started = time.perf_counter()
     config = load_config(None, overrides(spec))
@@ -101,6 +120,7 @@ def main() -> None:
     run_dir = Path(spec["run_dir"])
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
     losses = [r["loss"] for r in records if "loss" in r]
+    rewards = [r["reward"] for r in records if "reward" in r and "loss" in r]
 
     from transformers import AutoTokenizer
 
@@ -114,6 +134,8 @@ def main() -> None:
         "batching": batching(spec, summary),
         **common.run_measurements(steps=summary["steps"], wall=wall, peak=peak, peak_rss=peak_rss, losses=losses,
                                   evaluation=evaluation, clock=clock, planned_steps=spec["steps"]),
+        "first_step_reward": rewards[0] if rewards else None,
+        "mean_step_reward": sum(rewards) / len(rewards) if rewards else None,
         "tool_reported": {
             "train_tokens": summary["train_tokens"],
             "train_seconds": summary["train_seconds"],

@@ -1,4 +1,4 @@
-"""tunelab against its peer (TRL SFTTrainer or DPOTrainer + PEFT) on the same model, data, order and
+"""tunelab against its peer (TRL SFTTrainer, DPOTrainer or GRPOTrainer + PEFT) on the same model, data, order and
 hyper-parameters.
 
     python bench/compare_peer.py --cases lora-short --repeats 2 --steps 20
@@ -25,13 +25,14 @@ from dataclasses import asdict, dataclass
 from importlib import metadata
 from pathlib import Path
 
-from _case_data import write_case_data, write_preference_data
+from _case_data import write_case_data, write_preference_data, write_prompt_data
 from _random_model import SHAPES, build_random_model
 
 BENCH = Path(__file__).resolve().parent
 REPO = BENCH.parent
 CHILDREN = {"tunelab": BENCH / "_tunelab_child.py", "peer": BENCH / "_peer_child.py",
-            "peer-dpo": BENCH / "_peer_dpo_child.py"}
+            "peer-dpo": BENCH / "_peer_dpo_child.py", "peer-grpo": BENCH / "_peer_grpo_child.py"}
+PEER_TRAINERS = {"sft": "SFTTrainer", "dpo": "DPOTrainer", "grpo": "GRPOTrainer"}
 
 
 @dataclass(frozen=True)
@@ -44,7 +45,8 @@ class Case:
     packing: bool = False
     lr: float = 2e-4
     objective: str = "sft"
-    """sft, or dpo (against TRL's DPOTrainer, on the bundled preference pairs)"""
+    """sft, dpo (against TRL's DPOTrainer, on the bundled preference pairs) or grpo (against GRPOTrainer, on the
+    bundled support prompts; --batch-size counts prompts, each sampled GRPO_GROUP times)"""
 
 
 CASES = {
@@ -54,8 +56,11 @@ CASES = {
     "full-short": Case("full", "short", 256, lr=2e-5),
     "lora-short-packed": Case("lora", "short", 256, packing=True),
     "dpo-lora": Case("lora", "pairs", 256, lr=5e-5, objective="dpo"),
+    "grpo-lora": Case("lora", "prompts", 256, lr=5e-5, objective="grpo"),
 }
 DPO_BETA = 0.1
+GRPO_GROUP = 4
+GRPO_COMPLETION_TOKENS = 48
 
 # (key in a child's result, label, format, what a better tunelab/peer ratio is)
 METRICS = [
@@ -75,6 +80,9 @@ METRICS = [
     ("eval_loss", "held-out eval loss (DPO loss for dpo cases)", "{:.4f}", "lower"),
     ("eval_reward_accuracy", "held-out reward accuracy (dpo)", "{:.3f}", "higher"),
     ("eval_preference_accuracy", "held-out preference accuracy, model alone (dpo)", "{:.3f}", "higher"),
+    ("eval_reward", "held-out reward of greedy completions (grpo)", "{:.3f}", "higher"),
+    ("first_step_reward", "reward of step 1's sampled completions (grpo)", "{:.3f}", "same"),
+    ("mean_step_reward", "reward of sampled completions, mean of steps (grpo)", "{:.3f}", "higher"),
     ("trained_tokens", "trained tokens", "{:.0f}", "same"),
     ("total_tokens", "total tokens (non-pad)", "{:.0f}", "same"),
     ("padding_efficiency", "non-pad / computed positions", "{:.3f}", "higher"),
@@ -189,7 +197,8 @@ def run_child(tool: str, spec: dict, workdir: Path, name: str, timeout: int) -> 
     started = time.perf_counter()
     with open(log_path, "w") as log:
         try:
-            child = CHILDREN["peer-dpo" if tool == "peer" and spec.get("objective") == "dpo" else tool]
+            objective = spec.get("objective", "sft")
+            child = CHILDREN[f"peer-{objective}" if tool == "peer" and objective != "sft" else tool]
             code = subprocess.run([sys.executable, str(child), str(spec_path)], stdout=log,
                                   stderr=subprocess.STDOUT, env=env, cwd=BENCH, timeout=timeout).returncode
         except subprocess.TimeoutExpired:
@@ -221,8 +230,10 @@ def child_spec(case: Case, data: dict, model_path: Path, args, precision: str, r
         "lora": {"r": 16, "alpha": 32, "dropout": 0.0},
         "objective": case.objective,
         "beta": DPO_BETA,
+        "group_size": GRPO_GROUP,
+        "max_new_tokens": GRPO_COMPLETION_TOKENS,
         **{key: data[key] for key in ("train_chat", "train_prompt_completion", "eval_chat", "train_pairs",
-                                      "eval_pairs") if key in data},
+                                      "eval_pairs", "train_prompts", "eval_prompts") if key in data},
         "max_length": case.max_length,
         "packing": case.packing,
         "batch_size": args.batch_size,
@@ -242,6 +253,8 @@ def run_case(name: str, args, model_path: Path, precision: str, workdir: Path) -
     folder = workdir / name / "data"
     if case.objective == "dpo":
         data = write_preference_data(folder, args.steps, args.batch_size)
+    elif case.objective == "grpo":
+        data = write_prompt_data(folder, args.steps, args.batch_size)
     else:
         data = write_case_data(case, folder, model_path, args.steps, args.batch_size, args.seed)
     runs: list[dict] = []
@@ -260,7 +273,9 @@ def run_case(name: str, args, model_path: Path, precision: str, workdir: Path) -
                 print(f"[{name}] {tool} failed: {result['error']}", file=sys.stderr, flush=True)
                 return {"case": name, "settings": asdict(case), "data": data, "runs": runs, "failed": True}
             print(f"[{name}] {tool}: {result['seconds_per_step']:.3f} s/step, "
-                  f"{result['trained_tokens_per_second']:.0f} trained tok/s, eval loss {result['eval_loss']:.4f}, "
+                  f"{result['trained_tokens_per_second']:.0f} trained tok/s, "
+                  f"eval loss {result.get('eval_loss', 0):.4f}, "
+                  f"eval reward {result.get('eval_reward', 0):.3f}, "
                   f"other processes used {result['foreign_cpu_share']:.0%} of the CPU", file=sys.stderr, flush=True)
     return {"case": name, "settings": asdict(case), "data": data, "runs": runs, "failed": False}
 
@@ -300,15 +315,17 @@ def markdown(outcome: dict, summary: dict, machine: dict, args) -> str:
     runs = [r for r in outcome["runs"] if "error" not in r]
     first = {tool: next((r for r in runs if r["tool"] == tool), {}) for tool in ("tunelab", "peer")}
     lines = [
-        f"## {outcome['case']}: tunelab vs TRL {'DPOTrainer' if case['objective'] == 'dpo' else 'SFTTrainer'} + PEFT",
+        f"## {outcome['case']}: tunelab vs TRL {PEER_TRAINERS[case['objective']]} + PEFT",
         "",
         f"- model `{args.model}`, method **{case['method']}**"
         + (" (r=16, alpha=32, dropout 0, all-linear)" if case["method"] != "full" else "")
         + f", {args.steps} steps, batch {args.batch_size}, max_length {case['max_length']}, lr {case['lr']} constant, "
         f"no warm-up, grad clip 1.0, seed {args.seed}, {outcome['data']['train_rows']} train / "
         f"{outcome['data']['eval_rows']} held-out rows, "
-        + (f"DPO sigmoid loss, beta {DPO_BETA}, reference = base with the adapter off" if case["objective"] == "dpo"
-           else "assistant-only loss"),
+        + {"dpo": f"DPO sigmoid loss, beta {DPO_BETA}, reference = base with the adapter off",
+           "grpo": f"GRPO dapo loss, {GRPO_GROUP} completions per prompt of at most {GRPO_COMPLETION_TOKENS} tokens, "
+                   "temperature 1, beta 0, reward = share of the ticket's JSON fields right (bench/_grpo_reward.py)",
+           }.get(case["objective"], "assistant-only loss"),
         f"- precision: tunelab {first['tunelab'].get('precision', '-')} (linear layers computed in "
         f"{first['tunelab'].get('observed_compute_dtype', '-')}), peer {first['peer'].get('precision', '-')} "
         f"(computed in {first['peer'].get('observed_compute_dtype', '-')}), fp32 master weights; "
@@ -333,15 +350,15 @@ def markdown(outcome: dict, summary: dict, machine: dict, args) -> str:
         lines.append(f"| {label} | {tunelab} | {peer} | {ratio} | {better} |")
     lines += [
         "",
-        "| run | tool | s/step (median) | trained tok/s | total tok/s | peak MB | last loss | eval loss | "
-        "other processes' CPU |",
+        "| run | tool | s/step (median) | trained tok/s | total tok/s | peak MB | last loss | "
+        "eval loss (grpo: reward) | other processes' CPU |",
         "|---|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in runs:
         lines.append(
             f"| {r['repeat']} | {r['tool']} | {r['seconds_per_step']:.3f} | {r['trained_tokens_per_second']:.0f} | "
             f"{r['total_tokens_per_second']:.0f} | {r['peak_memory_mb']:.0f} | {r['final_train_loss']:.4f} | "
-            f"{r['eval_loss']:.4f} | {r['foreign_cpu_share']:.0%} |"
+            f"{r.get('eval_loss', r.get('eval_reward', 0)):.4f} | {r['foreign_cpu_share']:.0%} |"
         )
     busy = [r for r in runs if r["foreign_cpu_share"] > 0.10]
     if busy:

@@ -273,3 +273,68 @@ def test_sharing_each_prompts_forward_across_its_group_changes_no_token(tiny_tok
     again, _ = sample_token_ids(model, tiny_tokenizer, prompts, max_new_tokens=12, do_sample=True, seed=7, repeats=3)
     other, _ = sample_token_ids(model, tiny_tokenizer, prompts, max_new_tokens=12, do_sample=True, seed=8, repeats=3)
     assert first == again and first != other  # seeded: a resumed run samples the same completions
+
+
+def test_several_updates_per_rollout_reuse_it_and_resume_exactly_in_its_middle(tiny_model_dir, tmp_path,
+                                                                                monkeypatch):
+    rewards = tmp_path / "rewards.py"
+    rewards.write_text(REWARDS_PY)
+    data = write_prompts(tmp_path / "prompts.jsonl")
+    base = ["train.max_steps=6", "train.save_every=2", "eval.before_after=false", "objective.updates_per_rollout=2",
+            f"objective.rewards=[{rewards}:letters]"]
+    seen: list[list] = []
+    straight = train_run(grpo_config(tiny_model_dir, data, tmp_path / "straight", rewards, *base),
+                         on_batches=lambda step, batches: seen.append(batches))
+    assert len(seen) == 3  # a new rollout (and new prompts) every second step
+    records = read_records(tmp_path / "straight")
+    steps = [r for r in records if "loss" in r]
+    assert ["reward" in r for r in steps] == [True, False] * 3
+    assert max(r["clip_ratio/region_mean"] for r in steps[1::2]) > 0  # the reused rollout's ratio moved off 1
+    assert all(r["clip_ratio/region_mean"] == 0 for r in steps[0::2])  # a rollout's first update: ratio 1
+
+    calls = {"n": 0}
+    real_step = torch.optim.AdamW.step
+
+    def interrupt_after_three(self, *args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 4:  # inside the second rollout's second update
+            raise KeyboardInterrupt
+        return real_step(self, *args, **kwargs)
+
+    monkeypatch.setattr(torch.optim.AdamW, "step", interrupt_after_three)
+    with pytest.raises(KeyboardInterrupt):
+        train_run(grpo_config(tiny_model_dir, data, tmp_path / "resumed", rewards, *base))
+    assert (tmp_path / "resumed" / "checkpoints" / "step-000003" / "objective.safetensors").is_file()
+    monkeypatch.setattr(torch.optim.AdamW, "step", real_step)
+    resumed = train_run(grpo_config(tiny_model_dir, data, tmp_path / "resumed", rewards, *base), resume=True)
+    resumed_steps = [r for r in read_records(tmp_path / "resumed") if "loss" in r]
+    assert [r["loss"] for r in resumed_steps] == pytest.approx([r["loss"] for r in steps], rel=1e-5, abs=1e-7)
+    assert resumed["final_eval_loss"] == pytest.approx(straight["final_eval_loss"], abs=1e-6)
+
+
+def test_a_reward_model_run_is_a_reward(tiny_model_dir, tmp_path):
+    from tunelab.infer.score import score_file
+
+    pairs = [{"prompt": f"what is {a} plus {b}?", "chosen": f"the answer is {a + b}", "rejected": f"{a * b}"}
+             for a in range(4) for b in range(4)]
+    pair_file = tmp_path / "pairs.jsonl"
+    pair_file.write_text("".join(json.dumps(r) + "\n" for r in pairs))
+    reward_run = tmp_path / "rm"
+    train_run(load_config(None, [f"model={tiny_model_dir}", f"data.train={pair_file}", "data.eval_split=0",
+                                 "objective=reward", "train.max_steps=2", "train.precision=fp32",
+                                 "eval.before_after=false", "eval.generate_samples=0", f"output_dir={reward_run}"]))
+    config = GrpoConfig(name="grpo", rewards=[{"reward": str(reward_run), "weight": 0.5}])
+    rewards = build_rewards(config)
+    assert rewards[0].name == "rm"
+    rows = [PromptRow("p:1", [{"role": "user", "content": "what is 1 plus 2?"}], "what is 1 plus 2?", {}),
+            PromptRow("p:2", [{"role": "user", "content": "what is 3 plus 3?"}], "what is 3 plus 3?", {})]
+    texts = ["the answer is 3", "9"]
+    scored = rewards[0].score(rows, texts, [[1], [2]])
+    replies = tmp_path / "replies.jsonl"
+    replies.write_text("".join(json.dumps({"prompt": r.original, "completion": t}) + "\n"
+                               for r, t in zip(rows, texts, strict=True)))
+    score_file(str(reward_run), replies, tmp_path / "scored.jsonl")
+    expected = [json.loads(line)["score"] for line in (tmp_path / "scored.jsonl").read_text().splitlines()]
+    assert scored == pytest.approx(expected, abs=1e-5)  # what `tunelab score` says of the same replies
+    objective = GrpoObjective(config, rewards, None, seed=0, switch_off=None)
+    assert objective.score(rows, texts, [[1], [2]])[:, 0].tolist() == pytest.approx(scored, abs=1e-6)

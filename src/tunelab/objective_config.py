@@ -120,9 +120,10 @@ class GrpoObjective(Strict):
     (`none`, as Dr. GRPO recommends)."""
     mask_truncated_completions: bool = False
     """Leave completions cut off at max_new_tokens out of the loss (DAPO)."""
-    updates_per_rollout: Literal[1] = 1
-    """Optimiser steps per batch of completions (TRL's num_iterations); 1: the completions are always the current
-    policy's, so the ratio is exactly 1 and clipping only matters through its gradient."""
+    updates_per_rollout: int = Field(1, ge=1)
+    """Optimiser steps per batch of completions (TRL's num_iterations, GRPO's mu). 1: the completions are always
+    the current policy's, so the ratio is exactly 1. More: later steps reuse the rollout and draw no new prompts,
+    and the ratio to the sampling policy (its log-probs kept from the rollout's first update) is clipped."""
 
     def reward_specs(self) -> list[RewardSpec]:
         """Every reward as a RewardSpec (bare strings get weight 1)."""

@@ -9,7 +9,9 @@ minus the mean advantage, which group normalisation makes ~0 whatever the model 
 is in `reward`, `rewards/<name>/mean` and the held-out eval_reward, not in the loss: tunelab logs them all.
 
 Rollouts are sampled with the KV cache, in the training precision, with a generator seeded by (train.seed,
-step), so a resumed run samples the very completions the uninterrupted one did.
+step), so a resumed run samples the very completions the uninterrupted one did. With updates_per_rollout > 1
+the rollout is kept (and checkpointed) for the updates that follow; its tokens' log-probabilities under the
+sampling policy are those its first update computed, before any weight moved, so no extra forward pass is spent.
 """
 
 from __future__ import annotations
@@ -46,6 +48,11 @@ class Completion:
     advantage: float
     truncated: bool
     """Cut at max_new_tokens before a stop token."""
+    index: int = 0
+    """Position in its rollout."""
+    old_logps: list[float] | None = None
+    """Log-probabilities of its tokens under the policy that sampled it, kept at the rollout's first update for
+    the later ones (updates_per_rollout > 1)."""
 
 
 def group_advantages(rewards: torch.Tensor, group_size: int, scale: str) -> torch.Tensor:
@@ -94,6 +101,9 @@ class GrpoObjective:
         self.precision = precision
         self.frozen_reference = None
         """A copy of the starting model, when beta > 0 and the method has no adapter to switch off."""
+        self.rollout_batches: list | None = None
+        """The last rollout's micro-batches, reused while updates_per_rollout lasts."""
+        self.rollout_step = 0
 
     @property
     def sequences_per_item(self) -> int:
@@ -116,9 +126,16 @@ class GrpoObjective:
 
     # --- rollout ---------------------------------------------------------------------------------------------
 
-    def rollout(self, model, step_rows: list[list[list[PromptRow]]], step: int) -> tuple[list, Metrics]:
+    def draws_rows(self, step: int) -> bool:
+        """Whether step `step` (0-based) samples a new rollout from new prompts, or updates on the last one."""
+        return self.rollout_batches is None or step - self.rollout_step >= self.config.updates_per_rollout
+
+    def rollout(self, model, step_rows: list[list[list[PromptRow]]] | None, step: int) -> tuple[list, Metrics]:
         """Sample, score and normalise completions for every prompt of the step; returns the step's micro-batches
-        as rows of Completion items and the rollout's metrics."""
+        as rows of Completion items and the rollout's metrics. Without rows (see draws_rows) the last rollout's
+        micro-batches again, with no metrics."""
+        if step_rows is None:
+            return self.rollout_batches, {}
         prompts = [item for rows in step_rows for row in rows for item in row]
         started = time.perf_counter()
         ids, truncated = self._sample(model, [p.prompt_ids for p in prompts], step)
@@ -148,11 +165,15 @@ class GrpoObjective:
             column = column[~column.isnan()]
             metrics[f"rewards/{reward.name}/mean"] = (float(column.mean()) if len(column) else math.nan, 1)
             metrics[f"rewards/{reward.name}/std"] = (float(column.std()) if len(column) > 1 else 0.0, 1)
+        for index, completion in enumerate(completions):
+            completion.index = index
         out, at = [], 0
         for rows in step_rows:
             count = sum(len(row) for row in rows) * self.config.group_size
             out.append([[c] for c in completions[at : at + count]])
             at += count
+        if self.config.updates_per_rollout > 1:
+            self.rollout_batches, self.rollout_step = out, step
         return out, metrics
 
     def _sample(self, model, prompts: list[list[int]], step: int) -> tuple[list[list[int]], list[bool]]:
@@ -180,6 +201,10 @@ class GrpoObjective:
         batch["advantages"] = torch.tensor([c.advantage for c in completions], dtype=torch.float32)
         keep = [not (self.config.mask_truncated_completions and c.truncated) for c in completions]
         batch["sequence_weights"] = torch.tensor(keep, dtype=torch.float32)
+        if self.config.updates_per_rollout > 1:
+            if all(c.old_logps is not None for c in completions):
+                batch["old_logps"] = torch.tensor([v for c in completions for v in c.old_logps], dtype=torch.float32)
+            batch["completion_index"] = torch.tensor([c.index for c in completions])
         return batch
 
     def count(self, batch: dict[str, torch.Tensor]) -> int:
@@ -200,8 +225,13 @@ class GrpoObjective:
         logps, keep = trained_token_logprobs(model, batch, self.config.temperature)
         owners = batch["sequence_ids"][keep]
         reference = self._reference_logps(model, batch) if self.config.beta else None
-        # One update per rollout: the policy that sampled is this one, so its log-probs are these, detached.
-        losses, kl, clipped = token_losses(logps, logps.detach(), batch["advantages"][owners], self.config, reference)
+        if "old_logps" in batch:
+            old = batch["old_logps"]
+        else:  # the rollout's first update: the policy that sampled is this one, so its log-probs are these
+            old = logps.detach()
+            if "completion_index" in batch:
+                self._keep_old_logps(batch, owners, old)
+        losses, kl, clipped = token_losses(logps, old, batch["advantages"][owners], self.config, reference)
         weights = batch["sequence_weights"][owners]
         weighted = losses * weights
         if self.config.loss_type == "grpo":
@@ -216,6 +246,50 @@ class GrpoObjective:
         if reference is not None:
             metrics["kl"] = (float((kl * weights).sum()), counted)
         return loss_sum, metrics
+
+    def _keep_old_logps(self, batch: dict[str, torch.Tensor], owners: torch.Tensor, old: torch.Tensor) -> None:
+        """Store each completion's token log-probs (in batch order: sequence by sequence) in the rollout."""
+        flat = [c for rows in self.rollout_batches for row in rows for c in row]
+        counts = torch.bincount(owners, minlength=int(batch["sequence_count"])).tolist()
+        for index, values in zip(batch["completion_index"].tolist(), old.float().cpu().split(counts), strict=True):
+            flat[index].old_logps = values.tolist()
+
+    # --- checkpointed state --------------------------------------------------------------------------------
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """The rollout the next updates reuse (empty when every step samples its own)."""
+        if self.rollout_batches is None:
+            return {}
+        flat = [c for rows in self.rollout_batches for row in rows for c in row]
+        if any(c.old_logps is None for c in flat):
+            return {}  # its first update never finished: the resumed run samples it again (same seed)
+        return {
+            "rollout_step": torch.tensor([self.rollout_step]),
+            "micro_batch_sizes": torch.tensor([sum(len(row) for row in rows) for rows in self.rollout_batches]),
+            "lengths": torch.tensor([len(c.sample.input_ids) for c in flat]),
+            "prompt_lengths": torch.tensor([c.sample.labels.count(IGNORE_INDEX) for c in flat]),
+            "input_ids": torch.tensor([t for c in flat for t in c.sample.input_ids]),
+            "advantages": torch.tensor([c.advantage for c in flat], dtype=torch.float32),
+            "truncated": torch.tensor([c.truncated for c in flat]),
+            "old_logps": torch.tensor([v for c in flat for v in c.old_logps], dtype=torch.float32),
+        }
+
+    def load_state_dict(self, tensors: dict[str, torch.Tensor]) -> None:
+        ids = tensors["input_ids"].split(tensors["lengths"].tolist())
+        completions, old_at = [], 0
+        for index, (sequence, prompt_length) in enumerate(zip(ids, tensors["prompt_lengths"].tolist(), strict=True)):
+            tokens = sequence.tolist()
+            trained = len(tokens) - prompt_length
+            completions.append(Completion(
+                TokenizedSample(tokens, [IGNORE_INDEX] * prompt_length + tokens[prompt_length:], ""),
+                float(tensors["advantages"][index]), bool(tensors["truncated"][index]), index,
+                tensors["old_logps"][old_at : old_at + trained].tolist()))
+            old_at += trained
+        self.rollout_batches, at = [], 0
+        for size in tensors["micro_batch_sizes"].tolist():
+            self.rollout_batches.append([[c] for c in completions[at : at + size]])
+            at += size
+        self.rollout_step = int(tensors["rollout_step"][0])
 
     def _reference_logps(self, model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         with torch.no_grad():

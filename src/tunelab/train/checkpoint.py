@@ -1,6 +1,7 @@
 """Resumable checkpoints and final weights.
 
-A checkpoint holds the trainable parameters, optimiser, scheduler, RNG states and the data position;
+A checkpoint holds the trainable parameters, optimiser, scheduler, RNG states, the data position and whatever
+state the objective carries between steps (GRPO's rollout, reused for several updates);
 it is written to a scratch folder and renamed into place, so a crash mid-write never leaves a
 checkpoint that looks complete.
 """
@@ -18,6 +19,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 CHECKPOINTS = "checkpoints"
+OBJECTIVE_STATE = "objective.safetensors"
 
 
 @dataclass
@@ -60,7 +62,8 @@ def rng_snapshot() -> dict:
 
 
 def save_checkpoint(
-    run_dir: Path, model, optimizer, scheduler, state: TrainerState, keep: int, rng: dict | None = None
+    run_dir: Path, model, optimizer, scheduler, state: TrainerState, keep: int, rng: dict | None = None,
+    objective=None,
 ) -> Path:
     """Write checkpoints/step-N atomically and keep only the newest `keep`.
 
@@ -73,6 +76,9 @@ def save_checkpoint(
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
     save_file(trainable_state(model), tmp / "trainable.safetensors")
+    carried = objective.state_dict() if hasattr(objective, "state_dict") else {}
+    if carried:
+        save_file(carried, tmp / OBJECTIVE_STATE)
     torch.save(
         {
             "optimizer": optimizer.state_dict(),
@@ -94,9 +100,12 @@ def latest_checkpoint(run_dir: Path) -> Path | None:
     return found[-1] if found else None
 
 
-def load_checkpoint(path: Path, model, optimizer, scheduler) -> TrainerState:
-    """Restore weights, optimiser, scheduler and RNG from `path`; return the trainer state."""
+def load_checkpoint(path: Path, model, optimizer, scheduler, objective=None) -> TrainerState:
+    """Restore weights, optimiser, scheduler, RNG and the objective's carried state from `path`; return the
+    trainer state."""
     load_trainable_state(model, load_file(path / "trainable.safetensors"))
+    if (path / OBJECTIVE_STATE).is_file() and hasattr(objective, "load_state_dict"):
+        objective.load_state_dict(load_file(path / OBJECTIVE_STATE))
     saved = torch.load(path / "optimizer.pt", weights_only=False)
     optimizer.load_state_dict(saved["optimizer"])
     scheduler.load_state_dict(saved["scheduler"])

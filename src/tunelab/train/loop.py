@@ -97,8 +97,11 @@ def fit(ctx: LoopContext, state: TrainerState) -> TrainerState:
     model.train()
     while state.step < ctx.total_steps:
         started = time.perf_counter()
-        step_batches = [next(batches) for _ in range(cfg.grad_accum)]
-        step_rows = [_rows(ctx, rows) for _, _, _, rows in step_batches]
+        # An objective that trains on its own generations may update several times on one rollout: then it
+        # draws no new rows until the next rollout (and its checkpointed state holds the rollout).
+        draws = getattr(ctx.objective, "draws_rows", lambda step: True)(state.step)
+        step_batches = [next(batches) for _ in range(cfg.grad_accum)] if draws else []
+        step_rows = [_rows(ctx, rows) for _, _, _, rows in step_batches] if draws else None
         metrics_of_step = MetricTotals()
         rollout_seconds = 0.0
         if hasattr(ctx.objective, "rollout"):  # an objective that trains on what the model generates (GRPO)
@@ -133,10 +136,12 @@ def fit(ctx: LoopContext, state: TrainerState) -> TrainerState:
         if rollout_seconds:
             metrics_of_step.add({"seconds/rollout": (rollout_seconds, 1),
                                  "seconds/update": (elapsed - rollout_seconds, 1)})
-        last_epoch, last_index, epoch_length, _ = step_batches[-1]
         state.step += 1
-        state.epoch, state.batch_in_epoch = last_epoch, last_index + 1
-        ctx.on_batches(state.step, [rows for _, _, _, rows in step_batches])
+        if step_batches:
+            last_epoch, last_index, _, _ = step_batches[-1]
+            state.epoch, state.batch_in_epoch = last_epoch, last_index + 1
+            ctx.on_batches(state.step, [rows for _, _, _, rows in step_batches])
+        epoch_length = len(epoch_plan(ctx, state.epoch).batches) if not step_batches else step_batches[-1][2]
         state.tokens_seen += step_tokens
         state.train_seconds += elapsed
         state.extra["computed_tokens"] = state.extra.get("computed_tokens", 0) + computed_tokens
@@ -144,7 +149,7 @@ def fit(ctx: LoopContext, state: TrainerState) -> TrainerState:
         ctx.rng_at_last_step = rng_snapshot()
         record = {
             "step": state.step,
-            "epoch": round(last_epoch + (last_index + 1) / epoch_length, 4),
+            "epoch": round(state.epoch + state.batch_in_epoch / epoch_length, 4),
             "loss": loss,
             "lr": lr,
             "grad_norm": grad_norm,
@@ -163,7 +168,8 @@ def fit(ctx: LoopContext, state: TrainerState) -> TrainerState:
             ctx.log.write(record)
         ctx.on_step(state, record)
         if cfg.save_every and state.step % cfg.save_every == 0 and not last:
-            save_checkpoint(ctx.run_dir, model, optimizer, scheduler, state, cfg.keep_checkpoints)
+            save_checkpoint(ctx.run_dir, model, optimizer, scheduler, state, cfg.keep_checkpoints,
+                            objective=ctx.objective)
         if stop:
             state.extra["early_stopped_at"] = state.step
             break

@@ -27,12 +27,18 @@ class TrainingProgress:
         )
         self.task = self.progress.add_task("train", total=total_steps, completed=start_step, stats="")
         self.eval_loss: float | None = None
+        self.eval_reward: float | None = None
 
     def update(self, state, record: dict) -> None:
         if "eval_loss" in record:
             self.eval_loss = record["eval_loss"]
+            self.eval_reward = record.get("eval_reward")
         stats = f"loss {record['loss']:.4f}"
-        if self.eval_loss is not None:
+        if "reward" in record:  # GRPO: the loss is ~0 by construction; the reward is what moves
+            stats += f" | reward {record['reward']:.3f}"
+        if self.eval_reward is not None:
+            stats += f" | eval reward {self.eval_reward:.3f}"
+        elif self.eval_loss is not None:
             stats += f" | eval {self.eval_loss:.4f}"
         stats += f" | {record['tokens_per_second']:.0f} tok/s"
         self.progress.update(self.task, completed=state.step, stats=stats)

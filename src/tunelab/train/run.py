@@ -179,7 +179,7 @@ def _train(config: RunConfig, log: RunLog, *, resume: bool, overwrite: bool, con
     baseline_file = run_dir / "baseline.json"
     if resume:
         checkpoint = latest_checkpoint(run_dir)
-        state = load_checkpoint(checkpoint, model, ctx.optimizer, ctx.scheduler)
+        state = load_checkpoint(checkpoint, model, ctx.optimizer, ctx.scheduler, objective)
         state.extra.setdefault("data_fingerprint", data_order)
         log.truncate_after(state.step)
         console.print(f"resuming from {checkpoint} (step {state.step} of {ctx.total_steps})")
@@ -207,7 +207,7 @@ def _train(config: RunConfig, log: RunLog, *, resume: bool, overwrite: bool, con
         status = "interrupted"
         model.zero_grad(set_to_none=True)
         saved = save_checkpoint(run_dir, model, ctx.optimizer, ctx.scheduler, state, config.train.keep_checkpoints,
-                                rng=ctx.rng_at_last_step)
+                                rng=ctx.rng_at_last_step, objective=objective)
         _write_summary(run_dir, model, config, data, state, baseline, {}, trainable, total, precision, device, status,
                        memory)
         write_report(run_dir)
@@ -217,7 +217,7 @@ def _train(config: RunConfig, log: RunLog, *, resume: bool, overwrite: bool, con
         status = "failed"
         if state.step:
             save_checkpoint(run_dir, model, ctx.optimizer, ctx.scheduler, state, config.train.keep_checkpoints,
-                            rng=ctx.rng_at_last_step)
+                            rng=ctx.rng_at_last_step, objective=objective)
         _write_summary(run_dir, model, config, data, state, baseline, {}, trainable, total, precision, device, status,
                        memory)
         raise
@@ -228,7 +228,8 @@ def _train(config: RunConfig, log: RunLog, *, resume: bool, overwrite: bool, con
     after = _measure(evaluate, gen_samples, final_loss)
     _save_weights(model, tokenizer, run_dir, method, config)
     if config.train.save_every:
-        save_checkpoint(run_dir, model, ctx.optimizer, ctx.scheduler, state, config.train.keep_checkpoints)
+        save_checkpoint(run_dir, model, ctx.optimizer, ctx.scheduler, state, config.train.keep_checkpoints,
+                        objective=objective)
     write_samples(run_dir / "samples.jsonl", gen_samples, baseline.get("replies", []), after.get("replies", []))
     summary = _write_summary(run_dir, model, config, data, state, baseline, after, trainable, total, precision, device,
                              status, memory)
