@@ -156,21 +156,21 @@ def test_grpo_with_lora_raises_the_reward_and_logs_what_trl_logs(tiny_model_dir,
     rewards.write_text(REWARDS_PY)
     data = write_prompts(tmp_path / "prompts.jsonl")
     out = tmp_path / "grpo"
-    summary = train_run(grpo_config(tiny_model_dir, data, out, rewards, "train.max_steps=20"))
+    summary = train_run(grpo_config(tiny_model_dir, data, out, rewards, "train.max_steps=20",
+                                    f"objective.rewards=[{rewards}:letters, exact_match]"))
     before, after = summary["eval_before"], summary["eval_after"]
-    assert before["eval_rewards/short/mean"] < 0.2  # a random model rarely stops at once
-    assert after["eval_rewards/short/mean"] > 0.8 and after["eval_reward"] > before["eval_reward"] + 0.6
+    assert after["eval_rewards/letters/mean"] > before["eval_rewards/letters/mean"] + 0.3
     assert after["eval_loss"] == pytest.approx(-after["eval_reward"])
     records = read_records(out)
-    logged = {"loss", "reward", "reward_std", "frac_reward_zero_std", "rewards/short/mean", "rewards/short/std",
+    logged = {"loss", "reward", "reward_std", "frac_reward_zero_std", "rewards/letters/mean", "rewards/letters/std",
               "rewards/exact_match/mean", "completions/mean_length", "completions/clipped_ratio",
               "clip_ratio/region_mean", "seconds/generate", "seconds/rollout", "seconds/update"}
     assert logged <= set(records[1])
     steps = [r for r in records if "reward" in r]
-    assert sum(r["reward"] for r in steps[-5:]) > sum(r["reward"] for r in steps[:5])  # sampled at temperature 1
+    assert sum(r["reward"] for r in steps[-5:]) > sum(r["reward"] for r in steps[:5]) + 0.2  # sampled, at T=1
     assert summary["objective"] == "grpo" and (out / "adapter_model.safetensors").is_file()
     assert (out / "plots" / "objective.png").is_file()
-    assert "rewards/short/mean" in (out / "report.html").read_text()  # before/after, per reward
+    assert "rewards/letters/mean" in (out / "report.html").read_text()  # before/after, per reward
 
 
 def test_grpo_resumes_exactly(tiny_model_dir, tmp_path, monkeypatch):
@@ -338,3 +338,37 @@ def test_a_reward_model_run_is_a_reward(tiny_model_dir, tmp_path):
     assert scored == pytest.approx(expected, abs=1e-5)  # what `tunelab score` says of the same replies
     objective = GrpoObjective(config, rewards, None, seed=0, switch_off=None)
     assert objective.score(rows, texts, [[1], [2]])[:, 0].tolist() == pytest.approx(scored, abs=1e-6)
+
+
+@pytest.mark.parametrize("method", ["lora", "ia3", "full"])
+def test_the_sampling_copy_computes_what_the_policy_computes(tiny_tokenizer, method):
+    from conftest import build_tiny_model
+    from tunelab.config import RunConfig
+    from tunelab.methods import METHODS, merged_copy
+    from tunelab.methods.fused_lora import fuse_lora_layers
+
+    config = RunConfig.model_validate({"method": {"name": method}}).method
+    model = METHODS[method].apply(build_tiny_model(len(tiny_tokenizer)), config)
+    if method == "lora":
+        fuse_lora_layers(model)
+    with torch.no_grad():  # move the adapter off its identity start, so folding it in matters
+        for name, param in model.named_parameters():
+            if param.requires_grad:
+                param.add_(torch.randn_like(param) * 0.05)
+    copy = merged_copy(model, method, torch.float32)
+    assert copy is not None and not hasattr(copy, "peft_config")
+    ids = torch.tensor([tiny_tokenizer("what is 1 plus 2? the answer is 3")["input_ids"]])
+    model.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(copy(input_ids=ids).logits, model(input_ids=ids).logits, rtol=1e-4, atol=1e-4)
+    assert merged_copy(model, "prompt", torch.float32) is None  # virtual tokens cannot be folded in
+
+
+def test_gumbel_sampling_draws_from_the_softmax():
+    from tunelab.infer.generate import _GumbelNoise
+
+    logits = torch.tensor([[2.0, 1.0, 0.0, -1.0]]).repeat(20000, 1)
+    noise = _GumbelNoise(torch.Generator().manual_seed(0))
+    picks = noise(None, logits).argmax(dim=-1)
+    frequencies = torch.bincount(picks, minlength=4).float() / len(picks)
+    torch.testing.assert_close(frequencies, torch.softmax(logits[0], dim=-1), atol=0.01, rtol=0)

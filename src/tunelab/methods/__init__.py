@@ -66,3 +66,18 @@ def count_parameters(model) -> tuple[int, int]:
         if param.requires_grad:
             trainable += n
     return trainable, total
+
+
+def merged_copy(model, method_name: str, dtype: torch.dtype):
+    """A plain copy of the trained model, its adapter folded into the weights, cast to `dtype`; None when the
+    method cannot fold (CANNOT_MERGE) or its base is quantised (QLoRA). What GRPO samples from: on the default
+    model (2 CPU cores, bf16) it decoded 32 completions in 10.3 s where the live LoRA model under autocast
+    took 14.5-19.4 s, for 1.3 s of copying."""
+    import copy
+
+    if getattr(METHODS[method_name], "CANNOT_MERGE", None) or method_name == "qlora":
+        return None
+    duplicate = copy.deepcopy(model)
+    if hasattr(duplicate, "merge_and_unload"):
+        duplicate = duplicate.merge_and_unload()
+    return duplicate.to(dtype).eval().requires_grad_(False)

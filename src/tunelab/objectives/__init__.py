@@ -61,7 +61,7 @@ def build_objective(config: ObjectiveConfig, method_name: str, packing: bool, *,
     if config.name == "grpo":
         switch_off = getattr(METHODS[method_name], "without_adapter", None)
         return GrpoObjective(config, build_rewards(config), tokenizer, seed=seed, switch_off=switch_off,
-                             precision=precision)
+                             precision=precision, method_name=method_name)
     if config.name == "sft":
         return SftObjective(packing)
     if config.name == "reward":

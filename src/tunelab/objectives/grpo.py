@@ -29,6 +29,7 @@ from tunelab.config import GrpoObjective as GrpoConfig
 from tunelab.data.prompts import PromptRow
 from tunelab.data.template import IGNORE_INDEX, TokenizedSample
 from tunelab.infer.generate import sample_token_ids
+from tunelab.methods import merged_copy
 from tunelab.models.attention import attention_implementation
 from tunelab.models.logprobs import trained_token_logprobs
 from tunelab.objectives.metrics import Metrics
@@ -92,8 +93,10 @@ class GrpoObjective:
     model_head = "lm"
 
     def __init__(self, config: GrpoConfig, rewards: list[Reward], tokenizer, *, seed: int,
-                 switch_off: Callable[[object], AbstractContextManager] | None, precision: str = "fp32") -> None:
+                 switch_off: Callable[[object], AbstractContextManager] | None, precision: str = "fp32",
+                 method_name: str = "lora") -> None:
         self.config = config
+        self.method_name = method_name
         self.rewards = rewards
         self.tokenizer = tokenizer
         self.seed = seed
@@ -177,16 +180,26 @@ class GrpoObjective:
         return out, metrics
 
     def _sample(self, model, prompts: list[list[int]], step: int) -> tuple[list[list[int]], list[bool]]:
-        device = next(model.parameters()).device
+        sampler = self._sampling_model(model)
+        device = next(sampler.parameters()).device
         was_training = model.training
         model.eval()
         try:
-            with attention_implementation(model, "sdpa"), autocast(self.precision, device):
-                return sample_token_ids(model, self.tokenizer, prompts, max_new_tokens=self.config.max_new_tokens,
+            with attention_implementation(sampler, "sdpa"), autocast(self.precision, device):
+                return sample_token_ids(sampler, self.tokenizer, prompts, max_new_tokens=self.config.max_new_tokens,
                                         do_sample=True, temperature=self.config.temperature, top_p=self.config.top_p,
                                         seed=self.seed * 1_000_003 + step, repeats=self.config.group_size)
         finally:
             model.train(was_training)
+
+    def _sampling_model(self, model):
+        """On CPU, a copy of the policy with its adapter folded in, in the training precision (no per-token weight
+        casts, no adapter matmuls: see methods.merged_copy); elsewhere, or when the method cannot fold, the
+        policy itself."""
+        if next(model.parameters()).device.type != "cpu":
+            return model
+        dtype = torch.bfloat16 if self.precision == "bf16" else torch.float32
+        return merged_copy(model, self.method_name, dtype) or model
 
     def score(self, rows: Sequence[PromptRow], texts: list[str], ids: list[list[int]]) -> torch.Tensor:
         """Every reward of every completion [C, R] (NaN where a reward gave None)."""
