@@ -215,7 +215,7 @@ def heldout_reward(model, tokenizer, eval_path: str, *, max_new_tokens: int, pre
                    device: torch.device) -> dict:
     """The mean reward (bench/_grpo_reward.py) of greedy completions of every held-out prompt, each rendered with
     the tokenizer's own chat template and generation prompt."""
-    from _grpo_reward import field_accuracy
+    from _grpo_reward import json_reward
 
     rows = [json.loads(line) for line in Path(eval_path).read_text().splitlines() if line.strip()]
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
@@ -232,7 +232,7 @@ def heldout_reward(model, tokenizer, eval_path: str, *, max_new_tokens: int, pre
             output = model.generate(input_ids=input_ids, attention_mask=attention, max_new_tokens=max_new_tokens,
                                     do_sample=False, pad_token_id=pad, eos_token_id=tokenizer.eos_token_id)
         texts += [tokenizer.decode(row, skip_special_tokens=True).strip() for row in output[:, width:]]
-    rewards = field_accuracy([r["prompt"] for r in rows], texts, [r["answer"] for r in rows])
+    rewards = json_reward([r["prompt"] for r in rows], texts, [r["answer"] for r in rows])
     return {"eval_reward": sum(rewards) / len(rewards), "eval_rows": len(rows)}
 
 

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import _child_common as common
 import torch
-from _grpo_reward import field_accuracy
+from _grpo_reward import json_reward
 
 
 def main() -> None:
@@ -77,7 +77,7 @@ def main() -> None:
         disable_tqdm=True,
         dataloader_num_workers=0,
     )
-    trainer = GRPOTrainer(model=model, reward_funcs=[field_accuracy], args=args, train_dataset=train,
+    trainer = GRPOTrainer(model=model, reward_funcs=[json_reward], args=args, train_dataset=train,
                           processing_class=tokenizer, peft_config=peft_config)
 
     generate_and_score = trainer._generate_and_score_completions

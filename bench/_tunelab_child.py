@@ -53,7 +53,7 @@ def overrides(spec: dict) -> list[str]:
     if objective == "dpo":
         items += [f"objective.beta={spec['beta']}", "objective.loss_type=sigmoid"]
     if objective == "grpo":
-        items += [f"objective.rewards=[{REWARD}:field_accuracy]", f"objective.group_size={spec['group_size']}",
+        items += [f"objective.rewards=[{REWARD}:json_reward]", f"objective.group_size={spec['group_size']}",
                   f"objective.max_new_tokens={spec['max_new_tokens']}", "objective.temperature=1.0",
                   "objective.beta=0", "objective.loss_type=dapo", "objective.scale_rewards=group"]
     return items + list(spec.get("tunelab_overrides", []))

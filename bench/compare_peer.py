@@ -56,7 +56,7 @@ CASES = {
     "full-short": Case("full", "short", 256, lr=2e-5),
     "lora-short-packed": Case("lora", "short", 256, packing=True),
     "dpo-lora": Case("lora", "pairs", 256, lr=5e-5, objective="dpo"),
-    "grpo-lora": Case("lora", "prompts", 256, lr=5e-5, objective="grpo"),
+    "grpo-lora": Case("lora", "prompts", 256, lr=1e-4, objective="grpo"),
 }
 DPO_BETA = 0.1
 GRPO_GROUP = 4
@@ -324,7 +324,8 @@ def markdown(outcome: dict, summary: dict, machine: dict, args) -> str:
         f"{outcome['data']['eval_rows']} held-out rows, "
         + {"dpo": f"DPO sigmoid loss, beta {DPO_BETA}, reference = base with the adapter off",
            "grpo": f"GRPO dapo loss, {GRPO_GROUP} completions per prompt of at most {GRPO_COMPLETION_TOKENS} tokens, "
-                   "temperature 1, beta 0, reward = share of the ticket's JSON fields right (bench/_grpo_reward.py)",
+                   "temperature 1, beta 0, reward = share of the JSON fields right + 0.25 for valid JSON "
+                   "(bench/_grpo_reward.py)",
            }.get(case["objective"], "assistant-only loss"),
         f"- precision: tunelab {first['tunelab'].get('precision', '-')} (linear layers computed in "
         f"{first['tunelab'].get('observed_compute_dtype', '-')}), peer {first['peer'].get('precision', '-')} "
