@@ -140,7 +140,7 @@ def test_every_example_recipe_validates(example):
     from tunelab.config import load_config
 
     config = load_config(example)
-    named = {"lora", "qlora", "full", "dpo", "orpo", "kto", "reward", "grpo"}
+    named = {"lora", "qlora", "full", "dpo", "orpo", "kto", "reward", "grpo", "simpo"}
     if example.stem in named:  # a recipe named after a method or an objective uses it
         assert example.stem in (config.method.name, config.objective.name)
 

@@ -35,6 +35,16 @@ def seen(prompts, completions, completion_ids, **columns):
 
 
 seen.calls = []
+
+
+def flaky(prompts, completions, **columns):
+    flaky.calls += 1
+    if flaky.calls == 3:
+        raise KeyError("answer")
+    return [0.0] * len(completions)
+
+
+flaky.calls = 0
 '''
 
 
@@ -352,7 +362,7 @@ def test_the_sampling_copy_computes_what_the_policy_computes(tiny_tokenizer, met
     if method == "lora":
         fuse_lora_layers(model)
     with torch.no_grad():  # move the adapter off its identity start, so folding it in matters
-        for name, param in model.named_parameters():
+        for param in model.parameters():
             if param.requires_grad:
                 param.add_(torch.randn_like(param) * 0.05)
     copy = merged_copy(model, method, torch.float32)
@@ -372,3 +382,23 @@ def test_gumbel_sampling_draws_from_the_softmax():
     picks = noise(None, logits).argmax(dim=-1)
     frequencies = torch.bincount(picks, minlength=4).float() / len(picks)
     torch.testing.assert_close(frequencies, torch.softmax(logits[0], dim=-1), atol=0.01, rtol=0)
+
+
+def test_a_failing_reward_stops_training_naming_it_and_keeps_the_finished_steps(tiny_model_dir, tmp_path):
+    from typer.testing import CliRunner
+
+    from tunelab.cli import app
+
+    rewards = tmp_path / "rewards.py"
+    rewards.write_text(REWARDS_PY)
+    data = write_prompts(tmp_path / "prompts.jsonl")
+    out = tmp_path / "out"
+    config = tmp_path / "c.yaml"
+    config.write_text(f"model: {tiny_model_dir}\noutput_dir: {out}\n")
+    result = CliRunner().invoke(app, ["train", str(config), f"data.train={data}", "data.eval_split=0",
+                                      "objective.name=grpo", f"objective.rewards=[{rewards}:flaky]",
+                                      "objective.group_size=2", "objective.max_new_tokens=4", "train.max_steps=5",
+                                      "train.precision=fp32", "eval.before_after=false", "eval.generate_samples=0"])
+    assert result.exit_code == 1, result.output
+    assert "the reward 'flaky' failed: KeyError" in " ".join(result.output.split())
+    assert (out / "checkpoints" / "step-000002").is_dir()  # the two finished steps survive

@@ -25,3 +25,8 @@ class DataError(UserError):
 
 class ModelError(UserError):
     """A model cannot be found or loaded."""
+
+
+class TrainingFault(RuntimeError):
+    """Training cannot go on (the loss is no longer finite, a reward function failed); finished work is already
+    saved. Not a UserError: the CLI reports it with exit code 1."""

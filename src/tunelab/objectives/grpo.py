@@ -28,6 +28,7 @@ import torch
 from tunelab.config import GrpoObjective as GrpoConfig
 from tunelab.data.prompts import PromptRow
 from tunelab.data.template import IGNORE_INDEX, TokenizedSample
+from tunelab.errors import TrainingFault
 from tunelab.infer.generate import sample_token_ids
 from tunelab.methods import merged_copy
 from tunelab.models.attention import attention_implementation
@@ -202,8 +203,14 @@ class GrpoObjective:
         return merged_copy(model, self.method_name, dtype) or model
 
     def score(self, rows: Sequence[PromptRow], texts: list[str], ids: list[list[int]]) -> torch.Tensor:
-        """Every reward of every completion [C, R] (NaN where a reward gave None)."""
-        columns = [torch.tensor(reward.score(list(rows), texts, ids), dtype=torch.float32) for reward in self.rewards]
+        """Every reward of every completion [C, R] (NaN where a reward gave None). A reward that raises stops
+        training as a TrainingFault naming it (the finished steps are checkpointed)."""
+        columns = []
+        for reward in self.rewards:
+            try:
+                columns.append(torch.tensor(reward.score(list(rows), texts, ids), dtype=torch.float32))
+            except Exception as err:  # noqa: BLE001 - a user's function: report whatever it raised, and where
+                raise TrainingFault(f"the reward '{reward.name}' failed: {type(err).__name__}: {err}") from err
         return torch.stack(columns, dim=1)
 
     # --- the step ------------------------------------------------------------------------------------------

@@ -19,15 +19,12 @@ import torch
 from tunelab.config import RunConfig
 from tunelab.data.batching import plan_epoch
 from tunelab.data.template import IGNORE_INDEX
+from tunelab.errors import TrainingFault
 from tunelab.objectives.metrics import MetricTotals
 from tunelab.track.jsonl import MetricsLog
 from tunelab.train.best import BestTracker
 from tunelab.train.checkpoint import TrainerState, rng_snapshot, save_checkpoint
 from tunelab.train.precision import autocast
-
-
-class TrainingFault(RuntimeError):
-    """Training cannot go on (the loss is no longer finite); finished work is already saved."""
 
 
 @dataclass
