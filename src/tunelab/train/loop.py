@@ -2,8 +2,9 @@
 
 One optimiser step takes `grad_accum` micro-batches; the loss of each is divided by what the objective counts
 in the whole step (trained tokens for SFT, pairs for DPO, ...), so every token or pair weighs the same whatever
-micro-batch it falls in. The objective (objectives/) builds the batches and computes the loss; the loop knows
-none by name.
+micro-batch it falls in. The objective (objectives/) builds the batches and computes the loss; one that trains on
+its own generations (GRPO) first turns the step's prompts into completions (its rollout), and may reuse a rollout
+for several steps. The loop knows none by name.
 """
 
 from __future__ import annotations
