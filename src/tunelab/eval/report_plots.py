@@ -83,7 +83,9 @@ def objective_figure(metrics: list[dict]) -> Figure | None:
     right_keys = [k for k in OBJECTIVE_RATES if series(metrics, k)[0]]
     if not left and not right_keys:
         return None
-    fig, ax = _figure("objective: rewards and ranking accuracy")
+    title = ("objective: reward of sampled (lines) and greedy held-out (markers) completions" if "reward" in left
+             else "objective: rewards and ranking accuracy")
+    fig, ax = _figure(title)
     right = ax.twinx() if right_keys else None
     colors = itertools.cycle(DATASET_COLORS)  # one cycle over both axes: no two curves share a colour
     for axis, keys in ((ax, left), (right, right_keys)):
