@@ -326,16 +326,17 @@ class GrpoObjective:
         keep_best on eval_loss follow the reward)."""
         if not rows:
             return {}
-        device = next(model.parameters()).device
+        sampler = self._sampling_model(model)
+        device = next(sampler.parameters()).device
         was_training = model.training
         model.eval()
         ids: list[list[int]] = []
         try:
-            with attention_implementation(model, "sdpa"), autocast(self.precision, device):
+            with attention_implementation(sampler, "sdpa"), autocast(self.precision, device):
                 for start in range(0, len(rows), batch_size):
                     chunk = [row.prompt_ids for row in rows[start : start + batch_size]]
-                    ids += sample_token_ids(model, self.tokenizer, chunk, max_new_tokens=self.config.max_new_tokens,
-                                            do_sample=False)[0]
+                    ids += sample_token_ids(sampler, self.tokenizer, chunk,
+                                            max_new_tokens=self.config.max_new_tokens, do_sample=False)[0]
         finally:
             model.train(was_training)
         texts = [self.tokenizer.decode(c, skip_special_tokens=True).strip() for c in ids]
