@@ -4,6 +4,8 @@ and the real default model for the integration tier."""
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -88,3 +90,26 @@ def default_model_dir() -> Path:
     from tunelab.models.resolve import resolve_model
 
     return resolve_model("smollm2-135m-instruct")
+
+
+@contextmanager
+def interrupted_at_step(n: int) -> Iterator[None]:
+    """Ctrl-C inside the n-th optimiser step (AdamW.step raises KeyboardInterrupt on its n-th call, so n - 1 steps
+    finished): the block must end with that interruption."""
+    import torch
+
+    real_step = torch.optim.AdamW.step
+    calls = {"n": 0}
+
+    def step(self, *args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == n:
+            raise KeyboardInterrupt
+        return real_step(self, *args, **kwargs)
+
+    torch.optim.AdamW.step = step
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            yield
+    finally:
+        torch.optim.AdamW.step = real_step

@@ -9,6 +9,7 @@ import math
 import pytest
 import torch
 
+from conftest import build_tiny_model, interrupted_at_step
 from tunelab.config import GrpoObjective as GrpoConfig
 from tunelab.config import load_config
 from tunelab.data.prompts import PromptRow
@@ -94,7 +95,6 @@ def completion_batch(objective: GrpoObjective, lengths: list[int], advantages: l
 
 @pytest.mark.parametrize("loss_type", ["grpo", "dr_grpo", "dapo"])
 def test_each_loss_type_adds_token_losses_as_trl_does(loss_type, tiny_tokenizer):
-    from conftest import build_tiny_model
 
     model = build_tiny_model(len(tiny_tokenizer))
     config = grpo(loss_type=loss_type, max_new_tokens=6, mask_truncated_completions=True)
@@ -183,25 +183,14 @@ def test_grpo_with_lora_raises_the_reward_and_logs_what_trl_logs(tiny_model_dir,
     assert "rewards/letters/mean" in (out / "report.html").read_text()  # before/after, per reward
 
 
-def test_grpo_resumes_exactly(tiny_model_dir, tmp_path, monkeypatch):
+def test_grpo_resumes_exactly(tiny_model_dir, tmp_path):
     rewards = tmp_path / "rewards.py"
     rewards.write_text(REWARDS_PY)
     data = write_prompts(tmp_path / "prompts.jsonl")
     base = ["train.max_steps=6", "train.save_every=2", "eval.before_after=false"]
     straight = train_run(grpo_config(tiny_model_dir, data, tmp_path / "straight", rewards, *base))
-    calls = {"n": 0}
-    real_step = torch.optim.AdamW.step
-
-    def interrupt_after_three(self, *args, **kwargs):
-        calls["n"] += 1
-        if calls["n"] == 4:
-            raise KeyboardInterrupt
-        return real_step(self, *args, **kwargs)
-
-    monkeypatch.setattr(torch.optim.AdamW, "step", interrupt_after_three)
-    with pytest.raises(KeyboardInterrupt):
+    with interrupted_at_step(4):
         train_run(grpo_config(tiny_model_dir, data, tmp_path / "resumed", rewards, *base))
-    monkeypatch.setattr(torch.optim.AdamW, "step", real_step)
     resumed = train_run(grpo_config(tiny_model_dir, data, tmp_path / "resumed", rewards, *base), resume=True)
     assert resumed["steps"] == 6
     straight_records, resumed_records = read_records(tmp_path / "straight"), read_records(tmp_path / "resumed")
@@ -269,7 +258,6 @@ def test_grpo_input_problems_exit_2_naming_the_file_line_or_key(tiny_model_dir, 
 
 
 def test_sharing_each_prompts_forward_across_its_group_changes_no_token(tiny_tokenizer):
-    from conftest import build_tiny_model
     from tunelab.infer.generate import sample_token_ids
 
     model = build_tiny_model(len(tiny_tokenizer)).eval()
@@ -285,8 +273,7 @@ def test_sharing_each_prompts_forward_across_its_group_changes_no_token(tiny_tok
     assert first == again and first != other  # seeded: a resumed run samples the same completions
 
 
-def test_several_updates_per_rollout_reuse_it_and_resume_exactly_in_its_middle(tiny_model_dir, tmp_path,
-                                                                                monkeypatch):
+def test_several_updates_per_rollout_reuse_it_and_resume_exactly_in_its_middle(tiny_model_dir, tmp_path):
     rewards = tmp_path / "rewards.py"
     rewards.write_text(REWARDS_PY)
     data = write_prompts(tmp_path / "prompts.jsonl")
@@ -302,20 +289,9 @@ def test_several_updates_per_rollout_reuse_it_and_resume_exactly_in_its_middle(t
     assert max(r["clip_ratio/region_mean"] for r in steps[1::2]) > 0  # the reused rollout's ratio moved off 1
     assert all(r["clip_ratio/region_mean"] == 0 for r in steps[0::2])  # a rollout's first update: ratio 1
 
-    calls = {"n": 0}
-    real_step = torch.optim.AdamW.step
-
-    def interrupt_after_three(self, *args, **kwargs):
-        calls["n"] += 1
-        if calls["n"] == 4:  # inside the second rollout's second update
-            raise KeyboardInterrupt
-        return real_step(self, *args, **kwargs)
-
-    monkeypatch.setattr(torch.optim.AdamW, "step", interrupt_after_three)
-    with pytest.raises(KeyboardInterrupt):
+    with interrupted_at_step(4):
         train_run(grpo_config(tiny_model_dir, data, tmp_path / "resumed", rewards, *base))
     assert (tmp_path / "resumed" / "checkpoints" / "step-000003" / "objective.safetensors").is_file()
-    monkeypatch.setattr(torch.optim.AdamW, "step", real_step)
     resumed = train_run(grpo_config(tiny_model_dir, data, tmp_path / "resumed", rewards, *base), resume=True)
     resumed_steps = [r for r in read_records(tmp_path / "resumed") if "loss" in r]
     assert [r["loss"] for r in resumed_steps] == pytest.approx([r["loss"] for r in steps], rel=1e-5, abs=1e-7)
@@ -352,7 +328,6 @@ def test_a_reward_model_run_is_a_reward(tiny_model_dir, tmp_path):
 
 @pytest.mark.parametrize("method", ["lora", "ia3", "full"])
 def test_the_sampling_copy_computes_what_the_policy_computes(tiny_tokenizer, method):
-    from conftest import build_tiny_model
     from tunelab.config import RunConfig
     from tunelab.methods import METHODS, merged_copy
     from tunelab.methods.fused_lora import fuse_lora_layers

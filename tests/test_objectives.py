@@ -9,7 +9,7 @@ import math
 import pytest
 import torch
 
-from conftest import build_tiny_model
+from conftest import build_tiny_model, interrupted_at_step
 from tunelab.config import DpoObjective, KtoObjective, OrpoObjective, SimpoObjective, load_config
 from tunelab.data.pairs import PreferencePair
 from tunelab.data.preference import TokenizedPair, tokenize_pair
@@ -285,23 +285,12 @@ def test_kto_learns_from_unpaired_feedback(tiny_model_dir, tmp_path):
     assert "kl" in records[-1] and records[-1]["rewards/chosen"] > records[-1]["rewards/rejected"]
 
 
-def test_dpo_resumes_exactly(tiny_model_dir, tmp_path, monkeypatch):
+def test_dpo_resumes_exactly(tiny_model_dir, tmp_path):
     data = write_jsonl(tmp_path / "pairs.jsonl", PAIRS)
     base = ["objective=dpo", "train.max_steps=6", "train.save_every=2", "train.lr=3e-3", "eval.before_after=false"]
     straight = train_run(run_config(tiny_model_dir, data, tmp_path / "straight", *base))
-    calls = {"n": 0}
-    real_step = torch.optim.AdamW.step
-
-    def interrupt_after_three(self, *args, **kwargs):
-        calls["n"] += 1
-        if calls["n"] == 4:
-            raise KeyboardInterrupt
-        return real_step(self, *args, **kwargs)
-
-    monkeypatch.setattr(torch.optim.AdamW, "step", interrupt_after_three)
-    with pytest.raises(KeyboardInterrupt):
+    with interrupted_at_step(4):
         train_run(run_config(tiny_model_dir, data, tmp_path / "resumed", *base))
-    monkeypatch.setattr(torch.optim.AdamW, "step", real_step)
     resumed = train_run(run_config(tiny_model_dir, data, tmp_path / "resumed", *base), resume=True)
     assert resumed["steps"] == 6
     assert resumed["final_train_loss"] == pytest.approx(straight["final_train_loss"], rel=1e-5)

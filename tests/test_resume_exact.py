@@ -10,6 +10,7 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
+from conftest import interrupted_at_step
 from tunelab.config import load_config
 from tunelab.data.prepare import prepare_data
 from tunelab.errors import ConfigError
@@ -74,25 +75,14 @@ def recorder():
     return seen, lambda step, batches: seen.__setitem__(step, batches)
 
 
-def test_interrupted_and_resumed_run_sees_the_batches_of_an_uninterrupted_one(mixed_config, monkeypatch):
+def test_interrupted_and_resumed_run_sees_the_batches_of_an_uninterrupted_one(mixed_config):
     straight_seen, record = recorder()
     straight = train_run(mixed_config("straight", cache=False), on_batches=record)
     assert straight["data"]["tokenized_cache"] == "off"
 
-    calls = {"n": 0}
-    real_step = torch.optim.AdamW.step
-
-    def interrupt(self, *args, **kwargs):
-        calls["n"] += 1
-        if calls["n"] == INTERRUPT_AFTER + 1:
-            raise KeyboardInterrupt
-        return real_step(self, *args, **kwargs)
-
-    monkeypatch.setattr(torch.optim.AdamW, "step", interrupt)
     first_seen, record = recorder()
-    with pytest.raises(KeyboardInterrupt):
+    with interrupted_at_step(INTERRUPT_AFTER + 1):
         train_run(mixed_config("resumed"), on_batches=record)
-    monkeypatch.setattr(torch.optim.AdamW, "step", real_step)
     interrupted = json.loads((mixed_config("resumed").output_dir / "summary.json").read_text())
     assert interrupted["steps"] == INTERRUPT_AFTER and interrupted["data"]["tokenized_cache"] == "miss"
     assert interrupted["trainer_state"]["epoch"] == 1  # the run was stopped after an epoch boundary
@@ -123,20 +113,9 @@ def test_interrupted_and_resumed_run_sees_the_batches_of_an_uninterrupted_one(mi
     assert resumed["final_eval_loss"] == straight["final_eval_loss"]
 
 
-def test_resuming_on_other_data_is_refused_before_anything_is_written(mixed_config, monkeypatch):
-    calls = {"n": 0}
-    real_step = torch.optim.AdamW.step
-
-    def interrupt(self, *args, **kwargs):
-        calls["n"] += 1
-        if calls["n"] == 3:
-            raise KeyboardInterrupt
-        return real_step(self, *args, **kwargs)
-
-    monkeypatch.setattr(torch.optim.AdamW, "step", interrupt)
-    with pytest.raises(KeyboardInterrupt):
+def test_resuming_on_other_data_is_refused_before_anything_is_written(mixed_config):
+    with interrupted_at_step(3):
         train_run(mixed_config("run"))
-    monkeypatch.setattr(torch.optim.AdamW, "step", real_step)
     config_file = mixed_config("run").output_dir / "config.yaml"
     before = config_file.read_text()
     with pytest.raises(ConfigError, match="data position"):

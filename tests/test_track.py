@@ -11,11 +11,11 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from tensorboard.plugins.hparams import api_pb2, metadata
 from typer.testing import CliRunner
 
+from conftest import interrupted_at_step
 from tunelab.cli import app
 from tunelab.config import load_config
 from tunelab.errors import UserError
@@ -209,7 +209,7 @@ def test_no_wandb_process_outlives_the_run(tracked_run):
     assert not [name for name in children if "wandb" in name], children
 
 
-def test_interrupted_run_closes_its_trackers_and_resume_continues_them(tiny_model_dir, qa_file, tmp_path, monkeypatch):
+def test_interrupted_run_closes_its_trackers_and_resume_continues_them(tiny_model_dir, qa_file, tmp_path):
     out = tmp_path / "resumed"
     base = [
         "train.max_steps=6",
@@ -218,19 +218,8 @@ def test_interrupted_run_closes_its_trackers_and_resume_continues_them(tiny_mode
         "track=[tensorboard,mlflow,wandb]",
         "track.project=tl-test",
     ]
-    calls = {"n": 0}
-    real_step = torch.optim.AdamW.step
-
-    def interrupt_at_five(self, *args, **kwargs):
-        calls["n"] += 1
-        if calls["n"] == 5:
-            raise KeyboardInterrupt
-        return real_step(self, *args, **kwargs)
-
-    monkeypatch.setattr(torch.optim.AdamW, "step", interrupt_at_five)
-    with pytest.raises(KeyboardInterrupt):
+    with interrupted_at_step(5):
         train_run(run_config(tiny_model_dir, qa_file, out, *base))
-    monkeypatch.setattr(torch.optim.AdamW, "step", real_step)
     client, run = mlflow_run(out)
     assert run.info.status == "KILLED" and run.data.tags["tunelab.status"] == "interrupted"
     assert wandb_records(out)[-1].WhichOneof("record_type") == "exit"

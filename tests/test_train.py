@@ -7,6 +7,7 @@ import json
 import pytest
 import torch
 
+from conftest import interrupted_at_step
 from tunelab.config import load_config
 from tunelab.data.batching import collate
 from tunelab.data.template import IGNORE_INDEX, TokenizedSample
@@ -116,24 +117,13 @@ def test_grad_accum_matches_one_big_batch(tiny_model_dir, qa_file, tmp_path):
     assert small["final_eval_loss"] == pytest.approx(big["final_eval_loss"], rel=1e-4)
 
 
-def test_resume_reaches_the_same_final_loss(tiny_model_dir, qa_file, tmp_path, monkeypatch):
+def test_resume_reaches_the_same_final_loss(tiny_model_dir, qa_file, tmp_path):
     # Dropout on, so the resumed run only matches if the random state is restored exactly.
     base = ["train.max_steps=8", "train.save_every=3", "train.lr=3e-3", "eval.before_after=false", "method.dropout=0.1"]
     straight = train_run(run_config(tiny_model_dir, qa_file, tmp_path / "straight", *base))
 
-    calls = {"n": 0}
-    real_step = torch.optim.AdamW.step
-
-    def interrupt_after_five(self, *args, **kwargs):
-        calls["n"] += 1
-        if calls["n"] == 6:
-            raise KeyboardInterrupt
-        return real_step(self, *args, **kwargs)
-
-    monkeypatch.setattr(torch.optim.AdamW, "step", interrupt_after_five)
-    with pytest.raises(KeyboardInterrupt):
+    with interrupted_at_step(6):
         train_run(run_config(tiny_model_dir, qa_file, tmp_path / "resumed", *base))
-    monkeypatch.setattr(torch.optim.AdamW, "step", real_step)
     interrupted = json.loads((tmp_path / "resumed" / "summary.json").read_text())
     assert interrupted["status"] == "interrupted" and interrupted["steps"] == 5
     resumed = train_run(run_config(tiny_model_dir, qa_file, tmp_path / "resumed", *base), resume=True)
