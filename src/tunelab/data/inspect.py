@@ -21,8 +21,14 @@ from tunelab.data.formats import Sample
 from tunelab.data.inspect_render import LISTED, render_text, token_segments, write_length_histogram
 from tunelab.data.preference import data_kind
 from tunelab.data.prepare import load_samples, split_samples, train_sources
-from tunelab.data.template import IGNORE_INDEX, ChatRenderer, TemplateError, tokenize_chat, tokenize_text
-from tunelab.errors import DataError
+from tunelab.data.template import (
+    IGNORE_INDEX,
+    ChatRenderer,
+    TemplateError,
+    checked_renderer,
+    tokenize_chat,
+    tokenize_text,
+)
 
 if TYPE_CHECKING:
     from tunelab.data.inspect_pairs import PairInspectReport
@@ -199,11 +205,7 @@ def inspect_data(
         from tunelab.data.inspect_pairs import inspect_pairs  # it builds on this module
 
         return inspect_pairs(target, config, seed, tokenizer=tokenizer, samples_to_show=samples_to_show)
-    renderer = ChatRenderer(tokenizer, config.chat_template)
-    try:
-        renderer.template  # noqa: B018 - fail early when the template mode cannot work
-    except TemplateError as err:
-        raise DataError(str(err), where="data.chat_template") from None
+    renderer = checked_renderer(tokenizer, config.chat_template)
     shown: list[ShownSample] = []
     train_results = []
     for source in train_sources(config):

@@ -18,8 +18,7 @@ from tunelab.data.inspect_render import LISTED, token_segments
 from tunelab.data.pairs import FeedbackSample, PairRow, PreferencePair
 from tunelab.data.preference import TokenizedPair, TokenizedRow, load_pairs, sequences_of, tokenize_row
 from tunelab.data.prepare import split_samples, train_sources
-from tunelab.data.template import ChatRenderer, TemplateError
-from tunelab.errors import DataError
+from tunelab.data.template import ChatRenderer, TemplateError, checked_renderer
 
 
 @dataclass
@@ -147,11 +146,7 @@ def inspect_pairs(
     target: Path | str, config: DataConfig, seed: int, *, tokenizer, samples_to_show: int = 2
 ) -> PairInspectReport:
     """The preference/feedback report for the data `config` names (see `inspect.inspect_data`)."""
-    renderer = ChatRenderer(tokenizer, config.chat_template)
-    try:
-        renderer.template  # noqa: B018 - fail early when the template mode cannot work
-    except TemplateError as err:
-        raise DataError(str(err), where="data.chat_template") from None
+    renderer = checked_renderer(tokenizer, config.chat_template)
     files: list[FileSummary] = []
     problems: list[str] = []
     train_rows: list[list[PairRow]] = []

@@ -33,7 +33,14 @@ from tunelab.data.prepare import (
     weighted,
 )
 from tunelab.data.sources import read_records
-from tunelab.data.template import IGNORE_INDEX, ChatRenderer, TemplateError, TokenizedSample, trained_spans
+from tunelab.data.template import (
+    IGNORE_INDEX,
+    ChatRenderer,
+    TemplateError,
+    TokenizedSample,
+    checked_renderer,
+    trained_spans,
+)
 from tunelab.errors import DataError
 
 if TYPE_CHECKING:
@@ -276,11 +283,7 @@ def prepare_preference_data(config: DataConfig, tokenizer, seed: int) -> Prepare
             "prompt/completion/label) for a preference objective",
             where="data.train",
         )
-    renderer = ChatRenderer(tokenizer, config.chat_template)
-    try:
-        renderer.template  # noqa: B018 - fail early when the template mode cannot work
-    except TemplateError as err:
-        raise DataError(str(err), where="data.chat_template") from None
+    renderer = checked_renderer(tokenizer, config.chat_template)
     problems: list[str] = []
     prepared = PreparedPairs(kind=kind, train=[], eval=[])
     train_rows: list[PairRow] = []

@@ -30,7 +30,7 @@ from tunelab.data.formats import (  # noqa: F401 - file_format and needs_pair_ob
     to_sample,
 )
 from tunelab.data.sources import read_records
-from tunelab.data.template import ChatRenderer, TemplateError, TokenizedSample
+from tunelab.data.template import ChatRenderer, TokenizedSample, checked_renderer
 from tunelab.data.template_check import TRAIN_CHECK_SAMPLES, verify_before_training
 from tunelab.data.tokenize import MAX_LISTED, Problems, tokenize_sample
 from tunelab.errors import DataError
@@ -179,11 +179,7 @@ def prepare_data(config: DataConfig, tokenizer, seed: int) -> PreparedData:
     """Read, validate, split and tokenise all data named by `config`. Raises DataError listing every bad
     row (missing fields, empty text, wrong roles, over-long samples, samples with nothing to train)."""
     problems = Problems()
-    renderer = ChatRenderer(tokenizer, config.chat_template)
-    try:
-        renderer.template  # noqa: B018 - fail early when the template mode cannot work
-    except TemplateError as err:
-        raise DataError(str(err), where="data.chat_template") from None
+    renderer = checked_renderer(tokenizer, config.chat_template)
     prepared = PreparedData(train=[], eval=[], eval_samples=[])
     tables: list[TokenTable] = []
     train_parts: list[tuple[int, np.ndarray]] = []

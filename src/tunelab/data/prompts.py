@@ -24,7 +24,7 @@ from tunelab.data.pairs import parse_prompt, with_system_prompt
 from tunelab.data.preference import data_kind, tokenize_prompt
 from tunelab.data.prepare import convert_rows, raise_problems, read_file_rows, split_samples, train_sources, weighted
 from tunelab.data.sources import Record
-from tunelab.data.template import ChatRenderer, TemplateError
+from tunelab.data.template import ChatRenderer, TemplateError, checked_renderer
 from tunelab.errors import DataError
 
 Messages = list[dict[str, str]]
@@ -139,11 +139,7 @@ def prepare_prompt_data(config: DataConfig, tokenizer, seed: int, *, completion_
     if kind != PROMPTS_FORMAT:
         raise DataError(f"grpo trains on prompt-only rows (a 'prompt' column and no reply), but the data holds "
                         f"{kind} rows; set data.format: prompts to read a prompt column alone", where="data.train")
-    renderer = ChatRenderer(tokenizer, config.chat_template)
-    try:
-        renderer.template  # noqa: B018 - fail early when the template mode cannot work
-    except TemplateError as err:
-        raise DataError(str(err), where="data.chat_template") from None
+    renderer = checked_renderer(tokenizer, config.chat_template)
     problems: list[str] = []
     prepared = PreparedPrompts(train=PromptList(completion_tokens=completion_tokens), eval=[],
                                reference_column=reference_column)

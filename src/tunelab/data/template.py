@@ -167,3 +167,16 @@ def tokenize_text(sample: Sample, tokenizer, max_length: int) -> list[TokenizedS
         for n, chunk in enumerate(chunks)
         if len(chunk) > 1
     ]
+
+
+def checked_renderer(tokenizer, mode: str) -> ChatRenderer:
+    """The renderer for data.chat_template `mode`, failing early (DataError naming the key) when that mode cannot
+    work with this tokenizer, before any row is read."""
+    from tunelab.errors import DataError
+
+    renderer = ChatRenderer(tokenizer, mode)
+    try:
+        renderer.template  # noqa: B018 - building the template is the check
+    except TemplateError as err:
+        raise DataError(str(err), where="data.chat_template") from None
+    return renderer

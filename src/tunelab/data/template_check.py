@@ -24,7 +24,14 @@ from types import SimpleNamespace
 
 from tunelab.config import DataConfig
 from tunelab.data.formats import Sample
-from tunelab.data.template import IGNORE_INDEX, ChatRenderer, TemplateError, TokenizedSample, tokenize_chat
+from tunelab.data.template import (
+    IGNORE_INDEX,
+    ChatRenderer,
+    TemplateError,
+    TokenizedSample,
+    checked_renderer,
+    tokenize_chat,
+)
 from tunelab.errors import DataError
 
 CHECKS: dict[str, str] = {
@@ -339,11 +346,7 @@ def check_data(
             "pairs tokenise the prompt with generate's own code by construction",
             where=target,
         )
-    renderer = ChatRenderer(tokenizer, config.chat_template)
-    try:
-        renderer.template  # noqa: B018 - fail early when the template mode cannot work
-    except TemplateError as err:
-        raise DataError(str(err), where="data.chat_template") from None
+    renderer = checked_renderer(tokenizer, config.chat_template)
     problems: list[str] = []
     samples: list[Sample] = []
     paths = [(s.path, s.format or config.format) for s in train_sources(config)]
