@@ -401,3 +401,40 @@ def test_prompt_rows_keep_their_columns_and_are_never_cut(tiny_tokenizer, tmp_pa
         prepare_prompt_data(config.model_copy(update={"overlong": "error"}), tiny_tokenizer, 0, completion_tokens=16)
     prepared.eval = list(prepared.train)
     assert [s.reference for s in prepared.eval_samples] == ["3", '{"greeting": true}']
+
+
+@pytest.mark.parametrize(("padding_free", "attention"), [(True, "tunelab_matmul"), (False, "sdpa")])
+def test_one_pass_over_each_prompt_scores_its_group_as_whole_rows_do(tiny_tokenizer, padding_free, attention):
+    from tunelab.config import RunConfig
+    from tunelab.methods import METHODS
+    from tunelab.models.attention import attention_implementation
+    from tunelab.models.load import enable_activation_checkpointing
+    from tunelab.models.logprobs import trained_token_logprobs
+
+    torch.manual_seed(0)
+    config = RunConfig.model_validate({"method": {"name": "lora"}}).method
+    model = METHODS["lora"].apply(build_tiny_model(len(tiny_tokenizer)), config)
+    with torch.no_grad():
+        for param in model.parameters():
+            if param.requires_grad:
+                param.add_(torch.randn_like(param) * 0.05)
+    prompts = [tiny_tokenizer(text)["input_ids"] for text in ("what is 1 plus 2?", "name a colour, please")]
+    replies = [[5, 6, 7], [8], [9, 10], [11, 12, 13, 14], [15], [16, 17]]
+    completions = [Completion(TokenizedSample([*prompts[i // 3], *r], [IGNORE_INDEX] * len(prompts[i // 3]) + r,
+                                              ""), 1.0, False) for i, r in enumerate(replies)]
+    objective = GrpoObjective(grpo(temperature=0.7), [], tiny_tokenizer, seed=0, switch_off=None)
+    batch = objective.collate([[c] for c in completions], 0, padding_free)
+    assert batch["group_sizes"].tolist() == [3, 3] and objective.rows_per_item(model) == 1
+    with attention_implementation(model, attention):
+        shared, keep = objective.token_logprobs(model, batch)
+        shared.sum().backward()
+        shared_grads = [p.grad.clone() for p in model.parameters() if p.requires_grad]
+        model.zero_grad()
+        whole, whole_keep = trained_token_logprobs(model, batch, 0.7)
+        whole.sum().backward()
+    assert torch.equal(keep, whole_keep) and shared.shape == (sum(len(r) for r in replies),)
+    torch.testing.assert_close(shared, whole, rtol=1e-5, atol=1e-5)
+    for grad, param in zip(shared_grads, (p for p in model.parameters() if p.requires_grad), strict=True):
+        torch.testing.assert_close(grad, param.grad, rtol=1e-4, atol=1e-5)
+    enable_activation_checkpointing(model, 1)  # its layers would drop the shared cache: whole rows again
+    assert objective.rows_per_item(model) == 3

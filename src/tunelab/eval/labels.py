@@ -199,7 +199,7 @@ def grouped_logprobs(
                     input_ids=rest["input_ids"],
                     attention_mask=mask,
                     position_ids=positions,
-                    past_key_values=cache,
+                    cache=cache,
                     use_cache=True,
                 ).last_hidden_state
                 keep = rest["targets"] != IGNORE_INDEX

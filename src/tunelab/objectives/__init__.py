@@ -15,6 +15,7 @@ and, when it trains on what the model itself generates (GRPO):
     rollout(model, step_rows, step) -> (step_rows, metrics)   the step's prompts in, its completions out
     prepare(model)                        called once before a checkpoint loads (keep the starting model)
     evaluate(model, rows) -> metrics      the held-out evaluation (eval_loss and the objective's own)
+    rows_per_item(model) -> int           rows one item runs as at once, when not sequences_per_item
 The loop in train/ knows no objective by name.
 """
 
@@ -33,6 +34,13 @@ from tunelab.objectives.reward import REWARD_METRICS, RewardObjective
 from tunelab.objectives.rewards import build_rewards, reward_names
 from tunelab.objectives.sft import SftObjective
 from tunelab.objectives.simpo import simpo_losses
+
+
+def rows_per_item(objective, model) -> int:
+    """Rows one item puts through the model side by side: what the attention and memory budgets count."""
+    rows = getattr(objective, "rows_per_item", None)
+    return rows(model) if rows is not None else objective.sequences_per_item
+
 
 PAIR_LOSSES = {"dpo": dpo_losses, "orpo": orpo_losses, "simpo": simpo_losses}
 """Objectives on preference pairs: each a function (policy, reference, config) -> PairLosses."""

@@ -32,7 +32,7 @@ from tunelab.errors import TrainingFault
 from tunelab.infer.generate import sample_token_ids
 from tunelab.methods import merged_copy
 from tunelab.models.attention import attention_implementation
-from tunelab.models.logprobs import trained_token_logprobs
+from tunelab.models.logprobs import can_share_prompts, shared_prompt_logprobs, trained_token_logprobs
 from tunelab.objectives.metrics import Metrics
 from tunelab.objectives.pairs import collate_sequences
 from tunelab.objectives.rewards import Reward
@@ -112,6 +112,11 @@ class GrpoObjective:
     @property
     def sequences_per_item(self) -> int:
         return self.config.group_size
+
+    def rows_per_item(self, model) -> int:
+        """Rows one prompt puts through the model side by side: its group of completions, or just itself when
+        the completions share one pass over it (see token_logprobs); what attention and memory budgets count."""
+        return 1 if can_share_prompts(model) else self.config.group_size
 
     def check_row(self, row: PromptRow) -> str | None:
         """Why a row cannot be scored (a reward's reference column missing, ...), before anything trains."""
@@ -225,6 +230,7 @@ class GrpoObjective:
             if all(c.old_logps is not None for c in completions):
                 batch["old_logps"] = torch.tensor([v for c in completions for v in c.old_logps], dtype=torch.float32)
             batch["completion_index"] = torch.tensor([c.index for c in completions])
+        batch.update(_prompt_groups(completions, pad_token_id))
         return batch
 
     def count(self, batch: dict[str, torch.Tensor]) -> int:
@@ -241,8 +247,16 @@ class GrpoObjective:
     def input_tokens(self, completion: Completion) -> int:
         return len(completion.sample.input_ids)
 
+    def token_logprobs(self, model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """(log-probability of every completion token [N], the mask of the batch's trained positions that lists
+        them in the same order): each prompt run once for its group where the model allows it."""
+        keep = batch["targets"] != IGNORE_INDEX
+        if can_share_prompts(model):
+            return shared_prompt_logprobs(model, *_split_groups(batch), self.config.temperature), keep
+        return trained_token_logprobs(model, batch, self.config.temperature)
+
     def loss_sum(self, model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, Metrics]:
-        logps, keep = trained_token_logprobs(model, batch, self.config.temperature)
+        logps, keep = self.token_logprobs(model, batch)
         owners = batch["sequence_ids"][keep]
         reference = self._reference_logps(model, batch) if self.config.beta else None
         if "old_logps" in batch:
@@ -314,9 +328,9 @@ class GrpoObjective:
     def _reference_logps(self, model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         with torch.no_grad():
             if self.frozen_reference is not None:
-                return trained_token_logprobs(self.frozen_reference, batch, self.config.temperature)[0]
+                return self.token_logprobs(self.frozen_reference, batch)[0]
             with self.switch_off(model):
-                return trained_token_logprobs(model, batch, self.config.temperature)[0]
+                return self.token_logprobs(model, batch)[0]
 
     # --- evaluation ----------------------------------------------------------------------------------------
 
@@ -347,6 +361,38 @@ class GrpoObjective:
         for index, reward in enumerate(self.rewards):
             result[f"eval_rewards/{reward.name}/mean"] = float(scores[:, index].nanmean())
         return result
+
+
+def _prompt_groups(completions: list[Completion], pad_token_id: int) -> dict[str, torch.Tensor]:
+    """The micro-batch as groups of consecutive completions after the same prompt (what a rollout makes): the
+    prompts back to back (`group_prompt_ids`, `group_prompt_lengths`), `group_sizes`, and the completions alone,
+    right-padded (`completion_ids` [C, L], `completion_lengths` [C])."""
+    prompts: list[list[int]] = []
+    sizes: list[int] = []
+    replies: list[list[int]] = []
+    for completion in completions:
+        ids = completion.sample.input_ids
+        start = completion.sample.labels.count(IGNORE_INDEX)
+        if not prompts or prompts[-1] != ids[:start]:
+            prompts.append(ids[:start])
+            sizes.append(0)
+        sizes[-1] += 1
+        replies.append(ids[start:])
+    width = max(1, max(len(r) for r in replies))
+    return {
+        "group_prompt_ids": torch.tensor([t for p in prompts for t in p]),
+        "group_prompt_lengths": torch.tensor([len(p) for p in prompts]),
+        "group_sizes": torch.tensor(sizes),
+        "completion_ids": torch.tensor([r + [pad_token_id] * (width - len(r)) for r in replies]),
+        "completion_lengths": torch.tensor([len(r) for r in replies]),
+    }
+
+
+def _split_groups(batch: dict[str, torch.Tensor]) -> tuple[list[torch.Tensor], list[torch.Tensor], list[torch.Tensor]]:
+    """(prompt [P] of each group, its completions [G, L], their lengths [G]) from _prompt_groups' tensors."""
+    sizes = batch["group_sizes"].tolist()
+    prompts = list(batch["group_prompt_ids"].split(batch["group_prompt_lengths"].tolist()))
+    return prompts, list(batch["completion_ids"].split(sizes)), list(batch["completion_lengths"].split(sizes))
 
 
 def _weighted_total(scores: torch.Tensor, weights: list[float]) -> torch.Tensor:

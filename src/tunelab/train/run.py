@@ -31,7 +31,7 @@ from tunelab.models.attention import MATMUL, attention_implementation, training_
 from tunelab.models.load import enable_activation_checkpointing, load_model, load_tokenizer
 from tunelab.models.logprobs import uses_virtual_tokens
 from tunelab.models.resolve import resolve_model
-from tunelab.objectives import build_objective
+from tunelab.objectives import build_objective, rows_per_item
 from tunelab.objectives.reference import precompute_reference
 from tunelab.objectives.reward import make_head_trainable
 from tunelab.track.fanout import RunLog, check_trackers
@@ -153,7 +153,7 @@ def _train(config: RunConfig, log: RunLog, *, resume: bool, overwrite: bool, con
     ctx.optimizer, ctx.scheduler = build_optimizer(model, config.train, ctx.total_steps)
     # The attention budget counts what a micro-batch really holds: both sequences of a pair, and rows no longer
     # than the longest the data has (packed rows fill max_length).
-    sequences_per_batch = config.train.batch_size * objective.sequences_per_item
+    sequences_per_batch = config.train.batch_size * rows_per_item(objective, model)
     longest = config.data.max_length if config.data.packing else int(np.asarray(data.train.lengths).max(initial=1))
     attention = training_attention(config.train.attention, device, precision, min(longest, config.data.max_length),
                                    model, sequences_per_batch)
@@ -273,7 +273,7 @@ def _objective_loss(objective, model, data, tokenizer, precision: str, config: R
 def _estimate_memory(ctx: LoopContext, data: PreparedData | PreparedPairs, tokenizer) -> MemoryEstimate:
     """Peak memory this run should reach, from the shapes of the first epoch's batches."""
     lengths = ctx.train_samples.lengths
-    per_item = ctx.objective.sequences_per_item
+    per_item = rows_per_item(ctx.objective, ctx.model)
     shapes = [(len(rows) * per_item, max(sum(int(lengths[i]) for i in row) for row in rows))
               for rows in epoch_plan(ctx, 0).batches]
     return estimate_peak_memory(
