@@ -437,4 +437,4 @@ def test_one_pass_over_each_prompt_scores_its_group_as_whole_rows_do(tiny_tokeni
     for grad, param in zip(shared_grads, (p for p in model.parameters() if p.requires_grad), strict=True):
         torch.testing.assert_close(grad, param.grad, rtol=1e-4, atol=1e-5)
     enable_activation_checkpointing(model, 1)  # its layers would drop the shared cache: whole rows again
-    assert objective.rows_per_item(model) == 3
+    assert objective.rows_per_item(model) == objective.config.group_size
