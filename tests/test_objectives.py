@@ -171,7 +171,7 @@ def test_precomputed_and_live_reference_give_the_same_loss(tiny_tokenizer, loss_
     live = build_objective(config, "lora", packing=False)
     stored = build_objective(config.model_copy(update={"reference": "precompute"}), "lora", packing=False)
     assert not live.reference.precomputed and stored.reference.precomputed
-    precompute_reference(model, stored, items, pad_token_id=tiny_tokenizer.pad_token_id, precision="fp32",
+    precompute_reference(model, stored, [items], pad_token_id=tiny_tokenizer.pad_token_id, precision="fp32",
                          batch_size=2)
     perturb_trainable(model)  # the policy moves away; both references must still be the starting model
     rows = [[p] for p in items]

@@ -22,7 +22,9 @@ import json
 import os
 import secrets
 import shutil
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pyarrow as pa
 
@@ -38,7 +40,8 @@ from tunelab.errors import DataError, UserError
 DATA_VERSION = 1
 """Bump when the layout of a cache entry changes."""
 
-_KEYED_MODULES = ("sources.py", "formats.py", "template.py", "tokenize.py", "arrow_store.py", "cache.py")
+_KEYED_MODULES = ("sources.py", "formats.py", "template.py", "tokenize.py", "arrow_store.py", "cache.py", "pairs.py",
+                  "row_table.py", "row_cache.py", "preference.py", "prompts.py")
 
 
 def cache_root() -> Path:
@@ -120,22 +123,35 @@ def tokenized_file(
     """The tokenised table of one data file and how it was got: `hit` (from the cache), `miss` (built now and
     cached) or `off` (built in memory). None when the file holds invalid rows (they are added to `problems`)."""
     name = str(path)
-    file = resolve_data_path(path)
-    if not use_cache:
-        built = _build(path, fmt, config, renderer, problems, folder=None)
-        return (TokenTable(*built, name) if built else None), "off"
-    key, material = cache_key(file, fmt, config, renderer)
+    key, material = (cache_key(resolve_data_path(path), fmt, config, renderer) if use_cache else (None, None))
+    return cached_table(
+        name, key, material,
+        build=lambda folder: _build(path, fmt, config, renderer, problems, folder),
+        from_built=lambda built, meta: TokenTable(*built, meta, name),
+        from_entry=lambda entry, meta: TokenTable(entry / "units.arrow", entry / "samples.arrow", meta, name),
+    )
+
+
+def cached_table(name: str, key: str | None, material: dict | None, *, build: Callable, from_built: Callable,
+                 from_entry: Callable) -> tuple[Any, str]:
+    """A table read from the cache entry `key`, or built now by `build(folder)` (-> (what it wrote, meta), or
+    None when the file holds invalid rows) and cached; `key` None builds in memory (`build(None)`). Returns
+    (table or None, `hit` | `miss` | `off`). The table kinds differ (SFT samples, objective rows); this is the
+    one place that makes entries appear whole or not at all."""
+    if key is None:
+        built = build(None)
+        return (from_built(*built) if built else None), "off"
     entry = cache_root() / key
-    table = _open(entry, name)
+    table = _open(entry, name, from_entry)
     if table is not None:
         return table, "hit"
     scratch = entry.parent / f".tmp-{key}-{os.getpid()}-{secrets.token_hex(4)}"
     try:
         scratch.mkdir(parents=True)
-        built = _build(path, fmt, config, renderer, problems, folder=scratch)
+        built = build(scratch)
         if built is None:
             return None, "miss"
-        meta = {**built[2], "key": material, "built_from": name}
+        meta = {**built[1], "key": material, "built_from": name}
         (scratch / "meta.json").write_text(json.dumps(meta, indent=1))
         try:
             scratch.rename(entry)
@@ -150,13 +166,13 @@ def tokenized_file(
         ) from None
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
-    table = _open(entry, name)
+    table = _open(entry, name, from_entry)
     if table is None:
         raise DataError(f"the tokenised-data cache entry {entry} cannot be read back", where=name)
     return table, "miss"
 
 
-def _open(entry: Path, name: str) -> TokenTable | None:
+def _open(entry: Path, name: str, from_entry: Callable):
     """A complete, readable entry, or None (an unreadable one is removed, to be rebuilt)."""
     meta_file = entry / "meta.json"
     if not meta_file.is_file():
@@ -165,7 +181,7 @@ def _open(entry: Path, name: str) -> TokenTable | None:
         meta = json.loads(meta_file.read_text())
         if meta.get("version") != DATA_VERSION:
             raise ValueError("old cache layout")
-        table = TokenTable(entry / "units.arrow", entry / "samples.arrow", meta, name)
+        table = from_entry(entry, meta)
     except (OSError, ValueError, KeyError, pa.ArrowException):
         shutil.rmtree(entry, ignore_errors=True)
         return None
@@ -174,7 +190,7 @@ def _open(entry: Path, name: str) -> TokenTable | None:
 
 
 def _build(path: Path | str, fmt: str, config: DataConfig, renderer: ChatRenderer, problems, folder: Path | None):
-    """Stream the file's rows through validation and tokenisation into a TableWriter. Returns (units, samples,
+    """Stream the file's rows through validation and tokenisation into a TableWriter. Returns ((units, samples),
     meta) or None when a row was invalid (every problem of the file is in `problems`)."""
     name = str(path)
     already = len(problems)
@@ -227,7 +243,7 @@ def _build(path: Path | str, fmt: str, config: DataConfig, renderer: ChatRendere
         "truncated_notes": notes["truncated"],
         "dropped_notes": notes["dropped"],
     }
-    return units, samples, meta
+    return (units, samples), meta
 
 
 def _renamed(record: Record, columns: dict[str, str]) -> Record:

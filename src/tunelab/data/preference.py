@@ -8,11 +8,13 @@ those of the replies the model would generate. Only the final reply is trained, 
 
 Over-long sequences follow data.overlong: `truncate` cuts the reply's end and keeps the prompt whole,
 `drop` leaves the row out, `error` reports it. Identical pairs (chosen == rejected) are left out and listed.
+
+Files go through the streamed, cached pipeline SFT data uses (data/row_cache.py): tokenised once into a
+memory-mapped table, split and weighted by row index, each row built as a Python object only when a batch asks.
 """
 
 from __future__ import annotations
 
-import hashlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -28,10 +30,12 @@ from tunelab.data.prepare import (
     file_format,
     raise_problems,
     read_file_rows,
-    split_samples,
+    split_tables,
+    tokenized_cache_status,
     train_sources,
-    weighted,
 )
+from tunelab.data.row_cache import RowKind, RowTokens, tokenized_rows
+from tunelab.data.row_table import RowTable, RowView
 from tunelab.data.sources import read_records
 from tunelab.data.template import (
     IGNORE_INDEX,
@@ -41,6 +45,7 @@ from tunelab.data.template import (
     checked_renderer,
     trained_spans,
 )
+from tunelab.data.tokenize import MAX_LISTED
 from tunelab.errors import DataError
 
 if TYPE_CHECKING:
@@ -82,24 +87,16 @@ class TokenizedFeedback:
 TokenizedRow = TokenizedPair | TokenizedFeedback
 
 
-class RowList(list):
-    """Tokenised rows in training order, with the token length of each row's longest sequence (`lengths`):
-    what the batch planner reads."""
-
-    @property
-    def lengths(self) -> np.ndarray:
-        return np.fromiter((max(len(s.input_ids) for s in sequences_of(r)) for r in self), np.int64, count=len(self))
-
-
 @dataclass
 class PreparedPairs:
     """Tokenised train and eval rows for a preference objective, and what a user should know about them."""
 
     kind: str
     """`preference` (train/eval hold TokenizedPair) or `feedback` (TokenizedFeedback)."""
-    train: list[TokenizedRow]
-    eval: list[TokenizedRow]
-    eval_rows: list[PairRow] = field(default_factory=list)
+    train: RowView
+    """In training order (mixing weights applied), built from memory-mapped tables on access."""
+    eval: RowView
+    eval_rows: RowView
     """Held-out rows in canonical form, for generation-based evaluation (their prompts, chosen replies)."""
     formats: dict[str, str] = field(default_factory=dict)
     truncated: list[str] = field(default_factory=list)
@@ -107,6 +104,10 @@ class PreparedPairs:
     identical: list[str] = field(default_factory=list)
     """Pairs whose chosen and rejected replies are the same, left out (`file:line: why`)."""
     source_weights: dict[str, float] = field(default_factory=dict)
+    cache: dict[str, str] = field(default_factory=dict)
+    """Per data file: `hit`, `miss` or `off` (see data/cache.py)."""
+    counts: dict[str, int] = field(default_factory=dict)
+    """How many rows were truncated, dropped or left out as identical (the lists above quote the first)."""
 
     @property
     def eval_samples(self) -> list[Sample]:
@@ -122,36 +123,32 @@ class PreparedPairs:
     @property
     def fingerprint(self) -> str:
         """Identifies the training rows in order; a resumed run must see the same ones to continue exactly."""
-        digest = hashlib.sha256()
-        for row in self.train:
-            for sequence in sequences_of(row):
-                digest.update(np.asarray(sequence.input_ids, np.int64).tobytes())
-                digest.update(np.asarray(sequence.labels, np.int64).tobytes())
-        return digest.hexdigest()
+        return self.train.digest()
 
     @property
     def stats(self) -> dict[str, object]:
-        sequences = [s for row in self.train for s in sequences_of(row)]
-        lengths = sorted(len(s.input_ids) for s in sequences)
-        trainable = sum(s.trainable_tokens for s in sequences)
+        lengths = np.sort(self.train.column("longest"))
+        tokens = int(self.train.column("tokens").sum())
+        trainable = int(self.train.column("trained").sum())
         stats: dict[str, object] = {
             "kind": self.kind,
             "train_rows": len(self.train),
             "eval_rows": len(self.eval),
             "train_samples": len(self.train),  # a row is a sample here (the model card and report read these)
             "eval_samples": len(self.eval),
-            "train_tokens": sum(lengths),
+            "train_tokens": tokens,
             "trainable_tokens": trainable,
-            "trainable_fraction": trainable / max(1, sum(lengths)),
-            "max_length_seen": lengths[-1] if lengths else 0,
-            "median_length": lengths[len(lengths) // 2] if lengths else 0,
-            "truncated_rows": len(self.truncated),
-            "dropped_rows": len(self.dropped),
-            "identical_pairs": len(self.identical),
+            "trainable_fraction": trainable / max(1, tokens),
+            "max_length_seen": int(lengths[-1]) if len(lengths) else 0,
+            "median_length": int(lengths[len(lengths) // 2]) if len(lengths) else 0,
+            "truncated_rows": self.counts.get("truncated", 0),
+            "dropped_rows": self.counts.get("dropped", 0),
+            "identical_pairs": self.counts.get("identical", 0),
             "formats": self.formats,
+            "tokenized_cache": tokenized_cache_status(self.cache),
         }
         if self.kind == "feedback":
-            stats["good"] = sum(1 for row in self.train if row.label)
+            stats["good"] = int(sum(row.label for row in self.train))
             stats["bad"] = len(self.train) - stats["good"]
         return stats
 
@@ -162,20 +159,6 @@ def sequences_of(row: TokenizedRow) -> list[TokenizedSample]:
     if isinstance(row, TokenizedPair):
         return [row.chosen, row.rejected]
     return [row.sample] if row.mismatched is None else [row.sample, row.mismatched]
-
-
-def add_mismatched(rows: list[TokenizedFeedback], max_length: int) -> None:
-    """Give each feedback row its prompt followed by the reply of the next distinct row (in order, wrapping
-    round): a reply that does not answer the prompt, fixed per row so a precomputed reference stays valid."""
-    distinct = list({id(row): row for row in rows}.values())
-    for index, row in enumerate(distinct):
-        partner = distinct[(index + 1) % len(distinct)]
-        prompt = row.sample.input_ids[: row.prompt_length]
-        reply = partner.sample.input_ids[partner.prompt_length :]
-        reply_labels = partner.sample.labels[partner.prompt_length :]
-        ids = [*prompt, *reply][:max_length]
-        labels = ([IGNORE_INDEX] * len(prompt) + reply_labels)[:max_length]
-        row.mismatched = TokenizedSample(ids, labels, row.where, row.source)
 
 
 def tokenize_prompt(prompt: Messages, renderer: ChatRenderer) -> tuple[str, list[int]]:
@@ -275,7 +258,8 @@ def data_kind(config: DataConfig) -> str:
 
 def prepare_preference_data(config: DataConfig, tokenizer, seed: int) -> PreparedPairs:
     """Read, validate, split and tokenise preference or feedback data, as `prepare_data` does for SFT: the same
-    sources, weights, seeded split and max_length handling. Raises DataError listing every bad row."""
+    sources, weights, seeded split, max_length handling and cached, memory-mapped tables. Raises DataError
+    listing every bad row."""
     kind = data_kind(config)
     if kind not in PAIR_FORMATS:
         raise DataError(
@@ -284,32 +268,28 @@ def prepare_preference_data(config: DataConfig, tokenizer, seed: int) -> Prepare
             where="data.train",
         )
     renderer = checked_renderer(tokenizer, config.chat_template)
+    row_kind = RowKind(
+        "pairs", PAIR_FORMATS,
+        lambda fmt, why: f"rows are '{fmt}' data ({why}), not preference pairs (prompt/chosen/rejected) or "
+                         "feedback (prompt/completion/label)",
+        convert=lambda record, fmt: to_pair(record, fmt, config.system_prompt),
+        tokenize=lambda row: _row_tokens(row, renderer, config))
     problems: list[str] = []
-    prepared = PreparedPairs(kind=kind, train=[], eval=[])
-    train_rows: list[PairRow] = []
-    eval_rows: list[PairRow] = []
-    for source in train_sources(config):
-        rows, fmt, why, _ = load_pairs(source.path, source.format or config.format, config.system_prompt, problems,
-                                       columns=config.columns)
-        prepared.formats[str(source.path)] = f"{fmt} ({why})"
-        prepared.source_weights[Path(str(source.path)).stem] = source.weight
-        train_part, eval_part = (rows, []) if config.eval is not None else split_samples(rows, config.eval_split, seed)
-        train_rows += weighted(train_part, source.weight, seed)
-        eval_rows += eval_part
-    if config.eval is not None:
-        rows, fmt, why, _ = load_pairs(config.eval, config.format, config.system_prompt, problems,
-                                       columns=config.columns)
-        prepared.formats[str(config.eval)] = f"{fmt} ({why})"
-        eval_rows += rows
-    prepared.train = RowList(_tokenize_all(train_rows, renderer, config, problems, prepared))
-    prepared.eval = _tokenize_all(eval_rows, renderer, config, problems, prepared)
-    if kind == "feedback":
-        for rows in (prepared.train, prepared.eval):
-            if rows:
-                add_mismatched(rows, config.max_length)
-    kept = {row.where for row in prepared.eval}
-    prepared.eval_rows = [row for row in eval_rows if row.where in kept]
+    split = split_tables(config, seed, lambda path, fmt: tokenized_rows(path, fmt, row_kind, config, renderer,
+                                                                        problems, use_cache=config.cache))
     raise_problems(problems)
+    prepared = PreparedPairs(kind=kind, train=RowView(split.tables, split.train, _decode_tokenized),
+                             eval=RowView(split.tables, split.eval, _decode_tokenized),
+                             eval_rows=RowView(split.tables, split.eval, _decode_canonical),
+                             formats=split.formats, source_weights=split.source_weights, cache=split.cache)
+    for note in ("truncated", "dropped", "identical"):
+        listed = [text for table in split.tables for text in table.notes(note)]
+        setattr(prepared, note, listed[:MAX_LISTED])
+        prepared.counts[note] = sum(table.meta[note] for table in split.tables)
+    if kind == "feedback":
+        for view in (prepared.train, prepared.eval):
+            if len(view):
+                view.pair_with_next_distinct(config.max_length)
     if not prepared.train:
         raise DataError("no training rows left after validation", where="data.train")
     return prepared
@@ -335,38 +315,40 @@ def fit_to_length(row: TokenizedRow, config: DataConfig) -> tuple[str, str | Non
     return "truncate", f"{what}; reply cut to {limit - row.prompt_length} tokens"
 
 
-def _tokenize_all(
-    rows: list[PairRow], renderer: ChatRenderer, config: DataConfig, problems: list[str], prepared: PreparedPairs
-) -> list[TokenizedRow]:
-    done: dict[int, TokenizedRow | None] = {}  # weighted sources repeat rows: tokenise and report each once
-    out: list[TokenizedRow] = []
-    for row in rows:
-        if id(row) not in done:
-            done[id(row)] = _tokenize_one(row, renderer, config, problems, prepared)
-        if done[id(row)] is not None:
-            out.append(done[id(row)])
-    return out
-
-
-def _tokenize_one(
-    row: PairRow, renderer: ChatRenderer, config: DataConfig, problems: list[str], prepared: PreparedPairs
-) -> TokenizedRow | None:
-    """The tokenised row, or None with the reason filed under problems, identical or dropped."""
+def _row_tokens(row: PairRow, renderer: ChatRenderer, config: DataConfig) -> RowTokens:
+    """What one pair or feedback row becomes: its canonical JSON and token sequences, a problem, or a note."""
     if isinstance(row, PreferencePair) and row.identical:
-        prepared.identical.append(f"{row.where}: chosen and rejected are identical; left out")
-        return None
+        return RowTokens(notes={"identical": "chosen and rejected are identical; left out"})
     try:
         tokenized = tokenize_row(row, renderer)
     except TemplateError as err:
-        problems.append(f"{row.where}: {err}")
-        return None
+        return RowTokens(problem=str(err))
     action, why = fit_to_length(tokenized, config)
     if action == "error":
-        problems.append(f"{row.where}: {why}")
-        return None
+        return RowTokens(problem=why)
     if action == "drop":
-        prepared.dropped.append(f"{row.where}: {why}; dropped")
-        return None
-    if action == "truncate":
-        prepared.truncated.append(f"{row.where}: {why}")
-    return tokenized
+        return RowTokens(notes={"dropped": f"{why}; dropped"})
+    if isinstance(row, PreferencePair):
+        canonical = {"prompt": row.prompt, "chosen": row.chosen, "rejected": row.rejected, "margin": row.margin}
+    else:
+        canonical = {"prompt": row.prompt, "completion": row.completion, "label": row.label}
+    return RowTokens(canonical, tokenized.prompt_length, sequences_of(tokenized),
+                     notes={"truncated": why} if action == "truncate" else {})
+
+
+def _decode_tokenized(table: RowTable, index: int) -> TokenizedRow:
+    row = table.row(index)
+    sequences = table.sequences(index)
+    prompt_length = int(table.array("prompt_length")[index])
+    where = table.where(index)
+    if "chosen" in row:
+        return TokenizedPair(sequences[0], sequences[1], prompt_length, where, table.source, margin=row["margin"])
+    return TokenizedFeedback(sequences[0], prompt_length, bool(row["label"]), where, table.source)
+
+
+def _decode_canonical(table: RowTable, index: int) -> PairRow:
+    row = table.row(index)
+    where = table.where(index)
+    if "chosen" in row:
+        return PreferencePair(where, row["prompt"], row["chosen"], row["rejected"], table.source, row["margin"])
+    return FeedbackSample(where, row["prompt"], row["completion"], bool(row["label"]), table.source)

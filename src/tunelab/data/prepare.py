@@ -9,7 +9,7 @@ rows of those tables by index; they run the same way on every run, cache hit or 
 from __future__ import annotations
 
 import random
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TypeVar
@@ -61,8 +61,7 @@ class PreparedData:
 
     @property
     def tokenized_cache(self) -> str:
-        statuses = set(self.cache.values())
-        return next(iter(statuses)) if len(statuses) == 1 else "miss" if "miss" in statuses else "off"
+        return tokenized_cache_status(self.cache)
 
     @property
     def fingerprint(self) -> str:
@@ -175,41 +174,78 @@ def weighted_indices(ids: np.ndarray, weight: float, seed: int) -> np.ndarray:
     return np.concatenate([np.tile(ids, int(whole)), ids[np.asarray(picked, np.int64)]])
 
 
+@dataclass
+class SplitTables:
+    """The tables of every data file, and which of their rows train (weighted, in training order) and which are
+    held out, as (table number, row ids) parts: what every objective's data is split into."""
+
+    tables: list = field(default_factory=list)
+    train: list[tuple[int, np.ndarray]] = field(default_factory=list)
+    eval: list[tuple[int, np.ndarray]] = field(default_factory=list)
+    formats: dict[str, str] = field(default_factory=dict)
+    source_weights: dict[str, float] = field(default_factory=dict)
+    cache: dict[str, str] = field(default_factory=dict)
+
+
+def split_tables(config: DataConfig, seed: int, read: Callable, count: Callable = lambda table: table.num_rows
+                 ) -> SplitTables:
+    """Read every file named by `config` with `read(path, format) -> (table or None, cache status)` and split
+    its `count(table)` rows: a seeded eval_split of each training file (or data.eval whole), mixing weights
+    applied to the training part. Files with invalid rows give None and are left out (their problems are the
+    caller's to raise)."""
+    split = SplitTables()
+    files = [(s.path, s.format or config.format, s.weight, config.eval is None) for s in train_sources(config)]
+    if config.eval is not None:
+        files.append((config.eval, config.format, None, False))
+    for path, fmt, weight, held_out in files:
+        table, status = read(path, fmt)
+        split.cache[str(path)] = status
+        if weight is not None:
+            split.source_weights[Path(str(path)).stem] = weight
+        if table is None:
+            continue
+        split.formats[str(path)] = f"{table.meta['format']} ({table.meta['format_reason']})"
+        rows = count(table)
+        if held_out:
+            train_ids, eval_ids = split_indices(rows, config.eval_split, seed)
+        elif weight is not None:
+            train_ids, eval_ids = np.arange(rows), np.zeros(0, np.int64)
+        else:  # the data.eval file
+            train_ids, eval_ids = np.zeros(0, np.int64), np.arange(rows)
+        number = len(split.tables)
+        split.tables.append(table)
+        if weight is not None:
+            split.train.append((number, weighted_indices(train_ids, weight, seed)))
+        split.eval.append((number, eval_ids))
+    return split
+
+
+def tokenized_cache_status(cache: dict[str, str]) -> str:
+    """One word for the run: `hit` or `off` when every file agrees, else `miss` (something was tokenised now)."""
+    statuses = set(cache.values())
+    return next(iter(statuses)) if len(statuses) == 1 else "miss" if "miss" in statuses else "off"
+
+
 def prepare_data(config: DataConfig, tokenizer, seed: int) -> PreparedData:
     """Read, validate, split and tokenise all data named by `config`. Raises DataError listing every bad
     row (missing fields, empty text, wrong roles, over-long samples, samples with nothing to train)."""
     problems = Problems()
     renderer = checked_renderer(tokenizer, config.chat_template)
-    prepared = PreparedData(train=[], eval=[], eval_samples=[])
-    tables: list[TokenTable] = []
-    train_parts: list[tuple[int, np.ndarray]] = []
-    eval_parts: list[tuple[int, np.ndarray]] = []
-    held_out: list[tuple[int, np.ndarray]] = []
-    files = [(s.path, s.format or config.format, s.weight, config.eval is None) for s in train_sources(config)]
-    if config.eval is not None:
-        files.append((config.eval, config.format, None, False))
-    for path, fmt, weight, split in files:
-        table = _tokenized(path, fmt, config, renderer, problems, prepared)
-        if weight is not None:
-            prepared.source_weights[Path(str(path)).stem] = weight
-        if table is None:
-            continue
-        if split:
-            train_ids, eval_ids = split_indices(table.num_samples, config.eval_split, seed)
-        elif weight is not None:
-            train_ids, eval_ids = np.arange(table.num_samples), np.zeros(0, np.int64)
-        else:  # the data.eval file
-            train_ids, eval_ids = np.zeros(0, np.int64), np.arange(table.num_samples)
-        number = len(tables)
-        tables.append(table)
-        if weight is not None:
-            train_parts.append((number, table.units_of(weighted_indices(train_ids, weight, seed))))
-        eval_parts.append((number, table.units_of(eval_ids)))
-        held_out.append((number, table.with_messages(eval_ids)))
+    split = split_tables(
+        config, seed, lambda path, fmt: tokenized_file(path, fmt, config, renderer, problems, use_cache=config.cache),
+        count=lambda table: table.num_samples)
     raise_problems(problems)
-    prepared.train = TokenizedView(tables, train_parts)
-    prepared.eval = TokenizedView(tables, eval_parts)
-    prepared.eval_samples = SampleView(tables, held_out)
+    tables = split.tables
+    prepared = PreparedData(
+        train=TokenizedView(tables, [(n, tables[n].units_of(ids)) for n, ids in split.train]),
+        eval=TokenizedView(tables, [(n, tables[n].units_of(ids)) for n, ids in split.eval]),
+        eval_samples=SampleView(tables, [(n, tables[n].with_messages(ids)) for n, ids in split.eval]),
+        formats=split.formats, source_weights=split.source_weights, cache=split.cache)
+    for table in tables:
+        prepared.truncated += table.notes("truncated")[: MAX_LISTED - len(prepared.truncated)]
+        prepared.dropped += table.notes("dropped")[: MAX_LISTED - len(prepared.dropped)]
+        prepared.truncated_count += table.meta["truncated"]
+        prepared.dropped_count += table.meta["dropped"]
     if not prepared.train:
         raise DataError("no training samples left after validation", where="data.train")
     # Token-level agreement with `generate` and the mask of every turn, on a seeded sample of conversations.
@@ -231,20 +267,6 @@ def _check_sample(tables: list[TokenTable], seed: int) -> list[Sample]:
         parts.append((number, ids[picked[at : at + len(ids)]]))
         at += len(ids)
     return list(SampleView(tables, parts))
-
-
-def _tokenized(path, fmt: str, config: DataConfig, renderer, problems, prepared: PreparedData) -> TokenTable | None:
-    """One file's tokenised table (cached or built now); records its format, notes and cache status."""
-    table, status = tokenized_file(path, fmt, config, renderer, problems, use_cache=config.cache)
-    prepared.cache[str(path)] = status
-    if table is None:
-        return None
-    prepared.formats[str(path)] = f"{table.meta['format']} ({table.meta['format_reason']})"
-    prepared.truncated += table.notes("truncated")[: MAX_LISTED - len(prepared.truncated)]
-    prepared.dropped += table.notes("dropped")[: MAX_LISTED - len(prepared.dropped)]
-    prepared.truncated_count += table.meta["truncated"]
-    prepared.dropped_count += table.meta["dropped"]
-    return table
 
 
 def prepare_eval_file(path: Path, config: DataConfig, tokenizer) -> tuple[list[TokenizedSample], list[Sample]]:

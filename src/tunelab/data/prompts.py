@@ -9,11 +9,9 @@ data.overlong: drop or truncate (a cut prompt would ask a different question).
 
 from __future__ import annotations
 
-import hashlib
 import json
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -22,9 +20,12 @@ from tunelab.config import DataConfig
 from tunelab.data.formats import PROMPTS_FORMAT, RowError, Sample
 from tunelab.data.pairs import parse_prompt, with_system_prompt
 from tunelab.data.preference import data_kind, tokenize_prompt
-from tunelab.data.prepare import convert_rows, raise_problems, read_file_rows, split_samples, train_sources, weighted
+from tunelab.data.prepare import raise_problems, split_tables, tokenized_cache_status
+from tunelab.data.row_cache import RowKind, RowTokens, tokenized_rows
+from tunelab.data.row_table import RowTable, RowView
 from tunelab.data.sources import Record
-from tunelab.data.template import ChatRenderer, TemplateError, checked_renderer
+from tunelab.data.template import IGNORE_INDEX, ChatRenderer, TemplateError, TokenizedSample, checked_renderer
+from tunelab.data.tokenize import MAX_LISTED
 from tunelab.errors import DataError
 
 Messages = list[dict[str, str]]
@@ -50,25 +51,13 @@ class PromptRow:
         return isinstance(self.original, list)
 
 
-class PromptList(list):
-    """Prompt rows in training order; `lengths` is each prompt's tokens plus the longest completion, the length
-    its sequences can reach (what batch planning and the memory estimate read)."""
-
-    def __init__(self, rows=(), completion_tokens: int = 0) -> None:
-        super().__init__(rows)
-        self.completion_tokens = completion_tokens
-
-    @property
-    def lengths(self) -> np.ndarray:
-        return np.fromiter((len(r.prompt_ids) + self.completion_tokens for r in self), np.int64, count=len(self))
-
-
 @dataclass
 class PreparedPrompts:
     """Tokenised train and eval prompts for GRPO, and what a user should know about them."""
 
-    train: PromptList
-    eval: list[PromptRow]
+    train: RowView
+    """In training order; `lengths` counts each prompt plus the completion's room (train.extra_length)."""
+    eval: RowView
     reference_column: str | None = None
     """The column holding each row's reference answer (the first built-in reward's), for task metrics."""
     kind: str = PROMPTS_FORMAT
@@ -77,6 +66,9 @@ class PreparedPrompts:
     truncated: list[str] = field(default_factory=list)
     identical: list[str] = field(default_factory=list)
     source_weights: dict[str, float] = field(default_factory=dict)
+    cache: dict[str, str] = field(default_factory=dict)
+    """Per data file: `hit`, `miss` or `off` (see data/cache.py)."""
+    dropped_count: int = 0
 
     @property
     def eval_samples(self) -> list[Sample]:
@@ -91,29 +83,27 @@ class PreparedPrompts:
     @property
     def fingerprint(self) -> str:
         """Identifies the training rows in order; a resumed run must see the same ones to continue exactly."""
-        digest = hashlib.sha256()
-        for row in self.train:
-            digest.update(np.asarray(row.prompt_ids, np.int64).tobytes())
-            digest.update(json.dumps(row.columns, sort_keys=True, default=str).encode())
-        return digest.hexdigest()
+        return self.train.digest()
 
     @property
     def stats(self) -> dict[str, object]:
-        prompts = sorted(len(r.prompt_ids) for r in self.train)
-        completion = self.train.completion_tokens
+        prompts = np.sort(self.train.column("longest"))
+        completion = self.train.extra_length
+        total = int(prompts.sum())
         return {
             "kind": self.kind,
             "train_rows": len(self.train),
             "eval_rows": len(self.eval),
             "train_samples": len(self.train),
             "eval_samples": len(self.eval),
-            "train_tokens": sum(prompts),
+            "train_tokens": total,
             # Completions are what GRPO trains; at their longest they are this share of each sequence.
-            "trainable_fraction": completion / (completion + (sum(prompts) / max(1, len(prompts)))),
-            "max_length_seen": prompts[-1] if prompts else 0,
-            "median_length": prompts[len(prompts) // 2] if prompts else 0,
-            "dropped_rows": len(self.dropped),
+            "trainable_fraction": completion / (completion + total / max(1, len(prompts))),
+            "max_length_seen": int(prompts[-1]) if len(prompts) else 0,
+            "median_length": int(prompts[len(prompts) // 2]) if len(prompts) else 0,
+            "dropped_rows": self.dropped_count,
             "formats": self.formats,
+            "tokenized_cache": tokenized_cache_status(self.cache),
         }
 
 
@@ -132,68 +122,62 @@ RowCheck = Callable[[PromptRow], "str | None"]
 
 
 def prepare_prompt_data(config: DataConfig, tokenizer, seed: int, *, completion_tokens: int,
-                        check: RowCheck = lambda row: None, reference_column: str | None = None) -> PreparedPrompts:
-    """Read, validate, split and tokenise prompt-only data with the same sources, weights and seeded split as
-    every other kind. Raises DataError listing every bad row (file:line: why)."""
+                        check: RowCheck = lambda row: None, check_key: str = "",
+                        reference_column: str | None = None) -> PreparedPrompts:
+    """Read, validate, split and tokenise prompt-only data with the same sources, weights, seeded split and
+    cached, memory-mapped tables as every other kind. `check_key` names what `check` looks at (it is part of the
+    cache key). Raises DataError listing every bad row (file:line: why)."""
     kind = data_kind(config)
     if kind != PROMPTS_FORMAT:
         raise DataError(f"grpo trains on prompt-only rows (a 'prompt' column and no reply), but the data holds "
                         f"{kind} rows; set data.format: prompts to read a prompt column alone", where="data.train")
     renderer = checked_renderer(tokenizer, config.chat_template)
+    row_kind = RowKind(
+        "prompts", (PROMPTS_FORMAT,),
+        lambda fmt, why: f"rows are '{fmt}' data ({why}), not prompt-only rows (a 'prompt' column)",
+        convert=lambda record, fmt: to_prompt_row(record, config.system_prompt),
+        tokenize=lambda row: _row_tokens(row, renderer, config, completion_tokens, check),
+        key={"completion_tokens": completion_tokens, "check": check_key})
     problems: list[str] = []
-    prepared = PreparedPrompts(train=PromptList(completion_tokens=completion_tokens), eval=[],
-                               reference_column=reference_column)
-    train_rows: list[PromptRow] = []
-    eval_rows: list[PromptRow] = []
-    for source in train_sources(config):
-        rows = _load(source.path, config, problems, prepared)
-        prepared.source_weights[Path(str(source.path)).stem] = source.weight
-        train_part, eval_part = (rows, []) if config.eval is not None else split_samples(rows, config.eval_split, seed)
-        train_rows += weighted(train_part, source.weight, seed)
-        eval_rows += eval_part
-    if config.eval is not None:
-        eval_rows += _load(config.eval, config, problems, prepared)
-    unique = {id(row): row for row in train_rows + eval_rows}  # weighted sources repeat rows: check each once
-    kept = {key for key, row in unique.items()
-            if _fits(row, renderer, config, completion_tokens, check, problems, prepared)}
-    prepared.train.extend(row for row in train_rows if id(row) in kept)
-    prepared.eval = [row for row in eval_rows if id(row) in kept]
+    split = split_tables(config, seed, lambda path, fmt: tokenized_rows(path, fmt, row_kind, config, renderer,
+                                                                        problems, use_cache=config.cache))
     raise_problems(problems)
+    prepared = PreparedPrompts(train=RowView(split.tables, split.train, _decode),
+                               eval=RowView(split.tables, split.eval, _decode), reference_column=reference_column,
+                               formats=split.formats, source_weights=split.source_weights, cache=split.cache)
+    prepared.train.extra_length = completion_tokens
+    prepared.dropped = [text for table in split.tables for text in table.notes("dropped")][:MAX_LISTED]
+    prepared.dropped_count = sum(table.meta["dropped"] for table in split.tables)
     if not prepared.train:
         raise DataError("no training prompts left after validation", where="data.train")
     return prepared
 
 
-def _load(path, config: DataConfig, problems: list[str], prepared: PreparedPrompts) -> list[PromptRow]:
-    records, fmt, why, _ = read_file_rows(path, config.format, problems, columns=config.columns)
-    if records and fmt != PROMPTS_FORMAT:
-        raise DataError(f"rows are '{fmt}' data ({why}), not prompt-only rows (a 'prompt' column)", where=str(path))
-    prepared.formats[str(path)] = f"{fmt} ({why})"
-    return convert_rows(records, lambda r: to_prompt_row(r, config.system_prompt), path, problems, config.columns)
-
-
-def _fits(row: PromptRow, renderer: ChatRenderer, config: DataConfig, completion_tokens: int, check: RowCheck,
-          problems: list[str], prepared: PreparedPrompts) -> bool:
-    """Tokenise the row's prompt; False (with the reason filed) when it is invalid or too long."""
+def _row_tokens(row: PromptRow, renderer: ChatRenderer, config: DataConfig, completion_tokens: int,
+                check: RowCheck) -> RowTokens:
+    """The row's prompt tokenised, or the reason it is invalid or left out (too long: prompts are never cut)."""
     problem = check(row)
     if problem:
-        problems.append(f"{row.where}: {problem}")
-        return False
+        return RowTokens(problem=problem)
     try:
-        _, row.prompt_ids = tokenize_prompt(row.prompt, renderer)
+        _, prompt_ids = tokenize_prompt(row.prompt, renderer)
     except TemplateError as err:
-        problems.append(f"{row.where}: {err}")
-        return False
-    room = config.max_length - completion_tokens
-    if len(row.prompt_ids) <= room:
-        return True
-    why = (f"the prompt has {len(row.prompt_ids)} tokens; with objective.max_new_tokens={completion_tokens} "
+        return RowTokens(problem=str(err))
+    canonical = {"prompt": row.prompt, "original": row.original, "columns": row.columns}
+    sequence = TokenizedSample(prompt_ids, [IGNORE_INDEX] * len(prompt_ids), row.where)
+    if len(prompt_ids) <= config.max_length - completion_tokens:
+        return RowTokens(canonical, len(prompt_ids), [sequence])
+    why = (f"the prompt has {len(prompt_ids)} tokens; with objective.max_new_tokens={completion_tokens} "
            f"that exceeds data.max_length={config.max_length}")
     if config.overlong == "error":
-        problems.append(f"{row.where}: {why} (data.overlong=error)")
-        return False
-    prepared.dropped.append(f"{row.where}: {why}; dropped (prompts are never cut)")
-    return False
+        return RowTokens(problem=f"{why} (data.overlong=error)")
+    return RowTokens(notes={"dropped": f"{why}; dropped (prompts are never cut)"})
+
+
+def _decode(table: RowTable, index: int) -> PromptRow:
+    row = table.row(index)
+    return PromptRow(table.where(index), row["prompt"], row["original"], row["columns"], table.source,
+                     table.sequences(index)[0].input_ids)
 
 
 def _text(value: Any) -> str:

@@ -17,6 +17,7 @@ sampling policy are those its first update computed, before any weight moved, so
 from __future__ import annotations
 
 import copy
+import json
 import math
 import time
 from collections.abc import Callable, Sequence
@@ -121,6 +122,11 @@ class GrpoObjective:
     def check_row(self, row: PromptRow) -> str | None:
         """Why a row cannot be scored (a reward's reference column missing, ...), before anything trains."""
         return next((problem for reward in self.rewards if (problem := reward.check(row))), None)
+
+    @property
+    def check_key(self) -> str:
+        """What check_row looks at (each reward and its column), for the tokenised-data cache key."""
+        return json.dumps([(reward.name, reward.column) for reward in self.rewards])
 
     @property
     def reference_column(self) -> str | None:

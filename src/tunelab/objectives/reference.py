@@ -4,32 +4,45 @@ reference cannot be had by switching an adapter off (full and freeze fine-tuning
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from functools import partial
 
 import torch
 
+from tunelab.data.row_table import RowView
 from tunelab.models.logprobs import sequence_logprobs
 from tunelab.objectives.pairs import collate_sequences
 from tunelab.train.precision import autocast
 
 
 @torch.no_grad()
-def precompute_reference(model, objective, rows: Sequence, *, pad_token_id: int, precision: str,
+def precompute_reference(model, objective, collections: Sequence[Sequence], *, pad_token_id: int, precision: str,
                          batch_size: int) -> None:
-    """Store on every row its two sequences' summed log-probabilities under `model` as it is now
-    (`row.reference_logps`). Rows repeated by a weighted mix are scored once."""
-    distinct = list({id(row): row for row in rows}.values())
+    """Give every row of each collection (a RowView, or a list of rows) its two sequences' summed
+    log-probabilities under `model` as it is now (`row.reference_logps` from then on). Rows repeated by a
+    weighted mix are scored once."""
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
-    for start in range(0, len(distinct), batch_size):
-        chunk = distinct[start : start + batch_size]
-        pairs = [objective.sequences(row) for row in chunk]
-        sequences = [first for first, _ in pairs] + [second for _, second in pairs]
-        batch = {k: v.to(device) for k, v in collate_sequences(sequences, pad_token_id, False).items()}
-        with autocast(precision, device):
-            sums, _ = sequence_logprobs(model, batch)
-        values = sums.float().tolist()
-        for index, row in enumerate(chunk):
-            row.reference_logps = (values[index], values[len(chunk) + index])
+    for rows in collections:
+        distinct = _distinct(rows)
+        for start in range(0, len(distinct), batch_size):
+            chunk = distinct[start : start + batch_size]
+            pairs = [objective.sequences(row) for row, _ in chunk]
+            sequences = [first for first, _ in pairs] + [second for _, second in pairs]
+            batch = {k: v.to(device) for k, v in collate_sequences(sequences, pad_token_id, False).items()}
+            with autocast(precision, device):
+                sums, _ = sequence_logprobs(model, batch)
+            values = sums.float().tolist()
+            for index, (_, store) in enumerate(chunk):
+                store((values[index], values[len(chunk) + index]))
     model.train(was_training)
+
+
+def _distinct(rows: Sequence) -> list[tuple[object, Callable[[tuple[float, float]], None]]]:
+    """(row, how to keep its reference values) for each distinct row: in a RowView the view keeps them (its rows
+    are built on every access); a listed row keeps them itself."""
+    if isinstance(rows, RowView):
+        return [(rows[int(p)], partial(rows.set_reference, int(p))) for p in rows.distinct_positions()]
+    unique = list({id(row): row for row in rows}.values())
+    return [(row, partial(setattr, row, "reference_logps")) for row in unique]

@@ -169,7 +169,7 @@ def _train(config: RunConfig, log: RunLog, *, resume: bool, overwrite: bool, con
     reference = getattr(objective, "reference", None)
     if reference is not None and reference.precomputed:  # before a checkpoint loads: the starting weights
         console.print("scoring the data with the reference model (once, before training) ...")
-        precompute_reference(model, objective, [*data.train, *data.eval], pad_token_id=tokenizer.pad_token_id,
+        precompute_reference(model, objective, [data.train, data.eval], pad_token_id=tokenizer.pad_token_id,
                              precision=precision, batch_size=config.train.batch_size)
 
     if hasattr(objective, "prepare"):  # before a checkpoint loads: the starting weights
@@ -256,6 +256,7 @@ def _prepare(config: RunConfig, tokenizer, objective) -> PreparedData | Prepared
     if kind == "prompts":
         return prepare_prompt_data(config.data, tokenizer, config.train.seed,
                                    completion_tokens=config.objective.max_new_tokens, check=objective.check_row,
+                                   check_key=objective.check_key,
                                    reference_column=objective.reference_column)
     return prepare_preference_data(config.data, tokenizer, config.train.seed)
 
