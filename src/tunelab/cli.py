@@ -119,6 +119,37 @@ def chat(
 
 
 @app.command()
+def serve(
+    model: str = typer.Argument(..., help="A run directory, preset, hub id, folder or .gguf file."),
+    host: str = typer.Option("127.0.0.1", help="Address to listen on (127.0.0.1: this machine only)."),
+    port: int = typer.Option(8000),
+    api_key: str | None = typer.Option(None, envvar="TUNELAB_API_KEY", help="Required as 'Authorization: Bearer "
+                                       "KEY' on every route but /health (also read from TUNELAB_API_KEY)."),
+    max_batch: int = typer.Option(8, min=1, help="Requests decoded together."),
+    max_waiting: int = typer.Option(64, min=1, help="Requests queued beyond the batch; more get 503."),
+) -> None:
+    """Serve MODEL over an OpenAI-compatible API: /v1/chat/completions, /v1/completions (streamed or not),
+    /v1/models, /health. Prompts use the run's chat template, as training and `generate` do."""
+    _quiet_libraries()
+    import uvicorn
+
+    from tunelab.serve import create_app, load_served
+
+    try:
+        served = load_served(model, max_batch=max_batch, max_waiting=max_waiting)
+    except UserError as err:
+        _fail(err)
+    if host not in ("127.0.0.1", "localhost", "::1") and not api_key:
+        console.print(f"[yellow]warning:[/] listening on {host} without --api-key: anyone who can reach this "
+                      "port can use the model")
+    console.print(f"serving '{served.name}' on http://{host}:{port}/v1 (context {served.context} tokens)")
+    try:
+        uvicorn.run(create_app(served, api_key=api_key), host=host, port=port, log_level="warning")
+    finally:
+        served.engine.close()
+
+
+@app.command()
 def score(
     run: str = typer.Argument(..., help="A reward model run (objective.name: reward)."),
     input: Path = typer.Option(..., "--input", "-i", help="JSONL/JSON/CSV/Parquet rows: a prompt and a reply."),

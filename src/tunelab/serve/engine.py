@@ -1,0 +1,279 @@
+"""Continuous batching for the server: one thread owns the model and decodes every active request together,
+one token a step, with a KV cache; requests join at any step and leave when they finish.
+
+Why not `model.generate` per batch: a batch would wait for its longest reply and new requests for the whole
+batch. Here a joining request's prompt is run once (prefill) and its cache is merged into the running batch,
+left-padded to a common length, so positions and attention stay each row's own; a finished row is dropped
+from the cache at once. Each row samples with its own temperature, top_p and seeded generator, so a
+request's reply does not depend on what else is in the batch (greedy replies equal the request sent alone,
+tested).
+"""
+
+from __future__ import annotations
+
+import threading
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+
+from tunelab.infer.generate import stop_token_ids
+
+
+class QueueFull(Exception):
+    """More requests are waiting than the server accepts; the caller answers 503."""
+
+
+@dataclass(frozen=True)
+class Sampling:
+    max_tokens: int
+    temperature: float = 1.0
+    """0 picks the most likely token (greedy)."""
+    top_p: float = 1.0
+    stop: tuple[str, ...] = ()
+    seed: int | None = None
+
+
+@dataclass
+class Finished:
+    text: str
+    finish_reason: str
+    """`stop` (a stop token or string) or `length` (max_tokens)."""
+    completion_tokens: int
+
+
+@dataclass
+class Request:
+    """One completion to produce: its prompt tokens, how to sample, and where its text goes. `on_text` receives
+    each new piece of text (never a piece of a stop string or half a character); `on_done` the end."""
+
+    prompt_ids: list[int]
+    sampling: Sampling
+    on_text: Callable[[str], None]
+    on_done: Callable[[Finished | BaseException], None]
+    cancelled: threading.Event = field(default_factory=threading.Event)
+    generated: list[int] = field(default_factory=list)
+    sent: int = 0
+    """Characters of the reply already handed to on_text."""
+    generator: torch.Generator | None = None
+
+
+class Engine:
+    """Owns `model` in a worker thread. `submit` queues a request (QueueFull past `max_waiting`); at most
+    `max_batch` decode together."""
+
+    def __init__(self, model, tokenizer, *, max_batch: int = 8, max_waiting: int = 64) -> None:
+        self.model = model
+        self.tokenizer = tokenizer
+        self.max_batch = max_batch
+        self.max_waiting = max_waiting
+        self.stop_ids = set(stop_token_ids(model, tokenizer))
+        self.device = next(model.parameters()).device
+        self._waiting: deque[Request] = deque()
+        self._wake = threading.Condition()
+        self._closed = False
+        self._active: list[Request] = []
+        self._cache = None
+        self._mask: torch.Tensor | None = None  # [B, T] 1 where a row has a real token
+        self._logits: torch.Tensor | None = None  # [B, V] each row's next-token logits
+        self.steps = 0
+        self._thread = threading.Thread(target=self._run, name="tunelab-engine", daemon=True)
+        self._thread.start()
+
+    # --- the caller's side ----------------------------------------------------------------------------------
+
+    def submit(self, request: Request) -> None:
+        with self._wake:
+            if self._closed:
+                raise QueueFull("the server is shutting down")
+            if len(self._waiting) >= self.max_waiting:
+                raise QueueFull(f"{len(self._waiting)} requests are already waiting")
+            if request.sampling.temperature > 0:
+                request.generator = torch.Generator(device="cpu")
+                if request.sampling.seed is not None:
+                    request.generator.manual_seed(request.sampling.seed)
+                else:
+                    request.generator.seed()
+            self._waiting.append(request)
+            self._wake.notify()
+
+    def close(self) -> None:
+        with self._wake:
+            self._closed = True
+            self._wake.notify()
+        self._thread.join(timeout=30)
+
+    @property
+    def load(self) -> dict[str, int]:
+        return {"active": len(self._active), "waiting": len(self._waiting)}
+
+    # --- the worker ------------------------------------------------------------------------------------------
+
+    def _run(self) -> None:
+        while True:
+            with self._wake:
+                while not self._closed and not self._waiting and not self._active:
+                    self._wake.wait()
+                if self._closed:
+                    break
+                room = self.max_batch - len(self._active)
+                joining = [self._waiting.popleft() for _ in range(min(room, len(self._waiting)))]
+            try:
+                with torch.inference_mode():
+                    if joining:
+                        self._join(joining)
+                    if self._active:
+                        self._step()
+            except Exception as err:  # noqa: BLE001 - every waiting client gets the error, the server lives on
+                for request in {id(r): r for r in [*self._active, *joining]}.values():
+                    request.on_done(err)
+                self._active, self._cache, self._mask, self._logits = [], None, None, None
+        for request in [*self._active, *self._waiting]:
+            request.on_done(QueueFull("the server is shutting down"))
+
+    def _join(self, requests: list[Request]) -> None:
+        """Run the new prompts (left-padded together) and merge their caches into the running batch."""
+        from transformers import DynamicCache
+
+        width = max(len(r.prompt_ids) for r in requests)
+        pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
+        ids = torch.tensor([[pad] * (width - len(r.prompt_ids)) + r.prompt_ids for r in requests], device=self.device)
+        mask = torch.tensor([[0] * (width - len(r.prompt_ids)) + [1] * len(r.prompt_ids) for r in requests],
+                            device=self.device)
+        positions = (mask.cumsum(dim=1) - 1).clamp(min=0)
+        cache = DynamicCache(config=self._config())
+        out = self.model(input_ids=ids, attention_mask=mask, position_ids=positions, cache=cache, use_cache=True,
+                         logits_to_keep=1)
+        logits = out.logits[:, -1].float()
+        if not self._active:
+            self._active, self._cache, self._mask, self._logits = list(requests), cache, mask, logits
+            return
+        self._cache, self._mask = _merge(self._cache, self._mask, cache, mask, self._config())
+        self._active += requests
+        self._logits = torch.cat([self._logits, logits])
+
+    def _step(self) -> None:
+        """Pick each row's next token, hand out text, drop finished rows, and run the model one position on."""
+        tokens = self._pick(self._logits)
+        keep: list[int] = []
+        for row, (request, token) in enumerate(zip(self._active, tokens, strict=True)):
+            if request.cancelled.is_set():
+                continue
+            request.generated.append(token)
+            finished = self._advance(request, token)
+            if finished is None:
+                keep.append(row)
+            else:
+                request.on_done(finished)
+        self.steps += 1
+        if len(keep) < len(self._active):
+            if not keep:
+                self._active, self._cache, self._mask, self._logits = [], None, None, None
+                return
+            index = torch.tensor(keep, device=self.device)
+            self._cache.batch_select_indices(index)
+            self._active = [self._active[i] for i in keep]
+            self._mask = self._mask[index]
+            tokens = [tokens[i] for i in keep]
+            self._trim()
+        mask = torch.cat([self._mask, self._mask.new_ones(len(keep), 1)], dim=1)
+        positions = self._mask.sum(dim=1, keepdim=True)
+        out = self.model(input_ids=torch.tensor(tokens, device=self.device)[:, None], attention_mask=mask,
+                         position_ids=positions, cache=self._cache, use_cache=True)
+        self._mask = mask
+        self._logits = out.logits[:, -1].float()
+
+    def _pick(self, logits: torch.Tensor) -> list[int]:
+        """Each row's next token with its own sampling settings and generator."""
+        greedy = logits.argmax(dim=-1).tolist()
+        picked = []
+        for row, request in enumerate(self._active):
+            sampling = request.sampling
+            if sampling.temperature <= 0:
+                picked.append(greedy[row])
+                continue
+            probs = torch.softmax(logits[row].cpu() / sampling.temperature, dim=-1)
+            if sampling.top_p < 1.0:
+                ordered, order = probs.sort(descending=True)
+                outside = ordered.cumsum(0) - ordered > sampling.top_p  # keep the smallest set reaching top_p
+                probs = probs.scatter(0, order[outside], 0.0)
+            picked.append(int(torch.multinomial(probs, 1, generator=request.generator)))
+        return picked
+
+    def _advance(self, request: Request, token: int) -> Finished | None:
+        """Hand out the text `token` completed; a Finished when the request is done."""
+        count = len(request.generated)
+        if token in self.stop_ids:
+            text = self._text(request.generated[:-1])
+            return self._finish(request, text, "stop", count)
+        text = self._text(request.generated)
+        cut = _first_stop(text, request.sampling.stop)
+        if cut is not None:
+            return self._finish(request, text[:cut], "stop", count)
+        if count >= request.sampling.max_tokens:
+            return self._finish(request, text, "length", count)
+        safe = len(text) - _held_back(text, request.sampling.stop)
+        if text.endswith("\ufffd"):  # half a character: wait for the token that completes it
+            safe = min(safe, len(text) - 1)
+        if safe > request.sent:
+            request.on_text(text[request.sent : safe])
+            request.sent = safe
+        return None
+
+    def _finish(self, request: Request, text: str, reason: str, count: int) -> Finished:
+        if len(text) > request.sent:
+            request.on_text(text[request.sent :])
+            request.sent = len(text)
+        return Finished(text, reason, count)
+
+    def _text(self, ids: list[int]) -> str:
+        return self.tokenizer.decode(ids, skip_special_tokens=True)
+
+    def _trim(self) -> None:
+        """Drop cache columns no remaining row uses (left padding of rows that have left)."""
+        used = self._mask.any(dim=0).nonzero()
+        start = int(used[0]) if len(used) else self._mask.shape[1]
+        if start > 0:
+            self._mask = self._mask[:, start:]
+            for layer in self._cache.layers:
+                layer.keys, layer.values = layer.keys[:, :, start:], layer.values[:, :, start:]
+
+    def _config(self):
+        base = self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
+        return base.config
+
+
+def _merge(cache_a, mask_a: torch.Tensor, cache_b, mask_b: torch.Tensor, config):
+    """One cache (and mask) holding the rows of both, each left-padded to the longer one's length."""
+    from transformers import DynamicCache
+
+    width = max(mask_a.shape[1], mask_b.shape[1])
+
+    def padded(tensor: torch.Tensor, length: int) -> torch.Tensor:
+        return F.pad(tensor, (0, 0, width - length, 0)) if tensor.dim() == 4 else F.pad(tensor, (width - length, 0))
+
+    layers = []
+    for layer_a, layer_b in zip(cache_a.layers, cache_b.layers, strict=True):
+        keys = torch.cat([padded(layer_a.keys, mask_a.shape[1]), padded(layer_b.keys, mask_b.shape[1])])
+        values = torch.cat([padded(layer_a.values, mask_a.shape[1]), padded(layer_b.values, mask_b.shape[1])])
+        layers.append((keys, values))
+    mask = torch.cat([padded(mask_a, mask_a.shape[1]), padded(mask_b, mask_b.shape[1])])
+    return DynamicCache(ddp_cache_data=layers, config=config), mask
+
+
+def _first_stop(text: str, stops: tuple[str, ...]) -> int | None:
+    found = [index for stop in stops if (index := text.find(stop)) >= 0]
+    return min(found) if found else None
+
+
+def _held_back(text: str, stops: tuple[str, ...]) -> int:
+    """Characters at the end of `text` that could be the start of a stop string: not sent yet."""
+    longest = 0
+    for stop in stops:
+        for size in range(min(len(stop) - 1, len(text)), longest, -1):
+            if text.endswith(stop[:size]):
+                longest = size
+                break
+    return longest

@@ -1,0 +1,190 @@
+"""`tunelab serve` on a real (tiny) LoRA run: the official openai client against a live server, replies equal
+to `tunelab generate`'s, streaming as clients expect it, batching without cross-talk, and every bad request a
+4xx in OpenAI's error shape."""
+
+from __future__ import annotations
+
+import json
+import socket
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import httpx
+import openai
+import pytest
+
+from tunelab.config import load_config
+from tunelab.infer.generate import GenerationOptions, encode_prompts, generate_replies
+from tunelab.serve import create_app, load_served
+from tunelab.train.run import train_run
+
+KEY = "test-key"
+PROMPTS = ["hello world", "what is the answer?", "question 0123", "assistant system user", "refund desk high",
+           "world hello question", "the answer is", "desk refund"]
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+class LiveServer:
+    """uvicorn in a thread, on a free port."""
+
+    def __init__(self, app) -> None:
+        import uvicorn
+
+        self.port = free_port()
+        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning"))
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+        self.thread.start()
+        deadline = time.monotonic() + 30
+        while not self.server.started:
+            if time.monotonic() > deadline:
+                raise RuntimeError("the server did not start")
+            time.sleep(0.05)
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def stop(self) -> None:
+        self.server.should_exit = True
+        self.thread.join(timeout=10)
+
+
+@pytest.fixture(scope="module")
+def run_dir(tiny_model_dir, tmp_path_factory):
+    folder = tmp_path_factory.mktemp("serve")
+    data = folder / "qa.jsonl"
+    data.write_text("".join(json.dumps({"question": p, "answer": "the answer is 42"}) + "\n" for p in PROMPTS * 3))
+    config = load_config(None, [f"model={tiny_model_dir}", f"data.train={data}", "data.eval_split=0",
+                                f"output_dir={folder / 'run'}", "train.max_steps=2", "train.precision=fp32",
+                                "eval.generate_samples=0"])
+    train_run(config)
+    return folder / "run"
+
+
+@pytest.fixture(scope="module")
+def served(run_dir):
+    served = load_served(str(run_dir), max_batch=4, max_waiting=64)
+    yield served
+    served.engine.close()
+
+
+@pytest.fixture(scope="module")
+def server(served):
+    live = LiveServer(create_app(served, api_key=KEY))
+    yield live
+    live.stop()
+
+
+@pytest.fixture
+def client(server):
+    return openai.OpenAI(base_url=f"{server.url}/v1", api_key=KEY, max_retries=0)
+
+
+def chat(client, prompt: str, **options):
+    return client.chat.completions.create(model="run", messages=[{"role": "user", "content": prompt}],
+                                          **{"temperature": 0, "max_tokens": 10, **options})
+
+
+def test_a_served_reply_is_generates_reply(client, served):
+    loaded_model = served.engine.model
+    replies = generate_replies(loaded_model, served.renderer, [[{"role": "user", "content": p}] for p in PROMPTS[:3]],
+                               GenerationOptions(max_new_tokens=10))
+    for prompt, expected in zip(PROMPTS[:3], replies, strict=True):
+        answer = chat(client, prompt)
+        assert answer.choices[0].message.content.strip() == expected
+        assert answer.choices[0].message.role == "assistant"
+        prompt_tokens = encode_prompts(served.renderer, [[{"role": "user", "content": prompt}]])["input_ids"].shape[1]
+        assert answer.usage.prompt_tokens == prompt_tokens
+        assert answer.usage.completion_tokens <= 10
+        assert answer.usage.total_tokens == prompt_tokens + answer.usage.completion_tokens
+        assert answer.choices[0].finish_reason in ("stop", "length") and answer.model == "run"
+    assert [m.id for m in client.models.list().data] == ["run"]
+
+
+def test_streaming_sends_the_role_first_one_id_and_the_same_text(client):
+    whole = chat(client, PROMPTS[1], max_tokens=12).choices[0]
+    chunks = list(chat(client, PROMPTS[1], max_tokens=12, stream=True, stream_options={"include_usage": True}))
+    assert chunks[0].choices[0].delta.role == "assistant"
+    assert len({c.id for c in chunks}) == 1
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text == whole.message.content
+    finishes = [c.choices[0].finish_reason for c in chunks if c.choices]
+    assert finishes[-1] == whole.finish_reason and not any(finishes[:-1])
+    assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens >= 1
+    completion = "".join(c.choices[0].text for c in client.completions.create(
+        model="run", prompt="hello", max_tokens=6, temperature=0, stream=True))
+    assert completion == client.completions.create(model="run", prompt="hello", max_tokens=6,
+                                                   temperature=0).choices[0].text
+
+
+def test_fifty_concurrent_requests_get_what_each_gets_alone(client):
+    alone = {p: chat(client, p, max_tokens=8) for p in PROMPTS}
+    asked = [PROMPTS[i % len(PROMPTS)] for i in range(50)]
+    with ThreadPoolExecutor(max_workers=50) as pool:
+        answers = list(pool.map(lambda p: chat(client, p, max_tokens=8), asked))
+    for prompt, answer in zip(asked, answers, strict=True):
+        assert answer.choices[0].message.content == alone[prompt].choices[0].message.content
+        assert answer.usage == alone[prompt].usage
+
+
+def test_stop_strings_seeds_and_n(client):
+    full = chat(client, PROMPTS[0], max_tokens=16).choices[0].message.content
+    stop = full[len(full) // 2 : len(full) // 2 + 2]
+    if stop.strip():
+        cut = chat(client, PROMPTS[0], max_tokens=16, stop=[stop]).choices[0]
+        assert cut.message.content == full[: full.find(stop)] and cut.finish_reason == "stop"
+    sampled = [chat(client, PROMPTS[2], temperature=1.0, seed=7, n=2) for _ in range(2)]
+    first, again = ([c.message.content for c in s.choices] for s in sampled)
+    assert first == again and len(first) == 2  # seeded: the same replies each time
+
+
+def test_bad_requests_get_openai_errors_not_tracebacks(server, client):
+    headers = {"Authorization": f"Bearer {KEY}"}
+    url = f"{server.url}/v1/chat/completions"
+
+    def post(body, **kwargs):
+        return httpx.post(url, headers={**headers, **kwargs.pop("headers", {})}, timeout=30, **kwargs,
+                          **({"content": body} if isinstance(body, bytes) else {"json": body}))
+
+    good = {"model": "run", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4}
+    cases = {
+        "bad role": ({**good, "messages": [{"role": "wizard", "content": "hi"}]}, 400),
+        "negative max_tokens": ({**good, "max_tokens": -1}, 400),
+        "no messages": ({"model": "run"}, 400),
+        "tools": ({**good, "tools": [{"type": "function", "function": {"name": "f"}}]}, 400),
+        "not json": (b"{not json", 400),
+        "too long for the context": ({**good, "max_tokens": 10_000}, 400),
+        "unknown model": ({**good, "model": "gpt-4"}, 404),
+        "5 MB body": ({**good, "messages": [{"role": "user", "content": "x" * (5 * 2**20)}]}, 413),
+    }
+    for name, (body, status) in cases.items():
+        response = post(body)
+        assert response.status_code == status, name
+        error = response.json()["error"]
+        assert error["message"] and "Traceback" not in error["message"], name
+    assert httpx.post(url, json=good, timeout=30).status_code == 401
+    assert httpx.post(url, json=good, headers={"Authorization": "Bearer wrong"}, timeout=30).status_code == 401
+    assert httpx.get(f"{server.url}/health", timeout=30).json()["status"] == "ok"  # no key needed
+    with pytest.raises(openai.AuthenticationError):
+        openai.OpenAI(base_url=f"{server.url}/v1", api_key="wrong", max_retries=0).models.list()
+
+
+def test_a_full_queue_answers_503(served):
+    from tunelab.serve.app import Served
+    from tunelab.serve.engine import Engine
+
+    engine = Engine(served.engine.model, served.renderer.tokenizer, max_batch=1, max_waiting=0)
+    live = LiveServer(create_app(Served("run", engine, served.renderer, served.context)))
+    try:
+        body = {"model": "run", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
+        response = httpx.post(f"{live.url}/v1/chat/completions", json=body, timeout=30)
+        assert response.status_code == 503 and response.json()["error"]["code"] == "overloaded"
+    finally:
+        live.stop()
+        engine.close()
