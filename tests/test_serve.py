@@ -15,6 +15,7 @@ import openai
 import pytest
 
 from tunelab.config import load_config
+from tunelab.errors import ConfigError
 from tunelab.infer.generate import GenerationOptions, encode_prompts, generate_replies
 from tunelab.serve import create_app, load_served
 from tunelab.train.run import train_run
@@ -55,16 +56,24 @@ class LiveServer:
         self.thread.join(timeout=10)
 
 
+def train_tiny_run(model_dir, folder, name: str, answer: str, lr: float):
+    data = folder / f"{name}.jsonl"
+    data.write_text("".join(json.dumps({"question": p, "answer": answer}) + "\n" for p in PROMPTS * 3))
+    config = load_config(None, [f"model={model_dir}", f"data.train={data}", "data.eval_split=0",
+                                f"output_dir={folder / name}", "train.max_steps=20", "train.precision=fp32",
+                                f"train.lr={lr}", "eval.generate_samples=0"])
+    train_run(config)
+    return folder / name
+
+
 @pytest.fixture(scope="module")
 def run_dir(tiny_model_dir, tmp_path_factory):
-    folder = tmp_path_factory.mktemp("serve")
-    data = folder / "qa.jsonl"
-    data.write_text("".join(json.dumps({"question": p, "answer": "the answer is 42"}) + "\n" for p in PROMPTS * 3))
-    config = load_config(None, [f"model={tiny_model_dir}", f"data.train={data}", "data.eval_split=0",
-                                f"output_dir={folder / 'run'}", "train.max_steps=2", "train.precision=fp32",
-                                "eval.generate_samples=0"])
-    train_run(config)
-    return folder / "run"
+    return train_tiny_run(tiny_model_dir, tmp_path_factory.mktemp("serve"), "run", "the answer is 42", 3e-2)
+
+
+@pytest.fixture(scope="module")
+def other_run(tiny_model_dir, tmp_path_factory):
+    return train_tiny_run(tiny_model_dir, tmp_path_factory.mktemp("serve-other"), "other", "refund desk high", 3e-2)
 
 
 @pytest.fixture(scope="module")
@@ -93,13 +102,15 @@ def chat(client, prompt: str, **options):
 
 def test_a_served_reply_is_generates_reply(client, served):
     loaded_model = served.engine.model
-    replies = generate_replies(loaded_model, served.renderer, [[{"role": "user", "content": p}] for p in PROMPTS[:3]],
+    renderer = served.models["run"].renderer
+    replies = generate_replies(loaded_model, renderer, [[{"role": "user", "content": p}] for p in PROMPTS[:3]],
                                GenerationOptions(max_new_tokens=10))
+    assert all(replies)  # the run learnt to say something: equality below is not of empty strings
     for prompt, expected in zip(PROMPTS[:3], replies, strict=True):
         answer = chat(client, prompt)
         assert answer.choices[0].message.content.strip() == expected
         assert answer.choices[0].message.role == "assistant"
-        prompt_tokens = encode_prompts(served.renderer, [[{"role": "user", "content": prompt}]])["input_ids"].shape[1]
+        prompt_tokens = encode_prompts(renderer, [[{"role": "user", "content": prompt}]])["input_ids"].shape[1]
         assert answer.usage.prompt_tokens == prompt_tokens
         assert answer.usage.completion_tokens <= 10
         assert answer.usage.total_tokens == prompt_tokens + answer.usage.completion_tokens
@@ -179,8 +190,8 @@ def test_a_full_queue_answers_503(served):
     from tunelab.serve.app import Served
     from tunelab.serve.engine import Engine
 
-    engine = Engine(served.engine.model, served.renderer.tokenizer, max_batch=1, max_waiting=0)
-    live = LiveServer(create_app(Served("run", engine, served.renderer, served.context)))
+    engine = Engine(served.engine.model, served.models["run"].renderer.tokenizer, max_batch=1, max_waiting=0)
+    live = LiveServer(create_app(Served(served.models, engine, served.context)))
     try:
         body = {"model": "run", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
         response = httpx.post(f"{live.url}/v1/chat/completions", json=body, timeout=30)
@@ -188,3 +199,31 @@ def test_a_full_queue_answers_503(served):
     finally:
         live.stop()
         engine.close()
+
+
+def test_adapters_on_one_base_answer_as_each_run_alone(tiny_model_dir, run_dir, other_run):
+    from tunelab.infer.load import load_generator
+
+    conversations = [[{"role": "user", "content": p}] for p in PROMPTS[:4]]
+    options = GenerationOptions(max_new_tokens=8)
+    expected = {}
+    for name, spec in (("run", run_dir), ("other", other_run), (str(tiny_model_dir), tiny_model_dir)):
+        loaded = load_generator(spec)
+        expected[name] = generate_replies(loaded.model, loaded.renderer, conversations, options)
+    assert all(expected["run"]) and expected["run"] != expected["other"]  # the adapters differ: routing is visible
+    served = load_served(str(tiny_model_dir), adapters={"run": str(run_dir), "other": str(other_run)}, max_batch=6)
+    live = LiveServer(create_app(served))
+    try:
+        client = openai.OpenAI(base_url=f"{live.url}/v1", api_key="none", max_retries=0)
+        assert [m.id for m in client.models.list().data] == [str(tiny_model_dir), "run", "other"]
+        asked = [(name, i) for name in expected for i in range(4)] * 2
+        with ThreadPoolExecutor(max_workers=len(asked)) as pool:  # mixed adapters in the same batches
+            answers = list(pool.map(lambda job: client.chat.completions.create(
+                model=job[0], messages=conversations[job[1]], temperature=0, max_tokens=8), asked))
+        for (name, i), answer in zip(asked, answers, strict=True):
+            assert answer.choices[0].message.content.strip() == expected[name][i], (name, i)
+    finally:
+        live.stop()
+        served.engine.close()
+    with pytest.raises(ConfigError, match="not a tunelab run directory with an adapter"):
+        load_served(str(tiny_model_dir), adapters={"x": str(tiny_model_dir)})

@@ -11,7 +11,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from tunelab.errors import UserError
+from tunelab.errors import ConfigError, UserError
 
 app = typer.Typer(help="Fine-tune large language models end to end.", no_args_is_help=True, add_completion=False)
 models_app = typer.Typer(help="Named model presets: list and pull them.", no_args_is_help=True)
@@ -121,6 +121,8 @@ def chat(
 @app.command()
 def serve(
     model: str = typer.Argument(..., help="A run directory, preset, hub id, folder or .gguf file."),
+    adapter: list[str] = typer.Option(None, "--adapter", help="NAME=RUN: also serve this LoRA run (trained on the "
+                                      "same base) as model NAME, in the same batches (repeatable)."),
     host: str = typer.Option("127.0.0.1", help="Address to listen on (127.0.0.1: this machine only)."),
     port: int = typer.Option(8000),
     api_key: str | None = typer.Option(None, envvar="TUNELAB_API_KEY", help="Required as 'Authorization: Bearer "
@@ -136,13 +138,20 @@ def serve(
     from tunelab.serve import create_app, load_served
 
     try:
-        served = load_served(model, max_batch=max_batch, max_waiting=max_waiting)
+        adapters = {}
+        for option in adapter or []:
+            name, sep, run = option.partition("=")
+            if not sep or not name or not run:
+                raise ConfigError(f"'{option}' is not NAME=RUN", where="--adapter")
+            adapters[name] = run
+        served = load_served(model, adapters=adapters, max_batch=max_batch, max_waiting=max_waiting)
     except UserError as err:
         _fail(err)
     if host not in ("127.0.0.1", "localhost", "::1") and not api_key:
         console.print(f"[yellow]warning:[/] listening on {host} without --api-key: anyone who can reach this "
                       "port can use the model")
-    console.print(f"serving '{served.name}' on http://{host}:{port}/v1 (context {served.context} tokens)")
+    names = ", ".join(f"'{name}'" for name in served.models)
+    console.print(f"serving {names} on http://{host}:{port}/v1 (context {served.context} tokens)")
     try:
         uvicorn.run(create_app(served, api_key=api_key), host=host, port=port, log_level="warning")
     finally:

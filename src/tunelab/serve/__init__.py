@@ -4,21 +4,72 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from tunelab.serve.app import Served, create_app
+from tunelab.errors import ConfigError
+from tunelab.serve.app import Route, Served, create_app
 from tunelab.serve.engine import Engine
 
 __all__ = ["Served", "create_app", "load_served"]
 
+SHARED_BASE_METHODS = ("lora", "dora", "rslora")
+"""Runs that can share one base in a batch: PEFT applies a LoRA-family adapter per row (`adapter_names`)."""
 
-def load_served(spec: str, *, max_batch: int = 8, max_waiting: int = 64, device: str | None = None) -> Served:
-    """A run directory or model spec loaded for serving, named as clients must name it in `model`: the run
-    folder's name, or the spec as given."""
+
+def load_served(spec: str, *, adapters: dict[str, str] | None = None, max_batch: int = 8, max_waiting: int = 64,
+                device: str | None = None) -> Served:
+    """A run directory or model spec loaded for serving, named as clients must name it in `model` (the run
+    folder's name, or the spec as given), plus LoRA runs on the same base under the names given in `adapters`,
+    all answered by one model in memory: each request's rows use its own adapter (or none), in one batch."""
     from tunelab.infer.load import is_run_dir, load_generator
 
     loaded = load_generator(spec, device)
     path = Path(spec)
-    name = path.resolve().name if path.is_dir() and is_run_dir(path) else str(spec)
-    base = loaded.model.get_base_model() if hasattr(loaded.model, "get_base_model") else loaded.model
+    is_run = path.is_dir() and is_run_dir(path)
+    name = path.resolve().name if is_run else str(spec)
+    model = loaded.model
+    routes = {name: Route(loaded.renderer, "default" if hasattr(model, "peft_config") else None)}
+    if adapters:
+        model, routes = _with_adapters(loaded, spec, name, routes, adapters)
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
     context = int(getattr(base.config, "max_position_embeddings", 2048))
-    engine = Engine(loaded.model, loaded.tokenizer, max_batch=max_batch, max_waiting=max_waiting)
-    return Served(name, engine, loaded.renderer, context)
+    engine = Engine(model, loaded.tokenizer, max_batch=max_batch, max_waiting=max_waiting)
+    return Served(routes, engine, context)
+
+
+def _with_adapters(loaded, spec: str, name: str, routes: dict[str, Route], adapters: dict[str, str]):
+    """The served model with every --adapter run loaded onto its base, and a route for each."""
+    from peft import PeftModel
+
+    from tunelab.config import load_config
+    from tunelab.data.template import ChatRenderer
+    from tunelab.models.resolve import resolve_model
+
+    primary = loaded.run_config
+    if primary is not None and not hasattr(loaded.model, "peft_config"):
+        raise ConfigError(f"{spec} holds full weights, not an adapter: --adapter runs need the base model they "
+                          "were trained on (serve that, or a LoRA run of it)", where="--adapter")
+    if primary is not None and primary.method.name not in SHARED_BASE_METHODS:
+        raise ConfigError(f"{spec} is a {primary.method.name} run; only {', '.join(SHARED_BASE_METHODS)} runs share "
+                          "a base in one batch", where="--adapter")
+    base_path = resolve_model(primary.model if primary is not None else spec)
+    model = loaded.model
+    for adapter_name, run in adapters.items():
+        where = f"--adapter {adapter_name}={run}"
+        if adapter_name in routes:
+            raise ConfigError(f"the name '{adapter_name}' is already served", where=where)
+        run_dir = Path(run)
+        if not (run_dir / "adapter_config.json").is_file() or not (run_dir / "config.yaml").is_file():
+            raise ConfigError(f"{run} is not a tunelab run directory with an adapter", where=where)
+        config = load_config(run_dir / "config.yaml")
+        if config.method.name not in SHARED_BASE_METHODS:
+            raise ConfigError(f"it is a {config.method.name} run; only {', '.join(SHARED_BASE_METHODS)} runs share a "
+                              "base in one batch", where=where)
+        if resolve_model(config.model) != base_path:
+            raise ConfigError(f"it was trained on {config.model}, not on the served base {base_path}", where=where)
+        if isinstance(model, PeftModel):
+            model.load_adapter(str(run_dir), adapter_name=adapter_name, is_trainable=False)
+        else:
+            model = PeftModel.from_pretrained(model, str(run_dir), adapter_name=adapter_name, is_trainable=False)
+            routes = {key: Route(route.renderer, "__base__") for key, route in routes.items()}
+        routes[adapter_name] = Route(ChatRenderer(loaded.tokenizer, config.data.chat_template), adapter_name)
+    model.eval()
+    return model, routes

@@ -36,14 +36,26 @@ class ApiError(Exception):
         self.body = error_body(message, kind, param, code)
 
 
+@dataclass(frozen=True)
+class Route:
+    """What one name in `model` fields answers with: its chat template, and its adapter (None: the model as
+    loaded; `__base__`: the base with every adapter off)."""
+
+    renderer: ChatRenderer
+    adapter: str | None = None
+
+
 @dataclass
 class Served:
-    """The model behind the API: its name in `model` fields, engine, renderer and context length."""
+    """The models behind the API (by the name clients give in `model`), the engine and the context length."""
 
-    name: str
+    models: dict[str, Route]
     engine: Engine
-    renderer: ChatRenderer
     context: int
+
+    @property
+    def name(self) -> str:
+        return next(iter(self.models))
 
 
 def create_app(served: Served, *, api_key: str | None = None, max_body_bytes: int = MAX_BODY_BYTES) -> FastAPI:
@@ -79,26 +91,26 @@ def create_app(served: Served, *, api_key: str | None = None, max_body_bytes: in
 
     @app.get("/health")
     async def health() -> dict:
-        return {"status": "ok", "model": served.name, **served.engine.load}
+        return {"status": "ok", "models": list(served.models), **served.engine.load}
 
     @app.get("/v1/models")
     async def models() -> dict:
-        return {"object": "list", "data": [{"id": served.name, "object": "model", "created": created,
-                                            "owned_by": "tunelab"}]}
+        return {"object": "list", "data": [{"id": name, "object": "model", "created": created, "owned_by": "tunelab"}
+                                           for name in served.models]}
 
     @app.post("/v1/chat/completions")
     async def chat(body: ChatRequest):
-        _check_model(served, body.model)
+        route = _route(served, body.model)
         messages = [{"role": m.role, "content": m.text} for m in body.messages]
-        text = served.renderer.prompt(messages)
-        prompt = list(served.renderer.tokenizer(text, add_special_tokens=False)["input_ids"])
-        return await _answer(served, body, [prompt], chat=True)
+        text = route.renderer.prompt(messages)
+        prompt = list(route.renderer.tokenizer(text, add_special_tokens=False)["input_ids"])
+        return await _answer(served, route, body, [prompt], chat=True)
 
     @app.post("/v1/completions")
     async def completions(body: CompletionRequest):
-        _check_model(served, body.model)
-        prompts = [list(served.renderer.tokenizer(p)["input_ids"]) for p in body.prompts]
-        return await _answer(served, body, prompts, chat=False)
+        route = _route(served, body.model)
+        prompts = [list(route.renderer.tokenizer(p)["input_ids"]) for p in body.prompts]
+        return await _answer(served, route, body, prompts, chat=False)
 
     return app
 
@@ -108,13 +120,15 @@ def _describe(problem: dict) -> str:
     return f"{where}: {problem.get('msg', 'invalid')}"
 
 
-def _check_model(served: Served, name: str) -> None:
-    if name != served.name:
-        raise ApiError(404, f"the model '{name}' does not exist; this server serves '{served.name}'",
+def _route(served: Served, name: str) -> Route:
+    if name not in served.models:
+        raise ApiError(404, f"the model '{name}' does not exist; this server serves {', '.join(served.models)}",
                        param="model", code="model_not_found")
+    return served.models[name]
 
 
-async def _answer(served: Served, body: ChatRequest | CompletionRequest, prompts: list[list[int]], *, chat: bool):
+async def _answer(served: Served, route: Route, body: ChatRequest | CompletionRequest, prompts: list[list[int]], *,
+                  chat: bool):
     """Submit n completions per prompt and answer with the whole result, or stream it."""
     for prompt in prompts:
         if len(prompt) >= served.context:
@@ -134,7 +148,7 @@ async def _answer(served: Served, body: ChatRequest | CompletionRequest, prompts
             seed = None if body.seed is None else body.seed + copy
             sampling = Sampling(limit or served.context - len(prompt), body.temperature, body.top_p, body.stops, seed)
             requests.append(Request(
-                prompt, sampling,
+                prompt, sampling, route.adapter,
                 on_text=lambda text, c=choice: loop.call_soon_threadsafe(events.put_nowait, (c, text)),
                 on_done=lambda end, c=choice: loop.call_soon_threadsafe(events.put_nowait, (c, end))))
     try:
@@ -150,7 +164,7 @@ async def _answer(served: Served, body: ChatRequest | CompletionRequest, prompts
     created = int(time.time())
     if body.stream:
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
-        stream = _stream(served, events, requests, ident, created, kind, usage_prompt, include_usage, chat)
+        stream = _stream(body.model, events, requests, ident, created, kind, usage_prompt, include_usage, chat)
         return StreamingResponse(stream, media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
     finished: dict[int, Finished] = {}
@@ -173,19 +187,19 @@ async def _answer(served: Served, body: ChatRequest | CompletionRequest, prompts
         else:
             choices.append({"index": index, "text": end.text, "finish_reason": end.finish_reason, "logprobs": None})
     completion = sum(end.completion_tokens for end in finished.values())
-    return {"id": ident, "object": kind, "created": created, "model": served.name, "choices": choices,
+    return {"id": ident, "object": kind, "created": created, "model": body.model, "choices": choices,
             "usage": {"prompt_tokens": usage_prompt, "completion_tokens": completion,
                       "total_tokens": usage_prompt + completion}}
 
 
-async def _stream(served: Served, events: asyncio.Queue, requests: list[Request], ident: str, created: int,
+async def _stream(model: str, events: asyncio.Queue, requests: list[Request], ident: str, created: int,
                   kind: str, usage_prompt: int, include_usage: bool, chat: bool) -> AsyncIterator[str]:
     """Server-sent events as OpenAI sends them: the role first (chat), text deltas, each choice's finish_reason,
     a usage chunk when asked for, then [DONE]; every chunk carries the same id."""
     chunk_kind = "chat.completion.chunk" if chat else "text_completion"
 
     def chunk(choices: list[dict], **extra) -> str:
-        payload = {"id": ident, "object": chunk_kind, "created": created, "model": served.name,
+        payload = {"id": ident, "object": chunk_kind, "created": created, "model": model,
                    "choices": choices, **extra}
         return f"data: {json.dumps(payload, ensure_ascii=False)}\n\n"
 

@@ -51,6 +51,8 @@ class Request:
 
     prompt_ids: list[int]
     sampling: Sampling
+    adapter: str | None
+    """The adapter its rows run with (PEFT's `adapter_names`); None when the model has one or none."""
     on_text: Callable[[str], None]
     on_done: Callable[[Finished | BaseException], None]
     cancelled: threading.Event = field(default_factory=threading.Event)
@@ -145,7 +147,7 @@ class Engine:
         positions = (mask.cumsum(dim=1) - 1).clamp(min=0)
         cache = DynamicCache(config=self._config())
         out = self.model(input_ids=ids, attention_mask=mask, position_ids=positions, cache=cache, use_cache=True,
-                         logits_to_keep=1)
+                         logits_to_keep=1, **self._adapters(requests))
         logits = out.logits[:, -1].float()
         if not self._active:
             self._active, self._cache, self._mask, self._logits = list(requests), cache, mask, logits
@@ -181,7 +183,7 @@ class Engine:
         mask = torch.cat([self._mask, self._mask.new_ones(len(keep), 1)], dim=1)
         positions = self._mask.sum(dim=1, keepdim=True)
         out = self.model(input_ids=torch.tensor(tokens, device=self.device)[:, None], attention_mask=mask,
-                         position_ids=positions, cache=self._cache, use_cache=True)
+                         position_ids=positions, cache=self._cache, use_cache=True, **self._adapters(self._active))
         self._mask = mask
         self._logits = out.logits[:, -1].float()
 
@@ -239,6 +241,13 @@ class Engine:
             self._mask = self._mask[:, start:]
             for layer in self._cache.layers:
                 layer.keys, layer.values = layer.keys[:, :, start:], layer.values[:, :, start:]
+
+    def _adapters(self, requests: list[Request]) -> dict:
+        """PEFT's per-row adapter choice, when rows may differ (several adapters on one base)."""
+        names = [r.adapter for r in requests]
+        if len(getattr(self.model, "peft_config", {})) < 2 or all(n in (None, "default") for n in names):
+            return {}
+        return {"adapter_names": [n or "__base__" for n in names]}
 
     def _config(self):
         base = self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
