@@ -193,6 +193,39 @@ def merge(
     console.print(f"merged model saved to {output}")
 
 
+@app.command()
+def export(
+    model: str = typer.Argument(..., help="A run directory (its adapter is folded in), preset, folder or .gguf."),
+    format: str = typer.Option("gguf", "--format", help="gguf (llama.cpp, Ollama, LM Studio) or safetensors."),
+    quant: str = typer.Option("f16", help="GGUF type: f32, f16, bf16, q8_0, q4_0; k-quants (q4_k_m, ...) with "
+                              "llama.cpp's llama-quantize on PATH."),
+    output: Path | None = typer.Option(None, "--output", "-o", help="File (gguf) or folder (safetensors); default: "
+                                       "in the run directory."),
+) -> None:
+    """Write a model for other tools and check it: the GGUF file is loaded back and compared with the source
+    (next-token logits, greedy replies on held-out prompts); exit code 1 when the check fails."""
+    _quiet_libraries()
+    try:
+        if format == "safetensors":
+            from tunelab.infer.merge import merge_adapter
+
+            folder = merge_adapter(Path(model), output or Path(model) / "merged")
+            console.print(f"wrote {folder}")
+            return
+        if format != "gguf":
+            raise ConfigError(f"unknown format '{format}'; gguf or safetensors", where="--format")
+        from tunelab.infer.gguf_export import export_gguf
+
+        check = export_gguf(model, output, quant)
+    except UserError as err:
+        _fail(err)
+    for warning in check.warnings:
+        console.print(f"[yellow]warning:[/] {warning}")
+    console.print(f"wrote {check.file} ({check.size_mb:.1f} MB); {check.summary()} -> {check.file}.check.json")
+    if not check.passed:
+        raise typer.Exit(1)
+
+
 @app.command("eval")
 def eval_command(
     model: str = typer.Argument(..., help="A run directory, preset, hub id, folder or .gguf file."),

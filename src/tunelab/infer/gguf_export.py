@@ -1,0 +1,311 @@
+"""`tunelab export --format gguf`: a run (its adapter folded in) or a model as one GGUF file for llama.cpp,
+Ollama and LM Studio, written with the `gguf` package (no llama.cpp checkout or compiler), then verified.
+
+What llama.cpp's converter does that is easy to miss, done here: q and k projection rows permuted into
+llama.cpp's rotary layout; 1-D tensors (norms) kept in F32; the tokenizer written as llama.cpp reads it (BPE
+vocabulary with token types, merges, the pre-tokenizer name, BOS/EOS/pad ids, add_bos) and the chat template
+the run trained with. Only Llama-architecture models are exported (the default model is one); others are
+refused with the reason. K-quants need llama.cpp's `llama-quantize`, used when on PATH, never a silent
+fallback.
+
+Every export is checked by loading the file back (transformers' GGUF loader) and comparing next-token logits
+and greedy replies with the source model on held-out prompts; the numbers are printed and written beside the
+file (`<file>.check.json`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+import subprocess
+import tempfile
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from tunelab.errors import ConfigError, ModelError
+
+DIRECT_QUANTS = ("f32", "f16", "bf16", "q8_0", "q4_0")
+"""Written by tunelab itself (gguf's numpy quantisers)."""
+K_QUANTS = ("q2_k", "q3_k_m", "q4_k_m", "q5_k_m", "q6_k")
+"""Need llama.cpp's llama-quantize (from an f16 file)."""
+LLAMA_TYPES = ("llama",)
+
+PRE_TOKENIZERS = {
+    # sha256 of tokenizer.json's pre_tokenizer (sorted JSON) -> llama.cpp's pre-tokenizer with the same splits.
+    # GPT-2's byte-level regex alone: what transformers builds when it reads SmolLM2's GGUF (the default model's
+    # tokenizer, so what tunelab trained with); llama.cpp's `gpt2` splits text the same way.
+    "baad9354616c54e28804f1ac4dc6f27c3032867d2da3f9106a8d12ac859680f0": "gpt2",
+    # Digits one by one, then GPT-2's regex: SmolLM's own tokenizer.json; llama.cpp's `smollm`.
+    "88e46f2b7ff38881b25bdcbd53c00c71a177d17bb9af73bec520e942c76aee6c": "smollm",
+}
+"""Pre-tokenizers llama.cpp knows by name; others are written as `default` with a warning in the check."""
+
+CHECK_TOLERANCE = {"f32": 1e-3, "f16": 0.1, "bf16": 0.5, "q8_0": 1.5, "q4_0": 16.0}
+"""Largest next-token logit difference the check accepts, by type (the default model's logits span ~30; measured
+on runs/support-lora: f16 0.03, q8_0 0.87, q4_0 14.1, which is why q4_0 is the lossy choice). f32 and f16 must
+also give the same greedy replies."""
+
+
+@dataclass
+class ExportCheck:
+    """What loading the file back showed, against the source model."""
+
+    file: str
+    quant: str
+    size_mb: float
+    prompts: int
+    max_logit_difference: float
+    tolerance: float
+    same_next_token: int
+    same_greedy_reply: int
+    greedy_tokens: int
+    warnings: list[str] = field(default_factory=list)
+
+    @property
+    def passed(self) -> bool:
+        exact = self.quant in ("f32", "f16")
+        return self.max_logit_difference <= self.tolerance and (not exact or self.same_greedy_reply == self.prompts)
+
+    def summary(self) -> str:
+        verdict = "passed" if self.passed else "FAILED"
+        return (f"check {verdict}: on {self.prompts} held-out prompts, largest next-token logit difference "
+                f"{self.max_logit_difference:.3g} (tolerance {self.tolerance:g}), same next token "
+                f"{self.same_next_token}/{self.prompts}, same greedy reply ({self.greedy_tokens} tokens) "
+                f"{self.same_greedy_reply}/{self.prompts}")
+
+
+def export_gguf(spec: str, output: Path | None, quant: str = "f16", *, check_prompts: list[list[dict]] | None = None,
+                greedy_tokens: int = 32) -> ExportCheck:
+    """Write `spec` (a run directory or model) as GGUF in `quant`, load it back and compare; returns the check
+    (also written to `<output>.check.json`). Raises ConfigError for what cannot be exported."""
+    quant = quant.lower()
+    if quant not in DIRECT_QUANTS + K_QUANTS:
+        raise ConfigError(f"unknown quantisation '{quant}'; one of {', '.join(DIRECT_QUANTS + K_QUANTS)}",
+                          where="--quant")
+    quantize_tool = shutil.which("llama-quantize") if quant in K_QUANTS else None
+    if quant in K_QUANTS and quantize_tool is None:
+        raise ConfigError(f"{quant} is a llama.cpp k-quant: it needs llama.cpp's llama-quantize on PATH (not found); "
+                          f"export {', '.join(DIRECT_QUANTS)} without it", where="--quant")
+    model, tokenizer, renderer, name, run_dir = _source(spec)
+    config = model.config
+    if config.model_type not in LLAMA_TYPES:
+        raise ConfigError(f"GGUF export writes Llama-architecture models; {spec} is '{config.model_type}'",
+                          where=str(spec))
+    if getattr(config, "attention_bias", False) or getattr(config, "mlp_bias", False):
+        raise ConfigError("GGUF export of Llama models with bias terms is not supported", where=str(spec))
+    output = Path(output) if output else (run_dir or Path.cwd()) / f"{name}-{quant}.gguf"
+    output.parent.mkdir(parents=True, exist_ok=True)
+    warnings: list[str] = []
+    partial = output.with_name(output.name + ".partial")
+    if quant in K_QUANTS:
+        f16 = output.with_name(output.stem + ".f16.partial")
+        _write(model, tokenizer, renderer.template, f16, "f16", name, warnings)
+        done = subprocess.run([quantize_tool, str(f16), str(partial), quant.upper()], capture_output=True, text=True)
+        f16.unlink(missing_ok=True)
+        if done.returncode != 0:
+            partial.unlink(missing_ok=True)
+            raise ModelError(f"llama-quantize failed: {done.stderr.strip()[-500:]}", where=str(output))
+    else:
+        _write(model, tokenizer, renderer.template, partial, quant, name, warnings)
+    partial.replace(output)
+    check = verify_gguf(output, model, renderer, quant, check_prompts or _held_out_prompts(run_dir), greedy_tokens)
+    check.warnings = warnings
+    Path(f"{output}.check.json").write_text(json.dumps({**asdict(check), "passed": check.passed}, indent=1))
+    return check
+
+
+def _source(spec: str):
+    """(model in float32 with any adapter folded in, tokenizer, renderer of the run's template, name, run dir)."""
+    from tunelab.infer.load import is_run_dir, load_generator
+
+    path = Path(spec)
+    loaded = load_generator(spec, "cpu")
+    model = loaded.model
+    if hasattr(model, "peft_config"):
+        if loaded.run_config is not None and loaded.run_config.method.name == "qlora":
+            raise ConfigError("a QLoRA run folds into its 4-bit base here; export it after `tunelab merge` "
+                              "(which merges into the full-precision base)", where=str(spec))
+        model = model.merge_and_unload()
+    if not hasattr(model, "get_output_embeddings") or model.get_output_embeddings() is None:
+        raise ConfigError(f"{spec} has no language-model head to export", where=str(spec))
+    model = model.float().eval()
+    run_dir = path if path.is_dir() and is_run_dir(path) else None
+    name = path.resolve().name if run_dir else Path(str(spec)).name
+    return model, loaded.tokenizer, loaded.renderer, name, run_dir
+
+
+def _write(model, tokenizer, chat_template: str, path: Path, quant: str, name: str, warnings: list[str]) -> None:
+    import gguf
+
+    config = model.config
+    qtype, file_type = _types(quant)
+    writer = gguf.GGUFWriter(str(path), "llama")
+    heads, kv_heads = config.num_attention_heads, config.num_key_value_heads
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+    rope = getattr(config, "rope_parameters", None) or {}
+    if rope.get("rope_type", "default") != "default":
+        raise ConfigError(f"rope scaling '{rope.get('rope_type')}' is not exported yet", where="export")
+    writer.add_name(name)
+    writer.add_context_length(config.max_position_embeddings)
+    writer.add_embedding_length(config.hidden_size)
+    writer.add_block_count(config.num_hidden_layers)
+    writer.add_feed_forward_length(config.intermediate_size)
+    writer.add_head_count(heads)
+    writer.add_head_count_kv(kv_heads)
+    writer.add_rope_freq_base(float(rope.get("rope_theta", getattr(config, "rope_theta", 10000.0))))
+    writer.add_layer_norm_rms_eps(float(config.rms_norm_eps))
+    writer.add_vocab_size(config.vocab_size)
+    writer.add_rope_dimension_count(head_dim)
+    writer.add_file_type(file_type)
+    writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
+    _add_tokenizer(writer, tokenizer, chat_template, warnings)
+    tied = bool(getattr(config, "tie_word_embeddings", False))
+    for hf_name, tensor in model.state_dict().items():
+        gguf_name = _tensor_name(hf_name)
+        if gguf_name is None:
+            if hf_name == "lm_head.weight" and tied:
+                continue  # llama.cpp uses token_embd when output is absent
+            raise ModelError(f"no GGUF name for tensor {hf_name}", where="export")
+        data = tensor.detach().float().numpy()
+        if gguf_name.endswith("attn_q.weight"):
+            data = _permute(data, heads, heads)
+        elif gguf_name.endswith("attn_k.weight"):
+            data = _permute(data, heads, kv_heads)
+        if data.ndim == 1 or quant == "f32":
+            writer.add_tensor(gguf_name, data.astype(np.float32))
+        elif quant == "f16":
+            writer.add_tensor(gguf_name, data.astype(np.float16))
+        else:
+            writer.add_tensor(gguf_name, gguf.quants.quantize(data, qtype), raw_dtype=qtype)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+
+
+def _types(quant: str):
+    import gguf
+
+    return {
+        "f32": (gguf.GGMLQuantizationType.F32, gguf.LlamaFileType.ALL_F32),
+        "f16": (gguf.GGMLQuantizationType.F16, gguf.LlamaFileType.MOSTLY_F16),
+        "bf16": (gguf.GGMLQuantizationType.BF16, gguf.LlamaFileType.MOSTLY_BF16),
+        "q8_0": (gguf.GGMLQuantizationType.Q8_0, gguf.LlamaFileType.MOSTLY_Q8_0),
+        "q4_0": (gguf.GGMLQuantizationType.Q4_0, gguf.LlamaFileType.MOSTLY_Q4_0),
+    }[quant]
+
+
+_LAYER_NAMES = {
+    "input_layernorm": "attn_norm", "self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k",
+    "self_attn.v_proj": "attn_v", "self_attn.o_proj": "attn_output", "post_attention_layernorm": "ffn_norm",
+    "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up", "mlp.down_proj": "ffn_down",
+}
+
+
+def _tensor_name(hf_name: str) -> str | None:
+    """llama.cpp's name for a transformers Llama tensor."""
+    if hf_name == "model.embed_tokens.weight":
+        return "token_embd.weight"
+    if hf_name == "model.norm.weight":
+        return "output_norm.weight"
+    parts = hf_name.split(".")
+    if hf_name.startswith("model.layers.") and parts[-1] == "weight":
+        short = _LAYER_NAMES.get(".".join(parts[3:-1]))
+        return f"blk.{parts[2]}.{short}.weight" if short else None
+    return None
+
+
+def _permute(weights: np.ndarray, heads: int, kv_heads: int) -> np.ndarray:
+    """Rows of a q or k projection from transformers' rotary layout (halves) to llama.cpp's (interleaved pairs),
+    as llama.cpp's converter permutes them."""
+    groups = kv_heads if kv_heads != heads else heads
+    shape = weights.shape
+    return weights.reshape(groups, 2, shape[0] // groups // 2, *shape[1:]).swapaxes(1, 2).reshape(shape)
+
+
+def _add_tokenizer(writer, tokenizer, chat_template: str, warnings: list[str]) -> None:
+    """A byte-level BPE tokenizer as llama.cpp's `gpt2` model: tokens by id with types, merges, pre-tokenizer,
+    special ids and the chat template."""
+    import gguf
+
+    definition = json.loads(tokenizer.backend_tokenizer.to_str())
+    if definition.get("model", {}).get("type") != "BPE":
+        raise ConfigError("GGUF export writes byte-level BPE tokenizers (tokenizer.json); this one is "
+                          f"{definition.get('model', {}).get('type')}", where="export")
+    vocab = tokenizer.get_vocab()
+    size = max(vocab.values()) + 1
+    tokens = [f"[PAD{i}]" for i in range(size)]
+    types = [gguf.TokenType.UNUSED] * size
+    special = {token["id"]: token["special"] for token in definition.get("added_tokens", [])}
+    for token, index in vocab.items():
+        tokens[index] = token
+        types[index] = (gguf.TokenType.CONTROL if special.get(index) else
+                        gguf.TokenType.USER_DEFINED if index in special else gguf.TokenType.NORMAL)
+    writer.add_tokenizer_model("gpt2")
+    pre_json = json.dumps(definition.get("pre_tokenizer"), sort_keys=True).encode()
+    pre = PRE_TOKENIZERS.get(hashlib.sha256(pre_json).hexdigest())
+    if pre is None:
+        pre = "default"
+        warnings.append("the tokenizer's pre-tokenizer is not one llama.cpp knows by name here: written as "
+                        "'default', so llama.cpp may split text differently from transformers")
+    writer.add_tokenizer_pre(pre)
+    writer.add_token_list(tokens)
+    writer.add_token_types(types)
+    merges = definition["model"].get("merges", [])
+    writer.add_token_merges([m if isinstance(m, str) else " ".join(m) for m in merges])
+    for setter, token_id in ((writer.add_bos_token_id, tokenizer.bos_token_id),
+                             (writer.add_eos_token_id, tokenizer.eos_token_id),
+                             (writer.add_unk_token_id, tokenizer.unk_token_id),
+                             (writer.add_pad_token_id, tokenizer.pad_token_id)):
+        if token_id is not None:
+            setter(int(token_id))
+    writer.add_add_bos_token(bool(getattr(tokenizer, "add_bos_token", False)))
+    writer.add_chat_template(chat_template)
+
+
+def verify_gguf(path: Path, source, renderer, quant: str, prompts: list[list[dict]], greedy_tokens: int
+                ) -> ExportCheck:
+    """Load `path` back and compare it with `source` on `prompts`: next-token logits and greedy replies."""
+    from transformers import AutoModelForCausalLM
+
+    from tunelab.infer.generate import GenerationOptions, encode_prompts, generate_replies
+
+    with tempfile.TemporaryDirectory() as folder:  # the loader wants a folder; a link keeps the file in place
+        link = Path(folder) / path.name
+        link.symlink_to(path.resolve())
+        try:
+            loaded = AutoModelForCausalLM.from_pretrained(folder, gguf_file=path.name, dtype=torch.float32).eval()
+        except Exception as err:
+            raise ModelError(f"the exported file does not load back: {err}", where=str(path)) from None
+    loaded.generation_config = source.generation_config
+    worst, same_next = 0.0, 0
+    with torch.no_grad():
+        for conversation in prompts:
+            ids = encode_prompts(renderer, [conversation])["input_ids"]
+            expected = source(input_ids=ids).logits[0, -1]
+            got = loaded(input_ids=ids).logits[0, -1]
+            worst = max(worst, float((expected - got).abs().max()))
+            same_next += int(expected.argmax() == got.argmax())
+    options = GenerationOptions(max_new_tokens=greedy_tokens)
+    replies = generate_replies(source, renderer, prompts, options)
+    exported = generate_replies(loaded, renderer, prompts, options)
+    return ExportCheck(str(path), quant, round(path.stat().st_size / 2**20, 1), len(prompts), worst,
+                       CHECK_TOLERANCE.get(quant, 8.0), same_next, sum(a == b for a, b in zip(replies, exported,
+                                                                                              strict=True)),
+                       greedy_tokens)
+
+
+def _held_out_prompts(run_dir: Path | None, count: int = 8) -> list[list[dict]]:
+    """The run's held-out prompts (samples.jsonl), else a few fixed ones."""
+    if run_dir is not None and (run_dir / "samples.jsonl").is_file():
+        rows = [json.loads(line) for line in (run_dir / "samples.jsonl").read_text().splitlines()[:count]]
+        prompts = [row["prompt"] for row in rows if isinstance(row.get("prompt"), list)]
+        if prompts:
+            return prompts
+    questions = ["What is the capital of France?", "Write a haiku about the sea.", "List three prime numbers.",
+                 "Explain what a GPU is in one sentence."]
+    return [[{"role": "user", "content": q}] for q in questions]
