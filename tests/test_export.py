@@ -1,0 +1,106 @@
+"""GGUF export of a real (tiny) LoRA run: written with the gguf package, loaded back, and compared with the run;
+the metadata llama.cpp reads; refusals for what cannot be exported."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from typer.testing import CliRunner
+
+from tunelab.cli import app
+from tunelab.config import load_config
+from tunelab.errors import ConfigError
+from tunelab.infer import gguf_export
+from tunelab.infer.gguf_export import export_gguf
+from tunelab.train.run import train_run
+
+
+@pytest.fixture(scope="module")
+def run_dir(tiny_model_dir, tmp_path_factory):
+    folder = tmp_path_factory.mktemp("export")
+    data = folder / "qa.jsonl"
+    data.write_text("".join(json.dumps({"question": f"question {i}?", "answer": f"the answer is {i}"}) + "\n"
+                            for i in range(24)))
+    config = load_config(None, [f"model={tiny_model_dir}", f"data.train={data}", "data.eval_split=0.25",
+                                f"output_dir={folder / 'run'}", "train.max_steps=8", "train.lr=3e-2",
+                                "train.precision=fp32", "eval.generate_samples=4", "eval.max_new_tokens=8"])
+    train_run(config)
+    return folder / "run"
+
+
+def test_an_f16_gguf_answers_like_the_run_and_carries_what_llama_cpp_reads(run_dir, tmp_path):
+    import gguf
+
+    from tunelab.infer.load import load_generator
+
+    out = tmp_path / "run-f16.gguf"
+    result = CliRunner().invoke(app, ["export", str(run_dir), "--quant", "f16", "--output", str(out)])
+    assert result.exit_code == 0, result.output
+    assert "check passed" in result.output
+    check = json.loads((tmp_path / "run-f16.gguf.check.json").read_text())
+    assert check["passed"] and check["same_greedy_reply"] == check["prompts"] == 4  # the run's held-out prompts
+    assert check["max_logit_difference"] <= check["tolerance"]
+    reader = gguf.GGUFReader(str(out))
+    fields = {name: field.contents() for name, field in reader.fields.items()
+              if not name.startswith("tokenizer.ggml.") or name.endswith(("model", "pre", "_token_id"))}
+    assert fields["general.architecture"] == "llama" and fields["tokenizer.ggml.model"] == "gpt2"
+    loaded = load_generator(str(run_dir))
+    assert fields["tokenizer.chat_template"] == loaded.renderer.template
+    assert fields["tokenizer.ggml.eos_token_id"] == loaded.tokenizer.eos_token_id
+    assert fields["llama.attention.head_count_kv"] == 2 and fields["llama.block_count"] == 2
+    tensors = {t.name: t for t in reader.tensors}
+    assert "output.weight" not in tensors  # tied to token_embd, as llama.cpp expects
+    assert tensors["blk.0.attn_norm.weight"].tensor_type == gguf.GGMLQuantizationType.F32
+    assert tensors["blk.0.attn_q.weight"].tensor_type == gguf.GGMLQuantizationType.F16
+    assert len(tensors) == 2 + 2 * 9
+
+
+def test_without_the_rotary_permutation_the_check_fails(tmp_path, monkeypatch):
+    import torch
+
+    from conftest import build_tiny_model, build_tokenizer
+
+    # Sharp attention (large q, k), so that rotating the wrong pairs of dimensions shows in the logits.
+    tokenizer = build_tokenizer()
+    model = build_tiny_model(len(tokenizer), seed=3)
+    with torch.no_grad():
+        for layer in model.model.layers:
+            layer.self_attn.q_proj.weight.mul_(12)
+            layer.self_attn.k_proj.weight.mul_(12)
+    folder = tmp_path / "sharp"
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    assert export_gguf(str(folder), tmp_path / "permuted.gguf", "f16").passed
+    monkeypatch.setattr(gguf_export, "_permute", lambda weights, heads, kv_heads: weights)
+    check = export_gguf(str(folder), tmp_path / "unpermuted.gguf", "f16")
+    assert not check.passed and check.max_logit_difference > check.tolerance and check.same_greedy_reply < 4
+
+
+def test_q8_0_stays_within_its_tolerance(run_dir, tmp_path):
+    check = export_gguf(str(run_dir), tmp_path / "run-q8.gguf", "q8_0")
+    assert check.passed and check.same_next_token == check.prompts
+    assert check.size_mb < (tmp_path / "run-q8.gguf").stat().st_size / 2**20 + 0.1
+
+
+def test_what_cannot_be_exported_is_refused(run_dir, tmp_path, monkeypatch):
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    from conftest import build_tokenizer
+
+    monkeypatch.setattr(gguf_export.shutil, "which", lambda name: None)
+    with pytest.raises(ConfigError, match="llama-quantize on PATH"):
+        export_gguf(str(run_dir), tmp_path / "k.gguf", "q4_k_m")
+    with pytest.raises(ConfigError, match="unknown quantisation"):
+        export_gguf(str(run_dir), tmp_path / "x.gguf", "q3")
+    tokenizer = build_tokenizer()
+    qwen = Qwen2ForCausalLM(Qwen2Config(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64,
+                                        num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1))
+    folder = tmp_path / "qwen"
+    qwen.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    with pytest.raises(ConfigError, match="Llama-architecture models; .* is 'qwen2'"):
+        export_gguf(str(folder), tmp_path / "qwen.gguf", "f16")
+    result = CliRunner().invoke(app, ["export", str(folder), "--output", str(tmp_path / "q.gguf")])
+    assert result.exit_code == 2 and "Llama-architecture" in result.output
+    assert not (tmp_path / "q.gguf").exists()
