@@ -438,3 +438,30 @@ def test_one_pass_over_each_prompt_scores_its_group_as_whole_rows_do(tiny_tokeni
         torch.testing.assert_close(grad, param.grad, rtol=1e-4, atol=1e-5)
     enable_activation_checkpointing(model, 1)  # its layers would drop the shared cache: whole rows again
     assert objective.rows_per_item(model) == objective.config.group_size
+
+
+def test_data_inspect_reports_prompt_rows_with_the_runs_completion_room(tiny_model_dir, tmp_path):
+    import yaml
+    from typer.testing import CliRunner
+
+    from tunelab.cli import app
+
+    rows = [{"prompt": "what is 1 plus 2?", "answer": "3"}, {"prompt": "the quick brown fox " * 12},
+            {"prompt": "what is 1 plus 2?", "answer": "3", "topic": "sums"}, {"prompt": "name a colour"}]
+    data = tmp_path / "prompts.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows) + '{"answer": "no prompt"}\n')
+    config = tmp_path / "grpo.yaml"
+    config.write_text(yaml.safe_dump({
+        "model": str(tiny_model_dir), "data": {"train": str(data), "max_length": 64, "overlong": "drop"},
+        "objective": {"name": "grpo", "rewards": ["exact_match"], "max_new_tokens": 24},
+        "output_dir": str(tmp_path / "run")}))
+    result = CliRunner().invoke(app, ["data", "inspect", str(config), "--json"])
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.output)
+    assert report["kind"] == "prompts" and report["valid_rows"] == 4 and report["invalid_rows"] == 1
+    assert "prompts.jsonl:5: missing field 'prompt'" in report["problems"][0]
+    assert report["max_length"]["completion_tokens"] == 24 and report["max_length"]["too_long_rows"] == 1
+    assert report["columns"] == {"answer": 2, "topic": 1}
+    assert report["duplicates"]["rows"] == 1
+    text = CliRunner().invoke(app, ["data", "inspect", str(data), "--samples", "1"]).output
+    assert "tokens per prompt (4 valid training prompts)" in text and "answer (2)" in text

@@ -337,8 +337,10 @@ def data_inspect(
         spec = model or (run_config.model if run_config else "smollm2-135m-instruct")
         tokenizer = load_tokenizer(resolve_model(spec))
         seed = run_config.train.seed if run_config else None
+        grpo = run_config is not None and run_config.objective.name == "grpo"
         report = inspect_data(target, tokenizer=tokenizer, data_config=data_config, seed=seed,
-                              samples_to_show=samples)
+                              samples_to_show=samples,
+                              completion_tokens=run_config.objective.max_new_tokens if grpo else 0)
     except UserError as err:
         _fail(err)
     if histogram is not None:

@@ -32,6 +32,7 @@ from tunelab.data.template import (
 
 if TYPE_CHECKING:
     from tunelab.data.inspect_pairs import PairInspectReport
+    from tunelab.data.inspect_prompts import PromptInspectReport
 
 __all__ = ["InspectReport", "inspect_data", "is_run_config", "length_stats", "render_text", "write_length_histogram"]
 
@@ -195,13 +196,21 @@ def inspect_data(
     data_config: DataConfig | None = None,
     seed: int | None = None,
     samples_to_show: int = 2,
-) -> InspectReport | PairInspectReport:
+    completion_tokens: int = 0,
+) -> InspectReport | PairInspectReport | PromptInspectReport:
     """What training would see in `target`: a data file (read with `data_config`'s settings), or a run config
     whose data.train sources are inspected (its own data section and train.seed unless given here).
-    Preference and feedback data get a PairInspectReport (see inspect_pairs.py).
+    Preference and feedback data get a PairInspectReport (see inspect_pairs.py), prompt-only rows a
+    PromptInspectReport (inspect_prompts.py; `completion_tokens` is the room a GRPO run leaves for completions).
     Raises DataError only when a whole file is unusable (missing, unknown type, undetectable format)."""
     config, seed = _settings(target, data_config, seed)
-    if data_kind(config) != "sft":
+    kind = data_kind(config)
+    if kind == "prompts":
+        from tunelab.data.inspect_prompts import inspect_prompts  # it builds on this module
+
+        return inspect_prompts(target, config, seed, tokenizer=tokenizer, samples_to_show=samples_to_show,
+                               completion_tokens=completion_tokens)
+    if kind != "sft":
         from tunelab.data.inspect_pairs import inspect_pairs  # it builds on this module
 
         return inspect_pairs(target, config, seed, tokenizer=tokenizer, samples_to_show=samples_to_show)

@@ -4,6 +4,7 @@ and feedback data) as text, with trained tokens marked, and the token-length his
 from __future__ import annotations
 
 import itertools
+import json
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -12,6 +13,7 @@ from tunelab.data.template import IGNORE_INDEX
 if TYPE_CHECKING:
     from tunelab.data.inspect import InspectReport, LengthStats
     from tunelab.data.inspect_pairs import PairInspectReport
+    from tunelab.data.inspect_prompts import PromptInspectReport
 
 LISTED = 10
 """How many problems, duplicate groups and overlaps the text rendering and the JSON list."""
@@ -33,6 +35,8 @@ def token_segments(tokenizer, input_ids: list[int], labels: list[int]) -> list[t
 
 def render_text(report: InspectReport | PairInspectReport, *, color: bool = False, limit: int = LISTED) -> str:
     """The report for people. Trained tokens of the shown samples are green with `color`, else `[[...]]`."""
+    if report.kind == "prompts":
+        return render_prompts_text(report, color=color, limit=limit)
     if report.kind != "sft":
         return render_pairs_text(report, color=color, limit=limit)
     bold, dim, reset = (_ANSI_BOLD, _ANSI_DIM, _ANSI_RESET) if color else ("", "", "")
@@ -128,6 +132,28 @@ def render_pairs_text(report: PairInspectReport, *, color: bool = False, limit: 
                     f"{dim}... {reply.cut_tokens} more token(s) beyond data.max_length="
                     f"{report.max_length} (overlong: {report.overlong}){reset}"
                 )
+    return "\n".join(lines)
+
+
+def render_prompts_text(report: PromptInspectReport, *, color: bool = False, limit: int = LISTED) -> str:
+    """The prompt-only report for people: prompt lengths, the room left for completions, the columns rewards can
+    read, and each shown prompt as the model sees it."""
+    bold, dim, reset = (_ANSI_BOLD, _ANSI_DIM, _ANSI_RESET) if color else ("", "", "")
+    lines = _header(report, bold, reset, limit)
+    lines.append(f"{bold}tokens per prompt{reset} ({report.valid_rows} valid training prompts):")
+    lines += _stats_table([("prompt", report.tokens["prompt"])])
+    room = f"max_new_tokens={report.completion_tokens}" if report.completion_tokens else "no completion room known"
+    lines.append(f"data.max_length={report.max_length} ({room}): {len(report.too_long)} prompt(s) leave no room; "
+                 + ("training stops on them (data.overlong: error)" if report.overlong == "error"
+                    else "training drops them (prompts are never cut)"))
+    lines += _listed(report.too_long, limit)
+    shown = ", ".join(f"{name} ({count})" for name, count in report.columns.items()) or "none"
+    lines.append(f"other columns, rows with a value (what rewards can read): {shown}")
+    lines += _duplicates_and_overlap(report, report.eval_rows, limit)
+    for sample in report.samples:
+        lines += ["", f"{bold}row {sample.where}{reset} {dim}({sample.prompt_tokens} tokens){reset}", sample.prompt]
+        if sample.columns:
+            lines.append(f"{dim}columns: {json.dumps(sample.columns, ensure_ascii=False)[:300]}{reset}")
     return "\n".join(lines)
 
 
