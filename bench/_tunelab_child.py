@@ -61,6 +61,9 @@ def overrides(spec: dict) -> list[str]:
 
 def batching(spec: dict, summary: dict) -> str:
     """How tunelab laid out its batches, from what the run computed (padding-free on its matmul attention)."""
+    if spec.get("objective") == "grpo":
+        return ("each prompt run once for its group (its KV cache shared by the completions, in the update too), "
+                "completions sampled from a merged bf16 copy")
     if summary.get("non_padding_fraction") == 1.0:
         return ("padding-free: each batch one row of its samples (packed rows first, when packing), attention "
                 "within each sample")

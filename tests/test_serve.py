@@ -17,7 +17,7 @@ import pytest
 from tunelab.config import load_config
 from tunelab.errors import ConfigError
 from tunelab.infer.generate import GenerationOptions, encode_prompts, generate_replies
-from tunelab.serve import create_app, load_served
+from tunelab.infer.serve import create_app, load_served
 from tunelab.train.run import train_run
 
 KEY = "test-key"
@@ -187,8 +187,8 @@ def test_bad_requests_get_openai_errors_not_tracebacks(server, client):
 
 
 def test_a_full_queue_answers_503(served):
-    from tunelab.serve.app import Served
-    from tunelab.serve.engine import Engine
+    from tunelab.infer.serve.app import Served
+    from tunelab.infer.serve.engine import Engine
 
     engine = Engine(served.engine.model, served.models["run"].renderer.tokenizer, max_batch=1, max_waiting=0)
     live = LiveServer(create_app(Served(served.models, engine, served.context)))

@@ -135,7 +135,7 @@ def serve(
     _quiet_libraries()
     import uvicorn
 
-    from tunelab.serve import create_app, load_served
+    from tunelab.infer.serve import create_app, load_served
 
     try:
         adapters = {}

@@ -22,8 +22,8 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
 
 from tunelab.data.template import ChatRenderer
-from tunelab.serve.engine import Engine, Finished, QueueFull, Request, Sampling
-from tunelab.serve.protocol import ChatRequest, CompletionRequest, error_body
+from tunelab.infer.serve.engine import Engine, Finished, QueueFull, Request, Sampling
+from tunelab.infer.serve.protocol import ChatRequest, CompletionRequest, error_body
 
 MAX_BODY_BYTES = 4 * 2**20
 

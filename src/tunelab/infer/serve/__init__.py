@@ -5,8 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 
 from tunelab.errors import ConfigError
-from tunelab.serve.app import Route, Served, create_app
-from tunelab.serve.engine import Engine
+from tunelab.infer.serve.app import Route, Served, create_app
+from tunelab.infer.serve.engine import Engine
 
 __all__ = ["Served", "create_app", "load_served"]
 
