@@ -240,6 +240,9 @@ class _PartsView(Sequence):
             position += len(self)
         if not 0 <= position < len(self):
             raise IndexError(position)
+        return self._at(position)
+
+    def _at(self, position: int):
         table, local = self._parts.locate(position)
         return self._row(table, local)
 

@@ -72,8 +72,29 @@ class ShownSample:
     """Tokens beyond data.max_length (truncated or dropped by training, not shown)."""
 
 
+class RowCounts:
+    """Counts every inspect report gives, from its `files`, `problems` and `duplicates`."""
+
+    files: list[FileSummary]
+    problems: list[str]
+    duplicates: list[list[str]]
+
+    @property
+    def rows(self) -> int:
+        return sum(f.rows for f in self.files)
+
+    @property
+    def invalid_rows(self) -> int:
+        return len(self.problems)
+
+    @property
+    def duplicate_rows(self) -> int:
+        """Rows that repeat an earlier row."""
+        return sum(len(group) - 1 for group in self.duplicates)
+
+
 @dataclass
-class InspectReport:
+class InspectReport(RowCounts):
     kind: ClassVar[str] = "sft"
     target: str
     files: list[FileSummary]
@@ -103,19 +124,6 @@ class InspectReport:
     lengths: list[int] = field(default_factory=list)
     """Total tokens of each valid training sample, for the histogram."""
     completion_lengths: list[int] = field(default_factory=list)
-
-    @property
-    def rows(self) -> int:
-        return sum(f.rows for f in self.files)
-
-    @property
-    def invalid_rows(self) -> int:
-        return len(self.problems)
-
-    @property
-    def duplicate_rows(self) -> int:
-        """Rows that repeat an earlier row."""
-        return sum(len(group) - 1 for group in self.duplicates)
 
     @property
     def trainable_fraction(self) -> float:

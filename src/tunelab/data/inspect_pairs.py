@@ -13,7 +13,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from tunelab.config import DataConfig
-from tunelab.data.inspect import FileSummary, LengthStats, length_stats
+from tunelab.data.inspect import FileSummary, LengthStats, RowCounts, length_stats
 from tunelab.data.inspect_render import LISTED, token_segments
 from tunelab.data.pairs import FeedbackSample, PairRow, PreferencePair
 from tunelab.data.preference import TokenizedPair, TokenizedRow, load_pairs, sequences_of, tokenize_row
@@ -44,7 +44,7 @@ class ShownPair:
 
 
 @dataclass
-class PairInspectReport:
+class PairInspectReport(RowCounts):
     kind: str
     """`preference` or `feedback`."""
     target: str
@@ -75,18 +75,6 @@ class PairInspectReport:
     lengths: list[int] = field(default_factory=list)
     """Tokens of each sequence (chosen and rejected each count), for the histogram."""
     completion_lengths: list[int] = field(default_factory=list)
-
-    @property
-    def rows(self) -> int:
-        return sum(f.rows for f in self.files)
-
-    @property
-    def invalid_rows(self) -> int:
-        return len(self.problems)
-
-    @property
-    def duplicate_rows(self) -> int:
-        return sum(len(group) - 1 for group in self.duplicates)
 
     def to_json(self, limit: int = LISTED) -> dict:
         """The report as JSON-serialisable data with stable keys; lists are cut to `limit` entries."""

@@ -14,7 +14,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from tunelab.config import DataConfig
-from tunelab.data.inspect import FileSummary, LengthStats, length_stats
+from tunelab.data.inspect import FileSummary, LengthStats, RowCounts, length_stats
 from tunelab.data.inspect_render import LISTED
 from tunelab.data.preference import tokenize_prompt
 from tunelab.data.prepare import convert_rows, read_file_rows, split_samples, train_sources
@@ -32,7 +32,7 @@ class ShownPrompt:
 
 
 @dataclass
-class PromptInspectReport:
+class PromptInspectReport(RowCounts):
     target: str
     files: list[FileSummary]
     problems: list[str]
@@ -55,18 +55,6 @@ class PromptInspectReport:
     lengths: list[int] = field(default_factory=list)
     completion_lengths: list[int] = field(default_factory=list)
     kind: str = "prompts"
-
-    @property
-    def rows(self) -> int:
-        return sum(f.rows for f in self.files)
-
-    @property
-    def invalid_rows(self) -> int:
-        return len(self.problems)
-
-    @property
-    def duplicate_rows(self) -> int:
-        return sum(len(group) - 1 for group in self.duplicates)
 
     def to_json(self, limit: int = LISTED) -> dict:
         return {

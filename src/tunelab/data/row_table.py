@@ -159,13 +159,7 @@ class RowView(_PartsView):
         """Global id of the row whose reply follows this row's prompt in its mismatched sequence (KTO)."""
         self.max_length = 0
 
-    def __getitem__(self, position):
-        if isinstance(position, slice):
-            return [self[i] for i in range(*position.indices(len(self)))]
-        if position < 0:
-            position += len(self)
-        if not 0 <= position < len(self):
-            raise IndexError(position)
+    def _at(self, position: int):
         global_id = int(self._parts.index[position])
         row = self._decode(*self._locate(global_id))
         if self.partner is not None:
