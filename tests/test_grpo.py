@@ -465,3 +465,25 @@ def test_data_inspect_reports_prompt_rows_with_the_runs_completion_room(tiny_mod
     assert report["duplicates"]["rows"] == 1
     text = CliRunner().invoke(app, ["data", "inspect", str(data), "--samples", "1"]).output
     assert "tokens per prompt (4 valid training prompts)" in text and "answer (2)" in text
+
+
+def test_a_run_sharing_prompts_trains_as_a_run_scoring_whole_rows(tiny_model_dir, tmp_path, monkeypatch):
+    from safetensors.torch import load_file
+
+    from tunelab.objectives import grpo as grpo_module
+
+    rewards = tmp_path / "rewards.py"
+    rewards.write_text(REWARDS_PY)
+    data = write_prompts(tmp_path / "prompts.jsonl")
+    steps = ["train.max_steps=4", "eval.before_after=false", "objective.beta=0.1", "train.lr=3e-3"]
+    train_run(grpo_config(tiny_model_dir, data, tmp_path / "shared", rewards, *steps))
+    monkeypatch.setattr(grpo_module, "can_share_prompts", lambda model: False)
+    train_run(grpo_config(tiny_model_dir, data, tmp_path / "whole", rewards, *steps))
+    shared, whole = read_records(tmp_path / "shared"), read_records(tmp_path / "whole")
+    assert [r["reward"] for r in shared if "reward" in r] == [r["reward"] for r in whole if "reward" in r]
+    assert [r["loss"] for r in shared if "loss" in r] == pytest.approx([r["loss"] for r in whole if "loss" in r],
+                                                                       abs=1e-5)
+    assert [r["kl"] for r in shared if "kl" in r] == pytest.approx([r["kl"] for r in whole if "kl" in r], abs=1e-5)
+    a, b = (load_file(tmp_path / name / "adapter_model.safetensors") for name in ("shared", "whole"))
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=1e-4, atol=1e-5)
