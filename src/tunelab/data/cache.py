@@ -194,11 +194,7 @@ def _build(path: Path | str, fmt: str, config: DataConfig, renderer: ChatRendere
     meta) or None when a row was invalid (every problem of the file is in `problems`)."""
     name = str(path)
     already = len(problems)
-    records = iter_records(path, problems)
-    # detect_format looks at the first 20 readable rows; data.columns renames the file's columns to fields.
-    head = rename_columns(list(itertools.islice(records, 20)), config.columns, name)
-    records = (_renamed(record, config.columns) for record in records)
-    fmt, why = file_format(head, fmt, name)
+    head, records, fmt, why = streamed_rows(path, fmt, config.columns, problems)
     if head and fmt in OBJECTIVE_FORMATS:
         raise DataError(needs_pair_objective(fmt, why), where=name)
     writer = TableWriter(name, folder)
@@ -244,6 +240,16 @@ def _build(path: Path | str, fmt: str, config: DataConfig, renderer: ChatRendere
         "dropped_notes": notes["dropped"],
     }
     return (units, samples), meta
+
+
+def streamed_rows(path: Path | str, fmt: str, columns: dict[str, str], problems):
+    """(the first rows, an iterator over the rest, format, why that format) of a file read one row at a time:
+    the format is detected from the first 20 readable rows; data.columns renames the file's columns to fields."""
+    name = str(path)
+    records = iter_records(path, problems)
+    head = rename_columns(list(itertools.islice(records, 20)), columns, name)
+    fmt, why = file_format(head, fmt, name)
+    return head, (_renamed(record, columns) for record in records), fmt, why
 
 
 def _renamed(record: Record, columns: dict[str, str]) -> Record:

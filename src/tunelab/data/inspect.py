@@ -75,6 +75,8 @@ class ShownSample:
 class RowCounts:
     """Counts every inspect report gives, from its `files`, `problems` and `duplicates`."""
 
+    target: str
+    kind: str
     files: list[FileSummary]
     problems: list[str]
     duplicates: list[list[str]]
@@ -91,6 +93,11 @@ class RowCounts:
     def duplicate_rows(self) -> int:
         """Rows that repeat an earlier row."""
         return sum(len(group) - 1 for group in self.duplicates)
+
+    def files_json(self, limit: int) -> dict:
+        """The keys every report's JSON starts with: what was read, and what could not be."""
+        return {"target": self.target, "kind": self.kind, "files": [asdict(f) for f in self.files],
+                "rows": self.rows, "invalid_rows": self.invalid_rows, "problems": self.problems[:limit]}
 
 
 @dataclass

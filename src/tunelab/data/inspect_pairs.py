@@ -79,12 +79,7 @@ class PairInspectReport(RowCounts):
     def to_json(self, limit: int = LISTED) -> dict:
         """The report as JSON-serialisable data with stable keys; lists are cut to `limit` entries."""
         return {
-            "target": self.target,
-            "kind": self.kind,
-            "files": [asdict(f) for f in self.files],
-            "rows": self.rows,
-            "invalid_rows": self.invalid_rows,
-            "problems": self.problems[:limit],
+            **self.files_json(limit),
             "valid_rows": self.valid_rows,
             "tokens": {"rows": self.measured_rows, **{name: asdict(stats) for name, stats in self.tokens.items()}},
             "max_length": {

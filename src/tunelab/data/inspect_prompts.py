@@ -58,12 +58,7 @@ class PromptInspectReport(RowCounts):
 
     def to_json(self, limit: int = LISTED) -> dict:
         return {
-            "target": self.target,
-            "kind": self.kind,
-            "files": [asdict(f) for f in self.files],
-            "rows": self.rows,
-            "invalid_rows": self.invalid_rows,
-            "problems": self.problems[:limit],
+            **self.files_json(limit),
             "valid_rows": self.valid_rows,
             "tokens": {"rows": self.valid_rows, **{name: asdict(s) for name, s in self.tokens.items()}},
             "max_length": {"limit": self.max_length, "overlong": self.overlong,

@@ -17,11 +17,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from tunelab.config import DataConfig
-from tunelab.data.cache import DATA_VERSION, _renamed, cache_key, cached_table
-from tunelab.data.columns import explain, rename_columns
-from tunelab.data.formats import RowError, file_format
+from tunelab.data.cache import DATA_VERSION, cache_key, cached_table, streamed_rows
+from tunelab.data.columns import explain
+from tunelab.data.formats import RowError
 from tunelab.data.row_table import RowTable, RowTableWriter
-from tunelab.data.sources import Record, iter_records, resolve_data_path
+from tunelab.data.sources import Record, resolve_data_path
 from tunelab.data.template import ChatRenderer, TokenizedSample
 from tunelab.data.tokenize import MAX_LISTED
 from tunelab.errors import DataError
@@ -79,10 +79,7 @@ def _build(path, fmt: str, kind: RowKind, config: DataConfig, problems: list[str
     None when a row was invalid."""
     name = str(path)
     already = len(problems)
-    records = iter_records(path, problems)
-    head = rename_columns(list(itertools.islice(records, 20)), config.columns, name)
-    records = (_renamed(record, config.columns) for record in records)
-    fmt, why = file_format(head, fmt, name)
+    head, records, fmt, why = streamed_rows(path, fmt, config.columns, problems)
     if head and fmt not in kind.formats:
         raise DataError(kind.wrong_format(fmt, why), where=name)
     writer = RowTableWriter(name, folder)
