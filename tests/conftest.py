@@ -67,6 +67,13 @@ def build_tiny_model(vocab_size: int, seed: int = 0):
     return LlamaForCausalLM(config)
 
 
+@pytest.fixture
+def home(tmp_path, monkeypatch):
+    """A fresh TUNELAB_HOME (caches, models) for one test."""
+    monkeypatch.setenv("TUNELAB_HOME", str(tmp_path / "home"))
+    return tmp_path / "home"
+
+
 @pytest.fixture(scope="session")
 def tiny_tokenizer():
     return build_tokenizer()

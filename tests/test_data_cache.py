@@ -25,12 +25,6 @@ def words(rng: random.Random, low: int, high: int) -> str:
 
 
 @pytest.fixture
-def home(tmp_path, monkeypatch):
-    monkeypatch.setenv("TUNELAB_HOME", str(tmp_path / "home"))
-    return tmp_path / "home"
-
-
-@pytest.fixture
 def files(tmp_path):
     """Three sources of different formats: qa rows, chat rows, and raw text long enough to be chunked."""
     rng = random.Random(5)

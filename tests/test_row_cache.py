@@ -16,12 +16,6 @@ from tunelab.data.prompts import prepare_prompt_data
 
 
 @pytest.fixture
-def home(tmp_path, monkeypatch):
-    monkeypatch.setenv("TUNELAB_HOME", str(tmp_path / "home"))
-    return tmp_path / "home"
-
-
-@pytest.fixture
 def counted(monkeypatch):
     """How many rows were tokenised (not read from the cache)."""
     calls = {"n": 0}
