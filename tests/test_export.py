@@ -45,6 +45,7 @@ def test_an_f16_gguf_answers_like_the_run_and_carries_what_llama_cpp_reads(run_d
     fields = {name: field.contents() for name, field in reader.fields.items()
               if not name.startswith("tokenizer.ggml.") or name.endswith(("model", "pre", "_token_id"))}
     assert fields["general.architecture"] == "llama" and fields["tokenizer.ggml.model"] == "gpt2"
+    assert fields["tokenizer.ggml.pre"] == "gpt-2"  # llama.cpp's name; "gpt2" fails to load there
     loaded = load_generator(str(run_dir))
     assert fields["tokenizer.chat_template"] == loaded.renderer.template
     assert fields["tokenizer.ggml.eos_token_id"] == loaded.tokenizer.eos_token_id
@@ -104,3 +105,30 @@ def test_what_cannot_be_exported_is_refused(run_dir, tmp_path, monkeypatch):
     result = CliRunner().invoke(app, ["export", str(folder), "--output", str(tmp_path / "q.gguf")])
     assert result.exit_code == 2 and "Llama-architecture" in result.output
     assert not (tmp_path / "q.gguf").exists()
+
+
+def test_llama_cpp_reads_the_file_as_tunelab_does_and_a_wrong_pre_tokenizer_is_caught(run_dir, tmp_path, monkeypatch):
+    pytest.importorskip("llama_cpp", reason="llama-cpp-python builds from source (no wheel on PyPI)")
+
+    check = export_gguf(str(run_dir), tmp_path / "run-f32.gguf", "f32")
+    native = check.llama_cpp
+    assert native is not None and native.prompts == 4 and native.error is None
+    assert native.same_prompt_text == native.same_tokens == native.same_greedy_reply == 4
+    assert native.max_logit_difference <= check.tolerance and check.passed
+    # " 0123456789" is one GPT-2 pre-token, which the tiny tokenizer merged whole; llama-bpe cuts digits in
+    # threes apart from the space, so llama.cpp would feed the model other tokens than it was trained on.
+    prompts = [[{"role": "user", "content": f"hello world 0123456789 question {i}"}] for i in range(2)]
+    assert export_gguf(str(run_dir), tmp_path / "run-digits.gguf", "f32", check_prompts=prompts).passed
+    monkeypatch.setattr(gguf_export, "PRE_TOKENIZERS", _Always("llama-bpe"))
+    wrong = export_gguf(str(run_dir), tmp_path / "run-wrong-pre.gguf", "f32", check_prompts=prompts)
+    assert wrong.max_logit_difference <= wrong.tolerance  # transformers' loader does not notice
+    assert wrong.llama_cpp.same_tokens == 0 and not wrong.passed
+
+
+class _Always(dict):
+    def __init__(self, value: str) -> None:
+        super().__init__()
+        self.value = value
+
+    def get(self, key, default=None):
+        return self.value

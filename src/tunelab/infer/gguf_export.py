@@ -27,6 +27,7 @@ import numpy as np
 import torch
 
 from tunelab.errors import ConfigError, ModelError
+from tunelab.infer.gguf_llama_cpp import LlamaCppCheck, llama_cpp_check
 
 DIRECT_QUANTS = ("f32", "f16", "bf16", "q8_0", "q4_0")
 """Written by tunelab itself (gguf's numpy quantisers)."""
@@ -37,8 +38,9 @@ LLAMA_TYPES = ("llama",)
 PRE_TOKENIZERS = {
     # sha256 of tokenizer.json's pre_tokenizer (sorted JSON) -> llama.cpp's pre-tokenizer with the same splits.
     # GPT-2's byte-level regex alone: what transformers builds when it reads SmolLM2's GGUF (the default model's
-    # tokenizer, so what tunelab trained with); llama.cpp's `gpt2` splits text the same way.
-    "baad9354616c54e28804f1ac4dc6f27c3032867d2da3f9106a8d12ac859680f0": "gpt2",
+    # tokenizer, so what tunelab trained with); llama.cpp's `gpt-2` splits text the same way (`gpt2`, without
+    # the hyphen, is a name llama.cpp refuses to load: found by the llama.cpp check).
+    "baad9354616c54e28804f1ac4dc6f27c3032867d2da3f9106a8d12ac859680f0": "gpt-2",
     # Digits one by one, then GPT-2's regex: SmolLM's own tokenizer.json; llama.cpp's `smollm`.
     "88e46f2b7ff38881b25bdcbd53c00c71a177d17bb9af73bec520e942c76aee6c": "smollm",
 }
@@ -64,18 +66,23 @@ class ExportCheck:
     same_greedy_reply: int
     greedy_tokens: int
     warnings: list[str] = field(default_factory=list)
+    llama_cpp: LlamaCppCheck | None = None
+    """llama.cpp's own reading of the file (tokens, template, logits, replies); None without llama-cpp-python."""
 
     @property
     def passed(self) -> bool:
         exact = self.quant in ("f32", "f16")
-        return self.max_logit_difference <= self.tolerance and (not exact or self.same_greedy_reply == self.prompts)
+        loader = self.max_logit_difference <= self.tolerance and (not exact or self.same_greedy_reply == self.prompts)
+        return loader and (self.llama_cpp is None or self.llama_cpp.passed(self.tolerance, exact))
 
     def summary(self) -> str:
         verdict = "passed" if self.passed else "FAILED"
-        return (f"check {verdict}: on {self.prompts} held-out prompts, largest next-token logit difference "
-                f"{self.max_logit_difference:.3g} (tolerance {self.tolerance:g}), same next token "
+        checked = (f"; {self.llama_cpp.summary()}" if self.llama_cpp else
+                   "; llama.cpp not asked (pip install llama-cpp-python to check the file there too)")
+        return (f"check {verdict}: on {self.prompts} held-out prompts, transformers' loader: largest next-token "
+                f"logit difference {self.max_logit_difference:.3g} (tolerance {self.tolerance:g}), same next token "
                 f"{self.same_next_token}/{self.prompts}, same greedy reply ({self.greedy_tokens} tokens) "
-                f"{self.same_greedy_reply}/{self.prompts}")
+                f"{self.same_greedy_reply}/{self.prompts}{checked}")
 
 
 def export_gguf(spec: str, output: Path | None, quant: str = "f16", *, check_prompts: list[list[dict]] | None = None,
@@ -272,7 +279,7 @@ def verify_gguf(path: Path, source, renderer, quant: str, prompts: list[list[dic
     """Load `path` back and compare it with `source` on `prompts`: next-token logits and greedy replies."""
     from transformers import AutoModelForCausalLM
 
-    from tunelab.infer.generate import GenerationOptions, encode_prompts, generate_replies
+    from tunelab.infer.generate import GenerationOptions, encode_prompts, generate_replies, stop_token_ids
 
     with tempfile.TemporaryDirectory() as folder:  # the loader wants a folder; a link keeps the file in place
         link = Path(folder) / path.name
@@ -282,7 +289,7 @@ def verify_gguf(path: Path, source, renderer, quant: str, prompts: list[list[dic
         except Exception as err:
             raise ModelError(f"the exported file does not load back: {err}", where=str(path)) from None
     loaded.generation_config = source.generation_config
-    worst, same_next = 0.0, 0
+    worst, same_next, expected_logits = 0.0, 0, []
     with torch.no_grad():
         for conversation in prompts:
             ids = encode_prompts(renderer, [conversation])["input_ids"]
@@ -290,13 +297,16 @@ def verify_gguf(path: Path, source, renderer, quant: str, prompts: list[list[dic
             got = loaded(input_ids=ids).logits[0, -1]
             worst = max(worst, float((expected - got).abs().max()))
             same_next += int(expected.argmax() == got.argmax())
+            expected_logits.append(expected)
     options = GenerationOptions(max_new_tokens=greedy_tokens)
     replies = generate_replies(source, renderer, prompts, options)
     exported = generate_replies(loaded, renderer, prompts, options)
+    del loaded
+    same_reply = sum(a == b for a, b in zip(replies, exported, strict=True))
+    native = llama_cpp_check(path, renderer, prompts, expected_logits, replies,
+                             stop_token_ids(source, renderer.tokenizer), greedy_tokens)
     return ExportCheck(str(path), quant, round(path.stat().st_size / 2**20, 1), len(prompts), worst,
-                       CHECK_TOLERANCE.get(quant, 8.0), same_next, sum(a == b for a, b in zip(replies, exported,
-                                                                                              strict=True)),
-                       greedy_tokens)
+                       CHECK_TOLERANCE.get(quant, 8.0), same_next, same_reply, greedy_tokens, llama_cpp=native)
 
 
 def _held_out_prompts(run_dir: Path | None, count: int = 8) -> list[list[dict]]:
