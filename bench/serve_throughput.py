@@ -76,8 +76,13 @@ def server_command(tool: str, args: argparse.Namespace, gguf: Path, port: int, m
             "--n_ctx", "4096", "--n_threads", cores, "--n_threads_batch", cores, "--verbose", "false"]
 
 
+PEER_REQUEST = {"repeat_penalty": 1.0}
+"""llama-cpp-python's server applies a repeat penalty of 1.1 unless told otherwise, which changes greedy replies;
+the OpenAI API has no such field and tunelab applies none."""
+
+
 async def one_level(base_url: str, model: str, prompts: list[list[dict]], clients: int, rounds: int,
-                    max_tokens: int) -> dict:
+                    max_tokens: int, extra: dict) -> dict:
     """`clients` concurrent workers, each sending `rounds` requests in turn; tokens/s over the whole level."""
     from openai import AsyncOpenAI
 
@@ -92,7 +97,7 @@ async def one_level(base_url: str, model: str, prompts: list[list[dict]], client
             slot = (index * rounds + turn) % len(prompts)
             started = time.perf_counter()
             done = await client.chat.completions.create(model=model, messages=prompts[slot], max_tokens=max_tokens,
-                                                        temperature=0.0)
+                                                        temperature=0.0, extra_body=extra or None)
             latencies.append(time.perf_counter() - started)
             tokens += done.usage.completion_tokens
             replies[slot] = done.choices[0].message.content or ""
@@ -117,10 +122,11 @@ def run_server(tool: str, args: argparse.Namespace, gguf: Path, prompts: list[li
         wait_ready(f"{base}/v1/models", process)
         with urllib.request.urlopen(f"{base}/v1/models") as answer:
             model = json.load(answer)["data"][0]["id"]
-        asyncio.run(one_level(f"{base}/v1", model, prompts[:1], 1, 1, 8))  # warm-up
+        extra = PEER_REQUEST if tool == "peer" else {}
+        asyncio.run(one_level(f"{base}/v1", model, prompts[:1], 1, 1, 8, extra))  # warm-up
         results = []
         for clients in levels:
-            level = asyncio.run(one_level(f"{base}/v1", model, prompts, clients, args.rounds, args.max_tokens))
+            level = asyncio.run(one_level(f"{base}/v1", model, prompts, clients, args.rounds, args.max_tokens, extra))
             print(f"  {tool:8s} {clients:3d} clients: {level['tokens_per_second']:7.1f} tokens/s "
                   f"({level['completion_tokens']} tokens in {level['wall_seconds']:.1f} s)", flush=True)
             results.append(level)

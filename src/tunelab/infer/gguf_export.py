@@ -50,6 +50,9 @@ CHECK_TOLERANCE = {"f32": 1e-3, "f16": 0.1, "bf16": 0.5, "q8_0": 1.5, "q4_0": 16
 """Largest next-token logit difference the check accepts, by type (the default model's logits span ~30; measured
 on runs/support-lora: f16 0.03, q8_0 0.87, q4_0 14.1, which is why q4_0 is the lossy choice). f32 and f16 must
 also give the same greedy replies."""
+LLAMA_CPP_TOLERANCE = {"f32": 1e-3, "f16": 0.1, "bf16": 0.5, "q8_0": 3.0, "q4_0": 16.0}
+"""The same through llama.cpp, which also rounds activations to 8 bits in its quantised matmuls (measured on
+runs/support-lora: f16 0.051, q8_0 1.55, q4_0 14.8). Its KV cache is kept in float32 for the check."""
 
 
 @dataclass
@@ -73,7 +76,7 @@ class ExportCheck:
     def passed(self) -> bool:
         exact = self.quant in ("f32", "f16")
         loader = self.max_logit_difference <= self.tolerance and (not exact or self.same_greedy_reply == self.prompts)
-        return loader and (self.llama_cpp is None or self.llama_cpp.passed(self.tolerance, exact))
+        return loader and (self.llama_cpp is None or self.llama_cpp.passed(exact))
 
     def summary(self) -> str:
         verdict = "passed" if self.passed else "FAILED"
@@ -304,7 +307,8 @@ def verify_gguf(path: Path, source, renderer, quant: str, prompts: list[list[dic
     del loaded
     same_reply = sum(a == b for a, b in zip(replies, exported, strict=True))
     native = llama_cpp_check(path, renderer, prompts, expected_logits, replies,
-                             stop_token_ids(source, renderer.tokenizer), greedy_tokens)
+                             stop_token_ids(source, renderer.tokenizer), greedy_tokens,
+                             LLAMA_CPP_TOLERANCE.get(quant, 8.0))
     return ExportCheck(str(path), quant, round(path.stat().st_size / 2**20, 1), len(prompts), worst,
                        CHECK_TOLERANCE.get(quant, 8.0), same_next, same_reply, greedy_tokens, llama_cpp=native)
 
