@@ -1,16 +1,19 @@
 """Preference pairs from the consumer complaints (scripts/fetch_complaints.py writes them first): for every
-complaint the default model labels wrongly, the correct product label is the chosen reply and the model's own
-greedy reply (SmolLM2-135M-Instruct before any fine-tuning) the rejected one. Complaints it already labels right
-are left out: such a pair would teach nothing.
+complaint, the correct product label is the chosen reply and the wrong label the default model (SmolLM2-135M-
+Instruct before any fine-tuning) finds likeliest is the rejected one: the model's own mistake, in the answer
+format the question asks for.
 
-The rejected replies are real mistakes of a real model on data tunelab's developers never wrote: the majority
-label for everything, labels that are not on the list, the question echoed back. Train and held-out pairs come
-from the same train/eval rows as the SFT files, so no held-out complaint is trained on.
+Why not the model's free-text reply as the rejected one: its greedy replies are sentences ("This complaint is
+about a credit reporting company") that a summed log-probability already ranks below a 1-3 token label, so the
+base model "prefers" the chosen reply on 93% of such pairs without knowing the answer. Against its likeliest
+wrong label it prefers the right one exactly when its label-likelihood classification is right (about a third
+of the time), so a lift in held-out preference accuracy means it learned which product a complaint is about.
 
-Written beside the complaints files:
+Written beside the complaints files, from the same train/eval rows as the SFT files (no held-out complaint is
+trained on):
   complaints-pairs-train.jsonl, complaints-pairs-eval.jsonl   prompt / chosen / rejected (text)
 
-Greedy decoding in float32, 8 new tokens (the labels are 1-3 tokens); about 5 minutes on 2 CPU cores.
+Label scores as `label_accuracy` computes them (summed log-probability of the label reply, float32).
 
     python scripts/make_complaints_preferences.py [--folder data/complaints] [--model smollm2-135m-instruct]
 """
@@ -22,29 +25,29 @@ import json
 import time
 from pathlib import Path
 
-from tunelab.eval.metrics import accuracy
-from tunelab.infer.generate import GenerationOptions, generate_replies
+from tunelab.data.formats import Sample
+from tunelab.eval.labels import score_labels
+from tunelab.eval.metrics import _label_form
 from tunelab.infer.load import load_for_inference
 
 ROOT = Path(__file__).resolve().parent.parent
 
 
 def pairs_of(path: Path, loaded, labels: list[str]) -> tuple[list[dict], int]:
-    """(pairs for the rows the model labels wrongly, rows read). A reply is right when the first label it names
-    is the complaint's (as `accuracy` with the label list scores it)."""
+    """(a pair for every row: its label against the likeliest other label, rows the model gets right)."""
     rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-    prompts = [row["messages"][:-1] for row in rows]
+    samples = [Sample(f"{path.name}:{i + 1}", row["messages"]) for i, row in enumerate(rows)]
     started = time.perf_counter()
-    replies = generate_replies(loaded.model, loaded.renderer, prompts,
-                               GenerationOptions(max_new_tokens=8, batch_size=16))
-    print(f"{len(replies)} base replies to {path.name} in {time.perf_counter() - started:.0f}s")
-    pairs = []
-    for row, reply in zip(rows, replies, strict=True):
+    scores = score_labels(loaded.model, loaded.renderer, samples, labels, batch_size=16)
+    print(f"{len(rows)} complaints of {path.name} scored in {time.perf_counter() - started:.0f}s")
+    pairs, right = [], 0
+    for row, row_scores in zip(rows, scores.tolist(), strict=True):
         label = row["messages"][-1]["content"]
-        if not reply.strip() or accuracy([reply], [label], labels=labels) == 1.0:
-            continue
-        pairs.append({"prompt": row["messages"][-2]["content"], "chosen": label, "rejected": reply})
-    return pairs, len(rows)
+        ranked = sorted(range(len(labels)), key=lambda i: -row_scores[i])
+        right += int(_label_form(labels[ranked[0]]) == _label_form(label))
+        wrong = next(labels[i] for i in ranked if _label_form(labels[i]) != _label_form(label))
+        pairs.append({"prompt": row["messages"][-2]["content"], "chosen": label, "rejected": wrong})
+    return pairs, right
 
 
 def main() -> None:
@@ -55,11 +58,11 @@ def main() -> None:
     loaded = load_for_inference(args.model, device="cpu")
     labels = list(json.loads((args.folder / "labels.json").read_text())["labels"])
     for part in ("train", "eval"):
-        pairs, read = pairs_of(args.folder / f"complaints-{part}.jsonl", loaded, labels)
+        pairs, right = pairs_of(args.folder / f"complaints-{part}.jsonl", loaded, labels)
         out = args.folder / f"complaints-pairs-{part}.jsonl"
         out.write_text("".join(json.dumps(pair, ensure_ascii=False) + "\n" for pair in pairs), encoding="utf-8")
-        print(f"wrote {len(pairs)} pairs to {out} ({read - len(pairs)} complaints the model already labels right "
-              "or left empty)")
+        print(f"wrote {len(pairs)} pairs to {out}; the model's likeliest label was right for {right} "
+              f"({right / len(pairs):.1%}), so it prefers chosen over rejected on as many")
 
 
 if __name__ == "__main__":
