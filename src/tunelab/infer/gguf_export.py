@@ -8,9 +8,9 @@ the run trained with. Only Llama-architecture models are exported (the default m
 refused with the reason. K-quants need llama.cpp's `llama-quantize`, used when on PATH, never a silent
 fallback.
 
-Every export is checked by loading the file back (transformers' GGUF loader) and comparing next-token logits
-and greedy replies with the source model on held-out prompts; the numbers are printed and written beside the
-file (`<file>.check.json`).
+Every export is checked by loading the file back (transformers' GGUF loader, and llama.cpp itself where
+llama-cpp-python is installed: gguf_llama_cpp.py) and comparing next-token logits and greedy replies with the
+source model on held-out prompts; the numbers are printed and written beside the file (`<file>.check.json`).
 """
 
 from __future__ import annotations
