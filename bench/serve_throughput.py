@@ -31,7 +31,6 @@ from _case_data import EVAL_EVERY, ticket_chat, ticket_rows
 from compare_peer import machine_info
 
 BENCH = Path(__file__).resolve().parent
-REPO = BENCH.parent
 TUNELAB = str(Path(sys.executable).parent / "tunelab")
 
 

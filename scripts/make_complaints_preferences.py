@@ -26,8 +26,7 @@ import time
 from pathlib import Path
 
 from tunelab.data.formats import Sample
-from tunelab.eval.labels import score_labels
-from tunelab.eval.metrics import _label_form
+from tunelab.eval.labels import evaluate_labels
 from tunelab.infer.load import load_for_inference
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -38,15 +37,15 @@ def pairs_of(path: Path, loaded, labels: list[str]) -> tuple[list[dict], int]:
     rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
     samples = [Sample(f"{path.name}:{i + 1}", row["messages"]) for i, row in enumerate(rows)]
     started = time.perf_counter()
-    scores = score_labels(loaded.model, loaded.renderer, samples, labels, batch_size=16)
+    scored = evaluate_labels(loaded.model, loaded.renderer, samples, labels, batch_size=16)
     print(f"{len(rows)} complaints of {path.name} scored in {time.perf_counter() - started:.0f}s")
-    pairs, right = [], 0
-    for row, row_scores in zip(rows, scores.tolist(), strict=True):
-        label = row["messages"][-1]["content"]
-        ranked = sorted(range(len(labels)), key=lambda i: -row_scores[i])
-        right += int(_label_form(labels[ranked[0]]) == _label_form(label))
-        wrong = next(labels[i] for i in ranked if _label_form(labels[i]) != _label_form(label))
-        pairs.append({"prompt": row["messages"][-2]["content"], "chosen": label, "rejected": wrong})
+    pairs = []
+    for row, scores, predicted, correct in zip(rows, scored.scores, scored.predictions, scored.correct, strict=True):
+        # Wrong: the likeliest label; right: the runner-up, the likeliest of the wrong ones.
+        rejected = labels[sorted(range(len(labels)), key=lambda i: -scores[i])[1]] if correct else predicted
+        pairs.append({"prompt": row["messages"][-2]["content"], "chosen": row["messages"][-1]["content"],
+                      "rejected": rejected})
+    right = sum(scored.correct)
     return pairs, right
 
 
