@@ -100,9 +100,12 @@ def default_model_dir() -> Path:
 
 
 @contextmanager
-def interrupted_at_step(n: int) -> Iterator[None]:
-    """Ctrl-C inside the n-th optimiser step (AdamW.step raises KeyboardInterrupt on its n-th call, so n - 1 steps
-    finished): the block must end with that interruption."""
+def interrupted_at_step(n: int, *, at_once: bool = False) -> Iterator[None]:
+    """Ctrl-C during the n-th optimiser step: a real SIGINT, so the run stops once step n has finished; the block
+    must end with that interruption. `at_once` raises KeyboardInterrupt inside the update instead (what a second
+    Ctrl-C does), so step n never finishes."""
+    import signal
+
     import torch
 
     real_step = torch.optim.AdamW.step
@@ -111,7 +114,9 @@ def interrupted_at_step(n: int) -> Iterator[None]:
     def step(self, *args, **kwargs):
         calls["n"] += 1
         if calls["n"] == n:
-            raise KeyboardInterrupt
+            if at_once:
+                raise KeyboardInterrupt
+            signal.raise_signal(signal.SIGINT)
         return real_step(self, *args, **kwargs)
 
     torch.optim.AdamW.step = step

@@ -123,7 +123,7 @@ def test_merged_model_equals_base_plus_adapter(trained_run, tmp_path):
 def test_resume_needs_a_checkpoint(trained_run):
     _, _, config = trained_run
     result = runner.invoke(app, ["train", str(config), "--resume", "output_dir=/nonexistent/run"])
-    assert result.exit_code == 2 and "no checkpoint" in result.output
+    assert result.exit_code == 2 and "no complete checkpoint" in result.output
 
 
 def test_models_list_shows_the_default_preset():

@@ -289,7 +289,7 @@ def test_several_updates_per_rollout_reuse_it_and_resume_exactly_in_its_middle(t
     assert max(r["clip_ratio/region_mean"] for r in steps[1::2]) > 0  # the reused rollout's ratio moved off 1
     assert all(r["clip_ratio/region_mean"] == 0 for r in steps[0::2])  # a rollout's first update: ratio 1
 
-    with interrupted_at_step(4):
+    with interrupted_at_step(3):  # stops after step 3, the first of two updates on its rollout
         train_run(grpo_config(tiny_model_dir, data, tmp_path / "resumed", rewards, *base))
     assert (tmp_path / "resumed" / "checkpoints" / "step-000003" / "objective.safetensors").is_file()
     resumed = train_run(grpo_config(tiny_model_dir, data, tmp_path / "resumed", rewards, *base), resume=True)

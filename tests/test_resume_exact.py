@@ -81,7 +81,7 @@ def test_interrupted_and_resumed_run_sees_the_batches_of_an_uninterrupted_one(mi
     assert straight["data"]["tokenized_cache"] == "off"
 
     first_seen, record = recorder()
-    with interrupted_at_step(INTERRUPT_AFTER + 1):
+    with interrupted_at_step(INTERRUPT_AFTER):
         train_run(mixed_config("resumed"), on_batches=record)
     interrupted = json.loads((mixed_config("resumed").output_dir / "summary.json").read_text())
     assert interrupted["steps"] == INTERRUPT_AFTER and interrupted["data"]["tokenized_cache"] == "miss"

@@ -125,13 +125,20 @@ def test_resume_reaches_the_same_final_loss(tiny_model_dir, qa_file, tmp_path):
     with interrupted_at_step(6):
         train_run(run_config(tiny_model_dir, qa_file, tmp_path / "resumed", *base))
     interrupted = json.loads((tmp_path / "resumed" / "summary.json").read_text())
-    assert interrupted["status"] == "interrupted" and interrupted["steps"] == 5
+    assert interrupted["status"] == "interrupted" and interrupted["steps"] == 6
     resumed = train_run(run_config(tiny_model_dir, qa_file, tmp_path / "resumed", *base), resume=True)
     assert resumed["steps"] == 8
     assert resumed["final_train_loss"] == pytest.approx(straight["final_train_loss"], rel=1e-5)
     assert resumed["final_eval_loss"] == pytest.approx(straight["final_eval_loss"], rel=1e-5)
     steps = [json.loads(line)["step"] for line in (tmp_path / "resumed" / "metrics.jsonl").read_text().splitlines()]
     assert steps == sorted(set(steps)) and steps[-1] == 8
+
+    # A second Ctrl-C lands inside step 5's update: nothing is saved from those weights; resume starts at step 3.
+    with interrupted_at_step(5, at_once=True):
+        train_run(run_config(tiny_model_dir, qa_file, tmp_path / "at-once", *base))
+    assert [p.name for p in (tmp_path / "at-once" / "checkpoints").iterdir()] == ["step-000003"]
+    resumed = train_run(run_config(tiny_model_dir, qa_file, tmp_path / "at-once", *base), resume=True)
+    assert resumed["final_train_loss"] == pytest.approx(straight["final_train_loss"], rel=1e-5)
 
 
 def test_nan_loss_stops_with_finished_work_saved(tiny_model_dir, qa_file, tmp_path):

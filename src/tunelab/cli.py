@@ -65,8 +65,8 @@ def train(
     except TrainingFault as err:
         errors.print(f"[bold red]training stopped:[/] {err}")
         raise typer.Exit(1) from None
-    except KeyboardInterrupt:
-        raise typer.Exit(130) from None
+    except KeyboardInterrupt as stop:  # StopRequested after SIGTERM carries 143
+        raise typer.Exit(getattr(stop, "exit_code", 130)) from None
     console.print(f"saved to [bold]{run_config.output_dir}[/] (status: {summary['status']})")
 
 

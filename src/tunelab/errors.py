@@ -27,6 +27,11 @@ class ModelError(UserError):
     """A model cannot be found or loaded."""
 
 
+class CheckpointError(UserError):
+    """A checkpoint that must not be loaded: its write never finished, its files changed since, or its format
+    could run code."""
+
+
 class TrainingFault(RuntimeError):
     """Training cannot go on (the loss is no longer finite, a reward function failed); finished work is already
     saved. Not a UserError: the CLI reports it with exit code 1."""

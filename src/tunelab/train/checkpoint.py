@@ -1,15 +1,17 @@
 """Resumable checkpoints and final weights.
 
 A checkpoint holds the trainable parameters, optimiser, scheduler, RNG states, the data position and whatever
-state the objective carries between steps (GRPO's rollout, reused for several updates);
-it is written to a scratch folder and renamed into place, so a crash mid-write never leaves a
-checkpoint that looks complete.
+state the objective carries between steps (GRPO's rollout, reused for several updates). It survives a kill at
+any moment: it is written to a scratch folder, every file is flushed to disk, a completion marker naming each
+file and its size is written last, and only then is the folder renamed into place; resume loads only folders
+whose marker matches their files. Loading runs no code from the folder: tensors are safetensors, the rest JSON.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import os
 import random
 import shutil
 from dataclasses import asdict, dataclass, field
@@ -18,8 +20,18 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
+from tunelab.errors import CheckpointError, ConfigError
+
 CHECKPOINTS = "checkpoints"
 OBJECTIVE_STATE = "objective.safetensors"
+OPTIMIZER_TENSORS = "optimizer.safetensors"
+"""Optimiser moments and the torch RNG state."""
+RESUME_STATE = "resume.json"
+"""Optimiser hyper-parameters, scheduler and Python RNG state."""
+COMPLETE = "complete.json"
+"""Written last: every other file of the checkpoint with its size in bytes."""
+LEGACY_OPTIMIZER = "optimizer.pt"
+"""Earlier tunelab versions kept optimiser, scheduler and RNG in one torch pickle (loaded as weights only)."""
 
 
 @dataclass
@@ -65,7 +77,8 @@ def save_checkpoint(
     run_dir: Path, model, optimizer, scheduler, state: TrainerState, keep: int, rng: dict | None = None,
     objective=None,
 ) -> Path:
-    """Write checkpoints/step-N atomically and keep only the newest `keep`.
+    """Write checkpoints/step-N so that a kill at any moment leaves either no step-N or a complete one, and
+    keep only the newest `keep` complete ones.
 
     `rng` is the random state as it was at the end of step N (taken when the step finished, since an
     interruption may come after the next step has already drawn dropout masks)."""
@@ -75,43 +88,146 @@ def save_checkpoint(
     tmp = root / f".tmp-step-{state.step:06d}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
+    rng = rng or rng_snapshot()
     save_file(trainable_state(model), tmp / "trainable.safetensors")
     carried = objective.state_dict() if hasattr(objective, "state_dict") else {}
     if carried:
         save_file(carried, tmp / OBJECTIVE_STATE)
-    torch.save(
-        {
-            "optimizer": optimizer.state_dict(),
-            "scheduler": scheduler.state_dict(),
-            "rng": rng or rng_snapshot(),
-        },
-        tmp / "optimizer.pt",
-    )
+    optimizer_tensors, optimizer_rest = _split_optimizer_state(optimizer.state_dict())
+    save_file({**optimizer_tensors, "rng/torch": rng["torch"]}, tmp / OPTIMIZER_TENSORS)
+    python_rng = rng["python"]
+    resume = {"optimizer": optimizer_rest, "scheduler": scheduler.state_dict(),
+              "rng_python": [python_rng[0], list(python_rng[1]), python_rng[2]]}
+    (tmp / RESUME_STATE).write_text(json.dumps(resume))
     (tmp / "state.json").write_text(json.dumps(asdict(state), indent=2))
+    files = {p.name: p.stat().st_size for p in sorted(tmp.iterdir())}
+    for name in files:
+        _flush_to_disk(tmp / name)
+    (tmp / COMPLETE).write_text(json.dumps({"step": state.step, "files": files}))
+    _flush_to_disk(tmp / COMPLETE)
+    _flush_to_disk(tmp)
     shutil.rmtree(final, ignore_errors=True)
     tmp.rename(final)
-    for old in sorted(root.glob("step-*"))[:-keep]:
+    _flush_to_disk(root)
+    for old in complete_checkpoints(run_dir)[:-keep]:
         shutil.rmtree(old, ignore_errors=True)
     return final
 
 
+def complete_checkpoints(run_dir: Path) -> list[Path]:
+    """Checkpoint folders that resume may load, oldest first."""
+    return [path for path in sorted((run_dir / CHECKPOINTS).glob("step-*")) if checkpoint_problem(path) is None]
+
+
+def incomplete_checkpoints(run_dir: Path) -> list[tuple[Path, str]]:
+    """Checkpoint folders that resume ignores, each with the reason (a write that a kill interrupted)."""
+    root = run_dir / CHECKPOINTS
+    found = [(path, "its write never finished") for path in sorted(root.glob(".tmp-step-*"))]
+    for path in sorted(root.glob("step-*")):
+        problem = checkpoint_problem(path)
+        if problem is not None:
+            found.append((path, problem))
+    return found
+
+
 def latest_checkpoint(run_dir: Path) -> Path | None:
-    found = sorted((run_dir / CHECKPOINTS).glob("step-*"))
+    """The newest complete checkpoint."""
+    found = complete_checkpoints(run_dir)
     return found[-1] if found else None
+
+
+def checkpoint_problem(path: Path) -> str | None:
+    """Why `path` must not be loaded, or None when its files are all there, at their recorded sizes."""
+    marker = path / COMPLETE
+    if not marker.is_file():
+        if (path / LEGACY_OPTIMIZER).is_file() and (path / "state.json").is_file():
+            return None  # written by an earlier tunelab, renamed into place only when whole
+        return f"it has no {COMPLETE} (its write never finished)"
+    try:
+        files = json.loads(marker.read_text())["files"]
+    except (ValueError, KeyError, TypeError):
+        return f"its {COMPLETE} is unreadable"
+    for name, size in files.items():
+        file = path / name
+        if not file.is_file():
+            return f"{name} is missing"
+        if file.stat().st_size != size:
+            return f"{name} has {file.stat().st_size} bytes, not the {size} written"
+    return None
 
 
 def load_checkpoint(path: Path, model, optimizer, scheduler, objective=None) -> TrainerState:
     """Restore weights, optimiser, scheduler, RNG and the objective's carried state from `path`; return the
     trainer state."""
+    problem = checkpoint_problem(path)
+    if problem is not None:
+        raise CheckpointError(f"cannot resume from it: {problem}", where=str(path))
     load_trainable_state(model, load_file(path / "trainable.safetensors"))
     if (path / OBJECTIVE_STATE).is_file() and hasattr(objective, "load_state_dict"):
         objective.load_state_dict(load_file(path / OBJECTIVE_STATE))
-    saved = torch.load(path / "optimizer.pt", weights_only=False)
-    optimizer.load_state_dict(saved["optimizer"])
-    scheduler.load_state_dict(saved["scheduler"])
-    random.setstate(saved["rng"]["python"])
-    torch.set_rng_state(saved["rng"]["torch"])
+    if (path / OPTIMIZER_TENSORS).is_file():
+        tensors = load_file(path / OPTIMIZER_TENSORS)
+        resume = json.loads((path / RESUME_STATE).read_text())
+        optimizer_state = _join_optimizer_state(tensors, resume["optimizer"], optimizer)
+        scheduler_state = resume["scheduler"]
+        python_rng = resume["rng_python"]
+        rng = {"python": (python_rng[0], tuple(python_rng[1]), python_rng[2]), "torch": tensors["rng/torch"]}
+    else:
+        saved = _load_legacy(path / LEGACY_OPTIMIZER)
+        optimizer_state, scheduler_state, rng = saved["optimizer"], saved["scheduler"], saved["rng"]
+    optimizer.load_state_dict(optimizer_state)
+    scheduler.load_state_dict(scheduler_state)
+    random.setstate(rng["python"])
+    torch.set_rng_state(rng["torch"])
     return TrainerState(**json.loads((path / "state.json").read_text()))
+
+
+def _split_optimizer_state(saved: dict) -> tuple[dict[str, torch.Tensor], dict]:
+    """An optimiser's state_dict as tensors (for safetensors) and everything else (for JSON)."""
+    tensors: dict[str, torch.Tensor] = {}
+    rest: dict[str, dict] = {}
+    for index, slots in saved["state"].items():
+        rest[str(index)] = {}
+        for key, value in slots.items():
+            if torch.is_tensor(value):
+                tensors[f"optimizer/{index}/{key}"] = value.detach().to("cpu").contiguous()
+            else:
+                rest[str(index)][key] = value
+    return tensors, {"state": rest, "param_groups": saved["param_groups"]}
+
+
+def _join_optimizer_state(tensors: dict[str, torch.Tensor], rest: dict, optimizer) -> dict:
+    """The inverse of _split_optimizer_state; tuples (JSON made them lists) restored where the optimiser has them."""
+    state = {int(index): dict(values) for index, values in rest["state"].items()}
+    for key, value in tensors.items():
+        if key.startswith("optimizer/"):
+            _, index, slot = key.split("/", 2)
+            state[int(index)][slot] = value
+    groups = []
+    for saved, current in zip(rest["param_groups"], optimizer.param_groups, strict=False):
+        groups.append({k: tuple(v) if isinstance(current.get(k), tuple) else v for k, v in saved.items()})
+    return {"state": state, "param_groups": groups + rest["param_groups"][len(groups):]}
+
+
+def _load_legacy(path: Path) -> dict:
+    """An earlier tunelab's optimizer.pt, read as data only: a pickle that would run code is refused."""
+    try:
+        return torch.load(path, weights_only=True)
+    except Exception as err:  # torch raises UnpicklingError or RuntimeError depending on what it meets
+        raise CheckpointError(
+            f"refused: this pickle holds more than tensors and plain values, so loading it could run code "
+            f"({type(err).__name__}); resume from a checkpoint written by this tunelab instead",
+            where=str(path),
+        ) from None
+
+
+def _flush_to_disk(path: Path) -> None:
+    """fsync a file or folder, so a rename after it never exposes data the disk does not hold yet."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def data_order_fingerprint(config, rows_digest: str) -> str:
@@ -127,8 +243,6 @@ def data_order_fingerprint(config, rows_digest: str) -> str:
 def check_same_data(checkpoint: Path, fingerprint: str) -> None:
     """Refuse to resume on other batches: the saved data position would point elsewhere. Checkpoints written
     before tunelab recorded the fingerprint are not checked."""
-    from tunelab.errors import ConfigError
-
     saved = json.loads((checkpoint / "state.json").read_text()).get("extra", {}).get("data_fingerprint")
     if saved and fingerprint and saved != fingerprint:
         raise ConfigError(

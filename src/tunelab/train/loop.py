@@ -58,6 +58,11 @@ class LoopContext:
     an attention that keeps samples apart by itself (tunelab's matmul attention): no layer computes padding."""
     rng_at_last_step: dict | None = None
     """Random state when the last finished step ended: what an interruption checkpoint must restore."""
+    check_stop: Callable[[], None] = lambda: None
+    """Called at every step boundary; raises to stop there (see train/stop.py)."""
+    updating: bool = False
+    """True from the optimiser step until the trainer state records it: an interruption then leaves weights that
+    match no step, so nothing may be saved from them."""
 
 
 def epoch_plan(ctx: LoopContext, epoch: int):
@@ -126,6 +131,7 @@ def fit(ctx: LoopContext, state: TrainerState) -> TrainerState:
         if cfg.max_grad_norm:
             grad_norm = float(torch.nn.utils.clip_grad_norm_(trainable, cfg.max_grad_norm))
         lr = scheduler.get_last_lr()[0]
+        ctx.updating = True
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
@@ -145,6 +151,7 @@ def fit(ctx: LoopContext, state: TrainerState) -> TrainerState:
         state.extra["computed_tokens"] = state.extra.get("computed_tokens", 0) + computed_tokens
         state.extra["real_tokens"] = state.extra.get("real_tokens", 0) + real_tokens
         ctx.rng_at_last_step = rng_snapshot()
+        ctx.updating = False
         record = {
             "step": state.step,
             "epoch": round(state.epoch + state.batch_in_epoch / epoch_length, 4),
@@ -171,6 +178,7 @@ def fit(ctx: LoopContext, state: TrainerState) -> TrainerState:
         if stop:
             state.extra["early_stopped_at"] = state.step
             break
+        ctx.check_stop()
     best.restore(state)
     return state
 

@@ -41,6 +41,7 @@ from tunelab.train.checkpoint import (
     TrainerState,
     check_same_data,
     data_order_fingerprint,
+    incomplete_checkpoints,
     latest_checkpoint,
     load_checkpoint,
     save_checkpoint,
@@ -52,12 +53,15 @@ from tunelab.train.outputs import peak_memory_mb, write_model_card, write_sample
 from tunelab.train.precision import resolve_precision
 from tunelab.train.progress import TrainingProgress
 from tunelab.train.schedule import build_optimizer
+from tunelab.train.stop import StopOnSignal
 
 
 def check_output_dir(output_dir: Path, *, resume: bool, overwrite: bool) -> None:
     if resume:
         if latest_checkpoint(output_dir) is None:
-            raise ConfigError(f"--resume: no checkpoint under {output_dir}/checkpoints", where="output_dir")
+            ignored = "".join(f"; {path.name} ignored: {why}" for path, why in incomplete_checkpoints(output_dir))
+            raise ConfigError(f"--resume: no complete checkpoint under {output_dir}/checkpoints{ignored}",
+                              where="output_dir")
         return
     if output_dir.exists() and any(output_dir.iterdir()) and not overwrite:
         raise ConfigError(
@@ -179,6 +183,8 @@ def _train(config: RunConfig, log: RunLog, *, resume: bool, overwrite: bool, con
     baseline_file = run_dir / "baseline.json"
     if resume:
         checkpoint = latest_checkpoint(run_dir)
+        for path, why in incomplete_checkpoints(run_dir):
+            console.print(f"[yellow]ignoring {path}: {why}[/]")
         state = load_checkpoint(checkpoint, model, ctx.optimizer, ctx.scheduler, objective)
         state.extra.setdefault("data_fingerprint", data_order)
         log.truncate_after(state.step)
@@ -200,18 +206,25 @@ def _train(config: RunConfig, log: RunLog, *, resume: bool, overwrite: bool, con
     progress = TrainingProgress(console, ctx.total_steps, state.step)
     ctx.on_step = progress.update
     status = "completed"
+    stop_on_signal = StopOnSignal(console)
+    ctx.check_stop = stop_on_signal.check
     try:
-        with progress, attention_implementation(model, attention):
+        with progress, attention_implementation(model, attention), stop_on_signal:
             state = fit(ctx, state)
     except KeyboardInterrupt:
         status = "interrupted"
         model.zero_grad(set_to_none=True)
-        saved = save_checkpoint(run_dir, model, ctx.optimizer, ctx.scheduler, state, config.train.keep_checkpoints,
-                                rng=ctx.rng_at_last_step, objective=objective)
+        if ctx.updating:  # stopped inside an optimiser step: these weights belong to no step
+            saved = latest_checkpoint(run_dir)
+            console.print(f"[yellow]stopped inside step {state.step + 1}; nothing saved from it. "
+                          f"Continue with --resume from {saved or 'the start'}[/]")
+        else:
+            saved = save_checkpoint(run_dir, model, ctx.optimizer, ctx.scheduler, state,
+                                    config.train.keep_checkpoints, rng=ctx.rng_at_last_step, objective=objective)
+            console.print(f"[yellow]interrupted at step {state.step}; saved {saved}. Continue with --resume[/]")
         _write_summary(run_dir, model, config, data, state, baseline, {}, trainable, total, precision, device, status,
                        memory)
         write_report(run_dir)
-        console.print(f"[yellow]interrupted at step {state.step}; saved {saved}. Continue with --resume[/]")
         raise
     except TrainingFault:
         status = "failed"

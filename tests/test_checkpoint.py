@@ -1,0 +1,193 @@
+"""Checkpoints survive kills, refuse what would run code, and a stop signal ends a run at a step boundary."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from tunelab.errors import CheckpointError
+from tunelab.train.checkpoint import (
+    COMPLETE,
+    LEGACY_OPTIMIZER,
+    TrainerState,
+    complete_checkpoints,
+    incomplete_checkpoints,
+    latest_checkpoint,
+    load_checkpoint,
+    save_checkpoint,
+)
+
+
+def trained_module(steps: int, seed: int = 0):
+    torch.manual_seed(seed)
+    model = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.Linear(8, 2))
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2, betas=(0.9, 0.95))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1 / (1 + step))
+    for _ in range(steps):
+        model(torch.randn(4, 8)).pow(2).sum().backward()
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad()
+    return model, optimizer, scheduler
+
+
+def test_a_checkpoint_round_trips_without_pickle(tmp_path):
+    model, optimizer, scheduler = trained_module(3)
+    random.seed(7)
+    torch.manual_seed(7)
+    path = save_checkpoint(tmp_path, model, optimizer, scheduler, TrainerState(step=3, tokens_seen=12), keep=2)
+    expected_python, expected_torch = random.random(), torch.rand(3)
+    assert {p.suffix for p in path.iterdir()} <= {".safetensors", ".json"}  # nothing that unpickles
+
+    fresh, fresh_optimizer, fresh_scheduler = trained_module(0, seed=1)
+    random.seed(0)
+    state = load_checkpoint(path, fresh, fresh_optimizer, fresh_scheduler)
+    assert state.step == 3 and state.tokens_seen == 12
+    assert random.random() == expected_python and torch.equal(torch.rand(3), expected_torch)
+    for a, b in zip(model.parameters(), fresh.parameters(), strict=True):
+        assert torch.equal(a, b)
+    saved, loaded = optimizer.state_dict(), fresh_optimizer.state_dict()
+    assert loaded["param_groups"] == saved["param_groups"]
+    assert isinstance(loaded["param_groups"][0]["betas"], tuple)
+    for index, slots in saved["state"].items():
+        for key, value in slots.items():
+            assert torch.equal(loaded["state"][index][key], value), key
+    assert fresh_scheduler.state_dict() == scheduler.state_dict()
+    # the next update is the same as the original's
+    for m, o, s in ((model, optimizer, scheduler), (fresh, fresh_optimizer, fresh_scheduler)):
+        torch.manual_seed(3)
+        m(torch.randn(4, 8)).pow(2).sum().backward()
+        o.step()
+        s.step()
+    for a, b in zip(model.parameters(), fresh.parameters(), strict=True):
+        assert torch.equal(a, b)
+
+
+def test_an_incomplete_checkpoint_is_reported_and_never_loaded(tmp_path):
+    model, optimizer, scheduler = trained_module(1)
+    good = save_checkpoint(tmp_path, model, optimizer, scheduler, TrainerState(step=1), keep=5)
+    newer = save_checkpoint(tmp_path, model, optimizer, scheduler, TrainerState(step=2), keep=5)
+    with open(newer / "trainable.safetensors", "r+b") as file:  # a disk that lost the end of a file
+        file.truncate(100)
+    unmarked = save_checkpoint(tmp_path, model, optimizer, scheduler, TrainerState(step=3), keep=5)
+    (unmarked / COMPLETE).unlink()
+    (tmp_path / "checkpoints" / ".tmp-step-000004").mkdir()
+
+    assert latest_checkpoint(tmp_path) == good
+    reasons = {path.name: why for path, why in incomplete_checkpoints(tmp_path)}
+    assert sorted(reasons) == [".tmp-step-000004", "step-000002", "step-000003"]
+    assert reasons[".tmp-step-000004"] == "its write never finished"
+    assert reasons["step-000002"].startswith("trainable.safetensors has 100 bytes, not the")
+    assert reasons["step-000003"] == f"it has no {COMPLETE} (its write never finished)"
+    with pytest.raises(CheckpointError, match="has 100 bytes"):
+        load_checkpoint(newer, *trained_module(0))
+
+
+class _SideEffect:
+    """Unpickling this writes a file: what an attacker's pickle would do, harmlessly."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (Path.write_text, (self.marker, "code ran"))
+
+
+def test_a_planted_pickle_in_a_checkpoint_is_refused_without_running(tmp_path):
+    model, optimizer, scheduler = trained_module(1)
+    path = save_checkpoint(tmp_path, model, optimizer, scheduler, TrainerState(step=1), keep=1)
+    for name in ("optimizer.safetensors", "resume.json", COMPLETE):  # the layout of an earlier tunelab
+        (path / name).unlink()
+    marker = tmp_path / "pwned.txt"
+    torch.save({"optimizer": _SideEffect(marker)}, path / LEGACY_OPTIMIZER)
+
+    with pytest.raises(CheckpointError, match="could run code") as refused:
+        load_checkpoint(path, *trained_module(0))
+    assert LEGACY_OPTIMIZER in str(refused.value)
+    assert not marker.exists()
+    torch.load(path / LEGACY_OPTIMIZER, weights_only=False)  # the control: an unguarded load runs it
+    assert marker.read_text() == "code ran"
+
+
+KILLED_WRITER = textwrap.dedent("""
+    import sys, torch
+    from pathlib import Path
+    from tunelab.train.checkpoint import TrainerState, save_checkpoint
+    model = torch.nn.Linear(1024, 1024)  # 4 MB of weights, 8 MB of moments: writes take a while
+    optimizer = torch.optim.AdamW(model.parameters())
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
+    model(torch.ones(1, 1024)).sum().backward()
+    optimizer.step()
+    step = int(sys.argv[2])
+    while True:
+        step += 1
+        with torch.no_grad():
+            model.weight.fill_(step)
+        save_checkpoint(Path(sys.argv[1]), model, optimizer, scheduler, TrainerState(step=step), keep=2)
+        print(step, flush=True)
+""")
+
+
+def test_sigkill_while_writing_never_leaves_a_checkpoint_that_resume_would_load_wrongly(tmp_path):
+    """Kill a process that writes checkpoints back to back at random moments, again and again: every time, the
+    newest complete checkpoint loads and holds exactly the weights of its step."""
+    rng = random.Random(0)
+    step = 0
+    skipped = 0
+    for _ in range(6):
+        writer = subprocess.Popen([sys.executable, "-c", KILLED_WRITER, str(tmp_path), str(step)],
+                                  stdout=subprocess.PIPE, text=True)
+        assert writer.stdout.readline()  # at least one checkpoint written, so kills land among writes
+        time.sleep(rng.uniform(0.0, 0.5))
+        writer.send_signal(signal.SIGKILL)
+        writer.wait()
+        skipped += len(incomplete_checkpoints(tmp_path))
+        latest = latest_checkpoint(tmp_path)
+        model = torch.nn.Linear(1024, 1024)
+        optimizer = torch.optim.AdamW(model.parameters())
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
+        state = load_checkpoint(latest, model, optimizer, scheduler)
+        assert latest.name == f"step-{state.step:06d}" and state.step > step
+        assert torch.all(model.weight == state.step)
+        assert len(complete_checkpoints(tmp_path)) <= 2
+        step = state.step
+    assert skipped, "no kill landed inside a write; the test proved nothing"
+
+
+def test_sigterm_stops_the_cli_run_at_a_step_boundary_with_a_checkpoint(tiny_model_dir, tmp_path):
+    rows = [{"question": f"what is {a} plus {b}?", "answer": str(a + b)} for a in range(5) for b in range(5)]
+    data = tmp_path / "qa.jsonl"
+    data.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    out = tmp_path / "run"
+    config = tmp_path / "run.yaml"
+    config.write_text(yaml.safe_dump({
+        "model": str(tiny_model_dir), "data": {"train": str(data), "max_length": 64},
+        "train": {"max_steps": 100000, "batch_size": 2, "precision": "fp32", "log_every": 1},
+        "eval": {"before_after": False, "generate_samples": 0}, "output_dir": str(out),
+    }))
+    tunelab = Path(sys.executable).with_name("tunelab")
+    run = subprocess.Popen([str(tunelab), "train", str(config)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                           text=True, env={**os.environ, "COLUMNS": "200"})
+    metrics = out / "metrics.jsonl"
+    deadline = time.monotonic() + 120
+    while not (metrics.is_file() and '"loss"' in metrics.read_text()):
+        assert run.poll() is None and time.monotonic() < deadline, run.stdout.read()
+        time.sleep(0.1)
+    run.send_signal(signal.SIGTERM)
+    output = run.communicate(timeout=120)[0]
+    assert run.returncode == 128 + signal.SIGTERM, output
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["status"] == "interrupted" and 1 <= summary["steps"] < 100000
+    assert latest_checkpoint(out).name == f"step-{summary['steps']:06d}"
+    assert "SIGTERM: stopping after this step" in output and "--resume" in output
