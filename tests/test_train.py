@@ -12,7 +12,6 @@ from tunelab.config import load_config
 from tunelab.data.batching import collate
 from tunelab.data.template import IGNORE_INDEX, TokenizedSample
 from tunelab.objectives.sft import sft_loss_sum
-from tunelab.train.loop import TrainingFault
 from tunelab.train.run import train_run
 
 QA = [
@@ -139,15 +138,6 @@ def test_resume_reaches_the_same_final_loss(tiny_model_dir, qa_file, tmp_path):
     assert [p.name for p in (tmp_path / "at-once" / "checkpoints").iterdir()] == ["step-000003"]
     resumed = train_run(run_config(tiny_model_dir, qa_file, tmp_path / "at-once", *base), resume=True)
     assert resumed["final_train_loss"] == pytest.approx(straight["final_train_loss"], rel=1e-5)
-
-
-def test_nan_loss_stops_with_finished_work_saved(tiny_model_dir, qa_file, tmp_path):
-    out = tmp_path / "nan"
-    with pytest.raises(TrainingFault, match="loss became"):
-        train_run(run_config(tiny_model_dir, qa_file, out, "train.lr=1e30", "method.name=full",
-                             "train.max_grad_norm=null", "train.max_steps=20", "eval.before_after=false"))
-    summary = json.loads((out / "summary.json").read_text())
-    assert summary["status"] == "failed"
 
 
 def test_existing_output_dir_is_not_overwritten_silently(tiny_model_dir, qa_file, tmp_path):

@@ -197,6 +197,11 @@ class TrainConfig(Strict):
     save_every: int | None = Field(None, ge=1)
     """Write a resumable checkpoint every N optimiser steps."""
     keep_checkpoints: int = Field(2, ge=1)
+    max_bad_steps: int = Field(3, ge=0)
+    """A step whose loss or gradient norm is not finite is skipped (logged with `skipped`); more than this many
+    within 100 steps rolls back to the newest checkpoint (see save_every) with the learning rate halved."""
+    max_rollbacks: int = Field(2, ge=0)
+    """Rollbacks before the run stops with the reason (its finished work saved)."""
     early_stopping_patience: int | None = Field(None, ge=1)
     """Stop after this many evaluations without a better `best_metric`, and keep the best weights."""
     best_metric: str = "eval_loss"

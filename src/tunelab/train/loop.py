@@ -24,7 +24,14 @@ from tunelab.errors import TrainingFault
 from tunelab.objectives.metrics import MetricTotals
 from tunelab.track.jsonl import MetricsLog
 from tunelab.train.best import BestTracker
-from tunelab.train.checkpoint import TrainerState, rng_snapshot, save_checkpoint
+from tunelab.train.checkpoint import (
+    TrainerState,
+    latest_checkpoint,
+    load_checkpoint,
+    rng_snapshot,
+    save_checkpoint,
+)
+from tunelab.train.faults import ROLLBACK_LR_FACTOR, SPIKE_FACTOR, FaultGuard, scale_learning_rate
 from tunelab.train.precision import autocast
 
 
@@ -58,6 +65,8 @@ class LoopContext:
     an attention that keeps samples apart by itself (tunelab's matmul attention): no layer computes padding."""
     rng_at_last_step: dict | None = None
     """Random state when the last finished step ended: what an interruption checkpoint must restore."""
+    warn: Callable[[str], None] = lambda message: None
+    """Shows a warning to the user (skipped steps, loss spikes, rollbacks); they are logged in metrics.jsonl too."""
     check_stop: Callable[[], None] = lambda: None
     """Called at every step boundary; raises to stop there (see train/stop.py)."""
     updating: bool = False
@@ -97,6 +106,8 @@ def fit(ctx: LoopContext, state: TrainerState) -> TrainerState:
     trainable = [p for p in model.parameters() if p.requires_grad]
     batches = micro_batches(ctx, state.epoch, state.batch_in_epoch)
     best = BestTracker(cfg, ctx.run_dir, model)
+    # A loss that trains on its own samples (GRPO) sits near 0 and swings with the rollout: no spikes to watch.
+    guard = FaultGuard(cfg.max_bad_steps, cfg.max_rollbacks, watch_spikes=not hasattr(ctx.objective, "rollout"))
     model.train()
     while state.step < ctx.total_steps:
         started = time.perf_counter()
@@ -124,16 +135,13 @@ def fit(ctx: LoopContext, state: TrainerState) -> TrainerState:
             loss_total += float(loss_sum.detach())
             metrics_of_step.add(metrics)
         loss = loss_total / step_count
-        if not math.isfinite(loss):
-            optimizer.zero_grad(set_to_none=True)
-            raise TrainingFault(f"the loss became {loss} at step {state.step + 1}; try a lower train.lr")
-        grad_norm = None
-        if cfg.max_grad_norm:
-            grad_norm = float(torch.nn.utils.clip_grad_norm_(trainable, cfg.max_grad_norm))
+        grad_norm = _grad_norm(trainable, cfg.max_grad_norm) if math.isfinite(loss) else None
+        bad = guard.bad_step_reason(loss, grad_norm)
         lr = scheduler.get_last_lr()[0]
         ctx.updating = True
-        optimizer.step()
-        scheduler.step()
+        if bad is None:
+            optimizer.step()
+        scheduler.step()  # a skipped step still counts: the schedule and data order stay those of a clean run
         optimizer.zero_grad(set_to_none=True)
 
         elapsed = time.perf_counter() - started
@@ -162,6 +170,18 @@ def fit(ctx: LoopContext, state: TrainerState) -> TrainerState:
             "tokens_per_second": step_tokens / elapsed if elapsed else 0.0,
             **metrics_of_step.means(),
         }
+        if guard.record(state.step, loss, bad is not None):
+            record["loss_spike"] = True
+            ctx.warn(f"loss spike at step {state.step}: {loss:.4g}, over {SPIKE_FACTOR:g}x the recent median")
+        if bad is not None:
+            record.update(loss=loss if math.isfinite(loss) else None, skipped=bad)
+            state.extra["skipped_steps"] = state.extra.get("skipped_steps", 0) + 1
+            ctx.warn(f"step {state.step} skipped: {bad}")
+            if guard.needs_rollback(state.step):
+                ctx.log.write(record)
+                state = _roll_back(ctx, state, guard)
+                batches = micro_batches(ctx, state.epoch, state.batch_in_epoch)
+                continue
         stop = False
         last = state.step == ctx.total_steps
         if (cfg.eval_every and state.step % cfg.eval_every == 0) or last:
@@ -169,7 +189,7 @@ def fit(ctx: LoopContext, state: TrainerState) -> TrainerState:
             record.update(metrics)
             state.extra["last_eval"] = metrics
             stop = best.observe(state, metrics)
-        if state.step % cfg.log_every == 0 or last or "eval_loss" in record or stop:
+        if state.step % cfg.log_every == 0 or last or "eval_loss" in record or stop or bad is not None:
             ctx.log.write(record)
         ctx.on_step(state, record)
         if cfg.save_every and state.step % cfg.save_every == 0 and not last:
@@ -180,6 +200,36 @@ def fit(ctx: LoopContext, state: TrainerState) -> TrainerState:
             break
         ctx.check_stop()
     best.restore(state)
+    return state
+
+
+def _grad_norm(trainable: list[torch.nn.Parameter], max_norm: float | None) -> float:
+    """The gradients' total norm, clipped to max_norm when set (a non-finite norm leaves them for skipping)."""
+    if max_norm:
+        return float(torch.nn.utils.clip_grad_norm_(trainable, max_norm))
+    return float(torch.nn.utils.get_total_norm([p.grad for p in trainable if p.grad is not None]))
+
+
+def _roll_back(ctx: LoopContext, state: TrainerState, guard: FaultGuard) -> TrainerState:
+    """Continue from the newest checkpoint with a lower learning rate, or stop when that is not possible."""
+    bad = len(guard.bad_steps)
+    checkpoint = latest_checkpoint(ctx.run_dir)
+    if checkpoint is None or not guard.can_roll_back():
+        why = ("no checkpoint to roll back to (set train.save_every)" if checkpoint is None
+               else f"after {guard.rollbacks} rollback(s) with the learning rate halved each time")
+        raise TrainingFault(f"{bad} steps up to step {state.step} had a non-finite loss or gradient norm, {why}; "
+                            "try a lower train.lr or check the data")
+    rolled_from = state.step
+    state = load_checkpoint(checkpoint, ctx.model, ctx.optimizer, ctx.scheduler, ctx.objective)
+    scale_learning_rate(ctx.optimizer, ctx.scheduler, ROLLBACK_LR_FACTOR)
+    guard.rolled_back()
+    state.extra["rollbacks"] = state.extra.get("rollbacks", 0) + 1
+    ctx.rng_at_last_step = rng_snapshot()
+    ctx.log.truncate_after(state.step)
+    ctx.log.write({"step": state.step, "rollback_from": rolled_from, "bad_steps": bad,
+                   "lr": ctx.scheduler.get_last_lr()[0]})
+    ctx.warn(f"{bad} bad steps up to step {rolled_from}: rolled back to {checkpoint.name}, learning rate x"
+             f"{ROLLBACK_LR_FACTOR:g} (rollback {guard.rollbacks} of at most {guard.max_rollbacks})")
     return state
 
 

@@ -33,7 +33,7 @@ class TrainingProgress:
         if "eval_loss" in record:
             self.eval_loss = record["eval_loss"]
             self.eval_reward = record.get("eval_reward")
-        stats = f"loss {record['loss']:.4f}"
+        stats = f"loss {record['loss']:.4f}" if record.get("loss") is not None else "skipped"
         if "reward" in record:  # GRPO: the loss is ~0 by construction; the reward is what moves
             stats += f" | reward {record['reward']:.3f}"
         if self.eval_reward is not None:

@@ -208,6 +208,7 @@ def _train(config: RunConfig, log: RunLog, *, resume: bool, overwrite: bool, con
     status = "completed"
     stop_on_signal = StopOnSignal(console)
     ctx.check_stop = stop_on_signal.check
+    ctx.warn = lambda message: console.print(f"[yellow]{message}[/]")
     try:
         with progress, attention_implementation(model, attention), stop_on_signal:
             state = fit(ctx, state)
@@ -366,7 +367,7 @@ def _utilisation(model, config, state, precision, device) -> dict:
 def _write_summary(run_dir, model, config, data, state, baseline, after, trainable, total, precision, device,
                    status, memory: MemoryEstimate):
     records = MetricsLog(run_dir / "metrics.jsonl").read()
-    train_losses = [r["loss"] for r in records if "loss" in r]
+    train_losses = [r["loss"] for r in records if r.get("loss") is not None]  # skipped steps log None
     computed = state.extra.get("computed_tokens", 0)
     summary = {
         "status": status,
