@@ -2,7 +2,7 @@
 # Set up tunelab in ./.venv: PyTorch first (the CPU build on machines without an NVIDIA GPU, so pip
 # never pulls several GB of CUDA wheels), then tunelab with its dependencies. Safe to run again.
 #   scripts/setup.sh          the library and the `tunelab` command
-#   scripts/setup.sh --dev    plus the test and benchmark tools (pytest, ruff, the openai client, TRL) and the experiment
+#   scripts/setup.sh --dev    plus the test and benchmark tools (pytest, hypothesis, ruff, the openai client, TRL), the experiment
 #                             trackers (TensorBoard, W&B, MLflow client: about 50 MB to download, 210 MB installed)
 #                             and, as root (or with passwordless sudo) on Debian, Chromium for the test that opens
 #                             the HTML report in a real browser (about 120 MB to download, 410 MB installed, ~25 s;

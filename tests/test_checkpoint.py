@@ -191,3 +191,62 @@ def test_sigterm_stops_the_cli_run_at_a_step_boundary_with_a_checkpoint(tiny_mod
     assert summary["status"] == "interrupted" and 1 <= summary["steps"] < 100000
     assert latest_checkpoint(out).name == f"step-{summary['steps']:06d}"
     assert "SIGTERM: stopping after this step" in output and "--resume" in output
+
+
+@pytest.fixture
+def file_size_limit():
+    """limit(n): from now on no file may grow past n bytes (writes fail with EFBIG, as on a full disk); lifted
+    when the test ends."""
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+    previous = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # else the kernel kills the process
+    yield lambda n: resource.setrlimit(resource.RLIMIT_FSIZE, (n, hard))
+    resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+    signal.signal(signal.SIGXFSZ, previous)
+
+
+def test_a_full_disk_while_saving_stops_with_the_last_checkpoint_intact(tiny_model_dir, tmp_path, file_size_limit):
+    from test_train import QA, run_config
+
+    from tunelab.errors import SaveFailed
+    from tunelab.train.run import train_run
+
+    data = tmp_path / "qa.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in QA))
+    out = tmp_path / "run"
+    base = ["train.max_steps=6", "train.save_every=2", "eval.before_after=false"]
+
+    def fill_disk_after_step_3(step, batches):
+        if step == 3:  # the adapter (~130 KB) no longer fits; metrics.jsonl and summary.json still do
+            file_size_limit(64 * 1024)
+
+    with pytest.raises(SaveFailed, match=r"could not write checkpoint step-000004 \(.*File too large.*\); "
+                                         r".*step-000002 is intact"):
+        train_run(run_config(tiny_model_dir, data, out, *base), on_batches=fill_disk_after_step_3)
+    assert [p.name for p in (out / "checkpoints").iterdir()] == ["step-000002"]
+    assert latest_checkpoint(out).name == "step-000002"
+    assert json.loads((out / "summary.json").read_text())["status"] == "failed"
+
+    file_size_limit(2**62)  # room again
+    resumed = train_run(run_config(tiny_model_dir, data, out, *base), resume=True)
+    assert resumed["status"] == "completed" and resumed["steps"] == 6
+
+
+def test_a_planted_pickle_in_a_model_folder_is_refused_without_running(tiny_model_dir, tmp_path):
+    import shutil
+
+    from tunelab.errors import ModelError
+    from tunelab.models.load import load_model
+
+    folder = tmp_path / "model"
+    shutil.copytree(tiny_model_dir, folder)
+    (folder / "model.safetensors").unlink()
+    marker = tmp_path / "pwned.txt"
+    torch.save({"model.embed_tokens.weight": _SideEffect(marker)}, folder / "pytorch_model.bin")
+
+    with pytest.raises(ModelError, match="refused pytorch_model.bin: a pickle holding more than tensors could run"):
+        load_model(folder)
+    assert not marker.exists()
+    torch.load(folder / "pytorch_model.bin", weights_only=False)  # the control: an unguarded load runs it
+    assert marker.exists()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 from pathlib import Path
@@ -67,6 +68,12 @@ def train(
         raise typer.Exit(1) from None
     except KeyboardInterrupt as stop:  # StopRequested after SIGTERM carries 143
         raise typer.Exit(getattr(stop, "exit_code", 130)) from None
+    except OSError as err:
+        if err.errno not in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
+            raise
+        errors.print(f"[bold red]training stopped:[/] could not write {err.filename or 'a file'} ({err.strerror}); "
+                     "checkpoints already written are intact: make room, then continue with --resume")
+        raise typer.Exit(1) from None
     console.print(f"saved to [bold]{run_config.output_dir}[/] (status: {summary['status']})")
 
 

@@ -429,6 +429,9 @@ def _format_error(error: dict[str, Any], source: str) -> str:
         hint = f"; did you mean '{suggestion}'?" if suggestion else ""
         valid = ", ".join(section.model_fields) if section else ""
         return f"{source}: unknown key '{key}'{hint} (valid keys here: {valid})"
+    if error["type"] == "union_tag_invalid":  # method.name or objective.name that names nothing
+        return (f"{source}: {key}.name: '{error['ctx']['tag']}' is not one of "
+                f"{', '.join(_UNIONS.get(str(loc[0]), {})) or error['ctx']['expected_tags']}")
     if not loc:  # a check across sections (a model validator): its message names the keys
         return f"{source}: {error['msg'].removeprefix('Value error, ')}"
     return f"{source}: {key}: {error['msg']}"

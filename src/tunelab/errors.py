@@ -35,3 +35,7 @@ class CheckpointError(UserError):
 class TrainingFault(RuntimeError):
     """Training cannot go on (the loss is no longer finite, a reward function failed); finished work is already
     saved. Not a UserError: the CLI reports it with exit code 1."""
+
+
+class SaveFailed(TrainingFault):
+    """A checkpoint could not be written (a full disk, a lost mount); the newest complete one is untouched."""

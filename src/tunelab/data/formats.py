@@ -90,14 +90,24 @@ def _pair_format(keys: set[str]) -> tuple[str, str] | None:
     return None
 
 
+def as_text(value: Any, key: str) -> str:
+    """A text field's value: text, or a number written as text (CSV and Parquet columns may hold numbers). A
+    list, object or true/false is a mistake in the data, not text."""
+    if isinstance(value, str):
+        return value
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return str(value)
+    kind = {bool: "true/false", list: "a list", dict: "an object"}.get(type(value), type(value).__name__)
+    raise RowError(f"field '{key}' must be text, not {kind}")
+
+
 def _text_field(row: dict[str, Any], key: str, *, required: bool = True) -> str:
     value = row.get(key)
     if value is None:
         if required:
             raise RowError(f"missing field '{key}'")
         return ""
-    if not isinstance(value, str):
-        value = str(value)
+    value = as_text(value, key)
     if required and not value.strip():
         raise RowError(f"field '{key}' is empty")
     return value
@@ -121,7 +131,7 @@ def to_sample(record: Record, fmt: str, system_prompt: str | None = None) -> Sam
         prompt = f"{instruction}\n\n{extra}" if extra else instruction
         messages = [{"role": "user", "content": prompt}, {"role": "assistant", "content": _text_field(row, "output")}]
         if row.get("system"):
-            messages.insert(0, {"role": "system", "content": str(row["system"])})
+            messages.insert(0, {"role": "system", "content": as_text(row["system"], "system")})
     elif fmt == "prompt_completion":
         messages = _turns(row, "prompt", "user") + _turns(row, "completion", "assistant")
     elif fmt == "qa":

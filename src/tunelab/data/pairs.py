@@ -18,6 +18,7 @@ from tunelab.data.formats import (
     REJECTED_KEYS,
     RowError,
     _chat_messages,
+    as_text,
     check_roles,
 )
 from tunelab.data.sources import Record
@@ -162,7 +163,7 @@ def parse_prompt(row: dict[str, Any], key: str) -> Messages:
         if turns[-1]["role"] != "user":
             raise RowError(f"'{key}' must end with a user turn to be answered; it ends with '{turns[-1]['role']}'")
         return turns
-    text = value if isinstance(value, str) else str(value)
+    text = as_text(value, key)
     if not text.strip():
         raise RowError(f"field '{key}' is empty")
     return [{"role": "user", "content": text}]
@@ -178,7 +179,7 @@ def _reply(row: dict[str, Any], key: str) -> tuple[Messages, str]:
         return turns[:-1], turns[-1]["content"]
     if isinstance(value, dict):
         raise RowError(f"'{key}' must be text or a list of {{role, content}} messages, not an object")
-    text = value if isinstance(value, str) else str(value)
+    text = as_text(value, key)
     if not text.strip():
         raise RowError(f"field '{key}' is empty")
     return [], text

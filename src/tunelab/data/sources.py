@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import codecs
 import csv
 import json
 from collections.abc import Iterator
@@ -75,25 +76,51 @@ def iter_records(path: Path | str, problems) -> Iterator[Record]:
         raise DataError(f"unsupported file type '{suffix}' (expected one of {known})", where=name)
 
 
-def _iter_jsonl(file: Path, name: str, bad) -> Iterator[Record]:
-    with open(file, encoding="utf-8") as handle:
-        for number, line in enumerate(handle, start=1):
-            if not line.strip():
-                continue
+def _lines(file: Path, name: str, bad: list[str] | None = None) -> Iterator[tuple[int, str]]:
+    """(line number, text) of each physical line, decoded as UTF-8; a leading byte-order mark (Excel and Notepad
+    write one) is dropped. A line that is not UTF-8 is reported in `bad` and skipped, or, without `bad`, stops the
+    read with a DataError naming it."""
+    with open(file, "rb") as handle:
+        for number, raw in enumerate(handle, start=1):
+            if number == 1 and raw.startswith(codecs.BOM_UTF8):
+                raw = raw[len(codecs.BOM_UTF8):]
             try:
-                row = json.loads(line)
-            except json.JSONDecodeError as err:
-                bad.append(f"{name}:{number}: not valid JSON ({err.msg})")
+                text = raw.decode("utf-8")
+            except UnicodeDecodeError as err:
+                problem = (f"{name}:{number}: not valid UTF-8 (byte 0x{raw[err.start]:02x} at column {err.start + 1}); "
+                           "save the file as UTF-8")
+                if bad is None:
+                    raise DataError(problem) from None
+                bad.append(problem)
                 continue
-            if not isinstance(row, dict):
-                bad.append(f"{name}:{number}: expected a JSON object, got {type(row).__name__}")
-                continue
-            yield Record(row, f"{name}:{number}")
+            yield number, text
+
+
+def _iter_jsonl(file: Path, name: str, bad) -> Iterator[Record]:
+    for number, line in _lines(file, name, bad):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as err:
+            bad.append(f"{name}:{number}: not valid JSON ({err.msg})")
+            continue
+        if not isinstance(row, dict):
+            bad.append(f"{name}:{number}: expected a JSON object, got {type(row).__name__}")
+            continue
+        yield Record(row, f"{name}:{number}")
 
 
 def _read_json(file: Path, name: str, bad) -> list[Record]:
+    raw = file.read_bytes()
     try:
-        data = json.loads(file.read_text(encoding="utf-8"))
+        text = raw.decode("utf-8-sig")
+    except UnicodeDecodeError as err:
+        line = raw[: err.start].count(b"\n") + 1
+        raise DataError(f"not valid UTF-8 (byte 0x{raw[err.start]:02x}); save the file as UTF-8",
+                        where=f"{name}:{line}") from None
+    try:
+        data = json.loads(text)
     except json.JSONDecodeError as err:
         raise DataError(f"not valid JSON ({err.msg} at line {err.lineno})", where=name) from None
     if isinstance(data, dict) and isinstance(data.get("data"), list):
@@ -105,12 +132,11 @@ def _read_json(file: Path, name: str, bad) -> list[Record]:
 
 
 def _iter_csv(file: Path, name: str) -> Iterator[Record]:
-    with open(file, encoding="utf-8", newline="") as handle:
-        reader = csv.DictReader(handle)
-        for row in reader:
-            # reader.line_num is the physical line where this row ended (quoted fields may span lines)
-            cleaned = {k: v for k, v in row.items() if k is not None and v not in (None, "")}
-            yield Record(cleaned, f"{name}:{reader.line_num}")
+    reader = csv.DictReader(line for _, line in _lines(file, name))
+    for row in reader:
+        # reader.line_num is the physical line where this row ended (quoted fields may span lines)
+        cleaned = {k: v for k, v in row.items() if k is not None and v not in (None, "")}
+        yield Record(cleaned, f"{name}:{reader.line_num}")
 
 
 def _iter_parquet(file: Path, name: str) -> Iterator[Record]:
@@ -133,17 +159,16 @@ def _iter_text(file: Path, name: str) -> Iterator[Record]:
     numbered as str.splitlines numbers them (form feeds and the like end a line too)."""
     block: list[str] = []
     start = number = 0
-    with open(file, encoding="utf-8") as handle:
-        for physical in handle:
-            for line in physical.splitlines():
-                number += 1
-                if line.strip():
-                    if not block:
-                        start = number
-                    block.append(line)
-                elif block:
-                    yield Record({"text": "\n".join(block)}, f"{name}:{start}")
-                    block = []
+    for _, physical in _lines(file, name):
+        for line in physical.splitlines():
+            number += 1
+            if line.strip():
+                if not block:
+                    start = number
+                block.append(line)
+            elif block:
+                yield Record({"text": "\n".join(block)}, f"{name}:{start}")
+                block = []
     if block:
         yield Record({"text": "\n".join(block)}, f"{name}:{start}")
 

@@ -54,6 +54,10 @@ def load_model(path: Path, *, quantization=None, device: str = "cpu", head: str 
     try:
         model = loader.from_pretrained(path, **kwargs)
     except Exception as err:
+        if "Weights only load failed" in str(err):  # torch refused a pickle that would run code
+            pickles = ", ".join(sorted(p.name for p in Path(path).glob("*.bin"))) or "its .bin weights"
+            raise ModelError(f"refused {pickles}: a pickle holding more than tensors could run code when loaded; "
+                             "use a copy of the model in safetensors", where=str(path)) from None
         raise ModelError(f"cannot load model: {err}", where=str(path)) from None
     if quantization is None:
         model.to(device)

@@ -18,9 +18,10 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from tunelab.errors import CheckpointError, ConfigError
+from tunelab.errors import CheckpointError, ConfigError, SaveFailed
 
 CHECKPOINTS = "checkpoints"
 OBJECTIVE_STATE = "objective.safetensors"
@@ -83,9 +84,30 @@ def save_checkpoint(
     `rng` is the random state as it was at the end of step N (taken when the step finished, since an
     interruption may come after the next step has already drawn dropout masks)."""
     root = run_dir / CHECKPOINTS
-    root.mkdir(parents=True, exist_ok=True)
     final = root / f"step-{state.step:06d}"
     tmp = root / f".tmp-step-{state.step:06d}"
+    try:
+        _write_checkpoint(root, tmp, model, optimizer, scheduler, state, rng, objective)
+    except (OSError, SafetensorError) as err:  # a full disk, a quota, a lost mount
+        shutil.rmtree(tmp, ignore_errors=True)
+        intact = latest_checkpoint(run_dir)
+        reason = getattr(err, "strerror", None) or str(err)
+        raise SaveFailed(
+            f"could not write checkpoint {final.name} ({reason}); "
+            + (f"{intact} is intact: make room, then continue with --resume" if intact else "no earlier checkpoint")
+        ) from err
+    shutil.rmtree(final, ignore_errors=True)
+    tmp.rename(final)
+    _flush_to_disk(root)
+    for old in complete_checkpoints(run_dir)[:-keep]:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def _write_checkpoint(root: Path, tmp: Path, model, optimizer, scheduler, state: TrainerState, rng: dict | None,
+                      objective) -> None:
+    """Every file of a checkpoint into `tmp`, flushed to disk, the completion marker last."""
+    root.mkdir(parents=True, exist_ok=True)
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
     rng = rng or rng_snapshot()
@@ -106,12 +128,6 @@ def save_checkpoint(
     (tmp / COMPLETE).write_text(json.dumps({"step": state.step, "files": files}))
     _flush_to_disk(tmp / COMPLETE)
     _flush_to_disk(tmp)
-    shutil.rmtree(final, ignore_errors=True)
-    tmp.rename(final)
-    _flush_to_disk(root)
-    for old in complete_checkpoints(run_dir)[:-keep]:
-        shutil.rmtree(old, ignore_errors=True)
-    return final
 
 
 def complete_checkpoints(run_dir: Path) -> list[Path]:

@@ -20,7 +20,7 @@ from tunelab.data.preference import PreparedPairs, data_kind, prepare_preference
 from tunelab.data.prepare import PreparedData, prepare_data
 from tunelab.data.prompts import PreparedPrompts, prepare_prompt_data
 from tunelab.data.template import ChatRenderer
-from tunelab.errors import ConfigError
+from tunelab.errors import ConfigError, SaveFailed
 from tunelab.eval.during_training import RunEvaluator
 from tunelab.eval.preference import evaluate_objective
 from tunelab.eval.report import before_after_keys, write_report
@@ -227,9 +227,9 @@ def _train(config: RunConfig, log: RunLog, *, resume: bool, overwrite: bool, con
                        memory)
         write_report(run_dir)
         raise
-    except TrainingFault:
+    except TrainingFault as fault:
         status = "failed"
-        if state.step:
+        if state.step and not isinstance(fault, SaveFailed):
             save_checkpoint(run_dir, model, ctx.optimizer, ctx.scheduler, state, config.train.keep_checkpoints,
                             rng=ctx.rng_at_last_step, objective=objective)
         _write_summary(run_dir, model, config, data, state, baseline, {}, trainable, total, precision, device, status,
