@@ -1,0 +1,138 @@
+"""What a finished (or stopped) run reports: the data it read, summary.json, and the before/after table."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict
+
+from rich.console import Console
+
+from tunelab.data.preference import PreparedPairs
+from tunelab.data.prepare import PreparedData
+from tunelab.data.prompts import PreparedPrompts
+from tunelab.eval.report import before_after_keys
+from tunelab.methods import has_frozen_base
+from tunelab.track.jsonl import MetricsLog
+from tunelab.train.best import BestTracker
+from tunelab.train.flops import matmul_peak_flops, training_flops
+from tunelab.train.memory import MemoryEstimate
+from tunelab.train.outputs import peak_memory_mb
+
+
+def report_data(console: Console, data: PreparedData | PreparedPairs | PreparedPrompts) -> None:
+    stats = data.stats
+    for path, fmt in data.formats.items():
+        console.print(f"data {path}: {fmt}")
+    if isinstance(data, PreparedPrompts):
+        console.print(f"{stats['train_rows']} train / {stats['eval_rows']} eval prompts, {stats['train_tokens']:,} "
+                      f"prompt tokens, median prompt {stats['median_length']}")
+        for note in data.dropped[:5]:
+            console.print(f"[yellow]{note}[/]")
+        return
+    if isinstance(data, PreparedPairs):
+        console.print(f"{stats['train_rows']} train / {stats['eval_rows']} eval {data.kind} rows, "
+                      f"{stats['train_tokens']:,} train tokens, median sequence {stats['median_length']}")
+        for note in (data.truncated + data.dropped + data.identical)[:5]:
+            console.print(f"[yellow]{note}[/]")
+        return
+    console.print(
+        f"{stats['train_samples']} train / {stats['eval_samples']} eval samples, {stats['train_tokens']:,} train "
+        f"tokens ({100 * stats['trainable_fraction']:.0f}% trained), median length {stats['median_length']}"
+    )
+    for note in (data.truncated + data.dropped)[:5]:
+        console.print(f"[yellow]{note}[/]")
+    extra = data.truncated_count + data.dropped_count - 5
+    if extra > 0:
+        console.print(f"[yellow]... and {extra} more over-long samples[/]")
+
+
+def utilisation(model, config, state, precision, device) -> dict:
+    """Achieved training FLOP/s and MFU against this machine's measured matmul peak."""
+    if not state.train_seconds:
+        return {}
+    base_trains = not has_frozen_base(config.method.name)
+    flops = training_flops(model, input_tokens=state.extra.get("real_tokens", 0), trained_tokens=state.tokens_seen,
+                           base_trains=base_trains)
+    achieved = flops / state.train_seconds
+    peak = matmul_peak_flops(device.type, precision)
+    return {"achieved_tflops": round(achieved / 1e12, 4), "peak_matmul_tflops": round(peak / 1e12, 4),
+            "mfu": round(achieved / peak, 4)}
+
+
+def write_summary(run_dir, model, config, data, state, baseline, after, trainable, total, precision, device,
+                   status, memory: MemoryEstimate):
+    records = MetricsLog(run_dir / "metrics.jsonl").read()
+    train_losses = [r["loss"] for r in records if r.get("loss") is not None]  # skipped steps log None
+    computed = state.extra.get("computed_tokens", 0)
+    summary = {
+        "status": status,
+        "model": config.model,
+        "method": config.method.name,
+        "objective": config.objective.name,
+        "steps": state.step,
+        "train_tokens": state.tokens_seen,
+        "train_seconds": round(state.train_seconds, 2),
+        # tokens that carry loss per second; all non-padding tokens per second (what TRL logs as num_tokens)
+        "tokens_per_second": round(state.tokens_seen / state.train_seconds, 2) if state.train_seconds else 0.0,
+        "input_tokens_per_second": (
+            round(state.extra.get("real_tokens", 0) / state.train_seconds, 2) if state.train_seconds else 0.0
+        ),
+        # trained tokens / computed positions, and non-padding tokens / computed positions
+        "padding_efficiency": round(state.tokens_seen / computed, 4) if computed else None,
+        "non_padding_fraction": round(state.extra.get("real_tokens", 0) / computed, 4) if computed else None,
+        "peak_memory_mb": round(peak_memory_mb(device), 1),
+        "peak_memory_estimate_mb": round(memory.peak_mb, 1),
+        "memory_estimate": memory.as_dict(),
+        **utilisation(model, config, state, precision, device),
+        "final_train_loss": train_losses[-1] if train_losses else None,
+        "base_eval_loss": baseline.get("eval_loss"),
+        "final_eval_loss": after.get("eval_loss", state.best_eval_loss),
+        "final_eval_perplexity": after.get("eval_perplexity"),
+        "eval_before": {k: v for k, v in baseline.items() if k.startswith("eval_")},
+        "eval_after": {k: v for k, v in after.items() if k.startswith("eval_")},
+        "metrics_before": baseline.get("metrics", {}),
+        "metrics_after": after.get("metrics", {}),
+        "trainable_parameters": trainable,
+        "total_parameters": total,
+        "precision": precision,
+        "device": str(device),
+        "data": data.stats,
+        "best": BestTracker(config.train, run_dir, model).summary(state),
+        "trainer_state": asdict(state),
+    }
+    (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+    return summary
+
+
+def print_outcome(console, summary, samples, before, after, show) -> None:
+    from rich.table import Table
+
+    table = Table(title="before / after fine-tuning")
+    table.add_column("metric")
+    table.add_column("base model", justify="right")
+    table.add_column("fine-tuned", justify="right")
+    rows = [(f"eval loss ({summary['objective']})", summary["base_eval_loss"], summary["final_eval_loss"])]
+    if "eval_perplexity" in summary["eval_after"]:
+        rows.append(("eval perplexity", summary["eval_before"].get("eval_perplexity"),
+                     summary["eval_after"]["eval_perplexity"]))
+    for name in before_after_keys(summary["objective"], summary["eval_after"]):
+        if name in summary["eval_after"]:
+            rows.append((name.removeprefix("eval_"), summary["eval_before"].get(name), summary["eval_after"][name]))
+    for name, value in summary["metrics_after"].items():
+        rows.append((name, summary["metrics_before"].get(name), value))
+    for name, base, tuned in rows:
+        table.add_row(name, "-" if base is None else f"{base:.4f}", "-" if tuned is None else f"{tuned:.4f}")
+    console.print(table)
+    for sample, base, tuned in list(zip(samples, before or [None] * len(after), after, strict=False))[:show]:
+        console.print(f"[bold]prompt:[/] {sample.messages[-2]['content']}")
+        console.print(f"  [dim]reference:[/]  {sample.reference}")
+        if base is not None:
+            console.print(f"  [red]base:[/]       {base}")
+        console.print(f"  [green]fine-tuned:[/] {tuned}")
+    console.print(
+        f"trained {summary['train_tokens']:,} tokens in {summary['train_seconds']:.0f}s "
+        f"({summary['tokens_per_second']:.0f} trained tokens/s, "
+        f"{summary['input_tokens_per_second']:.0f} input tokens/s), "
+        f"peak memory {summary['peak_memory_mb']:.0f} MB, MFU {100 * summary.get('mfu', 0):.1f}% of the measured "
+        f"{summary.get('peak_matmul_tflops', 0) * 1000:.0f} GFLOP/s matmul peak"
+    )
