@@ -160,7 +160,7 @@ def test_sigkill_while_writing_never_leaves_a_checkpoint_that_resume_would_load_
         state = load_checkpoint(latest, model, optimizer, scheduler)
         assert latest.name == f"step-{state.step:06d}" and state.step > step
         assert torch.all(model.weight == state.step)
-        assert len(complete_checkpoints(tmp_path)) <= 2
+        assert len(complete_checkpoints(tmp_path)) <= 3  # keep=2, plus one when the kill fell before the pruning
         step = state.step
     assert skipped, "no kill landed inside a write; the test proved nothing"
 

@@ -51,8 +51,13 @@ def train(
     overrides: list[str] = typer.Argument(None, help="Overrides such as train.lr=1e-4 method.r=8."),
     resume: bool = typer.Option(False, "--resume", help="Continue from the last checkpoint in output_dir."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing output_dir."),
+    nproc: int = typer.Option(1, "--nproc", min=1,
+                              help="Train data-parallel in this many processes on this machine (one per GPU; on a "
+                                   "CPU they share its cores). Under torchrun or accelerate launch, leave it at 1."),
 ) -> None:
     """Fine-tune a model as CONFIG says, evaluate it before and after, and save the run directory."""
+    if nproc > 1 and "WORLD_SIZE" not in os.environ:
+        _launch(nproc)
     _quiet_libraries()
     from tunelab.config import load_config
     from tunelab.train.loop import TrainingFault
@@ -74,7 +79,21 @@ def train(
         errors.print(f"[bold red]training stopped:[/] could not write {err.filename or 'a file'} ({err.strerror}); "
                      "checkpoints already written are intact: make room, then continue with --resume")
         raise typer.Exit(1) from None
-    console.print(f"saved to [bold]{run_config.output_dir}[/] (status: {summary['status']})")
+    if os.environ.get("RANK", "0") == "0":
+        console.print(f"saved to [bold]{run_config.output_dir}[/] (status: {summary['status']})")
+
+
+def _launch(nproc: int) -> None:
+    """Run this same command again in `nproc` processes under torchrun (one machine, its own rendezvous)."""
+    import sys
+
+    arguments = [arg for arg in sys.argv[1:] if not arg.startswith("--nproc")]
+    if "--nproc" in sys.argv:  # "--nproc N" as two words
+        at = sys.argv.index("--nproc")
+        arguments = sys.argv[1:at] + sys.argv[at + 2:]
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
+               "-m", "tunelab.cli", *arguments]
+    os.execv(sys.executable, command)
 
 
 @app.command()
@@ -433,3 +452,7 @@ def version() -> None:
     from tunelab import __version__
 
     console.print(__version__)
+
+
+if __name__ == "__main__":  # what `tunelab train --nproc N` runs under torchrun
+    app()

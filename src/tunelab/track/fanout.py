@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import importlib
 import json
+import os
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -151,3 +152,29 @@ class RunLog(MetricsLog):
 def _read_status(run_dir: Path) -> dict[str, dict]:
     path = run_dir / STATUS_FILE
     return json.loads(path.read_text()) if path.exists() else {}
+
+
+class NullLog(RunLog):
+    """What the other processes of a data-parallel run log to: nothing (the main process writes the run's log).
+    Every method that would touch `path` is a no-op."""
+
+    def __init__(self) -> None:
+        super().__init__(Path(os.devnull))
+
+    def clear(self) -> None:
+        pass
+
+    def read(self) -> list[dict]:
+        return []
+
+    def start(self, config: RunConfig, *, resumed_at: int | None = None) -> None:
+        pass
+
+    def write(self, record: dict) -> None:
+        pass
+
+    def truncate_after(self, step: int) -> None:
+        pass
+
+    def close(self, status: str) -> None:
+        pass

@@ -17,6 +17,10 @@ class MetricsLog:
         kept = [line for line in self.path.read_text().splitlines() if line and json.loads(line).get("step", 0) <= step]
         self.path.write_text("".join(f"{line}\n" for line in kept))
 
+    def clear(self) -> None:
+        """Start the log afresh (a new run in an overwritten directory)."""
+        self.path.unlink(missing_ok=True)
+
     def write(self, record: dict) -> None:
         with open(self.path, "a") as handle:
             handle.write(json.dumps(record) + "\n")

@@ -71,23 +71,35 @@ def load_trainable_state(model, tensors: dict[str, torch.Tensor]) -> None:
 
 
 def rng_snapshot() -> dict:
-    return {"python": random.getstate(), "torch": torch.get_rng_state()}
+    snapshot = {"python": random.getstate(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        snapshot["cuda"] = torch.cuda.get_rng_state()
+    return snapshot
+
+
+def _restore_rng(rng: dict) -> None:
+    random.setstate(rng["python"])
+    torch.set_rng_state(rng["torch"])
+    if "cuda" in rng and torch.cuda.is_available():
+        torch.cuda.set_rng_state(rng["cuda"])
 
 
 def save_checkpoint(
     run_dir: Path, model, optimizer, scheduler, state: TrainerState, keep: int, rng: dict | None = None,
-    objective=None,
+    objective=None, other_ranks: list[dict] | None = None,
 ) -> Path:
     """Write checkpoints/step-N so that a kill at any moment leaves either no step-N or a complete one, and
     keep only the newest `keep` complete ones.
 
     `rng` is the random state as it was at the end of step N (taken when the step finished, since an
-    interruption may come after the next step has already drawn dropout masks)."""
+    interruption may come after the next step has already drawn dropout masks). With several processes,
+    `other_ranks` holds each other process's {"rng", "objective"} (its random state and objective state), which
+    differ from this one's."""
     root = run_dir / CHECKPOINTS
     final = root / f"step-{state.step:06d}"
     tmp = root / f".tmp-step-{state.step:06d}"
     try:
-        _write_checkpoint(root, tmp, model, optimizer, scheduler, state, rng, objective)
+        _write_checkpoint(root, tmp, model, optimizer, scheduler, state, rng, objective, other_ranks or [])
     except (OSError, SafetensorError) as err:  # a full disk, a quota, a lost mount
         shutil.rmtree(tmp, ignore_errors=True)
         intact = latest_checkpoint(run_dir)
@@ -105,7 +117,7 @@ def save_checkpoint(
 
 
 def _write_checkpoint(root: Path, tmp: Path, model, optimizer, scheduler, state: TrainerState, rng: dict | None,
-                      objective) -> None:
+                      objective, other_ranks: list[dict]) -> None:
     """Every file of a checkpoint into `tmp`, flushed to disk, the completion marker last."""
     root.mkdir(parents=True, exist_ok=True)
     shutil.rmtree(tmp, ignore_errors=True)
@@ -113,13 +125,17 @@ def _write_checkpoint(root: Path, tmp: Path, model, optimizer, scheduler, state:
     rng = rng or rng_snapshot()
     save_file(trainable_state(model), tmp / "trainable.safetensors")
     carried = objective.state_dict() if hasattr(objective, "state_dict") else {}
-    if carried:
-        save_file(carried, tmp / OBJECTIVE_STATE)
+    ranks = [{"rng": rng, "objective": carried}, *other_ranks]
+    for rank, entry in enumerate(ranks):
+        if entry["objective"]:
+            save_file(entry["objective"], tmp / _objective_file(rank))
     optimizer_tensors, optimizer_rest = _split_optimizer_state(optimizer.state_dict())
-    save_file({**optimizer_tensors, "rng/torch": rng["torch"]}, tmp / OPTIMIZER_TENSORS)
-    python_rng = rng["python"]
+    rng_tensors = {f"{_rng_key(rank)}/{kind}": entry["rng"][kind]
+                   for rank, entry in enumerate(ranks) for kind in ("torch", "cuda") if kind in entry["rng"]}
+    save_file({**optimizer_tensors, **rng_tensors}, tmp / OPTIMIZER_TENSORS)
+    python_rngs = [entry["rng"]["python"] for entry in ranks]
     resume = {"optimizer": optimizer_rest, "scheduler": scheduler.state_dict(),
-              "rng_python": [python_rng[0], list(python_rng[1]), python_rng[2]]}
+              "rng_python": [[state[0], list(state[1]), state[2]] for state in python_rngs]}
     (tmp / RESUME_STATE).write_text(json.dumps(resume))
     (tmp / "state.json").write_text(json.dumps(asdict(state), indent=2))
     files = {p.name: p.stat().st_size for p in sorted(tmp.iterdir())}
@@ -172,29 +188,40 @@ def checkpoint_problem(path: Path) -> str | None:
     return None
 
 
-def load_checkpoint(path: Path, model, optimizer, scheduler, objective=None) -> TrainerState:
-    """Restore weights, optimiser, scheduler, RNG and the objective's carried state from `path`; return the
-    trainer state."""
+def _objective_file(rank: int) -> str:
+    return OBJECTIVE_STATE if rank == 0 else f"objective-rank{rank}.safetensors"
+
+
+def _rng_key(rank: int) -> str:
+    return "rng" if rank == 0 else f"rng-rank{rank}"
+
+
+def load_checkpoint(path: Path, model, optimizer, scheduler, objective=None, rank: int = 0) -> TrainerState:
+    """Restore weights, optimiser, scheduler, RNG and the objective's carried state from `path` (the random and
+    objective state of process `rank` where several trained); return the trainer state."""
     problem = checkpoint_problem(path)
     if problem is not None:
         raise CheckpointError(f"cannot resume from it: {problem}", where=str(path))
     load_trainable_state(model, load_file(path / "trainable.safetensors"))
-    if (path / OBJECTIVE_STATE).is_file() and hasattr(objective, "load_state_dict"):
-        objective.load_state_dict(load_file(path / OBJECTIVE_STATE))
+    if (path / _objective_file(rank)).is_file() and hasattr(objective, "load_state_dict"):
+        objective.load_state_dict(load_file(path / _objective_file(rank)))
     if (path / OPTIMIZER_TENSORS).is_file():
         tensors = load_file(path / OPTIMIZER_TENSORS)
         resume = json.loads((path / RESUME_STATE).read_text())
         optimizer_state = _join_optimizer_state(tensors, resume["optimizer"], optimizer)
         scheduler_state = resume["scheduler"]
-        python_rng = resume["rng_python"]
-        rng = {"python": (python_rng[0], tuple(python_rng[1]), python_rng[2]), "torch": tensors["rng/torch"]}
+        pythons = resume["rng_python"]
+        key = _rng_key(rank if rank < len(pythons) else 0)  # fewer processes saved: continue from the first's
+        python_rng = pythons[rank if rank < len(pythons) else 0]
+        rng = {"python": (python_rng[0], tuple(python_rng[1]), python_rng[2]), "torch": tensors[f"{key}/torch"]}
+        if f"{key}/cuda" in tensors:
+            rng["cuda"] = tensors[f"{key}/cuda"]
     else:
         saved = _load_legacy(path / LEGACY_OPTIMIZER)
         optimizer_state, scheduler_state, rng = saved["optimizer"], saved["scheduler"], saved["rng"]
     optimizer.load_state_dict(optimizer_state)
     scheduler.load_state_dict(scheduler_state)
-    random.setstate(rng["python"])
-    torch.set_rng_state(rng["torch"])
+    _restore_rng(rng)
     return TrainerState(**json.loads((path / "state.json").read_text()))
 
 
@@ -246,12 +273,13 @@ def _flush_to_disk(path: Path) -> None:
         os.close(fd)
 
 
-def data_order_fingerprint(config, rows_digest: str) -> str:
+def data_order_fingerprint(config, rows_digest: str, world_size: int = 1) -> str:
     """Identifies the sequence of batches a run trains on: its rows (PreparedData.fingerprint) and every setting
-    the epoch planner uses. Empty when the rows cannot be identified."""
+    the epoch planner uses (the batch of a step is batch_size from each of world_size processes). Empty when the
+    rows cannot be identified."""
     if not rows_digest:
         return ""
-    plan = [rows_digest, config.train.seed, config.train.batch_size, config.train.group_by_length,
+    plan = [rows_digest, config.train.seed, config.train.batch_size * world_size, config.train.group_by_length,
             config.data.shuffle, config.data.packing, config.data.max_length]
     return hashlib.sha256(json.dumps(plan).encode()).hexdigest()
 
@@ -263,7 +291,7 @@ def check_same_data(checkpoint: Path, fingerprint: str) -> None:
     if saved and fingerprint and saved != fingerprint:
         raise ConfigError(
             f"the training data or their batching differ from those of {checkpoint} (data files, tokenizer, "
-            "data settings, train.seed or train.batch_size changed), so its data position would not continue the "
-            "same sequence; restore them or start a new run",
+            "data settings, train.seed, or train.batch_size times the number of processes changed), so its data "
+            "position would not continue the same sequence; restore them or start a new run",
             where="data",
         )

@@ -45,6 +45,18 @@ class Ranks:
         if self.distributed:
             dist.barrier()
 
+    @contextlib.contextmanager
+    def main_first(self) -> Iterator[None]:
+        """The main process runs the block first (it fills caches: converted models, tokenised data), then the
+        others, which find them; if it fails, the others run into the same error themselves."""
+        if not self.is_main:
+            self.barrier()
+        try:
+            yield
+        finally:
+            if self.is_main:
+                self.barrier()
+
     def sum(self, values: Sequence[float]) -> list[float]:
         """Element-wise sum over processes (float64, so token counts stay exact)."""
         if not self.distributed:

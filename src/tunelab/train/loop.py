@@ -12,7 +12,7 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -31,6 +31,7 @@ from tunelab.train.checkpoint import (
     rng_snapshot,
     save_checkpoint,
 )
+from tunelab.train.distributed import ObjectiveModule, Ranks, accumulating
 from tunelab.train.faults import ROLLBACK_LR_FACTOR, SPIKE_FACTOR, FaultGuard, scale_learning_rate
 from tunelab.train.precision import autocast
 
@@ -67,6 +68,12 @@ class LoopContext:
     """Random state when the last finished step ended: what an interruption checkpoint must restore."""
     warn: Callable[[str], None] = lambda message: None
     """Shows a warning to the user (skipped steps, loss spikes, rollbacks); they are logged in metrics.jsonl too."""
+    ranks: Ranks = field(default_factory=Ranks)
+    """This process among the training processes (one by default)."""
+    loss_module: torch.nn.Module | None = None
+    """Calls the objective's loss on the model (train/distributed.py): DDP-wrapped with several processes."""
+    share_weights: list[float] = field(default_factory=list)
+    """Per micro-batch of the last drawn step: 1, or 0 where this process had no rows and computed a stand-in."""
     check_stop: Callable[[], None] = lambda: None
     """Called at every step boundary; raises to stop there (see train/stop.py)."""
     updating: bool = False
@@ -79,7 +86,7 @@ def epoch_plan(ctx: LoopContext, epoch: int):
     data = ctx.config.data
     return plan_epoch(
         ctx.train_samples,
-        batch_size=ctx.config.train.batch_size,
+        batch_size=ctx.config.train.batch_size * ctx.ranks.world_size,  # each process trains on its share
         seed=ctx.config.train.seed,
         epoch=epoch,
         shuffle=data.shuffle,
@@ -108,6 +115,7 @@ def fit(ctx: LoopContext, state: TrainerState) -> TrainerState:
     best = BestTracker(cfg, ctx.run_dir, model)
     # A loss that trains on its own samples (GRPO) sits near 0 and swings with the rollout: no spikes to watch.
     guard = FaultGuard(cfg.max_bad_steps, cfg.max_rollbacks, watch_spikes=not hasattr(ctx.objective, "rollout"))
+    module = ctx.loss_module or ObjectiveModule(model, ctx.objective)
     model.train()
     while state.step < ctx.total_steps:
         started = time.perf_counter()
@@ -115,26 +123,21 @@ def fit(ctx: LoopContext, state: TrainerState) -> TrainerState:
         # draws no new rows until the next rollout (and its checkpointed state holds the rollout).
         draws = getattr(ctx.objective, "draws_rows", lambda step: True)(state.step)
         step_batches = [next(batches) for _ in range(cfg.grad_accum)] if draws else []
-        step_rows = [_rows(ctx, rows) for _, _, _, rows in step_batches] if draws else None
+        step_rows = None
+        if draws:  # this process's share of each micro-batch; one without a share computes a 0-weighted row
+            shares = [ctx.ranks.share(rows) for _, _, _, rows in step_batches]
+            ctx.share_weights = [1.0 if share else 0.0 for share in shares]
+            step_rows = [_rows(ctx, share or rows[:1]) for share, (_, _, _, rows) in zip(shares, step_batches,
+                                                                                          strict=True)]
         metrics_of_step = MetricTotals()
         rollout_seconds = 0.0
         if hasattr(ctx.objective, "rollout"):  # an objective that trains on what the model generates (GRPO)
             step_rows, rollout_metrics = ctx.objective.rollout(model, step_rows, state.step)
             metrics_of_step.add(rollout_metrics)
             rollout_seconds = time.perf_counter() - started
-        tensors = [_to_device(batch_tensors(ctx, rows), ctx.device) for rows in step_rows]
-        real_tokens = sum(ctx.objective.input_tokens(item) for rows in step_rows for row in rows for item in row)
-        step_tokens = sum(int((t["targets"] != IGNORE_INDEX).sum()) for t in tensors)
-        computed_tokens = sum(t["input_ids"].numel() for t in tensors)
-        step_count = max(1, sum(ctx.objective.count(t) for t in tensors))
-        loss_total = 0.0
-        for batch in tensors:
-            with autocast(ctx.precision, ctx.device):
-                loss_sum, metrics = ctx.objective.loss_sum(model, batch)
-            (loss_sum / step_count).backward()
-            loss_total += float(loss_sum.detach())
-            metrics_of_step.add(metrics)
-        loss = loss_total / step_count
+        totals = _forward_backward(ctx, module, step_rows, metrics_of_step)
+        loss = totals.loss_sum / totals.count
+        step_tokens = totals.trained_tokens
         grad_norm = _grad_norm(trainable, cfg.max_grad_norm) if math.isfinite(loss) else None
         bad = guard.bad_step_reason(loss, grad_norm)
         lr = scheduler.get_last_lr()[0]
@@ -156,8 +159,8 @@ def fit(ctx: LoopContext, state: TrainerState) -> TrainerState:
         epoch_length = len(epoch_plan(ctx, state.epoch).batches) if not step_batches else step_batches[-1][2]
         state.tokens_seen += step_tokens
         state.train_seconds += elapsed
-        state.extra["computed_tokens"] = state.extra.get("computed_tokens", 0) + computed_tokens
-        state.extra["real_tokens"] = state.extra.get("real_tokens", 0) + real_tokens
+        state.extra["computed_tokens"] = state.extra.get("computed_tokens", 0) + totals.computed_tokens
+        state.extra["real_tokens"] = state.extra.get("real_tokens", 0) + totals.real_tokens
         ctx.rng_at_last_step = rng_snapshot()
         ctx.updating = False
         record = {
@@ -168,7 +171,7 @@ def fit(ctx: LoopContext, state: TrainerState) -> TrainerState:
             "grad_norm": grad_norm,
             "tokens": state.tokens_seen,
             "tokens_per_second": step_tokens / elapsed if elapsed else 0.0,
-            **metrics_of_step.means(),
+            **_merged(ctx, metrics_of_step).means(),
         }
         if guard.record(state.step, loss, bad is not None):
             record["loss_spike"] = True
@@ -185,22 +188,88 @@ def fit(ctx: LoopContext, state: TrainerState) -> TrainerState:
         stop = False
         last = state.step == ctx.total_steps
         if (cfg.eval_every and state.step % cfg.eval_every == 0) or last:
-            metrics = ctx.evaluate()
-            record.update(metrics)
-            state.extra["last_eval"] = metrics
-            stop = best.observe(state, metrics)
+            if ctx.ranks.is_main:  # the others wait at their next collective
+                metrics = ctx.evaluate()
+                record.update(metrics)
+                state.extra["last_eval"] = metrics
+                stop = best.observe(state, metrics)
+            stop = ctx.ranks.broadcast(stop)
         if state.step % cfg.log_every == 0 or last or "eval_loss" in record or stop or bad is not None:
             ctx.log.write(record)
         ctx.on_step(state, record)
         if cfg.save_every and state.step % cfg.save_every == 0 and not last:
-            save_checkpoint(ctx.run_dir, model, optimizer, scheduler, state, cfg.keep_checkpoints,
-                            objective=ctx.objective)
+            save_from_main(ctx, state)
         if stop:
             state.extra["early_stopped_at"] = state.step
             break
         ctx.check_stop()
     best.restore(state)
     return state
+
+
+@dataclass
+class StepTotals:
+    """What one optimiser step computed, summed over its micro-batches and every process."""
+
+    loss_sum: float
+    count: float
+    """What the loss is divided by (trained tokens, pairs, ...), at least 1."""
+    trained_tokens: int
+    computed_tokens: int
+    real_tokens: int
+
+
+def _forward_backward(ctx: LoopContext, module: torch.nn.Module, step_rows: list[list],
+                      metrics_of_step: MetricTotals) -> StepTotals:
+    """Forward and backward every micro-batch of the step, each scaled so the summed gradient is that of the
+    step's mean loss over all processes (DDP averages gradients over processes, hence the world_size factor)."""
+    weights = ctx.share_weights if len(ctx.share_weights) == len(step_rows) else [1.0] * len(step_rows)
+    tensors = [_to_device(batch_tensors(ctx, rows), ctx.device) for rows in step_rows]
+    local = [
+        sum(weight * ctx.objective.count(batch) for batch, weight in zip(tensors, weights, strict=True)),
+        sum(weight * ctx.objective.input_tokens(item)
+            for rows, weight in zip(step_rows, weights, strict=True) for row in rows for item in row),
+        sum(weight * int((batch["targets"] != IGNORE_INDEX).sum()) for batch, weight in zip(tensors, weights,
+                                                                                            strict=True)),
+        sum(weight * batch["input_ids"].numel() for batch, weight in zip(tensors, weights, strict=True)),
+    ]
+    count, real_tokens, trained_tokens, computed_tokens = ctx.ranks.sum(local)
+    count = max(1.0, count)
+    loss_total = 0.0
+    for index, (batch, weight) in enumerate(zip(tensors, weights, strict=True)):
+        with accumulating(module, last=index == len(tensors) - 1):
+            with autocast(ctx.precision, ctx.device):
+                loss_sum, metrics = module(batch)
+            (loss_sum * (weight * ctx.ranks.world_size / count)).backward()
+        if weight:
+            loss_total += float(loss_sum.detach())
+            metrics_of_step.add(metrics)
+    (loss_total,) = ctx.ranks.sum([loss_total])
+    return StepTotals(loss_total, count, int(trained_tokens), int(computed_tokens), int(real_tokens))
+
+
+def _merged(ctx: LoopContext, totals: MetricTotals) -> MetricTotals:
+    """The step's logged metrics over every process."""
+    if not ctx.ranks.distributed:
+        return totals
+    merged = MetricTotals()
+    for part in ctx.ranks.gather(totals.totals):
+        merged.add({name: (total, count) for name, (total, count) in part.items()})
+    return merged
+
+
+def save_from_main(ctx: LoopContext, state: TrainerState, rng: dict | None = None) -> Path | None:
+    """A checkpoint of `state`, written by the main process with every process's random and objective state;
+    collective (every process calls it), and no process goes on before it is complete."""
+    objective_state = ctx.objective.state_dict() if hasattr(ctx.objective, "state_dict") else {}
+    everyone = ctx.ranks.gather({"rng": rng or rng_snapshot(), "objective": objective_state})
+    saved = None
+    if ctx.ranks.is_main:
+        saved = save_checkpoint(ctx.run_dir, ctx.model, ctx.optimizer, ctx.scheduler, state,
+                                ctx.config.train.keep_checkpoints, rng=everyone[0]["rng"], objective=ctx.objective,
+                                other_ranks=everyone[1:])
+    ctx.ranks.barrier()
+    return saved
 
 
 def _grad_norm(trainable: list[torch.nn.Parameter], max_norm: float | None) -> float:
@@ -220,7 +289,7 @@ def _roll_back(ctx: LoopContext, state: TrainerState, guard: FaultGuard) -> Trai
         raise TrainingFault(f"{bad} steps up to step {state.step} had a non-finite loss or gradient norm, {why}; "
                             "try a lower train.lr or check the data")
     rolled_from = state.step
-    state = load_checkpoint(checkpoint, ctx.model, ctx.optimizer, ctx.scheduler, ctx.objective)
+    state = load_checkpoint(checkpoint, ctx.model, ctx.optimizer, ctx.scheduler, ctx.objective, ctx.ranks.rank)
     scale_learning_rate(ctx.optimizer, ctx.scheduler, ROLLBACK_LR_FACTOR)
     guard.rolled_back()
     state.extra["rollbacks"] = state.extra.get("rollbacks", 0) + 1

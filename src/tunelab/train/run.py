@@ -33,7 +33,7 @@ from tunelab.models.resolve import resolve_model
 from tunelab.objectives import build_objective, rows_per_item
 from tunelab.objectives.reference import precompute_reference
 from tunelab.objectives.reward import make_head_trainable
-from tunelab.track.fanout import RunLog, check_trackers
+from tunelab.track.fanout import NullLog, RunLog, check_trackers
 from tunelab.train.checkpoint import (
     TrainerState,
     check_same_data,
@@ -41,15 +41,15 @@ from tunelab.train.checkpoint import (
     incomplete_checkpoints,
     latest_checkpoint,
     load_checkpoint,
-    save_checkpoint,
 )
-from tunelab.train.loop import LoopContext, TrainingFault, epoch_plan, fit
+from tunelab.train.distributed import Ranks, launched_ranks, loss_module, start, stop
+from tunelab.train.loop import LoopContext, TrainingFault, epoch_plan, fit, save_from_main
 from tunelab.train.memory import MemoryEstimate, estimate_peak_memory
 from tunelab.train.outputs import write_model_card, write_samples
 from tunelab.train.precision import resolve_precision
 from tunelab.train.progress import TrainingProgress
 from tunelab.train.schedule import build_optimizer
-from tunelab.train.stop import StopOnSignal
+from tunelab.train.stop import StopOnSignal, StopRequested
 from tunelab.train.summary import print_outcome, report_data, write_summary
 
 
@@ -79,14 +79,22 @@ def train_run(
     """Run a whole fine-tune as `config` says and return its summary (also written to summary.json).
     The trackers in `track.to` are checked before anything is written and closed however the run ends.
     `on_batches(step, micro_batches)` sees the sample ids of every finished step (see LoopContext)."""
-    console = console or Console(quiet=True)
+    ranks = launched_ranks()
+    console = console if console is not None and ranks.is_main else Console(quiet=True)
     check_output_dir(config.output_dir, resume=resume, overwrite=overwrite)
     check_trackers(config.track)
-    log = RunLog(config.output_dir / "metrics.jsonl", console)
+    if ranks.distributed and config.objective.name == "grpo":
+        raise ConfigError("GRPO trains in one process for now (its rollouts are not shared between processes); "
+                          "run it without --nproc or a launcher", where="objective.name")
+    log = RunLog(config.output_dir / "metrics.jsonl", console) if ranks.is_main else NullLog()
+    device = start(ranks) if ranks.distributed else _training_device()
     status = "failed"
     try:
-        summary = _train(config, log, resume=resume, overwrite=overwrite, console=console, on_batches=on_batches)
+        summary = _train(config, log, ranks, device, resume=resume, overwrite=overwrite, console=console,
+                         on_batches=on_batches)
         status = summary["status"]
+        ranks.barrier()  # the others wait until the main process has written everything
+        stop(ranks)
         return summary
     except KeyboardInterrupt:
         status = "interrupted"
@@ -95,21 +103,21 @@ def train_run(
         log.close(status)
 
 
-def _train(config: RunConfig, log: RunLog, *, resume: bool, overwrite: bool, console: Console,
-           on_batches: Callable[[int, list], None] | None) -> dict:
+def _train(config: RunConfig, log: RunLog, ranks: Ranks, device: torch.device, *, resume: bool,
+           overwrite: bool, console: Console, on_batches: Callable[[int, list], None] | None) -> dict:
     run_dir = config.output_dir
     seed_everything(config.train.seed)
 
     if Path(config.model).exists():  # a local folder or file: record it so the run loads from anywhere
         config = config.model_copy(update={"model": str(Path(config.model).resolve())})
-    model_path = resolve_model(config.model)
-    tokenizer = load_tokenizer(model_path)
-    device = _training_device()
     precision = resolve_precision(config.train.precision, device)
-    objective = build_objective(config.objective, config.method.name, config.data.packing, tokenizer=tokenizer,
-                                seed=config.train.seed, precision=precision)
-    data = _prepare(config, tokenizer, objective)
-    data_order = data_order_fingerprint(config, data.fingerprint)
+    with ranks.main_first():  # one process converts the model and tokenises the data; the others read the caches
+        model_path = resolve_model(config.model)
+        tokenizer = load_tokenizer(model_path)
+        objective = build_objective(config.objective, config.method.name, config.data.packing, tokenizer=tokenizer,
+                                    seed=config.train.seed, precision=precision)
+        data = _prepare(config, tokenizer, objective)
+    data_order = data_order_fingerprint(config, data.fingerprint, ranks.world_size)
     if resume:
         check_same_data(latest_checkpoint(run_dir), data_order)
     report_data(console, data)
@@ -135,17 +143,18 @@ def _train(config: RunConfig, log: RunLog, *, resume: bool, overwrite: bool, con
     evaluate = RunEvaluator(config, model, renderer, data, precision, generation,  # checks eval.labels
                             loss=_objective_loss(objective, model, data, tokenizer, precision, config))
 
-    if overwrite and run_dir.exists() and not resume:
-        shutil.rmtree(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "config.yaml").write_text(dump_config(config))
+    if ranks.is_main:
+        if overwrite and run_dir.exists() and not resume:
+            shutil.rmtree(run_dir)
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "config.yaml").write_text(dump_config(config))
     # A reward model scores replies; it has no output head to generate them with.
     gen_samples = data.eval_samples[: config.eval.generate_samples] if objective.model_head == "lm" else []
 
     ctx = LoopContext(
         config=config, model=model, objective=objective, optimizer=None, scheduler=None, train_samples=data.train,
         pad_token_id=tokenizer.pad_token_id, precision=precision, device=device, run_dir=run_dir, log=log,
-        total_steps=0, evaluate=evaluate,
+        total_steps=0, evaluate=evaluate, ranks=ranks, loss_module=loss_module(model, objective, ranks, device),
     )
     if on_batches is not None:
         ctx.on_batches = on_batches
@@ -182,17 +191,19 @@ def _train(config: RunConfig, log: RunLog, *, resume: bool, overwrite: bool, con
         checkpoint = latest_checkpoint(run_dir)
         for path, why in incomplete_checkpoints(run_dir):
             console.print(f"[yellow]ignoring {path}: {why}[/]")
-        state = load_checkpoint(checkpoint, model, ctx.optimizer, ctx.scheduler, objective)
+        state = load_checkpoint(checkpoint, model, ctx.optimizer, ctx.scheduler, objective, ranks.rank)
         state.extra.setdefault("data_fingerprint", data_order)
         log.truncate_after(state.step)
         console.print(f"resuming from {checkpoint} (step {state.step} of {ctx.total_steps})")
     else:
-        log.path.unlink(missing_ok=True)
+        log.clear()
     log.start(config, resumed_at=state.step if resume else None)
-    if baseline_file.exists():
+    baseline = {}
+    if not ranks.is_main:
+        pass  # the main process evaluates and writes
+    elif baseline_file.exists():
         baseline = json.loads(baseline_file.read_text())
     else:
-        baseline = {}
         if config.eval.before_after:
             console.print("evaluating the base model ...")
             baseline = _measure(evaluate, gen_samples, evaluate())
@@ -204,43 +215,47 @@ def _train(config: RunConfig, log: RunLog, *, resume: bool, overwrite: bool, con
     ctx.on_step = progress.update
     status = "completed"
     stop_on_signal = StopOnSignal(console)
-    ctx.check_stop = stop_on_signal.check
+    ctx.check_stop = lambda: stop_on_signal.check(ranks)
     ctx.warn = lambda message: console.print(f"[yellow]{message}[/]")
     try:
         with progress, attention_implementation(model, attention), stop_on_signal:
             state = fit(ctx, state)
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as stopped:
         status = "interrupted"
         model.zero_grad(set_to_none=True)
-        if ctx.updating:  # stopped inside an optimiser step: these weights belong to no step
+        # Inside an optimiser step the weights belong to no step; with several processes only a stop that all
+        # of them reached together (StopRequested) can be saved.
+        if ctx.updating or (ranks.distributed and not isinstance(stopped, StopRequested)):
             saved = latest_checkpoint(run_dir)
             console.print(f"[yellow]stopped inside step {state.step + 1}; nothing saved from it. "
                           f"Continue with --resume from {saved or 'the start'}[/]")
         else:
-            saved = save_checkpoint(run_dir, model, ctx.optimizer, ctx.scheduler, state,
-                                    config.train.keep_checkpoints, rng=ctx.rng_at_last_step, objective=objective)
+            saved = save_from_main(ctx, state, rng=ctx.rng_at_last_step)
             console.print(f"[yellow]interrupted at step {state.step}; saved {saved}. Continue with --resume[/]")
-        write_summary(run_dir, model, config, data, state, baseline, {}, trainable, total, precision, device, status,
-                       memory)
-        write_report(run_dir)
+        if ranks.is_main:
+            write_summary(run_dir, model, config, data, state, baseline, {}, trainable, total, precision, device,
+                          status, memory)
+            write_report(run_dir)
         raise
     except TrainingFault as fault:
         status = "failed"
         if state.step and not isinstance(fault, SaveFailed):
-            save_checkpoint(run_dir, model, ctx.optimizer, ctx.scheduler, state, config.train.keep_checkpoints,
-                            rng=ctx.rng_at_last_step, objective=objective)
-        write_summary(run_dir, model, config, data, state, baseline, {}, trainable, total, precision, device, status,
-                       memory)
+            save_from_main(ctx, state, rng=ctx.rng_at_last_step)
+        if ranks.is_main:
+            write_summary(run_dir, model, config, data, state, baseline, {}, trainable, total, precision, device,
+                          status, memory)
         raise
+
+    if config.train.save_every:
+        save_from_main(ctx, state)
+    if not ranks.is_main:
+        return {"status": status, "steps": state.step, "rank": ranks.rank}
 
     # The loop evaluated at its last step; only restored best weights need a fresh measurement.
     final_loss = evaluate() if "restored_best_step" in state.extra else state.extra.get("last_eval", {})
     console.print("evaluating the fine-tuned model ...")
     after = _measure(evaluate, gen_samples, final_loss)
     _save_weights(model, tokenizer, run_dir, method, config)
-    if config.train.save_every:
-        save_checkpoint(run_dir, model, ctx.optimizer, ctx.scheduler, state, config.train.keep_checkpoints,
-                        objective=objective)
     write_samples(run_dir / "samples.jsonl", gen_samples, baseline.get("replies", []), after.get("replies", []))
     summary = write_summary(run_dir, model, config, data, state, baseline, after, trainable, total, precision, device,
                              status, memory)
@@ -286,8 +301,8 @@ def _estimate_memory(ctx: LoopContext, data: PreparedData | PreparedPairs, token
     """Peak memory this run should reach, from the shapes of the first epoch's batches."""
     lengths = ctx.train_samples.lengths
     per_item = rows_per_item(ctx.objective, ctx.model)
-    shapes = [(len(rows) * per_item, max(sum(int(lengths[i]) for i in row) for row in rows))
-              for rows in epoch_plan(ctx, 0).batches]
+    shares = [ctx.ranks.share(rows) or rows[:1] for rows in epoch_plan(ctx, 0).batches]  # what this process holds
+    shapes = [(len(rows) * per_item, max(sum(int(lengths[i]) for i in row) for row in rows)) for rows in shares]
     return estimate_peak_memory(
         ctx.model, shapes, packed=ctx.config.data.packing, precision=ctx.precision, device=ctx.device,
         pad_token_id=tokenizer.pad_token_id, max_length=ctx.config.data.max_length,

@@ -13,6 +13,8 @@ from types import FrameType
 
 from rich.console import Console
 
+from tunelab.train.distributed import Ranks
+
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
 
@@ -56,7 +58,10 @@ class StopOnSignal:
         self.console.print(f"[yellow]{signal.Signals(signum).name}: stopping after this step and saving a checkpoint "
                            "(Ctrl-C again stops at once)[/]")
 
-    def check(self) -> None:
-        """Raise StopRequested if a stop signal came; call where the training state is consistent."""
+    def check(self, ranks: Ranks | None = None) -> None:
+        """Raise StopRequested if a stop signal came (to any of the processes: all stop at the same step); call
+        where the training state is consistent."""
+        if ranks is not None and ranks.any(self.requested is not None):
+            raise StopRequested(self.requested or signal.SIGTERM)
         if self.requested is not None:
             raise StopRequested(self.requested)
