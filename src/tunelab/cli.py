@@ -84,16 +84,16 @@ def train(
 
 
 def _launch(nproc: int) -> None:
-    """Run this same command again in `nproc` processes under torchrun (one machine, its own rendezvous)."""
+    """Run this same command in `nproc` processes on this machine (train/launch.py) and exit with their code."""
     import sys
+
+    from tunelab.train.launch import launch_local
 
     arguments = [arg for arg in sys.argv[1:] if not arg.startswith("--nproc")]
     if "--nproc" in sys.argv:  # "--nproc N" as two words
         at = sys.argv.index("--nproc")
         arguments = sys.argv[1:at] + sys.argv[at + 2:]
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
-               "-m", "tunelab.cli", *arguments]
-    os.execv(sys.executable, command)
+    raise typer.Exit(launch_local(nproc, arguments))
 
 
 @app.command()
