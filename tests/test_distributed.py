@@ -1,4 +1,5 @@
-"""Data-parallel training on CPU (gloo): two processes with batch B train like one process with batch 2B."""
+"""Training in two processes on CPU (gloo): with batch B each, DDP and FSDP2 train like one process with batch 2B,
+and a sharded run stopped and resumed equals an uninterrupted one."""
 
 from __future__ import annotations
 
@@ -50,31 +51,35 @@ def losses(run: Path) -> list[float]:
 
 def test_two_processes_train_like_one_with_twice_the_batch(tiny_model_dir, tmp_path):
     # Two micro-batches a step: the first accumulates without synchronising, the second synchronises.
-    one = write_config(tmp_path, tiny_model_dir, "one", 4, grad_accum=2)
-    two = write_config(tmp_path, tiny_model_dir, "two", 2, grad_accum=2, save_every=2)
-    train(one)
-    launched = train(two, "--nproc", "2")
-    assert "saved to" in launched.stdout and launched.stdout.count("saved to") == 1  # only the main process speaks
-
-    assert losses(tmp_path / "two") == pytest.approx(losses(tmp_path / "one"), rel=1e-5)
-    assert len(losses(tmp_path / "one")) == 5
+    train(write_config(tmp_path, tiny_model_dir, "one", 4, grad_accum=2))
     single = load_file(tmp_path / "one" / "adapter_model.safetensors")
-    parallel = load_file(tmp_path / "two" / "adapter_model.safetensors")
-    for name, tensor in single.items():
-        # Relative to the whole tensor: Adam turns rounding-level gradients near 0 into full-size steps, so a
-        # single element may differ more.
-        assert float((parallel[name] - tensor).norm() / tensor.norm()) < 1e-5, name
-    summaries = [json.loads((tmp_path / name / "summary.json").read_text()) for name in ("one", "two")]
-    assert summaries[1]["train_tokens"] == summaries[0]["train_tokens"]  # every process's tokens counted once
-    assert summaries[1]["final_eval_loss"] == pytest.approx(summaries[0]["final_eval_loss"], rel=1e-5)
-    # one process wrote the run; its checkpoints hold both processes' random states
-    checkpoint = tmp_path / "two" / "checkpoints" / "step-000004"
-    assert "rng-rank1/torch" in load_file(checkpoint / "optimizer.safetensors")
+    single_summary = json.loads((tmp_path / "one" / "summary.json").read_text())
+    assert len(losses(tmp_path / "one")) == 5
+    for strategy in ("ddp", "fsdp"):
+        config = write_config(tmp_path, tiny_model_dir, strategy, 2, grad_accum=2, save_every=2, distributed=strategy)
+        launched = train(config, "--nproc", "2")
+        assert launched.stdout.count("saved to") == 1  # only the main process speaks
+        assert losses(tmp_path / strategy) == pytest.approx(losses(tmp_path / "one"), rel=1e-5), strategy
+        parallel = load_file(tmp_path / strategy / "adapter_model.safetensors")
+        assert sorted(parallel) == sorted(single)
+        for name, tensor in single.items():
+            # Relative to the whole tensor: Adam turns rounding-level gradients near 0 into full-size steps, so
+            # a single element may differ more.
+            assert float((parallel[name] - tensor).norm() / tensor.norm()) < 1e-5, (strategy, name)
+        summary = json.loads((tmp_path / strategy / "summary.json").read_text())
+        assert summary["train_tokens"] == single_summary["train_tokens"]  # every process's tokens counted once
+        assert summary["final_eval_loss"] == pytest.approx(single_summary["final_eval_loss"], rel=1e-5)
+        # one process wrote the run; its checkpoints hold both processes' random states and whole tensors
+        checkpoint = load_file(tmp_path / strategy / "checkpoints" / "step-000004" / "trainable.safetensors")
+        assert "rng-rank1/torch" in load_file(tmp_path / strategy / "checkpoints" / "step-000004" /
+                                              "optimizer.safetensors")
+        assert {name.replace(".default", ""): tensor.shape for name, tensor in checkpoint.items()} == {
+            name: tensor.shape for name, tensor in single.items()}  # whole tensors, not one process's shards
 
 
-def test_two_processes_stopped_and_resumed_equal_an_uninterrupted_run(tiny_model_dir, tmp_path):
+def test_a_sharded_run_stopped_and_resumed_equals_an_uninterrupted_one(tiny_model_dir, tmp_path):
     # A constant schedule, so a run cut short at step 3 has trained steps 1-2 exactly as the 5-step run did.
-    schedule = {"save_every": 2, "scheduler": "constant", "warmup_ratio": 0.0}
+    schedule = {"save_every": 2, "scheduler": "constant", "warmup_ratio": 0.0, "distributed": "fsdp"}
     straight = write_config(tmp_path, tiny_model_dir, "straight", 2, **schedule)
     train(straight, "--nproc", "2")
     resumed = write_config(tmp_path, tiny_model_dir, "resumed", 2, **schedule)
@@ -85,3 +90,21 @@ def test_two_processes_stopped_and_resumed_equal_an_uninterrupted_run(tiny_model
     resumed_weights = load_file(tmp_path / "resumed" / "adapter_model.safetensors")
     for name, tensor in load_file(tmp_path / "straight" / "adapter_model.safetensors").items():
         torch.testing.assert_close(resumed_weights[name], tensor, rtol=0, atol=0)  # same processes: bitwise
+
+
+@pytest.mark.parametrize("overrides, named", [
+    (["method.name=qlora", "train.distributed=fsdp"], "trl#1723"),
+    (["method.name=prefix", "train.distributed=fsdp"], "prompt methods"),
+    (["train.keep_best=true", "train.distributed=fsdp"], "train.keep_best"),
+    (["objective.name=grpo", "objective.rewards=[exact_match]"], "GRPO trains in one process"),
+])
+def test_what_cannot_train_in_several_processes_is_refused_with_the_reason(overrides, named, tmp_path):
+    from tunelab.config import load_config
+    from tunelab.errors import ConfigError
+    from tunelab.train.distributed import Ranks
+    from tunelab.train.run import check_several_processes
+
+    config = load_config(None, [f"output_dir={tmp_path}", *overrides])
+    check_several_processes(config, Ranks())  # one process: anything goes
+    with pytest.raises(ConfigError, match=named):
+        check_several_processes(config, Ranks(rank=0, world_size=2))

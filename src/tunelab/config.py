@@ -197,6 +197,9 @@ class TrainConfig(Strict):
     save_every: int | None = Field(None, ge=1)
     """Write a resumable checkpoint every N optimiser steps."""
     keep_checkpoints: int = Field(2, ge=1)
+    distributed: Literal["ddp", "fsdp"] = "ddp"
+    """With several processes (`--nproc`, torchrun): `ddp` keeps a whole model in each; `fsdp` shards each decoder
+    block's parameters, gradients and optimiser state across them (FSDP2), for models one device cannot hold."""
     max_bad_steps: int = Field(3, ge=0)
     """A step whose loss or gradient norm is not finite is skipped (logged with `skipped`); more than this many
     within 100 steps rolls back to the newest checkpoint (see save_every) with the learning rate halved."""

@@ -22,6 +22,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from tunelab.errors import CheckpointError, ConfigError, SaveFailed
+from tunelab.train import sharding
 
 CHECKPOINTS = "checkpoints"
 OBJECTIVE_STATE = "objective.safetensors"
@@ -86,7 +87,8 @@ def _restore_rng(rng: dict) -> None:
 
 def save_checkpoint(
     run_dir: Path, model, optimizer, scheduler, state: TrainerState, keep: int, rng: dict | None = None,
-    objective=None, other_ranks: list[dict] | None = None,
+    objective=None, other_ranks: list[dict] | None = None, trainable: dict[str, torch.Tensor] | None = None,
+    optimizer_state: dict | None = None,
 ) -> Path:
     """Write checkpoints/step-N so that a kill at any moment leaves either no step-N or a complete one, and
     keep only the newest `keep` complete ones.
@@ -94,12 +96,16 @@ def save_checkpoint(
     `rng` is the random state as it was at the end of step N (taken when the step finished, since an
     interruption may come after the next step has already drawn dropout masks). With several processes,
     `other_ranks` holds each other process's {"rng", "objective"} (its random state and objective state), which
-    differ from this one's."""
+    differ from this one's. `trainable` and `optimizer_state`, when given, are what to save (whole tensors
+    gathered from sharded training) instead of reading `model` and `optimizer`."""
     root = run_dir / CHECKPOINTS
     final = root / f"step-{state.step:06d}"
     tmp = root / f".tmp-step-{state.step:06d}"
     try:
-        _write_checkpoint(root, tmp, model, optimizer, scheduler, state, rng, objective, other_ranks or [])
+        trainable = trainable if trainable is not None else trainable_state(model)
+        optimizer_state = optimizer_state if optimizer_state is not None else optimizer.state_dict()
+        _write_checkpoint(root, tmp, trainable, optimizer_state, optimizer, scheduler, state, rng, objective,
+                          other_ranks or [])
     except (OSError, SafetensorError) as err:  # a full disk, a quota, a lost mount
         shutil.rmtree(tmp, ignore_errors=True)
         intact = latest_checkpoint(run_dir)
@@ -116,20 +122,20 @@ def save_checkpoint(
     return final
 
 
-def _write_checkpoint(root: Path, tmp: Path, model, optimizer, scheduler, state: TrainerState, rng: dict | None,
-                      objective, other_ranks: list[dict]) -> None:
+def _write_checkpoint(root: Path, tmp: Path, trainable: dict[str, torch.Tensor], optimizer_state: dict, optimizer,
+                      scheduler, state: TrainerState, rng: dict | None, objective, other_ranks: list[dict]) -> None:
     """Every file of a checkpoint into `tmp`, flushed to disk, the completion marker last."""
     root.mkdir(parents=True, exist_ok=True)
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
     rng = rng or rng_snapshot()
-    save_file(trainable_state(model), tmp / "trainable.safetensors")
+    save_file(trainable, tmp / "trainable.safetensors")
     carried = objective.state_dict() if hasattr(objective, "state_dict") else {}
     ranks = [{"rng": rng, "objective": carried}, *other_ranks]
     for rank, entry in enumerate(ranks):
         if entry["objective"]:
             save_file(entry["objective"], tmp / _objective_file(rank))
-    optimizer_tensors, optimizer_rest = _split_optimizer_state(optimizer.state_dict())
+    optimizer_tensors, optimizer_rest = _split_optimizer_state(optimizer_state)
     rng_tensors = {f"{_rng_key(rank)}/{kind}": entry["rng"][kind]
                    for rank, entry in enumerate(ranks) for kind in ("torch", "cuda") if kind in entry["rng"]}
     save_file({**optimizer_tensors, **rng_tensors}, tmp / OPTIMIZER_TENSORS)
@@ -196,13 +202,18 @@ def _rng_key(rank: int) -> str:
     return "rng" if rank == 0 else f"rng-rank{rank}"
 
 
-def load_checkpoint(path: Path, model, optimizer, scheduler, objective=None, rank: int = 0) -> TrainerState:
+def load_checkpoint(path: Path, model, optimizer, scheduler, objective=None, rank: int = 0,
+                    sharded_root=None) -> TrainerState:
     """Restore weights, optimiser, scheduler, RNG and the objective's carried state from `path` (the random and
-    objective state of process `rank` where several trained); return the trainer state."""
+    objective state of process `rank` where several trained); return the trainer state. `sharded_root` is the
+    FSDP root when the model is sharded (train/sharding.py): whole tensors then go into each process's shards."""
     problem = checkpoint_problem(path)
     if problem is not None:
         raise CheckpointError(f"cannot resume from it: {problem}", where=str(path))
-    load_trainable_state(model, load_file(path / "trainable.safetensors"))
+    if sharded_root is not None:
+        sharding.load_trainable(model, load_file(path / "trainable.safetensors"))
+    else:
+        load_trainable_state(model, load_file(path / "trainable.safetensors"))
     if (path / _objective_file(rank)).is_file() and hasattr(objective, "load_state_dict"):
         objective.load_state_dict(load_file(path / _objective_file(rank)))
     if (path / OPTIMIZER_TENSORS).is_file():
@@ -219,7 +230,10 @@ def load_checkpoint(path: Path, model, optimizer, scheduler, objective=None, ran
     else:
         saved = _load_legacy(path / LEGACY_OPTIMIZER)
         optimizer_state, scheduler_state, rng = saved["optimizer"], saved["scheduler"], saved["rng"]
-    optimizer.load_state_dict(optimizer_state)
+    if sharded_root is not None:
+        sharding.load_optimizer(sharded_root, optimizer, optimizer_state)
+    else:
+        optimizer.load_state_dict(optimizer_state)
     scheduler.load_state_dict(scheduler_state)
     _restore_rng(rng)
     return TrainerState(**json.loads((path / "state.json").read_text()))
@@ -241,15 +255,20 @@ def _split_optimizer_state(saved: dict) -> tuple[dict[str, torch.Tensor], dict]:
 
 def _join_optimizer_state(tensors: dict[str, torch.Tensor], rest: dict, optimizer) -> dict:
     """The inverse of _split_optimizer_state; tuples (JSON made them lists) restored where the optimiser has them."""
-    state = {int(index): dict(values) for index, values in rest["state"].items()}
+    state = {_param_key(index): dict(values) for index, values in rest["state"].items()}
     for key, value in tensors.items():
         if key.startswith("optimizer/"):
-            _, index, slot = key.split("/", 2)
-            state[int(index)][slot] = value
+            index, slot = key.removeprefix("optimizer/").rsplit("/", 1)
+            state[_param_key(index)][slot] = value
     groups = []
     for saved, current in zip(rest["param_groups"], optimizer.param_groups, strict=False):
         groups.append({k: tuple(v) if isinstance(current.get(k), tuple) else v for k, v in saved.items()})
     return {"state": state, "param_groups": groups + rest["param_groups"][len(groups):]}
+
+
+def _param_key(text: str) -> int | str:
+    """Optimiser state is keyed by parameter index (torch) or by parameter name (whole state of a sharded run)."""
+    return int(text) if text.isdigit() else text
 
 
 def _load_legacy(path: Path) -> dict:

@@ -14,9 +14,10 @@ from __future__ import annotations
 
 import contextlib
 import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from datetime import timedelta
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -134,14 +135,25 @@ class ObjectiveModule(torch.nn.Module):
         self.model = model
         self.objective = objective
 
-    def forward(self, batch: dict[str, torch.Tensor]):
+    def forward(self, batch: dict[str, torch.Tensor] | Callable[[], Any]):
+        """(loss_sum, metrics) of a micro-batch; or, given a function, its result (whatever else must run the
+        model, such as evaluation, runs here when the model is sharded: see train/sharding.py)."""
+        if callable(batch):
+            return batch()
         return self.objective.loss_sum(self.model, batch)
 
 
-def loss_module(model: torch.nn.Module, objective, ranks: Ranks, device: torch.device) -> torch.nn.Module:
-    """What the loop calls for a micro-batch's (loss_sum, metrics): DDP-wrapped when there are several processes."""
+def loss_module(model: torch.nn.Module, objective, ranks: Ranks, device: torch.device,
+                strategy: str = "ddp") -> torch.nn.Module:
+    """What the loop calls for a micro-batch's (loss_sum, metrics): with several processes DDP-wrapped, or, with
+    strategy `fsdp`, sharded (FSDP2)."""
     module = ObjectiveModule(model, objective)
     if not ranks.distributed:
+        return module
+    if strategy == "fsdp":
+        from tunelab.train.sharding import shard
+
+        shard(module, model)
         return module
     from torch.nn.parallel import DistributedDataParallel
 
@@ -151,9 +163,17 @@ def loss_module(model: torch.nn.Module, objective, ranks: Ranks, device: torch.d
 
 @contextlib.contextmanager
 def accumulating(module: torch.nn.Module, last: bool) -> Iterator[None]:
-    """Skip DDP's gradient all-reduce on every micro-batch but the step's last."""
-    if last or not hasattr(module, "no_sync"):
+    """Skip the gradient all-reduce (DDP) or reduce-scatter (FSDP2) on every micro-batch but the step's last."""
+    if last:
         yield
-    else:
+    elif hasattr(module, "no_sync"):
         with module.no_sync():
             yield
+    elif hasattr(module, "set_requires_gradient_sync"):
+        module.set_requires_gradient_sync(False)
+        try:
+            yield
+        finally:
+            module.set_requires_gradient_sync(True)
+    else:
+        yield

@@ -23,6 +23,7 @@ from tunelab.data.template import IGNORE_INDEX
 from tunelab.errors import TrainingFault
 from tunelab.objectives.metrics import MetricTotals
 from tunelab.track.jsonl import MetricsLog
+from tunelab.train import sharding
 from tunelab.train.best import BestTracker
 from tunelab.train.checkpoint import (
     TrainerState,
@@ -72,6 +73,8 @@ class LoopContext:
     """This process among the training processes (one by default)."""
     loss_module: torch.nn.Module | None = None
     """Calls the objective's loss on the model (train/distributed.py): DDP-wrapped with several processes."""
+    evaluate_everywhere: bool = False
+    """Every process calls `evaluate` (a sharded model), not only the main one."""
     share_weights: list[float] = field(default_factory=list)
     """Per micro-batch of the last drawn step: 1, or 0 where this process had no rows and computed a stand-in."""
     check_stop: Callable[[], None] = lambda: None
@@ -188,11 +191,14 @@ def fit(ctx: LoopContext, state: TrainerState) -> TrainerState:
         stop = False
         last = state.step == ctx.total_steps
         if (cfg.eval_every and state.step % cfg.eval_every == 0) or last:
-            if ctx.ranks.is_main:  # the others wait at their next collective
+            # The main process evaluates while the others wait at their next collective; a sharded model needs
+            # every process for each forward, so there all evaluate and the main one keeps the result.
+            if ctx.ranks.is_main or ctx.evaluate_everywhere:
                 metrics = ctx.evaluate()
-                record.update(metrics)
                 state.extra["last_eval"] = metrics
-                stop = best.observe(state, metrics)
+                if ctx.ranks.is_main:
+                    record.update(metrics)
+                    stop = best.observe(state, metrics)
             stop = ctx.ranks.broadcast(stop)
         if state.step % cfg.log_every == 0 or last or "eval_loss" in record or stop or bad is not None:
             ctx.log.write(record)
@@ -263,11 +269,15 @@ def save_from_main(ctx: LoopContext, state: TrainerState, rng: dict | None = Non
     collective (every process calls it), and no process goes on before it is complete."""
     objective_state = ctx.objective.state_dict() if hasattr(ctx.objective, "state_dict") else {}
     everyone = ctx.ranks.gather({"rng": rng or rng_snapshot(), "objective": objective_state})
+    trainable = optimizer_state = None
+    if sharding.is_sharded(ctx.model):  # every process hands over its shards
+        trainable = sharding.trainable_state(ctx.model)
+        optimizer_state = sharding.optimizer_state(ctx.loss_module, ctx.optimizer)
     saved = None
     if ctx.ranks.is_main:
         saved = save_checkpoint(ctx.run_dir, ctx.model, ctx.optimizer, ctx.scheduler, state,
                                 ctx.config.train.keep_checkpoints, rng=everyone[0]["rng"], objective=ctx.objective,
-                                other_ranks=everyone[1:])
+                                other_ranks=everyone[1:], trainable=trainable, optimizer_state=optimizer_state)
     ctx.ranks.barrier()
     return saved
 
@@ -275,8 +285,8 @@ def save_from_main(ctx: LoopContext, state: TrainerState, rng: dict | None = Non
 def _grad_norm(trainable: list[torch.nn.Parameter], max_norm: float | None) -> float:
     """The gradients' total norm, clipped to max_norm when set (a non-finite norm leaves them for skipping)."""
     if max_norm:
-        return float(torch.nn.utils.clip_grad_norm_(trainable, max_norm))
-    return float(torch.nn.utils.get_total_norm([p.grad for p in trainable if p.grad is not None]))
+        return float(sharding.whole(torch.nn.utils.clip_grad_norm_(trainable, max_norm)))
+    return float(sharding.whole(torch.nn.utils.get_total_norm([p.grad for p in trainable if p.grad is not None])))
 
 
 def _roll_back(ctx: LoopContext, state: TrainerState, guard: FaultGuard) -> TrainerState:
@@ -289,7 +299,8 @@ def _roll_back(ctx: LoopContext, state: TrainerState, guard: FaultGuard) -> Trai
         raise TrainingFault(f"{bad} steps up to step {state.step} had a non-finite loss or gradient norm, {why}; "
                             "try a lower train.lr or check the data")
     rolled_from = state.step
-    state = load_checkpoint(checkpoint, ctx.model, ctx.optimizer, ctx.scheduler, ctx.objective, ctx.ranks.rank)
+    state = load_checkpoint(checkpoint, ctx.model, ctx.optimizer, ctx.scheduler, ctx.objective, ctx.ranks.rank,
+                            sharded_root=ctx.loss_module if sharding.is_sharded(ctx.model) else None)
     scale_learning_rate(ctx.optimizer, ctx.scheduler, ROLLBACK_LR_FACTOR)
     guard.rolled_back()
     state.extra["rollbacks"] = state.extra.get("rollbacks", 0) + 1

@@ -34,6 +34,7 @@ from tunelab.objectives import build_objective, rows_per_item
 from tunelab.objectives.reference import precompute_reference
 from tunelab.objectives.reward import make_head_trainable
 from tunelab.track.fanout import NullLog, RunLog, check_trackers
+from tunelab.train import sharding
 from tunelab.train.checkpoint import (
     TrainerState,
     check_same_data,
@@ -67,6 +68,24 @@ def check_output_dir(output_dir: Path, *, resume: bool, overwrite: bool) -> None
         )
 
 
+def check_several_processes(config: RunConfig, ranks: Ranks) -> None:
+    """Refuse, before anything is written, what cannot train in several processes yet, saying why."""
+    if not ranks.distributed:
+        return
+    if config.objective.name == "grpo":
+        raise ConfigError("GRPO trains in one process for now (its rollouts are not shared between processes); "
+                          "run it without --nproc or a launcher", where="objective.name")
+    if config.train.distributed != "fsdp":
+        return
+    if config.method.name not in sharding.FSDP_METHODS:
+        raise ConfigError(f"FSDP shards {', '.join(sharding.FSDP_METHODS)}; '{config.method.name}' cannot be sharded "
+                          "(4-bit weights mix storage dtypes in a block, trl#1723; prompt methods run PEFT's own "
+                          "forward): use train.distributed=ddp", where="train.distributed")
+    if config.train.keep_best or config.train.early_stopping_patience:
+        raise ConfigError("keeping the best weights (train.keep_best, early stopping) is not done under FSDP yet; "
+                          "use train.distributed=ddp", where="train.distributed")
+
+
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     torch.manual_seed(seed)
@@ -83,9 +102,7 @@ def train_run(
     console = console if console is not None and ranks.is_main else Console(quiet=True)
     check_output_dir(config.output_dir, resume=resume, overwrite=overwrite)
     check_trackers(config.track)
-    if ranks.distributed and config.objective.name == "grpo":
-        raise ConfigError("GRPO trains in one process for now (its rollouts are not shared between processes); "
-                          "run it without --nproc or a launcher", where="objective.name")
+    check_several_processes(config, ranks)
     log = RunLog(config.output_dir / "metrics.jsonl", console) if ranks.is_main else NullLog()
     device = start(ranks) if ranks.distributed else _training_device()
     status = "failed"
@@ -131,8 +148,11 @@ def _train(config: RunConfig, log: RunLog, ranks: Ranks, device: torch.device, *
         make_head_trainable(model)
     if config.train.activation_checkpointing:
         enable_activation_checkpointing(model, config.train.activation_checkpointing)
-    if config.train.fused_lora:
+    sharded = ranks.distributed and config.train.distributed == "fsdp"
+    if config.train.fused_lora and not sharded:
         fuse_lora_layers(model)
+    elif config.train.fused_lora and config.method.name in ("lora", "rslora"):
+        console.print("fused LoRA layers are off under FSDP (they would hold whole frozen weights on every process)")
     trainable, total = count_parameters(model)
     console.print(
         f"[bold]{config.method.name}[/] on {config.model}: {trainable:,} trainable of {total:,} parameters "
@@ -154,13 +174,12 @@ def _train(config: RunConfig, log: RunLog, ranks: Ranks, device: torch.device, *
     ctx = LoopContext(
         config=config, model=model, objective=objective, optimizer=None, scheduler=None, train_samples=data.train,
         pad_token_id=tokenizer.pad_token_id, precision=precision, device=device, run_dir=run_dir, log=log,
-        total_steps=0, evaluate=evaluate, ranks=ranks, loss_module=loss_module(model, objective, ranks, device),
+        total_steps=0, evaluate=evaluate, ranks=ranks, evaluate_everywhere=sharded,
     )
     if on_batches is not None:
         ctx.on_batches = on_batches
     steps_per_epoch = math.ceil(len(epoch_plan(ctx, 0).batches) / config.train.grad_accum)
     ctx.total_steps = config.train.max_steps or max(1, math.ceil(config.train.epochs * steps_per_epoch))
-    ctx.optimizer, ctx.scheduler = build_optimizer(model, config.train, ctx.total_steps)
     # The attention budget counts what a micro-batch really holds: both sequences of a pair, and rows no longer
     # than the longest the data has (packed rows fill max_length).
     sequences_per_batch = config.train.batch_size * rows_per_item(objective, model)
@@ -169,7 +188,12 @@ def _train(config: RunConfig, log: RunLog, ranks: Ranks, device: torch.device, *
                                    model, sequences_per_batch)
     ctx.padding_free = attention == MATMUL and not uses_virtual_tokens(model)  # PEFT's prompt path needs rows
     with attention_implementation(model, attention):
-        memory = _estimate_memory(ctx, data, tokenizer)
+        memory = _estimate_memory(ctx, data, tokenizer)  # before sharding: it runs the model as it is
+    ctx.loss_module = loss_module(model, objective, ranks, device, config.train.distributed)
+    ctx.optimizer, ctx.scheduler = build_optimizer(model, config.train, ctx.total_steps)  # on the shards, if any
+    # A sharded model runs only inside its root's forward, on every process (train/sharding.py).
+    run_model = ctx.loss_module if sharded else (lambda function: function())
+    ctx.evaluate = lambda: run_model(evaluate)
     console.print(
         f"estimated peak memory {memory.peak_mb:,.0f} MB: {memory.resident_mb:,.0f} in use now, "
         f"{memory.optimizer_mb + memory.gradients_mb:,.0f} optimizer states and gradients, "
@@ -179,8 +203,9 @@ def _train(config: RunConfig, log: RunLog, ranks: Ranks, device: torch.device, *
     reference = getattr(objective, "reference", None)
     if reference is not None and reference.precomputed:  # before a checkpoint loads: the starting weights
         console.print("scoring the data with the reference model (once, before training) ...")
-        precompute_reference(model, objective, [data.train, data.eval], pad_token_id=tokenizer.pad_token_id,
-                             precision=precision, batch_size=config.train.batch_size)
+        run_model(lambda: precompute_reference(model, objective, [data.train, data.eval],
+                                               pad_token_id=tokenizer.pad_token_id, precision=precision,
+                                               batch_size=config.train.batch_size))
 
     if hasattr(objective, "prepare"):  # before a checkpoint loads: the starting weights
         objective.prepare(model)
@@ -191,7 +216,8 @@ def _train(config: RunConfig, log: RunLog, ranks: Ranks, device: torch.device, *
         checkpoint = latest_checkpoint(run_dir)
         for path, why in incomplete_checkpoints(run_dir):
             console.print(f"[yellow]ignoring {path}: {why}[/]")
-        state = load_checkpoint(checkpoint, model, ctx.optimizer, ctx.scheduler, objective, ranks.rank)
+        state = load_checkpoint(checkpoint, model, ctx.optimizer, ctx.scheduler, objective, ranks.rank,
+                                sharded_root=ctx.loss_module if sharded else None)
         state.extra.setdefault("data_fingerprint", data_order)
         log.truncate_after(state.step)
         console.print(f"resuming from {checkpoint} (step {state.step} of {ctx.total_steps})")
@@ -199,15 +225,14 @@ def _train(config: RunConfig, log: RunLog, ranks: Ranks, device: torch.device, *
         log.clear()
     log.start(config, resumed_at=state.step if resume else None)
     baseline = {}
-    if not ranks.is_main:
-        pass  # the main process evaluates and writes
-    elif baseline_file.exists():
+    if baseline_file.exists():
         baseline = json.loads(baseline_file.read_text())
-    else:
+    elif ranks.is_main or sharded:  # the main process evaluates (with a sharded model, all do) and writes
         if config.eval.before_after:
             console.print("evaluating the base model ...")
-            baseline = _measure(evaluate, gen_samples, evaluate())
-        baseline_file.write_text(json.dumps(baseline, indent=2))
+            baseline = run_model(lambda: _measure(evaluate, gen_samples, evaluate()))
+        if ranks.is_main:
+            baseline_file.write_text(json.dumps(baseline, indent=2))
     if not resume and "eval_loss" in baseline:
         log.write({"step": 0, **{k: v for k, v in baseline.items() if k.startswith("eval_")}})
 
@@ -248,14 +273,19 @@ def _train(config: RunConfig, log: RunLog, ranks: Ranks, device: torch.device, *
 
     if config.train.save_every:
         save_from_main(ctx, state)
+    whole_state = None
+    if sharded:  # every process takes part in the last evaluation and in gathering the weights
+        console.print("evaluating the fine-tuned model ...")
+        after = run_model(lambda: _measure(evaluate, gen_samples, state.extra.get("last_eval", {})))
+        whole_state = sharding.full_model_state(model)
     if not ranks.is_main:
         return {"status": status, "steps": state.step, "rank": ranks.rank}
-
-    # The loop evaluated at its last step; only restored best weights need a fresh measurement.
-    final_loss = evaluate() if "restored_best_step" in state.extra else state.extra.get("last_eval", {})
-    console.print("evaluating the fine-tuned model ...")
-    after = _measure(evaluate, gen_samples, final_loss)
-    _save_weights(model, tokenizer, run_dir, method, config)
+    if not sharded:
+        # The loop evaluated at its last step; only restored best weights need a fresh measurement.
+        final_loss = evaluate() if "restored_best_step" in state.extra else state.extra.get("last_eval", {})
+        console.print("evaluating the fine-tuned model ...")
+        after = _measure(evaluate, gen_samples, final_loss)
+    _save_weights(model, tokenizer, run_dir, method, config, whole_state)
     write_samples(run_dir / "samples.jsonl", gen_samples, baseline.get("replies", []), after.get("replies", []))
     summary = write_summary(run_dir, model, config, data, state, baseline, after, trainable, total, precision, device,
                              status, memory)
@@ -328,11 +358,14 @@ def _measure(evaluate: RunEvaluator, gen_samples, loss_metrics: dict) -> dict:
     return result
 
 
-def _save_weights(model, tokenizer, run_dir: Path, method, config: RunConfig) -> None:
+def _save_weights(model, tokenizer, run_dir: Path, method, config: RunConfig,
+                  whole_state: dict[str, torch.Tensor] | None = None) -> None:
     """The adapter (PEFT format, or the method's own) or the full model, as safetensors, and the tokenizer
-    with its template."""
+    with its template. `whole_state` is the model's state gathered from its shards (FSDP)."""
     if hasattr(method, "save"):
         method.save(model, run_dir, config.method)
+    elif whole_state is not None:
+        model.save_pretrained(run_dir, safe_serialization=True, state_dict=whole_state)
     else:
         model.save_pretrained(run_dir, safe_serialization=True)
     tokenizer.save_pretrained(run_dir)

@@ -1,0 +1,76 @@
+"""FSDP2 (`train.distributed: fsdp`): each decoder block's parameters sharded across the processes, and how
+weights and optimiser state move between the shards and whole tensors on disk.
+
+`fully_shard` goes on every decoder block and on the ObjectiveModule around the model (the root), not on the
+model itself: the objectives call the decoder and the output head separately, so only a root whose forward wraps
+the whole computation unshards the embedding, final norm and head for it. Anything else that runs the model
+(evaluation, generation) runs inside the root's forward too (ObjectiveModule accepts a function) and on every
+process, because every forward gathers the shards collectively.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_model_state_dict,
+    get_optimizer_state_dict,
+    set_model_state_dict,
+    set_optimizer_state_dict,
+)
+from torch.distributed.tensor import DTensor
+
+FSDP_METHODS = ("full", "freeze", "lora", "dora", "rslora")
+"""Methods whose parameters FSDP2 can shard: one storage dtype per block (4-bit weights cannot be, trl#1723) and
+no forward of PEFT's own around the model (prompt and prefix tuning)."""
+
+
+def decoder_blocks(model: torch.nn.Module) -> list[torch.nn.Module]:
+    """The repeated blocks of a (possibly PEFT-wrapped) decoder: the longest ModuleList named `layers`."""
+    found = [module for name, module in model.named_modules()
+             if isinstance(module, torch.nn.ModuleList) and name.split(".")[-1] in ("layers", "h", "blocks")]
+    if not found:
+        raise ValueError("found no decoder blocks to shard (no ModuleList named layers)")
+    return list(max(found, key=len))
+
+
+def shard(root: torch.nn.Module, model: torch.nn.Module) -> None:
+    """FSDP2 on every decoder block of `model`, then on `root` (what the loop calls)."""
+    from torch.distributed.fsdp import fully_shard
+
+    for block in decoder_blocks(model):
+        fully_shard(block)
+    fully_shard(root)
+
+
+def is_sharded(module: torch.nn.Module) -> bool:
+    return any(isinstance(p, DTensor) for p in module.parameters())
+
+
+def whole(tensor: torch.Tensor) -> torch.Tensor:
+    """A plain tensor from a possibly sharded one (collective for a DTensor: every process must call it)."""
+    return tensor.full_tensor() if isinstance(tensor, DTensor) else tensor
+
+
+def trainable_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """Every trainable parameter whole, on the CPU (collective when sharded)."""
+    return {name: whole(p.detach()).to("cpu", copy=True) for name, p in model.named_parameters() if p.requires_grad}
+
+
+def optimizer_state(root: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict:
+    """The optimiser's state with whole tensors, keyed by parameter name (collective)."""
+    return get_optimizer_state_dict(root, optimizer, options=StateDictOptions(full_state_dict=True))
+
+
+def load_trainable(model: torch.nn.Module, tensors: dict[str, torch.Tensor]) -> None:
+    """Whole tensors from a checkpoint into this process's shards."""
+    set_model_state_dict(model, tensors, options=StateDictOptions(full_state_dict=True, strict=False))
+
+
+def load_optimizer(root: torch.nn.Module, optimizer: torch.optim.Optimizer, state: dict) -> None:
+    set_optimizer_state_dict(root, optimizer, state, options=StateDictOptions(full_state_dict=True))
+
+
+def full_model_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The whole model's state dict (collective), for saving the final weights."""
+    return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
