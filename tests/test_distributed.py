@@ -49,14 +49,16 @@ def losses(run: Path) -> list[float]:
             if '"loss"' in line]
 
 
-def test_two_processes_train_like_one_with_twice_the_batch(tiny_model_dir, tmp_path):
-    # Two micro-batches a step: the first accumulates without synchronising, the second synchronises.
-    train(write_config(tmp_path, tiny_model_dir, "one", 4, grad_accum=2))
+def test_two_processes_train_like_one_with_twice_the_batch_and_resume_exactly(tiny_model_dir, tmp_path):
+    # Two micro-batches a step: the first accumulates without synchronising, the second synchronises. A constant
+    # schedule, so a run cut short at step 3 has trained steps 1-2 exactly as the 5-step run did.
+    common = {"grad_accum": 2, "scheduler": "constant", "warmup_ratio": 0.0}
+    train(write_config(tmp_path, tiny_model_dir, "one", 4, **common))
     single = load_file(tmp_path / "one" / "adapter_model.safetensors")
     single_summary = json.loads((tmp_path / "one" / "summary.json").read_text())
     assert len(losses(tmp_path / "one")) == 5
     for strategy in ("ddp", "fsdp"):
-        config = write_config(tmp_path, tiny_model_dir, strategy, 2, grad_accum=2, save_every=2, distributed=strategy)
+        config = write_config(tmp_path, tiny_model_dir, strategy, 2, save_every=2, distributed=strategy, **common)
         launched = train(config, "--nproc", "2")
         assert launched.stdout.count("saved to") == 1  # only the main process speaks
         assert losses(tmp_path / strategy) == pytest.approx(losses(tmp_path / "one"), rel=1e-5), strategy
@@ -70,26 +72,20 @@ def test_two_processes_train_like_one_with_twice_the_batch(tiny_model_dir, tmp_p
         assert summary["train_tokens"] == single_summary["train_tokens"]  # every process's tokens counted once
         assert summary["final_eval_loss"] == pytest.approx(single_summary["final_eval_loss"], rel=1e-5)
         # one process wrote the run; its checkpoints hold both processes' random states and whole tensors
-        checkpoint = load_file(tmp_path / strategy / "checkpoints" / "step-000004" / "trainable.safetensors")
-        assert "rng-rank1/torch" in load_file(tmp_path / strategy / "checkpoints" / "step-000004" /
-                                              "optimizer.safetensors")
-        assert {name.replace(".default", ""): tensor.shape for name, tensor in checkpoint.items()} == {
+        checkpoint = tmp_path / strategy / "checkpoints" / "step-000004"
+        assert "rng-rank1/torch" in load_file(checkpoint / "optimizer.safetensors")
+        assert {name.replace(".default", ""): tensor.shape
+                for name, tensor in load_file(checkpoint / "trainable.safetensors").items()} == {
             name: tensor.shape for name, tensor in single.items()}  # whole tensors, not one process's shards
 
-
-def test_a_sharded_run_stopped_and_resumed_equals_an_uninterrupted_one(tiny_model_dir, tmp_path):
-    # A constant schedule, so a run cut short at step 3 has trained steps 1-2 exactly as the 5-step run did.
-    schedule = {"save_every": 2, "scheduler": "constant", "warmup_ratio": 0.0, "distributed": "fsdp"}
-    straight = write_config(tmp_path, tiny_model_dir, "straight", 2, **schedule)
-    train(straight, "--nproc", "2")
-    resumed = write_config(tmp_path, tiny_model_dir, "resumed", 2, **schedule)
-    train(resumed, "--nproc", "2", "train.max_steps=3")  # the first run stops after step 3 ...
-    (tmp_path / "resumed" / "summary.json").unlink()
-    train(resumed, "--nproc", "2", "--resume")  # ... and resumes from its step-2 checkpoint to step 5
-    assert losses(tmp_path / "resumed") == losses(tmp_path / "straight")
+    # LoRA + FSDP2 stopped after step 3 and resumed equals the uninterrupted FSDP2 run, bit for bit.
+    resumed = write_config(tmp_path, tiny_model_dir, "resumed", 2, save_every=2, distributed="fsdp", **common)
+    train(resumed, "--nproc", "2", "train.max_steps=3")
+    train(resumed, "--nproc", "2", "--resume")
+    assert losses(tmp_path / "resumed") == losses(tmp_path / "fsdp")
     resumed_weights = load_file(tmp_path / "resumed" / "adapter_model.safetensors")
-    for name, tensor in load_file(tmp_path / "straight" / "adapter_model.safetensors").items():
-        torch.testing.assert_close(resumed_weights[name], tensor, rtol=0, atol=0)  # same processes: bitwise
+    for name, tensor in load_file(tmp_path / "fsdp" / "adapter_model.safetensors").items():
+        torch.testing.assert_close(resumed_weights[name], tensor, rtol=0, atol=0)
 
 
 @pytest.mark.parametrize("overrides, named", [

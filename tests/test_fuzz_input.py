@@ -23,7 +23,7 @@ ROWS = 6
 QA_ROWS = [{"question": f"what is {i} plus {i}?", "answer": f"{2 * i}"} for i in range(ROWS)]
 CHAT_ROWS = [{"messages": [{"role": "user", "content": f"hi {i}"}, {"role": "assistant", "content": f"hello {i}"}]}
              for i in range(ROWS)]
-FUZZ = settings(max_examples=200, deadline=None, derandomize=True, database=None,
+FUZZ = settings(max_examples=150, deadline=None, derandomize=True, database=None,
                 suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
 
 
