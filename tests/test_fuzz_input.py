@@ -209,3 +209,46 @@ def test_a_broken_config_override_fails_cleanly_naming_the_key(case, tiny_model_
         assert_clean_failure(result, folder, isolated_home, key)
     finally:
         shutil.rmtree(folder)
+
+
+VALID_CONFIG = ["model: {model}", "data:", "  train: {data}", "  max_length: 64", "train:", "  max_steps: 1",
+                "  lr: 0.0001", "eval:", "  before_after: false"]
+
+
+@st.composite
+def broken_config_file(draw) -> tuple[bytes, int | None]:
+    """(file content, the line the message must name or None), each breaking one line of a valid config."""
+    kind = draw(st.sampled_from(["tab", "unclosed", "utf8", "not_mapping", "bad_indent"]))
+    lines = list(VALID_CONFIG)
+    i = draw(st.integers(1, len(lines) - 1))
+    if kind == "tab":
+        lines[i] = "\t" + lines[i].lstrip()
+        return "\n".join(lines).encode(), i + 1
+    if kind == "unclosed":
+        lines[i] = lines[i].split(":")[0] + ": [1, 2"
+        return "\n".join(lines).encode(), None  # the parser notices at a later line
+    if kind == "utf8":
+        encoded = [line.encode() for line in lines]
+        encoded[i] += b"\xff"
+        return b"\n".join(encoded), i + 1
+    if kind == "not_mapping":
+        return b"- model\n- data\n", None
+    lines[i] = "   " + lines[i] if not lines[i].startswith(" ") else lines[i].strip() + ": :"
+    return "\n".join(lines).encode(), None
+
+
+@FUZZ
+@given(case=broken_config_file())
+def test_a_broken_config_file_fails_cleanly_naming_it(case, tiny_model_dir, isolated_home):
+    content, line = case
+    folder = Path(tempfile.mkdtemp())
+    try:
+        data = folder / "data.jsonl"
+        data.write_bytes(joined(jsonl(QA_ROWS)))
+        config = folder / "run.yaml"
+        config.write_bytes(content.replace(b"{model}", str(tiny_model_dir).encode())
+                           .replace(b"{data}", str(data).encode()))
+        result = CliRunner().invoke(app, ["train", str(config), f"output_dir={folder / 'run'}"])
+        assert_clean_failure(result, folder, isolated_home, f"{config}:{line}:" if line else str(config))
+    finally:
+        shutil.rmtree(folder)

@@ -483,10 +483,7 @@ def load_config(path: Path | None, overrides: list[str] = ()) -> RunConfig:
         source = str(path)
         if not Path(path).is_file():
             raise ConfigError("config file not found", where=str(path))
-        try:
-            loaded = yaml.safe_load(Path(path).read_text())
-        except yaml.YAMLError as err:
-            raise ConfigError(f"not valid YAML: {err}", where=str(path)) from None
+        loaded = _read_yaml(Path(path))
         if loaded is not None and not isinstance(loaded, dict):
             raise ConfigError("a config file must hold a mapping of keys", where=str(path))
         tree = loaded or {}
@@ -506,6 +503,24 @@ def load_config(path: Path | None, overrides: list[str] = ()) -> RunConfig:
     except ValidationError as err:
         messages = [_format_error(e, source) for e in err.errors()]
         raise ConfigError("\n".join(messages)) from None
+
+
+def _read_yaml(path: Path) -> Any:
+    """A config file's YAML, or a ConfigError naming the line that breaks it."""
+    raw = path.read_bytes()
+    try:
+        text = raw.decode("utf-8-sig")
+    except UnicodeDecodeError as err:
+        line = raw[: err.start].count(b"\n") + 1
+        raise ConfigError(f"not valid UTF-8 (byte 0x{raw[err.start]:02x}); save it as UTF-8",
+                          where=f"{path}:{line}") from None
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f"{path}:{mark.line + 1}" if mark is not None else str(path)
+        problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+        raise ConfigError(f"not valid YAML ({problem})", where=where) from None
 
 
 def _method_as_mapping(tree: dict[str, Any]) -> None:
