@@ -32,6 +32,7 @@ from tunelab.config import DataConfig
 from tunelab.data.arrow_store import TableWriter, TokenTable
 from tunelab.data.columns import explain, rename_columns
 from tunelab.data.formats import OBJECTIVE_FORMATS, RowError, file_format, needs_pair_objective, to_sample
+from tunelab.data.layouts import layout_columns
 from tunelab.data.sources import Record, iter_records, resolve_data_path
 from tunelab.data.template import ChatRenderer
 from tunelab.data.tokenize import MAX_LISTED, tokenize_sample
@@ -194,7 +195,7 @@ def _build(path: Path | str, fmt: str, config: DataConfig, renderer: ChatRendere
     meta) or None when a row was invalid (every problem of the file is in `problems`)."""
     name = str(path)
     already = len(problems)
-    head, records, fmt, why = streamed_rows(path, fmt, config.columns, problems)
+    head, records, fmt, why, columns = streamed_rows(path, fmt, config.columns, problems)
     if head and fmt in OBJECTIVE_FORMATS:
         raise DataError(needs_pair_objective(fmt, why), where=name)
     writer = TableWriter(name, folder)
@@ -207,7 +208,7 @@ def _build(path: Path | str, fmt: str, config: DataConfig, renderer: ChatRendere
             sample = to_sample(record, fmt, config.system_prompt)
         except RowError as err:
             invalid += 1
-            problems.append(f"{record.where}: {explain(str(err), config.columns)}")
+            problems.append(f"{record.where}: {explain(str(err), columns)}")
             continue
         result = tokenize_sample(sample, renderer, config)
         if result.problem:
@@ -243,13 +244,16 @@ def _build(path: Path | str, fmt: str, config: DataConfig, renderer: ChatRendere
 
 
 def streamed_rows(path: Path | str, fmt: str, columns: dict[str, str], problems):
-    """(the first rows, an iterator over the rest, format, why that format) of a file read one row at a time:
-    the format is detected from the first 20 readable rows; data.columns renames the file's columns to fields."""
+    """(the first rows, an iterator over the rest, format, why that format, the column mapping used) of a file read
+    one row at a time: the format is detected from the first 20 readable rows; data.columns (or a known layout's
+    mapping, see layouts.py) renames the file's columns to fields."""
     name = str(path)
     records = iter_records(path, problems)
-    head = rename_columns(list(itertools.islice(records, 20)), columns, name)
+    head = list(itertools.islice(records, 20))
+    columns, layout = layout_columns([r.row for r in head], columns, fmt, name)
+    head = rename_columns(head, columns, name)
     fmt, why = file_format(head, fmt, name)
-    return head, (_renamed(record, columns) for record in records), fmt, why
+    return head, (_renamed(record, columns or {}) for record in records), fmt, layout or why, columns
 
 
 def _renamed(record: Record, columns: dict[str, str]) -> Record:

@@ -60,19 +60,34 @@ def detect_format(rows: list[dict[str, Any]]) -> tuple[str, str]:
     for row in rows[:20]:
         keys = set(row)
         if "conversations" in keys:
-            return "chat", "column 'conversations' (ShareGPT-style chat)"
+            return "chat", "column 'conversations' (ShareGPT-style chat)" + _ignored("chat", rows[:20])
         pair = _pair_format(keys)
         if pair is not None:
             return pair
         for name, columns in FORMAT_COLUMNS.items():
             if set(columns) <= keys:
-                return name, f"columns {', '.join(repr(c) for c in columns)}"
+                return name, f"columns {', '.join(repr(c) for c in columns)}" + _ignored(name, rows[:20])
     seen = ", ".join(sorted(set().union(*(set(r) for r in rows[:20])))) if rows else "none"
     expected = "; ".join(f"{name}: {', '.join(cols)}" for name, cols in FORMAT_COLUMNS.items())
     expected += (f"; preference: [prompt,] chosen, rejected; feedback: {', '.join(FEEDBACK_COLUMNS)}; "
                  "prompts (grpo): prompt")
     raise RowError(f"cannot detect the format from columns ({seen}); expected one of: {expected}; or map your "
                    "columns to these fields with data.columns (data inspect: --column FIELD=COLUMN)")
+
+
+READ_COLUMNS: dict[str, set[str]] = {
+    "chat": {"messages", "conversations"},
+    "alpaca": {"instruction", "input", "output", "system"},
+    "prompt_completion": {"prompt", "completion"},
+    "qa": {"question", "answer"},
+    "text": {"text"},
+}
+"""Every column each SFT format reads; the rest of a file's columns are ignored, and the detection says so."""
+
+
+def _ignored(fmt: str, rows: list[dict[str, Any]]) -> str:
+    ignored = sorted(set().union(*rows) - READ_COLUMNS[fmt])
+    return f"; ignored: {', '.join(ignored)}" if ignored else ""
 
 
 def _pair_format(keys: set[str]) -> tuple[str, str] | None:

@@ -120,7 +120,7 @@ def inspect_prompts(target: Path | str, config: DataConfig, seed: int, *, tokeni
 def _load(path, fmt: str, role: str, config: DataConfig, renderer: ChatRenderer, problems: list[str]):
     """A file's valid rows, each with its prompt's token count, and its summary."""
     before = len(problems)
-    records, fmt, why, count = read_file_rows(path, fmt, problems, skip_unreadable=True, columns=config.columns)
+    records, fmt, why, count, _ = read_file_rows(path, fmt, problems, skip_unreadable=True, columns=config.columns)
     rows = convert_rows(records, lambda r: to_prompt_row(r, config.system_prompt), path, problems, config.columns)
     measured = []
     for row in rows:

@@ -15,6 +15,7 @@ memory-mapped table, split and weighted by row index, each row built as a Python
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -24,6 +25,7 @@ import numpy as np
 from tunelab.config import DataConfig
 from tunelab.data.columns import rename_columns
 from tunelab.data.formats import OBJECTIVE_FORMATS, PAIR_FORMATS, Sample
+from tunelab.data.layouts import layout_columns
 from tunelab.data.pairs import FeedbackSample, PairRow, PreferencePair, to_pair
 from tunelab.data.prepare import (
     convert_rows,
@@ -36,7 +38,7 @@ from tunelab.data.prepare import (
 )
 from tunelab.data.row_cache import RowKind, RowTokens, tokenized_rows
 from tunelab.data.row_table import RowTable, RowView
-from tunelab.data.sources import read_records
+from tunelab.data.sources import iter_records
 from tunelab.data.template import (
     IGNORE_INDEX,
     ChatRenderer,
@@ -229,7 +231,8 @@ def load_pairs(
 ) -> tuple[list[PairRow], str, str, int]:
     """(canonical rows, format, why that format, rows in the file), like `load_samples` for SFT data. Rows
     that cannot become pairs or feedback go to `problems` as `file:line: why`."""
-    records, fmt, why, rows = read_file_rows(path, fmt, problems, skip_unreadable=skip_unreadable, columns=columns)
+    records, fmt, why, rows, columns = read_file_rows(path, fmt, problems, skip_unreadable=skip_unreadable,
+                                                     columns=columns)
     if records and fmt not in PAIR_FORMATS:
         raise DataError(
             f"rows are '{fmt}' data ({why}), not preference pairs (prompt/chosen/rejected) or "
@@ -247,8 +250,10 @@ def data_kind(config: DataConfig) -> str:
     if config.eval is not None:
         paths.append((config.eval, config.format))
     for path, fmt in paths:
-        if fmt == "auto":
-            fmt, _ = file_format(rename_columns(read_records(path, []), config.columns, path), fmt, path)
+        if fmt == "auto":  # from the first rows, as training detects it
+            head = list(itertools.islice(iter_records(path, []), 20))
+            columns, _ = layout_columns([r.row for r in head], config.columns, fmt, str(path))
+            fmt, _ = file_format(rename_columns(head, columns, path), fmt, path)
         kinds[str(path)] = fmt if fmt in OBJECTIVE_FORMATS else "sft"
     if len(set(kinds.values())) > 1:
         listed = ", ".join(f"{p} ({k})" for p, k in kinds.items())

@@ -29,6 +29,7 @@ from tunelab.data.formats import (  # noqa: F401 - file_format and needs_pair_ob
     needs_pair_objective,
     to_sample,
 )
+from tunelab.data.layouts import layout_columns
 from tunelab.data.sources import read_records
 from tunelab.data.template import ChatRenderer, TokenizedSample, checked_renderer
 from tunelab.data.template_check import TRAIN_CHECK_SAMPLES, verify_before_training
@@ -108,7 +109,8 @@ def load_samples(
     """(canonical samples, format, why that format, rows in the file). Rows that cannot become samples go to
     `problems` as `file:line: why`; unreadable lines raise, or with `skip_unreadable` go there too. `columns` is
     data.columns (file columns read as tunelab's fields)."""
-    records, fmt, why, rows = read_file_rows(path, fmt, problems, skip_unreadable=skip_unreadable, columns=columns)
+    records, fmt, why, rows, columns = read_file_rows(path, fmt, problems, skip_unreadable=skip_unreadable,
+                                                     columns=columns)
     if records and fmt in OBJECTIVE_FORMATS:
         raise DataError(needs_pair_objective(fmt, why), where=str(path))
     return convert_rows(records, lambda r: to_sample(r, fmt, system_prompt), path, problems, columns), fmt, why, rows
@@ -116,15 +118,18 @@ def load_samples(
 
 def read_file_rows(path: Path, fmt: str, problems: list[str], *, skip_unreadable: bool = False,
                    columns: dict[str, str] | None = None):
-    """(records with data.columns applied, format, why that format, rows in the file): the reading every
-    objective's loader shares. Raises DataError for a file without rows."""
+    """(records with data.columns applied, format, why that format, rows in the file, the column mapping used:
+    data.columns or one inferred from a known layout, see layouts.py): the reading every objective's loader
+    shares. Raises DataError for a file without rows."""
     already = len(problems)
-    records = rename_columns(read_records(path, problems if skip_unreadable else None), columns, path)
+    raw = read_records(path, problems if skip_unreadable else None)
+    columns, layout = layout_columns([r.row for r in raw[:20]], columns, fmt, str(path))
+    records = rename_columns(raw, columns, path)
     rows = len(records) + len(problems) - already
     if not rows:
         raise DataError("file holds no rows", where=str(path))
     fmt, why = file_format(records, fmt, path)
-    return records, fmt, why, rows
+    return records, fmt, layout or why, rows, columns
 
 
 def convert_rows(records, convert, path: Path, problems: list[str], columns: dict[str, str] | None) -> list:

@@ -79,7 +79,7 @@ def _build(path, fmt: str, kind: RowKind, config: DataConfig, problems: list[str
     None when a row was invalid."""
     name = str(path)
     already = len(problems)
-    head, records, fmt, why = streamed_rows(path, fmt, config.columns, problems)
+    head, records, fmt, why, columns = streamed_rows(path, fmt, config.columns, problems)
     if head and fmt not in kind.formats:
         raise DataError(kind.wrong_format(fmt, why), where=name)
     writer = RowTableWriter(name, folder)
@@ -92,7 +92,7 @@ def _build(path, fmt: str, kind: RowKind, config: DataConfig, problems: list[str
             row = kind.convert(record, fmt)
         except RowError as err:
             invalid += 1
-            problems.append(f"{record.where}: {explain(str(err), config.columns)}")
+            problems.append(f"{record.where}: {explain(str(err), columns)}")
             continue
         result = kind.tokenize(row)
         if result.problem:
