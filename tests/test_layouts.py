@@ -73,3 +73,29 @@ def test_tunelab_formats_and_prompt_only_rows_are_unchanged(tmp_path):
 
     prompts = write_jsonl(tmp_path / "prompts.jsonl", [{"prompt": "p", "answer": "a"}])  # GRPO's rows, not SFT
     assert data_kind(DataConfig(train=prompts)) == "prompts"
+
+
+def test_inspect_of_an_unknown_layout_reports_columns_and_the_mappings_that_work(tmp_path, tiny_model_dir):
+    import shlex
+
+    from typer.testing import CliRunner
+
+    from tunelab.cli import app
+
+    rows = [{"Date received": f"2024-01-{i % 28 + 1:02d}", "Product": ["Mortgage", "Credit card"][i % 2],
+             "Consumer complaint narrative": f"My bank lost payment {i} and will not answer my letters.",
+             "Tags": "" if i % 2 else "Older American"} for i in range(20)]
+    path = write_csv(tmp_path / "complaints.csv", rows)
+    with open(path, "ab") as handle:
+        handle.write(b"\xff,x\n")  # a last line that is not UTF-8
+    result = CliRunner().invoke(app, ["data", "inspect", str(path), "--model", str(tiny_model_dir)])
+    assert result.exit_code == 0, result.output  # a report, not an error
+    assert "20 readable rows, 4 columns" in result.output
+    assert "Tags" in result.output and "filled  50.0%" in result.output
+    assert f"{path}:22: not valid UTF-8" in result.output
+    command = f"tunelab data inspect {path} --column 'prompt=Consumer complaint narrative' --column completion=Product"
+    assert command in result.output
+    applied = CliRunner().invoke(app, [*shlex.split(command)[1:], "--model", str(tiny_model_dir)])
+    assert applied.exit_code == 0 and "prompt_completion" in applied.output, applied.output
+    as_json = CliRunner().invoke(app, ["data", "inspect", str(path), "--model", str(tiny_model_dir), "--json"])
+    assert json.loads(as_json.output)["commands"][0] == command

@@ -12,7 +12,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from tunelab.errors import ConfigError, UserError
+from tunelab.errors import ConfigError, UnknownFormat, UserError
 
 app = typer.Typer(help="Fine-tune large language models end to end.", no_args_is_help=True, add_completion=False)
 models_app = typer.Typer(help="Named model presets: list and pull them.", no_args_is_help=True)
@@ -367,6 +367,9 @@ def data_inspect(
         report = inspect_data(target, tokenizer=tokenizer, data_config=data_config, seed=seed,
                               samples_to_show=samples,
                               completion_tokens=run_config.objective.max_new_tokens if grpo else 0)
+    except UnknownFormat as unknown:  # still a report: rows, columns, and the mappings that would work
+        _profile(unknown, as_json)
+        return
     except UserError as err:
         _fail(err)
     if histogram is not None:
@@ -375,6 +378,16 @@ def data_inspect(
         print(json.dumps(report.to_json(), indent=2))
     else:
         typer.echo(render_text(report, color=console.is_terminal))
+
+
+def _profile(unknown, as_json: bool) -> None:
+    from tunelab.data.profile import profile_file, render_profile
+
+    try:
+        profile = profile_file(unknown.where, unknown.message)
+    except UserError as err:
+        _fail(err)
+    print(json.dumps(profile.to_json(), indent=2)) if as_json else typer.echo(render_profile(profile))
 
 
 @data_app.command("check-template")

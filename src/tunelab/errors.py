@@ -23,6 +23,10 @@ class DataError(UserError):
     """A data file is unreadable or holds invalid rows."""
 
 
+class UnknownFormat(DataError):
+    """No format fits a file's columns (`where` is the file); `data inspect` profiles it instead of failing."""
+
+
 class ModelError(UserError):
     """A model cannot be found or loaded."""
 

@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from tunelab.data.sources import Record
-from tunelab.errors import DataError
+from tunelab.errors import UnknownFormat
 
 ROLES = ("system", "user", "assistant")
 # ShareGPT-style role names, mapped to ours.
@@ -242,7 +242,7 @@ def file_format(records: list[Record], fmt: str, path: Path | str) -> tuple[str,
     try:
         return detect_format([r.row for r in records])
     except RowError as err:
-        raise DataError(str(err), where=str(path)) from None
+        raise UnknownFormat(str(err), where=str(path)) from None
 
 
 def needs_pair_objective(fmt: str, why: str) -> str:

@@ -66,7 +66,7 @@ def iter_records(path: Path | str, problems) -> Iterator[Record]:
     elif suffix == ".json":
         yield from _read_json(file, name, problems)
     elif suffix == ".csv":
-        yield from _iter_csv(file, name)
+        yield from _iter_csv(file, name, problems)
     elif suffix == ".parquet":
         yield from _iter_parquet(file, name)
     elif suffix in TEXT_SUFFIXES:
@@ -131,8 +131,8 @@ def _read_json(file: Path, name: str, bad) -> list[Record]:
     return [Record(row, f"{name}[{i}]") for i, row in enumerate(data) if isinstance(row, dict)]
 
 
-def _iter_csv(file: Path, name: str) -> Iterator[Record]:
-    reader = csv.DictReader(line for _, line in _lines(file, name))
+def _iter_csv(file: Path, name: str, bad) -> Iterator[Record]:
+    reader = csv.DictReader(line for _, line in _lines(file, name, bad))
     for row in reader:
         # reader.line_num is the physical line where this row ended (quoted fields may span lines)
         cleaned = {k: v for k, v in row.items() if k is not None and v not in (None, "")}
