@@ -8,41 +8,16 @@ import os
 from pathlib import Path
 
 import typer
-from rich.console import Console
-from rich.markup import escape
 from rich.table import Table
 
-from tunelab.errors import ConfigError, UnknownFormat, UserError
+from tunelab.cli_common import console, errors, fail, quiet_libraries
+from tunelab.cli_data import data_app
+from tunelab.errors import ConfigError, UserError
 
 app = typer.Typer(help="Fine-tune large language models end to end.", no_args_is_help=True, add_completion=False)
 models_app = typer.Typer(help="Named model presets: list and pull them.", no_args_is_help=True)
 app.add_typer(models_app, name="models")
-data_app = typer.Typer(help="Look at data the way training will see it.", no_args_is_help=True)
 app.add_typer(data_app, name="data")
-console = Console()
-errors = Console(stderr=True)
-
-
-def _quiet_libraries() -> None:
-    """Keep third-party progress bars and advice out of the user's terminal."""
-    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
-    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
-    import warnings
-
-    warnings.filterwarnings("ignore", category=FutureWarning)
-    warnings.filterwarnings("ignore", category=UserWarning)
-    import logging
-
-    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
-    from transformers.utils import logging as hf_logging
-
-    hf_logging.set_verbosity_error()
-    hf_logging.disable_progress_bar()
-
-
-def _fail(err: UserError) -> None:
-    errors.print(f"[bold red]error:[/] {escape(str(err))}", highlight=False, soft_wrap=True)
-    raise typer.Exit(2)
 
 
 @app.command()
@@ -58,7 +33,7 @@ def train(
     """Fine-tune a model as CONFIG says, evaluate it before and after, and save the run directory."""
     if nproc > 1 and "WORLD_SIZE" not in os.environ:
         _launch(nproc)
-    _quiet_libraries()
+    quiet_libraries()
     from tunelab.config import load_config
     from tunelab.train.loop import TrainingFault
     from tunelab.train.run import train_run
@@ -67,7 +42,7 @@ def train(
         run_config = load_config(config, overrides or [])
         summary = train_run(run_config, resume=resume, overwrite=overwrite, console=console)
     except UserError as err:
-        _fail(err)
+        fail(err)
     except TrainingFault as err:
         errors.print(f"[bold red]training stopped:[/] {err}")
         raise typer.Exit(1) from None
@@ -110,7 +85,7 @@ def generate(
     system: str | None = typer.Option(None, help="System prompt added to rows that have none."),
 ) -> None:
     """Reply to every prompt in INPUT, in batches, with the model's chat template."""
-    _quiet_libraries()
+    quiet_libraries()
     from tunelab.infer.batch import generate_file
     from tunelab.infer.generate import GenerationOptions
 
@@ -118,7 +93,7 @@ def generate(
     try:
         count = generate_file(model, input, output, options, system)
     except UserError as err:
-        _fail(err)
+        fail(err)
     console.print(f"wrote {count} replies to {output}")
 
 
@@ -132,7 +107,7 @@ def chat(
     top_p: float = typer.Option(0.9),
 ) -> None:
     """Talk to a model in the terminal; replies stream as they are generated."""
-    _quiet_libraries()
+    quiet_libraries()
     from tunelab.infer.chat import chat_loop
     from tunelab.infer.generate import GenerationOptions
     from tunelab.infer.load import load_generator
@@ -140,7 +115,7 @@ def chat(
     try:
         loaded = load_generator(model)
     except UserError as err:
-        _fail(err)
+        fail(err)
     chat_loop(loaded, GenerationOptions(max_new_tokens, sample, temperature, top_p), system, console)
 
 
@@ -158,7 +133,7 @@ def serve(
 ) -> None:
     """Serve MODEL over an OpenAI-compatible API: /v1/chat/completions, /v1/completions (streamed or not),
     /v1/models, /health. Prompts use the run's chat template, as training and `generate` do."""
-    _quiet_libraries()
+    quiet_libraries()
     import uvicorn
 
     from tunelab.infer.serve import create_app, load_served
@@ -172,7 +147,7 @@ def serve(
             adapters[name] = run
         served = load_served(model, adapters=adapters, max_batch=max_batch, max_waiting=max_waiting)
     except UserError as err:
-        _fail(err)
+        fail(err)
     if host not in ("127.0.0.1", "localhost", "::1") and not api_key:
         console.print(f"[yellow]warning:[/] listening on {host} without --api-key: anyone who can reach this "
                       "port can use the model")
@@ -192,13 +167,13 @@ def score(
     batch_size: int = typer.Option(8),
 ) -> None:
     """Score the reply of every row in INPUT with a trained reward model."""
-    _quiet_libraries()
+    quiet_libraries()
     from tunelab.infer.score import score_file
 
     try:
         count = score_file(run, input, output, batch_size=batch_size)
     except UserError as err:
-        _fail(err)
+        fail(err)
     console.print(f"wrote {count} scores to {output}")
 
 
@@ -209,13 +184,13 @@ def merge(
     overwrite: bool = typer.Option(False, "--overwrite"),
 ) -> None:
     """Fold a run's adapter into its base model and save a plain model folder."""
-    _quiet_libraries()
+    quiet_libraries()
     from tunelab.infer.merge import merge_adapter
 
     try:
         merge_adapter(run, output, overwrite=overwrite)
     except UserError as err:
-        _fail(err)
+        fail(err)
     console.print(f"merged model saved to {output}")
 
 
@@ -230,7 +205,7 @@ def export(
 ) -> None:
     """Write a model for other tools and check it: the GGUF file is loaded back and compared with the source
     (next-token logits, greedy replies on held-out prompts); exit code 1 when the check fails."""
-    _quiet_libraries()
+    quiet_libraries()
     try:
         if format == "safetensors":
             from tunelab.infer.merge import merge_adapter
@@ -244,7 +219,7 @@ def export(
 
         check = export_gguf(model, output, quant)
     except UserError as err:
-        _fail(err)
+        fail(err)
     for warning in check.warnings:
         console.print(f"[yellow]warning:[/] {warning}")
     console.print(f"wrote {check.file} ({check.size_mb:.1f} MB); {check.summary()} -> {check.file}.check.json")
@@ -269,7 +244,7 @@ def eval_command(
     label_score: str = typer.Option("sum", help="A label's score: `sum` or `mean` log-probability of its tokens."),
 ) -> None:
     """Loss, perplexity and task metrics of MODEL on DATA, printed as JSON."""
-    _quiet_libraries()
+    quiet_libraries()
     from tunelab.eval.command import evaluate_model
     from tunelab.infer.generate import GenerationOptions
 
@@ -282,7 +257,7 @@ def eval_command(
         result = evaluate_model(model, data, names, options=options, limit=limit, output=output, baseline=baseline,
                                 labels=label_set, label_score=label_score)
     except UserError as err:
-        _fail(err)
+        fail(err)
     print(json.dumps(result, indent=2))
 
 
@@ -300,7 +275,7 @@ def compare_methods_command(
 ) -> None:
     """Train CONFIG with each method on the same data and steps; write a table (Markdown, CSV, PNG) of
     trainable parameters, peak memory, tokens/s, time, eval loss and the task metric."""
-    _quiet_libraries()
+    quiet_libraries()
     from tunelab.config import load_config
     from tunelab.train.compare import compare_methods
 
@@ -313,7 +288,7 @@ def compare_methods_command(
         names = [name.strip() for name in methods.split(",") if name.strip()]
         compare_methods(base, names, output, lr_from_config=lr_from_config, overwrite=overwrite, on_result=show)
     except UserError as err:
-        _fail(err)
+        fail(err)
     console.print((output / "compare.md").read_text())
     console.print(f"wrote {output}/compare.md, compare.csv, compare.png")
 
@@ -329,102 +304,8 @@ def report(
     try:
         path = write_report(runs[0]) if len(runs) == 1 else write_comparison(runs, output or Path("comparison.html"))
     except UserError as err:
-        _fail(err)
+        fail(err)
     console.print(f"wrote {path}")
-
-
-@data_app.command("inspect")
-def data_inspect(
-    target: Path = typer.Argument(..., help="A data file, or a run config (YAML) whose data.train is inspected."),
-    model: str | None = typer.Option(None, help="Model whose tokenizer and chat template to use (default: the "
-                                     "config's model, else smollm2-135m-instruct)."),
-    max_length: int | None = typer.Option(None, help="data.max_length to check against."),
-    samples: int = typer.Option(2, help="Samples rendered with their trained tokens marked."),
-    as_json: bool = typer.Option(False, "--json", help="Print the report as JSON."),
-    histogram: Path | None = typer.Option(None, help="Write a token-length histogram PNG here."),
-    column: list[str] = typer.Option(None, "--column", help="FIELD=COLUMN: read the file's COLUMN as tunelab's "
-                                     "FIELD (data.columns), e.g. --column 'prompt=Consumer complaint narrative'."),
-) -> None:
-    """Formats, invalid rows, token lengths, duplicates, train/eval overlap and loss masks of a dataset."""
-    _quiet_libraries()
-    from tunelab.config import DataConfig, load_config
-    from tunelab.data.columns import parse_column_options
-    from tunelab.data.inspect import inspect_data, is_run_config, render_text, write_length_histogram
-    from tunelab.models.load import load_tokenizer
-    from tunelab.models.resolve import resolve_model
-
-    try:
-        run_config = load_config(target) if is_run_config(target) else None
-        data_config = run_config.data if run_config else DataConfig(train=target)
-        if max_length:
-            data_config = data_config.model_copy(update={"max_length": max_length})
-        if column:
-            data_config = data_config.model_copy(update={"columns": parse_column_options(column)})
-        spec = model or (run_config.model if run_config else "smollm2-135m-instruct")
-        tokenizer = load_tokenizer(resolve_model(spec))
-        seed = run_config.train.seed if run_config else None
-        grpo = run_config is not None and run_config.objective.name == "grpo"
-        report = inspect_data(target, tokenizer=tokenizer, data_config=data_config, seed=seed,
-                              samples_to_show=samples,
-                              completion_tokens=run_config.objective.max_new_tokens if grpo else 0)
-    except UnknownFormat as unknown:  # still a report: rows, columns, and the mappings that would work
-        _profile(unknown, as_json)
-        return
-    except UserError as err:
-        _fail(err)
-    if histogram is not None:
-        write_length_histogram(report, histogram)
-    if as_json:
-        print(json.dumps(report.to_json(), indent=2))
-    else:
-        typer.echo(render_text(report, color=console.is_terminal))
-
-
-def _profile(unknown, as_json: bool) -> None:
-    from tunelab.data.profile import profile_file, render_profile
-
-    try:
-        profile = profile_file(unknown.where, unknown.message)
-    except UserError as err:
-        _fail(err)
-    print(json.dumps(profile.to_json(), indent=2)) if as_json else typer.echo(render_profile(profile))
-
-
-@data_app.command("check-template")
-def data_check_template(
-    target: Path = typer.Argument(..., help="A chat data file, or a run config (YAML) whose data is checked."),
-    model: str | None = typer.Option(None, help="Model whose tokenizer, chat template and stop tokens to use "
-                                     "(default: the config's model, else smollm2-135m-instruct)."),
-    limit: int | None = typer.Option(None, min=1, help="Check a seeded sample of N conversations (default: all)."),
-    train_on: str | None = typer.Option(None, help="data.train_on to check: all_assistant, last_assistant, all."),
-    as_json: bool = typer.Option(False, "--json", help="Print the report as JSON."),
-) -> None:
-    """Check that training tokenises each conversation exactly as `generate` builds its prompt and trains every
-    assistant reply with its end-of-turn token and nothing else. Exit code 2 when a check fails."""
-    _quiet_libraries()
-    from tunelab.config import DataConfig, load_config
-    from tunelab.data.inspect import is_run_config
-    from tunelab.data.template_check import check_data, render_check_text
-    from tunelab.models.load import load_tokenizer
-    from tunelab.models.resolve import resolve_model
-
-    try:
-        run_config = load_config(target) if is_run_config(target) else None
-        data_config = run_config.data if run_config else DataConfig(train=target, eval_split=0)
-        if train_on is not None:
-            if train_on not in ("all_assistant", "last_assistant", "all"):
-                raise UserError("must be all_assistant, last_assistant or all", where="--train-on")
-            data_config = data_config.model_copy(update={"train_on": train_on})
-        spec = model or (run_config.model if run_config else "smollm2-135m-instruct")
-        model_path = resolve_model(spec)
-        report = check_data(data_config, tokenizer=load_tokenizer(model_path), model_path=model_path,
-                            model_name=spec, target=str(target), seed=run_config.train.seed if run_config else 0,
-                            limit=limit)
-    except UserError as err:
-        _fail(err)
-    typer.echo(json.dumps(report.to_json(), indent=2) if as_json else render_check_text(report))
-    if not report.ok:
-        raise typer.Exit(2)
 
 
 @models_app.command("list")
@@ -449,13 +330,13 @@ def models_list() -> None:
 @models_app.command("pull")
 def models_pull(name: str = typer.Argument(..., help="A preset name, hub id or .gguf file.")) -> None:
     """Fetch a model into the cache (converting GGUF to safetensors) so later runs start at once."""
-    _quiet_libraries()
+    quiet_libraries()
     from tunelab.models.resolve import resolve_model
 
     try:
         path = resolve_model(name)
     except UserError as err:
-        _fail(err)
+        fail(err)
     console.print(f"{name}: {path}")
 
 
