@@ -6,15 +6,30 @@ the nearest valid key.
 
 from __future__ import annotations
 
-import difflib
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Any, Literal
 
-import yaml
-from pydantic import BaseModel, Field, ValidationError, field_validator, model_validator
+from pydantic import Field, field_validator, model_validator
 
 from tunelab.config_base import Strict
-from tunelab.errors import ConfigError
+from tunelab.config_load import (  # noqa: F401 - loading is part of the config's interface
+    apply_override,
+    dump_config,
+    load_config,
+    parse_override,
+)
+from tunelab.method_config import (  # noqa: F401 - method schemas are part of the config's interface
+    METHOD_CLASSES,
+    AdapterMethod,
+    FreezeMethod,
+    FullMethod,
+    IA3Method,
+    LoraMethod,
+    MethodConfig,
+    PrefixMethod,
+    PromptMethod,
+    QLoraMethod,
+)
 from tunelab.objective_config import (  # noqa: F401 - objective schemas are part of the config's interface
     OBJECTIVE_CLASSES,
     DpoObjective,
@@ -88,94 +103,6 @@ class DataConfig(Strict):
         if unknown:
             raise ValueError(f"unknown field(s) {', '.join(unknown)}; fields: {', '.join(FIELDS)}")
         return columns
-
-
-class FullMethod(Strict):
-    name: Literal["full"]
-
-
-class FreezeMethod(Strict):
-    name: Literal["freeze"]
-    trainable_layers: int = Field(2, ge=0)
-    """Train the last N transformer blocks; every other weight stays frozen."""
-    trainable_modules: list[str] = []
-    """Also train parameters whose name contains one of these (e.g. `lm_head`, `norm`)."""
-
-
-class LoraMethod(Strict):
-    """LoRA, and its variants that differ in one switch: DoRA (weight-decomposed) and rsLoRA
-    (rank-stabilised scale alpha / sqrt(r))."""
-
-    name: Literal["lora", "dora", "rslora"]
-    r: int = Field(16, ge=1)
-    """LoRA rank."""
-    alpha: float = 32
-    """LoRA scaling numerator (scale = alpha / r; alpha / sqrt(r) for rslora)."""
-    dropout: float = Field(0.0, ge=0, lt=1)
-    """Dropout on the LoRA input; off by default: on CPU it costs ~20% of step time (bench/, 8 steps).
-    Raise it (0.05-0.1) for small datasets trained for several epochs."""
-    target_modules: list[str] | Literal["all-linear"] = "all-linear"
-    """Module names to adapt, or `all-linear` for every linear layer except the output head."""
-
-
-class QLoraMethod(Strict):
-    """LoRA on a frozen base quantised by bitsandbytes (4-bit nf4/fp4, or 8-bit)."""
-
-    name: Literal["qlora"]
-    r: int = Field(16, ge=1)
-    alpha: float = 32
-    dropout: float = Field(0.0, ge=0, lt=1)
-    target_modules: list[str] | Literal["all-linear"] = "all-linear"
-    bits: Literal[4, 8] = 4
-    """Bits of the frozen, quantised base model (bitsandbytes)."""
-    quant_type: Literal["nf4", "fp4"] = "nf4"
-    double_quant: bool = True
-    """Quantise the quantisation constants too (4-bit only)."""
-
-
-class IA3Method(Strict):
-    """IA3: learned scaling vectors on keys, values and feed-forward activations (fewest parameters)."""
-
-    name: Literal["ia3"]
-    target_modules: list[str] | None = None
-    """Modules to scale; PEFT's defaults for the architecture when absent."""
-    feedforward_modules: list[str] | None = None
-    """Which of target_modules are feed-forward (scaled on their input)."""
-
-
-class PromptMethod(Strict):
-    """Prompt tuning: trainable virtual token embeddings put before every input; the model is frozen."""
-
-    name: Literal["prompt"]
-    num_virtual_tokens: int = Field(20, ge=1)
-    init_text: str | None = None
-    """Initialise the virtual tokens from this text's embeddings (random when absent)."""
-
-
-class PrefixMethod(Strict):
-    """Prefix tuning: trainable key/value prefixes in every attention layer; the model is frozen."""
-
-    name: Literal["prefix"]
-    num_virtual_tokens: int = Field(20, ge=1)
-    projection: bool = False
-    """Reparameterise the prefixes through a small MLP (more stable, more parameters while training)."""
-    projection_hidden: int = Field(256, ge=1)
-
-
-class AdapterMethod(Strict):
-    """Bottleneck adapters after attention and/or MLP blocks; the base is frozen (tunelab's own module)."""
-
-    name: Literal["adapter"]
-    reduction_factor: int = Field(16, ge=1)
-    """Bottleneck width = hidden size / reduction_factor."""
-    placement: Literal["attention", "mlp", "both"] = "both"
-    activation: Literal["relu", "gelu", "silu"] = "relu"
-
-
-MethodConfig = Annotated[
-    FullMethod | FreezeMethod | LoraMethod | QLoraMethod | IA3Method | PromptMethod | PrefixMethod | AdapterMethod,
-    Field(discriminator="name"),
-]
 
 
 class TrainConfig(Strict):
@@ -357,209 +284,3 @@ class RunConfig(Strict):
         return self
 
 
-# Names other tools use for our keys, so the error can point users coming from them to the right one.
-_KEY_ALIASES = {
-    "rank": "r",
-    "lora_r": "r",
-    "lora_alpha": "alpha",
-    "lora_dropout": "dropout",
-    "learning_rate": "lr",
-    "num_epochs": "epochs",
-    "num_train_epochs": "epochs",
-    "gradient_accumulation_steps": "grad_accum",
-    "per_device_train_batch_size": "batch_size",
-    "micro_batch_size": "batch_size",
-    "sequence_len": "max_length",
-    "max_seq_length": "max_length",
-}
-
-
-def _nearest_key(section: type[BaseModel], key: str) -> str | None:
-    names = list(section.model_fields)
-    if _KEY_ALIASES.get(key) in names:
-        return _KEY_ALIASES[key]
-    found = difflib.get_close_matches(key, names, n=1, cutoff=0.5)
-    return found[0] if found else None
-
-
-def _section_at(loc: tuple[Any, ...]) -> type[BaseModel] | None:
-    """The pydantic model that owns the field at `loc` (used to suggest a key)."""
-    section: type[BaseModel] = RunConfig
-    for part in loc[:-1]:
-        field = section.model_fields.get(str(part))
-        if field is None:
-            return section if str(part) in _METHOD_CLASSES else None
-        annotation = field.annotation
-        if isinstance(annotation, type) and issubclass(annotation, BaseModel):
-            section = annotation
-        elif str(part) in _UNIONS:
-            continue
-        else:
-            return None
-    return section
-
-
-_METHOD_CLASSES = {
-    "full": FullMethod,
-    "freeze": FreezeMethod,
-    "lora": LoraMethod,
-    "dora": LoraMethod,
-    "rslora": LoraMethod,
-    "qlora": QLoraMethod,
-    "ia3": IA3Method,
-    "prompt": PromptMethod,
-    "prefix": PrefixMethod,
-    "adapter": AdapterMethod,
-}
-
-
-_OBJECTIVE_CLASSES = OBJECTIVE_CLASSES
-_UNIONS: dict[str, dict[str, type[BaseModel]]] = {"method": _METHOD_CLASSES, "objective": _OBJECTIVE_CLASSES}
-"""Sections that are a discriminated union on `name`, and the class of each name."""
-
-
-def _format_error(error: dict[str, Any], source: str) -> str:
-    loc = tuple(error["loc"])
-    # The discriminated union puts the chosen tag into the location: ("method", "lora", "rank").
-    if len(loc) >= 2 and loc[0] in _UNIONS and loc[1] in _UNIONS[loc[0]]:
-        key = ".".join([str(loc[0]), *map(str, loc[2:])])
-        section: type[BaseModel] | None = _UNIONS[loc[0]][loc[1]]
-    else:
-        key = ".".join(map(str, loc))
-        section = _section_at(loc)
-    if error["type"] == "extra_forbidden":
-        suggestion = _nearest_key(section, str(loc[-1])) if section else None
-        hint = f"; did you mean '{suggestion}'?" if suggestion else ""
-        valid = ", ".join(section.model_fields) if section else ""
-        return f"{source}: unknown key '{key}'{hint} (valid keys here: {valid})"
-    if error["type"] == "union_tag_invalid":  # method.name or objective.name that names nothing
-        return (f"{source}: {key}.name: '{error['ctx']['tag']}' is not one of "
-                f"{', '.join(_UNIONS.get(str(loc[0]), {})) or error['ctx']['expected_tags']}")
-    if not loc:  # a check across sections (a model validator): its message names the keys
-        return f"{source}: {error['msg'].removeprefix('Value error, ')}"
-    return f"{source}: {key}: {error['msg']}"
-
-
-def parse_override(text: str) -> tuple[list[str], Any]:
-    """`train.lr=1e-4` -> (["train", "lr"], 0.0001); the value is read as YAML."""
-    if "=" not in text:
-        raise ConfigError(f"override '{text}' must look like key.sub=value")
-    key, raw = text.split("=", 1)
-    if not key.strip():
-        raise ConfigError(f"override '{text}' has an empty key")
-    try:
-        value = yaml.safe_load(raw) if raw.strip() else None
-    except yaml.YAMLError:
-        value = raw
-    if isinstance(value, str):
-        value = _number_or_text(value)
-    return key.strip().split("."), value
-
-
-def _number_or_text(text: str) -> Any:
-    """YAML 1.1 reads `1e-4` as text; users mean a number."""
-    try:
-        return float(text) if any(c in text for c in ".eE") else int(text)
-    except ValueError:
-        return text
-
-
-def apply_override(tree: dict[str, Any], path: list[str], value: Any) -> None:
-    node = tree
-    for part in path[:-1]:
-        child = node.get(part)
-        if not isinstance(child, dict):
-            child = {}
-            node[part] = child
-        node = child
-    node[path[-1]] = value
-
-
-def load_config(path: Path | None, overrides: list[str] = ()) -> RunConfig:
-    """Read a YAML config (or start from defaults), apply overrides, validate. Raises ConfigError."""
-    tree: dict[str, Any] = {}
-    source = "overrides"
-    if path is not None:
-        source = str(path)
-        if not Path(path).is_file():
-            raise ConfigError("config file not found", where=str(path))
-        loaded = _read_yaml(Path(path))
-        if loaded is not None and not isinstance(loaded, dict):
-            raise ConfigError("a config file must hold a mapping of keys", where=str(path))
-        tree = loaded or {}
-        tree = _resolve_relative_paths(tree, Path(path).parent)
-    for text in overrides:
-        _method_as_mapping(tree)
-        _track_as_mapping(tree)
-        keys, value = parse_override(text)
-        apply_override(tree, keys, value)
-    _method_as_mapping(tree)
-    if isinstance(tree.get("method"), dict) and "name" not in tree["method"]:
-        tree["method"] = {"name": "lora", **tree["method"]}
-    if isinstance(tree.get("objective"), dict) and "name" not in tree["objective"]:
-        tree["objective"] = {"name": "sft", **tree["objective"]}
-    try:
-        return RunConfig.model_validate(tree)
-    except ValidationError as err:
-        messages = [_format_error(e, source) for e in err.errors()]
-        raise ConfigError("\n".join(messages)) from None
-
-
-def _read_yaml(path: Path) -> Any:
-    """A config file's YAML, or a ConfigError naming the line that breaks it."""
-    raw = path.read_bytes()
-    try:
-        text = raw.decode("utf-8-sig")
-    except UnicodeDecodeError as err:
-        line = raw[: err.start].count(b"\n") + 1
-        raise ConfigError(f"not valid UTF-8 (byte 0x{raw[err.start]:02x}); save it as UTF-8",
-                          where=f"{path}:{line}") from None
-    try:
-        return yaml.safe_load(text)
-    except yaml.YAMLError as err:
-        mark = getattr(err, "problem_mark", None)
-        where = f"{path}:{mark.line + 1}" if mark is not None else str(path)
-        problem = getattr(err, "problem", None) or str(err).splitlines()[0]
-        raise ConfigError(f"not valid YAML ({problem})", where=where) from None
-
-
-def _method_as_mapping(tree: dict[str, Any]) -> None:
-    """`method: qlora` is shorthand for `method: {name: qlora}`; `objective: dpo` for `objective: {name: dpo}`."""
-    for section in _UNIONS:
-        if isinstance(tree.get(section), str):
-            tree[section] = {"name": tree[section]}
-
-
-def _track_as_mapping(tree: dict[str, Any]) -> None:
-    """`track: [wandb]` is shorthand for `track: {to: [wandb]}` (so `track.project=...` can follow it)."""
-    if isinstance(tree.get("track"), (list, str)):
-        tree["track"] = {"to": tree["track"]}
-
-
-def _resolve_relative_paths(tree: dict[str, Any], base: Path) -> dict[str, Any]:
-    """Data paths in a config file are relative to the current directory when they exist there, else to
-    the config file's folder, so a recipe runs from anywhere."""
-    data = tree.get("data")
-    if not isinstance(data, dict):
-        return tree
-
-    def fix(value: Any) -> Any:
-        relative = isinstance(value, str) and not value.startswith("tunelab:") and not Path(value).is_absolute()
-        if relative and not Path(value).exists() and (base / value).exists():
-            return str(base / value)
-        return value
-
-    for key in ("train", "eval"):
-        value = data.get(key)
-        if isinstance(value, list):
-            for item in value:
-                if isinstance(item, dict) and "path" in item:
-                    item["path"] = fix(item["path"])
-        else:
-            data[key] = fix(value)
-    return tree
-
-
-def dump_config(config: RunConfig) -> str:
-    """The resolved config as YAML (written to every run directory)."""
-    return yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False)

@@ -19,7 +19,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from tunelab.config import _METHOD_CLASSES, RunConfig, dump_config
+from tunelab.config import METHOD_CLASSES, RunConfig, dump_config
 from tunelab.errors import ConfigError
 from tunelab.methods import RECOMMENDED_LR
 
@@ -51,9 +51,9 @@ class MethodRun:
 def plan_runs(base: RunConfig, methods: list[str], output: Path, *, lr_from_config: bool) -> list[MethodRun]:
     """One validated config per method: the base config with `method.name` switched, the options the new
     method also has carried over (r, alpha, target_modules ...), the output under `output/<method>`."""
-    unknown = [m for m in methods if m not in _METHOD_CLASSES]
+    unknown = [m for m in methods if m not in METHOD_CLASSES]
     if unknown:
-        raise ConfigError(f"unknown method(s) {', '.join(unknown)}; choose from {', '.join(_METHOD_CLASSES)}",
+        raise ConfigError(f"unknown method(s) {', '.join(unknown)}; choose from {', '.join(METHOD_CLASSES)}",
                           where="--methods")
     if len(set(methods)) != len(methods):
         raise ConfigError("a method is named twice", where="--methods")
@@ -61,7 +61,7 @@ def plan_runs(base: RunConfig, methods: list[str], output: Path, *, lr_from_conf
     current_fields = type(base.method).model_fields
     runs = []
     for name in methods:
-        fields = _METHOD_CLASSES[name].model_fields
+        fields = METHOD_CLASSES[name].model_fields
         shared = [k for k in current if k != "name" and k in fields
                   and fields[k].annotation == current_fields[k].annotation]
         method = {"name": name, **{k: current[k] for k in shared}}
