@@ -1,10 +1,11 @@
 """Training in two processes on CPU (gloo): with batch B each, DDP and FSDP2 train like one process with batch 2B,
-and a sharded run stopped and resumed equals an uninterrupted one."""
+and runs stopped and resumed (FSDP2, and GRPO mid-rollout) equal uninterrupted ones."""
 
 from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -92,7 +93,7 @@ def test_two_processes_train_like_one_with_twice_the_batch_and_resume_exactly(ti
     (["method.name=qlora", "train.distributed=fsdp"], "trl#1723"),
     (["method.name=prefix", "train.distributed=fsdp"], "prompt methods"),
     (["train.keep_best=true", "train.distributed=fsdp"], "train.keep_best"),
-    (["objective.name=grpo", "objective.rewards=[exact_match]"], "GRPO trains in one process"),
+    (["objective.name=grpo", "objective.rewards=[exact_match]", "train.distributed=fsdp"], "GRPO cannot shard"),
 ])
 def test_what_cannot_train_in_several_processes_is_refused_with_the_reason(overrides, named, tmp_path):
     from tunelab.config import load_config
@@ -104,3 +105,35 @@ def test_what_cannot_train_in_several_processes_is_refused_with_the_reason(overr
     check_several_processes(config, Ranks())  # one process: anything goes
     with pytest.raises(ConfigError, match=named):
         check_several_processes(config, Ranks(rank=0, world_size=2))
+
+
+def test_grpo_in_two_processes_resumes_exactly_in_the_middle_of_a_rollout(tiny_model_dir, tmp_path):
+    """Each process samples completions for its own prompts and keeps its own rollout for the next update; a
+    checkpoint between a rollout's two updates holds both processes' rollouts."""
+    rows = [{"prompt": f"what is {a} plus {b}?", "answer": str(a + b)} for a in range(6) for b in range(6)]
+    data = tmp_path / "prompts.jsonl"
+    data.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    rewards = tmp_path / "rewards.py"
+    rewards.write_text("def letters(prompts, completions, **columns):\n"
+                       "    return [sum(c.isalpha() for c in text) / max(1, len(text)) for text in completions]\n")
+    config = tmp_path / "grpo.yaml"
+    config.write_text(yaml.safe_dump({
+        "model": str(tiny_model_dir), "data": {"train": str(data), "eval_split": 0.25, "max_length": 64},
+        "objective": {"name": "grpo", "rewards": [f"{rewards}:letters"], "group_size": 4, "max_new_tokens": 8,
+                      "updates_per_rollout": 2},
+        "train": {"max_steps": 6, "batch_size": 2, "precision": "fp32", "lr": 1e-2, "save_every": 3},
+        "eval": {"before_after": False, "generate_samples": 0}, "output_dir": str(tmp_path / "grpo"),
+    }))
+    train(config, "--nproc", "2")
+    run = tmp_path / "grpo"
+    straight = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    weights = load_file(run / "adapter_model.safetensors")
+    assert {"step-000003", "step-000006"} <= {p.name for p in (run / "checkpoints").iterdir()}
+    assert (run / "checkpoints" / "step-000003" / "objective-rank1.safetensors").is_file()  # rank 1's rollout
+    shutil.rmtree(run / "checkpoints" / "step-000006")
+    train(config, "--nproc", "2", "--resume")  # from step 3: step 4 updates on both processes' saved rollouts
+    resumed = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [(r["step"], r["loss"], r.get("reward")) for r in resumed if "loss" in r] == [
+        (r["step"], r["loss"], r.get("reward")) for r in straight if "loss" in r]
+    for name, tensor in load_file(run / "adapter_model.safetensors").items():
+        torch.testing.assert_close(tensor, weights[name], rtol=0, atol=0)

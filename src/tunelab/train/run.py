@@ -72,11 +72,12 @@ def check_several_processes(config: RunConfig, ranks: Ranks) -> None:
     """Refuse, before anything is written, what cannot train in several processes yet, saying why."""
     if not ranks.distributed:
         return
-    if config.objective.name == "grpo":
-        raise ConfigError("GRPO trains in one process for now (its rollouts are not shared between processes); "
-                          "run it without --nproc or a launcher", where="objective.name")
     if config.train.distributed != "fsdp":
         return
+    if config.objective.name == "grpo":
+        raise ConfigError("GRPO cannot shard the model: each process samples its own prompts, and completions of "
+                          "different lengths would break the processes' lock-step forwards; use train.distributed=ddp",
+                          where="train.distributed")
     if config.method.name not in sharding.FSDP_METHODS:
         raise ConfigError(f"FSDP shards {', '.join(sharding.FSDP_METHODS)}; '{config.method.name}' cannot be sharded "
                           "(4-bit weights mix storage dtypes in a block, trl#1723; prompt methods run PEFT's own "
