@@ -22,7 +22,6 @@ import math
 import time
 from collections.abc import Callable, Sequence
 from contextlib import AbstractContextManager
-from dataclasses import dataclass
 
 import torch
 
@@ -34,57 +33,17 @@ from tunelab.infer.generate import sample_token_ids
 from tunelab.methods import merged_copy
 from tunelab.models.attention import attention_implementation
 from tunelab.models.logprobs import can_share_prompts, shared_prompt_logprobs, trained_token_logprobs
+from tunelab.objectives.grpo_loss import (  # noqa: F401 - Completion and the loss are this module's interface
+    Completion,
+    group_advantages,
+    prompt_groups,
+    split_groups,
+    token_losses,
+)
 from tunelab.objectives.metrics import Metrics
 from tunelab.objectives.pairs import collate_sequences
 from tunelab.objectives.rewards import Reward
 from tunelab.train.precision import autocast
-
-ADVANTAGE_EPS = 1e-4  # TRL's: a group whose rewards are all equal gets advantages 0, not a division by zero
-
-
-@dataclass
-class Completion:
-    """One sampled completion after its prompt: what a GRPO step trains on."""
-
-    sample: TokenizedSample
-    """Prompt ids (untrained) followed by the completion's ids through its stop token (trained)."""
-    advantage: float
-    truncated: bool
-    """Cut at max_new_tokens before a stop token."""
-    index: int = 0
-    """Position in its rollout."""
-    old_logps: list[float] | None = None
-    """Log-probabilities of its tokens under the policy that sampled it, kept at the rollout's first update for
-    the later ones (updates_per_rollout > 1)."""
-
-
-def group_advantages(rewards: torch.Tensor, group_size: int, scale: str) -> torch.Tensor:
-    """Each reward [G * group_size] minus its group's mean, divided by the group's (or the batch's) std."""
-    grouped = rewards.view(-1, group_size)
-    advantages = (grouped - grouped.mean(dim=1, keepdim=True)).view(-1)
-    if scale == "group":
-        std = grouped.std(dim=1).repeat_interleave(group_size)
-    elif scale == "batch":
-        std = rewards.std().expand_as(rewards)
-    else:
-        return advantages
-    return advantages / (std + ADVANTAGE_EPS)
-
-
-def token_losses(logps: torch.Tensor, old_logps: torch.Tensor, advantages: torch.Tensor, config: GrpoConfig,
-                 reference_logps: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(per-token loss [N], per-token KL [N] (zeros without a reference), clipped [N] bool) for completion tokens
-    with their sequence's advantage [N]."""
-    ratio = torch.exp(logps - old_logps)
-    clipped_ratio = ratio.clamp(1 - config.epsilon, 1 + config.clip_high)
-    losses = -torch.min(ratio * advantages, clipped_ratio * advantages)
-    clipped = ((ratio < 1 - config.epsilon) & (advantages < 0)) | ((ratio > 1 + config.clip_high) & (advantages > 0))
-    kl = torch.zeros_like(logps)
-    if reference_logps is not None and config.beta:
-        delta = reference_logps - logps
-        kl = torch.exp(delta) - delta - 1
-        losses = losses + config.beta * kl
-    return losses, kl.detach(), clipped
 
 
 class GrpoObjective:
@@ -236,7 +195,7 @@ class GrpoObjective:
             if all(c.old_logps is not None for c in completions):
                 batch["old_logps"] = torch.tensor([v for c in completions for v in c.old_logps], dtype=torch.float32)
             batch["completion_index"] = torch.tensor([c.index for c in completions])
-        batch.update(_prompt_groups(completions, pad_token_id))
+        batch.update(prompt_groups(completions, pad_token_id))
         return batch
 
     def count(self, batch: dict[str, torch.Tensor]) -> int:
@@ -258,7 +217,7 @@ class GrpoObjective:
         them in the same order): each prompt run once for its group where the model allows it."""
         keep = batch["targets"] != IGNORE_INDEX
         if can_share_prompts(model):
-            return shared_prompt_logprobs(model, *_split_groups(batch), self.config.temperature), keep
+            return shared_prompt_logprobs(model, *split_groups(batch), self.config.temperature), keep
         return trained_token_logprobs(model, batch, self.config.temperature)
 
     def loss_sum(self, model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, Metrics]:
@@ -367,38 +326,6 @@ class GrpoObjective:
         for index, reward in enumerate(self.rewards):
             result[f"eval_rewards/{reward.name}/mean"] = float(scores[:, index].nanmean())
         return result
-
-
-def _prompt_groups(completions: list[Completion], pad_token_id: int) -> dict[str, torch.Tensor]:
-    """The micro-batch as groups of consecutive completions after the same prompt (what a rollout makes): the
-    prompts back to back (`group_prompt_ids`, `group_prompt_lengths`), `group_sizes`, and the completions alone,
-    right-padded (`completion_ids` [C, L], `completion_lengths` [C])."""
-    prompts: list[list[int]] = []
-    sizes: list[int] = []
-    replies: list[list[int]] = []
-    for completion in completions:
-        ids = completion.sample.input_ids
-        start = completion.sample.labels.count(IGNORE_INDEX)
-        if not prompts or prompts[-1] != ids[:start]:
-            prompts.append(ids[:start])
-            sizes.append(0)
-        sizes[-1] += 1
-        replies.append(ids[start:])
-    width = max(1, max(len(r) for r in replies))
-    return {
-        "group_prompt_ids": torch.tensor([t for p in prompts for t in p]),
-        "group_prompt_lengths": torch.tensor([len(p) for p in prompts]),
-        "group_sizes": torch.tensor(sizes),
-        "completion_ids": torch.tensor([r + [pad_token_id] * (width - len(r)) for r in replies]),
-        "completion_lengths": torch.tensor([len(r) for r in replies]),
-    }
-
-
-def _split_groups(batch: dict[str, torch.Tensor]) -> tuple[list[torch.Tensor], list[torch.Tensor], list[torch.Tensor]]:
-    """(prompt [P] of each group, its completions [G, L], their lengths [G]) from _prompt_groups' tensors."""
-    sizes = batch["group_sizes"].tolist()
-    prompts = list(batch["group_prompt_ids"].split(batch["group_prompt_lengths"].tolist()))
-    return prompts, list(batch["completion_ids"].split(sizes)), list(batch["completion_lengths"].split(sizes))
 
 
 def _weighted_total(scores: torch.Tensor, weights: list[float]) -> torch.Tensor:

@@ -1,0 +1,90 @@
+"""GRPO's arithmetic, apart from its objective's plumbing: group-relative advantages, the clipped per-token loss
+with its KL estimate, and the layout of a micro-batch as groups of completions after a shared prompt."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from tunelab.config import GrpoObjective as GrpoConfig
+from tunelab.data.template import IGNORE_INDEX, TokenizedSample
+
+ADVANTAGE_EPS = 1e-4  # TRL's: a group whose rewards are all equal gets advantages 0, not a division by zero
+
+
+@dataclass
+class Completion:
+    """One sampled completion after its prompt: what a GRPO step trains on."""
+
+    sample: TokenizedSample
+    """Prompt ids (untrained) followed by the completion's ids through its stop token (trained)."""
+    advantage: float
+    truncated: bool
+    """Cut at max_new_tokens before a stop token."""
+    index: int = 0
+    """Position in its rollout."""
+    old_logps: list[float] | None = None
+    """Log-probabilities of its tokens under the policy that sampled it, kept at the rollout's first update for
+    the later ones (updates_per_rollout > 1)."""
+
+
+def group_advantages(rewards: torch.Tensor, group_size: int, scale: str) -> torch.Tensor:
+    """Each reward [G * group_size] minus its group's mean, divided by the group's (or the batch's) std."""
+    grouped = rewards.view(-1, group_size)
+    advantages = (grouped - grouped.mean(dim=1, keepdim=True)).view(-1)
+    if scale == "group":
+        std = grouped.std(dim=1).repeat_interleave(group_size)
+    elif scale == "batch":
+        std = rewards.std().expand_as(rewards)
+    else:
+        return advantages
+    return advantages / (std + ADVANTAGE_EPS)
+
+
+def token_losses(logps: torch.Tensor, old_logps: torch.Tensor, advantages: torch.Tensor, config: GrpoConfig,
+                 reference_logps: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(per-token loss [N], per-token KL [N] (zeros without a reference), clipped [N] bool) for completion tokens
+    with their sequence's advantage [N]."""
+    ratio = torch.exp(logps - old_logps)
+    clipped_ratio = ratio.clamp(1 - config.epsilon, 1 + config.clip_high)
+    losses = -torch.min(ratio * advantages, clipped_ratio * advantages)
+    clipped = ((ratio < 1 - config.epsilon) & (advantages < 0)) | ((ratio > 1 + config.clip_high) & (advantages > 0))
+    kl = torch.zeros_like(logps)
+    if reference_logps is not None and config.beta:
+        delta = reference_logps - logps
+        kl = torch.exp(delta) - delta - 1
+        losses = losses + config.beta * kl
+    return losses, kl.detach(), clipped
+
+
+def prompt_groups(completions: list[Completion], pad_token_id: int) -> dict[str, torch.Tensor]:
+    """The micro-batch as groups of consecutive completions after the same prompt (what a rollout makes): the
+    prompts back to back (`group_prompt_ids`, `group_prompt_lengths`), `group_sizes`, and the completions alone,
+    right-padded (`completion_ids` [C, L], `completion_lengths` [C])."""
+    prompts: list[list[int]] = []
+    sizes: list[int] = []
+    replies: list[list[int]] = []
+    for completion in completions:
+        ids = completion.sample.input_ids
+        start = completion.sample.labels.count(IGNORE_INDEX)
+        if not prompts or prompts[-1] != ids[:start]:
+            prompts.append(ids[:start])
+            sizes.append(0)
+        sizes[-1] += 1
+        replies.append(ids[start:])
+    width = max(1, max(len(r) for r in replies))
+    return {
+        "group_prompt_ids": torch.tensor([t for p in prompts for t in p]),
+        "group_prompt_lengths": torch.tensor([len(p) for p in prompts]),
+        "group_sizes": torch.tensor(sizes),
+        "completion_ids": torch.tensor([r + [pad_token_id] * (width - len(r)) for r in replies]),
+        "completion_lengths": torch.tensor([len(r) for r in replies]),
+    }
+
+
+def split_groups(batch: dict[str, torch.Tensor]) -> tuple[list[torch.Tensor], list[torch.Tensor], list[torch.Tensor]]:
+    """(prompt [P] of each group, its completions [G, L], their lengths [G]) from prompt_groups' tensors."""
+    sizes = batch["group_sizes"].tolist()
+    prompts = list(batch["group_prompt_ids"].split(batch["group_prompt_lengths"].tolist()))
+    return prompts, list(batch["completion_ids"].split(sizes)), list(batch["completion_lengths"].split(sizes))
