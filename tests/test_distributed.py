@@ -137,3 +137,14 @@ def test_grpo_in_two_processes_resumes_exactly_in_the_middle_of_a_rollout(tiny_m
         (r["step"], r["loss"], r.get("reward")) for r in straight if "loss" in r]
     for name, tensor in load_file(run / "adapter_model.safetensors").items():
         torch.testing.assert_close(tensor, weights[name], rtol=0, atol=0)
+
+
+def test_each_process_takes_a_contiguous_share_and_a_short_batch_leaves_the_last_ones_empty():
+    from tunelab.train.distributed import Ranks
+
+    rows = list(range(5))
+    assert [Ranks(rank, 2).share(rows) for rank in range(2)] == [[0, 1, 2], [3, 4]]
+    assert [Ranks(rank, 3).share(rows) for rank in range(3)] == [[0, 1], [2, 3], [4]]
+    # one row for two processes: the second computes a 0-weighted stand-in (a 2-process run with such a last
+    # batch logged the single process's losses, checked by hand: 5.994213 / 5.754302 / 5.559972 / 5.428735)
+    assert [Ranks(rank, 2).share([7]) for rank in range(2)] == [[7], []]
