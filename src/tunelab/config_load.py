@@ -11,6 +11,7 @@ import yaml
 from pydantic import BaseModel, ValidationError
 
 from tunelab.errors import ConfigError
+from tunelab.textio import read_utf8
 
 if TYPE_CHECKING:
     from tunelab.config import RunConfig
@@ -159,13 +160,7 @@ def load_config(path: Path | None, overrides: list[str] = ()) -> RunConfig:
 
 def _read_yaml(path: Path) -> Any:
     """A config file's YAML, or a ConfigError naming the line that breaks it."""
-    raw = path.read_bytes()
-    try:
-        text = raw.decode("utf-8-sig")
-    except UnicodeDecodeError as err:
-        line = raw[: err.start].count(b"\n") + 1
-        raise ConfigError(f"not valid UTF-8 (byte 0x{raw[err.start]:02x}); save it as UTF-8",
-                          where=f"{path}:{line}") from None
+    text = read_utf8(path, str(path), ConfigError)
     try:
         return yaml.safe_load(text)
     except yaml.YAMLError as err:

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from tunelab.errors import DataError
+from tunelab.textio import read_utf8
 
 BUNDLED_PREFIX = "tunelab:"
 TABLE_SUFFIXES = {".jsonl", ".json", ".csv", ".parquet"}
@@ -112,13 +113,7 @@ def _iter_jsonl(file: Path, name: str, bad) -> Iterator[Record]:
 
 
 def _read_json(file: Path, name: str, bad) -> list[Record]:
-    raw = file.read_bytes()
-    try:
-        text = raw.decode("utf-8-sig")
-    except UnicodeDecodeError as err:
-        line = raw[: err.start].count(b"\n") + 1
-        raise DataError(f"not valid UTF-8 (byte 0x{raw[err.start]:02x}); save the file as UTF-8",
-                        where=f"{name}:{line}") from None
+    text = read_utf8(file, name, DataError)
     try:
         data = json.loads(text)
     except json.JSONDecodeError as err:
