@@ -84,7 +84,8 @@ def data_check_template(
     quiet_libraries()
     from tunelab.config import DataConfig, load_config
     from tunelab.data.inspect import is_run_config
-    from tunelab.data.template_check import check_data, render_check_text
+    from tunelab.data.template_check import check_data
+    from tunelab.data.template_report import render_check_text
     from tunelab.models.load import load_tokenizer
     from tunelab.models.resolve import resolve_model
 
