@@ -57,18 +57,40 @@ class DataSource(Strict):
     """One training dataset in a multi-task mix."""
 
     path: Path
-    """A .jsonl, .json, .csv, .parquet, .txt or .md file."""
+    """A .jsonl, .json, .csv, .parquet, .txt or .md file, a folder written by datasets' save_to_disk, `hf:NAME` (a
+    hub dataset id or a local dataset repository folder, read by datasets' load_dataset) or `tunelab:NAME`."""
     weight: float = Field(1.0, gt=0)
     """Relative sampling weight in the mix."""
     format: DataFormat | None = None
     """Overrides `data.format` for this source."""
+    split: str | None = None
+    """For a dataset: which split (default `train`, or its only split). Same as `PATH?split=NAME`."""
+    subset: str | None = None
+    """For an hf: dataset with several configurations: which one. Same as `PATH?subset=NAME`."""
+    revision: str | None = None
+    """For an hf: dataset: a branch, tag or commit (a commit pins the rows). Same as `PATH?revision=REV`."""
+    streaming: bool = False
+    """For an hf: dataset: read rows as they download instead of preparing the whole split first."""
+
+    @model_validator(mode="after")
+    def _fold_dataset_options(self) -> DataSource:
+        """The dataset fields become the path's `?key=value` options, the one form every reader sees."""
+        from tunelab.data.hf_datasets import with_options
+
+        folded = with_options(str(self.path), split=self.split, subset=self.subset, revision=self.revision,
+                              streaming=self.streaming)
+        object.__setattr__(self, "path", Path(folded))
+        return self
 
 
 class DataConfig(Strict):
     train: Path | list[DataSource] = Path("tunelab:support_tickets")
-    """Training data: a file path, `tunelab:NAME` for a bundled dataset, or a list of sources."""
+    """Training data: a file path, a save_to_disk folder, `hf:NAME` (a hub dataset or a local dataset repository;
+    options as in `hf:NAME?split=train&subset=S&revision=R&streaming=true`), `tunelab:NAME` for a bundled dataset,
+    or a list of sources."""
     eval: Path | None = None
-    """A separate evaluation file. When absent, `eval_split` of the training rows are held out."""
+    """A separate evaluation file or dataset (e.g. `hf:NAME?split=test`). When absent, `eval_split` of the
+    training rows are held out."""
     eval_split: float = Field(0.1, ge=0, lt=1)
     """Fraction of training rows held out for evaluation when `eval` is not given (seeded)."""
     format: DataFormat = "auto"

@@ -191,9 +191,12 @@ def _resolve_relative_paths(tree: dict[str, Any], base: Path) -> dict[str, Any]:
         return tree
 
     def fix(value: Any) -> Any:
-        relative = isinstance(value, str) and not value.startswith("tunelab:") and not Path(value).is_absolute()
-        if relative and not Path(value).exists() and (base / value).exists():
-            return str(base / value)
+        if not isinstance(value, str) or value.startswith("tunelab:"):
+            return value
+        prefix = "hf:" if value.startswith("hf:") else ""
+        location, query = value[len(prefix):].partition("?")[::2]
+        if not Path(location).is_absolute() and not Path(location).exists() and (base / location).exists():
+            return f"{prefix}{base / location}" + (f"?{query}" if query else "")
         return value
 
     for key in ("train", "eval"):

@@ -24,6 +24,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from tunelab.data.formats import Sample
+from tunelab.data.sources import source_name
 from tunelab.data.template import IGNORE_INDEX, TokenizedSample
 
 CHUNK_ROWS = 2048
@@ -142,7 +143,7 @@ class TokenTable:
         self.samples = _read_ipc(samples)
         self.meta = meta
         self.name = name
-        self.source = Path(name).stem
+        self.source = source_name(name)
         self._ids = self.units.column("input_ids")
         self._trained = self.units.column("trained")
         self._unit_where = self.units.column("where")

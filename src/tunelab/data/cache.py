@@ -1,12 +1,13 @@
 """Read, validate and tokenise one data file into Arrow tables, once: cached under
 TUNELAB_HOME/cache/tokenized/<key>, memory-mapped on later runs.
 
-The key hashes everything that decides the tokens: the file's full content (SHA-256; see `file_digest`), its
-suffix (which reader), the tokenizer (its whole serialised definition and special tokens), the chat template
-text, every data setting that changes tokens (format, system_prompt, chat_template, train_on, max_length,
-overlong), the versions of the libraries that render and tokenise, and the source code of tunelab's reading and
-tokenising modules (so a code change never serves stale rows). Settings that only pick and order rows (seed,
-eval_split, weights, shuffle, packing) are not in the key: they act on the cached tables on every run.
+The key hashes everything that decides the tokens: the file's full content (SHA-256; see `textio.file_digest`) and
+its suffix (which reader), or a dataset's files (data/hf_datasets.py); the tokenizer (its whole serialised
+definition and special tokens), the chat template text, every data setting that changes tokens (format,
+system_prompt, chat_template, train_on, max_length, overlong), the versions of the libraries that render and
+tokenise, and the source code of tunelab's reading and tokenising modules (so a code change never serves stale
+rows). Settings that only pick and order rows (seed, eval_split, weights, shuffle, packing) are not in the key:
+they act on the cached tables on every run.
 
 An entry is built in a scratch folder and renamed into place, so a crash or Ctrl-C never leaves one that looks
 complete; a file with invalid rows caches nothing. Entries are never rewritten: deleting one (or the whole folder)
@@ -33,7 +34,7 @@ from tunelab.data.arrow_store import TableWriter, TokenTable
 from tunelab.data.columns import explain, rename_columns
 from tunelab.data.formats import OBJECTIVE_FORMATS, RowError, file_format, needs_pair_objective, to_sample
 from tunelab.data.layouts import layout_columns
-from tunelab.data.sources import Record, iter_records, resolve_data_path
+from tunelab.data.sources import Record, iter_records, source_identity
 from tunelab.data.template import ChatRenderer
 from tunelab.data.tokenize import MAX_LISTED, tokenize_sample
 from tunelab.errors import DataError, UserError
@@ -41,28 +42,14 @@ from tunelab.errors import DataError, UserError
 DATA_VERSION = 1
 """Bump when the layout of a cache entry changes."""
 
-_KEYED_MODULES = ("sources.py", "formats.py", "template.py", "tokenize.py", "arrow_store.py", "cache.py", "pairs.py",
-                  "row_table.py", "row_cache.py", "preference.py", "prompts.py")
+_KEYED_MODULES = ("sources.py", "hf_datasets.py", "formats.py", "template.py", "tokenize.py", "arrow_store.py",
+                  "cache.py", "pairs.py", "row_table.py", "row_cache.py", "preference.py", "prompts.py")
 
 
 def cache_root() -> Path:
     from tunelab.models.resolve import tunelab_home
 
     return tunelab_home() / "cache" / "tokenized"
-
-
-def file_digest(path: Path) -> str:
-    """SHA-256 of the whole file, read in 4 MiB blocks (constant memory).
-
-    Why all of it rather than size + mtime + a sample: an edit that keeps the size (a label fixed, a digit
-    changed) within the mtime granularity, or a file restored with its old mtime (rsync -t, tar, cp -p), would
-    pass such a key and train on stale tokens. Hashing reads at ~1.5 GB/s here: about a second per GB, next to
-    minutes of tokenising."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        while block := handle.read(4 << 20):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def tokenizer_fingerprint(tokenizer) -> str:
@@ -92,17 +79,18 @@ def _code_digest() -> str:
     return digest.hexdigest()
 
 
-def cache_key(file: Path, fmt: str, config: DataConfig, renderer: ChatRenderer) -> tuple[str, dict]:
-    """(key, what it was made of) for one data file read with format `fmt`."""
+def cache_key(path: Path | str, fmt: str, config: DataConfig, renderer: ChatRenderer) -> tuple[str | None, dict]:
+    """(key, what it was made of) for one data source read with format `fmt`; key None when the source's content
+    cannot be pinned (then nothing is cached)."""
     import jinja2
     import tokenizers
     import transformers
 
+    identity = source_identity(path)
     material = {
         "data_version": DATA_VERSION,
         "code": _code_digest(),
-        "file_sha256": file_digest(file),
-        "suffix": file.suffix.lower(),
+        **(identity or {}),
         "format": fmt,
         "system_prompt": config.system_prompt,
         "train_on": config.train_on,
@@ -115,7 +103,7 @@ def cache_key(file: Path, fmt: str, config: DataConfig, renderer: ChatRenderer) 
         "versions": [transformers.__version__, tokenizers.__version__, jinja2.__version__],
     }
     key = hashlib.sha256(json.dumps(material, sort_keys=True).encode()).hexdigest()[:32]
-    return key, material
+    return (key if identity is not None else None), material
 
 
 def tokenized_file(
@@ -124,7 +112,7 @@ def tokenized_file(
     """The tokenised table of one data file and how it was got: `hit` (from the cache), `miss` (built now and
     cached) or `off` (built in memory). None when the file holds invalid rows (they are added to `problems`)."""
     name = str(path)
-    key, material = (cache_key(resolve_data_path(path), fmt, config, renderer) if use_cache else (None, None))
+    key, material = (cache_key(path, fmt, config, renderer) if use_cache else (None, None))
     return cached_table(
         name, key, material,
         build=lambda folder: _build(path, fmt, config, renderer, problems, folder),

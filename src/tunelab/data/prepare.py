@@ -30,7 +30,7 @@ from tunelab.data.formats import (  # noqa: F401 - file_format and needs_pair_ob
     to_sample,
 )
 from tunelab.data.layouts import layout_columns
-from tunelab.data.sources import read_records
+from tunelab.data.sources import read_records, source_name
 from tunelab.data.template import ChatRenderer, TokenizedSample, checked_renderer
 from tunelab.data.template_check import TRAIN_CHECK_SAMPLES, verify_before_training
 from tunelab.data.tokenize import MAX_LISTED, Problems, tokenize_sample
@@ -142,7 +142,7 @@ def convert_rows(records, convert, path: Path, problems: list[str], columns: dic
         except RowError as err:
             problems.append(f"{record.where}: {explain(str(err), columns)}")
             continue
-        row.source = Path(str(path)).stem
+        row.source = source_name(path)
         out.append(row)
     return out
 
@@ -206,7 +206,7 @@ def split_tables(config: DataConfig, seed: int, read: Callable, count: Callable 
         table, status = read(path, fmt)
         split.cache[str(path)] = status
         if weight is not None:
-            split.source_weights[Path(str(path)).stem] = weight
+            split.source_weights[source_name(path)] = weight
         if table is None:
             continue
         split.formats[str(path)] = f"{table.meta['format']} ({table.meta['format_reason']})"

@@ -21,7 +21,7 @@ from tunelab.data.cache import DATA_VERSION, cache_key, cached_table, streamed_r
 from tunelab.data.columns import explain
 from tunelab.data.formats import RowError
 from tunelab.data.row_table import RowTable, RowTableWriter
-from tunelab.data.sources import Record, resolve_data_path
+from tunelab.data.sources import Record
 from tunelab.data.template import ChatRenderer, TokenizedSample
 from tunelab.data.tokenize import MAX_LISTED
 from tunelab.errors import DataError
@@ -63,9 +63,10 @@ def tokenized_rows(path: Path | str, fmt: str, kind: RowKind, config: DataConfig
     name = str(path)
     key = material = None
     if use_cache:
-        _, parts = cache_key(resolve_data_path(path), fmt, config, renderer)
+        pinned, parts = cache_key(path, fmt, config, renderer)
         material = {**parts, "rows": {"kind": kind.name, **kind.key}}
-        key = hashlib.sha256(json.dumps(material, sort_keys=True, default=str).encode()).hexdigest()[:32]
+        if pinned is not None:
+            key = hashlib.sha256(json.dumps(material, sort_keys=True, default=str).encode()).hexdigest()[:32]
     return cached_table(
         name, key, material,
         build=lambda folder: _build(path, fmt, kind, config, problems, folder),

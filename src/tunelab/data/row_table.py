@@ -22,6 +22,7 @@ import numpy as np
 import pyarrow as pa
 
 from tunelab.data.arrow_store import _IpcSink, _numpy, _Parts, _PartsView, _read_ipc
+from tunelab.data.sources import source_name
 from tunelab.data.template import IGNORE_INDEX, TokenizedSample
 
 CHUNK_ROWS = 1024
@@ -98,7 +99,7 @@ class RowTable:
         self.table = _read_ipc(rows)
         self.meta = meta
         self.name = name
-        self.source = Path(name).stem
+        self.source = source_name(name)
         self._columns = {field: self.table.column(field) for field in ROWS_SCHEMA.names}
         self._arrays: dict[str, np.ndarray] = {}
 

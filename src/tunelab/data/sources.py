@@ -11,8 +11,9 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
+from tunelab.data.hf_datasets import dataset_identity, iter_dataset_records, parse_dataset_ref
 from tunelab.errors import DataError
-from tunelab.textio import read_utf8
+from tunelab.textio import file_digest, read_utf8
 
 BUNDLED_PREFIX = "tunelab:"
 TABLE_SUFFIXES = {".jsonl", ".json", ".csv", ".parquet"}
@@ -27,6 +28,22 @@ class Record:
     where: str
 
 
+def source_name(path: Path | str) -> str:
+    """A short name for a data source (mix weights, per-source metrics): the file's stem, or the dataset's name."""
+    ref = parse_dataset_ref(str(path))
+    return ref.name if ref is not None else Path(str(path)).stem
+
+
+def source_identity(path: Path | str) -> dict | None:
+    """What decides a source's rows, for the tokenised-rows cache key: a file's SHA-256 and suffix (which reader),
+    or a dataset's (see hf_datasets.dataset_identity). None: the source cannot be pinned and is not cached."""
+    ref = parse_dataset_ref(str(path))
+    if ref is not None:
+        return dataset_identity(ref)
+    file = resolve_data_path(path)
+    return {"file_sha256": file_digest(file), "suffix": file.suffix.lower()}
+
+
 def resolve_data_path(path: Path | str) -> Path:
     """A real file path for `path`; `tunelab:NAME` names a dataset bundled with tunelab."""
     text = str(path)
@@ -38,7 +55,8 @@ def resolve_data_path(path: Path | str) -> Path:
         return Path(str(bundled))
     resolved = Path(path).expanduser()
     if not resolved.is_file():
-        raise DataError("data file does not exist", where=text)
+        raise DataError("data file does not exist (a file, a save_to_disk folder, hf:NAME or tunelab:NAME)",
+                        where=text)
     return resolved
 
 
@@ -59,8 +77,13 @@ def read_records(path: Path | str, problems: list[str] | None = None) -> list[Re
 def iter_records(path: Path | str, problems) -> Iterator[Record]:
     """The rows of a data file one at a time, so a file larger than memory can be read (.json files excepted:
     one JSON document is parsed whole). Unreadable rows are appended to `problems` (file:line: why) and skipped."""
-    file = resolve_data_path(path)
     name = str(path)
+    ref = parse_dataset_ref(name)
+    if ref is not None:
+        for row, where in iter_dataset_records(ref):
+            yield Record(row, where)
+        return
+    file = resolve_data_path(path)
     suffix = file.suffix.lower()
     if suffix == ".jsonl":
         yield from _iter_jsonl(file, name, problems)

@@ -14,6 +14,8 @@ import math
 import re
 from pathlib import Path
 
+from tunelab.data.sources import source_name
+
 EVALS_DIR = "evals"
 LOWER_IS_BETTER = {"loss", "perplexity"}
 
@@ -26,7 +28,7 @@ def record_evaluation(run_dir: Path, result: dict, metrics: list[str]) -> Path:
     folder = Path(run_dir) / EVALS_DIR
     folder.mkdir(exist_ok=True)
     names = "-".join(re.sub(r"[^A-Za-z0-9_.]+", "_", Path(m).name if ":" in m else m) for m in metrics)
-    path = folder / f"{Path(str(result['data'])).stem}-{names}.json"
+    path = folder / f"{re.sub(r'[^A-Za-z0-9_.-]+', '_', source_name(result['data']))}-{names}.json"
     path.write_text(json.dumps(result, indent=2))
     write_report(Path(run_dir))
     return path
