@@ -3,7 +3,8 @@
 # never pulls several GB of CUDA wheels), then tunelab with its dependencies. Safe to run again.
 #   scripts/setup.sh          the library and the `tunelab` command
 #   scripts/setup.sh --dev    plus the test and benchmark tools (pytest, hypothesis, ruff, the openai client, TRL), the experiment
-#                             trackers (TensorBoard, W&B, MLflow client: about 50 MB to download, 210 MB installed)
+#                             trackers (TensorBoard, W&B, MLflow client: about 50 MB to download, 210 MB installed),
+#                             lm-evaluation-harness for `tunelab eval --tasks` (with scikit-learn and scipy: 240 MB installed)
 #                             and, as root (or with passwordless sudo) on Debian, Chromium for the test that opens
 #                             the HTML report in a real browser (about 120 MB to download, 410 MB installed, ~25 s;
 #                             TUNELAB_NO_CHROMIUM=1 skips it; without Chromium that test is skipped and says why)
@@ -12,7 +13,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 extras=""
-[ "${1:-}" = "--dev" ] && extras="[dev,bench,track]"
+[ "${1:-}" = "--dev" ] && extras="[dev,bench,track,lmeval]"
 
 python=${PYTHON:-python3}
 [ -x .venv/bin/python ] || "$python" -m venv .venv

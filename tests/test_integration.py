@@ -79,7 +79,7 @@ def test_qlora_and_full_train_and_save(default_model_dir, qa_file, tmp_path, met
     out = tmp_path / method
     lr = "1e-3" if method == "qlora" else "5e-5"
     summary = train_run(config_for(qa_file, out, f"method.name={method}", "train.max_steps=6", f"train.lr={lr}",
-                                   "eval.generate_samples=0"))
+                                   "eval.generate_samples=0", "data.eval_split=0.05"))
     assert summary["final_eval_loss"] < summary["base_eval_loss"]
     weights = "adapter_model.safetensors" if method == "qlora" else "model.safetensors"
     assert (out / weights).is_file()
@@ -142,12 +142,12 @@ def test_every_other_method_lowers_eval_loss_on_the_default_model_and_reloads(de
     out = tmp_path / method
     lr = {"freeze": "5e-5", "dora": "1e-3", "rslora": "1e-3"}.get(method, "1e-2")
     summary = train_run(config_for(qa_file, out, f"method.name={method}", "train.max_steps=5", f"train.lr={lr}",
-                                   "eval.generate_samples=2"))
+                                   "eval.generate_samples=2", "eval.max_new_tokens=6", "data.eval_split=0.05"))
     assert summary["final_eval_loss"] < summary["base_eval_loss"]
     samples = [json.loads(line) for line in (out / "samples.jsonl").read_text().splitlines()]
     loaded = load_for_inference(out)
     replies = generate_replies(loaded.model, loaded.renderer, [s["prompt"] for s in samples],
-                               GenerationOptions(max_new_tokens=12))
+                               GenerationOptions(max_new_tokens=6))
     assert replies == [s["fine_tuned"] for s in samples]
 
 
@@ -159,9 +159,9 @@ def test_memory_estimate_holds_for_lora_and_qlora(default_model_dir, qa_file, tm
     config = tmp_path / "run.yaml"
     config.write_text(
         f"model: {default_model_dir}\n"
-        f"data: {{train: {qa_file}, eval_split: 0.1, max_length: 128}}\n"
+        f"data: {{train: {qa_file}, eval_split: 0.02, max_length: 128}}\n"
         "train: {max_steps: 2, batch_size: 1}\n"
-        "eval: {generate_samples: 0}\n"
+        "eval: {generate_samples: 0, before_after: false}\n"
     )
     out = tmp_path / "compare"
     result = CliRunner().invoke(app, ["compare-methods", str(config), "--methods", "lora,qlora", "-o", str(out)])

@@ -230,7 +230,14 @@ def export(
 @app.command("eval")
 def eval_command(
     model: str = typer.Argument(..., help="A run directory, preset, hub id, folder or .gguf file."),
-    data: Path = typer.Option(..., "--data", "-d", help="Data file in any supported format, with reference answers."),
+    data: Path | None = typer.Option(None, "--data", "-d", help="Data file (or dataset) in any supported format, "
+                                     "with reference answers."),
+    tasks: str | None = typer.Option(None, help="Comma-separated lm-evaluation-harness tasks (arc_easy,hellaswag, or "
+                                     "your own under --include-path), scored by the harness itself; with or instead "
+                                     "of --data. Needs the lmeval extra."),
+    include_path: Path | None = typer.Option(None, help="A folder of your own lm-eval task YAMLs for --tasks "
+                                             "(a YAML file stands for its folder)."),
+    num_fewshot: int | None = typer.Option(None, help="Few-shot examples per --tasks question (default: the task's)."),
     metrics: str = typer.Option("loss,perplexity,exact_match", help="Comma-separated metric names."),
     max_new_tokens: int = typer.Option(128),
     batch_size: int = typer.Option(16),
@@ -243,22 +250,32 @@ def eval_command(
                                       "is the prediction. Default: the data's distinct references, if <= 50."),
     label_score: str = typer.Option("sum", help="A label's score: `sum` or `mean` log-probability of its tokens."),
 ) -> None:
-    """Loss, perplexity and task metrics of MODEL on DATA, printed as JSON."""
+    """Loss, perplexity and task metrics of MODEL on DATA, and/or lm-eval benchmark tasks, printed as JSON."""
     quiet_libraries()
     from tunelab.eval.command import evaluate_model
     from tunelab.infer.generate import GenerationOptions
 
     names = [m.strip() for m in metrics.split(",") if m.strip()]
     options = GenerationOptions(max_new_tokens=max_new_tokens, batch_size=batch_size)
+    results = []
     try:
-        if label_score not in ("sum", "mean"):
-            raise UserError("must be sum or mean", where="--label-score")
-        label_set = [x.strip() for x in labels.split(",") if x.strip()] if labels is not None else None
-        result = evaluate_model(model, data, names, options=options, limit=limit, output=output, baseline=baseline,
-                                labels=label_set, label_score=label_score)
+        if data is None and tasks is None:
+            raise UserError("say what to evaluate on: --data FILE, --tasks TASKS (lm-eval), or both", where="eval")
+        if tasks is not None:
+            from tunelab.eval.harness import evaluate_tasks, parse_tasks
+
+            results.append(evaluate_tasks(model, parse_tasks(tasks), baseline=baseline, include_path=include_path,
+                                          limit=limit, num_fewshot=num_fewshot, batch_size=batch_size,
+                                          output=output / "lm-eval" if output and data else output))
+        if data is not None:
+            if label_score not in ("sum", "mean"):
+                raise UserError("must be sum or mean", where="--label-score")
+            label_set = [x.strip() for x in labels.split(",") if x.strip()] if labels is not None else None
+            results.append(evaluate_model(model, data, names, options=options, limit=limit, output=output,
+                                          baseline=baseline, labels=label_set, label_score=label_score))
     except UserError as err:
         fail(err)
-    print(json.dumps(result, indent=2))
+    print(json.dumps(results[0] if len(results) == 1 else results, indent=2))
 
 
 @app.command("compare-methods")
