@@ -97,6 +97,8 @@ def test_before_and_after_on_a_run_with_intervals_in_its_report(task_folder, tin
 def test_unknown_tasks_and_missing_folders_are_named(task_folder, tiny_model_dir, tmp_path):
     with pytest.raises(ConfigError, match="unknown lm-eval task.*no_such_task"):
         evaluate_tasks(str(tiny_model_dir), ["no_such_task"], include_path=task_folder)
+    with pytest.raises(ConfigError, match="not on this machine and the Hugging Face hub cannot be reached"):
+        evaluate_tasks(str(tiny_model_dir), ["arc_easy"], limit=2)  # offline here (conftest sets HF_HUB_OFFLINE)
     with pytest.raises(ConfigError, match="--include-path"):
         evaluate_tasks(str(tiny_model_dir), ["tiny_arith"], include_path=tmp_path / "missing")
     done = subprocess.run([sys.executable, "-m", "tunelab", "eval", str(tiny_model_dir)], capture_output=True,

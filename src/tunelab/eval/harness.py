@@ -9,6 +9,8 @@ result is kept in the run directory (RUN/evals/) where report.html shows it.
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import logging
 import math
 from dataclasses import dataclass
@@ -110,25 +112,56 @@ def _run_harness(model, tokenizer, tasks: list[str], include_path: Path | None, 
                           where="--tasks")
     wrapped = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
     try:
-        out = lm_eval.simple_evaluate(model=wrapped, tasks=tasks, task_manager=manager, limit=limit,
-                                      num_fewshot=num_fewshot, log_samples=True, bootstrap_iters=0,
-                                      verbosity="ERROR")
+        with _offline_without_network():
+            out = lm_eval.simple_evaluate(model=wrapped, tasks=tasks, task_manager=manager, limit=limit,
+                                          num_fewshot=num_fewshot, log_samples=True, bootstrap_iters=0,
+                                          verbosity="ERROR")
     except ConnectionError as err:
-        raise ConfigError(f"a task's dataset is on the Hugging Face hub, which cannot be reached ({err}); use a "
-                          "task whose data is local (dataset_path: json with data_files, in a YAML under "
-                          "--include-path)", where="--tasks") from None
+        raise ConfigError(f"a task's dataset is not on this machine and the Hugging Face hub cannot be reached "
+                          f"({_first_line(err)}); run it where the hub is reachable once (the datasets cache keeps "
+                          "it), or use a task whose data is local (dataset_path: json with data_files, in a YAML "
+                          "under --include-path)", where="--tasks") from None
     return _collect(out)
+
+
+@contextlib.contextmanager
+def _offline_without_network():
+    """Without a network, datasets' offline mode: tasks whose data is cached load, the others fail at once instead
+    of after the hub client's ~25 s of retries per file."""
+    import datasets
+    from huggingface_hub import constants
+
+    from tunelab.data.hf_datasets import _hub_resolvable
+
+    if constants.HF_HUB_OFFLINE or _hub_resolvable():
+        yield
+        return
+    saved = constants.HF_HUB_OFFLINE, datasets.config.HF_HUB_OFFLINE
+    constants.HF_HUB_OFFLINE = datasets.config.HF_HUB_OFFLINE = True
+    try:
+        yield
+    finally:
+        constants.HF_HUB_OFFLINE, datasets.config.HF_HUB_OFFLINE = saved
+
+
+def _first_line(err: Exception) -> str:
+    return str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
 
 
 def _task_manager(manager_class, tasks: list[str], include_path: Path | None):
     """The harness's task index: the user's folder alone when it defines every task asked for (indexing the
-    harness's own ~15,000 task files takes ~12 s), else both."""
+    harness's own ~15,000 task files takes ~12 s), else both; built once per process (a baseline reuses it)."""
     folder = include_path.parent if include_path is not None and include_path.is_file() else include_path
     if folder is not None:
-        own = manager_class(include_path=str(folder), include_defaults=False, verbosity="ERROR")
+        own = _indexed(manager_class, str(folder), False)
         if all(t in own.all_tasks for t in tasks):
             return own
-    return manager_class(include_path=str(folder) if folder else None, verbosity="ERROR")
+    return _indexed(manager_class, str(folder) if folder else None, True)
+
+
+@functools.lru_cache(maxsize=4)
+def _indexed(manager_class, folder: str | None, include_defaults: bool):
+    return manager_class(include_path=folder, include_defaults=include_defaults, verbosity="ERROR")
 
 
 def _collect(out: dict) -> HarnessRun:
