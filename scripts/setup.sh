@@ -2,12 +2,14 @@
 # Set up tunelab in ./.venv: PyTorch first (the CPU build on machines without an NVIDIA GPU, so pip
 # never pulls several GB of CUDA wheels), then tunelab with its dependencies. Safe to run again.
 #   scripts/setup.sh          the library and the `tunelab` command
-#   scripts/setup.sh --dev    plus the test and benchmark tools (pytest, hypothesis, ruff, the openai client, TRL), the experiment
-#                             trackers (TensorBoard, W&B, MLflow client: about 50 MB to download, 210 MB installed),
-#                             lm-evaluation-harness for `tunelab eval --tasks` (with scikit-learn and scipy: 240 MB installed)
-#                             and, as root (or with passwordless sudo) on Debian, Chromium for the test that opens
-#                             the HTML report in a real browser (about 120 MB to download, 410 MB installed, ~25 s;
-#                             TUNELAB_NO_CHROMIUM=1 skips it; without Chromium that test is skipped and says why)
+#   scripts/setup.sh --dev    plus the test and benchmark tools (pytest, hypothesis, ruff, the openai client, TRL;
+#                             Playwright, 53 MB, which drives the system's Chromium: no browser download), the
+#                             experiment trackers (TensorBoard, W&B, MLflow client: about 50 MB to download, 210 MB
+#                             installed), lm-evaluation-harness for `tunelab eval --tasks` (with scikit-learn and scipy:
+#                             240 MB installed) and, as root (or with passwordless sudo) on Debian, Chromium for the
+#                             tests that open the HTML report and the web app in a real browser (about 120 MB to
+#                             download, 410 MB installed, ~25 s; TUNELAB_NO_CHROMIUM=1 skips it; without Chromium
+#                             those tests are skipped and say why)
 # TORCH_SPEC overrides the PyTorch requirement, e.g. TORCH_SPEC="torch==2.13.0+cpu".
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -44,15 +46,15 @@ install_chromium() {
   if [ -n "${TUNELAB_NO_CHROMIUM:-}" ]; then return 0; fi
   if [ "$(id -u)" -ne 0 ] && command -v sudo >/dev/null 2>&1 && sudo -n true 2>/dev/null; then sudo=(sudo -n); fi
   if ! command -v apt-get >/dev/null 2>&1 || { [ "$(id -u)" -ne 0 ] && [ ${#sudo[@]} -eq 0 ]; }; then
-    echo "note: no Chromium, and no root apt-get to install it: the report's browser test will be skipped"
+    echo "note: no Chromium, and no root apt-get to install it: the browser tests will be skipped"
     return 0
   fi
-  echo "installing chromium (apt-get) for the report's browser test ..."
+  echo "installing chromium (apt-get) for the browser tests ..."
   log=$(mktemp)
   apt=("${sudo[@]}" env DEBIAN_FRONTEND=noninteractive apt-get -qq -o=Dpkg::Use-Pty=0)
   "${apt[@]}" install -y --no-install-recommends chromium >"$log" 2>&1 \
     || { "${apt[@]}" update >>"$log" 2>&1 && "${apt[@]}" install -y --no-install-recommends chromium >>"$log" 2>&1; } \
-    || echo "note: apt-get could not install chromium (log: $log): the report's browser test will be skipped"
+    || echo "note: apt-get could not install chromium (log: $log): the browser tests will be skipped"
 }
 [ "${1:-}" = "--dev" ] && install_chromium
 

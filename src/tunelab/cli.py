@@ -119,6 +119,9 @@ def chat(
     chat_loop(loaded, GenerationOptions(max_new_tokens, sample, temperature, top_p), system, console)
 
 
+LOOPBACK = ("127.0.0.1", "localhost", "::1")
+
+
 @app.command()
 def serve(
     model: str = typer.Argument(..., help="A run directory, preset, hub id, folder or .gguf file."),
@@ -148,7 +151,7 @@ def serve(
         served = load_served(model, adapters=adapters, max_batch=max_batch, max_waiting=max_waiting)
     except UserError as err:
         fail(err)
-    if host not in ("127.0.0.1", "localhost", "::1") and not api_key:
+    if host not in LOOPBACK and not api_key:
         console.print(f"[yellow]warning:[/] listening on {host} without --api-key: anyone who can reach this "
                       "port can use the model")
     names = ", ".join(f"'{name}'" for name in served.models)
@@ -157,6 +160,28 @@ def serve(
         uvicorn.run(create_app(served, api_key=api_key), host=host, port=port, log_level="warning")
     finally:
         served.engine.close()
+
+
+@app.command()
+def ui(
+    runs: Path = typer.Option(Path("runs"), "--runs", help="The runs folder to show (runs started here land in it)."),
+    host: str = typer.Option("127.0.0.1", help="Address to listen on (127.0.0.1: this machine only)."),
+    port: int = typer.Option(7860),
+    api_key: str | None = typer.Option(None, envvar="TUNELAB_API_KEY", help="Required by the API as 'Authorization: "
+                                       "Bearer KEY' (the page asks for it once); needed to listen beyond loopback."),
+) -> None:
+    """A local web app over RUNS: every run with live curves, start/stop/resume, compare, chat."""
+    quiet_libraries()
+    import uvicorn
+
+    from tunelab.ui.app import create_app
+
+    if host not in LOOPBACK and not api_key:
+        fail(ConfigError(f"listening on {host} lets anyone who reaches this port start trainings on this machine; "
+                         "give --api-key (or TUNELAB_API_KEY), or keep the default 127.0.0.1", where="--host"))
+    runs.mkdir(parents=True, exist_ok=True)
+    console.print(f"tunelab ui over {runs.resolve()} on http://{host}:{port}/")
+    uvicorn.run(create_app(runs, api_key=api_key), host=host, port=port, log_level="warning")
 
 
 @app.command()

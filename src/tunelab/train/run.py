@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import random
 import shutil
 from collections.abc import Callable
@@ -19,7 +20,7 @@ from tunelab.data.preference import PreparedPairs, data_kind, prepare_preference
 from tunelab.data.prepare import PreparedData, prepare_data
 from tunelab.data.prompts import PreparedPrompts, prepare_prompt_data
 from tunelab.data.template import ChatRenderer
-from tunelab.errors import ConfigError, SaveFailed
+from tunelab.errors import ConfigError, SaveFailed, UserError
 from tunelab.eval.during_training import RunEvaluator
 from tunelab.eval.preference import evaluate_objective
 from tunelab.eval.report import write_report
@@ -44,13 +45,14 @@ from tunelab.train.checkpoint import (
     load_checkpoint,
 )
 from tunelab.train.distributed import Ranks, launched_ranks, loss_module, start, stop
+from tunelab.train.live import mark_ended, mark_running, read_status
 from tunelab.train.loop import LoopContext, TrainingFault, epoch_plan, fit, save_from_main
 from tunelab.train.memory import MemoryEstimate, estimate_peak_memory
 from tunelab.train.outputs import write_model_card, write_samples
 from tunelab.train.precision import resolve_precision
 from tunelab.train.progress import TrainingProgress
 from tunelab.train.schedule import build_optimizer
-from tunelab.train.stop import StopOnSignal, StopRequested
+from tunelab.train.stop import StopOnSignal, StopRequested, TerminateAsInterrupt
 from tunelab.train.summary import print_outcome, report_data, write_summary
 
 
@@ -106,10 +108,11 @@ def train_run(
     check_several_processes(config, ranks)
     log = RunLog(config.output_dir / "metrics.jsonl", console) if ranks.is_main else NullLog()
     device = start(ranks) if ranks.distributed else _training_device()
-    status = "failed"
+    status, error = "failed", None
     try:
-        summary = _train(config, log, ranks, device, resume=resume, overwrite=overwrite, console=console,
-                         on_batches=on_batches)
+        with TerminateAsInterrupt():
+            summary = _train(config, log, ranks, device, resume=resume, overwrite=overwrite, console=console,
+                             on_batches=on_batches)
         status = summary["status"]
         ranks.barrier()  # the others wait until the main process has written everything
         stop(ranks)
@@ -117,8 +120,13 @@ def train_run(
     except KeyboardInterrupt:
         status = "interrupted"
         raise
+    except Exception as err:
+        error = f"{type(err).__name__}: {err}" if not isinstance(err, UserError) else str(err)
+        raise
     finally:
         log.close(status)
+        if ranks.is_main and (read_status(config.output_dir) or {}).get("pid") == os.getpid():
+            mark_ended(config.output_dir, status, error)
 
 
 def _train(config: RunConfig, log: RunLog, ranks: Ranks, device: torch.device, *, resume: bool,
@@ -169,6 +177,7 @@ def _train(config: RunConfig, log: RunLog, ranks: Ranks, device: torch.device, *
             shutil.rmtree(run_dir)
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "config.yaml").write_text(dump_config(config))
+        mark_running(run_dir)
     # A reward model scores replies; it has no output head to generate them with.
     gen_samples = data.eval_samples[: config.eval.generate_samples] if objective.model_head == "lm" else []
 

@@ -65,3 +65,24 @@ class StopOnSignal:
             raise StopRequested(self.requested or signal.SIGTERM)
         if self.requested is not None:
             raise StopRequested(self.requested)
+
+
+class TerminateAsInterrupt:
+    """While active, SIGTERM raises StopRequested where the program is, as Ctrl-C raises KeyboardInterrupt: outside
+    the training loop (loading, preparing data, the last evaluation) there is no step to finish, and the run's
+    `finally` blocks still record how it ended instead of the process vanishing. StopOnSignal, inside it, takes
+    over during the loop and hands SIGTERM back when the loop ends."""
+
+    def __enter__(self) -> TerminateAsInterrupt:
+        self._previous = None
+        if threading.current_thread() is threading.main_thread():
+            self._previous = signal.signal(signal.SIGTERM, self._handle)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self._previous is not None:
+            signal.signal(signal.SIGTERM, self._previous)
+
+    @staticmethod
+    def _handle(signum: int, frame: FrameType | None) -> None:
+        raise StopRequested(signum)

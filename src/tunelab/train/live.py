@@ -1,0 +1,73 @@
+"""RUN/status.json: whether a run is training now, in which process, and how it ended, so that anything watching
+the runs folder (the web app, a script) tells a live run from a finished, failed or killed one without asking it.
+
+Written by the main process when training starts (`running`, its pid and host) and when it ends (the final status,
+and for a failure the error's message). A run whose file says `running` but whose process is gone was killed
+(SIGKILL, out of memory, a crashed machine): readers report it as `died`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import time
+from pathlib import Path
+
+STATUS_FILE = "status.json"
+
+
+def mark_running(run_dir: Path) -> None:
+    _write(run_dir, {"status": "running", "pid": os.getpid(), "host": socket.gethostname(),
+                     "started_at": time.time()})
+
+
+def mark_ended(run_dir: Path, status: str, error: str | None = None) -> None:
+    record = read_status(run_dir) or {}
+    record.update(status=status, ended_at=time.time())
+    if error:
+        record["error"] = error
+    _write(run_dir, record)
+
+
+def read_status(run_dir: Path) -> dict | None:
+    try:
+        record = json.loads((Path(run_dir) / STATUS_FILE).read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError):
+        return None
+    return record if isinstance(record, dict) else None
+
+
+def live_status(run_dir: Path) -> dict | None:
+    """The status record with `running` turned into `died` when its process is gone (on this host)."""
+    record = read_status(run_dir)
+    if record and record.get("status") == "running" and record.get("host") == socket.gethostname() \
+            and not process_alive(int(record.get("pid", 0))):
+        record = {**record, "status": "died", "error": record.get("error") or
+                  "the training process ended without saying how (killed, out of memory?); --resume continues "
+                  "from the newest checkpoint"}
+    return record
+
+
+def process_alive(pid: int) -> bool:
+    if pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    try:  # a zombie (ended, not yet reaped by its parent) is gone for our purposes
+        with open(f"/proc/{pid}/stat") as handle:
+            return handle.read().split(") ")[-1][:1] != "Z"
+    except OSError:
+        return True
+
+
+def _write(run_dir: Path, record: dict) -> None:
+    """Replace the file atomically: a reader never sees half a record."""
+    path = Path(run_dir) / STATUS_FILE
+    scratch = path.with_name(f".{STATUS_FILE}.{os.getpid()}")
+    scratch.write_text(json.dumps(record))
+    os.replace(scratch, path)

@@ -1,0 +1,1 @@
+"""`tunelab ui`: the local web app over a runs folder (see app.py)."""

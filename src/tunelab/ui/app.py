@@ -1,0 +1,295 @@
+"""`tunelab ui`: a local web app over a runs folder. FastAPI serves a page of its own (no CDN, works offline) and
+the small JSON API the page is built on, which scripts can call too; live updates are server-sent events.
+
+Everything the app shows is read from the run directories (ui/runs.py), so the CLI's runs appear, and a refresh
+or a restart of the app loses nothing; trainings it starts are separate processes (ui/launcher.py).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import secrets
+from collections.abc import AsyncIterator, Iterator
+from importlib import resources
+from pathlib import Path
+
+from fastapi import FastAPI, Request
+from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, Response, StreamingResponse
+from pydantic import BaseModel
+
+from tunelab.infer.generate import GenerationOptions
+from tunelab.train.live import process_alive, read_status
+from tunelab.ui import runs as run_files
+from tunelab.ui.chat import ChatModels
+from tunelab.ui.compare import compare_runs
+from tunelab.ui.launcher import Launcher, LaunchError, check_name, launch_record, launch_state, launches, log_path
+
+POLL_SECONDS = 0.5
+STATIC = {"app.js": "text/javascript", "app.css": "text/css"}
+
+
+class StartRequest(BaseModel):
+    name: str
+    config_yaml: str
+    overwrite: bool = False
+
+
+class CheckRequest(BaseModel):
+    config_yaml: str
+
+
+class ChatRequest(BaseModel):
+    messages: list[dict[str, str]]
+    against: str | None = "base"
+    """`base` (the run's base model), another run's name, or null for the run alone."""
+    max_new_tokens: int = 128
+    temperature: float = 0.0
+
+
+def create_app(root: Path, *, api_key: str | None = None) -> FastAPI:
+    root = Path(root)
+    app = FastAPI(title="tunelab ui", docs_url=None, redoc_url=None, openapi_url=None)
+    launcher = Launcher(root)
+    chat_models = ChatModels()
+
+    @app.middleware("http")
+    async def _authorise(request: Request, call_next):
+        if api_key and request.url.path.startswith("/api/"):
+            given = request.headers.get("authorization", "").removeprefix("Bearer ").strip() \
+                or request.query_params.get("token", "")
+            if not secrets.compare_digest(given.encode(), api_key.encode()):
+                return JSONResponse({"error": "this app needs its API key (Authorization: Bearer KEY, or ?token=KEY)"},
+                                    status_code=401)
+        return await call_next(request)
+
+    @app.exception_handler(LaunchError)
+    async def _refused(_: Request, err: LaunchError) -> JSONResponse:
+        return JSONResponse({"error": str(err)}, status_code=err.status)
+
+    @app.get("/", response_class=HTMLResponse)
+    def page() -> str:
+        return _static_text("index.html")
+
+    @app.get("/static/{name}")
+    def static(name: str) -> Response:
+        if name not in STATIC:
+            return JSONResponse({"error": "not found"}, status_code=404)
+        return Response(_static_text(name), media_type=STATIC[name])
+
+    @app.get("/api/runs")
+    def runs() -> list[dict]:
+        return all_runs(root)
+
+    @app.get("/api/runs/{name}")
+    def run(name: str) -> dict:
+        folder = _run_folder(root, name)
+        if folder is None:
+            return _pending(root, name)
+        return {**run_files.run_detail(folder, root), **_launched(root, name)}
+
+    @app.get("/api/runs/{name}/metrics")
+    def metrics(name: str, after: int = 0) -> dict:
+        folder = _run_folder(root, name)
+        records, lines = run_files.read_metrics(folder, after) if folder else ([], 0)
+        return {"records": records, "lines": lines}
+
+    @app.get("/api/runs/{name}/log")
+    def log(name: str, lines: int = 200) -> dict:
+        return {"text": _log_text(root, name, lines)}
+
+    @app.get("/api/runs/{name}/report")
+    def report(name: str) -> Response:
+        folder = _run_folder(root, name)
+        if folder is None or not (folder / "report.html").is_file():
+            return JSONResponse({"error": f"run '{name}' has no report yet (written when training ends)"},
+                                status_code=404)
+        return FileResponse(folder / "report.html", media_type="text/html")
+
+    @app.get("/api/runs/{name}/events")
+    async def run_events(name: str, request: Request) -> StreamingResponse:
+        check_name(name)
+        return StreamingResponse(_run_stream(root, name, request), media_type="text/event-stream",
+                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
+    @app.get("/api/events")
+    async def table_events(request: Request) -> StreamingResponse:
+        return StreamingResponse(_table_stream(root, request), media_type="text/event-stream",
+                                 headers={"Cache-Control": "no-cache"})
+
+    @app.get("/api/schema")
+    def schema() -> dict:
+        from tunelab.config import RunConfig
+
+        return RunConfig.model_json_schema()
+
+    @app.post("/api/check")
+    def check(body: CheckRequest) -> dict:
+        from tunelab.ui.checks import check_config
+
+        return check_config(body.config_yaml, root)
+
+    @app.post("/api/runs")
+    def start(body: StartRequest) -> dict:
+        return launcher.start(body.name, body.config_yaml, overwrite=body.overwrite)
+
+    @app.post("/api/runs/{name}/stop")
+    def stop(name: str) -> dict:
+        return launcher.stop(name)
+
+    @app.post("/api/runs/{name}/resume")
+    def resume(name: str) -> dict:
+        return launcher.resume(name)
+
+    @app.get("/api/compare")
+    def compare(runs: str) -> dict:
+        names = [n for n in runs.split(",") if n]
+        folders = [_run_folder(root, n) for n in names]
+        missing = [n for n, f in zip(names, folders, strict=True) if f is None]
+        if missing or len(names) < 2:
+            return JSONResponse({"error": f"compare needs two or more runs (not found: {', '.join(missing)})"},
+                                status_code=400)
+        return compare_runs(folders, names)
+
+    @app.get("/api/runs/{name}/samples")
+    def samples(name: str) -> list[dict]:
+        """The held-out gallery: prompt, reference, the base model's and the fine-tuned model's replies."""
+        folder = _run_folder(root, name)
+        path = folder / "samples.jsonl" if folder else None
+        if path is None or not path.is_file():
+            return []
+        return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+
+    @app.post("/api/runs/{name}/chat")
+    def chat(name: str, body: ChatRequest) -> StreamingResponse:
+        """The run's reply, then the comparison model's, streamed as server-sent events (`token` {side, text},
+        then `done`); `error` {message} when a model cannot be loaded."""
+        folder = _run_folder(root, name)
+        if folder is None or not (folder / "summary.json").is_file():
+            raise LaunchError(f"run '{name}' has no trained model yet", status=404)
+        against = body.against
+        if against not in (None, "base"):
+            other = _run_folder(root, against)
+            if other is None:
+                raise LaunchError(f"no run '{against}' to compare with", status=404)
+            against = str(other)
+        options = GenerationOptions(max_new_tokens=max(1, min(body.max_new_tokens, 1024)),
+                                    temperature=body.temperature, do_sample=body.temperature > 0)
+        return StreamingResponse(_chat_stream(chat_models, folder, against, body.messages, options),
+                                 media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+
+    app.state.launcher = launcher
+    return app
+
+
+def _chat_stream(models, folder: Path, against: str | None, messages: list[dict], options) -> Iterator[str]:
+    from tunelab.ui.chat import side_streams
+
+    replies = {"run": "", "against": ""}
+    try:
+        for side, piece in side_streams(models, folder, against, messages, options):
+            replies[side] += piece
+            yield _event("token", {"side": side, "text": piece})
+    except Exception as err:  # noqa: BLE001 - the page shows why, the app stays up
+        yield _event("error", {"message": f"{type(err).__name__}: {err}"})
+        return
+    yield _event("done", replies)
+
+
+def all_runs(root: Path) -> list[dict]:
+    """The runs table: run directories, plus trainings the app started whose directory does not exist yet."""
+    rows = run_files.list_runs(root)
+    for row in rows:
+        row.update(_launched(root, row["name"]))
+    known = {row["name"] for row in rows}
+    pending = [_pending(root, r["name"]) for r in launches(root) if r.get("name") not in known]
+    return [p for p in pending if p["status"] in ("starting", "failed")] + rows
+
+
+def _launched(root: Path, name: str) -> dict:
+    """Whether the app started this run; a resume it started shows as `starting` until training takes over."""
+    record = launch_record(root, name)
+    overlay: dict = {"launched_by_app": record is not None}
+    if record and record.get("resume") and process_alive(int(record.get("pid", 0))):
+        status = read_status(root / name) or {}
+        if status.get("status") != "running" or status.get("pid") != record.get("pid"):
+            overlay["status"] = "starting"
+    return overlay
+
+
+def _pending(root: Path, name: str) -> dict:
+    """A launched training without a run directory: starting, or failed before it made one (the log says why)."""
+    check_name(name)
+    state = launch_state(root, name)
+    if state is None:
+        raise LaunchError(f"no run '{name}'", status=404)
+    error = _log_text(root, name, 12) if state == "failed" else None
+    record = launch_record(root, name) or {}
+    return {"name": name, "status": state, "error": error, "started": record.get("started_at"),
+            "launched_by_app": True, "steps": None, "config_yaml": ""}
+
+
+def _run_folder(root: Path, name: str) -> Path | None:
+    if name == ".":
+        return root if run_files.is_run_dir(root) else None
+    check_name(name)
+    folder = root / name
+    return folder if run_files.is_run_dir(folder) else None
+
+
+def _log_text(root: Path, name: str, lines: int) -> str:
+    check_name(name)
+    path = log_path(root, name)
+    if not path.is_file():
+        return ""
+    text = path.read_bytes()[-256 * 1024:].decode("utf-8", errors="replace").replace("\r", "\n")
+    return "\n".join(line for line in text.splitlines()[-lines:])
+
+
+def _event(kind: str, data) -> str:
+    return f"event: {kind}\ndata: {json.dumps(data)}\n\n"
+
+
+async def _run_stream(root: Path, name: str, request: Request) -> AsyncIterator[str]:
+    """One run's live feed: new metrics records, its row when it changes (status, steps), the log when it grows."""
+    lines, last_row, last_log = 0, None, None
+    while not await request.is_disconnected():
+        folder = _run_folder(root, name)
+        if folder is not None:
+            records, lines_now = run_files.read_metrics(folder, lines)
+            reset = lines_now < lines  # a resumed run rewrote the log from its checkpoint's step
+            if reset:
+                records, lines_now = run_files.read_metrics(folder, 0)
+            if records or reset:
+                yield _event("metrics", {"records": records, "lines": lines_now, "reset": reset})
+            lines = lines_now
+            row = {**run_files.run_summary(folder, root), **_launched(root, name)}
+        else:
+            try:
+                row = _pending(root, name)
+            except LaunchError:
+                row = {"name": name, "status": "missing"}
+        if row != last_row:
+            yield _event("run", row)
+            last_row = row
+        log = _log_text(root, name, 200)
+        if log != last_log:
+            yield _event("log", {"text": log})
+            last_log = log
+        yield ": keep-alive\n\n"
+        await asyncio.sleep(POLL_SECONDS)
+
+
+async def _table_stream(root: Path, request: Request) -> AsyncIterator[str]:
+    last = None
+    while not await request.is_disconnected():
+        rows = await asyncio.to_thread(all_runs, root)
+        if rows != last:
+            yield _event("runs", rows)
+            last = rows
+        yield ": keep-alive\n\n"
+        await asyncio.sleep(POLL_SECONDS * 2)
+
+
+def _static_text(name: str) -> str:
+    return (resources.files("tunelab.ui") / "static" / name).read_text(encoding="utf-8")

@@ -1,0 +1,68 @@
+"""Chat with a run next to its base model (or another run) in the web app: the same loading, chat template and
+streaming as `tunelab chat`, so a reply here is the reply the CLI gives.
+
+Models stay loaded between messages (the two most recent); a LoRA run's base is the same model with its adapter
+switched off, so comparing costs no second copy. Generation holds a lock per model: two browser tabs take turns.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+from collections import OrderedDict
+from collections.abc import Iterator
+from pathlib import Path
+
+from tunelab.infer.chat import stream_reply
+from tunelab.infer.generate import GenerationOptions
+from tunelab.infer.load import LoadedModel, load_generator
+
+KEEP_LOADED = 2
+
+
+class ChatModels:
+    """Loaded models by spec (a run folder or a model name), least recently used dropped first."""
+
+    def __init__(self) -> None:
+        self._loaded: OrderedDict[str, tuple[LoadedModel, threading.Lock]] = OrderedDict()
+        self._guard = threading.Lock()
+
+    def get(self, spec: str) -> tuple[LoadedModel, threading.Lock]:
+        with self._guard:
+            if spec in self._loaded:
+                self._loaded.move_to_end(spec)
+                return self._loaded[spec]
+        loaded = load_generator(spec)
+        with self._guard:
+            self._loaded[spec] = (loaded, threading.Lock())
+            while len(self._loaded) > KEEP_LOADED:
+                self._loaded.popitem(last=False)
+            return self._loaded[spec]
+
+
+def side_streams(models: ChatModels, run_dir: Path, against: str | None, messages: list[dict],
+                 options: GenerationOptions) -> Iterator[tuple[str, str]]:
+    """(side, text piece) of the run's reply, then of `against`'s (`base`: the run's base model; a run folder or
+    model name otherwise), one after the other: two generations at once would only slow each other down."""
+    loaded, lock = models.get(str(run_dir))
+    with lock:
+        for piece in stream_reply(loaded, messages, options):
+            yield "run", piece
+    if not against:
+        return
+    if against == "base":
+        if loaded.run_config is None:
+            raise ValueError("'base' compares a run with the model it was trained from; this is not a run")
+        if hasattr(loaded.model, "disable_adapter"):  # a PEFT run: its base is the same weights, adapter off
+            with lock, loaded.model.disable_adapter():
+                for piece in stream_reply(loaded, messages, options):
+                    yield "against", piece
+            return
+        other, other_lock = models.get(loaded.run_config.model)
+        # the run's template for its base, so both see the same prompt tokens (as `tunelab eval --baseline` does)
+        other = LoadedModel(other.model, other.tokenizer, loaded.renderer, None)
+    else:
+        other, other_lock = models.get(str(against))
+    with other_lock if other_lock is not lock else contextlib.nullcontext():
+        for piece in stream_reply(other, messages, options):
+            yield "against", piece

@@ -1,0 +1,158 @@
+"""Start, stop and resume trainings from the web app: each is `tunelab train` in its own process and session,
+so closing the browser or stopping the app leaves it training, and stopping it is what the CLI does (SIGTERM:
+finish the step, save a checkpoint, exit 143).
+
+What the app launched is remembered in ROOT/.tunelab-ui/ (the config it was given, the console log, the pid), so
+a run that fails before its run directory exists (a bad config, a missing data file) still shows why.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from tunelab.errors import UserError
+from tunelab.train.live import live_status, process_alive
+
+UI_DIR = ".tunelab-ui"
+NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
+
+
+class LaunchError(UserError):
+    """A start, stop or resume the app refuses, with the reason (shown as is)."""
+
+    def __init__(self, message: str, status: int = 400, where: str | None = None) -> None:
+        super().__init__(message, where=where)
+        self.status = status
+
+
+def check_name(name: str) -> str:
+    if not NAME_PATTERN.match(name or ""):
+        raise LaunchError("a run name is letters, digits, '.', '_' and '-' (at most 100), starting with a letter or "
+                          "digit", where="name")
+    return name
+
+
+def ui_dir(root: Path) -> Path:
+    return root / UI_DIR
+
+
+def log_path(root: Path, name: str) -> Path:
+    return ui_dir(root) / "logs" / f"{name}.log"
+
+
+def launch_record(root: Path, name: str) -> dict | None:
+    try:
+        record = json.loads((ui_dir(root) / "launches" / f"{name}.json").read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+    return record if isinstance(record, dict) else None
+
+
+def launches(root: Path) -> list[dict]:
+    folder = ui_dir(root) / "launches"
+    return [r for r in (launch_record(root, p.stem) for p in sorted(folder.glob("*.json"))) if r] \
+        if folder.is_dir() else []
+
+
+def launch_state(root: Path, name: str) -> str | None:
+    """`starting` while a launched process runs without a run directory yet, `failed` when it ended so, else
+    None (the run directory speaks for itself)."""
+    record = launch_record(root, name)
+    if record is None or (root / name / "status.json").is_file():
+        return None
+    return "starting" if process_alive(int(record.get("pid", 0))) else "failed"
+
+
+class Launcher:
+    """Starts `tunelab train` processes for one runs folder and reaps them when they end."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.children: dict[str, subprocess.Popen] = {}
+
+    def start(self, name: str, config_yaml: str, *, overwrite: bool = False) -> dict[str, Any]:
+        """Validate `config_yaml` (output_dir becomes ROOT/NAME) and start training it."""
+        from tunelab.config import load_config
+
+        check_name(name)
+        self.reap()
+        run_dir = self.root / name
+        if self._busy(name):
+            raise LaunchError(f"run '{name}' is training now; stop it first", status=409, where="name")
+        if run_dir.exists() and any(run_dir.iterdir()) and not overwrite:
+            raise LaunchError(f"run '{name}' exists; choose another name, resume it, or replace it (overwrite)",
+                              status=409, where="name")
+        config_file = ui_dir(self.root) / "configs" / f"{name}.yaml"
+        config_file.parent.mkdir(parents=True, exist_ok=True)
+        config_file.write_text(config_yaml, encoding="utf-8")
+        try:
+            load_config(config_file, [f"output_dir={run_dir}"])
+        except UserError as err:
+            config_file.unlink(missing_ok=True)
+            raise LaunchError(str(err)) from None
+        except Exception as err:  # pydantic or YAML errors not wrapped by load_config
+            config_file.unlink(missing_ok=True)
+            raise LaunchError(f"{type(err).__name__}: {err}") from None
+        args = [str(config_file), f"output_dir={run_dir}"] + (["--overwrite"] if overwrite else [])
+        return self._spawn(name, args, resume=False)
+
+    def resume(self, name: str) -> dict[str, Any]:
+        check_name(name)
+        self.reap()
+        run_dir = self.root / name
+        if not (run_dir / "config.yaml").is_file():
+            raise LaunchError(f"no run '{name}' to resume", status=404)
+        if self._busy(name):
+            raise LaunchError(f"run '{name}' is training now", status=409)
+        if not (run_dir / "checkpoints").is_dir():
+            raise LaunchError(f"run '{name}' has no checkpoint to resume from (train.save_every sets how often "
+                              "they are written)", status=409)
+        return self._spawn(name, [str(run_dir / "config.yaml"), "--resume"], resume=True)
+
+    def stop(self, name: str) -> dict[str, Any]:
+        """SIGTERM to the run's process: it finishes its step, saves a checkpoint and exits."""
+        check_name(name)
+        status = live_status(self.root / name) or {}
+        pid = int(status.get("pid", 0)) if status.get("status") == "running" else 0
+        if not pid:
+            record = launch_record(self.root, name) or {}
+            pid = int(record.get("pid", 0)) if process_alive(int(record.get("pid", 0))) else 0
+        if not pid:
+            raise LaunchError(f"run '{name}' is not training", status=409)
+        os.kill(pid, signal.SIGTERM)
+        return {"name": name, "pid": pid, "signal": "SIGTERM"}
+
+    def reap(self) -> None:
+        """Collect ended children (no zombies); their exit is in status.json and the log."""
+        for name, child in list(self.children.items()):
+            if child.poll() is not None:
+                del self.children[name]
+
+    def _busy(self, name: str) -> bool:
+        status = live_status(self.root / name) or {}
+        return status.get("status") == "running" or launch_state(self.root, name) == "starting"
+
+    def _spawn(self, name: str, args: list[str], *, resume: bool) -> dict[str, Any]:
+        log = log_path(self.root, name)
+        log.parent.mkdir(parents=True, exist_ok=True)
+        env = {**os.environ, "COLUMNS": "120", "PYTHONUNBUFFERED": "1"}
+        with open(log, "ab") as handle:
+            handle.write(f"\n$ tunelab train {' '.join(args)}\n".encode())
+            handle.flush()
+            child = subprocess.Popen([sys.executable, "-m", "tunelab", "train", *args], stdout=handle,
+                                     stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env,
+                                     start_new_session=True)  # its own session: the app's Ctrl-C is not its
+        self.children[name] = child
+        record = {"name": name, "pid": child.pid, "args": args, "resume": resume, "started_at": time.time()}
+        launches_dir = ui_dir(self.root) / "launches"
+        launches_dir.mkdir(parents=True, exist_ok=True)
+        (launches_dir / f"{name}.json").write_text(json.dumps(record))
+        return record
