@@ -164,6 +164,18 @@ def test_failures_are_shown_with_their_reason(root, tiny_model_dir):
     assert not check["ok"] and "method.rank" in check["error"]
 
 
+def test_the_start_forms_check_inspects_the_data_and_estimates_memory_without_writing(root, tiny_model_dir):
+    client = TestClient(create_app(root))
+    config = yaml_for(tiny_model_dir, root.parent / "qa.jsonl", max_steps=7)
+    check = client.post("/api/check", json={"config_yaml": config}).json()
+    assert check["ok"] and check["method"] == "lora"
+    assert check["inspect"]["files"][0]["rows"] == 36 and check["inspect"]["files"][0]["invalid_rows"] == 0
+    assert check["template"]["ok"]
+    assert check["plan"]["steps_planned"] == 7 and check["plan"]["peak_memory_estimate_mb"] > 0
+    assert check["plan"]["trainable_parameters"] > 0
+    assert not root.exists() or not [p for p in root.iterdir() if not p.name.startswith(".")]  # nothing written
+
+
 def test_a_killed_run_is_reported_as_died(root, tiny_model_dir):
     train_run(load_config(None, settings(tiny_model_dir, root.parent / "qa.jsonl", f"output_dir={root / 'k'}",
                                          "train.max_steps=2")))

@@ -1,7 +1,8 @@
 """The web app in a real browser (headless Chromium driven by Playwright), as a user meets it: the runs table, a
 run started from the form whose curve grows while it trains, a refresh that loses nothing, the app killed and
-restarted while the run goes on, stop and resume, the compare page, and a streamed chat next to the base model. Every page is screenshotted (kept in
-TUNELAB_TEST_ARTEFACTS when set) and checked to be non-blank; no request leaves the app's own origin."""
+restarted while the run goes on, stop and resume, the compare page, and a streamed chat next to the base model.
+Every page is screenshotted (kept in TUNELAB_TEST_ARTEFACTS when set) and checked to be non-blank; no request
+leaves the app's own origin."""
 
 from __future__ import annotations
 
@@ -129,6 +130,7 @@ def test_the_app_in_a_browser(tmp_path, tiny_model_dir):
             page.click("#check")
             page.wait_for_selector("#check-result .ok", timeout=120_000)
             assert "template check: PASS" in page.inner_text("#check-result")
+            assert "3,000 steps; estimated peak memory" in page.inner_text("#plan")
             shot("2-start-form")
             page.click("#start")
             page.wait_for_url("**/#/run/from-form")

@@ -29,6 +29,9 @@ def train(
     nproc: int = typer.Option(1, "--nproc", min=1,
                               help="Train data-parallel in this many processes on this machine (one per GPU; on a "
                                    "CPU they share its cores). Under torchrun or accelerate launch, leave it at 1."),
+    dry_run: bool = typer.Option(False, "--dry-run", help="Prepare the data, build the model and estimate peak "
+                                 "memory and steps, then stop: nothing is written."),
+    as_json: bool = typer.Option(False, "--json", help="With --dry-run: print only its result, as JSON."),
 ) -> None:
     """Fine-tune a model as CONFIG says, evaluate it before and after, and save the run directory."""
     if nproc > 1 and "WORLD_SIZE" not in os.environ:
@@ -40,6 +43,14 @@ def train(
 
     try:
         run_config = load_config(config, overrides or [])
+        if dry_run:
+            from rich.console import Console
+
+            plan = train_run(run_config, console=Console(quiet=True) if as_json else console, dry_run=True)
+            print(json.dumps(plan)) if as_json else console.print(
+                f"dry run: {plan['steps_planned']} steps, peak memory about {plan['peak_memory_estimate_mb']:,.0f} MB"
+                "; nothing written")
+            return
         summary = train_run(run_config, resume=resume, overwrite=overwrite, console=console)
     except UserError as err:
         fail(err)

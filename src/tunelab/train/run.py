@@ -96,14 +96,15 @@ def seed_everything(seed: int) -> None:
 
 def train_run(
     config: RunConfig, *, resume: bool = False, overwrite: bool = False, console: Console | None = None,
-    on_batches: Callable[[int, list], None] | None = None,
+    on_batches: Callable[[int, list], None] | None = None, dry_run: bool = False,
 ) -> dict:
     """Run a whole fine-tune as `config` says and return its summary (also written to summary.json).
     The trackers in `track.to` are checked before anything is written and closed however the run ends.
     `on_batches(step, micro_batches)` sees the sample ids of every finished step (see LoopContext)."""
     ranks = launched_ranks()
     console = console if console is not None and ranks.is_main else Console(quiet=True)
-    check_output_dir(config.output_dir, resume=resume, overwrite=overwrite)
+    if not dry_run:
+        check_output_dir(config.output_dir, resume=resume, overwrite=overwrite)
     check_trackers(config.track)
     check_several_processes(config, ranks)
     log = RunLog(config.output_dir / "metrics.jsonl", console) if ranks.is_main else NullLog()
@@ -112,7 +113,7 @@ def train_run(
     try:
         with TerminateAsInterrupt():
             summary = _train(config, log, ranks, device, resume=resume, overwrite=overwrite, console=console,
-                             on_batches=on_batches)
+                             on_batches=on_batches, dry_run=dry_run)
         status = summary["status"]
         ranks.barrier()  # the others wait until the main process has written everything
         stop(ranks)
@@ -130,7 +131,8 @@ def train_run(
 
 
 def _train(config: RunConfig, log: RunLog, ranks: Ranks, device: torch.device, *, resume: bool,
-           overwrite: bool, console: Console, on_batches: Callable[[int, list], None] | None) -> dict:
+           overwrite: bool, console: Console, on_batches: Callable[[int, list], None] | None,
+           dry_run: bool = False) -> dict:
     run_dir = config.output_dir
     seed_everything(config.train.seed)
 
@@ -172,12 +174,6 @@ def _train(config: RunConfig, log: RunLog, ranks: Ranks, device: torch.device, *
     evaluate = RunEvaluator(config, model, renderer, data, precision, generation,  # checks eval.labels
                             loss=_objective_loss(objective, model, data, tokenizer, precision, config))
 
-    if ranks.is_main:
-        if overwrite and run_dir.exists() and not resume:
-            shutil.rmtree(run_dir)
-        run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / "config.yaml").write_text(dump_config(config))
-        mark_running(run_dir)
     # A reward model scores replies; it has no output head to generate them with.
     gen_samples = data.eval_samples[: config.eval.generate_samples] if objective.model_head == "lm" else []
 
@@ -209,6 +205,17 @@ def _train(config: RunConfig, log: RunLog, ranks: Ranks, device: torch.device, *
         f"{memory.optimizer_mb + memory.gradients_mb:,.0f} optimizer states and gradients, "
         f"{memory.activations_mb:,.0f} activations (largest batch)"
     )
+    if dry_run:  # everything a run decides before it writes anything: data, parameters, steps, memory
+        return {"status": "dry-run", "steps_planned": ctx.total_steps, "trainable_parameters": trainable,
+                "total_parameters": total, "precision": precision, "device": str(device),
+                "peak_memory_estimate_mb": round(memory.peak_mb, 1), "memory_estimate": memory.as_dict(),
+                "data": data.stats}
+    if ranks.is_main:
+        if overwrite and run_dir.exists() and not resume:
+            shutil.rmtree(run_dir)
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "config.yaml").write_text(dump_config(config))
+        mark_running(run_dir)
 
     reference = getattr(objective, "reference", None)
     if reference is not None and reference.precomputed:  # before a checkpoint loads: the starting weights

@@ -3,18 +3,23 @@ the `data inspect` report of its data and the `check-template` verdict on a samp
 
 from __future__ import annotations
 
+import json
+import subprocess
+import sys
 import tempfile
 from pathlib import Path
 
 from tunelab.errors import UserError
 
+DRY_RUN_SECONDS = 600
 TEMPLATE_CHECK_LIMIT = 32
 """Conversations the form's template check reads (training itself checks 32 too)."""
 
 
-def check_config(config_yaml: str, root: Path) -> dict:
+def check_config(config_yaml: str, root: Path, *, plan: bool = True) -> dict:
     """{ok, error} for the config; with a valid one also `inspect` (the data report as `data inspect --json`
-    gives it) and `template` (the check-template report), each replaced by {error} when it cannot be made."""
+    gives it), `template` (the check-template report) and `plan` (steps and the peak-memory estimate of a dry
+    run), each replaced by {error} when it cannot be made."""
     from tunelab.config import load_config
 
     with tempfile.TemporaryDirectory() as scratch:
@@ -26,15 +31,32 @@ def check_config(config_yaml: str, root: Path) -> dict:
             return {"ok": False, "error": str(err)}
         except Exception as err:  # noqa: BLE001 - any parse failure is the form's to show, not a 500
             return {"ok": False, "error": f"{type(err).__name__}: {err}"}
-    result: dict = {"ok": True, "error": None, "model": config.model, "method": config.method.name,
-                    "objective": config.objective.name}
-    try:
-        tokenizer, model_path = _tokenizer(config.model)
-    except UserError as err:
-        return {**result, "ok": False, "error": str(err)}
-    result["inspect"] = _inspect(config, tokenizer)
-    result["template"] = _template(config, tokenizer, model_path)
+        result: dict = {"ok": True, "error": None, "model": config.model, "method": config.method.name,
+                        "objective": config.objective.name}
+        try:
+            tokenizer, model_path = _tokenizer(config.model)
+        except UserError as err:
+            return {**result, "ok": False, "error": str(err)}
+        result["inspect"] = _inspect(config, tokenizer)
+        result["template"] = _template(config, tokenizer, model_path)
+        if plan:
+            result["plan"] = _dry_run(path, root)
     return result
+
+
+def _dry_run(config_file: Path, root: Path) -> dict:
+    """`tunelab train --dry-run` in its own process (it loads the model; the app should not hold it): the steps
+    it would take and its peak-memory estimate, or {error}."""
+    done = subprocess.run([sys.executable, "-m", "tunelab", "train", str(config_file), f"output_dir={root / '.check'}",
+                           "--dry-run", "--json"], capture_output=True, text=True, timeout=DRY_RUN_SECONDS)
+    lines = done.stdout.strip().splitlines()
+    if done.returncode == 0 and lines:
+        try:
+            return json.loads(lines[-1])
+        except json.JSONDecodeError:
+            pass
+    message = (done.stderr.strip() or done.stdout.strip()).splitlines()
+    return {"error": message[-1] if message else f"the dry run ended with code {done.returncode}"}
 
 
 def _tokenizer(spec: str):

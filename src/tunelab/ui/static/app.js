@@ -217,7 +217,11 @@ function renderRun(name) {
       drawHeader({ ...run, checkpoints: run.checkpoints || [1] });
       if (shownStatus !== null && run.status !== shownStatus) loadDetails();  // config, summary, report link
     },
-    log: (data) => { logBox.textContent = data.text; logBox.scrollTop = logBox.scrollHeight; },
+    log: (data) => {
+      logBox.textContent = data.text || "(no log here: this run was started outside the app, so its output went to "
+        + "that terminal; the curves come from its metrics.jsonl)";
+      logBox.scrollTop = logBox.scrollHeight;
+    },
   });
 }
 
@@ -293,7 +297,7 @@ async function renderNew() {
   const upload = h("input", { type: "file", accept: ".yaml,.yml", onchange: async (e) => {
     const file = e.target.files[0]; if (file) yamlBox.value = await file.text(); } });
   const check = h("button", { id: "check", onclick: async () => {
-    result.replaceChildren(h("p", { class: "muted" }, "checking the config, inspecting the data, checking the template…"));
+    result.replaceChildren(h("p", { class: "muted" }, "checking the config, inspecting the data, checking the template, estimating memory…"));
     try { showCheck(result, await api("/api/check", { method: "POST", body: JSON.stringify({ config_yaml: yamlBox.value }) })); }
     catch (err) { result.replaceChildren(h("div", { class: "error" }, err.message)); }
   } }, "Check");
@@ -323,6 +327,15 @@ function showCheck(box, report) {
   if (template.error) parts.push(h("div", { class: "error" }, `template: ${template.error}`));
   else if (template.skipped) parts.push(h("p", { class: "muted" }, template.skipped));
   else parts.push(h("p", { class: template.ok ? "ok" : "error" }, `template check: ${template.ok ? "PASS" : "FAIL"}`));
+  const plan = report.plan || {};
+  if (plan.error) parts.push(h("div", { class: "error" }, `dry run: ${plan.error}`));
+  else if (plan.steps_planned) {
+    const m = plan.memory_estimate || {};
+    parts.push(h("p", { id: "plan" }, `${fmt(plan.steps_planned)} steps; estimated peak memory ${fmt(plan.peak_memory_estimate_mb)} MB `
+      + `(model ${fmt(m.resident_mb)}, optimizer and gradients ${fmt((m.optimizer_mb || 0) + (m.gradients_mb || 0))}, `
+      + `activations ${fmt(m.activations_mb)}) on ${plan.device}, ${plan.precision}; `
+      + `${fmt(plan.trainable_parameters)} trainable parameters`));
+  }
   parts.push(h("details", {}, h("summary", {}, "full report"), h("pre", {}, JSON.stringify(report, null, 2))));
   box.replaceChildren(...parts);
 }
