@@ -79,9 +79,15 @@ def test_two_processes_train_like_one_with_twice_the_batch_and_resume_exactly(ti
                 for name, tensor in load_file(checkpoint / "trainable.safetensors").items()} == {
             name: tensor.shape for name, tensor in single.items()}  # whole tensors, not one process's shards
 
-    # LoRA + FSDP2 stopped after step 3 and resumed equals the uninterrupted FSDP2 run, bit for bit.
-    resumed = write_config(tmp_path, tiny_model_dir, "resumed", 2, save_every=2, distributed="fsdp", **common)
-    train(resumed, "--nproc", "2", "train.max_steps=3")
+    # LoRA + FSDP2 resumed from its step-2 checkpoint (the run as a kill after step 3 would leave it: the newer
+    # checkpoint and the final weights gone) equals the uninterrupted FSDP2 run, bit for bit.
+    shutil.copytree(tmp_path / "fsdp", tmp_path / "resumed")
+    shutil.rmtree(tmp_path / "resumed" / "checkpoints" / "step-000004")
+    for name in ("adapter_model.safetensors", "summary.json"):
+        (tmp_path / "resumed" / name).unlink()
+    config = yaml.safe_load((tmp_path / "fsdp.yaml").read_text())
+    resumed = tmp_path / "resumed.yaml"
+    resumed.write_text(yaml.safe_dump({**config, "output_dir": str(tmp_path / "resumed")}))
     train(resumed, "--nproc", "2", "--resume")
     assert losses(tmp_path / "resumed") == losses(tmp_path / "fsdp")
     resumed_weights = load_file(tmp_path / "resumed" / "adapter_model.safetensors")

@@ -1,6 +1,6 @@
 """The web app's API on real tiny runs: the runs table and a run's page read from run directories (CLI runs
-included), a training started from the app runs in its own process, streams its curve, stops with a checkpoint
-and resumes; compare, chat next to the base model, failures, a killed run, and the API key."""
+included), compare, chat next to the base model, the start form's check, failures, a killed run, and the API key.
+A training started, streamed, stopped and resumed from the app is tests/test_ui_browser.py's."""
 
 from __future__ import annotations
 
@@ -95,7 +95,10 @@ def test_cli_runs_appear_with_their_numbers_curves_and_report(root, tiny_model_d
     assert row["eval_loss"] < row["base_eval_loss"] and row["peak_memory_mb"] > 0
     detail = client.get("/api/runs/lora-a").json()
     assert "max_steps: 6" in detail["config_yaml"] and detail["summary"]["steps"] == 6 and detail["has_report"]
+    streamed = read_events(client, "/api/runs/lora-a/events", {"metrics", "run"}, 2)
+    assert streamed[0][0] == "metrics" and streamed[1] == ("run", {**rows["lora-a"], "launched_by_app": False})
     records = client.get("/api/runs/lora-a/metrics").json()["records"]
+    assert streamed[0][1]["records"] == records
     assert [r["step"] for r in records if "loss" in r] == [1, 2, 3, 4, 5, 6]
     assert [r["step"] for r in records if "eval_loss" in r] == [0, 3, 6]
     assert client.get("/api/runs/lora-a/report").text.startswith("<!DOCTYPE html>")
@@ -121,33 +124,10 @@ def test_cli_runs_appear_with_their_numbers_curves_and_report(root, tiny_model_d
     assert done["against"].strip() == base_reply.strip()
     assert client.post("/api/runs/lora-a/chat", json={"messages": messages, "against": "nope"}).status_code == 404
 
+    taken = client.post("/api/runs", json={"name": "lora-a", "config_yaml": "{}"})
+    assert taken.status_code == 409 and "exists" in taken.json()["error"]
     assert client.get("/api/runs/nope").status_code == 404
     assert client.get("/api/runs/..%2Fetc").status_code in (400, 404)
-
-
-def test_a_run_started_from_the_app_streams_stops_and_resumes(root, tiny_model_dir):
-    client = TestClient(create_app(root))
-    config = yaml_for(tiny_model_dir, root.parent / "qa.jsonl", max_steps=400, save_every=2, lr="1e-3")
-    started = client.post("/api/runs", json={"name": "live", "config_yaml": config}).json()
-    assert started["pid"] > 0
-    assert client.post("/api/runs", json={"name": "live", "config_yaml": config}).status_code == 409
-    wait_for(client, "live", lambda run: run["status"] == "running" and (run["steps"] or 0) >= 2)
-    events = read_events(client, "/api/runs/live/events", {"metrics"}, 2)
-    steps = [r["step"] for _, data in events for r in data["records"] if "loss" in r]
-    assert steps and steps == sorted(steps)
-
-    assert client.post("/api/runs/live/stop").json()["signal"] == "SIGTERM"
-    stopped = wait_for(client, "live", lambda run: run["status"] == "interrupted")
-    assert stopped["checkpoints"] and stopped["steps"] < 400
-    assert "interrupted at step" in client.get("/api/runs/live/log").json()["text"]
-
-    client.post("/api/runs/live/resume").raise_for_status()
-    wait_for(client, "live", lambda run: run["status"] == "running" and (run["steps"] or 0) > stopped["steps"])
-    client.post("/api/runs/live/stop").raise_for_status()
-    resumed = wait_for(client, "live", lambda run: run["status"] == "interrupted")
-    assert resumed["steps"] > stopped["steps"]
-    steps = [r["step"] for r in client.get("/api/runs/live/metrics").json()["records"] if "loss" in r]
-    assert steps == list(range(1, len(steps) + 1))  # the resumed run continued the curve, no gap, no repeat
 
 
 def test_failures_are_shown_with_their_reason(root, tiny_model_dir):

@@ -164,6 +164,9 @@ def test_the_app_in_a_browser(tmp_path, tiny_model_dir):
             page.click("text=Stop (save a checkpoint)")
             page.wait_for_selector("h1 .status.interrupted", timeout=60_000)
             shot("4-run-stopped")
+            logged = [json.loads(line) for line in (root / "from-form" / "metrics.jsonl").read_text().splitlines()]
+            steps = [r["step"] for r in logged if "loss" in r]
+            assert steps == list(range(1, len(steps) + 1)) and len(steps) > stopped  # resumed: no gap, no repeat
 
             page.goto(base + "/#/compare?runs=from-cli,from-form")
             page.wait_for_selector("#config-diff")

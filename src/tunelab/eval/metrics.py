@@ -13,7 +13,6 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import sacrebleu
-from rouge_score import rouge_scorer
 
 __all__ = [
     "LABEL_METRICS",
@@ -173,6 +172,8 @@ def rouge(predictions: Sequence[str], references: Sequence[str]) -> dict[str, fl
     For rougeLsum, sentences are split at newlines and after ".", "!" or "?" followed by whitespace.
     """
     _check_pairs(predictions, references)
+    from rouge_score import rouge_scorer  # imports nltk (and scipy where installed): ~2 s, only when asked for
+
     scorer = rouge_scorer.RougeScorer(list(ROUGE_TYPES), use_stemmer=True)
     sums = dict.fromkeys(ROUGE_TYPES, 0.0)
     for prediction, reference in zip(predictions, references, strict=True):

@@ -10,7 +10,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from tunelab.errors import ConfigError
-from tunelab.eval import report_plots as plots
 from tunelab.eval.recorded import evaluations_section
 from tunelab.eval.report_html import (
     Cell,
@@ -168,6 +167,8 @@ def _before_after_section(run: RunRecord) -> str:
 
 
 def _plots_section(run: RunRecord, plots_dir: Path) -> str:
+    from tunelab.eval import report_plots as plots  # matplotlib: imported when a report is drawn
+
     summary = run.summary or {}
     figures = {
         "loss": plots.loss_figure(run.metrics),
@@ -250,6 +251,8 @@ COMPARISON_NOTE = "<p>Task metrics are the fine-tuned models'; the best value of
 
 def write_comparison(run_dirs: list[Path], output: Path) -> Path:
     """Write one self-contained HTML page comparing `run_dirs` side by side; return its path."""
+    from tunelab.eval import report_plots as plots  # matplotlib: imported when a report is drawn
+
     run_dirs = [Path(d) for d in run_dirs]
     runs, labels = [read_run(d) for d in run_dirs], run_labels(run_dirs)
     named = list(zip(labels, runs, strict=True))

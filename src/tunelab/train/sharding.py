@@ -10,15 +10,23 @@ process, because every forward gathers the shards collectively.
 
 from __future__ import annotations
 
+import sys
+
 import torch
-from torch.distributed.checkpoint.state_dict import (
-    StateDictOptions,
-    get_model_state_dict,
-    get_optimizer_state_dict,
-    set_model_state_dict,
-    set_optimizer_state_dict,
-)
-from torch.distributed.tensor import DTensor
+
+# torch.distributed.checkpoint and .tensor take ~1 s to import: only runs that shard pay it (a DTensor can exist
+# only once torch.distributed.tensor has been imported, which fully_shard does).
+
+
+def _dtensor_type():
+    module = sys.modules.get("torch.distributed.tensor")
+    return getattr(module, "DTensor", None)
+
+
+def _state_dict_api():
+    from torch.distributed.checkpoint import state_dict
+
+    return state_dict
 
 FSDP_METHODS = ("full", "freeze", "lora", "dora", "rslora")
 """Methods whose parameters FSDP2 can shard: one storage dtype per block (4-bit weights cannot be, trl#1723) and
@@ -44,12 +52,14 @@ def shard(root: torch.nn.Module, model: torch.nn.Module) -> None:
 
 
 def is_sharded(module: torch.nn.Module) -> bool:
-    return any(isinstance(p, DTensor) for p in module.parameters())
+    dtensor = _dtensor_type()
+    return dtensor is not None and any(isinstance(p, dtensor) for p in module.parameters())
 
 
 def whole(tensor: torch.Tensor) -> torch.Tensor:
     """A plain tensor from a possibly sharded one (collective for a DTensor: every process must call it)."""
-    return tensor.full_tensor() if isinstance(tensor, DTensor) else tensor
+    dtensor = _dtensor_type()
+    return tensor.full_tensor() if dtensor is not None and isinstance(tensor, dtensor) else tensor
 
 
 def trainable_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -59,18 +69,22 @@ def trainable_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
 
 def optimizer_state(root: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict:
     """The optimiser's state with whole tensors, keyed by parameter name (collective)."""
-    return get_optimizer_state_dict(root, optimizer, options=StateDictOptions(full_state_dict=True))
+    api = _state_dict_api()
+    return api.get_optimizer_state_dict(root, optimizer, options=api.StateDictOptions(full_state_dict=True))
 
 
 def load_trainable(model: torch.nn.Module, tensors: dict[str, torch.Tensor]) -> None:
     """Whole tensors from a checkpoint into this process's shards."""
-    set_model_state_dict(model, tensors, options=StateDictOptions(full_state_dict=True, strict=False))
+    api = _state_dict_api()
+    api.set_model_state_dict(model, tensors, options=api.StateDictOptions(full_state_dict=True, strict=False))
 
 
 def load_optimizer(root: torch.nn.Module, optimizer: torch.optim.Optimizer, state: dict) -> None:
-    set_optimizer_state_dict(root, optimizer, state, options=StateDictOptions(full_state_dict=True))
+    api = _state_dict_api()
+    api.set_optimizer_state_dict(root, optimizer, state, options=api.StateDictOptions(full_state_dict=True))
 
 
 def full_model_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     """The whole model's state dict (collective), for saving the final weights."""
-    return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    api = _state_dict_api()
+    return api.get_model_state_dict(model, options=api.StateDictOptions(full_state_dict=True, cpu_offload=True))

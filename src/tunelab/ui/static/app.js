@@ -189,12 +189,11 @@ function renderRun(name) {
     errorBox.replaceChildren(run.error ? h("div", { class: "error", id: "run-error" }, run.error) : "");
   }
 
-  function drawCharts() {
-    const keys = ["loss", "eval_loss", "lr"];
-    for (const r of records) for (const k of Object.keys(r)) {
-      if (k.startsWith("eval_") && !keys.includes(k) && typeof r[k] === "number") keys.push(k);
-      if (/^(rewards|reward)\//.test(k) && !keys.includes(k) && typeof r[k] === "number") keys.push(k);
-    }
+  function drawCharts() {  // loss, eval loss and lr first, then every other number the run logs (task and objective metrics)
+    const skip = new Set(["step", "epoch", "tokens"]);
+    const found = new Set();
+    for (const r of records) for (const k of Object.keys(r)) if (typeof r[k] === "number" && !skip.has(k)) found.add(k);
+    const keys = ["loss", "eval_loss", "lr", ...[...found].filter((k) => !["loss", "eval_loss", "lr"].includes(k)).sort()];
     charts.replaceChildren(...keys.map((key) => lineChart(key,
       { [key]: records.filter((r) => typeof r[key] === "number").map((r) => [r.step, r[key]]) })));
   }
