@@ -102,6 +102,8 @@ def test_cli_runs_appear_with_their_numbers_curves_and_report(root, tiny_model_d
     assert [r["step"] for r in records if "loss" in r] == [1, 2, 3, 4, 5, 6]
     assert [r["step"] for r in records if "eval_loss" in r] == [0, 3, 6]
     assert client.get("/api/runs/lora-a/report").text.startswith("<!DOCTYPE html>")
+    log = client.get("/api/runs/lora-a/log").json()["text"]  # a CLI run's own RUN/train.log, plain text
+    assert "lora on" in log and "evaluating the fine-tuned model" in log and "\x1b[" not in log
     compared = client.get("/api/compare?runs=lora-a,lora-b").json()
     changed = {d["key"]: d["values"] for d in compared["config_differences"]}
     assert changed["method.r"] == [16, 4] and changed["train.lr"][1] == 1e-3 and "output_dir" not in changed

@@ -44,6 +44,7 @@ from tunelab.train.checkpoint import (
     latest_checkpoint,
     load_checkpoint,
 )
+from tunelab.train.console_log import RunConsole
 from tunelab.train.distributed import Ranks, launched_ranks, loss_module, start, stop
 from tunelab.train.live import mark_ended, mark_running, read_status
 from tunelab.train.loop import LoopContext, TrainingFault, epoch_plan, fit, save_from_main
@@ -102,7 +103,7 @@ def train_run(
     The trackers in `track.to` are checked before anything is written and closed however the run ends.
     `on_batches(step, micro_batches)` sees the sample ids of every finished step (see LoopContext)."""
     ranks = launched_ranks()
-    console = console if console is not None and ranks.is_main else Console(quiet=True)
+    console = RunConsole(console or Console(quiet=True)) if ranks.is_main else Console(quiet=True)
     if not dry_run:
         check_output_dir(config.output_dir, resume=resume, overwrite=overwrite)
     check_trackers(config.track)
@@ -127,7 +128,11 @@ def train_run(
     finally:
         log.close(status)
         if ranks.is_main and (read_status(config.output_dir) or {}).get("pid") == os.getpid():
+            if error:
+                console.print(f"[red]failed:[/] {error}")
             mark_ended(config.output_dir, status, error)
+        if isinstance(console, RunConsole):
+            console.detach()
 
 
 def _train(config: RunConfig, log: RunLog, ranks: Ranks, device: torch.device, *, resume: bool,
@@ -216,6 +221,8 @@ def _train(config: RunConfig, log: RunLog, ranks: Ranks, device: torch.device, *
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "config.yaml").write_text(dump_config(config))
         mark_running(run_dir)
+        if isinstance(console, RunConsole):
+            console.attach(run_dir)
 
     reference = getattr(objective, "reference", None)
     if reference is not None and reference.precomputed:  # before a checkpoint loads: the starting weights

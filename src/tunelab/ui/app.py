@@ -238,8 +238,12 @@ def _run_folder(root: Path, name: str) -> Path | None:
 
 
 def _log_text(root: Path, name: str, lines: int) -> str:
+    """The console log of a run the app started (it includes failures before the run directory existed), else
+    the run's own train.log."""
     check_name(name)
     path = log_path(root, name)
+    if not path.is_file():
+        path = root / name / run_files.LOG_FILE
     if not path.is_file():
         return ""
     text = path.read_bytes()[-256 * 1024:].decode("utf-8", errors="replace").replace("\r", "\n")

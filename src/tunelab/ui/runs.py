@@ -11,10 +11,8 @@ from typing import Any
 
 import yaml
 
+from tunelab.train.console_log import LOG_FILE
 from tunelab.train.live import live_status
-
-LOG_FILE = "train.log"
-"""The console output of a run the app started (the CLI prints to its terminal instead)."""
 
 
 def is_run_dir(folder: Path) -> bool:
@@ -92,17 +90,6 @@ def read_metrics(folder: Path, after_line: int = 0) -> tuple[list[dict], int]:
         except json.JSONDecodeError:
             records.append({})
     return [r for r in records if r], len(complete)
-
-
-def log_tail(folder: Path, lines: int = 200) -> str:
-    path = folder / LOG_FILE
-    if not path.is_file():
-        return ""
-    with open(path, "rb") as handle:
-        handle.seek(0, os.SEEK_END)
-        handle.seek(max(0, handle.tell() - 256 * 1024))
-        text = handle.read().decode("utf-8", errors="replace")
-    return "\n".join(text.replace("\r", "\n").splitlines()[-lines:])
 
 
 def last_record(path: Path) -> dict:

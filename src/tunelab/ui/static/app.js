@@ -217,8 +217,8 @@ function renderRun(name) {
       if (shownStatus !== null && run.status !== shownStatus) loadDetails();  // config, summary, report link
     },
     log: (data) => {
-      logBox.textContent = data.text || "(no log here: this run was started outside the app, so its output went to "
-        + "that terminal; the curves come from its metrics.jsonl)";
+      logBox.textContent = data.text || "(no log yet: a run writes train.log once its directory exists; runs from "
+        + "older tunelab versions have none)";
       logBox.scrollTop = logBox.scrollHeight;
     },
   });
