@@ -1,0 +1,72 @@
+"""The commands that listen on a port: `tunelab serve` (an OpenAI-compatible API) and `tunelab ui` (the web app)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+
+from tunelab.cli_common import console, fail, quiet_libraries
+from tunelab.errors import ConfigError, UserError
+
+LOOPBACK = ("127.0.0.1", "localhost", "::1")
+
+
+def serve(
+    model: str = typer.Argument(..., help="A run directory, preset, hub id, folder or .gguf file."),
+    adapter: list[str] = typer.Option(None, "--adapter", help="NAME=RUN: also serve this LoRA run (trained on the "
+                                      "same base) as model NAME, in the same batches (repeatable)."),
+    host: str = typer.Option("127.0.0.1", help="Address to listen on (127.0.0.1: this machine only)."),
+    port: int = typer.Option(8000),
+    api_key: str | None = typer.Option(None, envvar="TUNELAB_API_KEY", help="Required as 'Authorization: Bearer "
+                                       "KEY' on every route but /health (also read from TUNELAB_API_KEY)."),
+    max_batch: int = typer.Option(8, min=1, help="Requests decoded together."),
+    max_waiting: int = typer.Option(64, min=1, help="Requests queued beyond the batch; more get 503."),
+) -> None:
+    """Serve MODEL over an OpenAI-compatible API: /v1/chat/completions, /v1/completions (streamed or not),
+    /v1/models, /health. Prompts use the run's chat template, as training and `generate` do."""
+    quiet_libraries()
+    import uvicorn
+
+    from tunelab.infer.serve import create_app, load_served
+
+    try:
+        adapters = {}
+        for option in adapter or []:
+            name, sep, run = option.partition("=")
+            if not sep or not name or not run:
+                raise ConfigError(f"'{option}' is not NAME=RUN", where="--adapter")
+            adapters[name] = run
+        served = load_served(model, adapters=adapters, max_batch=max_batch, max_waiting=max_waiting)
+    except UserError as err:
+        fail(err)
+    if host not in LOOPBACK and not api_key:
+        console.print(f"[yellow]warning:[/] listening on {host} without --api-key: anyone who can reach this "
+                      "port can use the model")
+    names = ", ".join(f"'{name}'" for name in served.models)
+    console.print(f"serving {names} on http://{host}:{port}/v1 (context {served.context} tokens)")
+    try:
+        uvicorn.run(create_app(served, api_key=api_key), host=host, port=port, log_level="warning")
+    finally:
+        served.engine.close()
+
+
+def ui(
+    runs: Path = typer.Option(Path("runs"), "--runs", help="The runs folder to show (runs started here land in it)."),
+    host: str = typer.Option("127.0.0.1", help="Address to listen on (127.0.0.1: this machine only)."),
+    port: int = typer.Option(7860),
+    api_key: str | None = typer.Option(None, envvar="TUNELAB_API_KEY", help="Required by the API as 'Authorization: "
+                                       "Bearer KEY' (the page asks for it once); needed to listen beyond loopback."),
+) -> None:
+    """A local web app over RUNS: every run with live curves, start/stop/resume, compare, chat."""
+    quiet_libraries()
+    import uvicorn
+
+    from tunelab.ui.app import create_app
+
+    if host not in LOOPBACK and not api_key:
+        fail(ConfigError(f"listening on {host} lets anyone who reaches this port start trainings on this machine; "
+                         "give --api-key (or TUNELAB_API_KEY), or keep the default 127.0.0.1", where="--host"))
+    runs.mkdir(parents=True, exist_ok=True)
+    console.print(f"tunelab ui over {runs.resolve()} on http://{host}:{port}/")
+    uvicorn.run(create_app(runs, api_key=api_key), host=host, port=port, log_level="warning")
