@@ -225,10 +225,11 @@ def _load(ref: DatasetRef):
     except ConnectionError:
         raise DataError(_offline_message(ref), where=ref.text) from None
     except FileNotFoundError as err:
-        raise DataError(f"no such dataset on the hub or on disk ({_first_line(err)})", where=ref.text) from None
+        raise DataError(f"no such dataset on the hub or on disk ({first_line(err)})", where=ref.text) from None
     except ValueError as err:  # an unknown subset or split: datasets lists the valid ones
-        raise DataError(_first_line(err), where=ref.text) from None
+        raise DataError(first_line(err), where=ref.text) from None
 
 
-def _first_line(err: Exception) -> str:
+def first_line(err: Exception) -> str:
+    """An exception's first line: libraries put the cause there and pages of context after it."""
     return str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__

@@ -16,6 +16,7 @@ import math
 from dataclasses import dataclass
 from pathlib import Path
 
+from tunelab.data.hf_datasets import first_line
 from tunelab.errors import ConfigError, UserError
 from tunelab.eval.paired import bootstrap_difference
 
@@ -118,7 +119,7 @@ def _run_harness(model, tokenizer, tasks: list[str], include_path: Path | None, 
                                           verbosity="ERROR")
     except ConnectionError as err:
         raise ConfigError(f"a task's dataset is not on this machine and the Hugging Face hub cannot be reached "
-                          f"({_first_line(err)}); run it where the hub is reachable once (the datasets cache keeps "
+                          f"({first_line(err)}); run it where the hub is reachable once (the datasets cache keeps "
                           "it), or use a task whose data is local (dataset_path: json with data_files, in a YAML "
                           "under --include-path)", where="--tasks") from None
     return _collect(out)
@@ -144,8 +145,6 @@ def _offline_without_network():
         constants.HF_HUB_OFFLINE, datasets.config.HF_HUB_OFFLINE = saved
 
 
-def _first_line(err: Exception) -> str:
-    return str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
 
 
 def _task_manager(manager_class, tasks: list[str], include_path: Path | None):
