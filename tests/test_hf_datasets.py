@@ -93,7 +93,6 @@ def test_datasets_are_cached_by_content(sources, tiny_tokenizer, home):
     assert set(prepare_data(config, tiny_tokenizer, seed=0).cache.values()) == {"hit"}
     changed = datasets.Dataset.from_list([{"question": "what is 9 plus 9?", "answer": "18"}] * 30)
     changed.to_parquet(str(sources / "repo" / "data" / "train.parquet"))
-    hf_datasets._split_rows.cache_clear()
     again = prepare_data(config, tiny_tokenizer, seed=0)
     assert again.cache == {repo: "miss", saved: "hit"}
     assert [s.input_ids for s in again.train] != [s.input_ids for s in first.train] and len(again.train) == 30

@@ -144,11 +144,19 @@ def _hub_commit(ref: DatasetRef) -> str | None:
         return None
 
 
-@functools.lru_cache(maxsize=8)
 def _split_rows(ref: DatasetRef) -> Iterable[dict]:
-    """The referenced split as a `datasets` Dataset (memory-mapped) or IterableDataset (streamed). Loaded once
-    per process: the cache key and the read share it."""
-    loaded = _load(ref)
+    """The referenced split as a `datasets` Dataset (memory-mapped) or IterableDataset (streamed). A local folder
+    is loaded afresh each time (its content may have changed since); a hub split once per process, since its cache
+    key (its prepared Arrow files) and its read share the load."""
+    return _split_of(ref, _load(ref)) if ref.local_folder is not None else _hub_split_rows(ref)
+
+
+@functools.lru_cache(maxsize=8)
+def _hub_split_rows(ref: DatasetRef) -> Iterable[dict]:
+    return _split_of(ref, _load(ref))
+
+
+def _split_of(ref: DatasetRef, loaded) -> Iterable[dict]:
     if hasattr(loaded, "keys"):  # a DatasetDict or IterableDatasetDict
         return _pick_split(ref, dict(loaded))
     if ref.split and getattr(loaded, "split", None) not in (None, ref.split):
