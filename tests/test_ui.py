@@ -108,7 +108,7 @@ def test_cli_runs_appear_with_their_numbers_curves_and_report(root, tiny_model_d
     changed = {d["key"]: d["values"] for d in compared["config_differences"]}
     assert changed["method.r"] == [16, 4] and changed["train.lr"][1] == 1e-3 and "output_dir" not in changed
     assert len(compared["curves"]["lora-b"]["loss"]) == 6
-    assert {r["name"] for r in compared["numbers"]} >= {"final eval loss", "peak memory MB"}
+    assert {r["name"] for r in compared["numbers"]} >= {"final eval loss", "peak memory (MB)"}
     gallery = client.get("/api/runs/lora-a/samples").json()
     assert len(gallery) == 2 and {"prompt", "reference", "base", "fine_tuned"} <= set(gallery[0])
 

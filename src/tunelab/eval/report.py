@@ -217,11 +217,13 @@ def run_labels(run_dirs: list[Path]) -> list[str]:
     return [f"{Path(d).parent.name}/{n}" if names.count(n) > 1 else n for d, n in zip(run_dirs, names, strict=True)]
 
 
-def _comparison_rows(runs: list[RunRecord]) -> list[list[Cell]]:
+def comparison_table(runs: list[RunRecord]) -> list[tuple[str, list, bool | None, int]]:
+    """(row name, value per run, lower is better or None: not ranked, decimals): what `tunelab report A B` and the
+    web app's compare page put side by side."""
     summaries = [r.summary or {} for r in runs]
     losses = [{name: (base, tuned) for name, base, tuned, _ in before_after_rows(r)} for r in runs]
     metric_names = list(dict.fromkeys(name for s in summaries for name in s.get("metrics_after") or {}))
-    spec = [  # (row name, value per run, lower is better or None: not ranked, decimals)
+    spec = [
         ("status", [s.get("status", "no summary.json") for s in summaries], None, 0),
         ("model", [s.get("model") for s in summaries], None, 0),
         ("method", [s.get("method") for s in summaries], None, 0),
@@ -234,7 +236,11 @@ def _comparison_rows(runs: list[RunRecord]) -> list[list[Cell]]:
         ("final eval loss", [lo["eval loss"][1] for lo in losses], True, 4),
         ("final eval perplexity", [lo["eval perplexity"][1] for lo in losses], True, 4),
     ] + [(name, [(s.get("metrics_after") or {}).get(name) for s in summaries], False, 4) for name in metric_names]
-    return [[name, *_ranked(values, lower, digits)] for name, values, lower, digits in spec]
+    return spec
+
+
+def _comparison_rows(runs: list[RunRecord]) -> list[list[Cell]]:
+    return [[name, *_ranked(values, lower, digits)] for name, values, lower, digits in comparison_table(runs)]
 
 
 def _ranked(values: list, lower_is_better: bool | None, digits: int) -> list[Cell]:
