@@ -123,7 +123,7 @@ def test_bad_dataset_references_name_the_reference_and_the_choices(sources, monk
     assert "HF_HUB_OFFLINE is set and 'tunelab-tests/nothing' is not in the datasets cache" in message(
         "hf:tunelab-tests/nothing")
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
-    monkeypatch.setattr(hf_datasets, "_hub_resolvable", lambda timeout=5.0: False)  # this machine's own state
+    monkeypatch.setattr(hf_datasets, "hub_resolvable", lambda timeout=5.0: False)  # this machine's own state
     offline = message("hf:tunelab-tests/nothing")
     assert offline.startswith("hf:tunelab-tests/nothing: cannot reach the Hugging Face hub")
     assert "save_to_disk" in offline

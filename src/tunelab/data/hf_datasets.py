@@ -190,7 +190,7 @@ def _offline_message(ref: DatasetRef) -> str:
             "HF_HUB_OFFLINE=1 to read it from there")
 
 
-def _hub_resolvable(timeout: float = 5.0) -> bool:
+def hub_resolvable(timeout: float = 5.0) -> bool:
     """Whether the hub's host name resolves: without a network, huggingface_hub retries each request for ~25 s
     before failing; this answers in milliseconds."""
     import socket
@@ -219,7 +219,7 @@ def _load(ref: DatasetRef):
     import datasets
     from huggingface_hub import constants
 
-    if ref.from_hub_loader and ref.local_folder is None and not constants.HF_HUB_OFFLINE and not _hub_resolvable():
+    if ref.from_hub_loader and ref.local_folder is None and not constants.HF_HUB_OFFLINE and not hub_resolvable():
         raise DataError(_offline_message(ref), where=ref.text)
     try:
         if not ref.from_hub_loader:

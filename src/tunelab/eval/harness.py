@@ -11,12 +11,13 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import json
 import logging
 import math
 from dataclasses import dataclass
 from pathlib import Path
 
-from tunelab.data.hf_datasets import first_line
+from tunelab.data.hf_datasets import first_line, hub_resolvable
 from tunelab.errors import ConfigError, UserError
 from tunelab.eval.paired import bootstrap_difference
 
@@ -48,8 +49,6 @@ def evaluate_tasks(spec: str, tasks: list[str], *, baseline: str | None = None, 
     """lm-eval `tasks` on `spec` (and on `baseline`, `base` meaning a run's base model), as tunelab's evaluation
     result: `task/metric` numbers, the baseline's, and the paired differences with 95% intervals. A run directory
     keeps the result (RUN/evals/lm-eval-<tasks>.json) and its report shows it."""
-    import json
-
     from tunelab.eval.recorded import record_evaluation
     from tunelab.infer.load import load_generator
 
@@ -132,9 +131,7 @@ def _offline_without_network():
     import datasets
     from huggingface_hub import constants
 
-    from tunelab.data.hf_datasets import _hub_resolvable
-
-    if constants.HF_HUB_OFFLINE or _hub_resolvable():
+    if constants.HF_HUB_OFFLINE or hub_resolvable():
         yield
         return
     saved = constants.HF_HUB_OFFLINE, datasets.config.HF_HUB_OFFLINE

@@ -29,6 +29,11 @@ class RunConsole(Console):
         else:
             self._pending.append((objects, kwargs))
 
+    def to_log_only(self, text: str) -> None:
+        """A line for train.log alone (the terminal gets the same news from the CLI's error message)."""
+        if self._copy is not None:
+            self._copy.print(text, markup=False)
+
     def attach(self, run_dir: Path) -> None:
         """Start writing run_dir/train.log (appended to: a resumed run continues it), earlier lines first."""
         self._handle = open(Path(run_dir) / LOG_FILE, "a", encoding="utf-8", buffering=1)  # noqa: SIM115

@@ -128,10 +128,10 @@ def train_run(
     finally:
         log.close(status)
         if ranks.is_main and (read_status(config.output_dir) or {}).get("pid") == os.getpid():
-            if error:
-                console.print(f"[red]failed:[/] {error}")
             mark_ended(config.output_dir, status, error)
         if isinstance(console, RunConsole):
+            if error:
+                console.to_log_only(f"failed: {error}")
             console.detach()
 
 

@@ -16,7 +16,7 @@ TEMPLATE_CHECK_LIMIT = 32
 """Conversations the form's template check reads (training itself checks 32 too)."""
 
 
-def check_config(config_yaml: str, root: Path, *, plan: bool = True) -> dict:
+def check_config(config_yaml: str, root: Path) -> dict:
     """{ok, error} for the config; with a valid one also `inspect` (the data report as `data inspect --json`
     gives it), `template` (the check-template report) and `plan` (steps and the peak-memory estimate of a dry
     run), each replaced by {error} when it cannot be made."""
@@ -39,8 +39,7 @@ def check_config(config_yaml: str, root: Path, *, plan: bool = True) -> dict:
             return {**result, "ok": False, "error": str(err)}
         result["inspect"] = _inspect(config, tokenizer)
         result["template"] = _template(config, tokenizer, model_path)
-        if plan:
-            result["plan"] = _dry_run(path, root)
+        result["plan"] = _dry_run(path, root)
     return result
 
 
