@@ -39,6 +39,7 @@ def run_summary(folder: Path, root: Path) -> dict[str, Any]:
     before, after = summary.get("metrics_before") or {}, summary.get("metrics_after") or {}
     metric = next((k for k in after if "/" not in k), None)
     data = (config.get("data") or {}).get("train")
+    live = status.get("status") == "running"  # a resumed run's summary.json is its previous, interrupted one
     return {
         "name": name_of(folder, root),
         "status": status.get("status") or summary.get("status") or ("unknown" if summary else "incomplete"),
@@ -47,9 +48,9 @@ def run_summary(folder: Path, root: Path) -> dict[str, Any]:
         "method": (config.get("method") or {}).get("name"),
         "objective": (config.get("objective") or {}).get("name", "sft"),
         "data": data if isinstance(data, str) else ", ".join(str(s.get("path")) for s in data or []),
-        "steps": last.get("step") if status.get("status") == "running" or not summary else summary.get("steps"),
+        "steps": last.get("step") if live or not summary else summary.get("steps"),
         "train_seconds": summary.get("train_seconds"),
-        "eval_loss": summary.get("final_eval_loss", last.get("eval_loss")),
+        "eval_loss": last.get("eval_loss") if live or not summary else summary.get("final_eval_loss"),
         "base_eval_loss": summary.get("base_eval_loss"),
         "metric": metric,
         "metric_before": before.get(metric) if metric else None,
