@@ -16,7 +16,11 @@ import yaml
 from safetensors.torch import load_file
 from test_train import QA
 
-TUNELAB = str(Path(sys.executable).with_name("tunelab"))
+from tunelab.train.launch import free_port
+
+BIN = Path(sys.executable).parent
+TUNELAB = str(BIN / "tunelab")
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def write_config(folder: Path, tiny_model_dir: Path, name: str, batch_size: int, **train) -> Path:
@@ -35,14 +39,41 @@ def write_config(folder: Path, tiny_model_dir: Path, name: str, batch_size: int,
     return config
 
 
-def train(config: Path, *extra: str) -> subprocess.CompletedProcess:
+def one_thread_env() -> dict[str, str]:
     # One thread each, as torchrun gives every process, so both runs reduce in the same order on one core.
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     env.pop("WORLD_SIZE", None)
-    done = subprocess.run([TUNELAB, "train", str(config), *extra], capture_output=True, text=True, env=env,
-                          timeout=600)
+    return env
+
+
+def train(config: Path, *extra: str) -> subprocess.CompletedProcess:
+    done = subprocess.run([TUNELAB, "train", str(config), *extra], capture_output=True, text=True,
+                          env=one_thread_env(), timeout=600)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     return done
+
+
+def train_on_two_nodes(config: Path) -> str:
+    """torchrun as on two machines (one process each, their own launchers, one rendezvous): what they printed."""
+    port = str(free_port())
+    launchers = [subprocess.Popen([str(BIN / "torchrun"), "--nnodes", "2", "--node_rank", str(node),
+                                   "--nproc_per_node", "1", "--master_addr", "127.0.0.1", "--master_port", port,
+                                   "-m", "tunelab.cli", "train", str(config)],
+                                  stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=one_thread_env())
+                 for node in (0, 1)]
+    outputs = [launcher.communicate(timeout=600)[0] for launcher in launchers]
+    assert [launcher.returncode for launcher in launchers] == [0, 0], "".join(outputs)[-4000:]
+    return "".join(outputs)
+
+
+def train_under_accelerate(config: Path, *options: str) -> str:
+    """`accelerate launch` with the FSDP config tunelab ships (its multi-GPU launcher runs on CPUs too)."""
+    done = subprocess.run([str(BIN / "accelerate"), "launch", "--config_file",
+                           str(ROOT / "examples" / "accelerate" / "fsdp.yaml"), *options,
+                           "--main_process_port", str(free_port()), "-m", "tunelab.cli", "train", str(config)],
+                          capture_output=True, text=True, env=one_thread_env(), timeout=600)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    return done.stdout
 
 
 def losses(run: Path) -> list[float]:
@@ -58,10 +89,20 @@ def test_two_processes_train_like_one_with_twice_the_batch_and_resume_exactly(ti
     single = load_file(tmp_path / "one" / "adapter_model.safetensors")
     single_summary = json.loads((tmp_path / "one" / "summary.json").read_text())
     assert len(losses(tmp_path / "one")) == 5
-    for strategy in ("ddp", "fsdp"):
-        config = write_config(tmp_path, tiny_model_dir, strategy, 2, save_every=2, distributed=strategy, **common)
-        launched = train(config, "--nproc", "2")
-        assert launched.stdout.count("saved to") == 1  # only the main process speaks
+    # Each strategy under another launcher: DDP as on two machines (torchrun), FSDP2 by tunelab's own --nproc,
+    # and ZeRO-2-like FSDP2 as accelerate's FSDP config asks (the config itself does not name a strategy).
+    for strategy in ("ddp", "fsdp", "zero2"):
+        config = write_config(tmp_path, tiny_model_dir, strategy, 2, save_every=2, **common,
+                              **({"distributed": "fsdp"} if strategy == "fsdp" else {}))
+        if strategy == "ddp":
+            printed = train_on_two_nodes(config)
+        elif strategy == "fsdp":
+            printed = train(config, "--nproc", "2").stdout
+        else:
+            printed = train_under_accelerate(config, "--fsdp_reshard_after_forward", "false")
+            assert "accelerate launch asked for FSDP, not resharding after forward" in printed
+            assert yaml.safe_load((tmp_path / strategy / "config.yaml").read_text())["train"]["distributed"] == strategy
+        assert printed.count("saved to") == 1  # only the main process speaks
         assert losses(tmp_path / strategy) == pytest.approx(losses(tmp_path / "one"), rel=1e-5), strategy
         parallel = load_file(tmp_path / strategy / "adapter_model.safetensors")
         assert sorted(parallel) == sorted(single)
@@ -154,3 +195,44 @@ def test_each_process_takes_a_contiguous_share_and_a_short_batch_leaves_the_last
     # one row for two processes: the second computes a 0-weighted stand-in (a 2-process run with such a last
     # batch logged the single process's losses, checked by hand: 5.994213 / 5.754302 / 5.559972 / 5.428735)
     assert [Ranks(rank, 2).share([7]) for rank in range(2)] == [[7], []]
+
+
+@pytest.mark.parametrize("environ, strategy", [
+    ({}, None),
+    ({"ACCELERATE_USE_FSDP": "true", "FSDP_RESHARD_AFTER_FORWARD": "true"}, "fsdp"),
+    ({"ACCELERATE_USE_FSDP": "true", "FSDP_RESHARD_AFTER_FORWARD": "false"}, "zero2"),
+    ({"ACCELERATE_USE_FSDP": "true", "FSDP_RESHARD_AFTER_FORWARD": "SHARD_GRAD_OP"}, "zero2"),  # an FSDP1 config
+    ({"ACCELERATE_USE_DEEPSPEED": "true", "ACCELERATE_DEEPSPEED_ZERO_STAGE": "3"}, "fsdp"),
+    ({"ACCELERATE_USE_DEEPSPEED": "true", "ACCELERATE_DEEPSPEED_ZERO_STAGE": "2"}, "zero2"),
+    ({"ACCELERATE_USE_DEEPSPEED": "true", "ACCELERATE_DEEPSPEED_ZERO_STAGE": "0"}, "ddp"),
+])
+def test_what_accelerate_launch_asked_for_becomes_a_strategy(environ, strategy):
+    from tunelab.config import TrainConfig
+    from tunelab.train.launcher_env import apply_launcher_sharding
+
+    train_config, notice = apply_launcher_sharding(TrainConfig(), environ)
+    assert train_config.distributed == (strategy or "ddp")
+    assert (notice is None) == (strategy is None)
+    if environ.get("ACCELERATE_USE_DEEPSPEED"):
+        assert "DeepSpeed's engine is not used" in notice
+
+
+def test_accelerate_settings_tunelab_cannot_honour_are_refused(tmp_path):
+    from tunelab.config import TrainConfig
+    from tunelab.errors import ConfigError
+    from tunelab.train.launcher_env import apply_launcher_sharding
+
+    zero3 = {"ACCELERATE_USE_DEEPSPEED": "true", "ACCELERATE_DEEPSPEED_ZERO_STAGE": "3"}
+    with pytest.raises(ConfigError, match="train.distributed=ddp but accelerate launch asked for DeepSpeed ZeRO-3"):
+        apply_launcher_sharding(TrainConfig(distributed="ddp"), zero3)  # chosen in the config: not overridden
+    with pytest.raises(ConfigError, match="offloads optimizer to CPU memory"):
+        apply_launcher_sharding(TrainConfig(), {**zero3, "ACCELERATE_DEEPSPEED_OFFLOAD_OPTIMIZER_DEVICE": "cpu"})
+    with pytest.raises(ConfigError, match="fsdp_offload_params"):
+        apply_launcher_sharding(TrainConfig(), {"ACCELERATE_USE_FSDP": "true", "FSDP_OFFLOAD_PARAMS": "true"})
+    ds_json = tmp_path / "ds.json"  # a DeepSpeed JSON file named by the accelerate config wins over its fields
+    ds_json.write_text(json.dumps({"zero_optimization": {"stage": 3, "offload_param": {"device": "cpu"}}}))
+    with pytest.raises(ConfigError, match="offloads param"):
+        apply_launcher_sharding(TrainConfig(), {**zero3, "ACCELERATE_DEEPSPEED_CONFIG_FILE": str(ds_json)})
+    ds_json.write_text(json.dumps({"zero_optimization": {"stage": 2}}))
+    assert apply_launcher_sharding(TrainConfig(), {**zero3, "ACCELERATE_DEEPSPEED_CONFIG_FILE": str(ds_json)}
+                                   )[0].distributed == "zero2"

@@ -146,9 +146,11 @@ class TrainConfig(Strict):
     save_every: int | None = Field(None, ge=1)
     """Write a resumable checkpoint every N optimiser steps."""
     keep_checkpoints: int = Field(2, ge=1)
-    distributed: Literal["ddp", "fsdp"] = "ddp"
-    """With several processes (`--nproc`, torchrun): `ddp` keeps a whole model in each; `fsdp` shards each decoder
-    block's parameters, gradients and optimiser state across them (FSDP2), for models one device cannot hold."""
+    distributed: Literal["ddp", "fsdp", "zero2"] = "ddp"
+    """With several processes (`--nproc`, torchrun, `accelerate launch`): `ddp` keeps a whole model in each; `fsdp`
+    shards each decoder block's parameters, gradients and optimiser state across them (FSDP2, as DeepSpeed ZeRO-3),
+    for models one device cannot hold; `zero2` shards them too but keeps a block's gathered parameters from its
+    forward to its backward (as ZeRO-2's peak memory, with half of `fsdp`'s parameter traffic)."""
     max_bad_steps: int = Field(3, ge=0)
     """A step whose loss or gradient norm is not finite is skipped (logged with `skipped`); more than this many
     within 100 steps rolls back to the newest checkpoint (see save_every) with the learning rate halved."""

@@ -146,14 +146,14 @@ class ObjectiveModule(torch.nn.Module):
 def loss_module(model: torch.nn.Module, objective, ranks: Ranks, device: torch.device,
                 strategy: str = "ddp") -> torch.nn.Module:
     """What the loop calls for a micro-batch's (loss_sum, metrics): with several processes DDP-wrapped, or, with
-    strategy `fsdp`, sharded (FSDP2)."""
+    strategy `fsdp` or `zero2`, sharded (FSDP2)."""
     module = ObjectiveModule(model, objective)
     if not ranks.distributed:
         return module
-    if strategy == "fsdp":
+    if strategy in ("fsdp", "zero2"):
         from tunelab.train.sharding import shard
 
-        shard(module, model)
+        shard(module, model, reshard_after_forward=strategy == "fsdp")
         return module
     from torch.nn.parallel import DistributedDataParallel
 

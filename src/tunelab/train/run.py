@@ -46,6 +46,7 @@ from tunelab.train.checkpoint import (
 )
 from tunelab.train.console_log import RunConsole
 from tunelab.train.distributed import Ranks, launched_ranks, loss_module, start, stop
+from tunelab.train.launcher_env import apply_launcher_sharding
 from tunelab.train.live import mark_ended, mark_running, read_status
 from tunelab.train.loop import LoopContext, TrainingFault, epoch_plan, fit, save_from_main
 from tunelab.train.memory import MemoryEstimate, estimate_peak_memory
@@ -75,7 +76,7 @@ def check_several_processes(config: RunConfig, ranks: Ranks) -> None:
     """Refuse, before anything is written, what cannot train in several processes yet, saying why."""
     if not ranks.distributed:
         return
-    if config.train.distributed != "fsdp":
+    if config.train.distributed not in sharding.SHARDED:
         return
     if config.objective.name == "grpo":
         raise ConfigError("GRPO cannot shard the model: each process samples its own prompts, and completions of "
@@ -107,6 +108,11 @@ def train_run(
     if not dry_run:
         check_output_dir(config.output_dir, resume=resume, overwrite=overwrite)
     check_trackers(config.track)
+    if ranks.distributed:
+        train_config, notice = apply_launcher_sharding(config.train, os.environ)
+        config = config.model_copy(update={"train": train_config})
+        if notice:
+            console.print(notice)
     check_several_processes(config, ranks)
     log = RunLog(config.output_dir / "metrics.jsonl", console) if ranks.is_main else NullLog()
     device = start(ranks) if ranks.distributed else _training_device()
@@ -164,7 +170,7 @@ def _train(config: RunConfig, log: RunLog, ranks: Ranks, device: torch.device, *
         make_head_trainable(model)
     if config.train.activation_checkpointing:
         enable_activation_checkpointing(model, config.train.activation_checkpointing)
-    sharded = ranks.distributed and config.train.distributed == "fsdp"
+    sharded = ranks.distributed and config.train.distributed in sharding.SHARDED
     if config.train.fused_lora and not sharded:
         fuse_lora_layers(model)
     elif config.train.fused_lora and config.method.name in ("lora", "rslora"):

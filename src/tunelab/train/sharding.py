@@ -28,6 +28,9 @@ def _state_dict_api():
 
     return state_dict
 
+SHARDED = ("fsdp", "zero2")
+"""The train.distributed strategies that shard the model with FSDP2."""
+
 FSDP_METHODS = ("full", "freeze", "lora", "dora", "rslora")
 """Methods whose parameters FSDP2 can shard: one storage dtype per block (4-bit weights cannot be, trl#1723) and
 no forward of PEFT's own around the model (prompt and prefix tuning)."""
@@ -42,18 +45,31 @@ def decoder_blocks(model: torch.nn.Module) -> list[torch.nn.Module]:
     return list(max(found, key=len))
 
 
-def shard(root: torch.nn.Module, model: torch.nn.Module) -> None:
-    """FSDP2 on every decoder block of `model`, then on `root` (what the loop calls)."""
+def shard(root: torch.nn.Module, model: torch.nn.Module, *, reshard_after_forward: bool = True) -> None:
+    """FSDP2 on every decoder block of `model`, then on `root` (what the loop calls). Without resharding after
+    forward, a block's gathered parameters stay until its backward (ZeRO-2's peak memory, one gather per step)."""
     from torch.distributed.fsdp import fully_shard
 
     for block in decoder_blocks(model):
-        fully_shard(block)
-    fully_shard(root)
+        fully_shard(block, reshard_after_forward=reshard_after_forward)
+    fully_shard(root, reshard_after_forward=reshard_after_forward)
+
+
+def _fsdp_modules(module: torch.nn.Module) -> list[torch.nn.Module]:
+    fsdp = sys.modules.get("torch.distributed.fsdp")  # imported by fully_shard: nothing is sharded without it
+    return [] if fsdp is None else [m for m in module.modules() if isinstance(m, fsdp.FSDPModule)]
 
 
 def is_sharded(module: torch.nn.Module) -> bool:
-    dtensor = _dtensor_type()
-    return dtensor is not None and any(isinstance(p, dtensor) for p in module.parameters())
+    """Whether fully_shard went on `module` or inside it (its parameters may be gathered whole at the moment)."""
+    return bool(_fsdp_modules(module))
+
+
+def reshard(root: torch.nn.Module) -> None:
+    """Every FSDP module under `root` back to its shards: blocks that do not reshard after forward (`zero2`) keep
+    whole parameters after a forward without backward (evaluation), and state must be read from the shards."""
+    for module in _fsdp_modules(root):
+        module.reshard()
 
 
 def whole(tensor: torch.Tensor) -> torch.Tensor:
@@ -64,27 +80,32 @@ def whole(tensor: torch.Tensor) -> torch.Tensor:
 
 def trainable_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     """Every trainable parameter whole, on the CPU (collective when sharded)."""
+    reshard(model)
     return {name: whole(p.detach()).to("cpu", copy=True) for name, p in model.named_parameters() if p.requires_grad}
 
 
 def optimizer_state(root: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict:
     """The optimiser's state with whole tensors, keyed by parameter name (collective)."""
+    reshard(root)
     api = _state_dict_api()
     return api.get_optimizer_state_dict(root, optimizer, options=api.StateDictOptions(full_state_dict=True))
 
 
 def load_trainable(model: torch.nn.Module, tensors: dict[str, torch.Tensor]) -> None:
     """Whole tensors from a checkpoint into this process's shards."""
+    reshard(model)
     api = _state_dict_api()
     api.set_model_state_dict(model, tensors, options=api.StateDictOptions(full_state_dict=True, strict=False))
 
 
 def load_optimizer(root: torch.nn.Module, optimizer: torch.optim.Optimizer, state: dict) -> None:
+    reshard(root)
     api = _state_dict_api()
     api.set_optimizer_state_dict(root, optimizer, state, options=api.StateDictOptions(full_state_dict=True))
 
 
 def full_model_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     """The whole model's state dict (collective), for saving the final weights."""
+    reshard(model)
     api = _state_dict_api()
     return api.get_model_state_dict(model, options=api.StateDictOptions(full_state_dict=True, cpu_offload=True))
