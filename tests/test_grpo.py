@@ -349,14 +349,23 @@ def test_the_sampling_copy_computes_what_the_policy_computes(tiny_tokenizer, met
     assert merged_copy(model, "prompt", torch.float32) is None  # virtual tokens cannot be folded in
 
 
-def test_gumbel_sampling_draws_from_the_softmax():
-    from tunelab.infer.generate import _GumbelNoise
+def test_gumbel_sampling_draws_from_the_softmax_within_the_nucleus():
+    from tunelab.infer.decode import Sampling, pick_scores
 
     logits = torch.tensor([[2.0, 1.0, 0.0, -1.0]]).repeat(20000, 1)
-    noise = _GumbelNoise(torch.Generator().manual_seed(0))
-    picks = noise(None, logits).argmax(dim=-1)
+    generator = torch.Generator().manual_seed(0)
+    picks = pick_scores(logits, Sampling(), generator).argmax(dim=-1)
     frequencies = torch.bincount(picks, minlength=4).float() / len(picks)
     torch.testing.assert_close(frequencies, torch.softmax(logits[0], dim=-1), atol=0.01, rtol=0)
+    # softmax = .64 .24 .09 .03: top_p 0.8 keeps the first two (the second crosses 0.8), renormalised
+    picks = pick_scores(logits, Sampling(top_p=0.8), generator).argmax(dim=-1)
+    frequencies = torch.bincount(picks, minlength=4).float() / len(picks)
+    torch.testing.assert_close(frequencies, torch.softmax(torch.tensor([2.0, 1.0, -1e9, -1e9]), dim=-1),
+                               atol=0.01, rtol=0)
+    # temperature 0.5 doubles the logits
+    picks = pick_scores(logits, Sampling(temperature=0.5), generator).argmax(dim=-1)
+    frequencies = torch.bincount(picks, minlength=4).float() / len(picks)
+    torch.testing.assert_close(frequencies, torch.softmax(logits[0] * 2, dim=-1), atol=0.01, rtol=0)
 
 
 def test_a_failing_reward_stops_training_naming_it_and_keeps_the_finished_steps(tiny_model_dir, tmp_path):

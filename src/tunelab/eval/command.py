@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -123,6 +124,7 @@ def _score(spec, data_path, metrics, options, limit, max_length, run_config=None
         tokenized, samples = tokenized[:limit], samples[:limit]
     device = next(loaded.model.parameters()).device
     precision = resolve_precision(run_config.train.precision if run_config else "auto", torch.device(device))
+    options = replace(options, precision=precision)  # a baseline decodes in the run's precision too
     result: dict = {"model": str(spec), "data": str(data_path), "samples": len(tokenized)}
     if LOSS_METRICS & set(metrics):
         losses = evaluate_loss(loaded.model, tokenized, pad_token_id=loaded.tokenizer.pad_token_id, precision=precision)

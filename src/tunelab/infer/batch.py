@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 
 from tunelab.data.formats import RowError, prompt_messages
 from tunelab.data.sources import read_records
 from tunelab.errors import DataError
 from tunelab.infer.generate import GenerationOptions, generate_replies
-from tunelab.infer.load import load_generator
+from tunelab.infer.load import compute_precision, load_generator
 
 
 def generate_file(model: str, input_path: Path, output_path: Path, options: GenerationOptions,
@@ -25,6 +26,7 @@ def generate_file(model: str, input_path: Path, output_path: Path, options: Gene
     if problems:
         raise DataError(f"{len(problems)} invalid row(s):\n  " + "\n  ".join(problems[:10]))
     loaded = load_generator(model)
+    options = replace(options, precision=compute_precision(loaded))  # decode as the run computed
     replies = generate_replies(loaded.model, loaded.renderer, conversations, options)
     write_rows(output_path, [{**record.row, "reply": reply} for record, reply in zip(records, replies, strict=True)])
     return len(replies)

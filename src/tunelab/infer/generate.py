@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import contextlib
+import copy
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
 
 from tunelab.data.template import ChatRenderer
+from tunelab.infer.decode import Sampling, decode, pick_scores
 from tunelab.models.logprobs import uses_virtual_tokens
 
 
@@ -20,6 +24,8 @@ class GenerationOptions:
     top_p: float = 0.9
     batch_size: int = 16
     seed: int = 0
+    precision: str = "fp32"
+    """The compute dtype: `bf16` decodes a bf16 copy of an fp32 model (see decoding_model), as training computed."""
 
 
 def stop_token_ids(model, tokenizer) -> list[int]:
@@ -47,15 +53,64 @@ def generate_replies(
     model, renderer: ChatRenderer, conversations: list[list[dict[str, str]]], options: GenerationOptions
 ) -> list[str]:
     """One reply per conversation (every turn before the last assistant reply is the prompt)."""
-    return [reply for batch in _generate_batches(model, renderer, conversations, options) for reply in batch]
+    tokenizer = renderer.tokenizer
+    prompts = [tokenizer(renderer.prompt(c), add_special_tokens=False)["input_ids"] for c in conversations]
+    sampling = Sampling(options.temperature, options.top_p, options.seed) if options.do_sample else None
+    with decoding_model(model, options.precision) as decoder:
+        if uses_virtual_tokens(decoder):
+            return [reply for batch in _generate_batches(decoder, renderer, conversations, options) for reply in batch]
+        decoded = decode(decoder, prompts, max_new_tokens=options.max_new_tokens,
+                         stop_ids=stop_token_ids(model, tokenizer), pad_id=tokenizer.pad_token_id,
+                         sampling=sampling, batch_size=options.batch_size)
+    return [tokenizer.decode(tokens, skip_special_tokens=True).strip() for tokens in decoded.tokens]
+
+
+@contextmanager
+def decoding_model(model, precision: str = "fp32") -> Iterator[torch.nn.Module]:
+    """The model to decode with, in eval mode with sdpa attention, in the compute dtype `precision` names.
+
+    For bf16 with fp32 weights: a bf16 copy with any adapter folded in (no per-token weight casts, no adapter
+    matmuls), for models of up to COPY_LIMIT parameters that are not quantised; else the model itself under
+    autocast. The model's training mode is restored afterwards."""
+    from tunelab.models.attention import attention_implementation
+
+    was_training = model.training
+    model.eval()
+    decoder, cast = model, contextlib.nullcontext()
+    if precision == "bf16" and next(model.parameters()).dtype == torch.float32:
+        decoder = _bf16_copy(model)
+        if decoder is None:
+            decoder = model
+            cast = torch.autocast(next(model.parameters()).device.type, dtype=torch.bfloat16)
+    try:
+        with attention_implementation(decoder, "sdpa"), cast:
+            yield decoder
+    finally:
+        model.train(was_training)
+
+
+COPY_LIMIT = 2_000_000_000
+"""Largest model (parameters) decoded from a bf16 copy; bigger ones use autocast rather than a second copy."""
+
+
+def _bf16_copy(model) -> torch.nn.Module | None:
+    from tunelab.train.sharding import is_sharded
+
+    parameters = list(model.parameters())
+    if is_sharded(model) or sum(p.numel() for p in parameters) > COPY_LIMIT or uses_virtual_tokens(model) or any(
+            p.dtype == torch.uint8 or getattr(p, "quant_state", None) is not None for p in parameters):
+        return None
+    duplicate = copy.deepcopy(model)
+    if hasattr(duplicate, "merge_and_unload"):
+        duplicate = duplicate.merge_and_unload()
+    return duplicate.to(torch.bfloat16).eval().requires_grad_(False)
 
 
 def _generate_batches(
     model, renderer: ChatRenderer, conversations: list[list[dict[str, str]]], options: GenerationOptions
 ) -> Iterator[list[str]]:
+    """transformers' `generate`, for models whose forward adds virtual tokens (prompt and prefix tuning)."""
     tokenizer = renderer.tokenizer
-    was_training = model.training
-    model.eval()
     device = next(model.parameters()).device
     previous_side = tokenizer.padding_side
     tokenizer.padding_side = "left"  # generation continues from the right edge of every row
@@ -77,78 +132,51 @@ def _generate_batches(
             yield [tokenizer.decode(row, skip_special_tokens=True).strip() for row in new_tokens]
     finally:
         tokenizer.padding_side = previous_side
-        model.train(was_training)
 
 
 @torch.no_grad()
 def sample_token_ids(
     model, tokenizer, prompts: list[list[int]], *, max_new_tokens: int, do_sample: bool, temperature: float = 1.0,
-    top_p: float = 1.0, seed: int = 0, repeats: int = 1,
+    top_p: float = 1.0, seed: int = 0, repeats: int = 1, batch_size: int | None = None,
 ) -> tuple[list[list[int]], list[bool]]:
     """(new token ids through the first stop token, whether cut at max_new_tokens) for each prompt `repeats`
-    times over (prompt 0's completions first).
+    times over (prompt 0's completions first), from tunelab's decoding loop (infer/decode.py): each prompt run
+    once and its cache repeated for its `repeats` completions, so a GRPO group of 8 pays for one prompt forward;
+    sampling seeded by `seed`, so a resumed run samples the same completions and the global random state is left
+    alone. Only temperature and top_p shape the distribution (top_k off), as in TRL, whatever the model's
+    generation config says."""
+    sampling = Sampling(temperature, top_p, seed) if do_sample else None
+    if uses_virtual_tokens(model):
+        return _sample_with_generate(model, tokenizer, prompts, max_new_tokens, sampling, repeats)
+    decoded = decode(model, prompts, max_new_tokens=max_new_tokens, stop_ids=stop_token_ids(model, tokenizer),
+                     pad_id=tokenizer.pad_token_id, sampling=sampling, batch_size=batch_size or len(prompts),
+                     repeats=repeats)
+    return decoded.tokens, decoded.truncated
 
-    One left-padded `generate` call with the KV cache. The prompts are run through the model once and their
-    cache copied `repeats` times, so a GRPO group of 8 pays for one prompt forward, not 8: on the default model
-    (2 CPU cores, 4 prompts of ~86 tokens x 8, 48 new tokens) the prompt forwards were most of the time.
 
-    Sampling adds Gumbel noise to the temperature-scaled (and top_p-filtered) logits and takes the argmax, an exact
-    draw from the same distribution: torch.multinomial spent 55 ms a token on 32 x 49k probabilities on CPU, as
-    long as the model's matmuls. The noise comes from a generator seeded with `seed`, so a resumed run samples
-    the same completions and the global random state is left alone. Only temperature and top_p shape the
-    distribution (top_k off), as in TRL, whatever the model's generation config says."""
+def _sample_with_generate(model, tokenizer, prompts: list[list[int]], max_new_tokens: int, sampling: Sampling | None,
+                          repeats: int) -> tuple[list[list[int]], list[bool]]:
+    """sample_token_ids through transformers' `generate` (prompt and prefix tuning: PEFT's forward adds the
+    virtual tokens), sampling by the same Gumbel-max draw."""
     device = next(model.parameters()).device
     width = max(len(p) for p in prompts)
     pad = tokenizer.pad_token_id
     input_ids = torch.tensor([[pad] * (width - len(p)) + p for p in prompts], device=device)
     attention_mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=device)
-    cache = None
-    if repeats > 1 and width > 1 and not uses_virtual_tokens(model):
-        cache = _prompt_cache(model, input_ids[:, :-1], attention_mask[:, :-1], repeats)
-    input_ids = input_ids.repeat_interleave(repeats, dim=0)
-    attention_mask = attention_mask.repeat_interleave(repeats, dim=0)
-    stops = stop_token_ids(model, tokenizer)
     processors = None
-    if do_sample:  # Gumbel-max: greedy over noisy logits is an exact sample, without torch.multinomial's cost
-        from transformers import LogitsProcessorList, TemperatureLogitsWarper, TopPLogitsWarper
+    if sampling is not None:
+        from transformers import LogitsProcessorList
 
-        generator = torch.Generator(device=device).manual_seed(seed)
-        processors = LogitsProcessorList([TemperatureLogitsWarper(temperature)])
-        if top_p < 1.0:
-            processors.append(TopPLogitsWarper(top_p))
-        processors.append(_GumbelNoise(generator))
-    output = model.generate(input_ids=input_ids, attention_mask=attention_mask, max_new_tokens=max_new_tokens,
-                            do_sample=False, pad_token_id=pad, eos_token_id=stops, cache=cache,
+        generator = torch.Generator(device=device).manual_seed(sampling.seed)
+        processors = LogitsProcessorList([lambda ids, scores: pick_scores(scores, sampling, generator)])
+    stops = stop_token_ids(model, tokenizer)
+    output = model.generate(input_ids=input_ids.repeat_interleave(repeats, dim=0),
+                            attention_mask=attention_mask.repeat_interleave(repeats, dim=0),
+                            max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=pad, eos_token_id=stops,
                             logits_processor=processors)
     completions, truncated = [], []
-    stop_set = set(stops)
     for row in output[:, width:].tolist():
-        end = next((i for i, token in enumerate(row) if token in stop_set), None)
+        end = next((i for i, token in enumerate(row) if token in stops), None)
         completions.append(row if end is None else row[: end + 1])
         truncated.append(end is None)
     return completions, truncated
-
-
-class _GumbelNoise:
-    """A logits processor adding standard Gumbel noise: argmax(scores + noise) samples softmax(scores)."""
-
-    def __init__(self, generator: torch.Generator) -> None:
-        self.generator = generator
-
-    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
-        uniform = torch.rand(scores.shape, generator=self.generator, device=scores.device, dtype=torch.float32)
-        noise = -torch.log(-torch.log(uniform.clamp_(min=1e-20, max=1 - 1e-7)))
-        return scores.float() + noise
-
-
-def _prompt_cache(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, repeats: int):
-    """The KV cache of every prompt but its last token (left-padded), each row repeated `repeats` times: what
-    `generate` continues from (it feeds the last prompt token itself)."""
-    from transformers import DynamicCache
-
-    positions = (attention_mask.cumsum(-1) - 1).clamp(min=0)  # as generate numbers left-padded rows
-    cache = DynamicCache(config=model.config)
-    model(input_ids=input_ids, attention_mask=attention_mask, position_ids=positions, cache=cache,
-          use_cache=True, logits_to_keep=1)
-    cache.batch_repeat_interleave(repeats)
-    return cache

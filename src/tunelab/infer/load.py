@@ -80,6 +80,15 @@ def _load_run(run_dir: Path, device: str) -> LoadedModel:
     return LoadedModel(model, tokenizer, renderer, config)
 
 
+def compute_precision(loaded: LoadedModel) -> str:
+    """`bf16` or `fp32`: what the run trained in (its train.precision on this device), or `auto`'s choice for a
+    model that is not a run."""
+    from tunelab.train.precision import resolve_precision
+
+    device = next(loaded.model.parameters()).device
+    return resolve_precision(loaded.run_config.train.precision if loaded.run_config else "auto", device)
+
+
 def _compute_dtype(config: RunConfig, device: str) -> torch.dtype:
     from tunelab.train.precision import resolve_precision
 

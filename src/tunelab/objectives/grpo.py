@@ -309,13 +309,11 @@ class GrpoObjective:
         device = next(sampler.parameters()).device
         was_training = model.training
         model.eval()
-        ids: list[list[int]] = []
         try:
             with attention_implementation(sampler, "sdpa"), autocast(self.precision, device):
-                for start in range(0, len(rows), batch_size):
-                    chunk = [row.prompt_ids for row in rows[start : start + batch_size]]
-                    ids += sample_token_ids(sampler, self.tokenizer, chunk,
-                                            max_new_tokens=self.config.max_new_tokens, do_sample=False)[0]
+                ids = sample_token_ids(sampler, self.tokenizer, [row.prompt_ids for row in rows],
+                                       max_new_tokens=self.config.max_new_tokens, do_sample=False,
+                                       batch_size=batch_size)[0]
         finally:
             model.train(was_training)
         texts = [self.tokenizer.decode(c, skip_special_tokens=True).strip() for c in ids]

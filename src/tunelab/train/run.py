@@ -181,7 +181,8 @@ def _train(config: RunConfig, log: RunLog, ranks: Ranks, device: torch.device, *
         f"({100 * trainable / total:.2f}%), {precision} on {device}"
     )
     renderer = ChatRenderer(tokenizer, config.data.chat_template)
-    generation = GenerationOptions(max_new_tokens=config.eval.max_new_tokens, seed=config.train.seed)
+    generation = GenerationOptions(max_new_tokens=config.eval.max_new_tokens, seed=config.train.seed,
+                                   precision=precision)
     evaluate = RunEvaluator(config, model, renderer, data, precision, generation,  # checks eval.labels
                             loss=_objective_loss(objective, model, data, tokenizer, precision, config))
 

@@ -1,0 +1,135 @@
+"""tunelab's own decoding loop: what evaluation, `tunelab generate` and GRPO's rollouts generate with.
+
+transformers' `generate` runs every row of a batch until the longest is done, pads every prompt to the batch's
+longest, and does per-token bookkeeping (logits processors, stopping criteria, input preparation) around the
+model. For the short, uneven replies of fine-tuning data that overhead and the finished rows are much of the
+time. Here:
+- prompts are decoded longest first, so a batch holds prompts of similar length (little left padding), and
+  results come back in the caller's order;
+- a row that produced a stop token leaves the batch (its KV-cache rows are dropped once enough rows finished),
+  so the rest run on a smaller batch;
+- the prompt is run once per prompt and its cache repeated for `repeats` completions (GRPO's groups);
+- greedy is an argmax, sampling is Gumbel-max over temperature/top_p-shaped logits from a seeded generator (an
+  exact draw without torch.multinomial's CPU cost, and the same draws on resume).
+Models whose PEFT forward adds virtual tokens (prompt and prefix tuning) go through `generate` instead.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import torch
+
+COMPACT_FRACTION = 8
+"""Drop finished rows from the KV cache once at least 1/COMPACT_FRACTION of the batch has finished: copying the
+cache for every single finished row would cost more than computing a few dead rows."""
+
+
+@dataclass(frozen=True)
+class Sampling:
+    temperature: float = 1.0
+    top_p: float = 1.0
+    seed: int = 0
+
+
+@dataclass
+class Decoded:
+    tokens: list[list[int]]
+    """New tokens of each completion, through its stop token when it produced one."""
+    truncated: list[bool]
+    """Whether a completion was cut at max_new_tokens (no stop token)."""
+
+
+@torch.no_grad()
+def decode(model, prompts: list[list[int]], *, max_new_tokens: int, stop_ids: list[int], pad_id: int,
+           sampling: Sampling | None = None, batch_size: int = 16, repeats: int = 1) -> Decoded:
+    """Completions of every prompt, `repeats` per prompt (prompt 0's first), greedy unless `sampling`.
+    `batch_size` counts prompts (each batch decodes batch_size x repeats rows)."""
+    n = len(prompts)
+    tokens: list[list[int]] = [[] for _ in range(n * repeats)]
+    truncated = [True] * (n * repeats)
+    generator = None
+    if sampling is not None:
+        generator = torch.Generator(device=_device(model)).manual_seed(sampling.seed)
+    for batch in _batches_by_length(prompts, batch_size):
+        done = _decode_batch(model, [prompts[i] for i in batch], max_new_tokens, set(stop_ids), pad_id, sampling,
+                             generator, repeats)
+        for slot, (new, cut) in enumerate(zip(*done, strict=True)):
+            row = batch[slot // repeats] * repeats + slot % repeats
+            tokens[row], truncated[row] = new, cut
+    return Decoded(tokens, truncated)
+
+
+def _batches_by_length(prompts: list[list[int]], batch_size: int) -> Iterator[list[int]]:
+    order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))
+    for start in range(0, len(order), batch_size):
+        yield order[start:start + batch_size]
+
+
+def _device(model) -> torch.device:
+    return next(model.parameters()).device
+
+
+def _decode_batch(model, prompts: list[list[int]], max_new_tokens: int, stops: set[int], pad_id: int,
+                  sampling: Sampling | None, generator: torch.Generator | None,
+                  repeats: int) -> tuple[list[list[int]], list[bool]]:
+    from transformers import DynamicCache
+
+    device = _device(model)
+    width = max(len(p) for p in prompts)
+    input_ids = torch.tensor([[pad_id] * (width - len(p)) + p for p in prompts], device=device)
+    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=device)
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    cache = DynamicCache(config=model.config)
+    logits = model(input_ids=input_ids, attention_mask=mask, position_ids=positions, cache=cache, use_cache=True,
+                   logits_to_keep=1).logits[:, -1]
+    if repeats > 1:
+        cache.batch_repeat_interleave(repeats)
+        logits, mask, positions = (t.repeat_interleave(repeats, dim=0) for t in (logits, mask, positions))
+    rows = len(prompts) * repeats
+    new: list[list[int]] = [[] for _ in range(rows)]
+    finished = [False] * rows
+    alive = list(range(rows))  # the batch's rows, in the order the cache holds them
+    next_position = positions[:, -1] + 1
+    for step in range(max_new_tokens):
+        token = _pick(logits, sampling, generator)
+        for row, value in zip(alive, token.tolist(), strict=True):
+            if finished[row]:
+                continue
+            new[row].append(value)
+            finished[row] = value in stops
+        live = [slot for slot, row in enumerate(alive) if not finished[row]]
+        if not live or step == max_new_tokens - 1:
+            break
+        if len(alive) - len(live) >= max(1, len(alive) // COMPACT_FRACTION):
+            keep = torch.tensor(live, device=device)
+            cache.batch_select_indices(keep)
+            mask, token, next_position = mask[keep], token[keep], next_position[keep]
+            alive = [alive[slot] for slot in live]
+        mask = torch.cat([mask, mask.new_ones(len(alive), 1)], dim=1)
+        logits = model(input_ids=token[:, None], attention_mask=mask, position_ids=next_position[:, None],
+                       cache=cache, use_cache=True).logits[:, -1]
+        next_position = next_position + 1
+    return new, [not done for done in finished]
+
+
+def _pick(logits: torch.Tensor, sampling: Sampling | None, generator: torch.Generator | None) -> torch.Tensor:
+    """The next token of every row: argmax, or a Gumbel-max draw (see pick_scores)."""
+    if sampling is None:
+        return logits.float().argmax(dim=-1)
+    return pick_scores(logits, sampling, generator).argmax(dim=-1)
+
+
+def pick_scores(logits: torch.Tensor, sampling: Sampling, generator: torch.Generator | None) -> torch.Tensor:
+    """Scores whose argmax is a draw from softmax(logits / temperature) restricted to the top_p nucleus: the
+    shaped logits plus standard Gumbel noise."""
+    scores = logits.float() / sampling.temperature
+    if sampling.top_p < 1.0:
+        ordered, indices = scores.sort(dim=-1, descending=True)
+        cumulative = ordered.softmax(dim=-1).cumsum(dim=-1)
+        # keep the smallest prefix whose mass reaches top_p (the token that crosses it included)
+        outside = (cumulative - ordered.softmax(dim=-1)) >= sampling.top_p
+        scores = scores.scatter(-1, indices, ordered.masked_fill(outside, float("-inf")))
+    uniform = torch.rand(scores.shape, generator=generator, device=scores.device, dtype=torch.float32)
+    return scores - torch.log(-torch.log(uniform.clamp_(min=1e-20, max=1 - 1e-7)))

@@ -1,0 +1,62 @@
+"""tunelab's decoding loop (infer/decode.py) against transformers' `generate`: the same greedy tokens on the
+default model whatever the batch size, order and lengths; finished rows leave the batch without changing the
+others; bf16 decoding works from a copy and leaves the trained model as it was."""
+
+from __future__ import annotations
+
+import torch
+
+from tunelab.data.template import ChatRenderer
+from tunelab.infer.decode import decode
+from tunelab.infer.generate import (
+    GenerationOptions,
+    _generate_batches,
+    decoding_model,
+    generate_replies,
+    stop_token_ids,
+)
+from tunelab.models.load import load_model, load_tokenizer
+
+QUESTIONS = ["What is 2+2?", "Say hi.", "Write one sentence about the sea, the wind and the moon at night.",
+             "What is the capital of France?", "List three fruits.", "Why is the sky blue? Answer briefly."]
+
+
+def conversations():
+    return [[{"role": "user", "content": q}] for q in QUESTIONS]
+
+
+def test_greedy_decoding_gives_generates_tokens_for_any_batching(default_model_dir):
+    tokenizer = load_tokenizer(default_model_dir)
+    model = load_model(default_model_dir, device="cpu").eval()
+    renderer = ChatRenderer(tokenizer, "auto")
+    expected = [reply for batch in _generate_batches(model, renderer, conversations(),
+                                                     GenerationOptions(max_new_tokens=20, batch_size=6))
+                for reply in batch]
+    assert len(set(expected)) == len(QUESTIONS)
+    for batch_size in (1, 4):  # batches of one, and batches whose rows finish at different steps
+        replies = generate_replies(model, renderer, conversations(),
+                                   GenerationOptions(max_new_tokens=20, batch_size=batch_size))
+        assert replies == expected, batch_size
+    # stops and truncation: a reply that ended has its stop token last and is not marked truncated
+    prompts = [tokenizer(renderer.prompt(c), add_special_tokens=False)["input_ids"] for c in conversations()]
+    stops = stop_token_ids(model, tokenizer)
+    decoded = decode(model, prompts, max_new_tokens=12, stop_ids=stops, pad_id=tokenizer.pad_token_id, batch_size=3)
+    for tokens, cut in zip(decoded.tokens, decoded.truncated, strict=True):
+        assert (tokens[-1] in stops) != cut and len(tokens) <= 12
+        assert cut == (len(tokens) == 12 and tokens[-1] not in stops)
+    assert any(not cut for cut in decoded.truncated) and any(decoded.truncated)
+
+
+def test_bf16_decoding_uses_a_copy_and_leaves_the_model_as_it_was(tiny_model_dir, tiny_tokenizer):
+    model = load_model(tiny_model_dir, device="cpu").train()
+    before = {name: p.detach().clone() for name, p in model.named_parameters()}
+    with decoding_model(model, "bf16") as decoder:
+        assert decoder is not model and next(decoder.parameters()).dtype == torch.bfloat16
+        assert not model.training
+    assert model.training and next(model.parameters()).dtype == torch.float32
+    for name, p in model.named_parameters():
+        assert torch.equal(p, before[name]), name
+    renderer = ChatRenderer(tiny_tokenizer, "auto")
+    replies = generate_replies(model, renderer, conversations()[:2], GenerationOptions(max_new_tokens=4,
+                                                                                       precision="bf16"))
+    assert len(replies) == 2 and model.training
