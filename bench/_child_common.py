@@ -105,6 +105,24 @@ class StepClock:
         }
 
 
+def step_profiler(spec: dict):
+    """tunelab's StepProfiler (train/step_profile.py) over spec["profile_steps"] steps from the third, for either
+    tool (it hooks the optimiser's step, not a training loop); a no-op context when not asked for."""
+    import contextlib
+
+    count = spec.get("profile_steps") or 0
+    if not count or spec["steps"] < count + 2:
+        return contextlib.nullcontext()
+    from tunelab.train.step_profile import StepProfiler
+
+    return StepProfiler(3, count)
+
+
+def breakdown(profiler) -> dict:
+    found = getattr(profiler, "breakdown", None)
+    return {"step_breakdown": found.to_json()} if found is not None else {}
+
+
 def peak_memory_mb(device: torch.device) -> float:
     """Peak GPU memory allocated by torch on GPU; peak resident set size of this process on CPU."""
     if device.type == "cuda":

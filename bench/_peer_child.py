@@ -96,7 +96,8 @@ def main() -> None:
         return batch
 
     trainer.data_collator = counting_collator
-    output = trainer.train()
+    with common.step_profiler(spec) as profiler:
+        output = trainer.train()
     trainer.save_model(str(run_dir))
     tokenizer.save_pretrained(run_dir)
     wall = time.perf_counter() - started
@@ -115,6 +116,7 @@ def main() -> None:
     evaluation = common.evaluate(spec, run_dir, tokenizer, device)
     result = {
         "tool": "peer",
+        **common.breakdown(profiler),
         "version": f"trl {trl.__version__}",
         "precision": precision,
         "device": str(device),

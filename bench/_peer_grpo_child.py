@@ -91,7 +91,8 @@ def main() -> None:
         return output
 
     trainer._generate_and_score_completions = counting
-    output = trainer.train()
+    with common.step_profiler(spec) as profiler:
+        output = trainer.train()
     trainer.save_model(str(run_dir))
     tokenizer.save_pretrained(run_dir)
     wall = time.perf_counter() - started
@@ -106,6 +107,7 @@ def main() -> None:
     evaluation = common.evaluate(spec, run_dir, tokenizer, device)
     result = {
         "tool": "peer",
+        **common.breakdown(profiler),
         "version": f"trl {trl.__version__}",
         "precision": "bf16" if args.bf16 else "fp32",
         "device": str(device),

@@ -115,7 +115,8 @@ def main() -> None:
 
     started = time.perf_counter()
     config = load_config(None, overrides(spec))
-    summary = train_run(config, overwrite=True)
+    with common.step_profiler(spec) as profiler:
+        summary = train_run(config, overwrite=True)
     wall = time.perf_counter() - started
     peak = common.peak_memory_mb(device)
     peak_rss = common.rss_mb()
@@ -137,6 +138,7 @@ def main() -> None:
         "batching": batching(spec, summary),
         **common.run_measurements(steps=summary["steps"], wall=wall, peak=peak, peak_rss=peak_rss, losses=losses,
                                   evaluation=evaluation, clock=clock, planned_steps=spec["steps"]),
+        **common.breakdown(profiler),
         "first_step_reward": rewards[0] if rewards else None,
         "mean_step_reward": sum(rewards) / len(rewards) if rewards else None,
         "tool_reported": {

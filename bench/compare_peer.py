@@ -111,6 +111,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         "(under 15%% use); 0 to start at once")
     parser.add_argument("--tunelab-set", action="append", default=[], metavar="KEY=VALUE",
                         help="extra tunelab config override for its runs (repeatable), e.g. train.attention=sdpa")
+    parser.add_argument("--profile", type=int, default=0, metavar="N",
+                        help="profile N steps from the third in every run: where each tool's step time goes")
     parser.add_argument("--peer-gradient-checkpointing", action="store_true",
                         help="leave the peer's gradient checkpointing on, as TRL's SFTConfig does by default "
                         "(default: off, like tunelab)")
@@ -242,6 +244,7 @@ def child_spec(case: Case, data: dict, model_path: Path, args, precision: str, r
         "seed": args.seed,
         "precision": precision,
         "tunelab_overrides": args.tunelab_set,
+        "profile_steps": args.profile,
         "peer_gradient_checkpointing": args.peer_gradient_checkpointing,
         "run_dir": str(run_dir),
         "result": str(result),
@@ -310,6 +313,24 @@ def summarise(outcome: dict) -> dict:
     return summary
 
 
+def breakdown_table(runs: list[dict]) -> list[str]:
+    """Each profiled run's step time by category (train/step_profile.py), as shares of the step's wall time."""
+    profiled = [r for r in runs if r.get("step_breakdown")]
+    if not profiled:
+        return []
+    from tunelab.train.step_profile import CATEGORIES
+
+    lines = ["", "Where a step's time goes (torch.profiler, self time of ops; unaccounted = Python, data, framework):",
+             "", "| run | tool | s/step profiled | " + " | ".join(CATEGORIES) + " | non-matmul |",
+             "|---|---|---:|" + "---:|" * (len(CATEGORIES) + 1)]
+    for r in profiled:
+        found = r["step_breakdown"]
+        shares = " | ".join(f"{100 * found['share'].get(name, 0):.1f}%" for name in CATEGORIES)
+        lines.append(f"| {r['repeat']} | {r['tool']} | {found['seconds_per_step']:.3f} | {shares} | "
+                     f"{100 * found['non_matmul_share']:.1f}% |")
+    return lines
+
+
 def markdown(outcome: dict, summary: dict, machine: dict, args) -> str:
     case = outcome["settings"]
     runs = [r for r in outcome["runs"] if "error" not in r]
@@ -330,7 +351,8 @@ def markdown(outcome: dict, summary: dict, machine: dict, args) -> str:
         f"- precision: tunelab {first['tunelab'].get('precision', '-')} (linear layers computed in "
         f"{first['tunelab'].get('observed_compute_dtype', '-')}), peer {first['peer'].get('precision', '-')} "
         f"(computed in {first['peer'].get('observed_compute_dtype', '-')}), fp32 master weights; "
-        f"device {machine['device']} ({machine['cpu']}, {machine['cpus_available']} cores, "
+        f"device {machine['device']} ({machine['cpu']}, bf16 ISA: {', '.join(machine['cpu_bf16']) or 'none'}, "
+        f"{machine['cpus_available']} cores, "
         f"torch threads {first['tunelab'].get('torch_threads', '-')})",
         f"- batching: tunelab {first['tunelab'].get('batching', '-')}; peer {first['peer'].get('batching', '-')}",
         f"- tunelab overrides: {', '.join(args.tunelab_set) or 'none'}; peer gradient checkpointing: "
@@ -361,6 +383,7 @@ def markdown(outcome: dict, summary: dict, machine: dict, args) -> str:
             f"{r['total_tokens_per_second']:.0f} | {r['peak_memory_mb']:.0f} | {r['final_train_loss']:.4f} | "
             f"{r.get('eval_loss', r.get('eval_reward', 0)):.4f} | {r['foreign_cpu_share']:.0%} |"
         )
+    lines += breakdown_table(runs)
     busy = [r for r in runs if r["foreign_cpu_share"] > 0.10]
     if busy:
         named = ", ".join(f"{r['tool']} {r['repeat']}" for r in busy)

@@ -49,10 +49,11 @@ def run_config(tiny_model_dir, qa_file, out, *overrides):
 
 def test_lora_lowers_eval_loss_and_writes_the_run_directory(tiny_model_dir, qa_file, tmp_path):
     out = tmp_path / "run"
-    summary = train_run(run_config(tiny_model_dir, qa_file, out, "train.epochs=4", "train.lr=3e-3"))
+    summary = train_run(run_config(tiny_model_dir, qa_file, out, "train.epochs=4", "train.lr=3e-3",
+                                   "train.profile_steps=2"))
     assert summary["final_eval_loss"] < summary["base_eval_loss"] - 0.5
     for name in ("config.yaml", "metrics.jsonl", "summary.json", "adapter_model.safetensors",
-                 "adapter_config.json", "tokenizer.json", "README.md", "samples.jsonl", "report.html"):
+                 "adapter_config.json", "tokenizer.json", "README.md", "samples.jsonl", "report.html", "profile.txt"):
         assert (out / name).is_file(), name
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert records[0]["step"] == 0 and "eval_loss" in records[0]
@@ -63,6 +64,12 @@ def test_lora_lowers_eval_loss_and_writes_the_run_directory(tiny_model_dir, qa_f
         assert written[key] is not None, key
     assert written["trainable_parameters"] < written["total_parameters"]
     assert 0 < written["mfu"] < 1 and written["peak_matmul_tflops"] > 0
+    assert written["hardware"]["cores"] >= 1 and written["hardware"]["cpu"] != "unknown"
+    # where two profiled steps' time went: every category measured, together the steps' wall time
+    breakdown = written["step_breakdown"]
+    assert breakdown["steps"] == 2 and sum(breakdown["share"].values()) == pytest.approx(1, abs=0.01)
+    assert breakdown["share"]["matmul"] > 0 and breakdown["share"]["optimizer"] > 0
+    assert breakdown["top_ops"] and "matmul" in (out / "profile.txt").read_text()
 
 
 def test_lora_with_activation_checkpointing_learns(tiny_model_dir, qa_file, tmp_path):

@@ -177,6 +177,10 @@ class TrainConfig(Strict):
     """Recompute decoder layers' activations in backward instead of keeping them: 0 off, 1 every layer, N every
     N-th layer (less memory saved, less recomputed). Costs about one extra forward pass; for long rows or big
     batches that would not fit otherwise."""
+    profile_steps: int = Field(0, ge=0)
+    """Profile this many optimiser steps from the third on (torch.profiler): where the step's time goes (matmul,
+    attention, head, casts, elementwise, allocation, optimizer, unaccounted) lands in summary.json's
+    step_breakdown and RUN/profile.txt. Those steps run a little slower."""
     fused_lora: bool = True
     """LoRA linear layers (plain, not DoRA or quantised) as one autograd function, frozen weights cast to bf16
     once instead of every forward, and the input shared by q/k/v and gate/up cast once (methods/fused_lora.py).

@@ -3,6 +3,7 @@ evaluate the base model, train, evaluate again, save the run directory."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -273,8 +274,9 @@ def _train(config: RunConfig, log: RunLog, ranks: Ranks, device: torch.device, *
     stop_on_signal = StopOnSignal(console)
     ctx.check_stop = lambda: stop_on_signal.check(ranks)
     ctx.warn = lambda message: console.print(f"[yellow]{message}[/]")
+    profiler = step_profiler(config.train.profile_steps, ctx.total_steps - state.step, ranks)
     try:
-        with progress, attention_implementation(model, attention), stop_on_signal:
+        with progress, attention_implementation(model, attention), stop_on_signal, profiler:
             state = fit(ctx, state)
     except KeyboardInterrupt as stopped:
         status = "interrupted"
@@ -318,8 +320,11 @@ def _train(config: RunConfig, log: RunLog, ranks: Ranks, device: torch.device, *
         after = _measure(evaluate, gen_samples, final_loss)
     _save_weights(model, tokenizer, run_dir, method, config, whole_state)
     write_samples(run_dir / "samples.jsonl", gen_samples, baseline.get("replies", []), after.get("replies", []))
+    breakdown = getattr(profiler, "breakdown", None)
+    if breakdown is not None:
+        (run_dir / "profile.txt").write_text(breakdown.render() + "\n")
     summary = write_summary(run_dir, model, config, data, state, baseline, after, trainable, total, precision, device,
-                             status, memory)
+                            status, memory, step_breakdown=breakdown.to_json() if breakdown else None)
     write_model_card(run_dir, config, summary)
     write_report(run_dir)
     print_outcome(console, summary, gen_samples, baseline.get("replies", []), after.get("replies", []),
@@ -378,6 +383,17 @@ def _training_device() -> torch.device:
     return PartialState().device
 
 
+
+
+def step_profiler(count: int, steps_left: int, ranks: Ranks):
+    """A StepProfiler over `count` steps from the third (the second when the run is shorter), on the main process
+    only; a no-op context when not asked for or the run has too few steps."""
+    first = 3 if steps_left >= count + 2 else 2
+    if not count or not ranks.is_main or steps_left < first + count - 1:
+        return contextlib.nullcontext()
+    from tunelab.train.step_profile import StepProfiler
+
+    return StepProfiler(first, count)
 
 
 def _measure(evaluate: RunEvaluator, gen_samples, loss_metrics: dict) -> dict:

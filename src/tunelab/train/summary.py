@@ -14,7 +14,7 @@ from tunelab.eval.report import before_after_keys
 from tunelab.methods import has_frozen_base
 from tunelab.track.jsonl import MetricsLog
 from tunelab.train.best import BestTracker
-from tunelab.train.flops import matmul_peak_flops, training_flops
+from tunelab.train.flops import hardware, matmul_peak_flops, training_flops
 from tunelab.train.memory import MemoryEstimate
 from tunelab.train.outputs import peak_memory_mb
 
@@ -60,7 +60,7 @@ def utilisation(model, config, state, precision, device) -> dict:
 
 
 def write_summary(run_dir, model, config, data, state, baseline, after, trainable, total, precision, device,
-                   status, memory: MemoryEstimate):
+                   status, memory: MemoryEstimate, step_breakdown: dict | None = None):
     records = MetricsLog(run_dir / "metrics.jsonl").read()
     train_losses = [r["loss"] for r in records if r.get("loss") is not None]  # skipped steps log None
     computed = state.extra.get("computed_tokens", 0)
@@ -96,10 +96,13 @@ def write_summary(run_dir, model, config, data, state, baseline, after, trainabl
         "total_parameters": total,
         "precision": precision,
         "device": str(device),
+        "hardware": hardware(device),
         "data": data.stats,
         "best": BestTracker(config.train, run_dir, model).summary(state),
         "trainer_state": asdict(state),
     }
+    if step_breakdown:
+        summary["step_breakdown"] = step_breakdown
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
     return summary
 

@@ -1,0 +1,130 @@
+"""Generation speed: tunelab's decoding loop against transformers' `generate` on the prompts the main job's
+before/after evaluation generates for (the 60 held-out support tickets of examples/lora.yaml, 48 new tokens,
+greedy, batch 16).
+
+    python bench/generation_speed.py                       # the default model
+    python bench/generation_speed.py --model runs/support-lora --repeats 3
+
+Cases, alternated in one process so that machine drift hits all alike:
+- `generate fp32`:  transformers' `generate` on the model as loaded (float32), what tunelab used before;
+- `generate bf16`:  transformers' `generate` on a bfloat16 copy (the compute dtype on CPUs with AMX/AVX512-BF16);
+- `tunelab fp32` / `tunelab bf16`: generate_replies with precision fp32 / bf16 (infer/decode.py).
+Reported: generated tokens/s (new tokens up to and including each reply's stop token, counted from tunelab's
+replies; `generate` writes the same replies in the same dtype, checked), and the ratios. Prints a Markdown table
+and writes bench/results/<timestamp>-generation.md and .json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+from compare_peer import machine_info
+
+BENCH = Path(__file__).resolve().parent
+REPO = BENCH.parent
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", default="smollm2-135m-instruct", help="run directory, preset or model folder")
+    parser.add_argument("--config", type=Path, default=REPO / "examples" / "lora.yaml",
+                        help="whose held-out generation prompts to use")
+    parser.add_argument("--samples", type=int, default=None, help="default: the config's eval.generate_samples")
+    parser.add_argument("--max-new-tokens", type=int, default=None, help="default: the config's eval.max_new_tokens")
+    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--repeats", type=int, default=2, help="rounds of all cases, alternating")
+    parser.add_argument("--results", type=Path, default=BENCH / "results")
+    return parser.parse_args(argv)
+
+
+def held_out_conversations(config_path: Path, tokenizer, samples: int | None) -> tuple[list, int]:
+    from tunelab.config import load_config
+    from tunelab.data.prepare import prepare_data
+
+    config = load_config(config_path)
+    data = prepare_data(config.data, tokenizer, config.train.seed)
+    count = samples or config.eval.generate_samples
+    return [s.messages for s in data.eval_samples[:count]], config.eval.max_new_tokens
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    from tunelab.infer.generate import GenerationOptions, _generate_batches, generate_replies
+    from tunelab.infer.load import load_generator
+
+    loaded = load_generator(args.model, "cpu")
+    model, renderer, tokenizer = loaded.model, loaded.renderer, loaded.tokenizer
+    conversations, configured_tokens = held_out_conversations(args.config, tokenizer, args.samples)
+    max_new_tokens = args.max_new_tokens or configured_tokens
+    options = GenerationOptions(max_new_tokens=max_new_tokens, batch_size=args.batch_size)
+    bf16_model = copy.deepcopy(model)
+    if hasattr(bf16_model, "merge_and_unload"):
+        bf16_model = bf16_model.merge_and_unload()
+    bf16_model = bf16_model.to(torch.bfloat16).eval()
+
+    def with_generate(target):
+        return lambda: [r for batch in _generate_batches(target, renderer, conversations, options) for r in batch]
+
+    def with_tunelab(precision: str):
+        chosen = GenerationOptions(max_new_tokens=max_new_tokens, batch_size=args.batch_size, precision=precision)
+        return lambda: generate_replies(model, renderer, conversations, chosen)
+
+    cases = {"generate fp32": with_generate(model), "generate bf16": with_generate(bf16_model),
+             "tunelab fp32": with_tunelab("fp32"), "tunelab bf16": with_tunelab("bf16")}
+    seconds: dict[str, list[float]] = {name: [] for name in cases}
+    replies: dict[str, list[str]] = {}
+    for _ in range(args.repeats):
+        for name, run in cases.items():
+            start = time.perf_counter()
+            replies[name] = run()
+            seconds[name].append(time.perf_counter() - start)
+            print(f"{name}: {seconds[name][-1]:.1f} s", file=sys.stderr)
+    same = {dtype: replies[f"generate {dtype}"] == replies[f"tunelab {dtype}"] for dtype in ("fp32", "bf16")}
+    tokens = {name: sum(len(tokenizer(r, add_special_tokens=False)["input_ids"]) + 1 for r in replies[name])
+              for name in cases}  # + the stop token (or one over, for a reply cut at max_new_tokens)
+    rate = {name: tokens[name] / statistics.median(seconds[name]) for name in cases}
+    result = {
+        "machine": machine_info(Path(str(args.model))),
+        "model": args.model, "prompts": len(conversations), "max_new_tokens": max_new_tokens,
+        "batch_size": args.batch_size, "repeats": args.repeats, "seconds": seconds, "tokens": tokens,
+        "tokens_per_second": rate, "same_replies": same,
+        "speedup_vs_generate_same_dtype": {d: rate[f"tunelab {d}"] / rate[f"generate {d}"] for d in ("fp32", "bf16")},
+        "speedup_vs_previous_path": rate["tunelab bf16"] / rate["generate fp32"],
+    }
+    table = render(result)
+    print(table)
+    args.results.mkdir(parents=True, exist_ok=True)
+    stem = args.results / f"{time.strftime('%Y%m%d-%H%M%S')}-generation"
+    stem.with_suffix(".md").write_text(table)
+    stem.with_suffix(".json").write_text(json.dumps(result, indent=2))
+    return 0
+
+
+def render(result: dict) -> str:
+    machine = result["machine"]
+    lines = [f"# Generation: {result['prompts']} held-out prompts, {result['max_new_tokens']} new tokens max, "
+             f"greedy, batch {result['batch_size']}", "",
+             f"{machine['cpu']} ({', '.join(machine['cpu_bf16']) or 'no bf16 ISA'}), "
+             f"{machine['cpus_available']} cores, torch {machine['versions']['torch']}, "
+             f"transformers {machine['versions']['transformers']}, tunelab {machine['tunelab_commit']}", "",
+             "| case | median s | generated tokens | tokens/s |", "|---|---:|---:|---:|"]
+    for name, runs in result["seconds"].items():
+        lines.append(f"| {name} | {statistics.median(runs):.2f} | {result['tokens'][name]} | "
+                     f"{result['tokens_per_second'][name]:.1f} |")
+    speed = result["speedup_vs_generate_same_dtype"]
+    lines += ["", f"tunelab / generate, same dtype: fp32 {speed['fp32']:.2f}x, bf16 {speed['bf16']:.2f}x; "
+              f"tunelab bf16 / generate fp32 (the previous evaluation path): {result['speedup_vs_previous_path']:.2f}x",
+              f"same replies as generate: fp32 {result['same_replies']['fp32']}, bf16 {result['same_replies']['bf16']}",
+              ""]
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

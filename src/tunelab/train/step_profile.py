@@ -1,0 +1,157 @@
+"""Where a training step's time goes: torch.profiler over a few optimiser steps, its ops sorted into matmul,
+attention, output head (log-softmax / cross-entropy), casts, other elementwise work, allocation and the optimizer,
+plus what no op accounts for (Python, data, framework).
+
+Used by `train.profile_steps` (the breakdown lands in summary.json and RUN/profile.txt) and by the bench's two
+children alike, so tunelab and its peer are measured by the same code. The profiler starts and stops on the
+optimiser's step hook, so it needs nothing from the training loop it watches (it works around TRL's too).
+On CUDA the categories are computed from the kernels' device time instead of the ops' CPU time.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import torch
+from torch.optim.optimizer import register_optimizer_step_post_hook
+
+CATEGORIES = ("matmul", "attention", "head", "casts", "elementwise", "allocation", "optimizer", "unaccounted")
+
+_MATMUL = ("aten::mm", "aten::addmm", "aten::addmm_", "aten::bmm", "aten::baddbmm", "aten::_int_mm",
+           "aten::_weight_int4pack_mm", "aten::_weight_int8pack_mm", "aten::mkldnn_linear")
+_ATTENTION = ("aten::_softmax", "aten::_softmax_backward_data", "aten::_scaled_dot_product",
+              "aten::_flash_attention", "aten::_efficient_attention")
+_HEAD = ("aten::_log_softmax", "aten::_log_softmax_backward_data", "aten::nll_loss", "aten::cross_entropy")
+_CASTS = ("aten::copy_", "aten::_to_copy")
+_ALLOCATION = ("aten::empty", "aten::empty_strided", "aten::resize_", "aten::zeros", "aten::zero_")
+
+
+def category(name: str, under_optimizer: bool) -> str:
+    if under_optimizer:
+        return "optimizer"
+    if name.startswith(_MATMUL):
+        return "matmul"
+    if name.startswith(_ATTENTION):
+        return "attention"
+    if name.startswith(_HEAD):
+        return "head"
+    if name in _CASTS:
+        return "casts"
+    if name in _ALLOCATION:
+        return "allocation"
+    return "elementwise"
+
+
+def kernel_category(name: str) -> str:
+    lowered = name.lower()
+    if any(word in lowered for word in ("gemm", "cutlass", "cublas", "matmul", "sm90_xmma", "wgmma")):
+        return "matmul"
+    if any(word in lowered for word in ("flash", "fmha", "attention", "softmax")):
+        return "attention" if "log_softmax" not in lowered else "head"
+    if "copy" in lowered or "cast" in lowered:
+        return "casts"
+    if "adam" in lowered or "foreach" in lowered:
+        return "optimizer"
+    return "elementwise"
+
+
+@dataclass
+class StepBreakdown:
+    steps: int
+    seconds: float
+    """Wall time of the profiled steps."""
+    by_category: dict[str, float] = field(default_factory=dict)
+    """Seconds per category over the profiled steps (unaccounted: wall time no op covers)."""
+    top_ops: list[tuple[str, float]] = field(default_factory=list)
+
+    def shares(self) -> dict[str, float]:
+        return {name: seconds / self.seconds for name, seconds in self.by_category.items()} if self.seconds else {}
+
+    def to_json(self) -> dict:
+        return {"steps": self.steps, "seconds_per_step": self.seconds / max(1, self.steps),
+                "share": {k: round(v, 4) for k, v in self.shares().items()},
+                "seconds": {k: round(v, 4) for k, v in self.by_category.items()},
+                "non_matmul_share": round(1 - self.shares().get("matmul", 0.0), 4),
+                "top_ops": [[name, round(seconds, 4)] for name, seconds in self.top_ops]}
+
+    def render(self) -> str:
+        shares = self.shares()
+        lines = [f"{self.steps} profiled steps, {self.seconds / max(1, self.steps):.3f} s each"]
+        lines += [f"  {name:<12} {100 * shares.get(name, 0.0):5.1f}%" for name in CATEGORIES]
+        lines += ["  top ops (self time, s):"] + [f"    {name:<44} {seconds:.3f}" for name, seconds in self.top_ops]
+        return "\n".join(lines)
+
+
+class StepProfiler:
+    """Profiles optimiser steps `first` .. `first + count - 1` (1-based) of whatever trains in this process.
+    Enter before training; `breakdown` is set once the last profiled step ends."""
+
+    def __init__(self, first: int = 3, count: int = 3) -> None:
+        if first < 2 or count < 1:
+            raise ValueError("profile from step 2 on (the step before the first profiled one warms the profiler)")
+        self.first, self.count = first, count
+        activities = [torch.profiler.ProfilerActivity.CPU]
+        self.cuda = torch.cuda.is_available()
+        if self.cuda:
+            activities.append(torch.profiler.ProfilerActivity.CUDA)
+        schedule = torch.profiler.schedule(wait=first - 2, warmup=1, active=count, repeat=1)
+        self.profiler = torch.profiler.profile(activities=activities, schedule=schedule,
+                                               on_trace_ready=self._collect)
+        self.step_ends: list[float] = []
+        self.breakdown: StepBreakdown | None = None
+        self._hook = None
+
+    def __enter__(self) -> StepProfiler:
+        self.profiler.__enter__()
+        self._hook = register_optimizer_step_post_hook(self._on_step)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self._hook is not None:
+            self._hook.remove()
+        self.profiler.__exit__(*exc)
+
+    def _on_step(self, optimizer, args, kwargs) -> None:
+        if self.cuda:
+            torch.cuda.synchronize()
+        self.step_ends.append(time.perf_counter())
+        if len(self.step_ends) <= self.first + self.count - 1:
+            self.profiler.step()
+
+    def _collect(self, profiler) -> None:
+        last = self.first + self.count - 1
+        if len(self.step_ends) < last:
+            return
+        wall = self.step_ends[last - 1] - self.step_ends[self.first - 2]
+        self.breakdown = summarise(profiler.events(), wall, self.count, self.cuda)
+
+
+def summarise(events, wall_seconds: float, steps: int, cuda: bool) -> StepBreakdown:
+    totals = dict.fromkeys(CATEGORIES, 0.0)
+    per_op: dict[str, float] = {}
+    for event in events:
+        if cuda:
+            if event.device_type != torch.autograd.DeviceType.CUDA:
+                continue
+            seconds = event.self_device_time_total / 1e6
+            kind = kernel_category(event.name)
+        else:
+            if event.device_type != torch.autograd.DeviceType.CPU or not event.name.startswith("aten::"):
+                continue
+            seconds = event.self_cpu_time_total / 1e6
+            kind = category(event.name, _under_optimizer(event))
+        totals[kind] += seconds
+        per_op[event.name] = per_op.get(event.name, 0.0) + seconds
+    totals["unaccounted"] = max(0.0, wall_seconds - sum(totals.values()))
+    top = sorted(per_op.items(), key=lambda item: -item[1])[:12]
+    return StepBreakdown(steps, wall_seconds, totals, top)
+
+
+def _under_optimizer(event) -> bool:
+    parent = event.cpu_parent
+    while parent is not None:
+        if parent.name.startswith("Optimizer.step"):
+            return True
+        parent = parent.cpu_parent
+    return False
