@@ -13,12 +13,14 @@ from pathlib import Path
 
 import pytest
 from fastapi.testclient import TestClient
+from safetensors.torch import load_file, save_file
 
 from tunelab.config import load_config
 from tunelab.infer.generate import GenerationOptions, generate_replies
 from tunelab.infer.load import load_for_inference
 from tunelab.train.run import train_run
 from tunelab.ui.app import create_app
+from tunelab.ui.chat import ChatModels
 
 QA = [{"question": f"what is {a} plus {b}?", "answer": str(a + b)} for a in range(6) for b in range(6)]
 
@@ -125,6 +127,13 @@ def test_cli_runs_appear_with_their_numbers_curves_and_report(root, tiny_model_d
         base_reply = generate_replies(loaded.model, loaded.renderer, [messages], options)[0]
     assert done["against"].strip() == base_reply.strip()
     assert client.post("/api/runs/lora-a/chat", json={"messages": messages, "against": "nope"}).status_code == 404
+    # A run trained again (new weights in its folder) is loaded afresh, not served from the cache.
+    models = ChatModels()
+    first = models.get(str(root / "lora-a"))[0]
+    assert models.get(str(root / "lora-a"))[0] is first
+    adapter = root / "lora-a" / "adapter_model.safetensors"
+    save_file({name: tensor * 2 for name, tensor in load_file(adapter).items()}, adapter)
+    assert models.get(str(root / "lora-a"))[0] is not first
 
     taken = client.post("/api/runs", json={"name": "lora-a", "config_yaml": "{}"})
     assert taken.status_code == 409 and "exists" in taken.json()["error"]

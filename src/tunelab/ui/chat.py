@@ -21,23 +21,34 @@ KEEP_LOADED = 2
 
 
 class ChatModels:
-    """Loaded models by spec (a run folder or a model name), least recently used dropped first."""
+    """Loaded models by spec (a run folder or a model name), least recently used dropped first. A run folder whose
+    weights changed since it was loaded (retrained with --overwrite, resumed to its end) is loaded afresh."""
 
     def __init__(self) -> None:
-        self._loaded: OrderedDict[str, tuple[LoadedModel, threading.Lock]] = OrderedDict()
+        self._loaded: OrderedDict[tuple[str, tuple], tuple[LoadedModel, threading.Lock]] = OrderedDict()
         self._guard = threading.Lock()
 
     def get(self, spec: str) -> tuple[LoadedModel, threading.Lock]:
+        key = (spec, _weights_stamp(Path(spec)))
         with self._guard:
-            if spec in self._loaded:
-                self._loaded.move_to_end(spec)
-                return self._loaded[spec]
+            if key in self._loaded:
+                self._loaded.move_to_end(key)
+                return self._loaded[key]
+            for stale in [k for k in self._loaded if k[0] == spec]:
+                del self._loaded[stale]
         loaded = load_generator(spec)
         with self._guard:
-            self._loaded[spec] = (loaded, threading.Lock())
+            self._loaded[key] = (loaded, threading.Lock())
             while len(self._loaded) > KEEP_LOADED:
                 self._loaded.popitem(last=False)
-            return self._loaded[spec]
+            return self._loaded[key]
+
+
+def _weights_stamp(folder: Path) -> tuple:
+    """(name, size, mtime) of a folder's weight files: what changes when a run is trained again."""
+    if not folder.is_dir():
+        return ()
+    return tuple(sorted((p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in folder.glob("*.safetensors")))
 
 
 def side_streams(models: ChatModels, run_dir: Path, against: str | None, messages: list[dict],
