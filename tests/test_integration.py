@@ -137,7 +137,7 @@ def test_packed_batch_equals_unpacked_on_the_default_model(default_model_dir):
 def test_every_other_method_lowers_eval_loss_on_the_default_model_and_reloads(default_model_dir, qa_file, tmp_path,
                                                                               method):
     from tunelab.infer.generate import GenerationOptions, generate_replies
-    from tunelab.infer.load import load_for_inference
+    from tunelab.infer.load import compute_precision, load_for_inference
 
     out = tmp_path / method
     lr = {"freeze": "5e-5", "dora": "1e-3", "rslora": "1e-3"}.get(method, "1e-2")
@@ -147,8 +147,8 @@ def test_every_other_method_lowers_eval_loss_on_the_default_model_and_reloads(de
     samples = [json.loads(line) for line in (out / "samples.jsonl").read_text().splitlines()]
     loaded = load_for_inference(out)
     replies = generate_replies(loaded.model, loaded.renderer, [s["prompt"] for s in samples],
-                               GenerationOptions(max_new_tokens=6))
-    assert replies == [s["fine_tuned"] for s in samples]
+                               GenerationOptions(max_new_tokens=6, precision=compute_precision(loaded)))
+    assert replies == [s["fine_tuned"] for s in samples]  # decoded in the run's compute dtype, as evaluation did
 
 
 def test_memory_estimate_holds_for_lora_and_qlora(default_model_dir, qa_file, tmp_path):

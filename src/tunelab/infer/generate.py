@@ -100,10 +100,14 @@ def _bf16_copy(model) -> torch.nn.Module | None:
     if is_sharded(model) or sum(p.numel() for p in parameters) > COPY_LIMIT or uses_virtual_tokens(model) or any(
             p.dtype == torch.uint8 or getattr(p, "quant_state", None) is not None for p in parameters):
         return None
+    if any(module._forward_hooks or module._forward_pre_hooks for module in model.modules()):
+        return None  # hooks (bottleneck adapters) may hold the original modules, which a copy would still call
     duplicate = copy.deepcopy(model)
     if hasattr(duplicate, "merge_and_unload"):
         duplicate = duplicate.merge_and_unload()
-    return duplicate.to(torch.bfloat16).eval().requires_grad_(False)
+    # Its parameters keep requires_grad (decoding runs under no_grad anyway): bf16 weights that do not require
+    # grad took a slower CPU matmul path, 40% slower decoding on the default model (Xeon with AMX, torch 2.13).
+    return duplicate.to(torch.bfloat16).eval()
 
 
 def _generate_batches(

@@ -80,4 +80,4 @@ def merged_copy(model, method_name: str, dtype: torch.dtype):
     duplicate = copy.deepcopy(model)
     if hasattr(duplicate, "merge_and_unload"):
         duplicate = duplicate.merge_and_unload()
-    return duplicate.to(dtype).eval().requires_grad_(False)
+    return duplicate.to(dtype).eval()  # requires_grad kept: see infer.generate._bf16_copy
