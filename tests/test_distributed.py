@@ -146,7 +146,7 @@ def test_what_cannot_train_in_several_processes_is_refused_with_the_reason(overr
     from tunelab.config import load_config
     from tunelab.errors import ConfigError
     from tunelab.train.distributed import Ranks
-    from tunelab.train.run import check_several_processes
+    from tunelab.train.sharding import check_several_processes
 
     config = load_config(None, [f"output_dir={tmp_path}", *overrides])
     check_several_processes(config, Ranks())  # one process: anything goes

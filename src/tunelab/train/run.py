@@ -3,7 +3,6 @@ evaluate the base model, train, evaluate again, save the run directory."""
 
 from __future__ import annotations
 
-import contextlib
 import json
 import math
 import os
@@ -55,6 +54,7 @@ from tunelab.train.outputs import write_model_card, write_samples
 from tunelab.train.precision import resolve_precision
 from tunelab.train.progress import TrainingProgress
 from tunelab.train.schedule import build_optimizer
+from tunelab.train.step_profile import step_profiler
 from tunelab.train.stop import StopOnSignal, StopRequested, TerminateAsInterrupt
 from tunelab.train.summary import print_outcome, report_data, write_summary
 
@@ -71,25 +71,6 @@ def check_output_dir(output_dir: Path, *, resume: bool, overwrite: bool) -> None
             f"{output_dir} already holds files; pass --overwrite to replace it or --resume to continue it",
             where="output_dir",
         )
-
-
-def check_several_processes(config: RunConfig, ranks: Ranks) -> None:
-    """Refuse, before anything is written, what cannot train in several processes yet, saying why."""
-    if not ranks.distributed:
-        return
-    if config.train.distributed not in sharding.SHARDED:
-        return
-    if config.objective.name == "grpo":
-        raise ConfigError("GRPO cannot shard the model: each process samples its own prompts, and completions of "
-                          "different lengths would break the processes' lock-step forwards; use train.distributed=ddp",
-                          where="train.distributed")
-    if config.method.name not in sharding.FSDP_METHODS:
-        raise ConfigError(f"FSDP shards {', '.join(sharding.FSDP_METHODS)}; '{config.method.name}' cannot be sharded "
-                          "(4-bit weights mix storage dtypes in a block, trl#1723; prompt methods run PEFT's own "
-                          "forward): use train.distributed=ddp", where="train.distributed")
-    if config.train.keep_best or config.train.early_stopping_patience:
-        raise ConfigError("keeping the best weights (train.keep_best, early stopping) is not done under FSDP yet; "
-                          "use train.distributed=ddp", where="train.distributed")
 
 
 def seed_everything(seed: int) -> None:
@@ -114,7 +95,7 @@ def train_run(
         config = config.model_copy(update={"train": train_config})
         if notice:
             console.print(notice)
-    check_several_processes(config, ranks)
+    sharding.check_several_processes(config, ranks)
     log = RunLog(config.output_dir / "metrics.jsonl", console) if ranks.is_main else NullLog()
     device = start(ranks) if ranks.distributed else _training_device()
     status, error = "failed", None
@@ -274,7 +255,7 @@ def _train(config: RunConfig, log: RunLog, ranks: Ranks, device: torch.device, *
     stop_on_signal = StopOnSignal(console)
     ctx.check_stop = lambda: stop_on_signal.check(ranks)
     ctx.warn = lambda message: console.print(f"[yellow]{message}[/]")
-    profiler = step_profiler(config.train.profile_steps, ctx.total_steps - state.step, ranks)
+    profiler = step_profiler(config.train.profile_steps, ctx.total_steps - state.step, ranks.is_main)
     try:
         with progress, attention_implementation(model, attention), stop_on_signal, profiler:
             state = fit(ctx, state)
@@ -383,17 +364,6 @@ def _training_device() -> torch.device:
     return PartialState().device
 
 
-
-
-def step_profiler(count: int, steps_left: int, ranks: Ranks):
-    """A StepProfiler over `count` steps from the third (the second when the run is shorter), on the main process
-    only; a no-op context when not asked for or the run has too few steps."""
-    first = 3 if steps_left >= count + 2 else 2
-    if not count or not ranks.is_main or steps_left < first + count - 1:
-        return contextlib.nullcontext()
-    from tunelab.train.step_profile import StepProfiler
-
-    return StepProfiler(first, count)
 
 
 def _measure(evaluate: RunEvaluator, gen_samples, loss_metrics: dict) -> dict:

@@ -14,6 +14,8 @@ import sys
 
 import torch
 
+from tunelab.errors import ConfigError
+
 # torch.distributed.checkpoint and .tensor take ~1 s to import: only runs that shard pay it (a DTensor can exist
 # only once torch.distributed.tensor has been imported, which fully_shard does).
 
@@ -34,6 +36,25 @@ SHARDED = ("fsdp", "zero2")
 FSDP_METHODS = ("full", "freeze", "lora", "dora", "rslora")
 """Methods whose parameters FSDP2 can shard: one storage dtype per block (4-bit weights cannot be, trl#1723) and
 no forward of PEFT's own around the model (prompt and prefix tuning)."""
+
+
+def check_several_processes(config, ranks) -> None:
+    """Refuse, before anything is written, what cannot train in several processes yet, saying why."""
+    if not ranks.distributed:
+        return
+    if config.train.distributed not in SHARDED:
+        return
+    if config.objective.name == "grpo":
+        raise ConfigError("GRPO cannot shard the model: each process samples its own prompts, and completions of "
+                          "different lengths would break the processes' lock-step forwards; use train.distributed=ddp",
+                          where="train.distributed")
+    if config.method.name not in FSDP_METHODS:
+        raise ConfigError(f"FSDP shards {', '.join(FSDP_METHODS)}; '{config.method.name}' cannot be sharded "
+                          "(4-bit weights mix storage dtypes in a block, trl#1723; prompt methods run PEFT's own "
+                          "forward): use train.distributed=ddp", where="train.distributed")
+    if config.train.keep_best or config.train.early_stopping_patience:
+        raise ConfigError("keeping the best weights (train.keep_best, early stopping) is not done under FSDP yet; "
+                          "use train.distributed=ddp", where="train.distributed")
 
 
 def decoder_blocks(model: torch.nn.Module) -> list[torch.nn.Module]:

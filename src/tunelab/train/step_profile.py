@@ -10,6 +10,7 @@ On CUDA the categories are computed from the kernels' device time instead of the
 
 from __future__ import annotations
 
+import contextlib
 import time
 from dataclasses import dataclass, field
 
@@ -81,6 +82,15 @@ class StepBreakdown:
         lines += [f"  {name:<12} {100 * shares.get(name, 0.0):5.1f}%" for name in CATEGORIES]
         lines += ["  top ops (self time, s):"] + [f"    {name:<44} {seconds:.3f}" for name, seconds in self.top_ops]
         return "\n".join(lines)
+
+
+def step_profiler(count: int, steps_left: int, is_main: bool):
+    """A StepProfiler over `count` steps from the third (the second when the run is shorter), on the main process
+    only; a no-op context when not asked for or the run has too few steps."""
+    first = 3 if steps_left >= count + 2 else 2
+    if not count or not is_main or steps_left < first + count - 1:
+        return contextlib.nullcontext()
+    return StepProfiler(first, count)
 
 
 class StepProfiler:
