@@ -108,14 +108,9 @@ class StepClock:
 def step_profiler(spec: dict):
     """tunelab's StepProfiler (train/step_profile.py) over spec["profile_steps"] steps from the third, for either
     tool (it hooks the optimiser's step, not a training loop); a no-op context when not asked for."""
-    import contextlib
+    from tunelab.train.step_profile import step_profiler as profiler_for
 
-    count = spec.get("profile_steps") or 0
-    if not count or spec["steps"] < count + 2:
-        return contextlib.nullcontext()
-    from tunelab.train.step_profile import StepProfiler
-
-    return StepProfiler(3, count)
+    return profiler_for(spec.get("profile_steps") or 0, spec["steps"], is_main=True)
 
 
 def breakdown(profiler) -> dict:

@@ -11,7 +11,6 @@ See bench/README.md for what each number means.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import os
 import platform
@@ -129,23 +128,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def resolve_precision(requested: str) -> str:
-    if requested != "auto":
-        return requested
+    """What `auto` means on this machine: the rule tunelab's own runs follow."""
     import torch
 
-    if torch.cuda.is_available():
-        return "bf16" if torch.cuda.is_bf16_supported() else "fp32"
-    return "bf16" if {"amx_bf16", "avx512_bf16"} & cpu_flags() else "fp32"
+    from tunelab.train.precision import resolve_precision as tunelab_precision
 
-
-def cpu_flags() -> set[str]:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("flags"):
-                return set(line.split(":", 1)[1].split())
-    except OSError:
-        pass
-    return set()
+    return tunelab_precision(requested, torch.device("cuda" if torch.cuda.is_available() else "cpu"))
 
 
 def cpu_ticks() -> tuple[float, float]:
@@ -400,10 +388,9 @@ def markdown(outcome: dict, summary: dict, machine: dict, args) -> str:
 def machine_info(model_path: Path) -> dict:
     import torch
 
-    cpu = "unknown"
-    with contextlib.suppress(OSError, StopIteration):
-        cpu = next(line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                   if line.startswith("model name"))
+    from tunelab.train.flops import hardware
+
+    found = hardware(torch.device("cuda" if torch.cuda.is_available() else "cpu"))
     versions = {}
     for package in ("torch", "transformers", "peft", "trl", "accelerate", "datasets", "bitsandbytes", "tunelab"):
         try:
@@ -413,10 +400,10 @@ def machine_info(model_path: Path) -> dict:
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True)
     dirty = subprocess.run(["git", "status", "--porcelain", "src"], cwd=REPO, capture_output=True, text=True)
     return {
-        "cpu": cpu,
-        "cpu_bf16": sorted({"amx_bf16", "avx512_bf16"} & cpu_flags()),
-        "cpus_available": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
-        "device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu",
+        "cpu": found["cpu"],
+        "cpu_bf16": found["cpu_bf16"],
+        "cpus_available": found["cores"],
+        "device": found["gpu"] or "cpu",
         "python": platform.python_version(),
         "platform": platform.platform(),
         "versions": versions,

@@ -17,14 +17,12 @@ and writes bench/results/<timestamp>-generation.md and .json.
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import statistics
 import sys
 import time
 from pathlib import Path
 
-import torch
 from compare_peer import machine_info
 
 BENCH = Path(__file__).resolve().parent
@@ -56,7 +54,7 @@ def held_out_conversations(config_path: Path, tokenizer, samples: int | None) ->
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    from tunelab.infer.generate import GenerationOptions, _generate_batches, generate_replies
+    from tunelab.infer.generate import GenerationOptions, decoding_model
     from tunelab.infer.load import load_generator
 
     loaded = load_generator(args.model, "cpu")
@@ -64,10 +62,14 @@ def main(argv: list[str] | None = None) -> int:
     conversations, configured_tokens = held_out_conversations(args.config, tokenizer, args.samples)
     max_new_tokens = args.max_new_tokens or configured_tokens
     options = GenerationOptions(max_new_tokens=max_new_tokens, batch_size=args.batch_size)
-    bf16_model = copy.deepcopy(model)
-    if hasattr(bf16_model, "merge_and_unload"):
-        bf16_model = bf16_model.merge_and_unload()
-    bf16_model = bf16_model.to(torch.bfloat16).eval()
+    with decoding_model(model, "bf16") as bf16_model:  # the copy tunelab decodes bf16 from, made once here
+        return report(args, run_cases(args, model, bf16_model, renderer, conversations, max_new_tokens, options),
+                      tokenizer, conversations, max_new_tokens)
+
+
+def run_cases(args, model, bf16_model, renderer, conversations, max_new_tokens: int, options) -> dict:
+    """Each case's replies and its seconds per round, the cases alternating round by round."""
+    from tunelab.infer.generate import GenerationOptions, _generate_batches, generate_replies
 
     def with_generate(target):
         return lambda: [r for batch in _generate_batches(target, renderer, conversations, options) for r in batch]
@@ -86,6 +88,12 @@ def main(argv: list[str] | None = None) -> int:
             replies[name] = run()
             seconds[name].append(time.perf_counter() - start)
             print(f"{name}: {seconds[name][-1]:.1f} s", file=sys.stderr)
+    return {"seconds": seconds, "replies": replies}
+
+
+def report(args, measured: dict, tokenizer, conversations, max_new_tokens: int) -> int:
+    seconds, replies = measured["seconds"], measured["replies"]
+    cases = list(seconds)
     same = {dtype: replies[f"generate {dtype}"] == replies[f"tunelab {dtype}"] for dtype in ("fp32", "bf16")}
     tokens = {name: sum(len(tokenizer(r, add_special_tokens=False)["input_ids"]) + 1 for r in replies[name])
               for name in cases}  # + the stop token (or one over, for a reply cut at max_new_tokens)

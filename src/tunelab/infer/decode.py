@@ -67,6 +67,15 @@ def _batches_by_length(prompts: list[list[int]], batch_size: int) -> Iterator[li
         yield order[start:start + batch_size]
 
 
+def left_padded(prompts: list[list[int]], pad_id: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """(input ids, attention mask) of prompts padded on the left to the longest: each row continues from the right
+    edge."""
+    width = max(len(p) for p in prompts)
+    input_ids = torch.tensor([[pad_id] * (width - len(p)) + p for p in prompts], device=device)
+    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=device)
+    return input_ids, mask
+
+
 def _device(model) -> torch.device:
     return next(model.parameters()).device
 
@@ -77,9 +86,7 @@ def _decode_batch(model, prompts: list[list[int]], max_new_tokens: int, stops: s
     from transformers import DynamicCache
 
     device = _device(model)
-    width = max(len(p) for p in prompts)
-    input_ids = torch.tensor([[pad_id] * (width - len(p)) + p for p in prompts], device=device)
-    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=device)
+    input_ids, mask = left_padded(prompts, pad_id, device)
     positions = (mask.cumsum(-1) - 1).clamp(min=0)
     cache = DynamicCache(config=model.config)
     logits = model(input_ids=input_ids, attention_mask=mask, position_ids=positions, cache=cache, use_cache=True,

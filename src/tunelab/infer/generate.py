@@ -11,7 +11,7 @@ from dataclasses import dataclass
 import torch
 
 from tunelab.data.template import ChatRenderer
-from tunelab.infer.decode import Sampling, decode, pick_scores
+from tunelab.infer.decode import Sampling, decode, left_padded, pick_scores
 from tunelab.models.logprobs import uses_virtual_tokens
 
 
@@ -163,10 +163,9 @@ def _sample_with_generate(model, tokenizer, prompts: list[list[int]], max_new_to
     """sample_token_ids through transformers' `generate` (prompt and prefix tuning: PEFT's forward adds the
     virtual tokens), sampling by the same Gumbel-max draw."""
     device = next(model.parameters()).device
-    width = max(len(p) for p in prompts)
     pad = tokenizer.pad_token_id
-    input_ids = torch.tensor([[pad] * (width - len(p)) + p for p in prompts], device=device)
-    attention_mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=device)
+    input_ids, attention_mask = left_padded(prompts, pad, device)
+    width = input_ids.shape[1]
     processors = None
     if sampling is not None:
         from transformers import LogitsProcessorList

@@ -33,22 +33,14 @@ def matmul_peak_flops(device_type: str, precision: str, size: int = 2048) -> flo
 
 def hardware(device: torch.device) -> dict:
     """What a speed number was measured on, so that numbers from different hosts are never compared blindly:
-    the CPU model and its bf16 matrix extensions (AMX runs bf16 matmuls ~5x faster than AVX512-BF16), the core
-    count, and the GPU's name on CUDA."""
+    the CPU model and its bf16 matrix extensions, the core count, and the GPU's name on CUDA."""
     import os
 
-    cpu, flags = "unknown", set()
-    try:
-        with open("/proc/cpuinfo") as handle:
-            for line in handle:
-                if line.startswith("model name") and cpu == "unknown":
-                    cpu = line.split(":", 1)[1].strip()
-                elif line.startswith("flags") and not flags:
-                    flags = set(line.split())
-    except OSError:
-        pass
+    from tunelab.train.precision import BF16_FLAGS, cpu_info
+
+    cpu, flags = cpu_info()
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    return {"cpu": cpu, "cpu_bf16": sorted(flags & {"amx_bf16", "avx512_bf16"}), "cores": cores,
+    return {"cpu": cpu, "cpu_bf16": sorted(flags & BF16_FLAGS), "cores": cores,
             "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None}
 
 

@@ -78,8 +78,7 @@ def apply_launcher_sharding(train_config, environ: Mapping[str, str]) -> tuple[o
         raise ConfigError(f"the config says train.distributed={train_config.distributed} but accelerate launch "
                           f"asked for {asked.asked} (train.distributed={asked.strategy}); make them agree",
                           where="train.distributed")
-    notice = (f"accelerate launch asked for {asked.asked}: training with train.distributed={asked.strategy}, the "
-              "torch-native equivalent (tunelab runs its own loop; DeepSpeed's engine is not used)"
-              if asked.asked.startswith("DeepSpeed") else
-              f"accelerate launch asked for {asked.asked}: training with train.distributed={asked.strategy}")
+    notice = f"accelerate launch asked for {asked.asked}: training with train.distributed={asked.strategy}"
+    if asked.asked.startswith("DeepSpeed"):
+        notice += ", the torch-native equivalent (tunelab runs its own loop; DeepSpeed's engine is not used)"
     return train_config.model_copy(update={"distributed": asked.strategy}), notice

@@ -19,6 +19,8 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
+from tunelab.infer.decode import Sampling as DecodeSampling
+from tunelab.infer.decode import pick_scores
 from tunelab.infer.generate import stop_token_ids
 
 
@@ -196,12 +198,8 @@ class Engine:
             if sampling.temperature <= 0:
                 picked.append(greedy[row])
                 continue
-            probs = torch.softmax(logits[row].cpu() / sampling.temperature, dim=-1)
-            if sampling.top_p < 1.0:
-                ordered, order = probs.sort(descending=True)
-                outside = ordered.cumsum(0) - ordered > sampling.top_p  # keep the smallest set reaching top_p
-                probs = probs.scatter(0, order[outside], 0.0)
-            picked.append(int(torch.multinomial(probs, 1, generator=request.generator)))
+            shaped = DecodeSampling(temperature=sampling.temperature, top_p=sampling.top_p)
+            picked.append(int(pick_scores(logits[row : row + 1].cpu(), shaped, request.generator).argmax()))
         return picked
 
     def _advance(self, request: Request, token: int) -> Finished | None:
