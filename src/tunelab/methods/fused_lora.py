@@ -62,6 +62,8 @@ class _SharedCast:
     def __call__(self, x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         if x.dtype == dtype:
             return x.detach()
+        if torch.compiler.is_compiling():  # inside a compiled layer the compiler shares the cast itself
+            return x.detach().to(dtype)
         cached = self.source() if self.source is not None else None
         if cached is x and self.version == x._version and self.cast is not None and self.cast.dtype == dtype:
             return self.cast
@@ -104,6 +106,8 @@ def _frozen_weight(layer, dtype: torch.dtype) -> torch.Tensor:
     if weight.dtype == dtype:
         return weight
     cached = getattr(layer, "_tunelab_weight", None)
+    if torch.compiler.is_compiling():  # compiled layers read the cast cache_weight_casts made, never refresh it
+        return cached[1] if cached is not None and cached[1].dtype == dtype else weight.to(dtype)
     if cached is None or cached[0] != weight._version or cached[1].dtype != dtype:
         with torch.no_grad():
             cached = (weight._version, weight.detach().to(dtype))
@@ -144,6 +148,13 @@ def _frozen_head_forward(head: nn.Linear):
             return nn.functional.linear(x.to(dtype), _frozen_weight(head, dtype), bias)
 
     return forward
+
+
+def cache_weight_casts(model, dtype: torch.dtype) -> None:
+    """Make every fused layer's frozen weight cast now, eagerly, for compiled layers to read (models/fused_ops.py)."""
+    layers, _ = model.__dict__.get("_tunelab_fused", ([], None))
+    for layer in layers:
+        _frozen_weight(layer, dtype)
 
 
 def lora_linear_layers(model) -> list:

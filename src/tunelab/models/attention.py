@@ -130,7 +130,7 @@ def matmul_attention(module, query, key, value, attention_mask, scaling, dropout
 def segment_inputs(model, batch: dict[str, torch.Tensor]) -> dict:
     """Extra forward arguments for a training batch: its Segments when the batch is laid out with position ids
     (padding-free or packed) and the model runs tunelab's matmul attention."""
-    config = _base_config(model)
+    config = base_config(model)
     if "position_ids" not in batch or getattr(config, "_attn_implementation", None) != MATMUL:
         return {}
     return {"tunelab_segments": segments_from_positions(batch["position_ids"])}
@@ -165,7 +165,7 @@ def training_attention(
         return "sdpa"
     if setting == "matmul":
         return MATMUL
-    config = _base_config(model)
+    config = base_config(model)
     if device.type != "cpu" or config is None or getattr(config, "model_type", None) not in MATMUL_MODEL_TYPES:
         return None
     if getattr(config, "attention_dropout", 0.0) or getattr(config, "attn_logit_softcapping", None):
@@ -181,7 +181,7 @@ def training_attention(
 def attention_implementation(model, name: str | None) -> Iterator[None]:
     """Run a block with `name` as the model's attention (and mask) implementation, then put the old one back,
     so evaluation and generation after training use the same path as a reloaded model."""
-    config = _base_config(model)
+    config = base_config(model)
     if name is None or config is None:
         yield
         return
@@ -195,6 +195,6 @@ def attention_implementation(model, name: str | None) -> Iterator[None]:
         config._attn_implementation = previous
 
 
-def _base_config(model):
+def base_config(model):
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     return getattr(base, "config", None)

@@ -9,10 +9,10 @@ bounds the float32 upcast of the logits to one chunk at a time.
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
 from tunelab.data.template import IGNORE_INDEX
 from tunelab.models.attention import segment_inputs
+from tunelab.models.fused_ops import head_logprobs
 
 HEAD_CHUNK = 1024  # trained positions per head matmul on accelerators
 CPU_LOGITS_CHUNK_BYTES = 24 * 2**20
@@ -126,10 +126,8 @@ def _head_logprobs(head, selected: torch.Tensor, wanted: torch.Tensor, temperatu
     chunk = head_chunk_rows(head.weight.shape[0], selected.device)
     pieces = []
     for start in range(0, selected.shape[0], chunk):
-        logits = head(selected[start : start + chunk]).float()  # [n, V]
-        if temperature != 1.0:
-            logits = logits / temperature
-        pieces.append(-F.cross_entropy(logits, wanted[start : start + chunk], reduction="none"))
+        logits = head(selected[start : start + chunk])  # [n, V]
+        pieces.append(head_logprobs(head, logits, wanted[start : start + chunk], temperature))
     if not pieces:
         return selected.new_zeros(0, dtype=torch.float32)
     return torch.cat(pieces)

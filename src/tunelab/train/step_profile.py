@@ -1,6 +1,6 @@
 """Where a training step's time goes: torch.profiler over a few optimiser steps, its ops sorted into matmul,
-attention, output head (log-softmax / cross-entropy), casts, other elementwise work, allocation and the optimizer,
-plus what no op accounts for (Python, data, framework).
+attention, output head (log-softmax / cross-entropy), casts, other elementwise work (compiled graphs' fused loops
+included), allocation and the optimizer, plus what no op accounts for (Python, data, framework).
 
 Used by `train.profile_steps` (the breakdown lands in summary.json and RUN/profile.txt) and by the bench's two
 children alike, so tunelab and its peer are measured by the same code. The profiler starts and stops on the
@@ -28,9 +28,17 @@ _CASTS = ("aten::copy_", "aten::_to_copy")
 _ALLOCATION = ("aten::empty", "aten::empty_strided", "aten::resize_", "aten::zeros", "aten::zero_")
 
 
+_COMPILED = "## Call CompiledFxGraph"
+"""A torch.compile'd graph (train.kernels: compiled): its self time is inductor's fused loops, its matmuls are
+aten ops of their own."""
+_CPU_WORK = ("aten::", _COMPILED)
+
+
 def category(name: str, under_optimizer: bool) -> str:
     if under_optimizer:
         return "optimizer"
+    if name.startswith(_COMPILED):
+        return "elementwise"
     if name.startswith(_MATMUL):
         return "matmul"
     if name.startswith(_ATTENTION):
@@ -147,12 +155,13 @@ def summarise(events, wall_seconds: float, steps: int, cuda: bool) -> StepBreakd
             seconds = event.self_device_time_total / 1e6
             kind = kernel_category(event.name)
         else:
-            if event.device_type != torch.autograd.DeviceType.CPU or not event.name.startswith("aten::"):
+            if event.device_type != torch.autograd.DeviceType.CPU or not event.name.startswith(_CPU_WORK):
                 continue
             seconds = event.self_cpu_time_total / 1e6
             kind = category(event.name, _under_optimizer(event))
         totals[kind] += seconds
-        per_op[event.name] = per_op.get(event.name, 0.0) + seconds
+        name = "compiled graphs (fused loops)" if event.name.startswith(_COMPILED) else event.name
+        per_op[name] = per_op.get(name, 0.0) + seconds
     totals["unaccounted"] = max(0.0, wall_seconds - sum(totals.values()))
     top = sorted(per_op.items(), key=lambda item: -item[1])[:12]
     return StepBreakdown(steps, wall_seconds, totals, top)

@@ -12,6 +12,7 @@ from tunelab.data.prepare import PreparedData
 from tunelab.data.prompts import PreparedPrompts
 from tunelab.eval.report import before_after_keys
 from tunelab.methods import has_frozen_base
+from tunelab.models.fused_ops import kernels_in_use
 from tunelab.track.jsonl import MetricsLog
 from tunelab.train.best import BestTracker
 from tunelab.train.flops import hardware, matmul_peak_flops, training_flops
@@ -97,6 +98,7 @@ def write_summary(run_dir, model, config, data, state, baseline, after, trainabl
         "precision": precision,
         "device": str(device),
         "hardware": hardware(device),
+        "kernels": kernels_in_use(model),
         "data": data.stats,
         "best": BestTracker(config.train, run_dir, model).summary(state),
         "trainer_state": asdict(state),

@@ -1,0 +1,139 @@
+"""Compiled decoder layers and output head for training (`train.kernels: compiled`).
+
+Eager PyTorch runs a decoder layer's elementwise work op by op: RMSNorm is six ops forward and a dozen backward,
+SwiGLU three, the rotary embedding promotes bf16 queries and keys to float32 copies, and the residual adds cast
+their bf16 inputs, each a pass over the activations with a fresh allocation plus Python and autograd overhead.
+Where matmuls are fast (AMX, AVX512-BF16, GPUs) that is a third to a half of a small model's LoRA step. Here
+each decoder layer's forward is compiled by torch.compile (inductor fuses the elementwise work into a few
+vectorised loops, forward and backward; tunelab's fused LoRA and matmul attention are traced inside without
+graph breaks), and the head's log-softmax becomes one fused pass over the bf16 logits instead of a float32 copy
+kept for backward.
+
+The layers' classes are swapped to subclasses (parameters, state dicts, deep copies and saving see the model as
+it was), and the compiled forward runs only while gradients are on: evaluation, generation and reference passes
+keep the eager forward, so compilation happens once per layer class for training only. Numerics are those of
+eager bf16 autocast up to rounding order (inductor computes a fusion in float32 and rounds once).
+"""
+
+from __future__ import annotations
+
+import functools
+import shutil
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from tunelab.models.attention import base_config
+
+COMPILED_MODEL_TYPES = {"llama", "mistral", "qwen2", "qwen3"}
+"""Decoder layers compiled and tested without graph breaks."""
+
+
+def compiler_available() -> bool:
+    """Inductor's CPU code needs a C++ compiler (GPUs need Triton, which ships with CUDA builds of torch)."""
+    return shutil.which("g++") is not None or shutil.which("c++") is not None
+
+
+@functools.cache
+def _compiled(function):
+    return torch.compile(function, dynamic=True)
+
+
+def _token_logprobs(logits: torch.Tensor, targets: torch.Tensor, temperature: float) -> torch.Tensor:
+    logits = logits.float()
+    if temperature != 1.0:
+        logits = logits / temperature
+    return -F.cross_entropy(logits, targets, reduction="none")
+
+
+def _training(x: torch.Tensor) -> bool:
+    return torch.is_grad_enabled() and x.is_floating_point()
+
+
+@functools.cache
+def _compiled_class(original: type) -> type:
+    compiled_forward = _compiled(original.forward)
+
+    def forward(self, hidden_states: torch.Tensor, *args, **kwargs):
+        if _training(hidden_states):
+            if not hidden_states.requires_grad:
+                # The first layer's input (frozen embeddings) would otherwise be compiled as a graph of its own:
+                # one more compile for a gradient that costs a few small matmuls a step.
+                hidden_states = hidden_states.detach().requires_grad_()
+            return compiled_forward(self, hidden_states, *args, **kwargs)
+        return original.forward(self, hidden_states, *args, **kwargs)
+
+    return type(f"Compiled{original.__name__}", (original,), {"forward": forward, "_tunelab_original": original})
+
+
+def compile_layers(model) -> int:
+    """Swap the model's decoder layers to compiled forms and mark its head for compiled log-probabilities;
+    returns how many decoder layers changed."""
+    from tunelab.models.logprobs import decoder_and_head
+
+    decoder, head = decoder_and_head(model)
+    layers = list(getattr(decoder, "layers", []))
+    for layer in layers:
+        if "_tunelab_original" not in type(layer).__dict__:
+            layer.__class__ = _compiled_class(type(layer))
+    if head is not None:
+        head._tunelab_compiled_logprobs = True
+    return len(layers)
+
+
+def restore_layers(model) -> None:
+    """Put the original classes back."""
+    from tunelab.models.logprobs import decoder_and_head
+
+    for module in model.modules():
+        original = type(module).__dict__.get("_tunelab_original")
+        if original is not None:
+            module.__class__ = original
+    _, head = decoder_and_head(model)
+    if head is not None:
+        head.__dict__.pop("_tunelab_compiled_logprobs", None)
+
+
+def head_logprobs(head: nn.Module, logits: torch.Tensor, targets: torch.Tensor, temperature: float) -> torch.Tensor:
+    """log softmax(logits / temperature)[target] in float32 for logits [N, V]: compiled when the head is marked and
+    gradients are on, else eager."""
+    if getattr(head, "_tunelab_compiled_logprobs", False) and _training(logits):
+        return _compiled(_token_logprobs)(logits, targets, temperature)
+    return _token_logprobs(logits, targets, temperature)
+
+
+AUTO_MIN_PARAMETERS = 50_000_000
+AUTO_MIN_STEPS = 200
+"""Below these the compile costs more than it saves: on the default model (2 AVX512-BF16 cores) it took 17 s with
+inductor's cache warm and ~45 s on a machine's first run, and saved ~0.35 s of a 2.5 s LoRA step."""
+AUTO_METHODS = {"lora", "rslora", "full"}
+
+
+def training_kernels(setting: str, *, device: torch.device, precision: str, model, method: str, objective: str,
+                     steps: int, sharded: bool, checkpointing: bool) -> str:
+    """'compiled' or 'none' for `train.kernels`: auto compiles where it was measured to pay (see the config field)."""
+    if setting != "auto":
+        return setting
+    from tunelab.models.logprobs import uses_virtual_tokens
+
+    config = base_config(model)
+    total = sum(param.numel() for param in model.parameters())
+    fits = (device.type == "cpu" and precision == "bf16" and compiler_available() and method in AUTO_METHODS
+            and objective == "sft" and not sharded and not checkpointing and not uses_virtual_tokens(model)
+            and getattr(config, "model_type", None) in COMPILED_MODEL_TYPES)
+    return "compiled" if fits and total >= AUTO_MIN_PARAMETERS and steps >= AUTO_MIN_STEPS else "none"
+
+
+def enable_compiled_kernels(model, precision: str) -> int:
+    """Compile the model's decoder layers and head for training; returns how many layers were compiled. Fused LoRA
+    layers' frozen weight casts are made first, so the compiled layers read them instead of casting per forward."""
+    from tunelab.methods.fused_lora import cache_weight_casts
+
+    cache_weight_casts(model, torch.bfloat16 if precision == "bf16" else torch.float32)
+    return compile_layers(model)
+
+
+def kernels_in_use(model) -> str:
+    """'compiled' when the model's decoder layers run compiled in training, else 'none' (for summary.json)."""
+    return "compiled" if any("_tunelab_original" in type(m).__dict__ for m in model.modules()) else "none"
