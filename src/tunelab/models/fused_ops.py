@@ -105,8 +105,8 @@ def head_logprobs(head: nn.Module, logits: torch.Tensor, targets: torch.Tensor, 
 
 AUTO_MIN_PARAMETERS = 50_000_000
 AUTO_MIN_STEPS = 200
-"""Below these the compile costs more than it saves: on the default model (2 AVX512-BF16 cores) it took 17 s with
-inductor's cache warm and ~45 s on a machine's first run, and saved ~0.35 s of a 2.5 s LoRA step."""
+"""Below these the compile costs more than it saves: on the default model (2 AVX512-BF16 cores) it took 15-22 s with
+inductor's cache warm and 56 s on a machine's first run, and saved ~0.35 s of a 2.5 s LoRA step."""
 AUTO_METHODS = {"lora", "rslora", "full"}
 
 
