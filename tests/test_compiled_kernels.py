@@ -111,6 +111,7 @@ def test_auto_compiles_only_runs_it_pays_for():
                    {"sharded": True}, {"checkpointing": True}, {"device": torch.device("cuda")}):
         assert training_kernels("auto", **{**settings, **change}) == "none", change
     assert training_kernels("compiled", **{**settings, "steps": 1}) == "compiled"
+    assert training_kernels("compiled", **{**settings, "sharded": True}) == "none"
     assert training_kernels("none", **settings) == "none"
 
 

@@ -112,7 +112,10 @@ AUTO_METHODS = {"lora", "rslora", "full"}
 
 def training_kernels(setting: str, *, device: torch.device, precision: str, model, method: str, objective: str,
                      steps: int, sharded: bool, checkpointing: bool) -> str:
-    """'compiled' or 'none' for `train.kernels`: auto compiles where it was measured to pay (see the config field)."""
+    """'compiled' or 'none' for `train.kernels`: auto compiles where it was measured to pay (see the config field).
+    Never under FSDP, whose own subclass of each layer would wrap the compiled one (untried)."""
+    if sharded:
+        return "none"
     if setting != "auto":
         return setting
     from tunelab.models.logprobs import uses_virtual_tokens
@@ -120,7 +123,7 @@ def training_kernels(setting: str, *, device: torch.device, precision: str, mode
     config = base_config(model)
     total = sum(param.numel() for param in model.parameters())
     fits = (device.type == "cpu" and precision == "bf16" and compiler_available() and method in AUTO_METHODS
-            and objective == "sft" and not sharded and not checkpointing and not uses_virtual_tokens(model)
+            and objective == "sft" and not checkpointing and not uses_virtual_tokens(model)
             and getattr(config, "model_type", None) in COMPILED_MODEL_TYPES)
     return "compiled" if fits and total >= AUTO_MIN_PARAMETERS and steps >= AUTO_MIN_STEPS else "none"
 

@@ -196,6 +196,8 @@ def _train(config: RunConfig, log: RunLog, ranks: Ranks, device: torch.device, *
     if kernels == "compiled":  # after the memory estimate, which runs the model eagerly on other shapes
         console.print(f"compiling {enable_compiled_kernels(model, precision)} decoder layers for training "
                       "(train.kernels; the first run on a machine takes about a minute more)")
+    elif config.train.kernels == "compiled":
+        console.print("compiled layers are off under FSDP (train.kernels)")
     ctx.loss_module = loss_module(model, objective, ranks, device, config.train.distributed)
     ctx.optimizer, ctx.scheduler = build_optimizer(model, config.train, ctx.total_steps)  # on the shards, if any
     # A sharded model runs only inside its root's forward, on every process (train/sharding.py).
