@@ -115,7 +115,8 @@ def test_auto_compiles_only_runs_it_pays_for():
     assert training_kernels("none", **settings) == "none"
 
 
-def test_a_compiled_run_trains_like_an_eager_one(tiny_model_dir, tmp_path):
+@pytest.mark.parametrize("method", ["lora", "full"])
+def test_a_compiled_run_trains_like_an_eager_one(tiny_model_dir, tmp_path, method):
     qa = tmp_path / "qa.jsonl"
     qa.write_text("".join(json.dumps({"question": f"what is {a} plus {b}?", "answer": f"{a + b}"}) + "\n"
                           for a in range(6) for b in range(6)))
@@ -123,7 +124,8 @@ def test_a_compiled_run_trains_like_an_eager_one(tiny_model_dir, tmp_path):
     for kernels in ("none", "compiled"):
         out = tmp_path / kernels
         runs[kernels] = train_run(run_config(tiny_model_dir, qa, out, "train.epochs=1", "train.lr=3e-3",
-                                             f"train.kernels={kernels}", "train.profile_steps=2"))
+                                             f"train.kernels={kernels}", "train.profile_steps=2",
+                                             f"method.name={method}"))
         runs[kernels]["losses"] = [json.loads(line).get("loss") for line in (out / "metrics.jsonl").open()][1:]
     assert runs["none"]["kernels"] == "none" and runs["compiled"]["kernels"] == "compiled"
     assert runs["compiled"]["losses"] == pytest.approx(runs["none"]["losses"], rel=1e-4)
