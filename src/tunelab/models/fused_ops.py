@@ -53,6 +53,9 @@ def _training(x: torch.Tensor) -> bool:
 
 @functools.cache
 def _compiled_class(original: type) -> type:
+    """A subclass of a decoder layer class whose forward runs compiled while gradients are on (one per class, so
+    all layers share one compiled graph). A class swap rather than nn.Module.compile, which would also compile
+    evaluation and KV-cache decoding."""
     compiled_forward = _compiled(original.forward)
 
     def forward(self, hidden_states: torch.Tensor, *args, **kwargs):
