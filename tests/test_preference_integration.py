@@ -18,7 +18,7 @@ EXAMPLE = Path(__file__).parent.parent / "examples" / "dpo.yaml"
 
 def test_dpo_recipe_starts_at_ln2_and_moves_the_models_preference(default_model_dir, tmp_path):
     out = tmp_path / "dpo"
-    config = load_config(EXAMPLE, ["train.max_steps=6", "train.eval_every=100", "data.eval_split=0.02",
+    config = load_config(EXAMPLE, ["train.max_steps=4", "train.eval_every=100", "data.eval_split=0.02",
                                    "eval.generate_samples=0", "train.warmup_ratio=0", f"output_dir={out}"])
     summary = train_run(config)
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
