@@ -7,7 +7,8 @@ greedy, batch 16).
 
 Cases, alternated in one process so that machine drift hits all alike:
 - `generate fp32`:  transformers' `generate` on the model as loaded (float32), what tunelab used before;
-- `generate bf16`:  transformers' `generate` on a bfloat16 copy (the compute dtype on CPUs with AMX/AVX512-BF16);
+- `generate bf16`:  transformers' `generate` on a bfloat16 copy (model.to(torch.bfloat16), the compute dtype on CPUs
+                    with AMX/AVX512-BF16);
 - `tunelab fp32` / `tunelab bf16`: generate_replies with precision fp32 / bf16 (infer/decode.py).
 Reported: generated tokens/s (new tokens up to and including each reply's stop token, counted from tunelab's
 replies; `generate` writes the same replies in the same dtype, checked), and the ratios. Prints a Markdown table
@@ -17,6 +18,7 @@ and writes bench/results/<timestamp>-generation.md and .json.
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import statistics
 import sys
@@ -54,7 +56,9 @@ def held_out_conversations(config_path: Path, tokenizer, samples: int | None) ->
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    from tunelab.infer.generate import GenerationOptions, decoding_model
+    import torch
+
+    from tunelab.infer.generate import GenerationOptions
     from tunelab.infer.load import load_generator
 
     loaded = load_generator(args.model, "cpu")
@@ -62,9 +66,9 @@ def main(argv: list[str] | None = None) -> int:
     conversations, configured_tokens = held_out_conversations(args.config, tokenizer, args.samples)
     max_new_tokens = args.max_new_tokens or configured_tokens
     options = GenerationOptions(max_new_tokens=max_new_tokens, batch_size=args.batch_size)
-    with decoding_model(model, "bf16") as bf16_model:  # the copy tunelab decodes bf16 from, made once here
-        return report(args, run_cases(args, model, bf16_model, renderer, conversations, max_new_tokens, options),
-                      tokenizer, conversations, max_new_tokens)
+    bf16_model = copy.deepcopy(model).to(torch.bfloat16).eval()  # what a user of `generate` would decode from
+    return report(args, run_cases(args, model, bf16_model, renderer, conversations, max_new_tokens, options),
+                  tokenizer, conversations, max_new_tokens)
 
 
 def run_cases(args, model, bf16_model, renderer, conversations, max_new_tokens: int, options) -> dict:

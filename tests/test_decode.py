@@ -1,13 +1,15 @@
 """tunelab's decoding loop (infer/decode.py) against transformers' `generate`: the same greedy tokens on the
-default model whatever the batch size, order and lengths; finished rows leave the batch without changing the
-others; bf16 decoding works from a copy and leaves the trained model as it was."""
+default model whatever the batch size, order and lengths (with the shared template prefix run once, the reserved
+KV cache and the single-query attention); finished rows leave the batch without changing the others; bf16
+decoding works from a copy with packed matmul weights and leaves the trained model as it was."""
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from tunelab.data.template import ChatRenderer
-from tunelab.infer.decode import decode
+from tunelab.infer.decode import MIN_SHARED_PREFIX, _shared_prefix_length, decode
 from tunelab.infer.generate import (
     GenerationOptions,
     _generate_batches,
@@ -15,7 +17,9 @@ from tunelab.infer.generate import (
     generate_replies,
     stop_token_ids,
 )
+from tunelab.infer.kv_cache import ReservedLayer
 from tunelab.models.load import load_model, load_tokenizer
+from tunelab.models.packed_linear import PackedLinear
 
 QUESTIONS = ["What is 2+2?", "Say hi.", "Write one sentence about the sea, the wind and the moon at night.",
              "What is the capital of France?", "List three fruits.", "Why is the sky blue? Answer briefly."]
@@ -33,12 +37,13 @@ def test_greedy_decoding_gives_generates_tokens_for_any_batching(default_model_d
                                                      GenerationOptions(max_new_tokens=20, batch_size=6))
                 for reply in batch]
     assert len(set(expected)) == len(QUESTIONS)
+    prompts = [tokenizer(renderer.prompt(c), add_special_tokens=False)["input_ids"] for c in conversations()]
+    assert _shared_prefix_length(prompts[:4]) >= MIN_SHARED_PREFIX  # batches of 4 run the template's prefix once
     for batch_size in (1, 4):  # batches of one, and batches whose rows finish at different steps
         replies = generate_replies(model, renderer, conversations(),
                                    GenerationOptions(max_new_tokens=20, batch_size=batch_size))
         assert replies == expected, batch_size
     # stops and truncation: a reply that ended has its stop token last and is not marked truncated
-    prompts = [tokenizer(renderer.prompt(c), add_special_tokens=False)["input_ids"] for c in conversations()]
     stops = stop_token_ids(model, tokenizer)
     decoded = decode(model, prompts, max_new_tokens=12, stop_ids=stops, pad_id=tokenizer.pad_token_id, batch_size=3)
     for tokens, cut in zip(decoded.tokens, decoded.truncated, strict=True):
@@ -60,3 +65,33 @@ def test_bf16_decoding_uses_a_copy_and_leaves_the_model_as_it_was(tiny_model_dir
     replies = generate_replies(model, renderer, conversations()[:2], GenerationOptions(max_new_tokens=4,
                                                                                        precision="bf16"))
     assert len(replies) == 2 and model.training
+
+
+def test_bf16_copy_packs_its_linears_with_the_same_outputs(tiny_model_dir):
+    model = load_model(tiny_model_dir, device="cpu")
+    plain = load_model(tiny_model_dir, device="cpu").to(torch.bfloat16).eval()
+    ids = torch.randint(0, model.config.vocab_size, (3, 11))
+    with decoding_model(model, "bf16") as decoder, torch.no_grad():
+        linears = [m for m in decoder.modules() if isinstance(m, torch.nn.Linear)]
+        assert linears and all(type(m) is PackedLinear for m in linears)
+        assert torch.equal(decoder(input_ids=ids).logits, plain(input_ids=ids).logits)
+
+
+def test_reserved_cache_layer_holds_what_a_dynamic_layer_holds():
+    from transformers.cache_utils import DynamicLayer
+
+    reserved, dynamic = ReservedLayer(capacity=9), DynamicLayer()
+    steps = [torch.randn(4, 2, n, 8) for n in (5, 1, 1)]
+    for states in steps:
+        for layer in (reserved, dynamic):
+            keys, values = layer.update(states, states * 2)
+        assert torch.equal(keys, dynamic.keys) and torch.equal(reserved.values, dynamic.values)
+    keep = torch.tensor([3, 1])
+    for layer in (reserved, dynamic):
+        layer.batch_select_indices(keep)
+        layer.batch_repeat_interleave(2)
+        layer.update(torch.ones(4, 2, 1, 8), torch.zeros(4, 2, 1, 8))
+    assert reserved.get_seq_length() == dynamic.get_seq_length() == 8
+    assert torch.equal(reserved.keys, dynamic.keys) and torch.equal(reserved.values, dynamic.values)
+    with pytest.raises(ValueError, match="holds 9 positions"):
+        reserved.update(torch.ones(4, 2, 2, 8), torch.ones(4, 2, 2, 8))

@@ -24,6 +24,10 @@ from tunelab.eval.evaluate import evaluate_loss, evaluate_task
 from tunelab.eval.labels import LABEL_METRICS, resolve_labels
 from tunelab.infer.generate import GenerationOptions
 
+LABEL_BATCH_SIZE = 16
+"""Samples per label-scoring forward: each holds a whole conversation's logits, so it stays smaller than the
+generation batch (eval.generate_batch_size)."""
+
 
 @dataclass
 class RunEvaluator:
@@ -77,5 +81,6 @@ class RunEvaluator:
             label_score=self.config.eval.label_score,
             precision=self.precision,
             max_length=self.config.data.max_length,
+            label_batch_size=LABEL_BATCH_SIZE,
         )
         return outcome.metrics, outcome.replies

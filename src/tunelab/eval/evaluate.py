@@ -71,10 +71,12 @@ def evaluate_task(
     label_score: LabelScore = "sum",
     precision: str = "fp32",
     max_length: int | None = None,
+    label_batch_size: int | None = None,
 ) -> TaskEvaluation:
     """Generation metrics on greedy replies; `label_accuracy` by scoring each label's likelihood instead
     (labels: the given set, else the samples' distinct references). With label_accuracy alone nothing is
-    generated and the replies are the predicted labels."""
+    generated and the replies are the predicted labels. Labels are scored in batches of `label_batch_size`
+    (default: the generation batch)."""
     if not samples:
         return TaskEvaluation({}, [])
     references = [s.reference for s in samples]
@@ -84,7 +86,8 @@ def evaluate_task(
     classified = None
     if any(m in LABEL_METRICS for m in metrics):
         classified = evaluate_labels(model, renderer, samples, resolve_labels(labels, references), score=label_score,
-                                     precision=precision, batch_size=options.batch_size, max_length=max_length)
+                                     precision=precision, batch_size=label_batch_size or options.batch_size,
+                                     max_length=max_length)
         scores.update(classified.metrics)
         replies = replies or classified.predictions
     return TaskEvaluation(scores, replies, classified)

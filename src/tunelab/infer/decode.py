@@ -21,6 +21,10 @@ from dataclasses import dataclass
 
 import torch
 
+from .kv_cache import reserved_cache
+
+MIN_SHARED_PREFIX = 8
+"""Prompts of a batch that share at least this many leading tokens run them once (see _prefill)."""
 COMPACT_FRACTION = 8
 """Drop finished rows from the KV cache once at least 1/COMPACT_FRACTION of the batch has finished: copying the
 cache for every single finished row would cost more than computing a few dead rows."""
@@ -83,14 +87,10 @@ def _device(model) -> torch.device:
 def _decode_batch(model, prompts: list[list[int]], max_new_tokens: int, stops: set[int], pad_id: int,
                   sampling: Sampling | None, generator: torch.Generator | None,
                   repeats: int) -> tuple[list[list[int]], list[bool]]:
-    from transformers import DynamicCache
-
     device = _device(model)
-    input_ids, mask = left_padded(prompts, pad_id, device)
-    positions = (mask.cumsum(-1) - 1).clamp(min=0)
-    cache = DynamicCache(config=model.config)
-    logits = model(input_ids=input_ids, attention_mask=mask, position_ids=positions, cache=cache, use_cache=True,
-                   logits_to_keep=1).logits[:, -1]
+    logits, cache, prompt_mask, positions = _prefill(model, prompts, pad_id, max_new_tokens)
+    width = prompt_mask.shape[1]
+    mask = torch.cat([prompt_mask, prompt_mask.new_ones(len(prompts), max_new_tokens)], dim=1)
     if repeats > 1:
         cache.batch_repeat_interleave(repeats)
         logits, mask, positions = (t.repeat_interleave(repeats, dim=0) for t in (logits, mask, positions))
@@ -114,11 +114,41 @@ def _decode_batch(model, prompts: list[list[int]], max_new_tokens: int, stops: s
             cache.batch_select_indices(keep)
             mask, token, next_position = mask[keep], token[keep], next_position[keep]
             alive = [alive[slot] for slot in live]
-        mask = torch.cat([mask, mask.new_ones(len(alive), 1)], dim=1)
-        logits = model(input_ids=token[:, None], attention_mask=mask, position_ids=next_position[:, None],
-                       cache=cache, use_cache=True).logits[:, -1]
+        logits = model(input_ids=token[:, None], attention_mask=mask[:, :width + step + 1],
+                       position_ids=next_position[:, None], cache=cache, use_cache=True).logits[:, -1]
         next_position = next_position + 1
     return new, [not done for done in finished]
+
+
+def _prefill(model, prompts: list[list[int]], pad_id: int, max_new_tokens: int):
+    """(last-position logits, cache, attention mask, position ids) after running the prompts. Leading tokens that
+    every prompt shares (a system prompt, an instruction) run once and their cache is copied to every row; the
+    rest of each prompt follows, left-padded, so padding sits between the shared part and the prompt's own."""
+    device = _device(model)
+    shared = _shared_prefix_length(prompts)
+    suffix_ids, suffix_mask = left_padded([p[shared:] for p in prompts], pad_id, device)
+    cache = reserved_cache(model.config, shared + suffix_ids.shape[1] + max_new_tokens)
+    if shared:
+        model(input_ids=torch.tensor([prompts[0][:shared]], device=device), cache=cache, use_cache=True,
+              logits_to_keep=1)
+        cache.batch_repeat_interleave(len(prompts))
+    mask = torch.cat([suffix_mask.new_ones(len(prompts), shared), suffix_mask], dim=1)
+    positions = shared + (suffix_mask.cumsum(-1) - 1).clamp(min=0)
+    logits = model(input_ids=suffix_ids, attention_mask=mask, position_ids=positions, cache=cache, use_cache=True,
+                   logits_to_keep=1).logits[:, -1]
+    return logits, cache, mask, positions
+
+
+def _shared_prefix_length(prompts: list[list[int]]) -> int:
+    """How many leading tokens all prompts share, if at least MIN_SHARED_PREFIX, else 0; each prompt keeps at
+    least one token of its own (decoding starts from its last position's logits)."""
+    if len(prompts) < 2:
+        return 0
+    first, limit = prompts[0], min(len(p) for p in prompts) - 1
+    length = 0
+    while length < limit and all(p[length] == first[length] for p in prompts):
+        length += 1
+    return length if length >= MIN_SHARED_PREFIX else 0
 
 
 def _pick(logits: torch.Tensor, sampling: Sampling | None, generator: torch.Generator | None) -> torch.Tensor:

@@ -13,6 +13,7 @@ import torch
 from tunelab.data.template import ChatRenderer
 from tunelab.infer.decode import Sampling, decode, left_padded, pick_scores
 from tunelab.models.logprobs import uses_virtual_tokens
+from tunelab.models.packed_linear import pack_linears
 
 
 @dataclass(frozen=True)
@@ -72,7 +73,7 @@ def decoding_model(model, precision: str = "fp32") -> Iterator[torch.nn.Module]:
     For bf16 with fp32 weights: a bf16 copy with any adapter folded in (no per-token weight casts, no adapter
     matmuls), for models of up to COPY_LIMIT parameters that are not quantised; else the model itself under
     autocast. The model's training mode is restored afterwards."""
-    from tunelab.models.attention import attention_implementation
+    from tunelab.models.attention import DECODE, attention_implementation
 
     was_training = model.training
     model.eval()
@@ -83,7 +84,7 @@ def decoding_model(model, precision: str = "fp32") -> Iterator[torch.nn.Module]:
             decoder = model
             cast = torch.autocast(next(model.parameters()).device.type, dtype=torch.bfloat16)
     try:
-        with attention_implementation(decoder, "sdpa"), cast:
+        with attention_implementation(decoder, DECODE), cast:
             yield decoder
     finally:
         model.train(was_training)
@@ -107,7 +108,9 @@ def _bf16_copy(model) -> torch.nn.Module | None:
         duplicate = duplicate.merge_and_unload()
     # Its parameters keep requires_grad (decoding runs under no_grad anyway): bf16 weights that do not require
     # grad took a slower CPU matmul path, 40% slower decoding on the default model (Xeon with AMX, torch 2.13).
-    return duplicate.to(torch.bfloat16).eval()
+    duplicate = duplicate.to(torch.bfloat16).eval()
+    pack_linears(duplicate)  # its weights are fixed from here on: matmuls start from oneDNN's layout
+    return duplicate
 
 
 def _generate_batches(

@@ -165,7 +165,7 @@ def _train(config: RunConfig, log: RunLog, ranks: Ranks, device: torch.device, *
     )
     renderer = ChatRenderer(tokenizer, config.data.chat_template)
     generation = GenerationOptions(max_new_tokens=config.eval.max_new_tokens, seed=config.train.seed,
-                                   precision=precision)
+                                   precision=precision, batch_size=config.eval.generate_batch_size)
     evaluate = RunEvaluator(config, model, renderer, data, precision, generation,  # checks eval.labels
                             loss=_objective_loss(objective, model, data, tokenizer, precision, config))
 

@@ -1,0 +1,81 @@
+"""A KV cache whose storage is reserved once for the whole decode.
+
+transformers' DynamicCache appends each new token's keys and values with torch.cat, which copies the whole
+cache of every layer at every step: on the default model, 60 held-out prompts decoded together, those copies
+were a third of the decoding time. Here each layer reserves prompt + max_new_tokens positions at the first
+update and writes each step's keys and values into the next free column; attention reads a view of the
+columns written so far. Dropping finished rows (batch_select_indices) still copies, but only when it happens.
+"""
+
+from __future__ import annotations
+
+import torch
+from transformers import DynamicCache
+from transformers.cache_utils import DynamicLayer
+
+
+class ReservedLayer(DynamicLayer):
+    """One decoder layer's keys and values, written into storage of `capacity` positions."""
+
+    def __init__(self, capacity: int, **kwargs):
+        super().__init__(**kwargs)
+        self.capacity = capacity
+        self.length = 0
+        self._key_storage: torch.Tensor | None = None
+        self._value_storage: torch.Tensor | None = None
+
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        batch, heads, _, _ = key_states.shape
+        self.device = key_states.device
+        self._key_storage = key_states.new_empty(batch, heads, self.capacity, key_states.shape[-1])
+        self._value_storage = value_states.new_empty(batch, heads, self.capacity, value_states.shape[-1])
+        self.is_initialized = True
+        self._expose()
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args,
+               **kwargs) -> tuple[torch.Tensor, torch.Tensor]:
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        end = self.length + key_states.shape[-2]
+        if end > self.capacity:
+            raise ValueError(f"the reserved KV cache holds {self.capacity} positions; {end} were asked for")
+        self._key_storage[:, :, self.length:end].copy_(key_states)
+        self._value_storage[:, :, self.length:end].copy_(value_states)
+        self.length = end
+        self._expose()
+        return self.keys, self.values
+
+    def _expose(self) -> None:
+        self.keys = self._key_storage[:, :, :self.length]
+        self.values = self._value_storage[:, :, :self.length]
+
+    def get_seq_length(self) -> int:
+        return self.length
+
+    def reset(self) -> None:
+        self.length = 0
+        self._key_storage = self._value_storage = None
+        super().reset()
+
+    def crop(self, tokens_to_remove: int) -> None:
+        raise NotImplementedError("a reserved KV cache is written forward only")
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        if self.is_initialized:
+            self._key_storage = self._key_storage.repeat_interleave(repeats, dim=0)
+            self._value_storage = self._value_storage.repeat_interleave(repeats, dim=0)
+            self._expose()
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        if self.is_initialized:
+            self._key_storage = self._key_storage[indices]
+            self._value_storage = self._value_storage[indices]
+            self._expose()
+
+
+def reserved_cache(config, capacity: int) -> DynamicCache:
+    """A DynamicCache for `config`'s model whose full-attention layers reserve `capacity` positions (sliding-window
+    and other special layers keep transformers' own kind)."""
+    cache = DynamicCache(config=config)
+    cache.layers = [ReservedLayer(capacity) if type(layer) is DynamicLayer else layer for layer in cache.layers]
+    return cache
