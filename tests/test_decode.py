@@ -95,3 +95,25 @@ def test_reserved_cache_layer_holds_what_a_dynamic_layer_holds():
     assert torch.equal(reserved.keys, dynamic.keys) and torch.equal(reserved.values, dynamic.values)
     with pytest.raises(ValueError, match="holds 9 positions"):
         reserved.update(torch.ones(4, 2, 2, 8), torch.ones(4, 2, 2, 8))
+
+
+def test_decoding_copy_of_a_fused_lora_model_runs_its_own_modules(tiny_model_dir):
+    """Fused LoRA forwards are closures over the trained model's modules; the decoding copy must not keep them
+    (its head would run the original's weight), nor the weight casts they cached."""
+    from test_fused_lora import lora_model
+
+    from tunelab.methods.fused_lora import fuse_lora_layers
+    from tunelab.models.logprobs import decoder_and_head
+
+    model = lora_model(tiny_model_dir)
+    fuse_lora_layers(model)
+    ids = torch.randint(0, model.config.vocab_size, (2, 9))
+    with decoding_model(model, "bf16") as decoder, torch.no_grad():
+        assert not any("forward" in m.__dict__ or "_tunelab_weight" in m.__dict__ for m in decoder.modules())
+        _, head = decoder_and_head(decoder)
+        assert type(head) is PackedLinear
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            expected = model(input_ids=ids).logits.float()
+        got = decoder(input_ids=ids).logits.float()
+    assert (got - expected).abs().max() < 0.1 * expected.abs().max()
+    assert "forward" in decoder_and_head(model)[1].__dict__  # the trained model keeps its fused head

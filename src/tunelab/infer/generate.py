@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import copy
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -95,6 +94,7 @@ COPY_LIMIT = 2_000_000_000
 
 
 def _bf16_copy(model) -> torch.nn.Module | None:
+    from tunelab.methods import unpatched_copy
     from tunelab.train.sharding import is_sharded
 
     parameters = list(model.parameters())
@@ -103,7 +103,7 @@ def _bf16_copy(model) -> torch.nn.Module | None:
         return None
     if any(module._forward_hooks or module._forward_pre_hooks for module in model.modules()):
         return None  # hooks (bottleneck adapters) may hold the original modules, which a copy would still call
-    duplicate = copy.deepcopy(model)
+    duplicate = unpatched_copy(model)
     if hasattr(duplicate, "merge_and_unload"):
         duplicate = duplicate.merge_and_unload()
     # Its parameters keep requires_grad (decoding runs under no_grad anyway): bf16 weights that do not require

@@ -73,11 +73,25 @@ def merged_copy(model, method_name: str, dtype: torch.dtype):
     method cannot fold (CANNOT_MERGE) or its base is quantised (QLoRA). What GRPO samples from: on the default
     model (2 CPU cores, bf16) it decoded 32 completions in 10.3 s where the live LoRA model under autocast
     took 14.5-19.4 s, for 1.3 s of copying."""
-    import copy
-
     if getattr(METHODS[method_name], "CANNOT_MERGE", None) or method_name == "qlora":
         return None
-    duplicate = copy.deepcopy(model)
+    duplicate = unpatched_copy(model)
     if hasattr(duplicate, "merge_and_unload"):
         duplicate = duplicate.merge_and_unload()
     return duplicate.to(dtype).eval()  # requires_grad kept: see infer.generate._bf16_copy
+
+
+def unpatched_copy(model):
+    """copy.deepcopy(model) without tunelab's training-time patches. Fused LoRA forwards are closures over the
+    original modules, so a copy kept calling into the trained model: on the default model the copy's head ran
+    the original's weight through a batched matmul that copied it once per row (3.3 GB and 9 s for a 60-row
+    prefill). The copied weight casts and compiled layer classes go too."""
+    import copy
+
+    from tunelab.methods.fused_lora import unfuse_lora_layers
+    from tunelab.models.fused_ops import restore_layers
+
+    duplicate = copy.deepcopy(model)
+    unfuse_lora_layers(duplicate)
+    restore_layers(duplicate)
+    return duplicate
