@@ -31,8 +31,9 @@ from tunelab.data.template import IGNORE_INDEX, TokenizedSample
 from tunelab.errors import TrainingFault
 from tunelab.infer.generate import sample_token_ids
 from tunelab.methods import merged_copy
-from tunelab.models.attention import attention_implementation
+from tunelab.models.attention import DECODE, attention_implementation
 from tunelab.models.logprobs import can_share_prompts, shared_prompt_logprobs, trained_token_logprobs
+from tunelab.models.packed_linear import pack_linears
 from tunelab.objectives.grpo_loss import (  # noqa: F401 - Completion and the loss are this module's interface
     Completion,
     group_advantages,
@@ -156,7 +157,7 @@ class GrpoObjective:
         was_training = model.training
         model.eval()
         try:
-            with attention_implementation(sampler, "sdpa"), autocast(self.precision, device):
+            with attention_implementation(sampler, DECODE), autocast(self.precision, device):
                 return sample_token_ids(sampler, self.tokenizer, prompts, max_new_tokens=self.config.max_new_tokens,
                                         do_sample=True, temperature=self.config.temperature, top_p=self.config.top_p,
                                         seed=self.seed * 1_000_003 + step, repeats=self.config.group_size)
@@ -165,12 +166,16 @@ class GrpoObjective:
 
     def _sampling_model(self, model):
         """On CPU, a copy of the policy with its adapter folded in, in the training precision (no per-token weight
-        casts, no adapter matmuls: see methods.merged_copy); elsewhere, or when the method cannot fold, the
-        policy itself."""
+        casts, no adapter matmuls: see methods.merged_copy), its bf16 matmul weights packed (models/packed_linear);
+        elsewhere, or when the method cannot fold, the policy itself."""
         if next(model.parameters()).device.type != "cpu":
             return model
         dtype = torch.bfloat16 if self.precision == "bf16" else torch.float32
-        return merged_copy(model, self.method_name, dtype) or model
+        sampler = merged_copy(model, self.method_name, dtype)
+        if sampler is None:
+            return model
+        pack_linears(sampler)
+        return sampler
 
     def score(self, rows: Sequence[PromptRow], texts: list[str], ids: list[list[int]]) -> torch.Tensor:
         """Every reward of every completion [C, R] (NaN where a reward gave None). A reward that raises stops
@@ -310,7 +315,7 @@ class GrpoObjective:
         was_training = model.training
         model.eval()
         try:
-            with attention_implementation(sampler, "sdpa"), autocast(self.precision, device):
+            with attention_implementation(sampler, DECODE), autocast(self.precision, device):
                 ids = sample_token_ids(sampler, self.tokenizer, [row.prompt_ids for row in rows],
                                        max_new_tokens=self.config.max_new_tokens, do_sample=False,
                                        batch_size=batch_size)[0]
