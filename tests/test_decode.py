@@ -117,3 +117,25 @@ def test_decoding_copy_of_a_fused_lora_model_runs_its_own_modules(tiny_model_dir
         got = decoder(input_ids=ids).logits.float()
     assert (got - expected).abs().max() < 0.1 * expected.abs().max()
     assert "forward" in decoder_and_head(model)[1].__dict__  # the trained model keeps its fused head
+
+
+def test_single_query_attention_equals_sdpa_with_grouped_heads_and_padding():
+    from types import SimpleNamespace
+
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    from tunelab.models.attention import decode_attention
+
+    torch.manual_seed(0)
+    module = SimpleNamespace(num_key_value_groups=3, is_causal=True, training=False)
+    query = torch.randn(4, 6, 1, 16)
+    key = torch.randn(4, 2, 16, 12).transpose(2, 3)  # [B, kv heads, L, D] as the reserved cache exposes it
+    value = torch.randn(4, 2, 12, 16)
+    mask = torch.ones(4, 1, 1, 12, dtype=torch.bool)
+    mask[0, ..., :5] = False  # a left-padded row
+    mask[2, ..., 3:7] = False  # padding between a shared prefix and the prompt's own tokens
+    for attention_mask in (mask, None):
+        got, _ = decode_attention(module, query, key, value, attention_mask, 0.25)
+        expected, _ = sdpa_attention_forward(module, query, key.contiguous(), value, attention_mask, scaling=0.25)
+        assert got.shape == expected.shape == (4, 1, 6, 16)
+        torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)

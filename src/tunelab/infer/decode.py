@@ -6,6 +6,8 @@ model. For the short, uneven replies of fine-tuning data that overhead and the f
 time. Here:
 - prompts are decoded longest first, so a batch holds prompts of similar length (little left padding), and
   results come back in the caller's order;
+- the leading tokens all prompts of a batch share (chat template, system prompt, instruction) run once, and the
+  KV cache is reserved for the whole decode and written in place (infer/kv_cache.py) instead of concatenated;
 - a row that produced a stop token leaves the batch (its KV-cache rows are dropped once enough rows finished),
   so the rest run on a smaller batch;
 - the prompt is run once per prompt and its cache repeated for `repeats` completions (GRPO's groups);
@@ -18,10 +20,14 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 
 from .kv_cache import reserved_cache
+
+if TYPE_CHECKING:
+    from transformers import DynamicCache
 
 MIN_SHARED_PREFIX = 8
 """Prompts of a batch that share at least this many leading tokens run them once (see _prefill)."""
@@ -120,7 +126,8 @@ def _decode_batch(model, prompts: list[list[int]], max_new_tokens: int, stops: s
     return new, [not done for done in finished]
 
 
-def _prefill(model, prompts: list[list[int]], pad_id: int, max_new_tokens: int):
+def _prefill(model, prompts: list[list[int]], pad_id: int,
+             max_new_tokens: int) -> tuple[torch.Tensor, DynamicCache, torch.Tensor, torch.Tensor]:
     """(last-position logits, cache, attention mask, position ids) after running the prompts. Leading tokens that
     every prompt shares (a system prompt, an instruction) run once and their cache is copied to every row; the
     rest of each prompt follows, left-padded, so padding sits between the shared part and the prompt's own."""

@@ -67,7 +67,8 @@ def generate_replies(
 
 @contextmanager
 def decoding_model(model, precision: str = "fp32") -> Iterator[torch.nn.Module]:
-    """The model to decode with, in eval mode with sdpa attention, in the compute dtype `precision` names.
+    """The model to decode with, in eval mode with tunelab_decode attention (sdpa for prompts), in the compute
+    dtype `precision` names.
 
     For bf16 with fp32 weights: a bf16 copy with any adapter folded in (no per-token weight casts, no adapter
     matmuls), for models of up to COPY_LIMIT parameters that are not quantised; else the model itself under

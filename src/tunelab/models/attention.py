@@ -1,4 +1,5 @@
-"""Attention for training on CPU: plain matmuls with float32 scores (`train.attention: matmul`).
+"""Attention for training on CPU: plain matmuls with float32 scores (`train.attention: matmul`); and for
+decoding, a single query's attention by matmuls (`decode_attention`).
 
 PyTorch's CPU flash-attention kernel (what `sdpa` picks) has a slow backward at the short lengths of
 instruction data: on the default model, batch 8 x ~140 tokens, it took a fifth of a LoRA step, and two
@@ -130,12 +131,14 @@ def matmul_attention(module, query, key, value, attention_mask, scaling, dropout
 
 def decode_attention(module, query, key, value, attention_mask, scaling, dropout=0.0, **kwargs):
     """Attention for decoding (`tunelab_decode`): one new token per row by two matmuls over the key/value heads
-    (no repeated keys), prompts by transformers' sdpa. PyTorch's CPU flash kernel is slow for a single query:
-    on the default model (60 rows, ~130 cached positions, bf16, AMD EPYC) 1.24 ms a layer against 0.90."""
+    (no repeated keys), on CPU; prompts, and every query on other devices, by transformers' sdpa. PyTorch's CPU
+    flash kernel is slow for a single query: on the default model (60 rows, ~130 cached positions, bf16, AMD EPYC)
+    1.24 ms a layer against 0.90 (0.27 of them the query-key matmul, on infer/kv_cache.py's transposed keys)."""
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
     batch, heads, length, dim = query.shape
-    plain = length == 1 and not dropout and all(kwargs.get(k) is None for k in ("softcap", "position_bias", "s_aux"))
+    plain = (length == 1 and query.device.type == "cpu" and not dropout
+             and all(kwargs.get(k) is None for k in ("softcap", "position_bias", "s_aux")))
     if not plain or heads % key.shape[1]:
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                                       **kwargs)
