@@ -201,7 +201,7 @@ class EvalConfig(Strict):
     max_new_tokens: int = Field(64, ge=1)
     generate_batch_size: int = Field(64, ge=1)
     """Held-out prompts decoded together (KV cache memory grows with it; label scoring keeps batches of 16): on the
-    default model 64 decoded the main job's 60 prompts 1.48x faster than 16 did (bf16, AMD EPYC)."""
+    default model 64 decoded the main job's 60 prompts 1.49x faster than 16 did (bf16, AMD EPYC)."""
     metrics: list[str] = ["exact_match"]
     """Task metrics computed on the held-out samples: built-in names or `path/to/file.py:function`;
     `label_accuracy` scores the likelihood of each label in `labels` instead of generating."""
