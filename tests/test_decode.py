@@ -74,7 +74,8 @@ def test_bf16_copy_packs_its_linears_with_the_same_outputs(tiny_model_dir):
     with decoding_model(model, "bf16") as decoder, torch.no_grad():
         linears = [m for m in decoder.modules() if isinstance(m, torch.nn.Linear)]
         assert linears and all(type(m) is PackedLinear for m in linears)
-        assert torch.equal(decoder(input_ids=ids).logits, plain(input_ids=ids).logits)
+        # bit-identical on AMD EPYC (avx512_bf16); other oneDNN kernels (AMX) may sum in another order
+        torch.testing.assert_close(decoder(input_ids=ids).logits, plain(input_ids=ids).logits, rtol=1e-2, atol=1e-2)
 
 
 def test_reserved_cache_layer_holds_what_a_dynamic_layer_holds():

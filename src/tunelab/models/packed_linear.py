@@ -4,8 +4,8 @@ A bf16 matmul on CPU (torch.nn.functional.linear) reorders the weight into oneDN
 call. A decoding copy's weights never change, so they are reordered once (torch.ops.mkldnn, the path
 inductor's frozen CPU graphs take) and every call starts from that layout: on the default model (AMD EPYC,
 avx512_bf16) the head was 1.4x and a layer's matmuls 1.1-1.6x faster at decoding's 60 rows, 1.1x at
-prefill's thousands, with bit-identical results in bf16 (float32 takes another kernel there, so float32
-models are left alone).
+prefill's thousands, with bit-identical results in bf16 there (float32 takes another kernel, not
+bit-identical, so float32 models are left alone; in bf16 the forward is used only for decoding copies).
 """
 
 from __future__ import annotations
