@@ -26,10 +26,14 @@ class PackedLinear(torch.nn.Linear):
 
 
 def packing_available(model: torch.nn.Module) -> bool:
-    """Whether `model` is a bf16 CPU model this torch can pack (built with oneDNN)."""
+    """Whether `model` is a bf16 CPU model this torch can pack (built with oneDNN, on a CPU whose oneDNN runs bf16:
+    AVX-512 or newer)."""
     parameter = next(model.parameters(), None)
-    return (parameter is not None and parameter.device.type == "cpu" and parameter.dtype == torch.bfloat16
-            and torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise"))
+    if parameter is None or parameter.device.type != "cpu" or parameter.dtype != torch.bfloat16:
+        return False
+    if not torch.backends.mkldnn.is_available() or not hasattr(torch.ops.mkldnn, "_linear_pointwise"):
+        return False
+    return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
 
 
 @torch.no_grad()
