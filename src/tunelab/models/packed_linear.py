@@ -15,7 +15,7 @@ import torch
 
 class PackedLinear(torch.nn.Linear):
     """nn.Linear whose forward reads `packed_weight` (its weight, reordered); the plain weight stays for code that
-    reads it (tied embeddings, dtype checks)."""
+    reads it (tied embeddings, dtype checks), so a packed copy holds its linear weights twice."""
 
     packed_weight: torch.Tensor
 
