@@ -12,7 +12,6 @@ import torch
 from tunelab.data.template import ChatRenderer
 from tunelab.infer.decode import Sampling, decode, left_padded, pick_scores
 from tunelab.models.logprobs import uses_virtual_tokens
-from tunelab.models.packed_linear import pack_linears
 
 
 @dataclass(frozen=True)
@@ -95,7 +94,7 @@ COPY_LIMIT = 2_000_000_000
 
 
 def _bf16_copy(model) -> torch.nn.Module | None:
-    from tunelab.methods import unpatched_copy
+    from tunelab.methods import folded_copy
     from tunelab.train.sharding import is_sharded
 
     parameters = list(model.parameters())
@@ -104,14 +103,7 @@ def _bf16_copy(model) -> torch.nn.Module | None:
         return None
     if any(module._forward_hooks or module._forward_pre_hooks for module in model.modules()):
         return None  # hooks (bottleneck adapters) may hold the original modules, which a copy would still call
-    duplicate = unpatched_copy(model)
-    if hasattr(duplicate, "merge_and_unload"):
-        duplicate = duplicate.merge_and_unload()
-    # Its parameters keep requires_grad (decoding runs under no_grad anyway): bf16 weights that do not require
-    # grad took a slower CPU matmul path, 40% slower decoding on the default model (Xeon with AMX, torch 2.13).
-    duplicate = duplicate.to(torch.bfloat16).eval()
-    pack_linears(duplicate)  # its weights are fixed from here on: matmuls start from oneDNN's layout
-    return duplicate
+    return folded_copy(model, torch.bfloat16)
 
 
 def _generate_batches(

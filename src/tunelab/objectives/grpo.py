@@ -33,7 +33,6 @@ from tunelab.infer.generate import sample_token_ids
 from tunelab.methods import merged_copy
 from tunelab.models.attention import DECODE, attention_implementation
 from tunelab.models.logprobs import can_share_prompts, shared_prompt_logprobs, trained_token_logprobs
-from tunelab.models.packed_linear import pack_linears
 from tunelab.objectives.grpo_loss import (  # noqa: F401 - Completion and the loss are this module's interface
     Completion,
     group_advantages,
@@ -171,11 +170,7 @@ class GrpoObjective:
         if next(model.parameters()).device.type != "cpu":
             return model
         dtype = torch.bfloat16 if self.precision == "bf16" else torch.float32
-        sampler = merged_copy(model, self.method_name, dtype)
-        if sampler is None:
-            return model
-        pack_linears(sampler)
-        return sampler
+        return merged_copy(model, self.method_name, dtype) or model
 
     def score(self, rows: Sequence[PromptRow], texts: list[str], ids: list[list[int]]) -> torch.Tensor:
         """Every reward of every completion [C, R] (NaN where a reward gave None). A reward that raises stops
