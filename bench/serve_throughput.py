@@ -1,7 +1,8 @@
 """`tunelab serve` against llama-cpp-python's OpenAI server on the same model: completion tokens per second at
 1, 8 and 32 concurrent clients.
 
-    python bench/serve_throughput.py                           # the default model, f32 GGUF for the peer
+    python bench/serve_throughput.py                           # the default model, bf16 both sides
+    python bench/serve_throughput.py --precision fp32          # tunelab in float32, the peer on an f32 GGUF
     python bench/serve_throughput.py --model runs/support-lora --clients 1,8,32 --max-tokens 64
 
 The model (a run, with its adapter folded in for the peer, or any model tunelab loads) is exported with
@@ -40,7 +41,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--clients", default="1,8,32", help="concurrency levels, comma-separated")
     parser.add_argument("--rounds", type=int, default=2, help="requests each client sends, one after the other")
     parser.add_argument("--max-tokens", type=int, default=64)
-    parser.add_argument("--quant", default="f32", help="GGUF type the peer serves (tunelab serves float32 on CPU)")
+    parser.add_argument("--precision", default="bf16", choices=["bf16", "fp32"], help="what tunelab serve decodes in")
+    parser.add_argument("--quant", default=None, help="GGUF type the peer serves (default: bf16 or f32, as tunelab)")
     parser.add_argument("--repeats", type=int, default=1, help="(tunelab, peer) pairs, alternating")
     parser.add_argument("--results", type=Path, default=BENCH / "results")
     parser.add_argument("--workdir", type=Path, default=None, help="keep the GGUF file here (default: a temp dir)")
@@ -69,7 +71,7 @@ def wait_ready(url: str, process: subprocess.Popen, timeout: float = 600) -> Non
 def server_command(tool: str, args: argparse.Namespace, gguf: Path, port: int, max_clients: int) -> list[str]:
     cores = str(len(os.sched_getaffinity(0)))
     if tool == "tunelab":
-        return [TUNELAB, "serve", args.model, "--port", str(port),
+        return [TUNELAB, "serve", args.model, "--port", str(port), "--precision", args.precision,
                 "--max-batch", str(max_clients), "--max-waiting", str(4 * max_clients)]
     return [sys.executable, "-m", "llama_cpp.server", "--model", str(gguf), "--port", str(port),
             "--n_ctx", "4096", "--n_threads", cores, "--n_threads_batch", cores, "--verbose", "false"]
@@ -157,7 +159,7 @@ def table(levels: list[int], runs: dict[str, list[list[dict]]], args: argparse.N
                                       if len(values) > 1 else "")
 
     lines = [f"Completion tokens/s, greedy, max_tokens {args.max_tokens}, {args.rounds} requests per client; "
-             f"peer serves the {args.quant} GGUF.", "",
+             f"tunelab decodes in {args.precision}, the peer serves the {args.quant} GGUF.", "",
              "| clients | tunelab tokens/s | peer tokens/s | ratio (tunelab / peer) | tunelab median latency s | "
              "peer median latency s | same replies |", "|---:|---:|---:|---:|---:|---:|---:|"]
     for index, clients in enumerate(levels):
@@ -175,6 +177,7 @@ def table(levels: list[int], runs: dict[str, list[list[dict]]], args: argparse.N
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    args.quant = args.quant or {"bf16": "bf16", "fp32": "f32"}[args.precision]
     try:
         import llama_cpp
     except ImportError:

@@ -13,6 +13,7 @@ from concurrent.futures import ThreadPoolExecutor
 import httpx
 import openai
 import pytest
+import torch
 
 from tunelab.config import load_config
 from tunelab.errors import ConfigError
@@ -227,3 +228,62 @@ def test_adapters_on_one_base_answer_as_each_run_alone(tiny_model_dir, run_dir, 
         served.engine.close()
     with pytest.raises(ConfigError, match="not a tunelab run directory with an adapter"):
         load_served(str(tiny_model_dir), adapters={"x": str(tiny_model_dir)})
+
+
+def test_bf16_serving_folds_the_run_and_its_cache_grows_as_rows_come_and_go(run_dir, monkeypatch):
+    """--precision bf16 serves the run's adapter folded into bf16 weights, as `tunelab generate` decodes in bf16,
+    and answers the same; with the KV cache reserved 3 positions at a time it grows, merges and trims many times
+    over 16 requests through a batch of 4, and no reply changes."""
+    import tunelab.infer.serve.engine as engine_module
+    from tunelab.infer.load import load_generator
+    from tunelab.models.packed_linear import PackedLinear, packing_available
+
+    loaded = load_generator(run_dir)
+    conversations = [[{"role": "user", "content": p}] for p in PROMPTS]
+    expected = generate_replies(loaded.model, loaded.renderer, conversations,
+                                GenerationOptions(max_new_tokens=10, precision="bf16"))
+    assert all(expected)
+    monkeypatch.setattr(engine_module, "ROOM", 3)
+    served = load_served(str(run_dir), max_batch=4, precision="bf16")
+    live = LiveServer(create_app(served))
+    try:
+        model = served.engine.model
+        assert served.precision == "bf16" and not hasattr(model, "peft_config")
+        assert all(p.dtype == torch.bfloat16 for p in model.parameters())
+        assert any(isinstance(m, PackedLinear) for m in model.modules()) == packing_available(model)
+        client = openai.OpenAI(base_url=f"{live.url}/v1", api_key="none", max_retries=0)
+        asked = list(range(len(PROMPTS))) * 2
+        with ThreadPoolExecutor(max_workers=len(asked)) as pool:
+            answers = list(pool.map(lambda i: chat(client, PROMPTS[i]), asked))
+        assert [a.choices[0].message.content.strip() for a in answers] == [expected[i] for i in asked]
+    finally:
+        live.stop()
+        served.engine.close()
+
+
+def test_one_adapter_beside_its_base_leaves_the_base_rows_plain(tiny_model_dir, run_dir):
+    from tunelab.infer.load import load_generator
+
+    conversations = [[{"role": "user", "content": p}] for p in PROMPTS[:4]]
+    options = GenerationOptions(max_new_tokens=8)
+    expected = {}
+    for name, spec in (("run", run_dir), (str(tiny_model_dir), tiny_model_dir)):
+        loaded = load_generator(spec)
+        expected[name] = generate_replies(loaded.model, loaded.renderer, conversations, options)
+    assert expected["run"] != expected[str(tiny_model_dir)]
+    served = load_served(str(tiny_model_dir), adapters={"run": str(run_dir)}, max_batch=8, precision="fp32")
+    live = LiveServer(create_app(served))
+    try:
+        client = openai.OpenAI(base_url=f"{live.url}/v1", api_key="none", max_retries=0)
+        asked = [(name, i) for name in expected for i in range(4)]
+        with ThreadPoolExecutor(max_workers=len(asked)) as pool:
+            answers = list(pool.map(lambda job: client.chat.completions.create(
+                model=job[0], messages=conversations[job[1]], temperature=0, max_tokens=8), asked))
+        for (name, i), answer in zip(asked, answers, strict=True):
+            assert answer.choices[0].message.content.strip() == expected[name][i], (name, i)
+        alone = client.chat.completions.create(model=str(tiny_model_dir), messages=conversations[0], temperature=0,
+                                               max_tokens=8)
+        assert alone.choices[0].message.content.strip() == expected[str(tiny_model_dir)][0]
+    finally:
+        live.stop()
+        served.engine.close()

@@ -22,6 +22,8 @@ def serve(
                                        "KEY' on every route but /health (also read from TUNELAB_API_KEY)."),
     max_batch: int = typer.Option(8, min=1, help="Requests decoded together."),
     max_waiting: int = typer.Option(64, min=1, help="Requests queued beyond the batch; more get 503."),
+    precision: str = typer.Option("auto", help="auto (what the run trained in, as `tunelab generate` decodes), "
+                                  "bf16 or fp32."),
 ) -> None:
     """Serve MODEL over an OpenAI-compatible API: /v1/chat/completions, /v1/completions (streamed or not),
     /v1/models, /health. Prompts use the run's chat template, as training and `generate` do."""
@@ -37,14 +39,18 @@ def serve(
             if not sep or not name or not run:
                 raise ConfigError(f"'{option}' is not NAME=RUN", where="--adapter")
             adapters[name] = run
-        served = load_served(model, adapters=adapters, max_batch=max_batch, max_waiting=max_waiting)
+        if precision not in ("auto", "bf16", "fp32"):
+            raise ConfigError(f"'{precision}' is not one of auto, bf16, fp32", where="--precision")
+        served = load_served(model, adapters=adapters, max_batch=max_batch, max_waiting=max_waiting,
+                             precision=precision)
     except UserError as err:
         fail(err)
     if host not in LOOPBACK and not api_key:
         console.print(f"[yellow]warning:[/] listening on {host} without --api-key: anyone who can reach this "
                       "port can use the model")
     names = ", ".join(f"'{name}'" for name in served.models)
-    console.print(f"serving {names} on http://{host}:{port}/v1 (context {served.context} tokens)")
+    console.print(f"serving {names} on http://{host}:{port}/v1 (context {served.context} tokens, "
+                  f"{served.precision})")
     try:
         uvicorn.run(create_app(served, api_key=api_key), host=host, port=port, log_level="warning")
     finally:

@@ -94,15 +94,10 @@ COPY_LIMIT = 2_000_000_000
 
 
 def _bf16_copy(model) -> torch.nn.Module | None:
-    from tunelab.methods import folded_copy
-    from tunelab.train.sharding import is_sharded
+    from tunelab.methods import can_fold, folded_copy
 
-    parameters = list(model.parameters())
-    if is_sharded(model) or sum(p.numel() for p in parameters) > COPY_LIMIT or uses_virtual_tokens(model) or any(
-            p.dtype == torch.uint8 or getattr(p, "quant_state", None) is not None for p in parameters):
+    if sum(p.numel() for p in model.parameters()) > COPY_LIMIT or not can_fold(model):
         return None
-    if any(module._forward_hooks or module._forward_pre_hooks for module in model.modules()):
-        return None  # hooks (bottleneck adapters) may hold the original modules, which a copy would still call
     return folded_copy(model, torch.bfloat16)
 
 

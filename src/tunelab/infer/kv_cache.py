@@ -76,6 +76,31 @@ class ReservedLayer(DynamicLayer):
             self._value_storage = self._value_storage[indices]
             self._expose()
 
+    def grow(self, capacity: int) -> None:
+        """Room for `capacity` positions: the written ones are copied into new storage (the server's cache grows
+        this way, by chunks, since a request's reply length is not known when it joins)."""
+        if capacity <= self.capacity:
+            return
+        if self.is_initialized:
+            keys = self._key_storage.new_empty(*self._key_storage.shape[:-1], capacity)
+            values = self._value_storage.new_empty(*self._value_storage.shape[:2], capacity,
+                                                   self._value_storage.shape[-1])
+            keys[..., :self.length].copy_(self._key_storage[..., :self.length])
+            values[:, :, :self.length].copy_(self._value_storage[:, :, :self.length])
+            self._key_storage, self._value_storage = keys, values
+            self._expose()
+        self.capacity = capacity
+
+    def drop_leading(self, count: int) -> None:
+        """Forget the first `count` positions (columns no row attends to any more); no copy, the storage is viewed
+        from there on."""
+        if self.is_initialized and count:
+            self._key_storage = self._key_storage[..., count:]
+            self._value_storage = self._value_storage[:, :, count:]
+            self.capacity -= count
+            self.length -= count
+            self._expose()
+
 
 def reserved_cache(config, capacity: int) -> DynamicCache:
     """A DynamicCache for `config`'s model whose full-attention layers reserve `capacity` positions (sliding-window

@@ -79,25 +79,44 @@ def merged_copy(model, method_name: str, dtype: torch.dtype):
 
 
 def folded_copy(model, dtype: torch.dtype):
-    """An inference-only copy of `model`: any adapter folded in, cast to `dtype`, in eval mode, bf16 matmul weights
-    packed for oneDNN on CPU (models/packed_linear.py). Its parameters keep requires_grad: bf16 weights without
-    it took a slower CPU matmul path, 40% slower decoding on the default model (Xeon with AMX, torch 2.13).
-
-    The copy drops tunelab's training-time patches: fused LoRA forwards are closures over the original modules,
-    so a plain deepcopy kept calling into the trained model (on the default model its head ran the original's
-    weight through a batched matmul that copied it once per row: 3.3 GB and 9 s for a 60-row prefill); the
-    copied weight casts and compiled layer classes go too."""
+    """An inference-only copy of `model` (see fold_for_inference); the original is untouched."""
     import copy
 
+    return fold_for_inference(copy.deepcopy(model), dtype)
+
+
+def fold_for_inference(model, dtype: torch.dtype):
+    """`model`, modified in place, for inference only: any adapter folded in, cast to `dtype`, in eval mode, bf16
+    matmul weights packed for oneDNN on CPU (models/packed_linear.py). Its parameters keep requires_grad: bf16
+    weights without it took a slower CPU matmul path, 40% slower decoding on the default model (Xeon with AMX,
+    torch 2.13).
+
+    tunelab's training-time patches are dropped: fused LoRA forwards are closures over the original modules, so a
+    plain deepcopy kept calling into the trained model (on the default model its head ran the original's weight
+    through a batched matmul that copied it once per row: 3.3 GB and 9 s for a 60-row prefill); cached weight
+    casts and compiled layer classes go too."""
     from tunelab.methods.fused_lora import unfuse_lora_layers
     from tunelab.models.fused_ops import restore_layers
     from tunelab.models.packed_linear import pack_linears
 
-    duplicate = copy.deepcopy(model)
-    unfuse_lora_layers(duplicate)
-    restore_layers(duplicate)
-    if hasattr(duplicate, "merge_and_unload"):
-        duplicate = duplicate.merge_and_unload()
-    duplicate = duplicate.to(dtype).eval()
-    pack_linears(duplicate)  # no-op unless bf16 on a CPU whose oneDNN runs bf16
-    return duplicate
+    unfuse_lora_layers(model)
+    restore_layers(model)
+    if hasattr(model, "merge_and_unload"):
+        model = model.merge_and_unload()
+    model = model.to(dtype).eval()
+    pack_linears(model)  # no-op unless bf16 on a CPU whose oneDNN runs bf16
+    return model
+
+
+def can_fold(model) -> bool:
+    """Whether fold_for_inference applies: not sharded, not quantised, no virtual tokens (prompt and prefix tuning
+    add them in PEFT's forward) and no forward hooks (bottleneck adapters' hooks may hold the original modules,
+    which a copy would still call)."""
+    from tunelab.models.logprobs import uses_virtual_tokens
+    from tunelab.train.sharding import is_sharded
+
+    if is_sharded(model) or uses_virtual_tokens(model):
+        return False
+    if any(p.dtype == torch.uint8 or getattr(p, "quant_state", None) is not None for p in model.parameters()):
+        return False
+    return not any(module._forward_hooks or module._forward_pre_hooks for module in model.modules())

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import torch
+
 from tunelab.errors import ConfigError
 from tunelab.infer.serve.app import Route, Served, create_app
 from tunelab.infer.serve.engine import Engine
@@ -15,13 +17,17 @@ SHARED_BASE_METHODS = ("lora", "dora", "rslora")
 
 
 def load_served(spec: str, *, adapters: dict[str, str] | None = None, max_batch: int = 8, max_waiting: int = 64,
-                device: str | None = None) -> Served:
+                device: str | None = None, precision: str = "auto") -> Served:
     """A run directory or model spec loaded for serving, named as clients must name it in `model` (the run
     folder's name, or the spec as given), plus LoRA runs on the same base under the names given in `adapters`,
-    all answered by one model in memory: each request's rows use its own adapter (or none), in one batch."""
-    from tunelab.infer.load import is_run_dir, load_generator
+    all answered by one model in memory: each request's rows use its own adapter (or none), in one batch.
+    `precision` `auto` decodes as `tunelab generate` does: in what the run trained in (auto's choice for a model
+    that is not a run)."""
+    from tunelab.infer.load import compute_precision, is_run_dir, load_generator
 
     loaded = load_generator(spec, device)
+    if precision == "auto":
+        precision = compute_precision(loaded)
     path = Path(spec)
     is_run = path.is_dir() and is_run_dir(path)
     name = path.resolve().name if is_run else str(spec)
@@ -29,10 +35,33 @@ def load_served(spec: str, *, adapters: dict[str, str] | None = None, max_batch:
     routes = {name: Route(loaded.renderer, "default" if hasattr(model, "peft_config") else None)}
     if adapters:
         model, routes = _with_adapters(loaded, spec, name, routes, adapters)
+    model = in_compute_dtype(model, precision, keep_adapters=bool(adapters))
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     context = int(getattr(base.config, "max_position_embeddings", 2048))
     engine = Engine(model, loaded.tokenizer, max_batch=max_batch, max_waiting=max_waiting)
-    return Served(routes, engine, context)
+    return Served(routes, engine, context, precision=serving_precision(model))
+
+
+def in_compute_dtype(model, precision: str, *, keep_adapters: bool):
+    """The served model in bf16 when `precision` says so and its weights can be cast: a run's adapter folded into
+    the base (as `tunelab generate` decodes), --adapter runs kept apart (rows pick theirs) and cast with it; bf16
+    matmul weights packed for oneDNN on CPU. Quantised, prompt/prefix-tuned and bottleneck-adapter models are
+    served as loaded."""
+    from tunelab.methods import can_fold, fold_for_inference
+    from tunelab.models.packed_linear import pack_linears
+
+    if precision != "bf16" or next(model.parameters()).dtype != torch.float32 or not can_fold(model):
+        return model
+    if keep_adapters:
+        model = model.to(torch.bfloat16).eval()
+        pack_linears(model)
+        return model
+    return fold_for_inference(model, torch.bfloat16)
+
+
+def serving_precision(model) -> str:
+    dtype = next(model.parameters()).dtype
+    return {torch.bfloat16: "bf16", torch.float32: "fp32", torch.float16: "fp16"}.get(dtype, str(dtype))
 
 
 def _with_adapters(loaded, spec: str, name: str, routes: dict[str, Route], adapters: dict[str, str]):

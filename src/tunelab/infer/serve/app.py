@@ -52,6 +52,8 @@ class Served:
     models: dict[str, Route]
     engine: Engine
     context: int
+    precision: str = "fp32"
+    """The dtype the engine decodes in."""
 
     @property
     def name(self) -> str:

@@ -7,6 +7,10 @@ left-padded to a common length, so positions and attention stay each row's own; 
 from the cache at once. Each row samples with its own temperature, top_p and seeded generator, so a
 request's reply does not depend on what else is in the batch (greedy replies equal the request sent alone,
 tested).
+
+The decoding path is the one evaluation uses (infer/decode.py): a KV cache written in place (infer/kv_cache.py;
+it grows by ROOM positions when full, since reply lengths are unknown when a request joins) and single-query
+attention (`tunelab_decode`); load_served folds and casts the model to its compute dtype beforehand.
 """
 
 from __future__ import annotations
@@ -22,6 +26,11 @@ import torch.nn.functional as F
 from tunelab.infer.decode import Sampling as DecodeSampling
 from tunelab.infer.decode import pick_scores
 from tunelab.infer.generate import stop_token_ids
+from tunelab.infer.kv_cache import ReservedLayer, reserved_cache
+from tunelab.models.attention import DECODE, attention_implementation
+
+ROOM = 128
+"""Positions the KV cache is reserved beyond what the batch holds; when they are used up it grows by as many."""
 
 
 class QueueFull(Exception):
@@ -116,6 +125,12 @@ class Engine:
     # --- the worker ------------------------------------------------------------------------------------------
 
     def _run(self) -> None:
+        with attention_implementation(self.model, DECODE):
+            self._serve()
+        for request in [*self._active, *self._waiting]:
+            request.on_done(QueueFull("the server is shutting down"))
+
+    def _serve(self) -> None:
         while True:
             with self._wake:
                 while not self._closed and not self._waiting and not self._active:
@@ -134,20 +149,16 @@ class Engine:
                 for request in {id(r): r for r in [*self._active, *joining]}.values():
                     request.on_done(err)
                 self._active, self._cache, self._mask, self._logits = [], None, None, None
-        for request in [*self._active, *self._waiting]:
-            request.on_done(QueueFull("the server is shutting down"))
 
     def _join(self, requests: list[Request]) -> None:
         """Run the new prompts (left-padded together) and merge their caches into the running batch."""
-        from transformers import DynamicCache
-
         width = max(len(r.prompt_ids) for r in requests)
         pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
         ids = torch.tensor([[pad] * (width - len(r.prompt_ids)) + r.prompt_ids for r in requests], device=self.device)
         mask = torch.tensor([[0] * (width - len(r.prompt_ids)) + [1] * len(r.prompt_ids) for r in requests],
                             device=self.device)
         positions = (mask.cumsum(dim=1) - 1).clamp(min=0)
-        cache = DynamicCache(config=self._config())
+        cache = reserved_cache(self._config(), width + (0 if self._active else ROOM))
         out = self.model(input_ids=ids, attention_mask=mask, position_ids=positions, cache=cache, use_cache=True,
                          logits_to_keep=1, **self._adapters(requests))
         logits = out.logits[:, -1].float()
@@ -182,6 +193,7 @@ class Engine:
             self._mask = self._mask[index]
             tokens = [tokens[i] for i in keep]
             self._trim()
+        _make_room(self._cache)
         mask = torch.cat([self._mask, self._mask.new_ones(len(keep), 1)], dim=1)
         positions = self._mask.sum(dim=1, keepdim=True)
         out = self.model(input_ids=torch.tensor(tokens, device=self.device)[:, None], attention_mask=mask,
@@ -238,12 +250,15 @@ class Engine:
         if start > 0:
             self._mask = self._mask[:, start:]
             for layer in self._cache.layers:
-                layer.keys, layer.values = layer.keys[:, :, start:], layer.values[:, :, start:]
+                if isinstance(layer, ReservedLayer):
+                    layer.drop_leading(start)
+                else:
+                    layer.keys, layer.values = layer.keys[:, :, start:], layer.values[:, :, start:]
 
     def _adapters(self, requests: list[Request]) -> dict:
         """PEFT's per-row adapter choice, when rows may differ (several adapters on one base)."""
         names = [r.adapter for r in requests]
-        if len(getattr(self.model, "peft_config", {})) < 2 or all(n in (None, "default") for n in names):
+        if not hasattr(self.model, "peft_config") or all(n in (None, self.model.active_adapter) for n in names):
             return {}
         return {"adapter_names": [n or "__base__" for n in names]}
 
@@ -253,21 +268,27 @@ class Engine:
 
 
 def _merge(cache_a, mask_a: torch.Tensor, cache_b, mask_b: torch.Tensor, config):
-    """One cache (and mask) holding the rows of both, each left-padded to the longer one's length."""
-    from transformers import DynamicCache
-
+    """One cache (and mask) holding the rows of both, each left-padded to the longer one's length, with ROOM
+    positions reserved beyond."""
     width = max(mask_a.shape[1], mask_b.shape[1])
 
     def padded(tensor: torch.Tensor, length: int) -> torch.Tensor:
         return F.pad(tensor, (0, 0, width - length, 0)) if tensor.dim() == 4 else F.pad(tensor, (width - length, 0))
 
-    layers = []
-    for layer_a, layer_b in zip(cache_a.layers, cache_b.layers, strict=True):
+    merged = reserved_cache(config, width + ROOM)
+    for layer, layer_a, layer_b in zip(merged.layers, cache_a.layers, cache_b.layers, strict=True):
         keys = torch.cat([padded(layer_a.keys, mask_a.shape[1]), padded(layer_b.keys, mask_b.shape[1])])
         values = torch.cat([padded(layer_a.values, mask_a.shape[1]), padded(layer_b.values, mask_b.shape[1])])
-        layers.append((keys, values))
+        layer.update(keys, values)
     mask = torch.cat([padded(mask_a, mask_a.shape[1]), padded(mask_b, mask_b.shape[1])])
-    return DynamicCache(ddp_cache_data=layers, config=config), mask
+    return merged, mask
+
+
+def _make_room(cache) -> None:
+    """Grow the reserved layers by ROOM positions when the next token would not fit."""
+    for layer in cache.layers:
+        if isinstance(layer, ReservedLayer) and layer.length >= layer.capacity:
+            layer.grow(layer.capacity + ROOM)
 
 
 def _first_stop(text: str, stops: tuple[str, ...]) -> int | None:
