@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 from pathlib import Path
 
 import typer
@@ -42,7 +43,7 @@ def serve(
         if precision not in ("auto", "bf16", "fp32"):
             raise ConfigError(f"'{precision}' is not one of auto, bf16, fp32", where="--precision")
         served = load_served(model, adapters=adapters, max_batch=max_batch, max_waiting=max_waiting,
-                             precision=precision)
+                             precision=precision, start_engine=False)
     except UserError as err:
         fail(err)
     if host not in LOOPBACK and not api_key:
@@ -51,10 +52,30 @@ def serve(
     names = ", ".join(f"'{name}'" for name in served.models)
     console.print(f"serving {names} on http://{host}:{port}/v1 (context {served.context} tokens, "
                   f"{served.precision})")
+    server = uvicorn.Server(uvicorn.Config(create_app(served, api_key=api_key), host=host, port=port,
+                                           log_level="warning"))
+    failed: list[BaseException] = []
+
+    def listen() -> None:
+        try:
+            server.run()
+        except BaseException as err:  # noqa: BLE001 - uvicorn exits (SystemExit) when it cannot bind the port
+            failed.append(err)
+        finally:
+            served.engine.close()
+
+    web = threading.Thread(target=listen, name="tunelab-http", daemon=True)
+    web.start()
     try:
-        uvicorn.run(create_app(served, api_key=api_key), host=host, port=port, log_level="warning")
+        served.engine.run_here()  # the model decodes in the thread that loaded it (see Engine: OpenMP's workers)
+    except KeyboardInterrupt:
+        pass
     finally:
+        server.should_exit = True
         served.engine.close()
+        web.join(timeout=10)
+    if failed:
+        raise typer.Exit(1)
 
 
 def ui(
