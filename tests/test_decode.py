@@ -141,3 +141,16 @@ def test_single_query_attention_equals_sdpa_with_grouped_heads_and_padding():
         expected, _ = sdpa_attention_forward(module, query, key.contiguous(), value, attention_mask, scaling=0.25)
         assert got.shape == expected.shape == (4, 1, 6, 16)
         torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+
+
+def test_chat_streams_generates_reply_piece_by_piece(default_model_dir):
+    from tunelab.infer.chat import stream_reply
+    from tunelab.infer.load import load_generator
+
+    loaded = load_generator(default_model_dir)
+    for options in (GenerationOptions(max_new_tokens=20, batch_size=1),
+                    GenerationOptions(max_new_tokens=20, batch_size=1, do_sample=True, seed=3)):
+        for conversation in conversations()[:3]:  # one at a time: a sampled batch draws from one generator
+            reply = generate_replies(loaded.model, loaded.renderer, [conversation], options)[0]
+            pieces = list(stream_reply(loaded, conversation, options))
+            assert len(pieces) > 3 and "".join(pieces).strip() == reply

@@ -124,13 +124,16 @@ def chat(
     quiet_libraries()
     from tunelab.infer.chat import chat_loop
     from tunelab.infer.generate import GenerationOptions
-    from tunelab.infer.load import load_generator
+    from tunelab.infer.load import compute_precision, in_compute_dtype, load_generator
 
     try:
         loaded = load_generator(model)
     except UserError as err:
         fail(err)
-    chat_loop(loaded, GenerationOptions(max_new_tokens, sample, temperature, top_p), system, console)
+    precision = compute_precision(loaded)  # decode as the run computed, as `tunelab generate` does
+    loaded.model = in_compute_dtype(loaded.model, precision, keep_adapters=False)  # once, not a copy per reply
+    options = GenerationOptions(max_new_tokens, sample, temperature, top_p, precision=precision)
+    chat_loop(loaded, options, system, console)
 
 
 @app.command()

@@ -71,6 +71,28 @@ def decode(model, prompts: list[list[int]], *, max_new_tokens: int, stop_ids: li
     return Decoded(tokens, truncated)
 
 
+@torch.no_grad()
+def stream(model, prompt: list[int], *, max_new_tokens: int, stop_ids: list[int],
+           sampling: Sampling | None = None) -> Iterator[int]:
+    """The tokens of one completion as they are decoded, through its stop token: decode's loop for a single
+    prompt (the same prefill, cache and picks, so a greedy stream is decode's reply), for chat."""
+    device = _device(model)
+    generator = torch.Generator(device=device).manual_seed(sampling.seed) if sampling is not None else None
+    logits, cache, mask, positions = _prefill(model, [prompt], 0, max_new_tokens)
+    width = mask.shape[1]
+    mask = torch.cat([mask, mask.new_ones(1, max_new_tokens)], dim=1)
+    next_position = positions[:, -1:] + 1
+    for step in range(max_new_tokens):
+        token = _pick(logits, sampling, generator)
+        yield int(token)
+        if int(token) in stop_ids:
+            return
+        if step < max_new_tokens - 1:
+            logits = model(input_ids=token[:, None], attention_mask=mask[:, :width + step + 1],
+                           position_ids=next_position, cache=cache, use_cache=True).logits[:, -1]
+            next_position = next_position + 1
+
+
 def _batches_by_length(prompts: list[list[int]], batch_size: int) -> Iterator[list[int]]:
     order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))
     for start in range(0, len(order), batch_size):

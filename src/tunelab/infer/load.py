@@ -94,3 +94,20 @@ def _compute_dtype(config: RunConfig, device: str) -> torch.dtype:
 
     precision = resolve_precision(config.train.precision, torch.device(device))
     return torch.bfloat16 if precision == "bf16" else torch.float32
+
+
+def in_compute_dtype(model, precision: str, *, keep_adapters: bool):
+    """A model loaded for inference only (serve, chat), converted in place to bf16 when `precision` says so and its
+    weights can be cast: a run's adapter folded into the base (as `tunelab generate` decodes), or with
+    keep_adapters (serve's --adapter runs, rows pick theirs) kept apart and cast with it; bf16 matmul weights
+    packed for oneDNN on CPU. Quantised, prompt/prefix-tuned and bottleneck-adapter models stay as loaded."""
+    from tunelab.methods import can_fold, fold_for_inference
+    from tunelab.models.packed_linear import pack_linears
+
+    if precision != "bf16" or next(model.parameters()).dtype != torch.float32 or not can_fold(model):
+        return model
+    if keep_adapters:
+        model = model.to(torch.bfloat16).eval()
+        pack_linears(model)
+        return model
+    return fold_for_inference(model, torch.bfloat16)

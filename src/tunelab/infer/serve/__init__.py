@@ -23,7 +23,7 @@ def load_served(spec: str, *, adapters: dict[str, str] | None = None, max_batch:
     all answered by one model in memory: each request's rows use its own adapter (or none), in one batch.
     `precision` `auto` decodes as `tunelab generate` does: in what the run trained in (auto's choice for a model
     that is not a run). With start_engine=False the caller runs the engine (`served.engine.run_here()`)."""
-    from tunelab.infer.load import compute_precision, is_run_dir, load_generator
+    from tunelab.infer.load import compute_precision, in_compute_dtype, is_run_dir, load_generator
 
     loaded = load_generator(spec, device)
     if precision == "auto":
@@ -40,23 +40,6 @@ def load_served(spec: str, *, adapters: dict[str, str] | None = None, max_batch:
     context = int(getattr(base.config, "max_position_embeddings", 2048))
     engine = Engine(model, loaded.tokenizer, max_batch=max_batch, max_waiting=max_waiting, start=start_engine)
     return Served(routes, engine, context, precision=serving_precision(model))
-
-
-def in_compute_dtype(model, precision: str, *, keep_adapters: bool):
-    """The served model in bf16 when `precision` says so and its weights can be cast: a run's adapter folded into
-    the base (as `tunelab generate` decodes), --adapter runs kept apart (rows pick theirs) and cast with it; bf16
-    matmul weights packed for oneDNN on CPU. Quantised, prompt/prefix-tuned and bottleneck-adapter models are
-    served as loaded."""
-    from tunelab.methods import can_fold, fold_for_inference
-    from tunelab.models.packed_linear import pack_linears
-
-    if precision != "bf16" or next(model.parameters()).dtype != torch.float32 or not can_fold(model):
-        return model
-    if keep_adapters:
-        model = model.to(torch.bfloat16).eval()
-        pack_linears(model)
-        return model
-    return fold_for_inference(model, torch.bfloat16)
 
 
 def serving_precision(model) -> str:
