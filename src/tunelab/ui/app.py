@@ -187,7 +187,7 @@ def _chat_stream(models, folder: Path, against: str | None, messages: list[dict]
 
     replies = {"run": "", "against": ""}
     try:
-        for side, piece in side_streams(models, folder, against, messages, options):
+        for side, piece in models.in_model_thread(lambda: side_streams(models, folder, against, messages, options)):
             replies[side] += piece
             yield _event("token", {"side": side, "text": piece})
     except Exception as err:  # noqa: BLE001 - the page shows why, the app stays up

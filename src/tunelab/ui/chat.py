@@ -8,25 +8,66 @@ switched off, so comparing costs no second copy. Generation holds a lock per mod
 from __future__ import annotations
 
 import contextlib
+import queue
 import threading
 from collections import OrderedDict
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import TypeVar
 
 from tunelab.infer.chat import stream_reply
 from tunelab.infer.generate import GenerationOptions
 from tunelab.infer.load import LoadedModel, load_generator
 
 KEEP_LOADED = 2
+T = TypeVar("T")
 
 
 class ChatModels:
     """Loaded models by spec (a run folder or a model name), least recently used dropped first. A run folder whose
-    weights changed since it was loaded (retrained with --overwrite, resumed to its end) is loaded afresh."""
+    weights changed since it was loaded (retrained with --overwrite, resumed to its end) is loaded afresh.
+
+    `in_model_thread` runs chats (loading included) in one thread of their own. The web server would otherwise
+    step a streamed reply from whichever pool thread is free, and every thread that runs torch ops gets its own
+    OpenMP team; once there are more such threads than CPUs, libgomp stops letting idle workers spin and every
+    matmul waits for sleeping ones (see infer/serve/engine.py: 1.5-2x slower decoding on 2 cores)."""
 
     def __init__(self) -> None:
         self._loaded: OrderedDict[tuple[str, tuple], tuple[LoadedModel, threading.Lock]] = OrderedDict()
         self._guard = threading.Lock()
+        self._jobs: queue.SimpleQueue[Callable[[], None]] = queue.SimpleQueue()
+        threading.Thread(target=self._work, name="tunelab-chat", daemon=True).start()
+
+    def _work(self) -> None:
+        while True:
+            self._jobs.get()()
+
+    def in_model_thread(self, make: Callable[[], Iterator[T]]) -> Iterator[T]:
+        """The items of `make()`, produced in the model thread (one chat at a time); stopping early stops it."""
+        out: queue.SimpleQueue[tuple[str, object]] = queue.SimpleQueue()
+        stopped = threading.Event()
+
+        def job() -> None:
+            try:
+                for item in make():
+                    if stopped.is_set():
+                        break
+                    out.put(("item", item))
+                out.put(("end", None))
+            except BaseException as err:  # noqa: BLE001 - handed to the consumer, which raises it
+                out.put(("error", err))
+
+        self._jobs.put(job)
+        try:
+            while True:
+                kind, value = out.get()
+                if kind == "end":
+                    return
+                if kind == "error":
+                    raise value
+                yield value
+        finally:
+            stopped.set()
 
     def get(self, spec: str) -> tuple[LoadedModel, threading.Lock]:
         key = (spec, _weights_stamp(Path(spec)))
