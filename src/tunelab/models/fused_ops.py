@@ -37,7 +37,29 @@ def compiler_available() -> bool:
 
 @functools.cache
 def _compiled(function):
+    _let_the_compile_cache_hold_our_graphs()
     return torch.compile(function, dynamic=True)
+
+
+CACHEABLE_CALLS = ("torch.amp.autocast_mode._enter_autocast", "torch.amp.autocast_mode._exit_autocast")
+"""The autocast switches inside the matmul attention and fused LoRA functions; their arguments are constants of
+the graph, so its cache key already holds everything they depend on."""
+
+
+def _let_the_compile_cache_hold_our_graphs() -> None:
+    """Let AOTAutograd's on-disk cache keep the decoder-layer graphs. By default it refuses any graph with an
+    autograd.Function (the fused LoRA and matmul attention) or an autocast switch, so every run traced and
+    lowered the layer again: a 2-step LoRA run of the default model took 28.4 s compiled against 12.1 s eager;
+    with the cache holding the graphs the next run took 15.4 s (AMD EPYC, 2 cores). PyTorch's developers found
+    autograd.Function's graphs pure with respect to their inputs (pytorch#149751) and mean to allow them by
+    default; the switches are keyed by torch's version."""
+    import torch._functorch.config
+    import torch._inductor.config
+
+    torch._functorch.config.autograd_cache_allow_custom_autograd_functions = True
+    marked = torch._inductor.config.unsafe_marked_cacheable_functions
+    for name in CACHEABLE_CALLS:
+        marked.setdefault(name, torch.__version__)
 
 
 def _token_logprobs(logits: torch.Tensor, targets: torch.Tensor, temperature: float) -> torch.Tensor:
