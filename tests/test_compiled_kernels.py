@@ -109,6 +109,7 @@ def test_auto_compiles_only_runs_it_pays_for():
     settings = dict(device=cpu, precision="bf16", model=default_sized, method="lora", objective="sft", steps=300,
                     sharded=False, checkpointing=False)
     assert training_kernels("auto", **settings) == ("compiled" if compiler_available() else "none")
+    assert training_kernels("auto", **{**settings, "steps": 120}) == training_kernels("auto", **settings)
     for change in ({"steps": 68}, {"precision": "fp32"}, {"objective": "dpo"}, {"method": "qlora"},
                    {"sharded": True}, {"checkpointing": True}, {"device": torch.device("cuda")}):
         assert training_kernels("auto", **{**settings, **change}) == "none", change

@@ -188,9 +188,9 @@ class TrainConfig(Strict):
     kernels: Literal["auto", "compiled", "none"] = "auto"
     """compiled: each decoder layer's forward and backward compiled by torch.compile (its elementwise work fused
     into a few loops) and the head's log-softmax fused, for training only (models/fused_ops.py): ~15% faster steps
-    on the default model, after a compile of ~1 minute on a machine's first run (15-22 s once inductor's cache
-    holds it). auto: compiled on CPU for bf16 supervised runs of llama-style models of 50M+ parameters with LoRA or full
-    fine-tuning and 200+ steps, where it pays back; none: eager PyTorch."""
+    on the default model, after a compile of ~1 minute on a machine's first run (~4 s once torch's caches hold
+    it). auto: compiled on CPU for bf16 supervised runs of llama-style models of 50M+ parameters with LoRA or full
+    fine-tuning and 120+ steps, where even the first compile pays back; none: eager PyTorch."""
 
 
 class EvalConfig(Strict):
