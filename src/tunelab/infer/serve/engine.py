@@ -77,10 +77,11 @@ class Engine:
     """Owns `model` in a worker thread, or in the thread that calls `run_here` when made with start=False.
     `submit` queues a request (QueueFull past `max_waiting`); at most `max_batch` decode together.
 
-    Why a caller may want the model in its own thread: libgomp gives each thread that runs torch ops its own
-    team of workers, and once it manages more threads than there are CPUs it cuts their spin-wait to 1000
-    iterations, so every matmul wakes sleeping workers. With the model loaded in the main thread and decoded in
-    a worker, batch-1 decoding of 48 tokens took 4.1 s instead of 2.4 (default model, bf16, 2 cores, AMD EPYC)."""
+    Why `tunelab serve` decodes in the thread that loaded the model (run_here): libgomp gives each thread that
+    runs torch ops its own team of workers, and once it manages more threads than there are CPUs it cuts their
+    spin-wait to 1000 iterations, so every matmul wakes sleeping workers. With the model loaded in the main
+    thread and decoded in a worker, batch-1 decoding of 48 tokens took 4.1 s instead of 2.4 (default model, bf16,
+    2 cores, AMD EPYC)."""
 
     def __init__(self, model, tokenizer, *, max_batch: int = 8, max_waiting: int = 64, start: bool = True) -> None:
         self.model = model
