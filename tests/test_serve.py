@@ -233,17 +233,25 @@ def test_adapters_on_one_base_answer_as_each_run_alone(tiny_model_dir, run_dir, 
 def test_bf16_serving_folds_the_run_and_its_cache_grows_as_rows_come_and_go(run_dir, monkeypatch):
     """--precision bf16 serves the run's adapter folded into bf16 weights, as `tunelab generate` decodes in bf16,
     and answers the same; with the KV cache reserved 3 positions at a time it grows, merges and trims many times
-    over 16 requests through a batch of 4, and no reply changes."""
+    over 16 requests through a batch of 4, requests joining together run their shared prefix once, and no reply
+    changes."""
+    import tunelab.infer.decode as decode_module
     import tunelab.infer.serve.engine as engine_module
     from tunelab.infer.load import load_generator
     from tunelab.models.packed_linear import PackedLinear, packing_available
 
+    measure = decode_module._shared_prefix_length
+
     loaded = load_generator(run_dir)
-    conversations = [[{"role": "user", "content": p}] for p in PROMPTS]
+    system = {"role": "system", "content": "the refund desk answers every question"}  # a prefix to share
+    conversations = [[system, {"role": "user", "content": p}] for p in PROMPTS]
     expected = generate_replies(loaded.model, loaded.renderer, conversations,
                                 GenerationOptions(max_new_tokens=10, precision="bf16"))
     assert all(expected)
     monkeypatch.setattr(engine_module, "ROOM", 3)
+    shared = []  # requests joining together run their common template prefix once
+    monkeypatch.setattr(decode_module, "_shared_prefix_length",
+                        lambda prompts: shared.append(measure(prompts)) or shared[-1])
     served = load_served(str(run_dir), max_batch=4, precision="bf16")
     live = LiveServer(create_app(served))
     try:
@@ -254,8 +262,10 @@ def test_bf16_serving_folds_the_run_and_its_cache_grows_as_rows_come_and_go(run_
         client = openai.OpenAI(base_url=f"{live.url}/v1", api_key="none", max_retries=0)
         asked = list(range(len(PROMPTS))) * 2
         with ThreadPoolExecutor(max_workers=len(asked)) as pool:
-            answers = list(pool.map(lambda i: chat(client, PROMPTS[i]), asked))
+            answers = list(pool.map(lambda i: client.chat.completions.create(
+                model="run", messages=conversations[i], temperature=0, max_tokens=10), asked))
         assert [a.choices[0].message.content.strip() for a in answers] == [expected[i] for i in asked]
+        assert any(length >= decode_module.MIN_SHARED_PREFIX for length in shared), shared
     finally:
         live.stop()
         served.engine.close()

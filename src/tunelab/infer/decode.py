@@ -30,7 +30,7 @@ if TYPE_CHECKING:
     from transformers import DynamicCache
 
 MIN_SHARED_PREFIX = 8
-"""Prompts of a batch that share at least this many leading tokens run them once (see _prefill)."""
+"""Prompts of a batch that share at least this many leading tokens run them once (see prefill)."""
 COMPACT_FRACTION = 8
 """Drop finished rows from the KV cache once at least 1/COMPACT_FRACTION of the batch has finished: copying the
 cache for every single finished row would cost more than computing a few dead rows."""
@@ -78,7 +78,7 @@ def stream(model, prompt: list[int], *, max_new_tokens: int, stop_ids: list[int]
     prompt (the same prefill, cache and picks, so a greedy stream is decode's reply), for chat."""
     device = _device(model)
     generator = torch.Generator(device=device).manual_seed(sampling.seed) if sampling is not None else None
-    logits, cache, mask, positions = _prefill(model, [prompt], 0, max_new_tokens)
+    logits, cache, mask, positions = prefill(model, [prompt], 0, max_new_tokens)
     width = mask.shape[1]
     mask = torch.cat([mask, mask.new_ones(1, max_new_tokens)], dim=1)
     next_position = positions[:, -1:] + 1
@@ -116,7 +116,7 @@ def _decode_batch(model, prompts: list[list[int]], max_new_tokens: int, stops: s
                   sampling: Sampling | None, generator: torch.Generator | None,
                   repeats: int) -> tuple[list[list[int]], list[bool]]:
     device = _device(model)
-    logits, cache, prompt_mask, positions = _prefill(model, prompts, pad_id, max_new_tokens)
+    logits, cache, prompt_mask, positions = prefill(model, prompts, pad_id, max_new_tokens)
     width = prompt_mask.shape[1]
     mask = torch.cat([prompt_mask, prompt_mask.new_ones(len(prompts), max_new_tokens)], dim=1)
     if repeats > 1:
@@ -148,7 +148,7 @@ def _decode_batch(model, prompts: list[list[int]], max_new_tokens: int, stops: s
     return new, [not done for done in finished]
 
 
-def _prefill(model, prompts: list[list[int]], pad_id: int,
+def prefill(model, prompts: list[list[int]], pad_id: int,
              max_new_tokens: int) -> tuple[torch.Tensor, DynamicCache, torch.Tensor, torch.Tensor]:
     """(last-position logits, cache, attention mask, position ids) after running the prompts. Leading tokens that
     every prompt shares (a system prompt, an instruction) run once and their cache is copied to every row; the
