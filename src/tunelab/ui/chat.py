@@ -29,8 +29,9 @@ class ChatModels:
 
     `in_model_thread` runs chats (loading included) in one thread of their own. The web server would otherwise
     step a streamed reply from whichever pool thread is free, and every thread that runs torch ops gets its own
-    OpenMP team; once there are more such threads than CPUs, libgomp stops letting idle workers spin and every
-    matmul waits for sleeping ones (see infer/serve/engine.py: 1.5-2x slower decoding on 2 cores)."""
+    OpenMP team; once there are more such threads than CPUs, libgomp cuts its idle workers' spin-wait to 1000
+    iterations and every matmul waits for sleeping ones (see infer/serve/engine.py: 1.7x slower batch-1 decoding
+    on 2 cores)."""
 
     def __init__(self) -> None:
         self._loaded: OrderedDict[tuple[str, tuple], tuple[LoadedModel, threading.Lock]] = OrderedDict()
