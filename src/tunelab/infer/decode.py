@@ -148,13 +148,15 @@ def _decode_batch(model, prompts: list[list[int]], max_new_tokens: int, stops: s
     return new, [not done for done in finished]
 
 
-def prefill(model, prompts: list[list[int]], pad_id: int,
-             max_new_tokens: int) -> tuple[torch.Tensor, DynamicCache, torch.Tensor, torch.Tensor]:
-    """(last-position logits, cache, attention mask, position ids) after running the prompts. Leading tokens that
-    every prompt shares (a system prompt, an instruction) run once and their cache is copied to every row; the
-    rest of each prompt follows, left-padded, so padding sits between the shared part and the prompt's own."""
+def prefill(model, prompts: list[list[int]], pad_id: int, max_new_tokens: int,
+            row_inputs: dict | None = None) -> tuple[torch.Tensor, DynamicCache, torch.Tensor, torch.Tensor]:
+    """(last-position logits, cache, attention mask, position ids) after running the prompts, the cache reserved
+    for max_new_tokens more. Leading tokens that every prompt shares (a system prompt, an instruction) run once and
+    their cache is copied to every row; the rest of each prompt follows, left-padded, so padding sits between the
+    shared part and the prompt's own. `row_inputs` are forward arguments with an entry per row (PEFT's
+    adapter_names); rows may then compute even a shared prefix differently, so nothing is shared."""
     device = _device(model)
-    shared = _shared_prefix_length(prompts)
+    shared = 0 if row_inputs else _shared_prefix_length(prompts)
     suffix_ids, suffix_mask = left_padded([p[shared:] for p in prompts], pad_id, device)
     cache = reserved_cache(model.config, shared + suffix_ids.shape[1] + max_new_tokens)
     if shared:
@@ -164,7 +166,7 @@ def prefill(model, prompts: list[list[int]], pad_id: int,
     mask = torch.cat([suffix_mask.new_ones(len(prompts), shared), suffix_mask], dim=1)
     positions = shared + (suffix_mask.cumsum(-1) - 1).clamp(min=0)
     logits = model(input_ids=suffix_ids, attention_mask=mask, position_ids=positions, cache=cache, use_cache=True,
-                   logits_to_keep=1).logits[:, -1]
+                   logits_to_keep=1, **(row_inputs or {})).logits[:, -1]
     return logits, cache, mask, positions
 
 

@@ -171,13 +171,9 @@ class Engine:
         """Run the new prompts (left-padded together) and merge their caches into the running batch. Requests
         that join together on one adapter run their shared leading tokens (chat template, system prompt) once,
         as evaluation's decoding does (infer/decode.py's prefill)."""
-        room = 0 if self._active else ROOM
-        adapters = self._adapters(requests)
-        if adapters:
-            logits, cache, mask = self._prefill_apart(requests, room, adapters)
-        else:
-            pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
-            logits, cache, mask, _ = prefill(self.model, [r.prompt_ids for r in requests], pad, room)
+        pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
+        logits, cache, mask, _ = prefill(self.model, [r.prompt_ids for r in requests], pad,
+                                         0 if self._active else ROOM, self._adapters(requests))
         logits = logits.float()
         if not self._active:
             self._active, self._cache, self._mask, self._logits = list(requests), cache, mask, logits
@@ -185,19 +181,6 @@ class Engine:
         self._cache, self._mask = _merge(self._cache, self._mask, cache, mask, self._config())
         self._active += requests
         self._logits = torch.cat([self._logits, logits])
-
-    def _prefill_apart(self, requests: list[Request], room: int, adapters: dict):
-        """(last logits, cache, mask) of prompts left-padded together, each row with its own adapter."""
-        width = max(len(r.prompt_ids) for r in requests)
-        pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
-        ids = torch.tensor([[pad] * (width - len(r.prompt_ids)) + r.prompt_ids for r in requests], device=self.device)
-        mask = torch.tensor([[0] * (width - len(r.prompt_ids)) + [1] * len(r.prompt_ids) for r in requests],
-                            device=self.device)
-        positions = (mask.cumsum(dim=1) - 1).clamp(min=0)
-        cache = reserved_cache(self._config(), width + room)
-        out = self.model(input_ids=ids, attention_mask=mask, position_ids=positions, cache=cache, use_cache=True,
-                         logits_to_keep=1, **adapters)
-        return out.logits[:, -1], cache, mask
 
     def _step(self) -> None:
         """Pick each row's next token, hand out text, drop finished rows, and run the model one position on."""
