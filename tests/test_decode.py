@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from tunelab.data.template import ChatRenderer
-from tunelab.infer.decode import MIN_SHARED_PREFIX, _shared_prefix_length, decode
+from tunelab.infer import decode as decode_module
+from tunelab.infer.decode import MIN_SHARED_PREFIX, _shared_prefix_length, decode, length_groups, prefill
 from tunelab.infer.generate import (
     GenerationOptions,
     _generate_batches,
@@ -77,6 +78,36 @@ def test_bf16_copy_packs_its_linears_with_the_same_outputs(tiny_model_dir):
         assert linears and all((type(m) is PackedLinear) == packed for m in linears)
         # bit-identical on AMD EPYC (avx512_bf16); other oneDNN kernels (AMX) may sum in another order
         torch.testing.assert_close(decoder(input_ids=ids).logits, plain(input_ids=ids).logits, rtol=1e-2, atol=1e-2)
+
+
+def test_prefill_in_length_groups_keeps_every_rows_logits_and_order(default_model_dir, monkeypatch):
+    """Prompts of different lengths run in groups whose caches are stacked (and put back in the caller's order):
+    every row's logits, and a decoding step from the stacked cache, are what the prompt gives alone."""
+    tokenizer = load_tokenizer(default_model_dir)
+    model = load_model(default_model_dir, device="cpu").eval()
+    renderer = ChatRenderer(tokenizer, "auto")
+    prompts = [tokenizer(renderer.prompt(c), add_special_tokens=False)["input_ids"] for c in conversations()]
+    monkeypatch.setattr(decode_module, "PREFILL_GROUP_COST", 0)  # every length its own group
+    shared = _shared_prefix_length(prompts)
+    assert len(length_groups([len(p) - shared for p in prompts])) >= 4
+    with torch.no_grad():
+        logits, cache, mask, positions = prefill(model, prompts, tokenizer.pad_token_id, 2)
+        step = decode_module.decoding_forward(model)
+        token = logits.argmax(-1)[:, None]
+        after = step(token, torch.cat([mask, mask.new_ones(len(prompts), 1)], dim=1), positions[:, -1:] + 1, cache)
+        for row, prompt in enumerate(prompts):
+            alone, alone_cache, alone_mask, alone_positions = prefill(model, [prompt], tokenizer.pad_token_id, 2)
+            torch.testing.assert_close(logits[row], alone[0], atol=1e-4, rtol=1e-4)
+            assert int(positions[row, -1]) == len(prompt) - 1 == int(alone_positions[0, -1])
+            alone_after = step(token[row:row + 1], torch.ones(1, len(prompt) + 1, dtype=torch.long),
+                               alone_positions[:, -1:] + 1, alone_cache)
+            torch.testing.assert_close(after[row], alone_after[0], atol=1e-4, rtol=1e-4)
+
+
+def test_length_groups_are_runs_of_similar_length_that_save_padding():
+    assert length_groups([50, 10, 49, 11, 48, 12, 10, 50]) == [[0, 7, 2, 4], [5, 3, 1, 6]]
+    assert length_groups([40, 38, 39]) == [[0, 2, 1]]  # a second forward would cost more than 2 tokens of padding
+    assert length_groups([7]) == [[0]]
 
 
 def test_reserved_cache_layer_holds_what_a_dynamic_layer_holds():

@@ -13,7 +13,9 @@ time. Here:
 - the prompt is run once per prompt and its cache repeated for `repeats` completions (GRPO's groups);
 - greedy is an argmax, sampling is Gumbel-max over temperature/top_p-shaped logits from a seeded generator (an
   exact draw without torch.multinomial's CPU cost, and the same draws on resume).
-Models whose PEFT forward adds virtual tokens (prompt and prefix tuning) go through `generate` instead.
+Llama-family models run models/lean_decoder.py's forward (the same computation without transformers' per-layer
+machinery); others, and PEFT models, run their own. Models whose PEFT forward adds virtual tokens (prompt and
+prefix tuning) go through `generate` instead.
 """
 
 from __future__ import annotations
@@ -24,10 +26,16 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from .kv_cache import reserved_cache
+from tunelab.models.lean_decoder import lean_decoder
+
+from .kv_cache import reserved_cache, stack_rows
 
 if TYPE_CHECKING:
+    from collections.abc import Callable
+
     from transformers import DynamicCache
+
+    Forward = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, DynamicCache], torch.Tensor]
 
 MIN_SHARED_PREFIX = 8
 """Prompts of a batch that share at least this many leading tokens run them once (see prefill)."""
@@ -79,6 +87,7 @@ def stream(model, prompt: list[int], *, max_new_tokens: int, stop_ids: list[int]
     device = _device(model)
     generator = torch.Generator(device=device).manual_seed(sampling.seed) if sampling is not None else None
     logits, cache, mask, positions = prefill(model, [prompt], 0, max_new_tokens)
+    forward = decoding_forward(model)
     width = mask.shape[1]
     mask = torch.cat([mask, mask.new_ones(1, max_new_tokens)], dim=1)
     next_position = positions[:, -1:] + 1
@@ -88,8 +97,7 @@ def stream(model, prompt: list[int], *, max_new_tokens: int, stop_ids: list[int]
         if int(token) in stop_ids:
             return
         if step < max_new_tokens - 1:
-            logits = model(input_ids=token[:, None], attention_mask=mask[:, :width + step + 1],
-                           position_ids=next_position, cache=cache, use_cache=True).logits[:, -1]
+            logits = forward(token[:, None], mask[:, :width + step + 1], next_position, cache)
             next_position = next_position + 1
 
 
@@ -117,6 +125,7 @@ def _decode_batch(model, prompts: list[list[int]], max_new_tokens: int, stops: s
                   repeats: int) -> tuple[list[list[int]], list[bool]]:
     device = _device(model)
     logits, cache, prompt_mask, positions = prefill(model, prompts, pad_id, max_new_tokens)
+    forward = decoding_forward(model)
     width = prompt_mask.shape[1]
     mask = torch.cat([prompt_mask, prompt_mask.new_ones(len(prompts), max_new_tokens)], dim=1)
     if repeats > 1:
@@ -142,8 +151,7 @@ def _decode_batch(model, prompts: list[list[int]], max_new_tokens: int, stops: s
             cache.batch_select_indices(keep)
             mask, token, next_position = mask[keep], token[keep], next_position[keep]
             alive = [alive[slot] for slot in live]
-        logits = model(input_ids=token[:, None], attention_mask=mask[:, :width + step + 1],
-                       position_ids=next_position[:, None], cache=cache, use_cache=True).logits[:, -1]
+        logits = forward(token[:, None], mask[:, :width + step + 1], next_position[:, None], cache)
         next_position = next_position + 1
     return new, [not done for done in finished]
 
@@ -152,22 +160,89 @@ def prefill(model, prompts: list[list[int]], pad_id: int, max_new_tokens: int,
             row_inputs: dict | None = None) -> tuple[torch.Tensor, DynamicCache, torch.Tensor, torch.Tensor]:
     """(last-position logits, cache, attention mask, position ids) after running the prompts, the cache reserved
     for max_new_tokens more. Leading tokens that every prompt shares (a system prompt, an instruction) run once and
-    their cache is copied to every row; the rest of each prompt follows, left-padded, so padding sits between the
-    shared part and the prompt's own. `row_inputs` are forward arguments with an entry per row (PEFT's
-    adapter_names); rows may then compute even a shared prefix differently, so nothing is shared."""
+    their cache is copied to every row; the rest of each prompt follows, left-padded, in groups of similar length
+    (see length_groups) whose caches are then stacked, so padding sits between the shared part and the prompt's
+    own, or before both. `row_inputs` are forward arguments with an entry per row (PEFT's adapter_names); rows
+    may then compute even a shared prefix differently, so nothing is shared."""
     device = _device(model)
     shared = 0 if row_inputs else _shared_prefix_length(prompts)
-    suffix_ids, suffix_mask = left_padded([p[shared:] for p in prompts], pad_id, device)
-    cache = reserved_cache(model.config, shared + suffix_ids.shape[1] + max_new_tokens)
+    prefix = None
     if shared:
-        model(input_ids=torch.tensor([prompts[0][:shared]], device=device), cache=cache, use_cache=True,
-              logits_to_keep=1)
-        cache.batch_repeat_interleave(len(prompts))
-    mask = torch.cat([suffix_mask.new_ones(len(prompts), shared), suffix_mask], dim=1)
+        prefix = reserved_cache(model.config, shared)
+        ids = torch.tensor([prompts[0][:shared]], device=device)
+        decoding_forward(model)(ids, torch.ones_like(ids), torch.arange(shared, device=device)[None], prefix)
+    groups = length_groups([len(p) - shared for p in prompts])
+    parts = []
+    for group in groups:
+        inputs = {name: [values[i] for i in group] for name, values in (row_inputs or {}).items()}
+        room = max_new_tokens if len(groups) == 1 else 0
+        parts.append(_prefill_rows(model, [prompts[i][shared:] for i in group], prefix, pad_id, room, inputs))
+    if len(parts) == 1:
+        logits, cache, mask = parts[0]
+    else:
+        cache, mask = stack_rows([(cache, mask) for _, cache, mask in parts], model.config, max_new_tokens)
+        logits = torch.cat([logits for logits, _, _ in parts])
+    order = [row for group in groups for row in group]
+    if order != sorted(order):  # back to the caller's order
+        where = torch.tensor(order, device=device).argsort()
+        cache.batch_select_indices(where)
+        logits, mask = logits[where], mask[where]
+    return logits, cache, mask, (mask.cumsum(-1) - 1).clamp(min=0)
+
+
+def _prefill_rows(model, suffixes: list[list[int]], prefix: DynamicCache | None, pad_id: int, room: int,
+                  row_inputs: dict) -> tuple[torch.Tensor, DynamicCache, torch.Tensor]:
+    """(last-position logits, cache, mask) of one group of prompts, left-padded after the shared prefix's cache."""
+    device = _device(model)
+    shared = prefix.get_seq_length() if prefix is not None else 0
+    ids, suffix_mask = left_padded(suffixes, pad_id, device)
+    cache = reserved_cache(model.config, shared + ids.shape[1] + room)
+    if prefix is not None:
+        for layer, prefix_layer in zip(cache.layers, prefix.layers, strict=True):
+            layer.update(prefix_layer.keys.expand(len(suffixes), -1, -1, -1),
+                         prefix_layer.values.expand(len(suffixes), -1, -1, -1))
+    mask = torch.cat([suffix_mask.new_ones(len(suffixes), shared), suffix_mask], dim=1)
     positions = shared + (suffix_mask.cumsum(-1) - 1).clamp(min=0)
-    logits = model(input_ids=suffix_ids, attention_mask=mask, position_ids=positions, cache=cache, use_cache=True,
-                   logits_to_keep=1, **(row_inputs or {})).logits[:, -1]
-    return logits, cache, mask, positions
+    return decoding_forward(model, row_inputs)(ids, mask, positions, cache), cache, mask
+
+
+PREFILL_GROUP_COST = 32
+"""What one more prompt forward costs, in padded tokens (the per-call work of every layer): prefill runs rows of
+different lengths apart only where that saves more padding than this."""
+
+
+def length_groups(lengths: list[int]) -> list[list[int]]:
+    """Rows (indices into `lengths`) grouped for prefill: runs of the longest-first order, chosen to compute the
+    fewest padded tokens plus PREFILL_GROUP_COST a group (exact, by dynamic programming over where runs end). On
+    the main job's 60 held-out prompts (26-59 tokens after the shared template) one group padded 29% of its
+    tokens."""
+    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
+    best, start_of = [0] + [None] * len(order), [0] * (len(order) + 1)
+    for end in range(1, len(order) + 1):
+        for start in range(end):
+            cost = best[start] + (end - start) * lengths[order[start]] + PREFILL_GROUP_COST
+            if best[end] is None or cost < best[end]:
+                best[end], start_of[end] = cost, start
+    groups, end = [], len(order)
+    while end:
+        groups.append(order[start_of[end]:end])
+        end = start_of[end]
+    return groups[::-1]
+
+
+def decoding_forward(model, row_inputs: dict | None = None) -> Forward:
+    """(input ids, attention mask, position ids, cache) -> the last position's logits: models/lean_decoder.py's
+    forward where it applies, else the model's own (with `row_inputs`, which only PEFT models take)."""
+    lean = None if row_inputs else lean_decoder(model)
+    return lean if lean is not None else model_forward(model, row_inputs)
+
+
+def model_forward(model, row_inputs: dict | None = None) -> Forward:
+    """decoding_forward through the model's own forward."""
+    def forward(input_ids, attention_mask, position_ids, cache):
+        return model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, cache=cache,
+                     use_cache=True, logits_to_keep=1, **(row_inputs or {})).logits[:, -1]
+    return forward
 
 
 def _shared_prefix_length(prompts: list[list[int]]) -> int:

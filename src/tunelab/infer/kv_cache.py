@@ -14,6 +14,7 @@ where the plain layout had the matmul copy every layer's keys every step); promp
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from transformers import DynamicCache
 from transformers.cache_utils import DynamicLayer
 
@@ -108,3 +109,17 @@ def reserved_cache(config, capacity: int) -> DynamicCache:
     cache = DynamicCache(config=config)
     cache.layers = [ReservedLayer(capacity) if type(layer) is DynamicLayer else layer for layer in cache.layers]
     return cache
+
+
+def stack_rows(parts: list[tuple[DynamicCache, torch.Tensor]], config, room: int) -> tuple[DynamicCache, torch.Tensor]:
+    """One cache and attention mask holding the rows of every (cache, mask) part in order, each left-padded to
+    the widest part (padding columns are masked out; positions are the callers' own), with `room` positions
+    reserved beyond."""
+    width = max(mask.shape[1] for _, mask in parts)
+    stacked = reserved_cache(config, width + room)
+    for index, layer in enumerate(stacked.layers):
+        keys = torch.cat([F.pad(cache.layers[index].keys, (0, 0, width - mask.shape[1], 0)) for cache, mask in parts])
+        values = torch.cat([F.pad(cache.layers[index].values, (0, 0, width - mask.shape[1], 0))
+                            for cache, mask in parts])
+        layer.update(keys, values)
+    return stacked, torch.cat([F.pad(mask, (width - mask.shape[1], 0)) for _, mask in parts])

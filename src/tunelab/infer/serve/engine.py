@@ -21,12 +21,11 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
-import torch.nn.functional as F
 
 from tunelab.infer.decode import Sampling as DecodeSampling
-from tunelab.infer.decode import pick_scores, prefill
+from tunelab.infer.decode import decoding_forward, pick_scores, prefill
 from tunelab.infer.generate import stop_token_ids
-from tunelab.infer.kv_cache import ReservedLayer, reserved_cache
+from tunelab.infer.kv_cache import ReservedLayer, stack_rows
 from tunelab.models.attention import DECODE, attention_implementation
 
 ROOM = 128
@@ -178,7 +177,7 @@ class Engine:
         if not self._active:
             self._active, self._cache, self._mask, self._logits = list(requests), cache, mask, logits
             return
-        self._cache, self._mask = _merge(self._cache, self._mask, cache, mask, self._config())
+        self._cache, self._mask = stack_rows([(self._cache, self._mask), (cache, mask)], self._config(), ROOM)
         self._active += requests
         self._logits = torch.cat([self._logits, logits])
 
@@ -209,10 +208,10 @@ class Engine:
         _make_room(self._cache)
         mask = torch.cat([self._mask, self._mask.new_ones(len(keep), 1)], dim=1)
         positions = self._mask.sum(dim=1, keepdim=True)
-        out = self.model(input_ids=torch.tensor(tokens, device=self.device)[:, None], attention_mask=mask,
-                         position_ids=positions, cache=self._cache, use_cache=True, **self._adapters(self._active))
+        forward = decoding_forward(self.model, self._adapters(self._active))
+        logits = forward(torch.tensor(tokens, device=self.device)[:, None], mask, positions, self._cache)
         self._mask = mask
-        self._logits = out.logits[:, -1].float()
+        self._logits = logits.float()
 
     def _pick(self, logits: torch.Tensor) -> list[int]:
         """Each row's next token with its own sampling settings and generator."""
@@ -278,23 +277,6 @@ class Engine:
     def _config(self):
         base = self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
         return base.config
-
-
-def _merge(cache_a, mask_a: torch.Tensor, cache_b, mask_b: torch.Tensor, config):
-    """One cache (and mask) holding the rows of both, each left-padded to the longer one's length, with ROOM
-    positions reserved beyond."""
-    width = max(mask_a.shape[1], mask_b.shape[1])
-
-    def padded(tensor: torch.Tensor, length: int) -> torch.Tensor:
-        return F.pad(tensor, (0, 0, width - length, 0)) if tensor.dim() == 4 else F.pad(tensor, (width - length, 0))
-
-    merged = reserved_cache(config, width + ROOM)
-    for layer, layer_a, layer_b in zip(merged.layers, cache_a.layers, cache_b.layers, strict=True):
-        keys = torch.cat([padded(layer_a.keys, mask_a.shape[1]), padded(layer_b.keys, mask_b.shape[1])])
-        values = torch.cat([padded(layer_a.values, mask_a.shape[1]), padded(layer_b.values, mask_b.shape[1])])
-        layer.update(keys, values)
-    mask = torch.cat([padded(mask_a, mask_a.shape[1]), padded(mask_b, mask_b.shape[1])])
-    return merged, mask
 
 
 def _make_room(cache) -> None:
