@@ -45,3 +45,15 @@ def parameter_count(name: str, vocab_size: int = 49152) -> int:
     kv = hidden // shape["num_attention_heads"] * shape["num_key_value_heads"]
     per_layer = 2 * hidden * hidden + 2 * hidden * kv + 3 * hidden * inner + 2 * hidden
     return vocab_size * hidden + layers * per_layer + hidden
+
+
+def model_folder(spec: str, workdir: Path, tokenizer: Path | None = None, seed: int = 0) -> Path:
+    """The folder a bench runs: a random-weight model built into `workdir` when `spec` names one of SHAPES (with
+    `tokenizer`'s tokenizer, the default model's unless given: a GPU machine that cannot fetch the default model
+    gets a copy of its tokenizer alone), else tunelab's own resolution of a preset, hub id or folder."""
+    from tunelab.models.resolve import resolve_model
+
+    if spec not in SHAPES:
+        return resolve_model(spec)
+    source = tokenizer or resolve_model("smollm2-135m-instruct")
+    return build_random_model(spec, source, workdir / "models" / spec, seed=seed)

@@ -25,7 +25,7 @@ from importlib import metadata
 from pathlib import Path
 
 from _case_data import write_case_data, write_preference_data, write_prompt_data
-from _random_model import SHAPES, build_random_model
+from _random_model import SHAPES, model_folder
 
 BENCH = Path(__file__).resolve().parent
 REPO = BENCH.parent
@@ -99,6 +99,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--model", default="smollm2-135m-instruct",
                         help="tunelab preset, hub id or local folder; or a random-weight Llama built from a config: "
                         + ", ".join(SHAPES) + " (speed and memory only)")
+    parser.add_argument("--tokenizer", type=Path, default=None,
+                        help="a random-weight model's tokenizer folder (default: the default model's)")
     parser.add_argument("--precision", choices=["auto", "bf16", "fp32"], default="auto",
                         help="auto: bf16 autocast where the CPU (AMX/AVX512-BF16) or GPU supports it")
     parser.add_argument("--seed", type=int, default=42)
@@ -385,6 +387,14 @@ def markdown(outcome: dict, summary: dict, machine: dict, args) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _git(*arguments: str) -> str:
+    """git's output in the repository, or "" where there is no git or no .git (a GPU machine's copy of the tree)."""
+    try:
+        return subprocess.run(["git", *arguments], cwd=REPO, capture_output=True, text=True).stdout.strip()
+    except OSError:
+        return ""
+
+
 def machine_info(model_path: Path) -> dict:
     import torch
 
@@ -397,8 +407,7 @@ def machine_info(model_path: Path) -> dict:
             versions[package] = metadata.version(package)
         except metadata.PackageNotFoundError:
             versions[package] = None
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True)
-    dirty = subprocess.run(["git", "status", "--porcelain", "src"], cwd=REPO, capture_output=True, text=True)
+    commit, dirty = _git("rev-parse", "--short", "HEAD"), _git("status", "--porcelain", "src")
     return {
         "cpu": found["cpu"],
         "cpu_bf16": found["cpu_bf16"],
@@ -407,7 +416,7 @@ def machine_info(model_path: Path) -> dict:
         "python": platform.python_version(),
         "platform": platform.platform(),
         "versions": versions,
-        "tunelab_commit": (commit.stdout.strip() or "unknown") + (" (src modified)" if dirty.stdout.strip() else ""),
+        "tunelab_commit": (commit or "unknown") + (" (src modified)" if dirty else ""),
         "model_path": str(model_path),
         "load_average": os.getloadavg(),
     }
@@ -415,8 +424,6 @@ def machine_info(model_path: Path) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    from tunelab.models.resolve import resolve_model
-
     precision = resolve_precision(args.precision)
     args.results.mkdir(parents=True, exist_ok=True)
     stamp = time.strftime("%Y%m%d-%H%M%S")
@@ -430,10 +437,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.model in SHAPES:
             print(f"building {args.model} (random weights) ...", file=sys.stderr, flush=True)
-            model_path = build_random_model(args.model, resolve_model("smollm2-135m-instruct"),
-                                            workdir / "models" / args.model, seed=args.seed)
-        else:
-            model_path = resolve_model(args.model)
+        model_path = model_folder(args.model, workdir, args.tokenizer, seed=args.seed)
         machine = machine_info(model_path)
         for name in args.case_names:
             outcome = run_case(name, args, model_path, precision, workdir)

@@ -10,8 +10,8 @@ Cases, alternated in one process so that machine drift hits all alike:
 - `generate bf16`:  transformers' `generate` on a bfloat16 copy (model.to(torch.bfloat16), the compute dtype on CPUs
                     with AMX/AVX512-BF16);
 - `tunelab fp32` / `tunelab bf16`: generate_replies with precision fp32 / bf16 (infer/decode.py).
-Reported: generated tokens/s (new tokens up to and including each reply's stop token, counted from tunelab's
-replies), the ratios, and how many replies equal `generate`'s in each dtype (all in fp32; in bf16 rounding
+Reported: generated tokens/s (new tokens up to and including each reply's stop token, counted from each case's
+token ids), the ratios, and how many replies equal `generate`'s in each dtype (all in fp32; in bf16 rounding
 differences between the two paths can tip a token). Prints a Markdown table
 and writes bench/results/<timestamp>-generation.md and .json.
 """
@@ -23,9 +23,11 @@ import copy
 import json
 import statistics
 import sys
+import tempfile
 import time
 from pathlib import Path
 
+from _random_model import SHAPES, model_folder
 from compare_peer import machine_info
 
 BENCH = Path(__file__).resolve().parent
@@ -34,7 +36,11 @@ REPO = BENCH.parent
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--model", default="smollm2-135m-instruct", help="run directory, preset or model folder")
+    parser.add_argument("--model", default="smollm2-135m-instruct",
+                        help="run directory, preset or model folder; or a random-weight Llama: " + ", ".join(SHAPES))
+    parser.add_argument("--tokenizer", type=Path, default=None,
+                        help="a random-weight model's tokenizer folder (default: the default model's)")
+    parser.add_argument("--device", default=None, help="default: cuda where there is one, else cpu")
     parser.add_argument("--config", type=Path, default=REPO / "examples" / "lora.yaml",
                         help="whose held-out generation prompts to use")
     parser.add_argument("--samples", type=int, default=None, help="default: the config's eval.generate_samples")
@@ -62,7 +68,10 @@ def main(argv: list[str] | None = None) -> int:
     from tunelab.infer.generate import GenerationOptions
     from tunelab.infer.load import load_generator
 
-    loaded = load_generator(args.model, "cpu")
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    with tempfile.TemporaryDirectory(prefix="tunelab-generation-") as workdir:
+        model_path = model_folder(args.model, Path(workdir), args.tokenizer)
+        loaded = load_generator(str(model_path), device)
     model, renderer, tokenizer = loaded.model, loaded.renderer, loaded.tokenizer
     conversations, configured_tokens = held_out_conversations(args.config, tokenizer, args.samples)
     max_new_tokens = args.max_new_tokens or configured_tokens
@@ -73,27 +82,66 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def run_cases(args, model, bf16_model, renderer, conversations, max_new_tokens: int, options) -> dict:
-    """Each case's replies and its seconds per round, the cases alternating round by round."""
-    from tunelab.infer.generate import GenerationOptions, _generate_batches, generate_replies
+    """Each case's replies, its seconds per round and the tokens it generated (counted from token ids, through each
+    reply's first stop token: a random-weight model's replies may decode to nothing), the cases alternating round
+    by round."""
+    from tunelab.infer import generate as generate_module
+    from tunelab.infer.generate import GenerationOptions, _generate_batches, generate_replies, stop_token_ids
 
-    def with_generate(target):
-        return lambda: [r for batch in _generate_batches(target, renderer, conversations, options) for r in batch]
+    stops = set(stop_token_ids(model, renderer.tokenizer))
+    counts: dict[str, int] = {}
 
-    def with_tunelab(precision: str):
+    def through_stop(row: list[int]) -> int:
+        return next((i + 1 for i, token in enumerate(row) if token in stops), len(row))
+
+    def with_generate(name: str, target):
+        real = target.generate
+
+        def counting(**inputs):
+            output = real(**inputs)
+            counts[name] += sum(through_stop(row) for row in output[:, inputs["input_ids"].shape[1]:].tolist())
+            return output
+
+        def run():
+            target.generate = counting
+            try:
+                return [r for batch in _generate_batches(target, renderer, conversations, options) for r in batch]
+            finally:
+                del target.generate
+        return run
+
+    def with_tunelab(name: str, precision: str):
         chosen = GenerationOptions(max_new_tokens=max_new_tokens, batch_size=args.batch_size, precision=precision)
-        return lambda: generate_replies(model, renderer, conversations, chosen)
+        real = generate_module.decode
 
-    cases = {"generate fp32": with_generate(model), "generate bf16": with_generate(bf16_model),
-             "tunelab fp32": with_tunelab("fp32"), "tunelab bf16": with_tunelab("bf16")}
+        def counting(*arguments, **keywords):
+            decoded = real(*arguments, **keywords)
+            counts[name] += sum(len(tokens) for tokens in decoded.tokens)
+            return decoded
+
+        def run():
+            generate_module.decode = counting
+            try:
+                return generate_replies(model, renderer, conversations, chosen)
+            finally:
+                generate_module.decode = real
+        return run
+
+    cases = {"generate fp32": with_generate("generate fp32", model),
+             "generate bf16": with_generate("generate bf16", bf16_model),
+             "tunelab fp32": with_tunelab("tunelab fp32", "fp32"), "tunelab bf16": with_tunelab("tunelab bf16", "bf16")}
     seconds: dict[str, list[float]] = {name: [] for name in cases}
     replies: dict[str, list[str]] = {}
+    tokens: dict[str, int] = {}
     for _ in range(args.repeats):
         for name, run in cases.items():
+            counts[name] = 0
             start = time.perf_counter()
             replies[name] = run()
             seconds[name].append(time.perf_counter() - start)
+            tokens[name] = counts[name]
             print(f"{name}: {seconds[name][-1]:.1f} s", file=sys.stderr)
-    return {"seconds": seconds, "replies": replies}
+    return {"seconds": seconds, "replies": replies, "tokens": tokens}
 
 
 def report(args, measured: dict, tokenizer, conversations, max_new_tokens: int) -> int:
@@ -101,8 +149,7 @@ def report(args, measured: dict, tokenizer, conversations, max_new_tokens: int) 
     cases = list(seconds)
     same = {dtype: sum(a == b for a, b in zip(replies[f"generate {dtype}"], replies[f"tunelab {dtype}"], strict=True))
             for dtype in ("fp32", "bf16")}  # replies equal to generate's (bf16: rounding may tip a token)
-    tokens = {name: sum(len(tokenizer(r, add_special_tokens=False)["input_ids"]) + 1 for r in replies[name])
-              for name in cases}  # + the stop token (or one over, for a reply cut at max_new_tokens)
+    tokens = measured["tokens"]
     rate = {name: tokens[name] / statistics.median(seconds[name]) for name in cases}
     result = {
         "machine": machine_info(Path(str(args.model))),

@@ -42,24 +42,26 @@ def random_model(model_type: str, **overrides):
 def run_both(model, lean: LeanDecoder, steps: int = 3) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """(lean, transformers) logits after a shared 5-token prefix, a left-padded batch of 3 prompts, and `steps`
     single tokens."""
+    device = next(model.parameters()).device
     generator = torch.Generator().manual_seed(1)
-    prefix = torch.randint(1, 96, (1, 5), generator=generator)
+    prefix = torch.randint(1, 96, (1, 5), generator=generator).to(device)
     prompts = [torch.randint(1, 96, (n,), generator=generator).tolist() for n in (4, 7, 1)]
-    ids, suffix_mask = left_padded(prompts, 0, torch.device("cpu"))
-    mask = torch.cat([torch.ones(3, 5, dtype=torch.long), suffix_mask], dim=1)
+    ids, suffix_mask = left_padded(prompts, 0, device)
+    mask = torch.cat([torch.ones(3, 5, dtype=torch.long, device=device), suffix_mask], dim=1)
     positions = 5 + (suffix_mask.cumsum(-1) - 1).clamp(min=0)
     caches = [reserved_cache(model.config, 16 + steps), DynamicCache(config=model.config)]
     forwards = [lean, model_forward(model)]
     out = []
     for forward, cache in zip(forwards, caches, strict=True):
-        forward(prefix, torch.ones_like(prefix), torch.arange(5)[None], cache)
+        forward(prefix, torch.ones_like(prefix), torch.arange(5, device=device)[None], cache)
         cache.batch_repeat_interleave(3)
         out.append([forward(ids, mask, positions, cache)])
         step_mask, position = mask, positions[:, -1:]
         for step in range(steps):
-            step_mask = torch.cat([step_mask, torch.ones(3, 1, dtype=torch.long)], dim=1)
+            step_mask = torch.cat([step_mask, torch.ones(3, 1, dtype=torch.long, device=device)], dim=1)
             position = position + 1
-            out[-1].append(forward(torch.tensor([[7 + step], [11], [13 * step + 1]]), step_mask, position, cache))
+            token = torch.tensor([[7 + step], [11], [13 * step + 1]], device=device)
+            out[-1].append(forward(token, step_mask, position, cache))
     return list(zip(*out, strict=True))
 
 

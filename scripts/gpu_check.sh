@@ -1,0 +1,56 @@
+#!/usr/bin/env bash
+# The GPU checks, in one command of under 10 minutes on a lent GPU machine (the device tool; run
+# scripts/gpu_prepare.sh here first, then `run` with carry [".gpu"] and command "bash scripts/gpu_check.sh"):
+#   1. the device, driver and package versions;
+#   2. the tests marked `gpu` (tests/test_gpu.py: training in bf16, decoding, GRPO, the lean forward on CUDA);
+#   3. bench/compare_peer.py's lora-short case on a 1.07 B-parameter random-weight Llama, tunelab against TRL + PEFT;
+#   4. bench/generation_speed.py on the same model, tunelab's decoding loop against transformers' `generate`.
+# Everything lands in $OUT (gpu_check.log and the benches' .md/.json), which the device tool brings back.
+# Each stage has its own time limit and a failed stage does not stop the next.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT=${OUT:-/tmp/gpu-check}
+mkdir -p "$OUT/results"
+LOG="$OUT/gpu_check.log"
+export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TRANSFORMERS_VERBOSITY=error
+stage() { echo; echo "=== $* ($(date -u +%H:%M:%S))"; }
+
+{
+stage "install the carried wheels"
+python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .gpu/wheels/*.whl \
+    || { echo "gpu_check: the wheels in .gpu/wheels did not install (run scripts/gpu_prepare.sh here first)"; exit 1; }
+export PYTHONPATH="/tmp/site:$PWD/src:$PWD/tests:${PYTHONPATH:-}"
+
+stage "device and versions"
+nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv
+python3 - <<'EOF'
+import importlib, importlib.metadata as m, torch
+print("torch", torch.__version__, "cuda", torch.version.cuda, "device", torch.cuda.get_device_name(0))
+for name in ("transformers", "peft", "trl", "accelerate", "datasets", "pydantic", "triton", "liger-kernel"):
+    try:
+        print(name, m.version(name))
+    except m.PackageNotFoundError:
+        print(name, "missing")
+for module in ("tunelab", "liger_kernel.transformers"):
+    try:
+        importlib.import_module(module)
+        print("import", module, "ok")
+    except Exception as error:  # noqa: BLE001 - reported, the checks go on
+        print("import", module, "failed:", repr(error))
+EOF
+
+stage "tests marked gpu"
+timeout 240 python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_gpu.py
+
+stage "lora-short on random-llama-1b: tunelab against TRL + PEFT"
+timeout 240 python3 bench/compare_peer.py --model random-llama-1b --tokenizer .gpu/tokenizer --cases lora-short \
+    --steps 10 --repeats 1 --wait-idle 0 --timeout 200 --results "$OUT/results" --workdir /tmp/bench
+
+stage "generation on random-llama-1b: tunelab against generate"
+MODEL=/tmp/bench/models/random-llama-1b  # built by the stage before; else built again
+[ -f "$MODEL/config.json" ] || MODEL=random-llama-1b
+timeout 150 python3 bench/generation_speed.py --model "$MODEL" --tokenizer .gpu/tokenizer --batch-size 64 \
+    --repeats 1 --results "$OUT/results"
+
+stage "done"
+} 2>&1 | tee "$LOG"

@@ -1,0 +1,92 @@
+"""tunelab on a CUDA device: training picks the GPU and learns in bf16, evaluation's decoding loop gives
+transformers' greedy tokens there, the lean decoding forward matches the model's own, and GRPO samples and
+updates on it. Marked `gpu` and skipped where torch sees no CUDA device; scripts/gpu_check.sh runs them on a
+lent GPU machine. `TUNELAB_TEST_DEVICE=cpu` runs them on the CPU instead, to check the tests themselves."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+import torch
+from test_lean_decoder import MODELS, random_model, run_both
+from test_train import run_config
+
+from tunelab.infer.decode import decode
+from tunelab.models.lean_decoder import lean_decoder
+from tunelab.train.run import train_run
+
+DEVICE = os.environ.get("TUNELAB_TEST_DEVICE", "cuda")
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(DEVICE == "cuda" and not torch.cuda.is_available(), reason="needs a CUDA device"),
+]
+
+QA = [{"question": f"what is {a} plus {b}?", "answer": f"{a + b}"} for a in range(6) for b in range(6)]
+
+
+@pytest.fixture
+def qa_file(tmp_path):
+    path = tmp_path / "qa.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in QA))
+    return path
+
+
+@pytest.fixture(autouse=True)
+def on_device(monkeypatch):
+    """Training runs where DEVICE says (it picks CUDA by itself when there is one)."""
+    if DEVICE == "cpu":
+        monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
+        monkeypatch.setenv("ACCELERATE_USE_CPU", "1")
+
+
+@pytest.mark.parametrize("method", ["lora", "full"])
+def test_training_runs_on_the_device_in_bf16_and_learns(tiny_model_dir, qa_file, tmp_path, method):
+    out = tmp_path / "run"
+    summary = train_run(run_config(tiny_model_dir, qa_file, out, f"method.name={method}", "train.epochs=4",
+                                   "train.lr=3e-3" if method == "lora" else "train.lr=1e-3",
+                                   "train.precision=bf16", "train.profile_steps=1"))
+    assert summary["device"].startswith(DEVICE) and summary["precision"] == "bf16"
+    assert summary["final_eval_loss"] < summary["base_eval_loss"] - 0.5
+    written = json.loads((out / "summary.json").read_text())
+    assert (written["hardware"]["gpu"] is not None) == (DEVICE == "cuda")
+    assert 0 < written["mfu"] < 1 and written["step_breakdown"]["share"]["matmul"] > 0
+    assert [json.loads(line) for line in (out / "samples.jsonl").read_text().splitlines()]
+
+
+def test_greedy_decoding_on_the_device_gives_generates_tokens(tiny_model_dir, tiny_tokenizer):
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir).to(DEVICE).eval()
+    prompts = [tiny_tokenizer(text)["input_ids"] for text in
+               ("what is 3 plus 4?", "The quick brown fox", "capital of France", "hello")]
+    decoded = decode(model, prompts, max_new_tokens=12, stop_ids=[-1], pad_id=0, batch_size=3)
+    for prompt, tokens in zip(prompts, decoded.tokens, strict=True):
+        ids = torch.tensor([prompt], device=DEVICE)
+        expected = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=12, do_sample=False,
+                                  eos_token_id=None, pad_token_id=0)
+        assert tokens == expected[0, len(prompt):].tolist()
+
+
+@pytest.mark.parametrize("model_type", sorted(MODELS))
+def test_lean_forward_on_the_device_equals_the_models_own(model_type):
+    model = random_model(model_type).to(DEVICE)
+    lean = lean_decoder(model)
+    assert lean is not None
+    for got, expected in run_both(model, lean):
+        torch.testing.assert_close(got, expected, atol=1e-4, rtol=1e-4)  # TF32 off by default: float32 matmuls
+
+
+def test_grpo_samples_and_updates_on_the_device_in_bf16(tiny_model_dir, tmp_path):
+    from test_grpo import REWARDS_PY, grpo_config, write_prompts
+
+    rewards = tmp_path / "rewards.py"
+    rewards.write_text(REWARDS_PY)
+    out = tmp_path / "grpo"
+    summary = train_run(grpo_config(tiny_model_dir, write_prompts(tmp_path / "prompts.jsonl"), out, rewards,
+                                    "train.max_steps=20", "train.precision=bf16",
+                                    f"objective.rewards=[{rewards}:letters, exact_match]"))
+    assert summary["device"].startswith(DEVICE) and summary["precision"] == "bf16"
+    before, after = summary["eval_before"], summary["eval_after"]
+    assert after["eval_rewards/letters/mean"] > before["eval_rewards/letters/mean"] + 0.3
