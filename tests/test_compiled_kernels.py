@@ -136,3 +136,14 @@ def test_a_compiled_run_trains_like_an_eager_one(tiny_model_dir, tmp_path, metho
     # the profile sees the compiled graphs' fused loops as elementwise work, not as time no op accounts for
     top = dict(runs["compiled"]["step_breakdown"]["top_ops"])
     assert "compiled graphs (fused loops)" in top
+
+
+def test_liger_kernels_are_refused_off_cuda_before_the_run_directory_is_written(tiny_model_dir, tmp_path):
+    from tunelab.errors import ConfigError
+
+    qa = tmp_path / "qa.jsonl"
+    qa.write_text(json.dumps({"question": "what is 1 plus 1?", "answer": "2"}) + "\n")
+    out = tmp_path / "run"
+    with pytest.raises(ConfigError, match=r"^train\.kernels: liger needs a CUDA device"):
+        train_run(run_config(tiny_model_dir, qa, out, "train.kernels=liger"))
+    assert not out.exists()

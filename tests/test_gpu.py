@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+from importlib.util import find_spec
 
 import pytest
 import torch
@@ -90,3 +91,13 @@ def test_grpo_samples_and_updates_on_the_device_in_bf16(tiny_model_dir, tmp_path
     assert summary["device"].startswith(DEVICE) and summary["precision"] == "bf16"
     before, after = summary["eval_before"], summary["eval_after"]
     assert after["eval_rewards/letters/mean"] > before["eval_rewards/letters/mean"] + 0.3
+
+
+@pytest.mark.skipif(DEVICE != "cuda" or find_spec("liger_kernel") is None, reason="needs CUDA and liger-kernel")
+def test_liger_kernels_train_like_plain_pytorch(tiny_model_dir, qa_file, tmp_path):
+    runs = {kernels: train_run(run_config(tiny_model_dir, qa_file, tmp_path / kernels, "train.epochs=2",
+                                          "train.lr=3e-3", "train.precision=bf16", f"train.kernels={kernels}"))
+            for kernels in ("none", "liger")}
+    assert json.loads((tmp_path / "liger" / "summary.json").read_text())["kernels"] == "liger"
+    assert runs["liger"]["final_eval_loss"] == pytest.approx(runs["none"]["final_eval_loss"], rel=0.03)
+    assert runs["liger"]["final_eval_loss"] < runs["liger"]["base_eval_loss"] - 0.5

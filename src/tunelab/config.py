@@ -185,12 +185,14 @@ class TrainConfig(Strict):
     """LoRA linear layers (plain, not DoRA or quantised) as one autograd function, frozen weights cast to bf16
     once instead of every forward, and the input shared by q/k/v and gate/up cast once (methods/fused_lora.py).
     Same arithmetic; off only to compare against PEFT's own layers."""
-    kernels: Literal["auto", "compiled", "none"] = "auto"
+    kernels: Literal["auto", "compiled", "liger", "none"] = "auto"
     """compiled: each decoder layer's forward and backward compiled by torch.compile (its elementwise work fused
     into a few loops) and the head's log-softmax fused, for training only (models/fused_ops.py): ~15% faster steps
     on the default model, after a compile of ~1 minute on a machine's first run (~4 s once torch's caches hold
-    it). auto: compiled on CPU for bf16 supervised runs of llama-style models of 50M+ parameters with LoRA or full
-    fine-tuning and 120+ steps, where even the first compile pays back; none: eager PyTorch."""
+    it). liger: Liger Kernel's Triton RMSNorm, rotary and SwiGLU kernels (CUDA, llama/mistral/qwen2/qwen3 models,
+    the liger-kernel package; models/liger.py). auto: liger on CUDA where it is installed; compiled on CPU for
+    bf16 supervised runs of llama-style models of 50M+ parameters with LoRA or full fine-tuning and 120+ steps,
+    where even the first compile pays back; none: eager PyTorch."""
 
 
 class EvalConfig(Strict):

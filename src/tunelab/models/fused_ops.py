@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from tunelab.errors import ConfigError
 from tunelab.models.attention import base_config
 
 COMPILED_MODEL_TYPES = {"llama", "mistral", "qwen2", "qwen3"}
@@ -139,12 +140,21 @@ AUTO_METHODS = {"lora", "rslora", "full"}
 
 def training_kernels(setting: str, *, device: torch.device, precision: str, model, method: str, objective: str,
                      steps: int, sharded: bool, checkpointing: bool) -> str:
-    """'compiled' or 'none' for `train.kernels`: auto compiles where it was measured to pay (see the config field).
-    Never under FSDP, whose own subclass of each layer would wrap the compiled one (untried)."""
+    """'compiled', 'liger' or 'none' for `train.kernels`: auto takes Liger's kernels on CUDA where they are
+    installed and compiles on CPU where it was measured to pay (see the config field). Neither under FSDP, whose
+    own subclass of each layer would wrap the patched one (untried)."""
+    from tunelab.models.liger import liger_problem
+
     if sharded:
         return "none"
+    if setting == "liger":
+        problem = liger_problem(model, device)
+        if problem:
+            raise ConfigError(f"liger {problem}", where="train.kernels")
     if setting != "auto":
         return setting
+    if liger_problem(model, device) is None:
+        return "liger"
     from tunelab.models.logprobs import uses_virtual_tokens
 
     config = base_config(model)
@@ -165,5 +175,10 @@ def enable_compiled_kernels(model, precision: str) -> int:
 
 
 def kernels_in_use(model) -> str:
-    """'compiled' when the model's decoder layers run compiled in training, else 'none' (for summary.json)."""
+    """'compiled' when the model's decoder layers run compiled in training, 'liger' with Liger's kernels, else
+    'none' (for summary.json)."""
+    from tunelab.models.liger import uses_liger
+
+    if uses_liger(model):
+        return "liger"
     return "compiled" if any("_tunelab_original" in type(m).__dict__ for m in model.modules()) else "none"

@@ -29,6 +29,7 @@ from tunelab.methods import METHODS, count_parameters
 from tunelab.methods.fused_lora import fuse_lora_layers
 from tunelab.models.attention import MATMUL, attention_implementation, training_attention
 from tunelab.models.fused_ops import enable_compiled_kernels, training_kernels
+from tunelab.models.liger import enable_liger_kernels, liger_unavailable
 from tunelab.models.load import enable_activation_checkpointing, load_model, load_tokenizer
 from tunelab.models.logprobs import uses_virtual_tokens
 from tunelab.models.resolve import resolve_model
@@ -97,8 +98,10 @@ def train_run(
         if notice:
             console.print(notice)
     sharding.check_several_processes(config, ranks)
-    log = RunLog(config.output_dir / "metrics.jsonl", console) if ranks.is_main else NullLog()
     device = start(ranks) if ranks.distributed else _training_device()
+    if config.train.kernels == "liger" and (problem := liger_unavailable(device)):
+        raise ConfigError(f"liger {problem}", where="train.kernels")  # before the run directory is written
+    log = RunLog(config.output_dir / "metrics.jsonl", console) if ranks.is_main else NullLog()
     status, error = "failed", None
     try:
         with TerminateAsInterrupt():
@@ -196,8 +199,11 @@ def _train(config: RunConfig, log: RunLog, ranks: Ranks, device: torch.device, *
     if kernels == "compiled":  # after the memory estimate, which runs the model eagerly on other shapes
         console.print(f"compiling {enable_compiled_kernels(model, precision)} decoder layers for training "
                       "(train.kernels; the first run on a machine takes about a minute more)")
-    elif config.train.kernels == "compiled":
-        console.print("compiled layers are off under FSDP (train.kernels)")
+    elif kernels == "liger":
+        enable_liger_kernels(model)
+        console.print("Liger's RMSNorm, rotary and SwiGLU kernels in the decoder layers (train.kernels)")
+    elif config.train.kernels in ("compiled", "liger"):
+        console.print(f"{config.train.kernels} kernels are off under FSDP (train.kernels)")
     ctx.loss_module = loss_module(model, objective, ranks, device, config.train.distributed)
     ctx.optimizer, ctx.scheduler = build_optimizer(model, config.train, ctx.total_steps)  # on the shards, if any
     # A sharded model runs only inside its root's forward, on every process (train/sharding.py).
