@@ -9,8 +9,9 @@ request's reply does not depend on what else is in the batch (greedy replies equ
 tested).
 
 The decoding path is the one evaluation uses (infer/decode.py): a KV cache written in place (infer/kv_cache.py;
-it grows by ROOM positions when full, since reply lengths are unknown when a request joins) and single-query
-attention (`tunelab_decode`); load_served folds and casts the model to its compute dtype beforehand.
+it grows by ROOM positions when full, since reply lengths are unknown when a request joins) and
+decode.decoding_forward: models/lean_decoder.py's forward for llama-family models, else the model's own with
+single-query attention (`tunelab_decode`); load_served folds and casts the model to its compute dtype beforehand.
 """
 
 from __future__ import annotations
