@@ -26,7 +26,8 @@ nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv
 python3 - <<'EOF'
 import importlib, importlib.metadata as m, torch
 print("torch", torch.__version__, "cuda", torch.version.cuda, "device", torch.cuda.get_device_name(0))
-for name in ("transformers", "peft", "trl", "accelerate", "datasets", "pydantic", "triton", "liger-kernel"):
+for name in ("transformers", "peft", "trl", "accelerate", "datasets", "pyarrow", "fsspec", "pydantic", "triton",
+             "liger-kernel"):
     try:
         print(name, m.version(name))
     except m.PackageNotFoundError:

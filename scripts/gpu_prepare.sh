@@ -13,7 +13,8 @@ cd "$(dirname "$0")/.."
 PY=.venv/bin/python
 
 PINNED=(pydantic pydantic-core annotated-types typing-inspection transformers huggingface-hub tokenizers peft
-        accelerate trl datasets dill multiprocess gguf platformdirs nltk fastapi starlette uvicorn)
+        accelerate trl datasets dill multiprocess fsspec gguf platformdirs nltk fastapi starlette uvicorn
+        typing-extensions)
 OPTIONAL=(liger-kernel)  # not a tunelab dependency: gpu_check.sh reports whether it imports there
 
 rm -rf .gpu && mkdir -p .gpu/wheels
