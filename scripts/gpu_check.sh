@@ -6,7 +6,8 @@
 #   3. bench/compare_peer.py's lora-short case on a 1.07 B-parameter random-weight Llama, tunelab against TRL + PEFT;
 #   4. bench/generation_speed.py on the same model, tunelab's decoding loop against transformers' `generate`.
 # Everything lands in $OUT (gpu_check.log and the benches' .md/.json), which the device tool brings back.
-# Each stage has its own time limit and a failed stage does not stop the next.
+# Each stage has its own time limit (150 + 270 + 120 s, with the install ~9.5 minutes at most) and a failed stage
+# does not stop the next.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-/tmp/gpu-check}
@@ -41,16 +42,16 @@ for module in ("tunelab", "liger_kernel.transformers"):
 EOF
 
 stage "tests marked gpu"
-timeout 240 python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_gpu.py
+timeout 150 python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_gpu.py
 
 stage "lora-short on random-llama-1b: tunelab against TRL + PEFT"
-timeout 240 python3 bench/compare_peer.py --model random-llama-1b --tokenizer .gpu/tokenizer --cases lora-short \
-    --steps 10 --repeats 1 --wait-idle 0 --timeout 200 --results "$OUT/results" --workdir /tmp/bench
+timeout 270 python3 bench/compare_peer.py --model random-llama-1b --tokenizer .gpu/tokenizer --cases lora-short \
+    --steps 10 --repeats 1 --wait-idle 0 --timeout 120 --results "$OUT/results" --workdir /tmp/bench
 
 stage "generation on random-llama-1b: tunelab against generate"
 MODEL=/tmp/bench/models/random-llama-1b  # built by the stage before; else built again
 [ -f "$MODEL/config.json" ] || MODEL=random-llama-1b
-timeout 150 python3 bench/generation_speed.py --model "$MODEL" --tokenizer .gpu/tokenizer --batch-size 64 \
+timeout 120 python3 bench/generation_speed.py --model "$MODEL" --tokenizer .gpu/tokenizer --batch-size 64 \
     --repeats 1 --results "$OUT/results"
 
 stage "done"

@@ -62,12 +62,13 @@ def test_greedy_decoding_on_the_device_gives_generates_tokens(tiny_model_dir, ti
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir).to(DEVICE).eval()
     prompts = [tiny_tokenizer(text)["input_ids"] for text in
                ("what is 3 plus 4?", "The quick brown fox", "capital of France", "hello")]
-    decoded = decode(model, prompts, max_new_tokens=12, stop_ids=[-1], pad_id=0, batch_size=3)
+    stop = tiny_tokenizer.eos_token_id
+    decoded = decode(model, prompts, max_new_tokens=12, stop_ids=[stop], pad_id=0, batch_size=3)
     for prompt, tokens in zip(prompts, decoded.tokens, strict=True):
         ids = torch.tensor([prompt], device=DEVICE)
-        expected = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=12, do_sample=False,
-                                  eos_token_id=None, pad_token_id=0)
-        assert tokens == expected[0, len(prompt):].tolist()
+        new = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=12, do_sample=False,
+                             eos_token_id=stop, pad_token_id=0)[0, len(prompt):].tolist()
+        assert tokens == (new[:new.index(stop) + 1] if stop in new else new)
 
 
 @pytest.mark.parametrize("model_type", sorted(MODELS))
