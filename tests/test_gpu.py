@@ -1,7 +1,8 @@
 """tunelab on a CUDA device: training picks the GPU and learns in bf16, evaluation's decoding loop gives
-transformers' greedy tokens there, the lean decoding forward matches the model's own, and GRPO samples and
-updates on it. Marked `gpu` and skipped where torch sees no CUDA device; scripts/gpu_check.sh runs them on a
-lent GPU machine. `TUNELAB_TEST_DEVICE=cpu` runs them on the CPU instead, to check the tests themselves."""
+transformers' greedy tokens there, the lean decoding forward matches the model's own, GRPO samples and
+updates on it, and Liger's kernels (where installed) train like plain PyTorch. Marked `gpu` and skipped where
+torch sees no CUDA device; scripts/gpu_check.sh runs them on a lent GPU machine. `TUNELAB_TEST_DEVICE=cpu` runs
+them on the CPU instead, to check the tests themselves."""
 
 from __future__ import annotations
 
