@@ -165,6 +165,21 @@ def training_kernels(setting: str, *, device: torch.device, precision: str, mode
     return "compiled" if fits and total >= AUTO_MIN_PARAMETERS and steps >= AUTO_MIN_STEPS else "none"
 
 
+def enable_training_kernels(model, kernels: str, requested: str, precision: str) -> str | None:
+    """Put the kernels training_kernels chose into `model`; what to tell the user, if anything."""
+    from tunelab.models.liger import enable_liger_kernels
+
+    if kernels == "compiled":
+        return (f"compiling {enable_compiled_kernels(model, precision)} decoder layers for training "
+                "(train.kernels; the first run on a machine takes about a minute more)")
+    if kernels == "liger":
+        enable_liger_kernels(model)
+        return "Liger's RMSNorm, rotary and SwiGLU kernels in the decoder layers (train.kernels)"
+    if requested in ("compiled", "liger"):
+        return f"{requested} kernels are off under FSDP (train.kernels)"
+    return None
+
+
 def enable_compiled_kernels(model, precision: str) -> int:
     """Compile the model's decoder layers and head for training; returns how many layers were compiled. Fused LoRA
     layers' frozen weight casts are made first, so the compiled layers read them instead of casting per forward."""

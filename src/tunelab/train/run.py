@@ -28,8 +28,8 @@ from tunelab.infer.generate import GenerationOptions
 from tunelab.methods import METHODS, count_parameters
 from tunelab.methods.fused_lora import fuse_lora_layers
 from tunelab.models.attention import MATMUL, attention_implementation, training_attention
-from tunelab.models.fused_ops import enable_compiled_kernels, training_kernels
-from tunelab.models.liger import enable_liger_kernels, liger_unavailable
+from tunelab.models.fused_ops import enable_training_kernels, training_kernels
+from tunelab.models.liger import liger_unavailable
 from tunelab.models.load import enable_activation_checkpointing, load_model, load_tokenizer
 from tunelab.models.logprobs import uses_virtual_tokens
 from tunelab.models.resolve import resolve_model
@@ -196,14 +196,9 @@ def _train(config: RunConfig, log: RunLog, ranks: Ranks, device: torch.device, *
     kernels = training_kernels(config.train.kernels, device=device, precision=precision, model=model,
                                method=config.method.name, objective=config.objective.name, steps=ctx.total_steps,
                                sharded=sharded, checkpointing=bool(config.train.activation_checkpointing))
-    if kernels == "compiled":  # after the memory estimate, which runs the model eagerly on other shapes
-        console.print(f"compiling {enable_compiled_kernels(model, precision)} decoder layers for training "
-                      "(train.kernels; the first run on a machine takes about a minute more)")
-    elif kernels == "liger":
-        enable_liger_kernels(model)
-        console.print("Liger's RMSNorm, rotary and SwiGLU kernels in the decoder layers (train.kernels)")
-    elif config.train.kernels in ("compiled", "liger"):
-        console.print(f"{config.train.kernels} kernels are off under FSDP (train.kernels)")
+    # after the memory estimate, which runs the model eagerly on other shapes
+    if notice := enable_training_kernels(model, kernels, config.train.kernels, precision):
+        console.print(notice)
     ctx.loss_module = loss_module(model, objective, ranks, device, config.train.distributed)
     ctx.optimizer, ctx.scheduler = build_optimizer(model, config.train, ctx.total_steps)  # on the shards, if any
     # A sharded model runs only inside its root's forward, on every process (train/sharding.py).
