@@ -142,13 +142,21 @@ def decode_attention(module, query, key, value, attention_mask, scaling, dropout
     if not plain or heads % key.shape[1]:
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                                       **kwargs)
+    return single_query_attention(query, key, value, scaling, attention_mask).reshape(batch, 1, heads, -1), None
+
+
+def single_query_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scaling: float,
+                           mask: torch.Tensor | None = None) -> torch.Tensor:
+    """[batch, heads, dim]: one query a row ([batch, heads, 1, dim]) over keys and values [batch, kv_heads,
+    length, dim] by two matmuls over the key/value heads (keys are not repeated per query head), scores and
+    softmax in float32. `mask` [batch, 1, 1, length]: bool (True attends) or added to the scores."""
+    batch, heads, _, dim = query.shape
     grouped = query.reshape(batch, key.shape[1], heads // key.shape[1], dim)
     scores = torch.matmul(grouped, key.transpose(2, 3)).float().mul_(scaling)
-    if attention_mask is not None:  # [B, 1, 1, L]: bool (True attends) or additive
-        scores = (scores.masked_fill(~attention_mask, float("-inf")) if attention_mask.dtype == torch.bool
-                  else scores + attention_mask)
+    if mask is not None:
+        scores = scores.masked_fill_(~mask, float("-inf")) if mask.dtype == torch.bool else scores.add_(mask)
     output = torch.matmul(torch.softmax(scores, dim=-1).to(value.dtype), value)
-    return output.reshape(batch, 1, heads, value.shape[-1]), None
+    return output.reshape(batch, heads, value.shape[-1])
 
 
 def segment_inputs(model, batch: dict[str, torch.Tensor]) -> dict:

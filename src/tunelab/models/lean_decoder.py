@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from tunelab.infer.kv_cache import ReservedLayer, reserved_cache
+from tunelab.models.attention import single_query_attention
 from tunelab.models.packed_linear import PackedLinear
 
 MODEL_TYPES = {"llama", "mistral", "qwen2", "qwen3"}
@@ -95,10 +96,8 @@ class LeanDecoder:
         qk = qk * cos + torch.cat([-qk[..., dim // 2:], qk[..., :dim // 2]], dim=-1) * sin  # rotary, q and k at once
         query = qk[:, :, :heads].transpose(1, 2)
         keys, values = kv.update(qk[:, :, heads:].transpose(1, 2), value.transpose(1, 2))
-        if width == 1:  # one query a row: two matmuls over the key/value heads (see attention.decode_attention)
-            grouped = query.reshape(rows, kv_heads, heads // kv_heads, dim)
-            scores = torch.matmul(grouped, keys.transpose(2, 3)).float().mul_(self.scaling).add_(mask)
-            out = torch.matmul(torch.softmax(scores, dim=-1).to(values.dtype), values)
+        if width == 1:
+            out = single_query_attention(query, keys, values, self.scaling, mask)
         else:
             out = F.scaled_dot_product_attention(query, keys, values, attn_mask=mask, scale=self.scaling,
                                                  enable_gqa=heads != kv_heads).transpose(1, 2)

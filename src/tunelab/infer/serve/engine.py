@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 import torch
 
 from tunelab.infer.decode import Sampling as DecodeSampling
-from tunelab.infer.decode import decoding_forward, pick_scores, prefill
+from tunelab.infer.decode import decoding_forward, model_forward, pick_scores, prefill
 from tunelab.infer.generate import stop_token_ids
 from tunelab.infer.kv_cache import ReservedLayer, stack_rows
 from tunelab.models.attention import DECODE, attention_implementation
@@ -90,6 +90,7 @@ class Engine:
         self.max_waiting = max_waiting
         self.stop_ids = set(stop_token_ids(model, tokenizer))
         self.device = next(model.parameters()).device
+        self._forward = decoding_forward(model)  # built once: the served model does not change
         self._waiting: deque[Request] = deque()
         self._wake = threading.Condition()
         self._closed = False
@@ -209,7 +210,8 @@ class Engine:
         _make_room(self._cache)
         mask = torch.cat([self._mask, self._mask.new_ones(len(keep), 1)], dim=1)
         positions = self._mask.sum(dim=1, keepdim=True)
-        forward = decoding_forward(self.model, self._adapters(self._active))
+        adapters = self._adapters(self._active)
+        forward = model_forward(self.model, adapters) if adapters else self._forward
         logits = forward(torch.tensor(tokens, device=self.device)[:, None], mask, positions, self._cache)
         self._mask = mask
         self._logits = logits.float()
