@@ -126,6 +126,37 @@ def test_segments_lay_each_sample_out_in_its_own_slot():
     assert allowed[0, 5].tolist() == [True, True, True, True, False, False]
 
 
+def test_slot_layout_backward_gathers_what_index_select_would_scatter():
+    """The slots' backward gathers each token's gradient from its one slot (no index_add): the same gradients
+    as index_select's own backward through attention, pad slots included."""
+    from tunelab.models.attention import _from_slots, _MatmulAttention, _to_slots, segments_from_positions
+
+    group = samples([4, 5, 3])
+    batch = collate([group[:2], group[2:]], pad_token_id=0, packed=True)  # pad slots in 3 of the 4 samples
+    segments = segments_from_positions(batch["position_ids"])
+    states = torch.randn(3, 2, 2, 9, 8, generator=torch.Generator().manual_seed(0))  # q, k, v: [2, 2, 9, 8]
+
+    def attend(to_slots, from_slots):
+        q, k, v = (x.clone().requires_grad_() for x in states)
+        slots = [to_slots(x, segments) for x in (q, k, v)]
+        out = from_slots(_MatmulAttention.apply(*slots, segments.mask, 0.35), segments, 2, 9)
+        (out * torch.linspace(-1, 1, out.numel()).view_as(out)).sum().backward()
+        return [x.grad for x in (q, k, v)]
+
+    def plain_to_slots(states, segments):
+        flat = states.transpose(1, 2).reshape(18, 2, 8).index_select(0, segments.gather)
+        return flat.view(segments.count, segments.length, 2, 8).transpose(1, 2)
+
+    def plain_from_slots(output, segments, rows, width):
+        flat = output.transpose(1, 2).reshape(segments.count * segments.length, 2, 8)
+        return flat.index_select(0, segments.scatter).view(rows, width, 2, 8)
+
+    for grad, expected in zip(attend(_to_slots, _from_slots), attend(plain_to_slots, plain_from_slots),
+                              strict=True):
+        assert grad.abs().sum() > 0
+        torch.testing.assert_close(grad, expected, atol=1e-6, rtol=1e-5)
+
+
 def test_a_padding_free_batch_equals_the_padded_one(tiny_model_dir):
     from transformers import AutoModelForCausalLM
 
