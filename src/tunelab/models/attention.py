@@ -28,32 +28,48 @@ DECODE = "tunelab_decode"
 class _MatmulAttention(torch.autograd.Function):
     """softmax(Q K^T * scaling + mask) V with float32 scores, keeping only the probabilities in V's dtype
     (bf16 under autocast) for backward: a third of what autograd would keep (float32 softmax output plus
-    its bf16 copy), which is what makes this path affordable at all."""
+    its bf16 copy), which is what makes this path affordable at all.
+
+    Queries [B, heads, T, D] attend to keys and values [B, kv_heads, T, D] as they are: the query heads that
+    share a key/value head are one matrix of `heads // kv_heads * T` rows against it (heads are grouped
+    kv-head-major, as transformers' repeat_kv orders them), so keys and values are never copied per query head
+    and their gradients come out of the matmuls already summed over the group."""
 
     @staticmethod
     def forward(ctx, query, key, value, mask, scaling):
+        batch, heads, length, dim = query.shape
+        kv_heads = key.shape[1]
+        groups = heads // kv_heads
         with torch.autocast(query.device.type, enabled=False):
-            scores = torch.matmul(query.float(), key.float().transpose(2, 3)).mul_(scaling)
-            if mask is not None:
-                scores = scores + mask
-            probs = torch.softmax(scores, dim=-1).to(value.dtype)
+            grouped = query.float().reshape(batch, kv_heads, groups * length, dim)
+            scores = torch.matmul(grouped, key.float().transpose(2, 3)).mul_(scaling)
+            if mask is not None:  # [B or 1, 1, T, keys], the same for every head of a group
+                # Sizes spelled out: with a -1 here torch.compile's softmax loop indexed through symbolic
+                # divisions, 1.9 s of a 2 s LoRA step.
+                per_head = scores.view(batch, kv_heads, groups, length, key.shape[2])
+                scores = (per_head + mask[:, :, None]).view(scores.shape)
+            probs = torch.softmax(scores, dim=-1).to(value.dtype)  # [B, kv_heads, groups * T, keys]
             output = torch.matmul(probs, value)
         ctx.save_for_backward(query, key, value, probs)
         ctx.scaling = scaling
-        return output
+        return output.view(batch, heads, length, value.shape[-1])
 
     @staticmethod
     def backward(ctx, grad_output):
         query, key, value, probs = ctx.saved_tensors
+        batch, heads, length, dim = query.shape
+        kv_heads = key.shape[1]
+        groups = heads // kv_heads
         with torch.autocast(query.device.type, enabled=False):
-            grad_output = grad_output.to(value.dtype)
+            grad_output = grad_output.to(value.dtype).reshape(batch, kv_heads, groups * length, value.shape[-1])
             grad_value = torch.matmul(probs.transpose(2, 3), grad_output)
             grad_probs = torch.matmul(grad_output, value.transpose(2, 3)).float()
             p = probs.float()
             grad_scores = p * (grad_probs - (grad_probs * p).sum(dim=-1, keepdim=True))
             grad_scores = grad_scores.mul_(ctx.scaling).to(value.dtype)
-            grad_query = torch.matmul(grad_scores, key.to(value.dtype)).to(query.dtype)
-            grad_key = torch.matmul(grad_scores.transpose(2, 3), query.to(value.dtype)).to(key.dtype)
+            grad_query = torch.matmul(grad_scores, key.to(value.dtype)).view(query.shape).to(query.dtype)
+            grouped = query.to(value.dtype).reshape(batch, kv_heads, groups * length, dim)
+            grad_key = torch.matmul(grad_scores.transpose(2, 3), grouped).to(key.dtype)
         return grad_query, grad_key, grad_value, None, None
 
 
@@ -134,17 +150,15 @@ def matmul_attention(module, query, key, value, attention_mask, scaling, dropout
 
     With `tunelab_segments` (training batches, see segment_inputs) each sample attends within itself, laid out
     in its own slot; otherwise the 4D mask transformers built decides."""
-    from transformers.models.llama.modeling_llama import repeat_kv
-
     if dropout and module.training:
         raise ValueError("the matmul attention path has no attention dropout; set train.attention: sdpa")
-    groups = getattr(module, "num_key_value_groups", 1)
+    if query.shape[1] % key.shape[1]:
+        raise ValueError(f"{query.shape[1]} query heads cannot share {key.shape[1]} key/value heads")
     segments = kwargs.get("tunelab_segments")
     if segments is not None:
         rows, width = query.shape[0], query.shape[2]
         query, key, value = (_to_slots(states, segments) for states in (query, key, value))
         attention_mask = segments.mask
-    key, value = repeat_kv(key, groups), repeat_kv(value, groups)
     if torch.is_autocast_enabled(query.device.type):
         value = value.to(torch.get_autocast_dtype(query.device.type))
     output = _MatmulAttention.apply(query, key, value, attention_mask, scaling)
