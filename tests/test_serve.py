@@ -213,6 +213,7 @@ def test_adapters_on_one_base_answer_as_each_run_alone(tiny_model_dir, run_dir, 
         expected[name] = generate_replies(loaded.model, loaded.renderer, conversations, options)
     assert all(expected["run"]) and expected["run"] != expected["other"]  # the adapters differ: routing is visible
     served = load_served(str(tiny_model_dir), adapters={"run": str(run_dir), "other": str(other_run)}, max_batch=6)
+    assert served.precision == "fp32"  # what the runs trained in, though the base alone would be served in bf16
     live = LiveServer(create_app(served))
     try:
         client = openai.OpenAI(base_url=f"{live.url}/v1", api_key="none", max_retries=0)

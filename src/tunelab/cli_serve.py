@@ -23,8 +23,8 @@ def serve(
                                        "KEY' on every route but /health (also read from TUNELAB_API_KEY)."),
     max_batch: int = typer.Option(8, min=1, help="Requests decoded together."),
     max_waiting: int = typer.Option(64, min=1, help="Requests queued beyond the batch; more get 503."),
-    precision: str = typer.Option("auto", help="auto (what the run trained in, as `tunelab generate` decodes), "
-                                  "bf16 or fp32."),
+    precision: str = typer.Option("auto", help="auto (what the runs trained in, as `tunelab generate` decodes; "
+                                  "fp32 if any of them did), bf16 or fp32."),
 ) -> None:
     """Serve MODEL over an OpenAI-compatible API: /v1/chat/completions, /v1/completions (streamed or not),
     /v1/models, /health. Prompts use the run's chat template, as training and `generate` do."""

@@ -22,24 +22,41 @@ def load_served(spec: str, *, adapters: dict[str, str] | None = None, max_batch:
     folder's name, or the spec as given), plus LoRA runs on the same base under the names given in `adapters`,
     all answered by one model in memory: each request's rows use its own adapter (or none), in one batch.
     `precision` `auto` decodes as `tunelab generate` does: in what the run trained in (auto's choice for a model
-    that is not a run). With start_engine=False the caller runs the engine (`served.engine.run_here()`)."""
-    from tunelab.infer.load import compute_precision, in_compute_dtype, is_run_dir, load_generator
+    that is not a run; see auto_precision with `adapters`). With start_engine=False the caller runs the engine
+    (`served.engine.run_here()`)."""
+    from tunelab.infer.load import in_compute_dtype, is_run_dir, load_generator
 
     loaded = load_generator(spec, device)
-    if precision == "auto":
-        precision = compute_precision(loaded)
     path = Path(spec)
     is_run = path.is_dir() and is_run_dir(path)
     name = path.resolve().name if is_run else str(spec)
     model = loaded.model
     routes = {name: Route(loaded.renderer, "default" if hasattr(model, "peft_config") else None)}
+    adapter_configs: list = []
     if adapters:
-        model, routes = _with_adapters(loaded, spec, name, routes, adapters)
+        model, routes, adapter_configs = _with_adapters(loaded, spec, name, routes, adapters)
+    if precision == "auto":
+        precision = auto_precision(loaded, adapter_configs)
     model = in_compute_dtype(model, precision, keep_adapters=bool(adapters))
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     context = int(getattr(base.config, "max_position_embeddings", 2048))
     engine = Engine(model, loaded.tokenizer, max_batch=max_batch, max_waiting=max_waiting, start=start_engine)
     return Served(routes, engine, context, precision=serving_precision(model))
+
+
+def auto_precision(loaded, adapter_configs: list) -> str:
+    """What `--precision auto` serves in: what the served runs trained in, float32 if any of them did, so each
+    answers as it does alone (`tunelab generate` on it); auto's choice for the device when none is a run. A plain
+    base with float32 --adapter runs decoded in bf16 ended a reply one token early where a run's top two
+    logits were 0.004 apart."""
+    from tunelab.infer.load import compute_precision
+    from tunelab.train.precision import resolve_precision
+
+    device = next(loaded.model.parameters()).device
+    trained = [resolve_precision(config.train.precision, device) for config in adapter_configs]
+    if loaded.run_config is not None or not trained:
+        trained.append(compute_precision(loaded))
+    return "fp32" if "fp32" in trained else trained[0]
 
 
 def serving_precision(model) -> str:
@@ -48,7 +65,7 @@ def serving_precision(model) -> str:
 
 
 def _with_adapters(loaded, spec: str, name: str, routes: dict[str, Route], adapters: dict[str, str]):
-    """The served model with every --adapter run loaded onto its base, and a route for each."""
+    """The served model with every --adapter run loaded onto its base, a route for each, and their run configs."""
     from peft import PeftModel
 
     from tunelab.config import load_config
@@ -56,6 +73,7 @@ def _with_adapters(loaded, spec: str, name: str, routes: dict[str, Route], adapt
     from tunelab.models.resolve import resolve_model
 
     primary = loaded.run_config
+    configs = []
     if primary is not None and not hasattr(loaded.model, "peft_config"):
         raise ConfigError(f"{spec} holds full weights, not an adapter: --adapter runs need the base model they "
                           "were trained on (serve that, or a LoRA run of it)", where="--adapter")
@@ -83,5 +101,6 @@ def _with_adapters(loaded, spec: str, name: str, routes: dict[str, Route], adapt
             model = PeftModel.from_pretrained(model, str(run_dir), adapter_name=adapter_name, is_trainable=False)
             routes = {key: Route(route.renderer, "__base__") for key, route in routes.items()}
         routes[adapter_name] = Route(ChatRenderer(loaded.tokenizer, config.data.chat_template), adapter_name)
+        configs.append(config)
     model.eval()
-    return model, routes
+    return model, routes, configs
