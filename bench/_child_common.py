@@ -261,7 +261,8 @@ def evaluate(spec: dict, run_dir: Path, tokenizer, device: torch.device) -> dict
                                  precision=spec["precision"], device=device)
     from transformers import AutoModelForCausalLM
 
-    reference = AutoModelForCausalLM.from_pretrained(spec["model_path"], dtype=torch.float32).to(device)
+    reference = AutoModelForCausalLM.from_pretrained(spec["model_path"], dtype=torch.float32, use_kernels=False)
+    reference = reference.to(device)
     return heldout_preference(model, reference, tokenizer, spec["eval_pairs"], beta=spec["beta"],
                               max_length=spec["max_length"], precision=spec["precision"], device=device)
 
@@ -272,7 +273,7 @@ def load_trained_model(spec: dict, run_dir: Path, device: torch.device):
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
     if spec["method"] == "full":
-        return AutoModelForCausalLM.from_pretrained(run_dir, dtype=torch.float32).to(device)
+        return AutoModelForCausalLM.from_pretrained(run_dir, dtype=torch.float32, use_kernels=False).to(device)
     kwargs: dict = {"dtype": torch.float32}
     if spec["method"] == "qlora":
         compute = torch.bfloat16 if spec["precision"] == "bf16" else torch.float32
@@ -282,7 +283,7 @@ def load_trained_model(spec: dict, run_dir: Path, device: torch.device):
         kwargs["device_map"] = str(device)
     from peft import PeftModel
 
-    base = AutoModelForCausalLM.from_pretrained(spec["model_path"], **kwargs)
+    base = AutoModelForCausalLM.from_pretrained(spec["model_path"], use_kernels=False, **kwargs)
     if spec["method"] != "qlora":
         base = base.to(device)
     return PeftModel.from_pretrained(base, run_dir)

@@ -46,7 +46,7 @@ def main() -> None:
             load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=compute
         )
         kwargs["device_map"] = str(device)
-    model = AutoModelForCausalLM.from_pretrained(spec["model_path"], **kwargs)
+    model = AutoModelForCausalLM.from_pretrained(spec["model_path"], use_kernels=False, **kwargs)
     if spec["method"] != "qlora":
         model = model.to(device)
 

@@ -39,7 +39,7 @@ def main() -> None:
     lora = spec["lora"]
     peft_config = LoraConfig(r=lora["r"], lora_alpha=lora["alpha"], lora_dropout=lora["dropout"],
                              target_modules="all-linear", task_type="CAUSAL_LM")
-    model = AutoModelForCausalLM.from_pretrained(spec["model_path"], dtype=torch.float32).to(device)
+    model = AutoModelForCausalLM.from_pretrained(spec["model_path"], dtype=torch.float32, use_kernels=False).to(device)
     rows = [json.loads(line) for line in Path(spec["train_prompts"]).read_text().splitlines() if line]
     train = Dataset.from_list(rows)
     run_dir = Path(spec["run_dir"])

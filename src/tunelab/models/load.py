@@ -44,7 +44,11 @@ def load_model(path: Path, *, quantization=None, device: str = "cpu", head: str 
     initialised afresh unless `path` already is a reward model), `pad_token_id` written to its config."""
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
-    kwargs = {"dtype": torch.float32}
+    # use_kernels=False: with the `kernels` package installed, transformers 5 swaps layers for Hugging Face Hub
+    # kernels by default, which it fetches on first use (offline on a lent H200 every CUDA run failed: "Version 2 of
+    # 'kernels-community/rotary' is not available in the local cache") and whose numerics nobody here tested;
+    # tunelab's own kernels are train.kernels.
+    kwargs = {"dtype": torch.float32, "use_kernels": False}
     if quantization is not None:
         kwargs["quantization_config"] = quantization
         kwargs["device_map"] = device
