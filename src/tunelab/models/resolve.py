@@ -163,7 +163,8 @@ def _convert_gguf(gguf: Path, target: Path) -> None:
 
     try:
         tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-        loaded = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+        loaded = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32,
+                                                      use_kernels=False)  # as models/load.py, for the same reason
     except Exception as err:
         raise ModelError(f"cannot load GGUF file: {err}", where=str(gguf)) from None
     config = loaded.config
