@@ -3,11 +3,14 @@
 # scripts/gpu_prepare.sh here first, then `run` with carry [".gpu"] and command "bash scripts/gpu_check.sh"):
 #   1. the device, driver and package versions;
 #   2. the tests marked `gpu` (tests/test_gpu.py: training in bf16, decoding, GRPO, the lean forward on CUDA);
-#   3. bench/compare_peer.py's lora-short case on a 1.07 B-parameter random-weight Llama, tunelab against TRL + PEFT;
-#   4. bench/generation_speed.py on the same model, tunelab's decoding loop against transformers' `generate`.
+#   3. bench/compare_peer.py's lora-short case on a 1.07 B-parameter random-weight Llama, tunelab against TRL + PEFT,
+#      two steps of each profiled (the JSON's step_breakdown: kernels' device time by category, top kernels);
+#   4. bench/generation_speed.py on the same model, tunelab's decoding loop against transformers' `generate`;
+#   5. lora-long (a GPU-sized step: ~8k tokens), then lora-short with tunelab's `train.kernels` none (auto takes
+#      Liger's where installed), as far as time allows.
 # Everything lands in $OUT (gpu_check.log and the benches' .md/.json), which the device tool brings back.
-# Each stage has its own time limit (150 + 270 + 120 s, with the install ~9.5 minutes at most) and a failed stage
-# does not stop the next.
+# Each stage has its own time limit and a failed stage does not stop the next; stages 1-4 took ~4 minutes on an
+# H200, so give the device call ~560 s: what stage 5 has not finished by then is simply missing from $OUT.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-/tmp/gpu-check}
@@ -28,7 +31,7 @@ python3 - <<'EOF'
 import importlib, importlib.metadata as m, torch
 print("torch", torch.__version__, "cuda", torch.version.cuda, "device", torch.cuda.get_device_name(0))
 for name in ("transformers", "peft", "trl", "accelerate", "datasets", "pyarrow", "fsspec", "pydantic", "triton",
-             "liger-kernel"):
+             "liger-kernel", "bitsandbytes", "flash-attn"):
     try:
         print(name, m.version(name))
     except m.PackageNotFoundError:
@@ -45,14 +48,25 @@ stage "tests marked gpu"
 timeout 150 python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_gpu.py
 
 stage "lora-short on random-llama-1b: tunelab against TRL + PEFT"
-timeout 270 python3 bench/compare_peer.py --model random-llama-1b --tokenizer .gpu/tokenizer --cases lora-short \
-    --steps 10 --repeats 1 --wait-idle 0 --timeout 120 --results "$OUT/results" --workdir /tmp/bench
+timeout 240 python3 bench/compare_peer.py --model random-llama-1b --tokenizer .gpu/tokenizer --cases lora-short \
+    --steps 10 --repeats 1 --profile 2 --wait-idle 0 --timeout 110 --results "$OUT/results" --workdir /tmp/bench
 
 stage "generation on random-llama-1b: tunelab against generate"
 MODEL=/tmp/bench/models/random-llama-1b  # built by the stage before; else built again
 [ -f "$MODEL/config.json" ] || MODEL=random-llama-1b
-timeout 120 python3 bench/generation_speed.py --model "$MODEL" --tokenizer .gpu/tokenizer --batch-size 64 \
+timeout 90 python3 bench/generation_speed.py --model "$MODEL" --tokenizer .gpu/tokenizer --batch-size 64 \
     --repeats 1 --results "$OUT/results"
+
+stage "lora-long (rows up to 1024 tokens) on random-llama-1b: tunelab against TRL + PEFT"
+timeout 200 python3 bench/compare_peer.py --model "$MODEL" --tokenizer .gpu/tokenizer --cases lora-long \
+    --steps 10 --repeats 1 --profile 2 --wait-idle 0 --timeout 90 --results "$OUT/results" --workdir /tmp/bench-long
+
+for kernels in none; do  # auto is liger there; compiled: dynamo of torch 2.11 failed on fused_lora (2026-12-04)
+    stage "lora-short on random-llama-1b with train.kernels=$kernels"
+    timeout 150 python3 bench/compare_peer.py --model "$MODEL" --tokenizer .gpu/tokenizer --cases lora-short \
+        --steps 10 --repeats 1 --profile 2 --wait-idle 0 --timeout 110 --results "$OUT/results" \
+        --workdir "/tmp/bench-$kernels" --tunelab-set "train.kernels=$kernels"
+done
 
 stage "done"
 } 2>&1 | tee "$LOG"

@@ -169,6 +169,21 @@ def test_early_stopping_keeps_the_best_weights(tiny_model_dir, qa_file, tmp_path
     assert summary["final_eval_loss"] == pytest.approx(state["best_eval_loss"], rel=1e-4)
 
 
+def test_gpu_kernels_seen_on_an_h200_fall_in_their_categories():
+    from tunelab.train.step_profile import kernel_category
+
+    seen = {  # names from lora-short's CUDA profile on an H200, torch 2.11 (bench/results/20261204-170041-*)
+        "nvjet_sm90_tst_128x144_64x6_2x1_v_bz_NNT": "matmul",  # cuBLAS's own kernels since CUDA 12.9
+        "cudnn_generated_fort_native_sdpa_sm90_flash_bprop_wgmma_f16_knob_26_64x64x64_1x4x1_cga1x1x1_kernel0_0":
+            "attention",
+        "fmha_cutlassB_bf16_aligned_64x64_k64_sm80(PyTorchMemEffAttention::AttentionBackwardKernel<...>::Params)":
+            "attention",
+        "void at::native::vectorized_elementwise_kernel<8, at::native::bfloat16_copy_kernel_cuda(...)>": "casts",
+        "void at::native::elementwise_kernel<128, 2, ... MulFunctor<float> ...>": "elementwise",
+    }
+    assert {name: kernel_category(name) for name in seen} == seen
+
+
 def test_training_flops_count_body_per_input_token_and_head_per_trained_token():
     from conftest import build_tiny_model
     from tunelab.train.flops import training_flops

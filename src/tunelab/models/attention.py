@@ -250,6 +250,18 @@ def training_attention(
     return MATMUL if 0 < kept <= MATMUL_PROBS_BUDGET else None
 
 
+def avoid_per_shape_attention_plans(device: torch.device) -> None:
+    """Keep PyTorch's scaled_dot_product_attention off cuDNN on CUDA, for the whole process.
+
+    cuDNN's attention builds an execution plan for every new shape, and fine-tuning (each batch padded to its own
+    longest row) and generation (a longer cache every token) meet a new shape nearly every call. On an H200 (torch
+    2.11, cuDNN 9.19, bench/sdpa_backends.py) a ~1B Llama's attention forward + backward took 139 ms at a new
+    length against 0.4 ms with the flash kernel, which PyTorch otherwise ranks below cuDNN there; the lora-short
+    bench's step was 0.21-0.30 s, kernels ~15 ms of it. Flash, memory-efficient and math kernels remain."""
+    if device.type == "cuda":
+        torch.backends.cuda.enable_cudnn_sdp(False)
+
+
 @contextmanager
 def attention_implementation(model, name: str | None) -> Iterator[None]:
     """Run a block with `name` as the model's attention (and mask) implementation, then put the old one back,

@@ -9,6 +9,7 @@ import torch
 
 from tunelab.config import QLoraMethod
 from tunelab.errors import ModelError
+from tunelab.models.attention import avoid_per_shape_attention_plans
 from tunelab.models.resolve import ensure_pad_token
 
 
@@ -67,6 +68,7 @@ def load_model(path: Path, *, quantization=None, device: str = "cpu", head: str 
         model.to(device)
     else:
         own_unquantized_tensors(model)
+    avoid_per_shape_attention_plans(torch.device(device))
     return model
 
 

@@ -54,10 +54,11 @@ def category(name: str, under_optimizer: bool) -> str:
 
 def kernel_category(name: str) -> str:
     lowered = name.lower()
-    if any(word in lowered for word in ("gemm", "cutlass", "cublas", "matmul", "sm90_xmma", "wgmma")):
-        return "matmul"
-    if any(word in lowered for word in ("flash", "fmha", "attention", "softmax")):
+    # attention first: its kernels are cutlass templates too (fmha_cutlassB_...)
+    if any(word in lowered for word in ("flash", "fmha", "attention", "softmax", "sdpa")):
         return "attention" if "log_softmax" not in lowered else "head"
+    if any(word in lowered for word in ("gemm", "cutlass", "cublas", "matmul", "sm90_xmma", "nvjet")):
+        return "matmul"
     if "copy" in lowered or "cast" in lowered:
         return "casts"
     if "adam" in lowered or "foreach" in lowered:
@@ -150,7 +151,8 @@ def summarise(events, wall_seconds: float, steps: int, cuda: bool) -> StepBreakd
     per_op: dict[str, float] = {}
     for event in events:
         if cuda:
-            if event.device_type != torch.autograd.DeviceType.CUDA:
+            # user annotations (ProfilerStep#, Optimizer.step#...) also have device time: the whole span, no kernel
+            if event.device_type != torch.autograd.DeviceType.CUDA or event.is_user_annotation:
                 continue
             seconds = event.self_device_time_total / 1e6
             kind = kernel_category(event.name)

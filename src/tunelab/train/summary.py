@@ -56,8 +56,13 @@ def utilisation(model, config, state, precision, device) -> dict:
                            base_trains=base_trains)
     achieved = flops / state.train_seconds
     peak = matmul_peak_flops(device.type, precision)
-    return {"achieved_tflops": round(achieved / 1e12, 4), "peak_matmul_tflops": round(peak / 1e12, 4),
-            "mfu": round(achieved / peak, 4)}
+    # Significant figures, not decimals: a tiny model on a GPU reaches MFU ~1e-5, which round(x, 4) made 0.0.
+    return {"achieved_tflops": _significant(achieved / 1e12), "peak_matmul_tflops": _significant(peak / 1e12),
+            "mfu": _significant(achieved / peak)}
+
+
+def _significant(value: float, digits: int = 4) -> float:
+    return float(f"{value:.{digits}g}")
 
 
 def write_summary(run_dir, model, config, data, state, baseline, after, trainable, total, precision, device,
@@ -138,6 +143,6 @@ def print_outcome(console, summary, samples, before, after, show) -> None:
         f"trained {summary['train_tokens']:,} tokens in {summary['train_seconds']:.0f}s "
         f"({summary['tokens_per_second']:.0f} trained tokens/s, "
         f"{summary['input_tokens_per_second']:.0f} input tokens/s), "
-        f"peak memory {summary['peak_memory_mb']:.0f} MB, MFU {100 * summary.get('mfu', 0):.1f}% of the measured "
+        f"peak memory {summary['peak_memory_mb']:.0f} MB, MFU {100 * summary.get('mfu', 0):.3g}% of the measured "
         f"{summary.get('peak_matmul_tflops', 0) * 1000:.0f} GFLOP/s matmul peak"
     )
