@@ -136,6 +136,7 @@ def main() -> None:
         "precision": summary["precision"],
         "device": summary["device"],
         "batching": batching(spec, summary),
+        "kernels": summary.get("kernels"),  # what train.kernels resolved to (auto: liger on CUDA where installed)
         **common.run_measurements(steps=summary["steps"], wall=wall, peak=peak, peak_rss=peak_rss, losses=losses,
                                   evaluation=evaluation, clock=clock, planned_steps=spec["steps"]),
         **common.breakdown(profiler),

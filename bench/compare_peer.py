@@ -345,7 +345,8 @@ def markdown(outcome: dict, summary: dict, machine: dict, args) -> str:
         f"{machine['cpus_available']} cores, "
         f"torch threads {first['tunelab'].get('torch_threads', '-')})",
         f"- batching: tunelab {first['tunelab'].get('batching', '-')}; peer {first['peer'].get('batching', '-')}",
-        f"- tunelab overrides: {', '.join(args.tunelab_set) or 'none'}; peer gradient checkpointing: "
+        f"- tunelab overrides: {', '.join(args.tunelab_set) or 'none'} (kernels in use: "
+        f"{first['tunelab'].get('kernels') or '-'}); peer gradient checkpointing: "
         + ("on (TRL's default)" if args.peer_gradient_checkpointing else "off (like tunelab)"),
         f"- versions: tunelab {machine['tunelab_commit']}, trl {machine['versions'].get('trl')}, "
         f"transformers {machine['versions'].get('transformers')}, peft {machine['versions'].get('peft')}, "

@@ -39,9 +39,10 @@ def main() -> None:
     parser.add_argument("--lengths", default="131,147,160,173,190,203,219,236,251,256")
     parser.add_argument("--batch", type=int, default=8)
     args = parser.parse_args()
-    lengths = [int(n) for n in args.lengths.split(",")]
+    base_lengths = [int(n) for n in args.lengths.split(",")]
     print(torch.__version__, torch.cuda.get_device_name(0), "cudnn", torch.backends.cudnn.version())
-    for name, backends in BACKENDS.items():
+    for index, (name, backends) in enumerate(BACKENDS.items()):
+        lengths = [n + index for n in base_lengths]  # lengths no backend met before ("default" may be cuDNN)
         context = sdpa_kernel(backends) if backends else contextlib.nullcontext()
         try:
             with context:

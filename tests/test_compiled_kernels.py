@@ -98,7 +98,7 @@ def test_compiled_layers_run_eager_without_gradients_and_leave_a_plain_model(fus
     assert [type(m).__name__ for m in fused_model.modules()] == names and kernels_in_use(fused_model) == "none"
 
 
-def test_auto_compiles_only_runs_it_pays_for():
+def test_auto_compiles_only_runs_it_pays_for(monkeypatch):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     config = LlamaConfig(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
@@ -114,6 +114,10 @@ def test_auto_compiles_only_runs_it_pays_for():
                    {"sharded": True}, {"checkpointing": True}, {"device": torch.device("cuda")}):
         assert training_kernels("auto", **{**settings, **change}) == "none", change
     assert training_kernels("compiled", **{**settings, "steps": 1}) == "compiled"
+    with monkeypatch.context() as patch:  # dynamo of torch 2.11 failed on the fused LoRA function
+        patch.setattr(torch, "__version__", "2.11.0+cu130")
+        assert training_kernels("auto", **settings) == "none"
+        assert training_kernels("compiled", **settings) == "compiled"
     assert training_kernels("compiled", **{**settings, "sharded": True}) == "none"
     assert training_kernels("none", **settings) == "none"
 

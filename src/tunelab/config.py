@@ -192,7 +192,7 @@ class TrainConfig(Strict):
     it). liger: Liger Kernel's Triton RMSNorm, rotary and SwiGLU kernels (CUDA, llama/mistral/qwen2/qwen3 models,
     the liger-kernel package; models/liger.py). auto: liger on CUDA where it is installed; compiled on CPU for
     bf16 supervised runs of llama-style models of 50M+ parameters with LoRA or full fine-tuning and 120+ steps,
-    where even the first compile pays back; none: eager PyTorch."""
+    where even the first compile pays back, on torch 2.13+ (where it was tested); none: eager PyTorch."""
 
 
 class EvalConfig(Strict):

@@ -138,6 +138,15 @@ AUTO_MIN_STEPS = 120
 once the caches held the graphs (~4 s), and compiling saved ~0.4 s of a 2.5 s step: 120 steps pay back the cold
 compile, and every later run on the machine gains ~45 s."""
 AUTO_METHODS = {"lora", "rslora", "full"}
+AUTO_MIN_TORCH = (2, 13)
+"""The torch the compiled layers were measured and tested on; on torch 2.11 (an H200's image, 2026-12-04)
+dynamo failed tracing the fused LoRA function (`overwrite_tensor_vt_proxy` assertion), so auto stays eager
+there and `compiled` is the user's explicit choice."""
+
+
+def torch_version() -> tuple[int, int]:
+    major, minor = torch.__version__.split(".")[:2]
+    return int(major), int(minor)
 
 
 def training_kernels(setting: str, *, device: torch.device, precision: str, model, method: str, objective: str,
@@ -163,7 +172,7 @@ def training_kernels(setting: str, *, device: torch.device, precision: str, mode
     total = sum(param.numel() for param in model.parameters())
     fits = (device.type == "cpu" and precision == "bf16" and compiler_available() and method in AUTO_METHODS
             and objective == "sft" and not checkpointing and not uses_virtual_tokens(model)
-            and getattr(config, "model_type", None) in COMPILED_MODEL_TYPES)
+            and getattr(config, "model_type", None) in COMPILED_MODEL_TYPES and torch_version() >= AUTO_MIN_TORCH)
     return "compiled" if fits and total >= AUTO_MIN_PARAMETERS and steps >= AUTO_MIN_STEPS else "none"
 
 
