@@ -7,7 +7,7 @@
 #      two steps of each profiled (the JSON's step_breakdown: kernels' device time by category, top kernels);
 #   4. bench/generation_speed.py on the same model, tunelab's decoding loop against transformers' `generate`;
 #   5. lora-long (a GPU-sized step: ~8k tokens), then lora-short with tunelab's `train.kernels` none (auto takes
-#      Liger's where installed), as far as time allows.
+#      Liger's where installed), then the compiled-layer tests on the device, as far as time allows.
 # Everything lands in $OUT (gpu_check.log and the benches' .md/.json), which the device tool brings back.
 # Each stage has its own time limit and a failed stage does not stop the next; stages 1-4 took ~4 minutes on an
 # H200, so give the device call ~560 s: what stage 5 has not finished by then is simply missing from $OUT.
@@ -67,6 +67,10 @@ for kernels in none; do  # auto is liger there; compiled: dynamo of torch 2.11 f
         --steps 10 --repeats 1 --profile 2 --wait-idle 0 --timeout 110 --results "$OUT/results" \
         --workdir "/tmp/bench-$kernels" --tunelab-set "train.kernels=$kernels"
 done
+
+stage "compiled layers on the device (train.kernels=compiled; dynamo of torch 2.11 failed on them 2026-12-04)"
+TORCHDYNAMO_VERBOSE=1 timeout 150 python3 -m pytest -x -q -p no:cacheprovider tests/test_compiled_kernels.py \
+    -k trains_like_an_eager 2>&1 | tail -n 80
 
 stage "done"
 } 2>&1 | tee "$LOG"
