@@ -6,8 +6,9 @@
 #   3. bench/compare_peer.py's lora-short case on a 1.07 B-parameter random-weight Llama, tunelab against TRL + PEFT,
 #      two steps of each profiled (the JSON's step_breakdown: kernels' device time by category, top kernels);
 #   4. bench/generation_speed.py on the same model, tunelab's decoding loop against transformers' `generate`;
-#   5. lora-long (a GPU-sized step: ~8k tokens), then lora-short with tunelab's `train.kernels` none (auto takes
-#      Liger's where installed), then the compiled-layer tests on the device, as far as time allows.
+#   5. lora-long (a GPU-sized step: ~5k tokens), again with `train.attention=varlen`, then lora-short with
+#      `train.kernels=none` (auto takes Liger's where installed), then the compiled-layer tests on the device,
+#      as far as time allows.
 # Everything lands in $OUT (gpu_check.log and the benches' .md/.json), which the device tool brings back.
 # Each stage has its own time limit and a failed stage does not stop the next; stages 1-4 took ~4 minutes on an
 # H200, so give the device call ~560 s: what stage 5 has not finished by then is simply missing from $OUT.
@@ -60,6 +61,11 @@ timeout 90 python3 bench/generation_speed.py --model "$MODEL" --tokenizer .gpu/t
 stage "lora-long (rows up to 1024 tokens) on random-llama-1b: tunelab against TRL + PEFT"
 timeout 200 python3 bench/compare_peer.py --model "$MODEL" --tokenizer .gpu/tokenizer --cases lora-long \
     --steps 10 --repeats 1 --profile 2 --wait-idle 0 --timeout 90 --results "$OUT/results" --workdir /tmp/bench-long
+
+stage "lora-long with train.attention=varlen (padding-free flash attention)"
+timeout 200 python3 bench/compare_peer.py --model "$MODEL" --tokenizer .gpu/tokenizer --cases lora-long \
+    --steps 10 --repeats 1 --wait-idle 0 --timeout 90 --results "$OUT/results" --workdir /tmp/bench-varlen \
+    --tunelab-set train.attention=varlen
 
 for kernels in none; do  # auto is liger there; compiled: dynamo of torch 2.11 failed on fused_lora (2026-12-04)
     stage "lora-short on random-llama-1b with train.kernels=$kernels"

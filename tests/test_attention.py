@@ -186,3 +186,66 @@ def test_training_on_the_matmul_path_computes_no_padding(tiny_model_dir, tmp_pat
     losses = [[json.loads(line)["loss"] for line in (tmp_path / run / "metrics.jsonl").read_text().splitlines()
                if '"loss"' in line] for run in ("a", "b")]
     assert len(losses[0]) == 3 and losses[0] == pytest.approx(losses[1], rel=1e-5)
+
+
+def test_varlen_boundaries_are_where_samples_start_over_all_rows():
+    from tunelab.models.varlen import boundaries_from_positions
+
+    group = samples([4, 5, 3])
+    batch = collate([group[:2], group[2:]], pad_token_id=0, packed=True)  # width 9: second row 3 + 6 padding
+    boundaries = boundaries_from_positions(batch["position_ids"])
+    assert boundaries.cumulative.tolist() == [0, 4, 9, 12, 18] and boundaries.longest == 6
+    assert boundaries.cumulative.dtype == torch.int32  # what flash attention's varlen kernels take
+
+
+def test_varlen_attention_is_refused_off_cuda_before_the_run_directory_is_written(tiny_model_dir, tmp_path):
+    from tunelab.errors import ConfigError
+
+    data = tmp_path / "qa.jsonl"
+    data.write_text(json.dumps({"question": "what is 1 plus 1?", "answer": "2"}) + "\n")
+    out = tmp_path / "run"
+    config = load_config(None, [f"model={tiny_model_dir}", f"data.train={data}", "data.eval_split=0",
+                                "train.attention=varlen", f"output_dir={out}"])
+    with pytest.raises(ConfigError, match=r"^train\.attention: varlen needs a CUDA device"):
+        train_run(config)
+    assert not out.exists()
+
+
+def _reference_varlen(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, *, scale=None, window_size=(-1, -1),
+                      enable_gqa=False):
+    """torch.nn.attention.varlen.varlen_attn's contract (torch 2.11+ signature) computed by sdpa one sample at a
+    time, in float32 on CPU: the real kernel is CUDA's flash attention (tests/test_gpu.py runs it)."""
+    assert cu_seq_q.dtype == torch.int32 and cu_seq_q is cu_seq_k and max_q == max_k
+    assert max_q == int(torch.diff(cu_seq_q).max()) and window_size == (-1, 0)
+    ends = cu_seq_q.tolist()
+    pieces = [torch.nn.functional.scaled_dot_product_attention(
+        *(states[start:end].transpose(0, 1) for states in (query, key, value)), is_causal=True, scale=scale,
+        enable_gqa=enable_gqa).transpose(0, 1) for start, end in zip(ends, ends[1:], strict=False)]
+    return torch.cat(pieces)
+
+
+def _reference_varlen_of_torch_2_10(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, is_causal=False):
+    """torch 2.10's signature: no scale (the kernel's own dim ** -0.5), no grouped heads."""
+    assert is_causal and key.shape[1] == query.shape[1]
+    return _reference_varlen(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, window_size=(-1, 0))
+
+
+@pytest.mark.parametrize("kernel", [_reference_varlen, _reference_varlen_of_torch_2_10])
+def test_varlen_attention_lays_a_padding_free_batch_out_for_the_kernel(tiny_model_dir, kernel, monkeypatch):
+    """tunelab's side of the varlen path (boundaries, layout, grouped heads for either signature) on CPU, with the
+    kernel replaced by its contract computed one sample at a time."""
+    import torch.nn.attention.varlen
+    from transformers import AutoModelForCausalLM
+
+    from tunelab.models.varlen import VARLEN
+
+    monkeypatch.setattr(torch.nn.attention.varlen, "varlen_attn", kernel)
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, attn_implementation="sdpa").train()
+    group = samples([20, 13, 7, 17])
+    padded = collate([[s] for s in group], pad_token_id=0, packed=False)
+    packed = collate([group[:2], group[2:]], pad_token_id=0, packed=True)  # two rows, the second padded
+    reference_loss, reference_grads = loss_and_grads(model, padded, "sdpa")
+    loss, grads = loss_and_grads(model, packed, VARLEN)
+    assert loss == pytest.approx(reference_loss, rel=1e-6)
+    for name, grad in grads.items():
+        torch.testing.assert_close(grad, reference_grads[name], atol=1e-6, rtol=1e-4)

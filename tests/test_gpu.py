@@ -127,3 +127,35 @@ def test_models_loaded_on_the_device_run_attention_without_per_shape_plans(tiny_
                if event.device_type == torch.autograd.DeviceType.CUDA and not event.is_user_annotation]
     assert any(word in name for name in kernels for word in ("fmha", "flash", "attention", "softmax"))
     assert not [name for name in kernels if "cudnn" in name]
+
+
+@pytest.mark.skipif(DEVICE != "cuda", reason="flash attention's varlen kernels are CUDA's")
+def test_varlen_attention_on_a_padding_free_batch_equals_sdpa_on_the_padded_one(tiny_model_dir):
+    from test_attention import loss_and_grads, samples
+
+    from tunelab.data.batching import collate
+    from tunelab.models.load import load_model
+    from tunelab.models.varlen import VARLEN
+    from tunelab.train.precision import autocast
+
+    model = load_model(tiny_model_dir, device=DEVICE).train()
+    group = samples([20, 13, 7, 17])
+    padded = {k: v.to(DEVICE) for k, v in collate([[s] for s in group], pad_token_id=0, packed=False).items()}
+    padding_free = {k: v.to(DEVICE) for k, v in collate([group], pad_token_id=0, packed=True).items()}
+    with autocast("bf16", torch.device(DEVICE)):
+        reference_loss, reference_grads = loss_and_grads(model, padded, "sdpa")
+        loss, grads = loss_and_grads(model, padding_free, VARLEN)
+    assert loss == pytest.approx(reference_loss, rel=2e-2)  # bf16 kernels on both sides, different sums
+    for name, grad in grads.items():
+        assert torch.nn.functional.cosine_similarity(grad.flatten(), reference_grads[name].flatten(), dim=0) > 0.99
+
+
+@pytest.mark.skipif(DEVICE != "cuda", reason="flash attention's varlen kernels are CUDA's")
+def test_training_with_varlen_attention_computes_no_padding_and_learns(tiny_model_dir, qa_file, tmp_path):
+    runs = {attention: train_run(run_config(tiny_model_dir, qa_file, tmp_path / attention, "train.epochs=4",
+                                            "train.lr=3e-3", "train.precision=bf16", "train.kernels=none",
+                                            f"train.attention={attention}"))
+            for attention in ("sdpa", "varlen")}
+    assert runs["varlen"]["non_padding_fraction"] == 1.0 and runs["sdpa"]["non_padding_fraction"] < 1.0
+    assert runs["varlen"]["final_eval_loss"] < runs["varlen"]["base_eval_loss"] - 0.5
+    assert runs["varlen"]["final_eval_loss"] == pytest.approx(runs["sdpa"]["final_eval_loss"], rel=0.05)

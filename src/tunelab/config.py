@@ -168,10 +168,11 @@ class TrainConfig(Strict):
     log_every: int = Field(1, ge=1)
     group_by_length: bool = False
     """Batch samples of similar length together to cut padding."""
-    attention: Literal["auto", "sdpa", "matmul"] = "auto"
+    attention: Literal["auto", "sdpa", "matmul", "varlen"] = "auto"
     """Attention in training: sdpa, or matmul (plain matmuls with float32 scores, llama-style attention only),
-    whose backward beats CPU flash attention on short rows. auto: matmul on CPU for llama-style models when its
-    kept probabilities stay small (batch x heads x max_length^2, summed over layers, at most 512 MB), else the
+    whose backward beats CPU flash attention on short rows, or varlen (CUDA, bf16, torch 2.10+: flash attention
+    over padding-free batches, models/varlen.py). auto: matmul on CPU for llama-style models when its kept
+    probabilities stay small (batch x heads x max_length^2, summed over layers, at most 512 MB), else the
     model's own."""
     activation_checkpointing: int = Field(0, ge=0)
     """Recompute decoder layers' activations in backward instead of keeping them: 0 off, 1 every layer, N every

@@ -21,6 +21,8 @@ from dataclasses import dataclass
 
 import torch
 
+from tunelab.models.varlen import VARLEN, boundaries_from_positions, varlen_attention
+
 MATMUL = "tunelab_matmul"
 DECODE = "tunelab_decode"
 
@@ -198,11 +200,13 @@ def single_query_attention(query: torch.Tensor, key: torch.Tensor, value: torch.
 
 
 def segment_inputs(model, batch: dict[str, torch.Tensor]) -> dict:
-    """Extra forward arguments for a training batch: its Segments when the batch is laid out with position ids
-    (padding-free or packed) and the model runs tunelab's matmul attention."""
-    config = base_config(model)
-    if "position_ids" not in batch or getattr(config, "_attn_implementation", None) != MATMUL:
+    """Extra forward arguments for a training batch laid out with position ids (padding-free or packed): its
+    Segments for tunelab's matmul attention, its sample boundaries for the varlen one."""
+    implementation = getattr(base_config(model), "_attn_implementation", None)
+    if "position_ids" not in batch or implementation not in (MATMUL, VARLEN):
         return {}
+    if implementation == VARLEN:
+        return {"tunelab_boundaries": boundaries_from_positions(batch["position_ids"])}
     return {"tunelab_segments": segments_from_positions(batch["position_ids"])}
 
 
@@ -216,6 +220,8 @@ def register() -> None:
     AttentionMaskInterface.register(MATMUL, eager_mask)
     AttentionInterface.register(DECODE, decode_attention)
     AttentionMaskInterface.register(DECODE, sdpa_mask)
+    AttentionInterface.register(VARLEN, varlen_attention)
+    AttentionMaskInterface.register(VARLEN, sdpa_mask)  # for padded batches (eval, generation): sdpa decides
 
 
 MATMUL_MODEL_TYPES = {"llama", "mistral", "qwen2", "qwen3"}
@@ -238,6 +244,8 @@ def training_attention(
         return "sdpa"
     if setting == "matmul":
         return MATMUL
+    if setting == "varlen":
+        return VARLEN
     config = base_config(model)
     if device.type != "cpu" or config is None or getattr(config, "model_type", None) not in MATMUL_MODEL_TYPES:
         return None
@@ -271,7 +279,7 @@ def attention_implementation(model, name: str | None) -> Iterator[None]:
     if name is None or config is None:
         yield
         return
-    if name in (MATMUL, DECODE):
+    if name in (MATMUL, DECODE, VARLEN):
         register()
     previous = config._attn_implementation
     config._attn_implementation = name

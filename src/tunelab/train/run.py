@@ -33,6 +33,7 @@ from tunelab.models.liger import liger_unavailable
 from tunelab.models.load import enable_activation_checkpointing, load_model, load_tokenizer
 from tunelab.models.logprobs import uses_virtual_tokens
 from tunelab.models.resolve import resolve_model
+from tunelab.models.varlen import VARLEN, varlen_unavailable
 from tunelab.objectives import build_objective, rows_per_item
 from tunelab.objectives.reference import precompute_reference
 from tunelab.objectives.reward import make_head_trainable
@@ -101,6 +102,9 @@ def train_run(
     device = start(ranks) if ranks.distributed else _training_device()
     if config.train.kernels == "liger" and (problem := liger_unavailable(device)):
         raise ConfigError(f"liger {problem}", where="train.kernels")  # before the run directory is written
+    if config.train.attention == "varlen" and (
+            problem := varlen_unavailable(device, resolve_precision(config.train.precision, device))):
+        raise ConfigError(f"varlen {problem}", where="train.attention")
     log = RunLog(config.output_dir / "metrics.jsonl", console) if ranks.is_main else NullLog()
     status, error = "failed", None
     try:
@@ -190,7 +194,7 @@ def _train(config: RunConfig, log: RunLog, ranks: Ranks, device: torch.device, *
     longest = config.data.max_length if config.data.packing else int(np.asarray(data.train.lengths).max(initial=1))
     attention = training_attention(config.train.attention, device, precision, min(longest, config.data.max_length),
                                    model, sequences_per_batch)
-    ctx.padding_free = attention == MATMUL and not uses_virtual_tokens(model)  # PEFT's prompt path needs rows
+    ctx.padding_free = attention in (MATMUL, VARLEN) and not uses_virtual_tokens(model)  # prompt tuning needs rows
     with attention_implementation(model, attention):
         memory = _estimate_memory(ctx, data, tokenizer)  # before sharding: it runs the model as it is
     kernels = training_kernels(config.train.kernels, device=device, precision=precision, model=model,
