@@ -159,3 +159,20 @@ def test_training_with_varlen_attention_computes_no_padding_and_learns(tiny_mode
     assert runs["varlen"]["non_padding_fraction"] == 1.0 and runs["sdpa"]["non_padding_fraction"] < 1.0
     assert runs["varlen"]["final_eval_loss"] < runs["varlen"]["base_eval_loss"] - 0.5
     assert runs["varlen"]["final_eval_loss"] == pytest.approx(runs["sdpa"]["final_eval_loss"], rel=0.05)
+
+
+@pytest.mark.parametrize("objective", ["dpo", "reward"])
+def test_preference_objectives_learn_on_the_device_in_bf16(tiny_model_dir, tmp_path, objective):
+    """The objective seam (DPO's switched-off-adapter reference, the reward model's scalar head) in bf16 on the
+    device, with its attention and kernels as auto picks them there."""
+    from test_objectives import PAIRS, run_config, write_jsonl
+
+    data = write_jsonl(tmp_path / "pairs.jsonl", PAIRS)
+    summary = train_run(run_config(tiny_model_dir, data, tmp_path / objective, f"objective={objective}",
+                                   "train.epochs=3", "train.lr=3e-3", "train.precision=bf16"))
+    assert summary["device"].startswith(DEVICE) and summary["precision"] == "bf16"
+    before, after = summary["eval_before"], summary["eval_after"]
+    assert after["eval_rewards/accuracies"] > 0.9
+    assert summary["final_eval_loss"] < summary["base_eval_loss"] - 0.2
+    if objective == "dpo":
+        assert after["eval_logps/margins"] > before["eval_logps/margins"] + 5
