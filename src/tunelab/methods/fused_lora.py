@@ -3,7 +3,7 @@
 PEFT computes `base(x) + lora_B(lora_A(dropout(x))) * scaling` as separate modules. Under bf16 autocast that
 casts the frozen base weight to bf16 on every forward, casts the same input once per linear (q, k and v
 each cast and keep their own copy of one norm output, and each LoRA A again), and runs the scaling and the
-sum as extra passes over the output. Here one function does `y = x W^T; y += scaling * (x A^T) B^T` with an
+sum as extra passes over the output. Here one function does `y = x W^T; y += (x A^T) (scaling B)^T` with an
 in-place addmm, the frozen weight is cast once and kept (autocast kept those casts through backward anyway),
 and the cast input is shared by every layer that reads it, so it is also saved for backward only once.
 Same arithmetic as autocast (bf16 matmuls, fp32 master adapter weights and gradients).
@@ -22,18 +22,20 @@ from tunelab.models.logprobs import decoder_and_head
 
 
 class _LoraLinear(torch.autograd.Function):
-    """y = x W^T + b + scaling * (x A^T) B^T, everything in `x_c`'s dtype; x_c is x already cast."""
+    """y = x W^T + b + (x A^T) B_s^T, everything in `x_c`'s dtype; x_c is x already cast, B_s the LoRA B weight
+    times its scaling (scaled outside, so the function holds no Python float: dynamo of torch 2.11 failed
+    tracing this function under torch.compile, and a float kept on ctx is the likely cause)."""
 
     @staticmethod
-    def forward(ctx, x, x_c, weight, bias, lora_a, lora_b, scaling):
-        a, b = lora_a.to(x_c.dtype), lora_b.to(x_c.dtype)
+    def forward(ctx, x, x_c, weight, bias, lora_a, scaled_b):
+        a, b = lora_a.to(x_c.dtype), scaled_b.to(x_c.dtype)
         flat = x_c.reshape(-1, x_c.shape[-1])
         hidden = flat @ a.t()  # [N, r]
         out = flat @ weight.t() if bias is None else torch.addmm(bias, flat, weight.t())
-        out.addmm_(hidden, b.t(), alpha=scaling)
+        out.addmm_(hidden, b.t())
         ctx.save_for_backward(x_c, weight, a, b, hidden)
-        ctx.scaling, ctx.x_dtype = scaling, x.dtype
-        ctx.param_dtypes = (lora_a.dtype, lora_b.dtype)
+        ctx.x_dtype = x.dtype
+        ctx.param_dtypes = (lora_a.dtype, scaled_b.dtype)
         return out.view(*x_c.shape[:-1], out.shape[-1])
 
     @staticmethod
@@ -41,13 +43,13 @@ class _LoraLinear(torch.autograd.Function):
         x_c, weight, a, b, hidden = ctx.saved_tensors
         grad = grad_out.reshape(-1, grad_out.shape[-1]).to(x_c.dtype)
         flat = x_c.reshape(-1, x_c.shape[-1])
-        grad_hidden = (grad @ b).mul_(ctx.scaling)  # [N, r]
+        grad_hidden = grad @ b  # [N, r]
         grad_a = (grad_hidden.t() @ flat).to(ctx.param_dtypes[0])
-        grad_b = (grad.t() @ hidden).mul_(ctx.scaling).to(ctx.param_dtypes[1])
+        grad_b = (grad.t() @ hidden).to(ctx.param_dtypes[1])
         grad_x = None
         if ctx.needs_input_grad[0]:
             grad_x = (grad @ weight).addmm_(grad_hidden, a).to(ctx.x_dtype).view(x_c.shape)
-        return grad_x, None, None, None, grad_a, grad_b, None
+        return grad_x, None, None, None, grad_a, grad_b
 
 
 class _SharedCast:
@@ -128,8 +130,8 @@ def _make_forward(layer, shared: _SharedCast):
             bias = bias.detach().to(dtype)
         with torch.autocast(x.device.type, enabled=False):
             return _LoraLinear.apply(x, shared(x, dtype), _frozen_weight(layer, dtype), bias,
-                                     layer.lora_A[adapter].weight, layer.lora_B[adapter].weight,
-                                     float(layer.scaling[adapter]))
+                                     layer.lora_A[adapter].weight,
+                                     layer.lora_B[adapter].weight * float(layer.scaling[adapter]))
 
     return forward
 
