@@ -9,16 +9,21 @@
 #   5. lora-long (a GPU-sized step: ~5k tokens), again with `train.attention=varlen`, then lora-short with
 #      `train.kernels=none` (auto takes Liger's where installed), then the compiled-layer tests on the device,
 #      as far as time allows.
-# Everything lands in $OUT (gpu_check.log and the benches' .md/.json), which the device tool brings back.
+# Everything lands in $OUT, which the device tool brings back: gpu_check.log, and the benches' .md/.json packed
+# into results.tar.gz after every stage (the tool brings back at most 8 files a call).
 # Each stage has its own time limit and a failed stage does not stop the next; stages 1-4 took ~4 minutes on an
 # H200, so give the device call ~560 s: what stage 5 has not finished by then is simply missing from $OUT.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-/tmp/gpu-check}
-mkdir -p "$OUT/results"
+RESULTS=/tmp/gpu-check-results
+rm -rf "$RESULTS" && mkdir -p "$RESULTS" "$OUT"
 LOG="$OUT/gpu_check.log"
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TRANSFORMERS_VERBOSITY=error
-stage() { echo; echo "=== $* ($(date -u +%H:%M:%S))"; }
+stage() {
+    tar czf "$OUT/results.tar.gz" -C "$RESULTS" . 2>/dev/null  # what the stages before wrote
+    echo; echo "=== $* ($(date -u +%H:%M:%S))"
+}
 
 {
 stage "install the carried wheels"
@@ -50,33 +55,40 @@ timeout 150 python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_gpu.py
 
 stage "lora-short on random-llama-1b: tunelab against TRL + PEFT"
 timeout 240 python3 bench/compare_peer.py --model random-llama-1b --tokenizer .gpu/tokenizer --cases lora-short \
-    --steps 10 --repeats 1 --profile 2 --wait-idle 0 --timeout 110 --results "$OUT/results" --workdir /tmp/bench
+    --steps 10 --repeats 1 --profile 2 --wait-idle 0 --timeout 110 --results "$RESULTS" --workdir /tmp/bench
 
 stage "generation on random-llama-1b: tunelab against generate"
 MODEL=/tmp/bench/models/random-llama-1b  # built by the stage before; else built again
 [ -f "$MODEL/config.json" ] || MODEL=random-llama-1b
 timeout 90 python3 bench/generation_speed.py --model "$MODEL" --tokenizer .gpu/tokenizer --batch-size 64 \
-    --repeats 1 --results "$OUT/results"
+    --repeats 1 --results "$RESULTS"
 
 stage "lora-long (rows up to 1024 tokens) on random-llama-1b: tunelab against TRL + PEFT"
 timeout 200 python3 bench/compare_peer.py --model "$MODEL" --tokenizer .gpu/tokenizer --cases lora-long \
-    --steps 10 --repeats 1 --profile 2 --wait-idle 0 --timeout 90 --results "$OUT/results" --workdir /tmp/bench-long
+    --steps 10 --repeats 1 --profile 2 --wait-idle 0 --timeout 90 --results "$RESULTS" --workdir /tmp/bench-long
 
 stage "lora-long with train.attention=varlen (padding-free flash attention)"
 timeout 200 python3 bench/compare_peer.py --model "$MODEL" --tokenizer .gpu/tokenizer --cases lora-long \
-    --steps 10 --repeats 1 --wait-idle 0 --timeout 90 --results "$OUT/results" --workdir /tmp/bench-varlen \
+    --steps 10 --repeats 1 --wait-idle 0 --timeout 90 --results "$RESULTS" --workdir /tmp/bench-varlen \
     --tunelab-set train.attention=varlen
 
 for kernels in none; do  # auto is liger there; compiled: dynamo of torch 2.11 failed on fused_lora (2026-12-04)
     stage "lora-short on random-llama-1b with train.kernels=$kernels"
     timeout 150 python3 bench/compare_peer.py --model "$MODEL" --tokenizer .gpu/tokenizer --cases lora-short \
-        --steps 10 --repeats 1 --profile 2 --wait-idle 0 --timeout 110 --results "$OUT/results" \
+        --steps 10 --repeats 1 --profile 2 --wait-idle 0 --timeout 110 --results "$RESULTS" \
         --workdir "/tmp/bench-$kernels" --tunelab-set "train.kernels=$kernels"
 done
 
 stage "compiled layers on the device (train.kernels=compiled; dynamo of torch 2.11 failed on them 2026-12-04)"
 TORCHDYNAMO_VERBOSE=1 timeout 150 python3 -m pytest -x -q -p no:cacheprovider tests/test_compiled_kernels.py \
     -k trains_like_an_eager 2>&1 | tail -n 80
+
+stage "summary"
+for md in "$RESULTS"/*.md; do
+    [ -f "$md" ] || continue
+    echo "--- $(basename "$md"): $(head -n 1 "$md")"
+    grep -E "^- (model|tunelab overrides)|^\| (s/step, median|train loop s|peak memory MB|held-out eval loss|generate|tunelab) |^tunelab / generate|^\| 1 \| (tunelab|peer) \| [0-9.]+ \| [0-9.]+%" "$md"
+done
 
 stage "done"
 } 2>&1 | tee "$LOG"
