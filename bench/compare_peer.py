@@ -310,7 +310,10 @@ def breakdown_table(runs: list[dict]) -> list[str]:
         return []
     from tunelab.train.step_profile import CATEGORIES
 
-    lines = ["", "Where a step's time goes (torch.profiler, self time of ops; unaccounted = Python, data, framework):",
+    on_device = any(r["step_breakdown"].get("device_time") for r in profiled)
+    measured = ("kernels' device time; unaccounted = the device idle, waiting on the host" if on_device
+                else "self time of ops; unaccounted = Python, data, framework")
+    lines = ["", f"Where a step's time goes (torch.profiler, {measured}):",
              "", "| run | tool | s/step profiled | " + " | ".join(CATEGORIES) + " | non-matmul |",
              "|---|---|---:|" + "---:|" * (len(CATEGORIES) + 1)]
     for r in profiled:

@@ -56,6 +56,8 @@ def test_training_runs_on_the_device_in_bf16_and_learns(tiny_model_dir, qa_file,
     assert 0 < written["mfu"] < 1 and written["step_breakdown"]["share"]["matmul"] > 0
     # kernels and idle time together are the steps' wall time (the profiler's step spans are not kernels)
     assert sum(written["step_breakdown"]["share"].values()) == pytest.approx(1, abs=0.01)
+    assert written["step_breakdown"]["device_time"] == (DEVICE == "cuda")
+    assert ("device idle" in (out / "profile.txt").read_text()) == (DEVICE == "cuda")
     assert [json.loads(line) for line in (out / "samples.jsonl").read_text().splitlines()]
 
 

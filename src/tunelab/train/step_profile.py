@@ -74,6 +74,9 @@ class StepBreakdown:
     by_category: dict[str, float] = field(default_factory=dict)
     """Seconds per category over the profiled steps (unaccounted: wall time no op covers)."""
     top_ops: list[tuple[str, float]] = field(default_factory=list)
+    device_time: bool = False
+    """True on CUDA: categories are kernels' device time, and unaccounted is the device idle, waiting on the host
+    (Python, kernel launches, data)."""
 
     def shares(self) -> dict[str, float]:
         return {name: seconds / self.seconds for name, seconds in self.by_category.items()} if self.seconds else {}
@@ -82,12 +85,14 @@ class StepBreakdown:
         return {"steps": self.steps, "seconds_per_step": self.seconds / max(1, self.steps),
                 "share": {k: round(v, 4) for k, v in self.shares().items()},
                 "seconds": {k: round(v, 4) for k, v in self.by_category.items()},
-                "non_matmul_share": round(1 - self.shares().get("matmul", 0.0), 4),
+                "non_matmul_share": round(1 - self.shares().get("matmul", 0.0), 4), "device_time": self.device_time,
                 "top_ops": [[name, round(seconds, 4)] for name, seconds in self.top_ops]}
 
     def render(self) -> str:
         shares = self.shares()
-        lines = [f"{self.steps} profiled steps, {self.seconds / max(1, self.steps):.3f} s each"]
+        measured = ("kernels' device time; unaccounted: the device idle, waiting on the host" if self.device_time
+                    else "ops' self time on the CPU; unaccounted: Python, data, framework")
+        lines = [f"{self.steps} profiled steps, {self.seconds / max(1, self.steps):.3f} s each ({measured})"]
         lines += [f"  {name:<12} {100 * shares.get(name, 0.0):5.1f}%" for name in CATEGORIES]
         lines += ["  top ops (self time, s):"] + [f"    {name:<44} {seconds:.3f}" for name, seconds in self.top_ops]
         return "\n".join(lines)
@@ -166,7 +171,7 @@ def summarise(events, wall_seconds: float, steps: int, cuda: bool) -> StepBreakd
         per_op[name] = per_op.get(name, 0.0) + seconds
     totals["unaccounted"] = max(0.0, wall_seconds - sum(totals.values()))
     top = sorted(per_op.items(), key=lambda item: -item[1])[:12]
-    return StepBreakdown(steps, wall_seconds, totals, top)
+    return StepBreakdown(steps, wall_seconds, totals, top, device_time=cuda)
 
 
 def _under_optimizer(event) -> bool:
