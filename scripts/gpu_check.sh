@@ -6,13 +6,14 @@
 #   3. bench/compare_peer.py's lora-short case on a 1.07 B-parameter random-weight Llama, tunelab against TRL + PEFT,
 #      two steps of each profiled (the JSON's step_breakdown: kernels' device time by category, top kernels);
 #   4. bench/generation_speed.py on the same model, tunelab's decoding loop against transformers' `generate`;
-#   5. lora-long (a GPU-sized step: ~5k tokens), again with `train.attention=varlen`, then lora-short with
+#   5. the main job's command (examples/lora.yaml) on the random model, 20 steps, end to end on the device;
+#   6. lora-long (a GPU-sized step: ~5k tokens), again with `train.attention=varlen`, then lora-short with
 #      `train.kernels=none` (auto takes Liger's where installed), then the compiled-layer tests on the device,
 #      as far as time allows.
 # Everything lands in $OUT, which the device tool brings back: gpu_check.log, and the benches' .md/.json packed
 # into results.tar.gz after every stage (the tool brings back at most 8 files a call).
 # Each stage has its own time limit and a failed stage does not stop the next; stages 1-4 took ~4 minutes on an
-# H200, so give the device call ~560 s: what stage 5 has not finished by then is simply missing from $OUT.
+# H200, so give the device call ~560 s: what the later ones have not finished by then is missing from $OUT.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-/tmp/gpu-check}
@@ -62,6 +63,12 @@ MODEL=/tmp/bench/models/random-llama-1b  # built by the stage before; else built
 [ -f "$MODEL/config.json" ] || MODEL=random-llama-1b
 timeout 90 python3 bench/generation_speed.py --model "$MODEL" --tokenizer .gpu/tokenizer --batch-size 64 \
     --repeats 1 --results "$RESULTS"
+
+stage "the main job's command on the device (random-llama-1b, 20 steps: data, before/after, report, save)"
+timeout 180 python3 -m tunelab train examples/lora.yaml "model=$MODEL" train.max_steps=20 train.eval_every=10 \
+    train.save_every=10 output_dir=/tmp/main-job --overwrite 2>&1 | tail -n 25
+python3 -c "import json; s = json.load(open('/tmp/main-job/summary.json')); print({k: s.get(k) for k in \
+    ('status', 'device', 'precision', 'kernels', 'mfu', 'input_tokens_per_second', 'peak_memory_mb')})"
 
 stage "lora-long (rows up to 1024 tokens) on random-llama-1b: tunelab against TRL + PEFT"
 timeout 200 python3 bench/compare_peer.py --model "$MODEL" --tokenizer .gpu/tokenizer --cases lora-long \
