@@ -105,6 +105,16 @@ class StepClock:
         }
 
 
+def peer_attention(spec: dict) -> str:
+    """The peer's SDPA backends: PyTorch's default, or with `--peer-without-cudnn-attention` kept off cuDNN as
+    tunelab keeps its own (models/attention.py: cuDNN builds a plan for every new shape), to compare against a
+    peer tuned that way too. Returns what the peer ran, for the report."""
+    if spec.get("peer_without_cudnn_attention") and torch.cuda.is_available():
+        torch.backends.cuda.enable_cudnn_sdp(False)
+        return "sdpa without cuDNN"
+    return "PyTorch's default sdpa"
+
+
 def step_profiler(spec: dict):
     """tunelab's StepProfiler (train/step_profile.py) over spec["profile_steps"] steps from the third, for either
     tool (it hooks the optimiser's step, not a training loop); a no-op context when not asked for."""

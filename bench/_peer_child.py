@@ -31,6 +31,7 @@ def main() -> None:
     from trl import SFTConfig, SFTTrainer
 
     started = time.perf_counter()
+    attention = common.peer_attention(spec)
     tokenizer = AutoTokenizer.from_pretrained(spec["model_path"])
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
@@ -116,6 +117,7 @@ def main() -> None:
     evaluation = common.evaluate(spec, run_dir, tokenizer, device)
     result = {
         "tool": "peer",
+        "attention": attention,
         **common.breakdown(profiler),
         "version": f"trl {trl.__version__}",
         "precision": precision,

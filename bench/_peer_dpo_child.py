@@ -31,6 +31,7 @@ def main() -> None:
     from trl import DPOConfig, DPOTrainer
 
     started = time.perf_counter()
+    attention = common.peer_attention(spec)
     tokenizer = AutoTokenizer.from_pretrained(spec["model_path"])
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
@@ -95,6 +96,7 @@ def main() -> None:
     evaluation = common.evaluate(spec, run_dir, tokenizer, device)
     result = {
         "tool": "peer",
+        "attention": attention,
         **common.breakdown(profiler),
         "version": f"trl {trl.__version__}",
         "precision": "bf16" if args.bf16 else "fp32",

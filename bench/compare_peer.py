@@ -114,6 +114,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="extra tunelab config override for its runs (repeatable), e.g. train.attention=sdpa")
     parser.add_argument("--profile", type=int, default=0, metavar="N",
                         help="profile N steps from the third in every run: where each tool's step time goes")
+    parser.add_argument("--peer-without-cudnn-attention", action="store_true",
+                        help="keep the peer's sdpa off cuDNN, as tunelab keeps its own on CUDA (cuDNN builds a plan "
+                        "for every new shape); default: the peer as its users run it")
     parser.add_argument("--peer-gradient-checkpointing", action="store_true",
                         help="leave the peer's gradient checkpointing on, as TRL's SFTConfig does by default "
                         "(default: off, like tunelab)")
@@ -236,6 +239,7 @@ def child_spec(case: Case, data: dict, model_path: Path, args, precision: str, r
         "tunelab_overrides": args.tunelab_set,
         "profile_steps": args.profile,
         "peer_gradient_checkpointing": args.peer_gradient_checkpointing,
+        "peer_without_cudnn_attention": args.peer_without_cudnn_attention,
         "run_dir": str(run_dir),
         "result": str(result),
     }
@@ -350,7 +354,8 @@ def markdown(outcome: dict, summary: dict, machine: dict, args) -> str:
         f"- batching: tunelab {first['tunelab'].get('batching', '-')}; peer {first['peer'].get('batching', '-')}",
         f"- tunelab overrides: {', '.join(args.tunelab_set) or 'none'} (kernels in use: "
         f"{first['tunelab'].get('kernels') or '-'}); peer gradient checkpointing: "
-        + ("on (TRL's default)" if args.peer_gradient_checkpointing else "off (like tunelab)"),
+        + ("on (TRL's default)" if args.peer_gradient_checkpointing else "off (like tunelab)")
+        + f"; peer attention: {first['peer'].get('attention', '-')}",
         f"- versions: tunelab {machine['tunelab_commit']}, trl {machine['versions'].get('trl')}, "
         f"transformers {machine['versions'].get('transformers')}, peft {machine['versions'].get('peft')}, "
         f"torch {machine['versions'].get('torch')}",

@@ -7,9 +7,9 @@
 #      two steps of each profiled (the JSON's step_breakdown: kernels' device time by category, top kernels);
 #   4. bench/generation_speed.py on the same model, tunelab's decoding loop against transformers' `generate`;
 #   5. the main job's command (examples/lora.yaml) on the random model, 20 steps, end to end on the device;
-#   6. lora-long (a GPU-sized step: ~5k tokens), again with `train.attention=varlen`, then lora-short with
-#      `train.kernels=none` (auto takes Liger's where installed), then the compiled-layer tests on the device,
-#      as far as time allows.
+#   6. lora-long (a GPU-sized step: ~5k tokens; the peer's attention kept off cuDNN too), again with
+#      `train.attention=varlen`, then lora-short with `train.kernels=none` (auto takes Liger's where installed),
+#      then the compiled-layer tests on the device, as far as time allows.
 # Everything lands in $OUT, which the device tool brings back: gpu_check.log, and the benches' .md/.json packed
 # into results.tar.gz after every stage (the tool brings back at most 8 files a call).
 # Each stage has its own time limit and a failed stage does not stop the next; stages 1-4 took ~4 minutes on an
@@ -72,12 +72,13 @@ python3 -c "import json; s = json.load(open('/tmp/main-job/summary.json')); prin
 
 stage "lora-long (rows up to 1024 tokens) on random-llama-1b: tunelab against TRL + PEFT"
 timeout 200 python3 bench/compare_peer.py --model "$MODEL" --tokenizer .gpu/tokenizer --cases lora-long \
-    --steps 10 --repeats 1 --profile 2 --wait-idle 0 --timeout 90 --results "$RESULTS" --workdir /tmp/bench-long
+    --steps 10 --repeats 1 --profile 2 --wait-idle 0 --timeout 90 --results "$RESULTS" --workdir /tmp/bench-long \
+    --peer-without-cudnn-attention
 
 stage "lora-long with train.attention=varlen (padding-free flash attention)"
 timeout 200 python3 bench/compare_peer.py --model "$MODEL" --tokenizer .gpu/tokenizer --cases lora-long \
     --steps 10 --repeats 1 --wait-idle 0 --timeout 90 --results "$RESULTS" --workdir /tmp/bench-varlen \
-    --tunelab-set train.attention=varlen
+    --tunelab-set train.attention=varlen --peer-without-cudnn-attention
 
 for kernels in none; do  # auto is liger there; compiled: dynamo of torch 2.11 failed on fused_lora (2026-12-04)
     stage "lora-short on random-llama-1b with train.kernels=$kernels"
