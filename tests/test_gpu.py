@@ -178,3 +178,36 @@ def test_preference_objectives_learn_on_the_device_in_bf16(tiny_model_dir, tmp_p
     assert summary["final_eval_loss"] < summary["base_eval_loss"] - 0.2
     if objective == "dpo":
         assert after["eval_logps/margins"] > before["eval_logps/margins"] + 5
+
+
+def test_serving_on_the_device_answers_as_generate_does(tiny_model_dir, tmp_path):
+    """`tunelab serve`'s engine and OpenAI-compatible app on the device: each reply, alone or among concurrent
+    requests, is the one generate_replies gives for the same prompt."""
+    import openai
+    from test_serve import KEY, PROMPTS, LiveServer, train_tiny_run
+
+    from tunelab.infer.generate import GenerationOptions, generate_replies
+    from tunelab.infer.serve import create_app, load_served
+
+    run = train_tiny_run(tiny_model_dir, tmp_path, "run", "the answer is 42", 3e-2)
+    served = load_served(str(run), max_batch=4, max_waiting=64)
+    live = LiveServer(create_app(served, api_key=KEY))
+    try:
+        assert next(served.engine.model.parameters()).device.type == DEVICE
+        renderer = served.models["run"].renderer
+        conversations = [[{"role": "user", "content": p}] for p in PROMPTS[:6]]
+        expected = generate_replies(served.engine.model, renderer, conversations, GenerationOptions(max_new_tokens=10))
+        assert any(expected)
+        client = openai.OpenAI(base_url=f"{live.url}/v1", api_key=KEY, max_retries=0)
+
+        def ask(conversation):
+            return client.chat.completions.create(model="run", messages=conversation, temperature=0,
+                                                  max_tokens=10).choices[0].message.content.strip()
+
+        from concurrent.futures import ThreadPoolExecutor
+
+        with ThreadPoolExecutor(6) as pool:
+            assert list(pool.map(ask, conversations)) == expected
+    finally:
+        live.stop()
+        served.engine.close()
