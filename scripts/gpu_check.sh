@@ -52,7 +52,7 @@ for module in ("tunelab", "liger_kernel.transformers"):
 EOF
 
 stage "tests marked gpu"
-timeout 150 python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_gpu.py
+timeout 200 python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_gpu.py
 
 stage "lora-short on random-llama-1b: tunelab against TRL + PEFT"
 timeout 240 python3 bench/compare_peer.py --model random-llama-1b --tokenizer .gpu/tokenizer --cases lora-short \
