@@ -195,3 +195,36 @@ def test_training_flops_count_body_per_input_token_and_head_per_trained_token():
         body * 10 + head * 3)
     assert training_flops(model, input_tokens=10, trained_tokens=3, base_trains=False) == 2 * 2 * (
         body * 10 + head * 3)
+
+
+@pytest.mark.parametrize("method", ["lora", "full"])
+def test_the_fused_adamw_trains_as_the_per_tensor_loop_does(tiny_model_dir, qa_file, tmp_path, monkeypatch, method):
+    from tunelab.train import schedule
+
+    def losses(name: str) -> list[float]:
+        out = tmp_path / name
+        train_run(run_config(tiny_model_dir, qa_file, out, f"method.name={method}", "train.max_steps=6",
+                             "train.lr=3e-3", "train.weight_decay=0.1", "train.precision=bf16"))
+        return [json.loads(line)["loss"] for line in (out / "metrics.jsonl").read_text().splitlines()
+                if '"loss"' in line]
+
+    fused = losses("fused")
+    with monkeypatch.context() as patch:
+        patch.setattr(schedule, "fused_supported", lambda params: False)
+        loop = losses("loop")
+    assert len(fused) == 6 and fused[-1] < fused[0]  # it trained
+    assert fused == pytest.approx(loop, rel=1e-4)  # same algorithm; the kernel rounds in its own order
+
+
+def test_the_fused_adamw_counts_its_update_in_the_parameters_versions():
+    from tunelab.config import TrainConfig
+    from tunelab.train.schedule import build_optimizer
+
+    model = torch.nn.Linear(4, 3)
+    optimizer, _ = build_optimizer(model, TrainConfig(), total_steps=1)
+    assert optimizer.defaults["fused"]
+    for param in model.parameters():
+        param.grad = torch.ones_like(param)
+    before = [param._version for param in model.parameters()]
+    optimizer.step()
+    assert all(after > was for after, was in zip([p._version for p in model.parameters()], before, strict=True))
