@@ -14,7 +14,8 @@ PY=.venv/bin/python
 
 PINNED=(pydantic pydantic-core annotated-types typing-inspection transformers huggingface-hub tokenizers peft
         accelerate trl datasets dill multiprocess fsspec gguf platformdirs nltk fastapi starlette uvicorn
-        typing-extensions httpx2 httpcore2 truststore h11 anyio idna hf-xet kernels tomlkit)
+        typing-extensions httpx2 httpcore2 truststore h11 anyio idna hf-xet kernels tomlkit
+        openai jiter sniffio httpx httpcore certifi)  # the last six: the serving test's OpenAI client
 OPTIONAL=(liger-kernel)  # not a tunelab dependency: gpu_check.sh reports whether it imports there
 
 rm -rf .gpu && mkdir -p .gpu/wheels
