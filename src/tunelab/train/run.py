@@ -29,11 +29,10 @@ from tunelab.methods import METHODS, count_parameters
 from tunelab.methods.fused_lora import fuse_lora_layers
 from tunelab.models.attention import MATMUL, attention_implementation, training_attention
 from tunelab.models.fused_ops import enable_training_kernels, training_kernels
-from tunelab.models.liger import liger_unavailable
 from tunelab.models.load import enable_activation_checkpointing, load_model, load_tokenizer
 from tunelab.models.logprobs import uses_virtual_tokens
 from tunelab.models.resolve import resolve_model
-from tunelab.models.varlen import VARLEN, varlen_unavailable
+from tunelab.models.varlen import VARLEN
 from tunelab.objectives import build_objective, rows_per_item
 from tunelab.objectives.reference import precompute_reference
 from tunelab.objectives.reward import make_head_trainable
@@ -48,6 +47,7 @@ from tunelab.train.checkpoint import (
     load_checkpoint,
 )
 from tunelab.train.console_log import RunConsole
+from tunelab.train.device_checks import refuse_what_the_device_cannot_run
 from tunelab.train.distributed import Ranks, launched_ranks, loss_module, start, stop
 from tunelab.train.launcher_env import apply_launcher_sharding
 from tunelab.train.live import mark_ended, mark_running, read_status
@@ -100,11 +100,7 @@ def train_run(
             console.print(notice)
     sharding.check_several_processes(config, ranks)
     device = start(ranks) if ranks.distributed else _training_device()
-    if config.train.kernels == "liger" and (problem := liger_unavailable(device)):
-        raise ConfigError(f"liger {problem}", where="train.kernels")  # before the run directory is written
-    if config.train.attention == "varlen" and (
-            problem := varlen_unavailable(device, resolve_precision(config.train.precision, device))):
-        raise ConfigError(f"varlen {problem}", where="train.attention")
+    refuse_what_the_device_cannot_run(config, device)
     log = RunLog(config.output_dir / "metrics.jsonl", console) if ranks.is_main else NullLog()
     status, error = "failed", None
     try:
