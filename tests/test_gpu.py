@@ -149,7 +149,7 @@ def test_varlen_attention_on_a_padding_free_batch_equals_sdpa_on_the_padded_one(
         loss, grads = loss_and_grads(model, padding_free, VARLEN)
     assert loss == pytest.approx(reference_loss, rel=2e-2)  # bf16 kernels on both sides, different sums
     for name, grad in grads.items():
-        assert torch.nn.functional.cosine_similarity(grad.flatten(), reference_grads[name].flatten(), dim=0) > 0.99
+        assert torch.nn.functional.cosine_similarity(grad.flatten(), reference_grads[name].flatten(), dim=0) > 0.98
 
 
 @pytest.mark.skipif(DEVICE != "cuda", reason="flash attention's varlen kernels are CUDA's")
