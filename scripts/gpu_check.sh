@@ -8,8 +8,8 @@
 #   4. bench/generation_speed.py on the same model, tunelab's decoding loop against transformers' `generate`;
 #   5. the main job's command (examples/lora.yaml) on the random model, 20 steps, end to end on the device;
 #   6. lora-long (a GPU-sized step: ~5k tokens; the peer's attention kept off cuDNN too), again with
-#      `train.attention=varlen`, then lora-short with `train.kernels=none` (auto takes Liger's where installed),
-#      then the compiled-layer tests on the device, as far as time allows.
+#      `train.attention=varlen`, then lora-short with `train.kernels=none` (auto takes Liger's where installed);
+#   7. a summary of every result's key rows, then the compiled-layer tests on the device, as far as time allows.
 # Everything lands in $OUT, which the device tool brings back: gpu_check.log, and the benches' .md/.json packed
 # into results.tar.gz after every stage (the tool brings back at most 8 files a call).
 # Each stage has its own time limit and a failed stage does not stop the next; stages 1-4 took ~4 minutes on an
@@ -87,16 +87,16 @@ for kernels in none; do  # auto is liger there; compiled: dynamo of torch 2.11 f
         --workdir "/tmp/bench-$kernels" --tunelab-set "train.kernels=$kernels"
 done
 
-stage "compiled layers on the device (train.kernels=compiled; dynamo of torch 2.11 failed on them 2026-12-04)"
-TORCHDYNAMO_VERBOSE=1 timeout 150 python3 -m pytest -x -q -p no:cacheprovider tests/test_compiled_kernels.py \
-    -k trains_like_an_eager 2>&1 | tail -n 80
-
 stage "summary"
 for md in "$RESULTS"/*.md; do
     [ -f "$md" ] || continue
     echo "--- $(basename "$md"): $(head -n 1 "$md")"
     grep -E "^- (model|tunelab overrides)|^\| (s/step, median|train loop s|peak memory MB|held-out eval loss|generate|tunelab) |^tunelab / generate|^\| 1 \| (tunelab|peer) \| [0-9.]+ \| [0-9.]+%" "$md"
 done
+
+stage "compiled layers on the device (train.kernels=compiled; dynamo of torch 2.11 failed on them 2026-12-04)"
+TORCHDYNAMO_VERBOSE=1 timeout 150 python3 -m pytest -x -q -p no:cacheprovider tests/test_compiled_kernels.py \
+    -k trains_like_an_eager 2>&1 | tail -n 80
 
 stage "done"
 } 2>&1 | tee "$LOG"
