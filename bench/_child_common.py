@@ -110,7 +110,9 @@ def peer_attention(spec: dict) -> str:
     tunelab keeps its own (models/attention.py: cuDNN builds a plan for every new shape), to compare against a
     peer tuned that way too. Returns what the peer ran, for the report."""
     if spec.get("peer_without_cudnn_attention") and torch.cuda.is_available():
-        torch.backends.cuda.enable_cudnn_sdp(False)
+        from tunelab.models.attention import avoid_per_shape_attention_plans
+
+        avoid_per_shape_attention_plans(torch.device("cuda"))
         return "sdpa without cuDNN"
     return "PyTorch's default sdpa"
 
