@@ -318,13 +318,15 @@ def breakdown_table(runs: list[dict]) -> list[str]:
     measured = ("kernels' device time; unaccounted = the device idle, waiting on the host" if on_device
                 else "self time of ops; unaccounted = Python, data, framework")
     lines = ["", f"Where a step's time goes (torch.profiler, {measured}):",
-             "", "| run | tool | s/step profiled | " + " | ".join(CATEGORIES) + " | non-matmul |",
-             "|---|---|---:|" + "---:|" * (len(CATEGORIES) + 1)]
+             "", "| run | tool | s/step profiled | " + " | ".join(CATEGORIES) + " | non-matmul | ops/step |",
+             "|---|---|---:|" + "---:|" * (len(CATEGORIES) + 2)]
     for r in profiled:
         found = r["step_breakdown"]
         shares = " | ".join(f"{100 * found['share'].get(name, 0):.1f}%" for name in CATEGORIES)
         lines.append(f"| {r['repeat']} | {r['tool']} | {found['seconds_per_step']:.3f} | {shares} | "
-                     f"{100 * found['non_matmul_share']:.1f}% |")
+                     f"{100 * found['non_matmul_share']:.1f}% | {found.get('ops_per_step', '')} |")
+    lines += ["", "ops/step: aten calls dispatched a step from Python or autograd (not what they call inside); "
+              "where the device waits on the host, they set the step time"]
     return lines
 
 

@@ -70,6 +70,7 @@ def test_lora_lowers_eval_loss_and_writes_the_run_directory(tiny_model_dir, qa_f
     assert breakdown["steps"] == 2 and sum(breakdown["share"].values()) == pytest.approx(1, abs=0.01)
     assert breakdown["share"]["matmul"] > 0 and breakdown["share"]["optimizer"] > 0
     assert breakdown["top_ops"] and "matmul" in (out / "profile.txt").read_text()
+    assert breakdown["ops_per_step"] > 100 and "ops dispatched a step" in (out / "profile.txt").read_text()
 
 
 def test_lora_with_activation_checkpointing_learns(tiny_model_dir, qa_file, tmp_path):
@@ -182,6 +183,20 @@ def test_gpu_kernels_seen_on_an_h200_fall_in_their_categories():
         "void at::native::elementwise_kernel<128, 2, ... MulFunctor<float> ...>": "elementwise",
     }
     assert {name: kernel_category(name) for name in seen} == seen
+
+
+def test_ops_dispatched_count_each_top_level_call_once_not_what_it_calls():
+    from tunelab.train.step_profile import summarise
+
+    x, weight = torch.randn(4, 8), torch.randn(3, 8, requires_grad=True)
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as profiler:
+        for _ in range(3):  # linear calls t and matmul (-> mm) inside: one dispatch from here, not three
+            torch.nn.functional.linear(x, weight).sum().backward()
+    found = summarise(profiler.events(), wall_seconds=1.0, steps=3, cuda=False)
+    totals = dict(found.top_dispatched)  # over the 3 steps
+    assert totals["aten::linear"] == 3 and totals["aten::sum"] == 3
+    assert totals["aten::mm"] == 3  # backward's, which autograd's engine dispatches; forward's is linear's own
+    assert found.to_json()["ops_per_step"] == round(found.ops_dispatched / 3) > 3
 
 
 def test_training_flops_count_body_per_input_token_and_head_per_trained_token():

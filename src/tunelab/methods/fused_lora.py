@@ -11,6 +11,7 @@ Same arithmetic as autocast (bf16 matmuls, fp32 master adapter weights and gradi
 
 from __future__ import annotations
 
+import functools
 import weakref
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -18,6 +19,7 @@ from contextlib import contextmanager
 import torch
 from torch import nn
 
+from tunelab.models.frozen_head import WEIGHT_CAST, compute_dtype
 from tunelab.models.logprobs import decoder_and_head
 
 
@@ -78,12 +80,6 @@ class _SharedCast:
         self.source, self.cast = None, None
 
 
-def _compute_dtype(x: torch.Tensor) -> torch.dtype:
-    if torch.is_autocast_enabled(x.device.type):
-        return torch.get_autocast_dtype(x.device.type)
-    return x.dtype
-
-
 def _fusable(layer, x: torch.Tensor, kwargs: dict) -> str | None:
     """The active adapter when this call can take the fused path, else None (PEFT's own forward runs)."""
     if kwargs or layer.disable_adapters or layer.merged:
@@ -124,7 +120,7 @@ def _make_forward(layer, shared: _SharedCast):
         adapter = _fusable(layer, x, kwargs) if not args else None
         if adapter is None:
             return peft_forward(layer, x, *args, **kwargs)
-        dtype = _compute_dtype(x)
+        dtype = compute_dtype(x)
         bias = layer.base_layer.bias
         if bias is not None:
             bias = bias.detach().to(dtype)
@@ -138,11 +134,12 @@ def _make_forward(layer, shared: _SharedCast):
 
 def _frozen_head_forward(head: nn.Linear):
     """The output head (frozen in every method but full fine-tuning) with its weight cast once, not per call:
-    on a 49k vocabulary that cast is 28M elements a step."""
+    on a 49k vocabulary that cast is 28M elements a step. The trained tokens' log-probabilities read the same
+    cast (models/frozen_head.py)."""
     linear_forward = type(head).forward
 
     def forward(x: torch.Tensor) -> torch.Tensor:
-        dtype = _compute_dtype(x)
+        dtype = compute_dtype(x)
         if head.weight.requires_grad or head.weight.dtype == dtype:
             return linear_forward(head, x)
         bias = None if head.bias is None else head.bias.detach().to(dtype)
@@ -178,6 +175,7 @@ def fuse_lora_layers(model) -> int:
     _, head = decoder_and_head(model)
     if type(head) is nn.Linear:
         head.forward = _frozen_head_forward(head)
+        setattr(head, WEIGHT_CAST, functools.partial(_frozen_weight, head))
         layers.append(head)
     model._tunelab_fused = (layers, shared)
     return len(layers)
@@ -198,6 +196,7 @@ def unfuse_lora_layers(model) -> None:
     for layer in layers:
         layer.__dict__.pop("forward", None)
         layer.__dict__.pop("_tunelab_weight", None)
+        layer.__dict__.pop(WEIGHT_CAST, None)
 
 
 @contextmanager

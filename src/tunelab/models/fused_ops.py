@@ -6,8 +6,8 @@ their bf16 inputs, each a pass over the activations with a fresh allocation plus
 Where matmuls are fast (AMX, AVX512-BF16, GPUs) that is a third to a half of a small model's LoRA step. Here
 each decoder layer's forward is compiled by torch.compile (inductor fuses the elementwise work into a few
 vectorised loops, forward and backward; tunelab's fused LoRA and matmul attention are traced inside without
-graph breaks), and the head's log-softmax becomes one fused pass over the bf16 logits instead of a float32 copy
-kept for backward.
+graph breaks), and a trained head's log-softmax (full fine-tuning) becomes one fused pass over the bf16 logits
+instead of a float32 copy kept for backward; a frozen head takes models/frozen_head.py's path, compiled or not.
 
 The layers' classes are swapped to subclasses (parameters, state dicts, deep copies and saving see the model as
 it was), and the compiled forward runs only while gradients are on: evaluation, generation and reference passes

@@ -11,6 +11,7 @@ from __future__ import annotations
 import torch
 
 from tunelab.data.template import IGNORE_INDEX
+from tunelab.models import frozen_head
 from tunelab.models.attention import segment_inputs
 from tunelab.models.fused_ops import head_logprobs
 
@@ -124,6 +125,8 @@ def shared_prompt_logprobs(model, prompts: list[torch.Tensor], completions: list
 def _head_logprobs(head, selected: torch.Tensor, wanted: torch.Tensor, temperature: float) -> torch.Tensor:
     """log softmax(head(h) / temperature)[target] for hidden states [N, H] and targets [N], chunked."""
     chunk = head_chunk_rows(head.weight.shape[0], selected.device)
+    if frozen_head.fits(head):
+        return frozen_head.frozen_head_logprobs(head, selected, wanted, temperature, chunk)
     pieces = []
     for start in range(0, selected.shape[0], chunk):
         logits = head(selected[start : start + chunk])  # [n, V]

@@ -112,8 +112,9 @@ def _probe_batch(length: int, packed: bool, trained_fraction: float, token_id: i
 
 
 def _head_backward_bytes(model, batch_shapes: list[tuple[int, int]], trained_fraction: float) -> float:
-    """Backward through one chunk of the output head holds its float32 logit gradient, the softmax gradient
-    and a bf16 copy at once: the largest transient a forward-only probe does not see."""
+    """One chunk of the output head at a time holds vocabulary-sized tensors the saved-tensor probe does not
+    see: autograd's backward its float32 logit gradient, the softmax gradient and a bf16 copy; a frozen head's
+    forward (models/frozen_head.py) its bf16 logits, float32 log-softmax and bf16 probabilities."""
     _, head = decoder_and_head(model)
     if head is None:  # a scalar head: no logits
         return 0.0

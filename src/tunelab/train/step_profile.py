@@ -6,6 +6,10 @@ Used by `train.profile_steps` (the breakdown lands in summary.json and RUN/profi
 children alike, so tunelab and its peer are measured by the same code. The profiler starts and stops on the
 optimiser's step hook, so it needs nothing from the training loop it watches (it works around TRL's too).
 On CUDA the categories are computed from the kernels' device time instead of the ops' CPU time.
+
+It also counts the ops a step dispatches (top-level aten calls, whatever they call inside not counted again):
+where the device waits on the host, as a small model's GPU step does (~11-20 us of Python and launch a
+dispatch on an H200's host), that count, not the FLOPs, sets the step time.
 """
 
 from __future__ import annotations
@@ -77,6 +81,9 @@ class StepBreakdown:
     device_time: bool = False
     """True on CUDA: categories are kernels' device time, and unaccounted is the device idle, waiting on the host
     (Python, kernel launches, data)."""
+    ops_dispatched: int = 0
+    """Top-level aten ops over the profiled steps, the optimizer's included."""
+    top_dispatched: list[tuple[str, int]] = field(default_factory=list)
 
     def shares(self) -> dict[str, float]:
         return {name: seconds / self.seconds for name, seconds in self.by_category.items()} if self.seconds else {}
@@ -86,7 +93,10 @@ class StepBreakdown:
                 "share": {k: round(v, 4) for k, v in self.shares().items()},
                 "seconds": {k: round(v, 4) for k, v in self.by_category.items()},
                 "non_matmul_share": round(1 - self.shares().get("matmul", 0.0), 4), "device_time": self.device_time,
-                "top_ops": [[name, round(seconds, 4)] for name, seconds in self.top_ops]}
+                "top_ops": [[name, round(seconds, 4)] for name, seconds in self.top_ops],
+                "ops_per_step": round(self.ops_dispatched / max(1, self.steps)),
+                "top_dispatched_per_step": [[name, round(count / max(1, self.steps))]
+                                            for name, count in self.top_dispatched]}
 
     def render(self) -> str:
         shares = self.shares()
@@ -95,6 +105,9 @@ class StepBreakdown:
         lines = [f"{self.steps} profiled steps, {self.seconds / max(1, self.steps):.3f} s each ({measured})"]
         lines += [f"  {name:<12} {100 * shares.get(name, 0.0):5.1f}%" for name in CATEGORIES]
         lines += ["  top ops (self time, s):"] + [f"    {name:<44} {seconds:.3f}" for name, seconds in self.top_ops]
+        steps = max(1, self.steps)
+        lines += [f"  ops dispatched a step (top-level aten calls): {self.ops_dispatched / steps:.0f}"]
+        lines += [f"    {name:<44} {count / steps:.0f}" for name, count in self.top_dispatched]
         return "\n".join(lines)
 
 
@@ -154,7 +167,10 @@ class StepProfiler:
 def summarise(events, wall_seconds: float, steps: int, cuda: bool) -> StepBreakdown:
     totals = dict.fromkeys(CATEGORIES, 0.0)
     per_op: dict[str, float] = {}
+    dispatched: dict[str, int] = {}
     for event in events:
+        if event.device_type == torch.autograd.DeviceType.CPU and _top_level_op(event):
+            dispatched[event.name] = dispatched.get(event.name, 0) + 1
         if cuda:
             # user annotations (ProfilerStep#, Optimizer.step#...) also have device time: the whole span, no kernel
             if event.device_type != torch.autograd.DeviceType.CUDA or event.is_user_annotation:
@@ -171,7 +187,22 @@ def summarise(events, wall_seconds: float, steps: int, cuda: bool) -> StepBreakd
         per_op[name] = per_op.get(name, 0.0) + seconds
     totals["unaccounted"] = max(0.0, wall_seconds - sum(totals.values()))
     top = sorted(per_op.items(), key=lambda item: -item[1])[:12]
-    return StepBreakdown(steps, wall_seconds, totals, top, device_time=cuda)
+    top_dispatched = sorted(dispatched.items(), key=lambda item: -item[1])[:8]
+    return StepBreakdown(steps, wall_seconds, totals, top, device_time=cuda,
+                         ops_dispatched=sum(dispatched.values()), top_dispatched=top_dispatched)
+
+
+def _top_level_op(event) -> bool:
+    """An aten op no other aten op called (from Python, or from autograd's engine in backward): one trip through
+    the dispatcher, and on a GPU at least one kernel launch unless it only makes a view."""
+    if not event.name.startswith("aten::"):
+        return False
+    parent = event.cpu_parent
+    while parent is not None:
+        if parent.name.startswith("aten::"):
+            return False
+        parent = parent.cpu_parent
+    return True
 
 
 def _under_optimizer(event) -> bool:
