@@ -62,7 +62,7 @@ def test_fused_layers_equal_peft_in_fp32(tiny_model_dir, bias):
     loss, grads = loss_and_grads(model, data)
     with fused_lora(model) as changed:
         fused_loss, fused_grads = loss_and_grads(model, data)
-    assert changed == 2 * 7 + 1  # every projection of both layers, and the output head
+    assert changed == 2 * 7 + 1 + 2 * 2 + 1  # every projection of both layers, the output head and the RMSNorms
     assert fused_loss == pytest.approx(loss, rel=1e-6)
     assert set(fused_grads) == set(grads) and len(grads) == 2 * 2 * 7
     for name, grad in grads.items():

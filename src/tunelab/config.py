@@ -184,8 +184,9 @@ class TrainConfig(Strict):
     step_breakdown and RUN/profile.txt. Those steps run a little slower."""
     fused_lora: bool = True
     """LoRA linear layers (plain, not DoRA or quantised) as one autograd function, frozen weights cast to bf16
-    once instead of every forward, and the input shared by q/k/v and gate/up cast once (methods/fused_lora.py).
-    Same arithmetic; off only to compare against PEFT's own layers."""
+    once instead of every forward, and the input shared by q/k/v and gate/up cast once (methods/fused_lora.py);
+    RMSNorm as one function with a closed-form backward (models/fused_norm.py). Same arithmetic; off only to
+    compare against PEFT's and transformers' own layers."""
     kernels: Literal["auto", "compiled", "liger", "none"] = "auto"
     """compiled: each decoder layer's forward and backward compiled by torch.compile (its elementwise work fused
     into a few loops) and the head's log-softmax fused, for training only (models/fused_ops.py): ~15% faster steps

@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from tunelab.models.frozen_head import WEIGHT_CAST, compute_dtype
+from tunelab.models.fused_norm import fusable_norms, fused_norm_forward
 from tunelab.models.logprobs import decoder_and_head
 
 
@@ -166,8 +167,9 @@ def lora_linear_layers(model) -> list:
 
 
 def fuse_lora_layers(model) -> int:
-    """Fuse the model's LoRA linear layers and cast its frozen output head's weight once; returns how many
-    modules changed. Parameters and state dicts are untouched: saving and checkpoints see a plain model."""
+    """Fuse the model's LoRA linear layers, cast its frozen output head's weight once and run its RMSNorms as one
+    function each (models/fused_norm.py); returns how many modules changed. Parameters and state dicts are
+    untouched: saving and checkpoints see a plain model."""
     shared = _SharedCast()
     layers = lora_linear_layers(model)
     for layer in layers:
@@ -178,7 +180,23 @@ def fuse_lora_layers(model) -> int:
         setattr(head, WEIGHT_CAST, functools.partial(_frozen_weight, head))
         layers.append(head)
     model._tunelab_fused = (layers, shared)
-    return len(layers)
+    return len(layers) + fuse_norms(model)
+
+
+def fuse_norms(model) -> int:
+    """Run the model's RMSNorms as one function each (models/fused_norm.py); returns how many. Also under FSDP,
+    where the rest of the fusion stays off: a norm reads its block's weight when called, gathered by then."""
+    norms = fusable_norms(model)
+    for norm in norms:
+        norm.forward = fused_norm_forward(norm)
+    model._tunelab_fused_norms = norms
+    return len(norms)
+
+
+def unfuse_norms(model) -> None:
+    """transformers' own RMSNorm forwards back (compiled layers fuse the norm's ops themselves)."""
+    for norm in model.__dict__.pop("_tunelab_fused_norms", []):
+        norm.__dict__.pop("forward", None)
 
 
 def cached_weight_storages(model) -> set[int]:
@@ -190,6 +208,7 @@ def cached_weight_storages(model) -> set[int]:
 
 def unfuse_lora_layers(model) -> None:
     """Put the modules' own forwards back and drop the cached weight casts."""
+    unfuse_norms(model)
     layers, shared = model.__dict__.pop("_tunelab_fused", ([], None))
     if shared is not None:
         shared.clear()

@@ -194,9 +194,10 @@ def enable_training_kernels(model, kernels: str, requested: str, precision: str)
 def enable_compiled_kernels(model, precision: str) -> int:
     """Compile the model's decoder layers and head for training; returns how many layers were compiled. Fused LoRA
     layers' frozen weight casts are made first, so the compiled layers read them instead of casting per forward."""
-    from tunelab.methods.fused_lora import cache_weight_casts
+    from tunelab.methods.fused_lora import cache_weight_casts, unfuse_norms
 
     cache_weight_casts(model, torch.bfloat16 if precision == "bf16" else torch.float32)
+    unfuse_norms(model)  # inductor fuses transformers' norm ops with their neighbours; measured that way
     return compile_layers(model)
 
 

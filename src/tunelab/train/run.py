@@ -26,7 +26,7 @@ from tunelab.eval.preference import evaluate_objective
 from tunelab.eval.report import write_report
 from tunelab.infer.generate import GenerationOptions
 from tunelab.methods import METHODS, count_parameters
-from tunelab.methods.fused_lora import fuse_lora_layers
+from tunelab.methods.fused_lora import fuse_lora_layers, fuse_norms
 from tunelab.models.attention import MATMUL, attention_implementation, training_attention
 from tunelab.models.fused_ops import enable_training_kernels, training_kernels
 from tunelab.models.load import enable_activation_checkpointing, load_model, load_tokenizer
@@ -159,8 +159,10 @@ def _train(config: RunConfig, log: RunLog, ranks: Ranks, device: torch.device, *
     sharded = ranks.distributed and config.train.distributed in sharding.SHARDED
     if config.train.fused_lora and not sharded:
         fuse_lora_layers(model)
-    elif config.train.fused_lora and config.method.name in ("lora", "rslora"):
-        console.print("fused LoRA layers are off under FSDP (they would hold whole frozen weights on every process)")
+    elif config.train.fused_lora:
+        fuse_norms(model)
+        if config.method.name in ("lora", "rslora"):
+            console.print("fused LoRA layers are off under FSDP (each process would hold whole frozen weights)")
     trainable, total = count_parameters(model)
     console.print(
         f"[bold]{config.method.name}[/] on {config.model}: {trainable:,} trainable of {total:,} parameters "
