@@ -5,7 +5,7 @@ autograd runs about a dozen passes back (and keeps the normalised copy too when 
 transformers' forward (the same values to the bit; `weight * normed` in place when both are float32), keeps the
 input and one number a row, and runs backward in its closed form, dx = (g w - x (sum(g w x) / rms(x)^2 / H)) /
 rms(x), in four passes. On the default model's [1040, 576] float32 rows (AMD EPYC, 2 cores) forward and backward
-took 0.75-0.88 ms against transformers' 2.22-2.28 (F.rms_norm's CPU path: 2.95 in an earlier, slower hour); a
+took 0.75-0.88 ms against transformers' 2.22-2.28 (F.rms_norm's CPU path was no faster than transformers'); a
 LoRA step runs 61 of them.
 
 Only the norms of the model types listed, whose forward is exactly `weight * (x / rms(x)).to(x.dtype)`
