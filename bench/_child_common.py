@@ -47,8 +47,10 @@ class StepClock:
         self._dtype_hook = torch.nn.modules.module.register_module_forward_hook(self._on_forward)
 
     def _on_forward(self, module, args, output) -> None:
-        """Record the dtype the first training-time linear layer computes in: the precision actually used."""
-        if isinstance(module, torch.nn.Linear) and torch.is_grad_enabled() and isinstance(output, torch.Tensor):
+        """Record the dtype the first training-time linear layer computes in: the precision actually used. By class
+        name: PEFT's LoRA layers are not nn.Linear, and tunelab's frozen head is not called as a module."""
+        if ("Linear" in type(module).__name__ and torch.is_grad_enabled() and isinstance(output, torch.Tensor)
+                and output.is_floating_point()):
             self.compute_dtype = str(output.dtype).removeprefix("torch.")
             self._dtype_hook.remove()
 
