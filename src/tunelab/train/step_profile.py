@@ -195,20 +195,17 @@ def summarise(events, wall_seconds: float, steps: int, cuda: bool) -> StepBreakd
 def _top_level_op(event) -> bool:
     """An aten op no other aten op called (from Python, or from autograd's engine in backward): one trip through
     the dispatcher, and on a GPU at least one kernel launch unless it only makes a view."""
-    if not event.name.startswith("aten::"):
-        return False
-    parent = event.cpu_parent
-    while parent is not None:
-        if parent.name.startswith("aten::"):
-            return False
-        parent = parent.cpu_parent
-    return True
+    return event.name.startswith("aten::") and not _called_under(event, "aten::")
 
 
 def _under_optimizer(event) -> bool:
+    return _called_under(event, "Optimizer.step")
+
+
+def _called_under(event, prefix: str) -> bool:
     parent = event.cpu_parent
     while parent is not None:
-        if parent.name.startswith("Optimizer.step"):
+        if parent.name.startswith(prefix):
             return True
         parent = parent.cpu_parent
     return False
