@@ -107,3 +107,22 @@ def test_a_trained_head_keeps_autograds_path():
     assert head.weight.grad is not None and head.weight.grad.abs().sum() > 0
     unfuse_lora_layers(model)
     assert frozen_head.WEIGHT_CAST not in head.__dict__
+
+
+@pytest.mark.parametrize("bf16", [False, True])
+def test_chunks_of_any_size_give_the_same_values_and_gradients(bf16):
+    model = frozen_model()
+    _, head = decoder_and_head(model)
+    hidden, targets, upstream = inputs()
+
+    def in_chunks_of(rows: int):
+        hidden.grad = None
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            logps = frozen_head.frozen_head_logprobs(head, hidden, targets, 0.7, rows)
+        (logps * upstream).sum().backward()
+        return logps.detach(), hidden.grad.clone()
+
+    whole, pieces = in_chunks_of(37), in_chunks_of(5)  # one chunk, or eight with a short last one
+    # the same up to the matmul's blocking, which depends on the rows it is given
+    torch.testing.assert_close(pieces[0], whole[0], rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(pieces[1], whole[1], rtol=1e-5, atol=1e-6)
