@@ -172,6 +172,58 @@ def test_a_padding_free_batch_equals_the_padded_one(tiny_model_dir):
         torch.testing.assert_close(grad, reference_grads[name], atol=1e-6, rtol=1e-4)
 
 
+def prefixed(lengths: list[int], prefix: int) -> list[TokenizedSample]:
+    """Samples that begin with the same `prefix` untrained tokens, then their own (trained after 2 more)."""
+    shared = torch.randint(3, 390, (prefix,), generator=torch.Generator().manual_seed(1)).tolist()
+    out = []
+    for sample in samples(lengths):
+        ids = shared + sample.input_ids
+        out.append(TokenizedSample(ids, [IGNORE_INDEX] * (prefix + 2) + ids[prefix + 2:], "t"))
+    return out
+
+
+@pytest.mark.parametrize("autocast", [False, True])
+def test_a_shared_prefix_batch_equals_the_padding_free_one(tiny_model_dir, autocast):
+    """The prefix held once, every sample attending to that copy: the loss and every gradient of the batch that
+    holds each sample whole (keys' and values' gradients summed over the samples that read the prefix)."""
+    from transformers import AutoModelForCausalLM
+
+    from tunelab.data.batching import collate_shared_prefix
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, attn_implementation="sdpa").train()
+    group = prefixed([9, 4, 13, 6], prefix=11)
+    whole = collate([group], pad_token_id=0, packed=True)
+    shared = collate_shared_prefix(group, pad_token_id=0)
+    assert shared["input_ids"].shape == (1, whole["input_ids"].shape[1] - 3 * 11)
+    assert int(shared["shared_tokens"]) == 3 * 11
+    assert int((shared["targets"] != IGNORE_INDEX).sum()) == int((whole["targets"] != IGNORE_INDEX).sum())
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        reference_loss, reference_grads = loss_and_grads(model, whole, MATMUL)
+        loss, grads = loss_and_grads(model, shared, MATMUL)
+    assert loss == pytest.approx(reference_loss, rel=1e-2 if autocast else 1e-6)
+    for name, grad in grads.items():
+        assert grad.abs().sum() > 0, name
+        if autocast:
+            cosine = torch.nn.functional.cosine_similarity(grad.flatten(), reference_grads[name].flatten(), dim=0)
+            assert cosine > 0.999, name
+        else:
+            torch.testing.assert_close(grad, reference_grads[name], atol=1e-6, rtol=1e-4)
+
+
+def test_shared_prefix_stops_before_the_first_trained_position_and_needs_two_samples():
+    from tunelab.data.batching import MIN_SHARED_PREFIX, shared_prefix_length
+
+    group = prefixed([5, 6], prefix=12)
+    assert shared_prefix_length(group) == 12
+    alike = [TokenizedSample(s.input_ids[:12] + [7, 7, 7] + s.input_ids[15:], s.labels, "t") for s in group]
+    assert shared_prefix_length(alike) == 13  # position 13 predicts the first trained token: not shared
+    early = [TokenizedSample(s.input_ids, [IGNORE_INDEX] * 5 + s.input_ids[5:], "t") for s in group]
+    assert shared_prefix_length(early) == 0  # position 4 predicts a trained token: 4 < MIN_SHARED_PREFIX
+    assert shared_prefix_length(group[:1]) == 0
+    short = prefixed([5, 6], prefix=MIN_SHARED_PREFIX - 2)
+    assert shared_prefix_length(short) == 0
+
+
 def test_training_on_the_matmul_path_computes_no_padding(tiny_model_dir, tmp_path):
     data = tmp_path / "qa.jsonl"
     rows = [{"question": f"what is {a} plus {b}{'?' * a}", "answer": f"{a + b}"} for a in range(6) for b in range(6)]
@@ -181,11 +233,17 @@ def test_training_on_the_matmul_path_computes_no_padding(tiny_model_dir, tmp_pat
               "eval.before_after=false", "data.shuffle=true"]
     free = train_run(load_config(None, [*common, "train.attention=matmul", f"output_dir={tmp_path / 'a'}"]))
     padded = train_run(load_config(None, [*common, "train.attention=sdpa", f"output_dir={tmp_path / 'b'}"]))
-    assert free["non_padding_fraction"] == 1.0
+    whole = train_run(load_config(None, [*common, "train.attention=matmul", "train.share_prefix=false",
+                                         f"output_dir={tmp_path / 'c'}"]))
+    assert free["non_padding_fraction"] == whole["non_padding_fraction"] == 1.0
     assert padded["non_padding_fraction"] < 0.95
+    # the chat template and "what is " lead every sample: held once a batch, the same losses
+    assert free["shared_prefix_fraction"] > 0.2 and whole["shared_prefix_fraction"] == 0.0
+    computed = [run["achieved_tflops"] * run["train_seconds"] for run in (free, whole)]  # FLOPs counted
+    assert computed[0] < 0.9 * computed[1]  # MFU counts what was computed, not the samples' tokens
     losses = [[json.loads(line)["loss"] for line in (tmp_path / run / "metrics.jsonl").read_text().splitlines()
-               if '"loss"' in line] for run in ("a", "b")]
-    assert len(losses[0]) == 3 and losses[0] == pytest.approx(losses[1], rel=1e-5)
+               if '"loss"' in line] for run in ("a", "b", "c")]
+    assert len(losses[0]) == 3 and losses[0] == pytest.approx(losses[1], rel=1e-5) == losses[2]
 
 
 def test_varlen_boundaries_are_where_samples_start_over_all_rows():

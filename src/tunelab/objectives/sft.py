@@ -7,7 +7,7 @@ from collections.abc import Sequence
 
 import torch
 
-from tunelab.data.batching import collate
+from tunelab.data.batching import collate, collate_shared_prefix
 from tunelab.data.template import IGNORE_INDEX, TokenizedSample
 from tunelab.models.logprobs import trained_token_logprobs
 
@@ -31,11 +31,17 @@ class SftObjective:
 
     def __init__(self, packing: bool) -> None:
         self.packing = packing
+        self.share_prefix = False
+        """Padding-free batches hold their samples' shared prefix once (collate_shared_prefix): set by the run
+        where attention reads that layout (the matmul path)."""
 
     def collate(self, rows: Sequence[Sequence[TokenizedSample]], pad_token_id: int,
                 padding_free: bool) -> dict[str, torch.Tensor]:
         if padding_free:
-            return collate([[sample for row in rows for sample in row]], pad_token_id, packed=True)
+            samples = [sample for row in rows for sample in row]
+            if self.share_prefix:
+                return collate_shared_prefix(samples, pad_token_id)
+            return collate([samples], pad_token_id, packed=True)
         return collate([list(row) for row in rows], pad_token_id, self.packing)
 
     def count(self, batch: dict[str, torch.Tensor]) -> int:

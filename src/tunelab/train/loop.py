@@ -164,6 +164,8 @@ def fit(ctx: LoopContext, state: TrainerState) -> TrainerState:
         state.train_seconds += elapsed
         state.extra["computed_tokens"] = state.extra.get("computed_tokens", 0) + totals.computed_tokens
         state.extra["real_tokens"] = state.extra.get("real_tokens", 0) + totals.real_tokens
+        if totals.shared_tokens:
+            state.extra["shared_tokens"] = state.extra.get("shared_tokens", 0) + totals.shared_tokens
         ctx.rng_at_last_step = rng_snapshot()
         ctx.updating = False
         record = {
@@ -223,6 +225,8 @@ class StepTotals:
     trained_tokens: int
     computed_tokens: int
     real_tokens: int
+    shared_tokens: int = 0
+    """Samples' tokens not computed: a shared prefix held once (data/batching.py's collate_shared_prefix)."""
 
 
 def _forward_backward(ctx: LoopContext, module: torch.nn.Module, step_rows: list[list],
@@ -238,8 +242,9 @@ def _forward_backward(ctx: LoopContext, module: torch.nn.Module, step_rows: list
         sum(weight * int((batch["targets"] != IGNORE_INDEX).sum()) for batch, weight in zip(tensors, weights,
                                                                                             strict=True)),
         sum(weight * batch["input_ids"].numel() for batch, weight in zip(tensors, weights, strict=True)),
+        sum(weight * int(batch.get("shared_tokens", 0)) for batch, weight in zip(tensors, weights, strict=True)),
     ]
-    count, real_tokens, trained_tokens, computed_tokens = ctx.ranks.sum(local)
+    count, real_tokens, trained_tokens, computed_tokens, shared_tokens = ctx.ranks.sum(local)
     count = max(1.0, count)
     loss_total = 0.0
     for index, (batch, weight) in enumerate(zip(tensors, weights, strict=True)):
@@ -251,7 +256,8 @@ def _forward_backward(ctx: LoopContext, module: torch.nn.Module, step_rows: list
             loss_total += float(loss_sum.detach())
             metrics_of_step.add(metrics)
     (loss_total,) = ctx.ranks.sum([loss_total])
-    return StepTotals(loss_total, count, int(trained_tokens), int(computed_tokens), int(real_tokens))
+    return StepTotals(loss_total, count, int(trained_tokens), int(computed_tokens), int(real_tokens),
+                      int(shared_tokens))
 
 
 def _merged(ctx: LoopContext, totals: MetricTotals) -> MetricTotals:

@@ -52,7 +52,8 @@ def utilisation(model, config, state, precision, device) -> dict:
     if not state.train_seconds:
         return {}
     base_trains = not has_frozen_base(config.method.name)
-    flops = training_flops(model, input_tokens=state.extra.get("real_tokens", 0), trained_tokens=state.tokens_seen,
+    computed = state.extra.get("real_tokens", 0) - state.extra.get("shared_tokens", 0)  # a shared prefix counts once
+    flops = training_flops(model, input_tokens=computed, trained_tokens=state.tokens_seen,
                            base_trains=base_trains)
     achieved = flops / state.train_seconds
     peak = matmul_peak_flops(device.type, precision)
@@ -70,6 +71,8 @@ def write_summary(run_dir, model, config, data, state, baseline, after, trainabl
     records = MetricsLog(run_dir / "metrics.jsonl").read()
     train_losses = [r["loss"] for r in records if r.get("loss") is not None]  # skipped steps log None
     computed = state.extra.get("computed_tokens", 0)
+    real, shared = state.extra.get("real_tokens", 0), state.extra.get("shared_tokens", 0)
+    real_computed = real - shared  # non-padding positions the model ran
     summary = {
         "status": status,
         "model": config.model,
@@ -85,7 +88,9 @@ def write_summary(run_dir, model, config, data, state, baseline, after, trainabl
         ),
         # trained tokens / computed positions, and non-padding tokens / computed positions
         "padding_efficiency": round(state.tokens_seen / computed, 4) if computed else None,
-        "non_padding_fraction": round(state.extra.get("real_tokens", 0) / computed, 4) if computed else None,
+        "non_padding_fraction": round(real_computed / computed, 4) if computed else None,
+        # samples' tokens not computed because their batch held a shared prefix once (train.share_prefix)
+        "shared_prefix_fraction": round(shared / real, 4) if real else 0.0,
         "peak_memory_mb": round(peak_memory_mb(device), 1),
         "peak_memory_estimate_mb": round(memory.peak_mb, 1),
         "memory_estimate": memory.as_dict(),
