@@ -64,6 +64,9 @@ def batching(spec: dict, summary: dict) -> str:
     if spec.get("objective") == "grpo":
         return ("each prompt run once for its group (its KV cache shared by the completions, in the update too), "
                 "completions sampled from a merged bf16 copy")
+    if summary.get("shared_prefix_fraction"):
+        return (f"padding-free, each batch one row holding its samples' shared prefix once "
+                f"({100 * summary['shared_prefix_fraction']:.0f}% of their tokens), attention within each sample")
     if summary.get("non_padding_fraction") == 1.0:
         return ("padding-free: each batch one row of its samples (packed rows first, when packing), attention "
                 "within each sample")
@@ -102,6 +105,17 @@ def main() -> None:
         return batch
 
     sft.collate = pairs.collate = counting_collate
+    shared_collate = sft.collate_shared_prefix
+
+    def counting_shared_collate(samples, pad_token_id):  # nonpad: the samples' tokens, the prefix in each
+        batch = shared_collate(samples, pad_token_id)
+        if torch.is_grad_enabled():
+            clock.record_batch(trained=int((batch["targets"] != common.IGNORE_INDEX).sum()),
+                               nonpad=sum(len(sample.input_ids) for sample in samples),
+                               computed=batch["input_ids"].numel())
+        return batch
+
+    sft.collate_shared_prefix = counting_shared_collate
     grpo_collate = GrpoObjective.collate
 
     def counting_grpo_collate(self, rows, pad_token_id, padding_free):  # completions, counted as the peer's are

@@ -210,6 +210,19 @@ def test_a_shared_prefix_batch_equals_the_padding_free_one(tiny_model_dir, autoc
             torch.testing.assert_close(grad, reference_grads[name], atol=1e-6, rtol=1e-4)
 
 
+def test_held_out_loss_with_shared_prefixes_equals_the_padded_one(tiny_model_dir):
+    from transformers import AutoModelForCausalLM
+
+    from tunelab.eval.evaluate import evaluate_loss
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, attn_implementation="sdpa").train()
+    group = prefixed([9, 4, 13, 6, 7], prefix=11) + samples([5, 8])  # two batches of 4; the second shares nothing
+    padded = evaluate_loss(model, group, pad_token_id=0, precision="fp32", batch_size=4)
+    shared = evaluate_loss(model, group, pad_token_id=0, precision="fp32", batch_size=4, share_prefix=True)
+    assert shared["eval_loss"] == pytest.approx(padded["eval_loss"], rel=1e-6)
+    assert model.training and model.config._attn_implementation == "sdpa"  # as it was
+
+
 def test_shared_prefix_stops_before_the_first_trained_position_and_needs_two_samples():
     from tunelab.data.batching import MIN_SHARED_PREFIX, shared_prefix_length
 

@@ -152,6 +152,35 @@ def test_sequence_logprobs_do_not_depend_on_the_batch_layout(tiny_tokenizer):
         torch.testing.assert_close(padded, other, rtol=1e-5, atol=1e-4)
 
 
+def test_dpo_with_each_pairs_prompt_held_once_has_the_same_loss_and_gradients(tiny_tokenizer):
+    """The rejected reply attends to the chosen one's copy of their prompt (matmul attention's slots): the loss,
+    its metrics and every gradient of the batch holding both sequences whole."""
+    from tunelab.models.attention import MATMUL, attention_implementation
+
+    model = lora_model(tiny_tokenizer)
+    perturb_trainable(model)
+    objective = build_objective(DpoObjective(name="dpo"), "lora", packing=False)
+    rows = [[p] for p in tokenized_pairs(tiny_tokenizer)]
+    results = []
+    for share in (False, True):
+        objective.share_prefix = share
+        batch = objective.collate(rows, tiny_tokenizer.pad_token_id, True)
+        model.zero_grad()
+        with attention_implementation(model, MATMUL):
+            loss, metrics = objective.loss_sum(model, batch)
+        loss.backward()
+        grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+        results.append((batch, float(loss.detach()), metrics, grads))
+    (whole, loss, metrics, grads), (shared, shared_loss, shared_metrics, shared_grads) = results
+    assert int(shared["shared_tokens"]) >= 8 * len(rows)  # every pair's prompt held once
+    assert shared["input_ids"].shape[1] == whole["input_ids"].shape[1] - int(shared["shared_tokens"])
+    assert shared_loss == pytest.approx(loss, rel=1e-6) and abs(loss - 3 * math.log(2)) > 1e-3
+    assert shared_metrics["rewards/margins"][0] == pytest.approx(metrics["rewards/margins"][0], rel=1e-5)
+    for name, grad in grads.items():
+        assert grad.abs().sum() > 0, name
+        torch.testing.assert_close(shared_grads[name], grad, atol=1e-6, rtol=1e-4)
+
+
 def test_dpo_starts_at_ln2_with_zero_rewards(tiny_tokenizer):
     model = lora_model(tiny_tokenizer)
     objective = build_objective(DpoObjective(name="dpo"), "lora", packing=False)

@@ -42,6 +42,9 @@ class RunEvaluator:
     generation: GenerationOptions
     loss: Callable[[], dict[str, float]] | None = None
     """The held-out loss of a non-SFT objective and its metrics; None: token-level loss and perplexity."""
+    share_prefix: bool = False
+    """Held-out loss batches hold their samples' shared prefix once, on the matmul attention path (set by the run
+    when its training batches do: evaluate_loss)."""
     labels: list[str] | None = field(init=False, default=None)
     """label_accuracy's label set, resolved once over all held-out references so every evaluation uses it."""
 
@@ -63,7 +66,8 @@ class RunEvaluator:
             result = self.loss()
         else:
             result = evaluate_loss(self.model, self.data.eval, pad_token_id=self.renderer.tokenizer.pad_token_id,
-                                   precision=self.precision, batch_size=self.config.train.batch_size)
+                                   precision=self.precision, batch_size=self.config.train.batch_size,
+                                   share_prefix=self.share_prefix)
         if result and self.subset:
             metrics, _ = self.task(self.subset)
             result.update({f"eval_{key}": value for key, value in metrics.items()})

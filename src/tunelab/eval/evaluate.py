@@ -9,21 +9,27 @@ from dataclasses import dataclass
 
 import torch
 
-from tunelab.data.batching import collate
+from tunelab.data.batching import collate, collate_shared_prefix
 from tunelab.data.formats import Sample
 from tunelab.data.template import ChatRenderer, TokenizedSample
 from tunelab.eval.labels import LabelEvaluation, LabelScore, evaluate_labels, resolve_labels
 from tunelab.eval.metrics import LABEL_METRICS, compute_metrics
 from tunelab.infer.generate import GenerationOptions, generate_replies
+from tunelab.models.attention import MATMUL, attention_implementation
 from tunelab.objectives.sft import sft_loss_sum
 from tunelab.train.precision import autocast
 
 
 @torch.no_grad()
 def evaluate_loss(
-    model, samples: list[TokenizedSample], *, pad_token_id: int, precision: str, batch_size: int = 8
+    model, samples: list[TokenizedSample], *, pad_token_id: int, precision: str, batch_size: int = 8,
+    share_prefix: bool = False,
 ) -> dict[str, float]:
-    """Token-weighted eval loss and perplexity, overall and per source dataset (`eval_loss/<name>`)."""
+    """Token-weighted eval loss and perplexity, overall and per source dataset (`eval_loss/<name>`).
+
+    `share_prefix` (a run on the matmul attention path, train.share_prefix): each batch is one padding-free row
+    holding its samples' shared prefix once, as training's are, under that attention; the same loss from ~a third
+    fewer tokens on the main job. Otherwise padded rows under the model's own attention."""
     if not samples:
         return {}
     was_training = model.training
@@ -32,15 +38,18 @@ def evaluate_loss(
     sums: dict[str, float] = defaultdict(float)
     counts: dict[str, int] = defaultdict(int)
     ordered = sorted(samples, key=lambda s: len(s.input_ids))  # similar lengths together: less padding
-    for start in range(0, len(ordered), batch_size):
-        chunk = ordered[start : start + batch_size]
-        for source in {s.source for s in chunk}:
-            rows = [[s] for s in chunk if s.source == source]
-            batch = {k: v.to(device) for k, v in collate(rows, pad_token_id, packed=False).items()}
-            with autocast(precision, device):
-                loss_sum, tokens = sft_loss_sum(model, batch)
-            sums[source] += float(loss_sum)
-            counts[source] += tokens
+    with attention_implementation(model, MATMUL if share_prefix else None):
+        for start in range(0, len(ordered), batch_size):
+            chunk = ordered[start : start + batch_size]
+            for source in {s.source for s in chunk}:
+                rows = [s for s in chunk if s.source == source]
+                tensors = (collate_shared_prefix(rows, pad_token_id) if share_prefix
+                           else collate([[s] for s in rows], pad_token_id, packed=False))
+                batch = {k: v.to(device) for k, v in tensors.items()}
+                with autocast(precision, device):
+                    loss_sum, tokens = sft_loss_sum(model, batch)
+                sums[source] += float(loss_sum)
+                counts[source] += tokens
     model.train(was_training)
     total_tokens = sum(counts.values())
     loss = sum(sums.values()) / max(1, total_tokens)

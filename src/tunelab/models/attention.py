@@ -80,73 +80,77 @@ class Segments:
     """Where each sample of a padding-free (or packed) batch lies, for attention one sample at a time.
 
     Samples are laid out as slots [count, length] (padded to the longest sample), so attention costs what it
-    costs on a padded batch while every other layer runs on real tokens only. In a shared-prefix batch
-    (data/batching.py's collate_shared_prefix) the first `shared` tokens of the row are the prefix every sample
-    after the first continues: each slot holds the prefix's keys and values followed by its own tokens."""
+    costs on a padded batch while every other layer runs on real tokens only. A sample may continue another's
+    leading tokens instead of holding them (a shared prefix: data/batching.py's collate_shared_prefix, pairs'
+    prompts): its slot then starts with that sample's keys and values, followed by its own tokens."""
 
     gather: torch.Tensor
     """[count * length] flat token index of each slot (pad slots read token 0, masked out as keys)."""
     scatter: torch.Tensor
-    """[rows * width] the slot each token's output is read from (a prefix token's: the first sample's)."""
+    """[rows * width] the slot each token's output is read from (a shared token's: the sample that holds it)."""
     real: torch.Tensor
-    """[count * length] float32 1.0 where a slot holds the token whose output it gives, 0.0 for pad slots and a
-    later sample's copies of the prefix (their gradient is dropped)."""
+    """[count * length] float32 1.0 where a slot holds the token whose output it gives, 0.0 for pad slots and
+    copies of shared tokens (their gradient is dropped)."""
     mask: torch.Tensor
     """[count, 1, length, length] additive float32 mask: causal within a sample, pad slots never keys."""
     count: int
     length: int
-    shared: int = 0
-    """Leading tokens of the row that every sample after the first also attends to (0: none)."""
+    copy_slots: torch.Tensor | None = None
+    """[copies] slots holding a copy of another sample's token (None: no sharing), and"""
+    copied_tokens: torch.Tensor | None = None
+    """[copies] that token: keys' and values' gradients in those slots are summed into it."""
 
 
 def segments_from_positions(position_ids: torch.Tensor) -> Segments:
     """A sample starts wherever position ids do not count on from the previous token (collate's packed layout,
-    padding included as its own sample). Samples start at position 0, except in a shared-prefix row, where every
-    sample after the first starts at position `shared` and continues the row's first `shared` tokens."""
+    padding included as its own sample). A sample starting at position 0 holds all its tokens; one starting at
+    p > 0 continues the first p tokens of the latest sample before it that started at 0."""
     flat = position_ids.reshape(-1)
     follows = torch.zeros_like(flat, dtype=torch.bool)
     follows[1:] = flat[1:] == flat[:-1] + 1
     starts = (~follows).nonzero().squeeze(1)
-    offsets_of = flat[starts]  # [count]: 0, or the shared prefix's length
-    shared = int(offsets_of.max())
-    if shared and (int(offsets_of[0]) != 0 or bool((offsets_of[1:] != shared).any())):
-        raise ValueError("a shared-prefix row starts at position 0 and every later sample at the prefix's length")
+    offsets = flat[starts]  # [count]: 0, or how many leading tokens the sample shares
     lengths = torch.diff(starts, append=starts.new_tensor([flat.numel()]))
-    count, length = int(starts.numel()), int((lengths + offsets_of).max())
+    count, length = int(starts.numel()), int((lengths + offsets).max())
+    index = torch.arange(count, device=flat.device)
+    holder = torch.cummax(torch.where(offsets == 0, index, 0), dim=0).values  # whose tokens a sample continues
+    if bool((offsets > lengths[holder]).any()) or int(offsets[0]) != 0:
+        raise ValueError("a sample continues more leading tokens than the sample it shares them with holds")
     slot = torch.arange(length, device=flat.device)[None, :]  # [1, length]
-    own = slot >= offsets_of[:, None]  # [count, length]: the sample's own tokens (and its padding), not the prefix
-    valid = slot < (offsets_of + lengths)[:, None]
-    gather = torch.where(own, starts[:, None] + slot - offsets_of[:, None], slot)
+    own = slot >= offsets[:, None]  # [count, length]: the sample's own tokens (and its padding)
+    valid = slot < (offsets + lengths)[:, None]
+    gather = torch.where(own, starts[:, None] + slot - offsets[:, None], starts[holder][:, None] + slot)
     gather = torch.where(valid, gather, 0).reshape(-1)
     owner = (own & valid).reshape(-1)
-    scatter = (torch.arange(count, device=flat.device)[:, None] * length + slot).reshape(-1)[owner]
+    scatter = (index[:, None] * length + slot).reshape(-1)[owner]
     allowed = torch.ones(length, length, dtype=torch.bool, device=flat.device).tril()[None] & valid[:, None, :]
     mask = torch.zeros(allowed.shape, dtype=torch.float32, device=flat.device)
     mask.masked_fill_(~allowed, torch.finfo(torch.float32).min)
-    return Segments(gather, scatter, owner.float(), mask[:, None], count, length, shared)
+    copies = (~own).reshape(-1).nonzero().squeeze(1) if bool(offsets.any()) else None
+    return Segments(gather, scatter, owner.float(), mask[:, None], count, length, copies,
+                    None if copies is None else gather[copies])
 
 
 class _Rearrange(torch.autograd.Function):
     """`source.index_select(0, index)` whose gradient is gathered back by `inverse` (times `keep`, when given)
     instead of index_select's own backward, an index_add into zeros: compiled by inductor on CPU that is a loop of
     atomic adds, 63 ms of a 2.2 s LoRA step on the default model (AMD EPYC, 2 cores). Exact where every row of the
-    result that `inverse` does not read has a zero gradient, as in attention's slots (see _to_slots); or, with
-    `shared` (keys and values of a shared-prefix row), where the rows it does not read are the prefix's copies in
-    slots 1.. of `count`, whose gradients are summed into the prefix."""
+    result that `inverse` does not read has a zero gradient, as in attention's slots (see _to_slots), except the
+    rows `copy_slots` names, whose gradients are added to the `copied_tokens` they copy (keys and values of a
+    shared prefix), in float32."""
 
     @staticmethod
-    def forward(ctx, source, index, inverse, keep, shared=0, count=1):
-        ctx.save_for_backward(inverse, keep)
-        ctx.shared, ctx.count = shared, count
+    def forward(ctx, source, index, inverse, keep, copy_slots=None, copied_tokens=None):
+        ctx.save_for_backward(inverse, keep, copy_slots, copied_tokens)
         return source.index_select(0, index)
 
     @staticmethod
     def backward(ctx, grad):
-        inverse, keep = ctx.saved_tensors
+        inverse, keep, copy_slots, copied_tokens = ctx.saved_tensors
         result = grad.index_select(0, inverse)
-        if ctx.shared:
-            slots = grad.view(ctx.count, -1, *grad.shape[1:])[:, :ctx.shared]  # the prefix in every slot
-            result[:ctx.shared] = slots.sum(0, dtype=torch.float32).to(result.dtype)  # rounded once, like a matmul
+        if copy_slots is not None:  # summed in float32 and rounded once, as a matmul over the copies would
+            result = result.float().index_add_(0, copied_tokens, grad.index_select(0, copy_slots).float())
+            result = result.to(grad.dtype)
         if keep is not None:
             result = result * keep.to(result.dtype).view(-1, *[1] * (result.dim() - 1))
         return result, None, None, None, None, None
@@ -155,17 +159,17 @@ class _Rearrange(torch.autograd.Function):
 def _to_slots(states: torch.Tensor, segments: Segments, shared: bool = False) -> torch.Tensor:
     """[rows, heads, width, dim] -> [count, heads, length, dim]. Pad slots copy token 0; their gradient is zero
     (as keys they are masked out, as queries their outputs are never read: _from_slots), so the backward gathers
-    each token's gradient from its one slot. `shared` (keys, values): a shared prefix's copies in later slots
-    carry gradient too, summed into the prefix's tokens; a query's copies do not (their outputs are not read)."""
+    each token's gradient from its one slot. `shared` (keys, values): copies of a shared prefix carry gradient
+    too, summed into the prefix's tokens; a query's copies do not (their outputs are not read)."""
     rows, heads, width, dim = states.shape
     flat = states.transpose(1, 2).reshape(rows * width, heads, dim)
-    slots = _Rearrange.apply(flat, segments.gather, segments.scatter, None, segments.shared if shared else 0,
-                             segments.count)
+    copies = (segments.copy_slots, segments.copied_tokens) if shared else (None, None)
+    slots = _Rearrange.apply(flat, segments.gather, segments.scatter, None, *copies)
     return slots.view(segments.count, segments.length, heads, dim).transpose(1, 2)
 
 
 def _from_slots(output: torch.Tensor, segments: Segments, rows: int, width: int) -> torch.Tensor:
-    """[count, heads, length, dim] -> [rows, width, heads, dim]; pad slots and the prefix's copies get a zero
+    """[count, heads, length, dim] -> [rows, width, heads, dim]; pad slots and shared tokens' copies get a zero
     gradient."""
     count, heads, length, dim = output.shape
     flat = output.transpose(1, 2).reshape(count * length, heads, dim)

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import torch
 
-from tunelab.data.batching import collate
+from tunelab.data.batching import collate, shared_prefix_length, shifted_targets
 from tunelab.data.template import TokenizedSample
 from tunelab.models.logprobs import sequence_logprobs
 from tunelab.objectives.metrics import Metrics, mean_metrics
@@ -36,6 +36,35 @@ def collate_sequences(sequences: Sequence[TokenizedSample], pad_token_id: int, p
         rows = batch["input_ids"].shape[0]
         batch["sequence_ids"] = torch.where(batch["attention_mask"].bool(), torch.arange(rows)[:, None], -1)
     batch["sequence_count"] = torch.tensor(len(sequences))
+    if reference is not None:
+        batch["reference_logps"] = torch.tensor(reference, dtype=torch.float32)
+    return batch
+
+
+def collate_shared_prompts(chosen: Sequence[TokenizedSample], rejected: Sequence[TokenizedSample],
+                           reference: Sequence[float] | None = None) -> dict[str, torch.Tensor]:
+    """collate_sequences' padding-free row of every chosen reply, then every rejected one (sequence ids in that
+    order), laid out pair by pair with each pair's shared prompt held once: the chosen sequence whole, then the
+    rejected one without the leading tokens both share and neither trains on, its position ids continuing from
+    them (models/attention.py's Segments: it attends to the chosen sequence's copy). `shared_tokens` counts the
+    tokens not computed."""
+    count = len(chosen)
+    ids: list[int] = []
+    targets: list[int] = []
+    positions: list[int] = []
+    owners: list[int] = []
+    shared_total = 0
+    for index, pair in enumerate(zip(chosen, rejected, strict=True)):
+        shared = shared_prefix_length(pair)
+        shared_total += shared
+        for sequence, owner, start in ((pair[0], index, 0), (pair[1], count + index, shared)):
+            ids.extend(sequence.input_ids[start:])
+            targets.extend(shifted_targets(sequence.labels)[start:])
+            positions.extend(range(start, len(sequence.input_ids)))
+            owners.extend([owner] * (len(sequence.input_ids) - start))
+    batch = {"input_ids": torch.tensor([ids]), "targets": torch.tensor([targets]),
+             "position_ids": torch.tensor([positions]), "sequence_ids": torch.tensor([owners]),
+             "sequence_count": torch.tensor(2 * count), "shared_tokens": torch.tensor(shared_total)}
     if reference is not None:
         batch["reference_logps"] = torch.tensor(reference, dtype=torch.float32)
     return batch
@@ -114,6 +143,9 @@ class PairObjective:
         self.name = name
         self.losses = losses
         self.reference = reference
+        self.share_prefix = False
+        """Padding-free batches hold each pair's shared prompt once (collate_shared_prompts): set by the run where
+        attention reads that layout (the matmul path)."""
 
     def sequences(self, pair) -> tuple[TokenizedSample, TokenizedSample]:
         return pair.chosen, pair.rejected
@@ -124,6 +156,8 @@ class PairObjective:
         reference = None
         if self.reference is not None and self.reference.precomputed and pairs[0].reference_logps is not None:
             reference = [p.reference_logps[0] for p in pairs] + [p.reference_logps[1] for p in pairs]
+        if padding_free and self.share_prefix:
+            return collate_shared_prompts(sequences[:len(pairs)], sequences[len(pairs):], reference)
         return collate_sequences(sequences, pad_token_id, padding_free, reference)
 
     def count(self, batch: dict[str, torch.Tensor]) -> int:

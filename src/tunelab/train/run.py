@@ -195,6 +195,7 @@ def _train(config: RunConfig, log: RunLog, ranks: Ranks, device: torch.device, *
     ctx.padding_free = attention in (MATMUL, VARLEN) and not uses_virtual_tokens(model)  # prompt tuning needs rows
     if hasattr(objective, "share_prefix"):  # only the matmul path's attention reads the shared layout
         objective.share_prefix = ctx.padding_free and attention == MATMUL and config.train.share_prefix
+        evaluate.share_prefix = objective.share_prefix
     with attention_implementation(model, attention):
         memory = _estimate_memory(ctx, data, tokenizer)  # before sharding: it runs the model as it is
     kernels = training_kernels(config.train.kernels, device=device, precision=precision, model=model,
