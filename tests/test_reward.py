@@ -16,7 +16,8 @@ from tunelab.config import load_config
 from tunelab.data.pairs import PreferencePair
 from tunelab.data.preference import tokenize_pair
 from tunelab.data.template import ChatRenderer
-from tunelab.objectives.pairs import collate_sequences
+from tunelab.models.attention import MATMUL, attention_implementation
+from tunelab.objectives.pairs import collate_sequences, collate_shared_prompts
 from tunelab.objectives.reward import reward_losses, sequence_rewards
 from tunelab.train.run import train_run
 
@@ -60,10 +61,14 @@ def test_a_reward_is_read_at_the_last_token_whatever_the_layout(tiny_tokenizer):
     with torch.no_grad():
         padded = sequence_rewards(model, collate_sequences(sequences, pad, False))
         free = sequence_rewards(model, collate_sequences(sequences, pad, True))
+        with attention_implementation(model, MATMUL):  # each rejected reply reads the chosen one's prompt
+            shared_batch = collate_shared_prompts(sequences[:5], sequences[5:])
+            shared = sequence_rewards(model, shared_batch)
         alone = torch.cat([sequence_rewards(model, collate_sequences([s], pad, False)) for s in sequences])
         # transformers' own forward on one unpadded sequence reads its last token too
         theirs = torch.cat([model(input_ids=torch.tensor([s.input_ids])).logits[:, 0] for s in sequences])
-    for other in (free, alone, theirs):
+    assert int(shared_batch["shared_tokens"]) >= 5 * 8
+    for other in (free, alone, theirs, shared):
         torch.testing.assert_close(padded, other, rtol=1e-5, atol=1e-5)
     assert padded.std() > 0  # not a constant: the test would pass vacuously otherwise
 

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 
 from tunelab.models.logprobs import hidden_states
 from tunelab.objectives.metrics import Metrics, mean_metrics
-from tunelab.objectives.pairs import collate_sequences
+from tunelab.objectives.pairs import collate_sequences, collate_shared_prompts
 
 REWARD_METRICS = ("rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies")
 
@@ -64,10 +64,18 @@ class RewardObjective:
     sequences_per_item = 2
     model_head = "reward"
 
+    def __init__(self) -> None:
+        self.share_prefix = False
+        """Padding-free batches hold each pair's shared prompt once (collate_shared_prompts): set by the run where
+        attention reads that layout (the matmul path)."""
+
     def collate(self, rows, pad_token_id: int, padding_free: bool) -> dict[str, torch.Tensor]:
         pairs = [item for row in rows for item in row]
-        batch = collate_sequences([p.chosen for p in pairs] + [p.rejected for p in pairs], pad_token_id,
-                                  padding_free)
+        if padding_free and self.share_prefix:
+            batch = collate_shared_prompts([p.chosen for p in pairs], [p.rejected for p in pairs])
+        else:
+            batch = collate_sequences([p.chosen for p in pairs] + [p.rejected for p in pairs], pad_token_id,
+                                      padding_free)
         if any(p.margin is not None for p in pairs):
             batch["margin"] = torch.tensor([p.margin or 0.0 for p in pairs], dtype=torch.float32)
         return batch
