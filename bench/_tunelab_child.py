@@ -65,7 +65,8 @@ def batching(spec: dict, summary: dict) -> str:
         return ("each prompt run once for its group (its KV cache shared by the completions, in the update too), "
                 "completions sampled from a merged bf16 copy")
     if summary.get("shared_prefix_fraction"):
-        return (f"padding-free, each batch one row holding its samples' shared prefix once "
+        what = "each pair's shared prompt" if spec.get("objective") == "dpo" else "its samples' shared prefix"
+        return (f"padding-free, each batch one row holding {what} once "
                 f"({100 * summary['shared_prefix_fraction']:.0f}% of their tokens), attention within each sample")
     if summary.get("non_padding_fraction") == 1.0:
         return ("padding-free: each batch one row of its samples (packed rows first, when packing), attention "
@@ -116,6 +117,17 @@ def main() -> None:
         return batch
 
     sft.collate_shared_prefix = counting_shared_collate
+    pairs_collate = pairs.collate_shared_prompts
+
+    def counting_pairs_collate(chosen, rejected, reference=None):  # each pair's prompt held once
+        batch = pairs_collate(chosen, rejected, reference)
+        if torch.is_grad_enabled():
+            clock.record_batch(trained=int((batch["targets"] != common.IGNORE_INDEX).sum()),
+                               nonpad=sum(len(s.input_ids) for s in [*chosen, *rejected]),
+                               computed=batch["input_ids"].numel())
+        return batch
+
+    pairs.collate_shared_prompts = counting_pairs_collate
     grpo_collate = GrpoObjective.collate
 
     def counting_grpo_collate(self, rows, pad_token_id, padding_free):  # completions, counted as the peer's are

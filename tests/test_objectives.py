@@ -15,12 +15,13 @@ from tunelab.data.pairs import PreferencePair
 from tunelab.data.preference import TokenizedPair, tokenize_pair
 from tunelab.data.template import ChatRenderer
 from tunelab.methods import METHODS
+from tunelab.models.attention import MATMUL, attention_implementation
 from tunelab.models.logprobs import sequence_logprobs
 from tunelab.objectives import build_objective
 from tunelab.objectives.dpo import dpo_losses
 from tunelab.objectives.kto import kto_losses
 from tunelab.objectives.orpo import orpo_losses
-from tunelab.objectives.pairs import PairLogps, collate_sequences
+from tunelab.objectives.pairs import PairLogps, collate_sequences, collate_shared_prompts, collate_shared_sequences
 from tunelab.objectives.reference import precompute_reference
 from tunelab.objectives.simpo import simpo_losses
 from tunelab.train.run import train_run
@@ -145,18 +146,22 @@ def test_sequence_logprobs_do_not_depend_on_the_batch_layout(tiny_tokenizer):
     with torch.no_grad():
         padded, counts = sequence_logprobs(model, collate_sequences(sequences, pad, padding_free=False))
         free, _ = sequence_logprobs(model, collate_sequences(sequences, pad, padding_free=True))
+        with attention_implementation(model, MATMUL):  # a prompt's tokens held once
+            shared_batch = collate_shared_sequences([sequences[0], sequences[3]])  # the first pair's two replies
+            shared, _ = sequence_logprobs(model, shared_batch)
+            by_pair, _ = sequence_logprobs(model, collate_shared_prompts(sequences[:3], sequences[3:]))
         alone = torch.cat([sequence_logprobs(model, collate_sequences([s], pad, False))[0] for s in sequences])
         reversed_order, _ = sequence_logprobs(model, collate_sequences(sequences[::-1], pad, False))
     assert counts.tolist() == [s.trainable_tokens for s in sequences]
-    for other in (free, alone, reversed_order.flip(0)):
+    assert int(shared_batch["shared_tokens"]) >= 8
+    for other in (free, alone, reversed_order.flip(0), by_pair):
         torch.testing.assert_close(padded, other, rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(padded[[0, 3]], shared, rtol=1e-5, atol=1e-4)
 
 
 def test_dpo_with_each_pairs_prompt_held_once_has_the_same_loss_and_gradients(tiny_tokenizer):
     """The rejected reply attends to the chosen one's copy of their prompt (matmul attention's slots): the loss,
     its metrics and every gradient of the batch holding both sequences whole."""
-    from tunelab.models.attention import MATMUL, attention_implementation
-
     model = lora_model(tiny_tokenizer)
     perturb_trainable(model)
     objective = build_objective(DpoObjective(name="dpo"), "lora", packing=False)

@@ -215,18 +215,34 @@ def shared_prefix_length(samples: Sequence[TokenizedSample]) -> int:
 
 
 def collate_shared_prefix(samples: Sequence[TokenizedSample], pad_token_id: int) -> dict[str, torch.Tensor]:
-    """One padding-free row of `samples` holding their shared prefix once: the first sample whole, then every
-    other sample without the prefix, its position ids continuing from the prefix's length (which is how
-    attention (models/attention.py's Segments) knows each attends to the row's first tokens). `shared_tokens`
-    counts the tokens not computed. Without a shared prefix: collate's padding-free row."""
-    shared = shared_prefix_length(samples)
-    if not shared:
+    """One padding-free row of `samples` holding their shared prefix once (see shared_layout). Without a shared
+    prefix: collate's padding-free row."""
+    if not shared_prefix_length(samples):
         return collate([list(samples)], pad_token_id, packed=True)
-    ids, targets, positions = [], [], []
-    for index, sample in enumerate(samples):
-        start = 0 if index == 0 else shared
-        ids.extend(sample.input_ids[start:])
-        targets.extend(shifted_targets(sample.labels)[start:])
-        positions.extend(range(start, len(sample.input_ids)))
-    return {"input_ids": torch.tensor([ids]), "targets": torch.tensor([targets]),
-            "position_ids": torch.tensor([positions]), "shared_tokens": torch.tensor((len(samples) - 1) * shared)}
+    batch, _ = shared_layout([samples])
+    return batch
+
+
+def shared_layout(groups: Sequence[Sequence[TokenizedSample]]) -> tuple[dict[str, torch.Tensor], list[int]]:
+    """One padding-free row of every group's samples, each group's shared prefix (shared_prefix_length) held
+    once: the group's first sample whole, then every other without the prefix, its position ids continuing from
+    the prefix's length (which is how attention, models/attention.py's Segments, knows it attends to the group's
+    first sample's copy). Returns the batch (input_ids, targets, position_ids, and shared_tokens: the tokens not
+    computed) and how many tokens each sample holds in the row, in order."""
+    ids: list[int] = []
+    targets: list[int] = []
+    positions: list[int] = []
+    held: list[int] = []
+    shared_total = 0
+    for group in groups:
+        shared = shared_prefix_length(group)
+        shared_total += shared * (len(group) - 1)
+        for index, sample in enumerate(group):
+            start = 0 if index == 0 else shared
+            ids.extend(sample.input_ids[start:])
+            targets.extend(shifted_targets(sample.labels)[start:])
+            positions.extend(range(start, len(sample.input_ids)))
+            held.append(len(sample.input_ids) - start)
+    batch = {"input_ids": torch.tensor([ids]), "targets": torch.tensor([targets]),
+             "position_ids": torch.tensor([positions]), "shared_tokens": torch.tensor(shared_total)}
+    return batch, held

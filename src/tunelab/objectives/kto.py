@@ -14,7 +14,7 @@ from tunelab.config import KtoObjective as KtoConfig
 from tunelab.data.preference import TokenizedFeedback
 from tunelab.models.logprobs import sequence_logprobs
 from tunelab.objectives.metrics import Metrics, mean_metrics
-from tunelab.objectives.pairs import Reference, collate_sequences
+from tunelab.objectives.pairs import Reference, collate_sequences, collate_shared_sequences
 
 KL_PREFIX = "kl/"
 KTO_METRICS = ("rewards/chosen", "rewards/rejected", "logps/chosen", "logps/rejected", "kl")
@@ -40,6 +40,9 @@ class KtoObjective:
     def __init__(self, config: KtoConfig, reference: Reference) -> None:
         self.config = config
         self.reference = reference
+        self.share_prefix = False
+        """Padding-free batches hold the leading tokens their replies share once (collate_shared_sequences): set
+        by the run where attention reads that layout (the matmul path)."""
 
     def sequences(self, row: TokenizedFeedback):
         return row.sample, row.mismatched
@@ -47,10 +50,17 @@ class KtoObjective:
     def collate(self, rows, pad_token_id: int, padding_free: bool) -> dict[str, torch.Tensor]:
         items: list[TokenizedFeedback] = [item for row in rows for item in row]
         precomputed = self.reference.precomputed and items[0].reference_logps is not None
-        replies = collate_sequences([i.sample for i in items], pad_token_id, padding_free,
-                                    [i.reference_logps[0] for i in items] if precomputed else None)
-        mismatched = collate_sequences([i.mismatched for i in items], pad_token_id, padding_free,
-                                       [i.reference_logps[1] for i in items] if precomputed else None)
+
+        def sequences(which: int) -> dict[str, torch.Tensor]:  # 0: the replies, 1: their mismatched partners
+            picked = [i.sample if which == 0 else i.mismatched for i in items]
+            reference = [i.reference_logps[which] for i in items] if precomputed else None
+            if padding_free and self.share_prefix:
+                return collate_shared_sequences(picked, reference)
+            return collate_sequences(picked, pad_token_id, padding_free, reference)
+
+        replies, mismatched = sequences(0), sequences(1)
+        if "shared_tokens" in replies:  # what the loop counts as not computed: both passes'
+            replies["shared_tokens"] = replies["shared_tokens"] + mismatched["shared_tokens"]
         replies["desirable"] = torch.tensor([i.label for i in items])
         return {**replies, **{KL_PREFIX + key: value for key, value in mismatched.items()}}
 

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import torch
 
-from tunelab.data.batching import collate, shared_prefix_length, shifted_targets
+from tunelab.data.batching import collate, shared_layout
 from tunelab.data.template import TokenizedSample
 from tunelab.models.logprobs import sequence_logprobs
 from tunelab.objectives.metrics import Metrics, mean_metrics
@@ -44,27 +44,28 @@ def collate_sequences(sequences: Sequence[TokenizedSample], pad_token_id: int, p
 def collate_shared_prompts(chosen: Sequence[TokenizedSample], rejected: Sequence[TokenizedSample],
                            reference: Sequence[float] | None = None) -> dict[str, torch.Tensor]:
     """collate_sequences' padding-free row of every chosen reply, then every rejected one (sequence ids in that
-    order), laid out pair by pair with each pair's shared prompt held once: the chosen sequence whole, then the
-    rejected one without the leading tokens both share and neither trains on, its position ids continuing from
-    them (models/attention.py's Segments: it attends to the chosen sequence's copy). `shared_tokens` counts the
-    tokens not computed."""
+    order), laid out pair by pair with each pair's shared prompt held once: the rejected sequence attends to the
+    chosen one's copy (data/batching.py's shared_layout)."""
     count = len(chosen)
-    ids: list[int] = []
-    targets: list[int] = []
-    positions: list[int] = []
-    owners: list[int] = []
-    shared_total = 0
-    for index, pair in enumerate(zip(chosen, rejected, strict=True)):
-        shared = shared_prefix_length(pair)
-        shared_total += shared
-        for sequence, owner, start in ((pair[0], index, 0), (pair[1], count + index, shared)):
-            ids.extend(sequence.input_ids[start:])
-            targets.extend(shifted_targets(sequence.labels)[start:])
-            positions.extend(range(start, len(sequence.input_ids)))
-            owners.extend([owner] * (len(sequence.input_ids) - start))
-    batch = {"input_ids": torch.tensor([ids]), "targets": torch.tensor([targets]),
-             "position_ids": torch.tensor([positions]), "sequence_ids": torch.tensor([owners]),
-             "sequence_count": torch.tensor(2 * count), "shared_tokens": torch.tensor(shared_total)}
+    batch, held = shared_layout([pair for pair in zip(chosen, rejected, strict=True)])
+    owners = torch.arange(2 * count).view(2, count).t().reshape(-1)  # pair by pair: chosen i, rejected i
+    return _with_sequences(batch, owners, torch.tensor(held), reference)
+
+
+def collate_shared_sequences(sequences: Sequence[TokenizedSample],
+                             reference: Sequence[float] | None = None) -> dict[str, torch.Tensor]:
+    """collate_sequences' padding-free row with the leading tokens every sequence shares held once (the first
+    sequence's copy)."""
+    batch, held = shared_layout([sequences])
+    return _with_sequences(batch, torch.arange(len(sequences)), torch.tensor(held), reference)
+
+
+def _with_sequences(batch: dict[str, torch.Tensor], owners: torch.Tensor, held: torch.Tensor,
+                    reference: Sequence[float] | None) -> dict[str, torch.Tensor]:
+    """`batch` with sequence_ids (sequence `owners[i]` holds the next `held[i]` tokens), sequence_count and
+    reference_logps."""
+    batch["sequence_ids"] = torch.repeat_interleave(owners, held)[None, :]
+    batch["sequence_count"] = torch.tensor(len(owners))
     if reference is not None:
         batch["reference_logps"] = torch.tensor(reference, dtype=torch.float32)
     return batch
