@@ -186,6 +186,24 @@ def test_dpo_with_each_pairs_prompt_held_once_has_the_same_loss_and_gradients(ti
         torch.testing.assert_close(shared_grads[name], grad, atol=1e-6, rtol=1e-4)
 
 
+def test_held_out_dpo_evaluation_with_shared_prompts_equals_the_padded_one(tiny_tokenizer):
+    from tunelab.eval.preference import evaluate_objective
+
+    model = lora_model(tiny_tokenizer)
+    perturb_trainable(model)
+    objective = build_objective(DpoObjective(name="dpo"), "lora", packing=False)
+    rows = tokenized_pairs(tiny_tokenizer)
+    results = []
+    for share in (False, True):
+        objective.share_prefix = share
+        results.append(evaluate_objective(model, objective, rows, pad_token_id=tiny_tokenizer.pad_token_id,
+                                          precision="fp32", batch_size=2))
+    padded, shared = results
+    assert abs(padded["eval_loss"] - math.log(2)) > 1e-3
+    assert shared == pytest.approx(padded, rel=1e-5, abs=1e-6)
+    assert model.config._attn_implementation != MATMUL  # as it was
+
+
 def test_dpo_starts_at_ln2_with_zero_rewards(tiny_tokenizer):
     model = lora_model(tiny_tokenizer)
     objective = build_objective(DpoObjective(name="dpo"), "lora", packing=False)
@@ -207,6 +225,13 @@ def test_precomputed_and_live_reference_give_the_same_loss(tiny_tokenizer, loss_
     assert not live.reference.precomputed and stored.reference.precomputed
     precompute_reference(model, stored, [items], pad_token_id=tiny_tokenizer.pad_token_id, precision="fp32",
                          batch_size=2)
+    shared_items = tokenized_pairs(tiny_tokenizer)  # precomputed with each pair's prompt held once: the same
+    stored.share_prefix = True
+    precompute_reference(model, stored, [shared_items], pad_token_id=tiny_tokenizer.pad_token_id,
+                         precision="fp32", batch_size=2)
+    stored.share_prefix = False
+    for padded_row, shared_row in zip(items, shared_items, strict=True):
+        assert shared_row.reference_logps == pytest.approx(padded_row.reference_logps, rel=1e-5)
     perturb_trainable(model)  # the policy moves away; both references must still be the starting model
     rows = [[p] for p in items]
     pad = tiny_tokenizer.pad_token_id

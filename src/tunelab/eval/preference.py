@@ -9,6 +9,7 @@ from collections.abc import Sequence
 
 import torch
 
+from tunelab.models.attention import MATMUL, attention_implementation
 from tunelab.models.logprobs import sequence_logprobs
 from tunelab.objectives.metrics import MetricTotals
 from tunelab.objectives.pairs import collate_sequences
@@ -18,7 +19,9 @@ from tunelab.train.precision import autocast
 @torch.no_grad()
 def evaluate_objective(model, objective, rows: Sequence, *, pad_token_id: int, precision: str,
                        batch_size: int = 8) -> dict[str, float]:
-    """eval_loss (the objective's, per pair or row) and eval_<metric> for each metric it logs."""
+    """eval_loss (the objective's, per pair or row) and eval_<metric> for each metric it logs. Batches are laid
+    out as the objective's training batches are when it shares prompts (its share_prefix, set by a run on the
+    matmul attention path: padding-free, each pair's prompt held once, under that attention), else padded."""
     if not rows:
         return {}
     was_training = model.training
@@ -26,14 +29,16 @@ def evaluate_objective(model, objective, rows: Sequence, *, pad_token_id: int, p
     device = next(model.parameters()).device
     loss_total, count = 0.0, 0
     totals = MetricTotals()
-    for start in range(0, len(rows), batch_size):
-        chunk = [[row] for row in rows[start : start + batch_size]]
-        batch = {k: v.to(device) for k, v in objective.collate(chunk, pad_token_id, False).items()}
-        with autocast(precision, device):
-            loss_sum, metrics = objective.loss_sum(model, batch)
-        loss_total += float(loss_sum)
-        count += objective.count(batch)
-        totals.add(metrics)
+    shared = bool(getattr(objective, "share_prefix", False))
+    with attention_implementation(model, MATMUL if shared else None):
+        for start in range(0, len(rows), batch_size):
+            chunk = [[row] for row in rows[start : start + batch_size]]
+            batch = {k: v.to(device) for k, v in objective.collate(chunk, pad_token_id, shared).items()}
+            with autocast(precision, device):
+                loss_sum, metrics = objective.loss_sum(model, batch)
+            loss_total += float(loss_sum)
+            count += objective.count(batch)
+            totals.add(metrics)
     model.train(was_training)
     return {"eval_loss": loss_total / max(1, count), **totals.means("eval_")}
 

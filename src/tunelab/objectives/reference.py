@@ -10,8 +10,9 @@ from functools import partial
 import torch
 
 from tunelab.data.row_table import RowView
+from tunelab.models.attention import MATMUL, attention_implementation
 from tunelab.models.logprobs import sequence_logprobs
-from tunelab.objectives.pairs import collate_sequences
+from tunelab.objectives.pairs import collate_sequences, collate_shared_prompts
 from tunelab.train.precision import autocast
 
 
@@ -24,18 +25,22 @@ def precompute_reference(model, objective, collections: Sequence[Sequence], *, p
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
-    for rows in collections:
-        distinct = _distinct(rows)
-        for start in range(0, len(distinct), batch_size):
-            chunk = distinct[start : start + batch_size]
-            pairs = [objective.sequences(row) for row, _ in chunk]
-            sequences = [first for first, _ in pairs] + [second for _, second in pairs]
-            batch = {k: v.to(device) for k, v in collate_sequences(sequences, pad_token_id, False).items()}
-            with autocast(precision, device):
-                sums, _ = sequence_logprobs(model, batch)
-            values = sums.float().tolist()
-            for index, (_, store) in enumerate(chunk):
-                store((values[index], values[len(chunk) + index]))
+    shared = bool(getattr(objective, "share_prefix", False))  # a run on the matmul path: as training lays it out
+    with attention_implementation(model, MATMUL if shared else None):
+        for rows in collections:
+            distinct = _distinct(rows)
+            for start in range(0, len(distinct), batch_size):
+                chunk = distinct[start : start + batch_size]
+                pairs = [objective.sequences(row) for row, _ in chunk]
+                firsts, seconds = [first for first, _ in pairs], [second for _, second in pairs]
+                tensors = (collate_shared_prompts(firsts, seconds) if shared
+                           else collate_sequences(firsts + seconds, pad_token_id, False))
+                batch = {k: v.to(device) for k, v in tensors.items()}
+                with autocast(precision, device):
+                    sums, _ = sequence_logprobs(model, batch)
+                values = sums.float().tolist()
+                for index, (_, store) in enumerate(chunk):
+                    store((values[index], values[len(chunk) + index]))
     model.train(was_training)
 
 
