@@ -248,6 +248,9 @@ def test_training_on_the_matmul_path_computes_no_padding(tiny_model_dir, tmp_pat
     padded = train_run(load_config(None, [*common, "train.attention=sdpa", f"output_dir={tmp_path / 'b'}"]))
     whole = train_run(load_config(None, [*common, "train.attention=matmul", "train.share_prefix=false",
                                          f"output_dir={tmp_path / 'c'}"]))
+    dropout = train_run(load_config(None, [*common, "train.attention=matmul", "method.dropout=0.1",
+                                           f"output_dir={tmp_path / 'd'}"]))
+    assert dropout["shared_prefix_fraction"] == 0.0  # each sample draws its own dropout masks over the prefix
     assert free["non_padding_fraction"] == whole["non_padding_fraction"] == 1.0
     assert padded["non_padding_fraction"] < 0.95
     # the chat template and "what is " lead every sample: held once a batch, the same losses

@@ -194,7 +194,8 @@ def _train(config: RunConfig, log: RunLog, ranks: Ranks, device: torch.device, *
                                    model, sequences_per_batch)
     ctx.padding_free = attention in (MATMUL, VARLEN) and not uses_virtual_tokens(model)  # prompt tuning needs rows
     if hasattr(objective, "share_prefix"):  # only the matmul path's attention reads the shared layout
-        objective.share_prefix = ctx.padding_free and attention == MATMUL and config.train.share_prefix
+        objective.share_prefix = (ctx.padding_free and attention == MATMUL and config.train.share_prefix
+                                  and not _active_dropout(model))
         evaluate.share_prefix = objective.share_prefix
     with attention_implementation(model, attention):
         memory = _estimate_memory(ctx, data, tokenizer)  # before sharding: it runs the model as it is
@@ -357,6 +358,12 @@ def _objective_loss(objective, model, data, tokenizer, precision: str, config: R
         return lambda: objective.evaluate(model, data.eval)
     return lambda: evaluate_objective(model, objective, data.eval, pad_token_id=tokenizer.pad_token_id,
                                       precision=precision, batch_size=config.train.batch_size)
+
+
+def _active_dropout(model) -> bool:
+    """Whether training draws dropout masks (LoRA's or the model's own): a prefix computed once would then share
+    one mask among the samples that read it, where each sample should draw its own."""
+    return any(isinstance(m, torch.nn.Dropout) and m.p > 0 for m in model.modules())
 
 
 def _estimate_memory(ctx: LoopContext, data: PreparedData | PreparedPairs, tokenizer) -> MemoryEstimate:
