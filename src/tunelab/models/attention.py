@@ -81,8 +81,8 @@ class Segments:
 
     Samples are laid out as slots [count, length] (padded to the longest sample), so attention costs what it
     costs on a padded batch while every other layer runs on real tokens only. A sample may continue another's
-    leading tokens instead of holding them (a shared prefix: data/batching.py's collate_shared_prefix, pairs'
-    prompts): its slot then starts with that sample's keys and values, followed by its own tokens."""
+    leading tokens instead of holding them (a shared prefix, data/batching.py's shared_layout: a template's
+    system prompt, a pair's prompt): its slot then starts with that sample's keys and values, then its own."""
 
     gather: torch.Tensor
     """[count * length] flat token index of each slot (pad slots read token 0, masked out as keys)."""

@@ -226,7 +226,7 @@ class StepTotals:
     computed_tokens: int
     real_tokens: int
     shared_tokens: int = 0
-    """Samples' tokens not computed: a shared prefix held once (data/batching.py's collate_shared_prefix)."""
+    """Samples' tokens not computed: shared prefixes held once (data/batching.py's shared_layout)."""
 
 
 def _forward_backward(ctx: LoopContext, module: torch.nn.Module, step_rows: list[list],

@@ -144,10 +144,12 @@ def print_outcome(console, summary, samples, before, after, show) -> None:
         if base is not None:
             console.print(f"  [red]base:[/]       {base}")
         console.print(f"  [green]fine-tuned:[/] {tuned}")
+    shared = summary.get("shared_prefix_fraction")
+    shared_note = f", {100 * shared:.0f}% of them a shared prefix computed once" if shared else ""
     console.print(
         f"trained {summary['train_tokens']:,} tokens in {summary['train_seconds']:.0f}s "
         f"({summary['tokens_per_second']:.0f} trained tokens/s, "
-        f"{summary['input_tokens_per_second']:.0f} input tokens/s), "
+        f"{summary['input_tokens_per_second']:.0f} input tokens/s{shared_note}), "
         f"peak memory {summary['peak_memory_mb']:.0f} MB, MFU {100 * summary.get('mfu', 0):.3g}% of the measured "
         f"{summary.get('peak_matmul_tflops', 0) * 1000:.0f} GFLOP/s matmul peak"
     )
