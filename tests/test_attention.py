@@ -116,11 +116,13 @@ def test_segments_lay_each_sample_out_in_its_own_slot():
     group = samples([4, 5, 3])
     batch = collate([group[:2], group[2:]], pad_token_id=0, packed=True)  # width 9: second row 3 + 6 padding
     segments = segments_from_positions(batch["position_ids"])
-    assert (segments.count, segments.length) == (4, 6)  # samples of 4, 5 and 3 tokens, and the padding
-    slots = segments.gather.view(4, 6)
+    queries = segments.queries
+    assert torch.equal(segments.keys.gather, queries.gather) and segments.keys.copy_slots is None  # no copies
+    assert (queries.count, queries.length) == (4, 6)  # samples of 4, 5 and 3 tokens, and the padding
+    slots = queries.gather.view(4, 6)
     assert slots[0, :4].tolist() == [0, 1, 2, 3] and slots[1, :5].tolist() == [4, 5, 6, 7, 8]
     assert slots[2, :3].tolist() == [9, 10, 11] and slots[3].tolist() == [12, 13, 14, 15, 16, 17]
-    assert segments.gather[segments.scatter].tolist() == list(range(18))  # every token comes back to itself
+    assert queries.gather[queries.scatter].tolist() == list(range(18))  # every token comes back to itself
     allowed = segments.mask[:, 0] == 0
     assert allowed[0, 2].tolist() == [True, True, True, False, False, False]  # causal, pad slots never keys
     assert allowed[0, 5].tolist() == [True, True, True, True, False, False]
@@ -138,8 +140,8 @@ def test_slot_layout_backward_gathers_what_index_select_would_scatter():
 
     def attend(to_slots, from_slots):
         q, k, v = (x.clone().requires_grad_() for x in states)
-        slots = [to_slots(x, segments) for x in (q, k, v)]
-        out = from_slots(_MatmulAttention.apply(*slots, segments.mask, 0.35), segments, 2, 9)
+        slots = [to_slots(x, segments.queries) for x in (q, k, v)]
+        out = from_slots(_MatmulAttention.apply(*slots, segments.mask, 0.35), segments.queries, 2, 9)
         (out * torch.linspace(-1, 1, out.numel()).view_as(out)).sum().backward()
         return [x.grad for x in (q, k, v)]
 
@@ -182,20 +184,29 @@ def prefixed(lengths: list[int], prefix: int) -> list[TokenizedSample]:
     return out
 
 
-@pytest.mark.parametrize("autocast", [False, True])
-def test_a_shared_prefix_batch_equals_the_padding_free_one(tiny_model_dir, autocast):
+@pytest.mark.parametrize(("lengths", "slots", "autocast"), [
+    ([9, 4, 13, 6], (5, 13, 24), False),  # the holder split: its prefix, then its rest; queries 13 rows a slot
+    ([9, 4, 13, 6], (5, 13, 24), True),
+    ([40, 2, 3], (3, 51, 51), False),  # a long holder, short sharers: not split (4 x 40 query rows, not 3 x 51)
+])
+def test_a_shared_prefix_batch_equals_the_padding_free_one(tiny_model_dir, lengths, slots, autocast):
     """The prefix held once, every sample attending to that copy: the loss and every gradient of the batch that
     holds each sample whole (keys' and values' gradients summed over the samples that read the prefix)."""
     from transformers import AutoModelForCausalLM
 
     from tunelab.data.batching import collate_shared_prefix
+    from tunelab.models.attention import segments_from_positions
 
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, attn_implementation="sdpa").train()
-    group = prefixed([9, 4, 13, 6], prefix=11)
+    group = prefixed(lengths, prefix=11)
     whole = collate([group], pad_token_id=0, packed=True)
     shared = collate_shared_prefix(group, pad_token_id=0)
-    assert shared["input_ids"].shape == (1, whole["input_ids"].shape[1] - 3 * 11)
-    assert int(shared["shared_tokens"]) == 3 * 11
+    copies = len(group) - 1
+    assert shared["input_ids"].shape == (1, whole["input_ids"].shape[1] - copies * 11)
+    assert int(shared["shared_tokens"]) == copies * 11
+    layout = segments_from_positions(shared["position_ids"])  # (segments, query slot, key slot)
+    assert (layout.queries.count, layout.queries.length, layout.keys.length) == slots
+    assert layout.keys.copy_slots.numel() == (slots[0] - 1) * 11  # every segment but the prefix's reads a copy
     assert int((shared["targets"] != IGNORE_INDEX).sum()) == int((whole["targets"] != IGNORE_INDEX).sum())
     with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
         reference_loss, reference_grads = loss_and_grads(model, whole, MATMUL)

@@ -76,29 +76,41 @@ class _MatmulAttention(torch.autograd.Function):
 
 
 @dataclass(frozen=True)
+class Slots:
+    """Tokens laid out as slots [count, length] for attention one segment at a time."""
+
+    gather: torch.Tensor
+    """[count * length] flat token index of each slot (pad slots read token 0)."""
+    scatter: torch.Tensor
+    """[rows * width] the slot that holds each token itself (not a copy)."""
+    real: torch.Tensor
+    """[count * length] float32 1.0 where a slot holds a token itself, 0.0 for pad slots and copies."""
+    count: int
+    length: int
+    copy_slots: torch.Tensor | None = None
+    """[copies] slots holding a copy of another segment's token (keys and values of a shared prefix), and"""
+    copied_tokens: torch.Tensor | None = None
+    """[copies] that token: gradients in those slots are summed into it. None: no copies."""
+
+
+@dataclass(frozen=True)
 class Segments:
     """Where each sample of a padding-free (or packed) batch lies, for attention one sample at a time.
 
     Samples are laid out as slots [count, length] (padded to the longest sample), so attention costs what it
     costs on a padded batch while every other layer runs on real tokens only. A sample may continue another's
     leading tokens instead of holding them (a shared prefix, data/batching.py's shared_layout: a template's
-    system prompt, a pair's prompt): its slot then starts with that sample's keys and values, then its own."""
+    system prompt, a pair's prompt): its query slot holds its own tokens, its key/value slot the prefix's keys
+    and values, then its own. When that is cheaper, the sample holding the prefix is split in two segments, the
+    prefix and the rest, so that no query slot is as long as prefix + reply (the main job: 9 x 86 query rows
+    against 8 x 131)."""
 
-    gather: torch.Tensor
-    """[count * length] flat token index of each slot (pad slots read token 0, masked out as keys)."""
-    scatter: torch.Tensor
-    """[rows * width] the slot each token's output is read from (a shared token's: the sample that holds it)."""
-    real: torch.Tensor
-    """[count * length] float32 1.0 where a slot holds the token whose output it gives, 0.0 for pad slots and
-    copies of shared tokens (their gradient is dropped)."""
+    queries: Slots
+    keys: Slots
+    """Keys' and values' slots [count, key length]: the same segments as the queries', each preceded by the
+    prefix it continues."""
     mask: torch.Tensor
-    """[count, 1, length, length] additive float32 mask: causal within a sample, pad slots never keys."""
-    count: int
-    length: int
-    copy_slots: torch.Tensor | None = None
-    """[copies] slots holding a copy of another sample's token (None: no sharing), and"""
-    copied_tokens: torch.Tensor | None = None
-    """[copies] that token: keys' and values' gradients in those slots are summed into it."""
+    """[count, 1, length, key length] additive float32 mask: causal, pad slots never keys."""
 
 
 def segments_from_positions(position_ids: torch.Tensor) -> Segments:
@@ -109,26 +121,74 @@ def segments_from_positions(position_ids: torch.Tensor) -> Segments:
     follows = torch.zeros_like(flat, dtype=torch.bool)
     follows[1:] = flat[1:] == flat[:-1] + 1
     starts = (~follows).nonzero().squeeze(1)
-    offsets = flat[starts]  # [count]: 0, or how many leading tokens the sample shares
+    offsets = flat[starts]  # [count]: 0, or how many leading tokens the sample continues
     lengths = torch.diff(starts, append=starts.new_tensor([flat.numel()]))
-    count, length = int(starts.numel()), int((lengths + offsets).max())
-    index = torch.arange(count, device=flat.device)
+    index = torch.arange(starts.numel(), device=flat.device)
     holder = torch.cummax(torch.where(offsets == 0, index, 0), dim=0).values  # whose tokens a sample continues
     if bool((offsets > lengths[holder]).any()) or int(offsets[0]) != 0:
         raise ValueError("a sample continues more leading tokens than the sample it shares them with holds")
-    slot = torch.arange(length, device=flat.device)[None, :]  # [1, length]
-    own = slot >= offsets[:, None]  # [count, length]: the sample's own tokens (and its padding)
-    valid = slot < (offsets + lengths)[:, None]
-    gather = torch.where(own, starts[:, None] + slot - offsets[:, None], starts[holder][:, None] + slot)
-    gather = torch.where(valid, gather, 0).reshape(-1)
-    owner = (own & valid).reshape(-1)
-    scatter = (index[:, None] * length + slot).reshape(-1)[owner]
-    allowed = torch.ones(length, length, dtype=torch.bool, device=flat.device).tril()[None] & valid[:, None, :]
-    mask = torch.zeros(allowed.shape, dtype=torch.float32, device=flat.device)
+    prefix_start, prefix_length = starts[holder], offsets  # the keys a segment reads before its own tokens
+    split = _split_points(offsets, holder, lengths)
+    if split is not None:  # holders of a prefix become two segments: the prefix, then the rest reading it
+        cut = split > 0
+        starts = torch.cat([starts, starts[cut] + split[cut]])
+        prefix_start = torch.cat([prefix_start, starts[:len(cut)][cut]])
+        prefix_length = torch.cat([prefix_length, split[cut]])
+        lengths = torch.cat([torch.where(cut, split, lengths), (lengths - split)[cut]])
+    return _segments(starts, lengths, prefix_start, prefix_length, flat.numel())
+
+
+def _split_points(offsets: torch.Tensor, holder: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor | None:
+    """[count]: where to split each sample (0: not), or None when splitting would not shrink the query slots.
+    A holder splits at its sharers' offset when they all share the same number of its tokens."""
+    sharing = offsets > 0
+    if not bool(sharing.any()):
+        return None
+    split = torch.zeros_like(offsets).scatter_reduce_(0, holder[sharing], offsets[sharing], "amax")
+    least = torch.full_like(offsets, int(offsets.max())).scatter_reduce_(0, holder[sharing], offsets[sharing], "amin")
+    split = torch.where(split == least, split, 0)
+    whole = int(lengths.max()) * len(offsets)
+    own = torch.where(sharing, lengths, lengths - split)
+    cut = int((split > 0).sum())
+    pieces = max(int(own.max()), int(split.max())) * (len(offsets) + cut)
+    return split if cut and pieces < whole else None
+
+
+def _segments(starts: torch.Tensor, lengths: torch.Tensor, prefix_start: torch.Tensor, prefix_length: torch.Tensor,
+              tokens: int) -> Segments:
+    """Segments whose queries are tokens starts..starts + lengths and whose keys are prefix_length tokens from
+    prefix_start, then those."""
+    device = starts.device
+    count = int(starts.numel())
+    length = int(lengths.max())
+    key_length = int((prefix_length + lengths).max())
+    queries = _slots(starts, lengths, length, tokens)
+    slot = torch.arange(key_length, device=device)[None, :]
+    copy = slot < prefix_length[:, None]
+    key_valid = slot < (prefix_length + lengths)[:, None]
+    gather = torch.where(copy, prefix_start[:, None] + slot, starts[:, None] + slot - prefix_length[:, None])
+    gather = torch.where(key_valid, gather, 0).reshape(-1)
+    owner = (~copy & key_valid).reshape(-1)
+    scatter = torch.empty(tokens, dtype=torch.long, device=device)
+    scatter[gather[owner]] = owner.nonzero().squeeze(1)
+    copies = copy.reshape(-1).nonzero().squeeze(1) if bool(prefix_length.any()) else None
+    keys = Slots(gather, scatter, owner.float(), count, key_length, copies, None if copies is None else gather[copies])
+    row = torch.arange(length, device=device)[:, None]
+    allowed = (slot <= prefix_length[:, None, None] + row) & key_valid[:, None, :]  # [count, length, key_length]
+    mask = torch.zeros(allowed.shape, dtype=torch.float32, device=device)
     mask.masked_fill_(~allowed, torch.finfo(torch.float32).min)
-    copies = (~own).reshape(-1).nonzero().squeeze(1) if bool(offsets.any()) else None
-    return Segments(gather, scatter, owner.float(), mask[:, None], count, length, copies,
-                    None if copies is None else gather[copies])
+    return Segments(queries, keys, mask[:, None])
+
+
+def _slots(starts: torch.Tensor, lengths: torch.Tensor, length: int, tokens: int) -> Slots:
+    """Each segment's own tokens in its slot, padded to `length`."""
+    slot = torch.arange(length, device=starts.device)[None, :]
+    valid = slot < lengths[:, None]
+    gather = torch.where(valid, starts[:, None] + slot, 0).reshape(-1)
+    flat_valid = valid.reshape(-1)
+    scatter = torch.empty(tokens, dtype=torch.long, device=starts.device)
+    scatter[gather[flat_valid]] = flat_valid.nonzero().squeeze(1)
+    return Slots(gather, scatter, flat_valid.float(), int(starts.numel()), length)
 
 
 class _Rearrange(torch.autograd.Function):
@@ -156,24 +216,21 @@ class _Rearrange(torch.autograd.Function):
         return result, None, None, None, None, None
 
 
-def _to_slots(states: torch.Tensor, segments: Segments, shared: bool = False) -> torch.Tensor:
-    """[rows, heads, width, dim] -> [count, heads, length, dim]. Pad slots copy token 0; their gradient is zero
-    (as keys they are masked out, as queries their outputs are never read: _from_slots), so the backward gathers
-    each token's gradient from its one slot. `shared` (keys, values): copies of a shared prefix carry gradient
-    too, summed into the prefix's tokens; a query's copies do not (their outputs are not read)."""
+def _to_slots(states: torch.Tensor, slots: Slots) -> torch.Tensor:
+    """[rows, heads, width, dim] -> [count, heads, length, dim]. Pad slots copy token 0 and carry no gradient (as
+    keys they are masked out, as queries their outputs are never read: _from_slots), so the backward gathers each
+    token's gradient from the slot that holds it, plus (keys and values) those of its copies."""
     rows, heads, width, dim = states.shape
     flat = states.transpose(1, 2).reshape(rows * width, heads, dim)
-    copies = (segments.copy_slots, segments.copied_tokens) if shared else (None, None)
-    slots = _Rearrange.apply(flat, segments.gather, segments.scatter, None, *copies)
-    return slots.view(segments.count, segments.length, heads, dim).transpose(1, 2)
+    laid = _Rearrange.apply(flat, slots.gather, slots.scatter, None, slots.copy_slots, slots.copied_tokens)
+    return laid.view(slots.count, slots.length, heads, dim).transpose(1, 2)
 
 
-def _from_slots(output: torch.Tensor, segments: Segments, rows: int, width: int) -> torch.Tensor:
-    """[count, heads, length, dim] -> [rows, width, heads, dim]; pad slots and shared tokens' copies get a zero
-    gradient."""
+def _from_slots(output: torch.Tensor, slots: Slots, rows: int, width: int) -> torch.Tensor:
+    """[count, heads, length, dim] -> [rows, width, heads, dim]; pad slots get a zero gradient."""
     count, heads, length, dim = output.shape
     flat = output.transpose(1, 2).reshape(count * length, heads, dim)
-    return _Rearrange.apply(flat, segments.scatter, segments.gather, segments.real).view(rows, width, heads, dim)
+    return _Rearrange.apply(flat, slots.scatter, slots.gather, slots.real).view(rows, width, heads, dim)
 
 
 def matmul_attention(module, query, key, value, attention_mask, scaling, dropout=0.0, **kwargs):
@@ -188,14 +245,14 @@ def matmul_attention(module, query, key, value, attention_mask, scaling, dropout
     segments = kwargs.get("tunelab_segments")
     if segments is not None:
         rows, width = query.shape[0], query.shape[2]
-        query, key, value = (_to_slots(states, segments, shared=kind != "query")
-                             for kind, states in (("query", query), ("key", key), ("value", value)))
+        query = _to_slots(query, segments.queries)
+        key, value = (_to_slots(states, segments.keys) for states in (key, value))
         attention_mask = segments.mask
     if torch.is_autocast_enabled(query.device.type):
         value = value.to(torch.get_autocast_dtype(query.device.type))
     output = _MatmulAttention.apply(query, key, value, attention_mask, scaling)
     if segments is not None:
-        return _from_slots(output, segments, rows, width), None
+        return _from_slots(output, segments.queries, rows, width), None
     return output.transpose(1, 2).contiguous(), None
 
 
