@@ -345,6 +345,14 @@ def training_attention(
     return MATMUL if 0 < kept <= MATMUL_PROBS_BUDGET else None
 
 
+def shares_prefixes(model, attention: str | None, enabled: bool) -> bool:
+    """Whether padding-free training batches should hold the prefix their samples share once (data/batching.py's
+    shared_layout): only this module's matmul attention reads that layout (Segments), and not while dropout draws
+    masks (LoRA's or the model's): a prefix computed once would share one mask among the samples that read it."""
+    return enabled and attention == MATMUL and not any(
+        isinstance(m, torch.nn.Dropout) and m.p > 0 for m in model.modules())
+
+
 def avoid_per_shape_attention_plans(device: torch.device) -> None:
     """Keep PyTorch's scaled_dot_product_attention off cuDNN on CUDA, for the whole process.
 

@@ -27,7 +27,7 @@ from tunelab.eval.report import write_report
 from tunelab.infer.generate import GenerationOptions
 from tunelab.methods import METHODS, count_parameters
 from tunelab.methods.fused_lora import fuse_lora_layers, fuse_norms
-from tunelab.models.attention import MATMUL, attention_implementation, training_attention
+from tunelab.models.attention import MATMUL, attention_implementation, shares_prefixes, training_attention
 from tunelab.models.fused_ops import enable_training_kernels, training_kernels
 from tunelab.models.load import enable_activation_checkpointing, load_model, load_tokenizer
 from tunelab.models.logprobs import uses_virtual_tokens
@@ -193,9 +193,8 @@ def _train(config: RunConfig, log: RunLog, ranks: Ranks, device: torch.device, *
     attention = training_attention(config.train.attention, device, precision, min(longest, config.data.max_length),
                                    model, sequences_per_batch)
     ctx.padding_free = attention in (MATMUL, VARLEN) and not uses_virtual_tokens(model)  # prompt tuning needs rows
-    if hasattr(objective, "share_prefix"):  # only the matmul path's attention reads the shared layout
-        objective.share_prefix = (ctx.padding_free and attention == MATMUL and config.train.share_prefix
-                                  and not _active_dropout(model))
+    if hasattr(objective, "share_prefix"):
+        objective.share_prefix = ctx.padding_free and shares_prefixes(model, attention, config.train.share_prefix)
         evaluate.share_prefix = objective.share_prefix
     with attention_implementation(model, attention):
         memory = _estimate_memory(ctx, data, tokenizer)  # before sharding: it runs the model as it is
@@ -358,12 +357,6 @@ def _objective_loss(objective, model, data, tokenizer, precision: str, config: R
         return lambda: objective.evaluate(model, data.eval)
     return lambda: evaluate_objective(model, objective, data.eval, pad_token_id=tokenizer.pad_token_id,
                                       precision=precision, batch_size=config.train.batch_size)
-
-
-def _active_dropout(model) -> bool:
-    """Whether training draws dropout masks (LoRA's or the model's own): a prefix computed once would then share
-    one mask among the samples that read it, where each sample should draw its own."""
-    return any(isinstance(m, torch.nn.Dropout) and m.p > 0 for m in model.modules())
 
 
 def _estimate_memory(ctx: LoopContext, data: PreparedData | PreparedPairs, tokenizer) -> MemoryEstimate:
