@@ -106,28 +106,25 @@ def main() -> None:
         return batch
 
     sft.collate = pairs.collate = counting_collate
-    shared_collate = sft.collate_shared_prefix
-
-    def counting_shared_collate(samples, pad_token_id):  # nonpad: the samples' tokens, the prefix in each
-        batch = shared_collate(samples, pad_token_id)
+    def record_shared(batch, samples) -> None:  # nonpad: the samples' tokens, a shared prefix in each
         if torch.is_grad_enabled():
             clock.record_batch(trained=int((batch["targets"] != common.IGNORE_INDEX).sum()),
                                nonpad=sum(len(sample.input_ids) for sample in samples),
                                computed=batch["input_ids"].numel())
-        return batch
 
-    sft.collate_shared_prefix = counting_shared_collate
-    pairs_collate = pairs.collate_shared_prompts
+    shared_collate, pairs_collate = sft.collate_shared_prefix, pairs.collate_shared_prompts
+
+    def counting_shared_collate(samples, pad_token_id):
+        batch = shared_collate(samples, pad_token_id)
+        record_shared(batch, samples)
+        return batch
 
     def counting_pairs_collate(chosen, rejected, reference=None):  # each pair's prompt held once
         batch = pairs_collate(chosen, rejected, reference)
-        if torch.is_grad_enabled():
-            clock.record_batch(trained=int((batch["targets"] != common.IGNORE_INDEX).sum()),
-                               nonpad=sum(len(s.input_ids) for s in [*chosen, *rejected]),
-                               computed=batch["input_ids"].numel())
+        record_shared(batch, [*chosen, *rejected])
         return batch
 
-    pairs.collate_shared_prompts = counting_pairs_collate
+    sft.collate_shared_prefix, pairs.collate_shared_prompts = counting_shared_collate, counting_pairs_collate
     grpo_collate = GrpoObjective.collate
 
     def counting_grpo_collate(self, rows, pad_token_id, padding_free):  # completions, counted as the peer's are

@@ -190,10 +190,10 @@ class TrainConfig(Strict):
     share_prefix: bool = True
     """Padding-free batches on the matmul attention path (CPU) hold once the leading tokens that all their samples
     share and none trains on (a chat template's system prompt, a fixed instruction; each preference pair's prompt
-    for DPO-style and reward objectives), each sample attending to that one copy: the same loss and gradients from
-    fewer tokens (the main job: 32% fewer, a step 17% faster eager, 28% compiled). Not while dropout is on (LoRA's
-    or the model's): the samples would share one dropout mask over the prefix. summary.json's
-    shared_prefix_fraction says how much was shared. Off only to compare."""
+    for DPO-style and reward objectives; KTO replies' common prefix), each sample attending to that one copy: the
+    same loss and gradients from fewer tokens (the main job: 32% fewer, a step 17% faster eager, 28% compiled).
+    Not while dropout is on (LoRA's or the model's): the samples would share one dropout mask over the prefix.
+    summary.json's shared_prefix_fraction says how much was shared. Off only to compare."""
     kernels: Literal["auto", "compiled", "liger", "none"] = "auto"
     """compiled: each decoder layer's forward and backward compiled by torch.compile (its elementwise work fused
     into a few loops) and the head's log-softmax fused, for training only (models/fused_ops.py): ~15% faster steps
