@@ -164,15 +164,16 @@ def _segments(starts: torch.Tensor, lengths: torch.Tensor, prefix_start: torch.T
     key_length = int((prefix_length + lengths).max())
     queries = _slots(starts, lengths, length, tokens)
     slot = torch.arange(key_length, device=device)[None, :]
-    copy = slot < prefix_length[:, None]
     key_valid = slot < (prefix_length + lengths)[:, None]
-    gather = torch.where(copy, prefix_start[:, None] + slot, starts[:, None] + slot - prefix_length[:, None])
-    gather = torch.where(key_valid, gather, 0).reshape(-1)
-    owner = (~copy & key_valid).reshape(-1)
-    scatter = torch.empty(tokens, dtype=torch.long, device=device)
-    scatter[gather[owner]] = owner.nonzero().squeeze(1)
-    copies = copy.reshape(-1).nonzero().squeeze(1) if bool(prefix_length.any()) else None
-    keys = Slots(gather, scatter, owner.float(), count, key_length, copies, None if copies is None else gather[copies])
+    keys = queries  # nothing shared: keys and values sit in the queries' slots
+    if bool(prefix_length.any()):
+        copy = slot < prefix_length[:, None]
+        gather = torch.where(copy, prefix_start[:, None] + slot, starts[:, None] + slot - prefix_length[:, None])
+        gather = torch.where(key_valid, gather, 0).reshape(-1)
+        owner = (~copy & key_valid).reshape(-1)
+        copies = copy.reshape(-1).nonzero().squeeze(1)
+        keys = Slots(gather, _holding_slots(gather, owner, tokens), owner.float(), count, key_length, copies,
+                     gather[copies])
     row = torch.arange(length, device=device)[:, None]
     allowed = (slot <= prefix_length[:, None, None] + row) & key_valid[:, None, :]  # [count, length, key_length]
     mask = torch.zeros(allowed.shape, dtype=torch.float32, device=device)
@@ -186,9 +187,14 @@ def _slots(starts: torch.Tensor, lengths: torch.Tensor, length: int, tokens: int
     valid = slot < lengths[:, None]
     gather = torch.where(valid, starts[:, None] + slot, 0).reshape(-1)
     flat_valid = valid.reshape(-1)
-    scatter = torch.empty(tokens, dtype=torch.long, device=starts.device)
-    scatter[gather[flat_valid]] = flat_valid.nonzero().squeeze(1)
-    return Slots(gather, scatter, flat_valid.float(), int(starts.numel()), length)
+    return Slots(gather, _holding_slots(gather, flat_valid, tokens), flat_valid.float(), int(starts.numel()), length)
+
+
+def _holding_slots(gather: torch.Tensor, holds: torch.Tensor, tokens: int) -> torch.Tensor:
+    """[tokens] the slot that holds each token, from the slots' token indices and which slots hold theirs."""
+    scatter = torch.empty(tokens, dtype=torch.long, device=gather.device)
+    scatter[gather[holds]] = holds.nonzero().squeeze(1)
+    return scatter
 
 
 class _Rearrange(torch.autograd.Function):
