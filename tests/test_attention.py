@@ -221,15 +221,22 @@ def test_a_shared_prefix_batch_equals_the_padding_free_one(tiny_model_dir, lengt
             torch.testing.assert_close(grad, reference_grads[name], atol=1e-6, rtol=1e-4)
 
 
-def test_held_out_loss_with_shared_prefixes_equals_the_padded_one(tiny_model_dir):
+def test_held_out_loss_with_shared_prefixes_equals_the_padded_one(tiny_model_dir, monkeypatch):
     from transformers import AutoModelForCausalLM
 
+    from tunelab.eval import evaluate
     from tunelab.eval.evaluate import evaluate_loss
 
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, attn_implementation="sdpa").train()
     group = prefixed([9, 4, 13, 6, 7], prefix=11) + samples([5, 8])  # two batches of 4; the second shares nothing
     padded = evaluate_loss(model, group, pad_token_id=0, precision="fp32", batch_size=4)
+    shared_tokens = []
+    real = evaluate.collate_shared_prefix
+    monkeypatch.setattr(evaluate, "collate_shared_prefix",
+                        lambda *a: (batch := real(*a)) and shared_tokens.append(int(batch.get("shared_tokens", 0)))
+                        or batch)
     shared = evaluate_loss(model, group, pad_token_id=0, precision="fp32", batch_size=4, share_prefix=True)
+    assert sum(shared_tokens) >= 2 * 11  # a batch held a prefix once
     assert shared["eval_loss"] == pytest.approx(padded["eval_loss"], rel=1e-6)
     assert model.training and model.config._attn_implementation == "sdpa"  # as it was
 
@@ -248,7 +255,13 @@ def test_shared_prefix_stops_before_the_first_trained_position_and_needs_two_sam
     assert shared_prefix_length(short) == 0
 
 
-def test_training_on_the_matmul_path_computes_no_padding(tiny_model_dir, tmp_path):
+def test_training_on_the_matmul_path_computes_no_padding(tiny_model_dir, tmp_path, monkeypatch):
+    from tunelab.train import summary
+
+    counted = []  # the input tokens each run's MFU counts
+    real_flops = summary.training_flops
+    monkeypatch.setattr(summary, "training_flops", lambda model, **k: counted.append(k["input_tokens"])
+                        or real_flops(model, **k))
     data = tmp_path / "qa.jsonl"
     rows = [{"question": f"what is {a} plus {b}{'?' * a}", "answer": f"{a + b}"} for a in range(6) for b in range(6)]
     data.write_text("".join(json.dumps(r) + "\n" for r in rows))
@@ -266,8 +279,8 @@ def test_training_on_the_matmul_path_computes_no_padding(tiny_model_dir, tmp_pat
     assert padded["non_padding_fraction"] < 0.95
     # the chat template and "what is " lead every sample: held once a batch, the same losses
     assert free["shared_prefix_fraction"] > 0.2 and whole["shared_prefix_fraction"] == 0.0
-    computed = [run["achieved_tflops"] * run["train_seconds"] for run in (free, whole)]  # FLOPs counted
-    assert computed[0] < 0.9 * computed[1]  # MFU counts what was computed, not the samples' tokens
+    free_counted, _, whole_counted = counted[:3]  # MFU counts what was computed, not the samples' tokens
+    assert free_counted == pytest.approx(whole_counted * (1 - free["shared_prefix_fraction"]), abs=1)
     losses = [[json.loads(line)["loss"] for line in (tmp_path / run / "metrics.jsonl").read_text().splitlines()
                if '"loss"' in line] for run in ("a", "b", "c")]
     assert len(losses[0]) == 3 and losses[0] == pytest.approx(losses[1], rel=1e-5) == losses[2]
