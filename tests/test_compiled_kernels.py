@@ -12,7 +12,7 @@ import torch
 from test_fused_lora import lora_model
 from test_train import run_config
 
-from tunelab.data.batching import collate
+from tunelab.data.batching import collate, collate_shared_prefix
 from tunelab.data.template import IGNORE_INDEX, TokenizedSample
 from tunelab.methods.fused_lora import fuse_lora_layers
 from tunelab.models.attention import MATMUL, attention_implementation
@@ -35,6 +35,19 @@ def padding_free_batch(seed: int = 0, lengths=(19, 12, 16)):
         ids = torch.randint(3, 390, (n,), generator=generator).tolist()
         rows.append([TokenizedSample(ids, [IGNORE_INDEX] * 4 + ids[4:], "t")])
     return collate(rows, 0, packed=True)
+
+
+def shared_prefix_batch(seed: int = 3, lengths=(9, 4, 13, 6), prefix: int = 11):
+    """A padding-free batch holding its samples' common untrained prefix once (the others read its copies)."""
+    generator = torch.Generator().manual_seed(seed)
+    shared = torch.randint(3, 390, (prefix,), generator=generator).tolist()
+    group = []
+    for n in lengths:
+        ids = shared + torch.randint(3, 390, (n,), generator=generator).tolist()
+        group.append(TokenizedSample(ids, [IGNORE_INDEX] * (prefix + 2) + ids[prefix + 2:], "t"))
+    batch = collate_shared_prefix(group, 0)
+    assert int(batch["shared_tokens"]) == prefix * (len(lengths) - 1)
+    return batch
 
 
 def loss_and_grads(model, data, bf16: bool):
@@ -64,6 +77,7 @@ def test_compiled_layers_match_eager_without_graph_breaks(fused_model):
     torch._dynamo.reset()
     counters.clear()
     data = [padding_free_batch(seed) for seed in range(2)] + [padding_free_batch(2, lengths=(7, 30))]
+    data.append(shared_prefix_batch())  # copies of a prefix: their keys' and values' gradients summed into it
     with attention_implementation(fused_model, MATMUL):
         exact = [loss_and_grads(fused_model, batch, bf16=False) for batch in data]
         eager = [loss_and_grads(fused_model, batch, bf16=True) for batch in data]
