@@ -160,6 +160,22 @@ def test_eval_reports_loss_and_metrics_as_json(trained_run, tmp_path):
     assert json.loads((out / "eval.json").read_text()) == scores
 
 
+def test_eval_loss_runs_padding_free_as_the_runs_own_held_out_loss_does(trained_run, monkeypatch):
+    from tunelab.eval import command, evaluate
+
+    run, data, _ = trained_run
+    args = ["eval", str(run), "--data", str(data), "--metrics", "loss", "--limit", "6"]
+    rows = []
+    real = evaluate.collate_shared_prefix
+    monkeypatch.setattr(evaluate, "collate_shared_prefix", lambda samples, pad: rows.append(len(samples)) or real(
+        samples, pad))
+    padding_free = json.loads(runner.invoke(app, args).output)
+    assert sum(rows) == 6  # every sample in padding-free batches, under the matmul attention (a CPU, a llama)
+    monkeypatch.setattr(command, "_padding_free_loss", lambda *args: False)
+    padded = json.loads(runner.invoke(app, args).output)
+    assert sum(rows) == 6 and padding_free["loss"] == pytest.approx(padded["loss"], rel=1e-5)
+
+
 def test_eval_rejects_an_unknown_metric(trained_run):
     run, data, _ = trained_run
     result = runner.invoke(app, ["eval", str(run), "--data", str(data), "--metrics", "loss,blue"])

@@ -21,6 +21,7 @@ from tunelab.eval.preference import pair_margins
 from tunelab.eval.recorded import record_evaluation
 from tunelab.infer.generate import GenerationOptions
 from tunelab.infer.load import load_for_inference, load_generator
+from tunelab.models.attention import MATMUL, training_attention
 from tunelab.train.precision import resolve_precision
 
 LOSS_METRICS = {"loss", "perplexity"}
@@ -127,7 +128,9 @@ def _score(spec, data_path, metrics, options, limit, max_length, run_config=None
     options = replace(options, precision=precision)  # a baseline decodes in the run's precision too
     result: dict = {"model": str(spec), "data": str(data_path), "samples": len(tokenized)}
     if LOSS_METRICS & set(metrics):
-        losses = evaluate_loss(loaded.model, tokenized, pad_token_id=loaded.tokenizer.pad_token_id, precision=precision)
+        padding_free = _padding_free_loss(loaded.model, tokenized, device, precision)
+        losses = evaluate_loss(loaded.model, tokenized, pad_token_id=loaded.tokenizer.pad_token_id, precision=precision,
+                               batch_size=LOSS_BATCH_SIZE, share_prefix=padding_free)
         result["loss"] = losses.get("eval_loss")
         result["perplexity"] = losses.get("eval_perplexity")
     task_metrics = [m for m in metrics if m not in LOSS_METRICS]
@@ -143,6 +146,20 @@ def _score(spec, data_path, metrics, options, limit, max_length, run_config=None
             result["labels"] = classified.labels
             result["label_confusion"] = classified.confusion
     return result, samples, replies, loaded.run_config, classified
+
+
+LOSS_BATCH_SIZE = 8
+
+
+def _padding_free_loss(model, tokenized, device: torch.device, precision: str) -> bool:
+    """Whether the loss runs as a training run's held-out loss does where training would take the matmul
+    attention path (CPU, llama-style models, rows short enough): padding-free batches holding their samples' shared
+    prefix once. The same loss as padded batches, from fewer tokens, and the number the run itself reported."""
+    if not tokenized:
+        return False
+    longest = max(len(sample.input_ids) for sample in tokenized)
+    attention = training_attention("auto", device, precision, longest, model, LOSS_BATCH_SIZE)
+    return attention == MATMUL
 
 
 def _evaluate_pairs(spec, data_path: Path, metrics: list[str], *, limit, max_length, output, baseline) -> dict:
