@@ -1,6 +1,6 @@
 """Generation speed: tunelab's decoding loop against transformers' `generate` on the prompts the main job's
 before/after evaluation generates for (the 60 held-out support tickets of examples/lora.yaml, 48 new tokens,
-greedy, batch 16).
+greedy, in batches of the config's eval.generate_batch_size: 64, so one batch).
 
     python bench/generation_speed.py                       # the default model
     python bench/generation_speed.py --model runs/support-lora --repeats 3
@@ -45,20 +45,22 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="whose held-out generation prompts to use")
     parser.add_argument("--samples", type=int, default=None, help="default: the config's eval.generate_samples")
     parser.add_argument("--max-new-tokens", type=int, default=None, help="default: the config's eval.max_new_tokens")
-    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--batch-size", type=int, default=None, help="default: the config's eval.generate_batch_size")
     parser.add_argument("--repeats", type=int, default=2, help="rounds of all cases, alternating")
     parser.add_argument("--results", type=Path, default=BENCH / "results")
     return parser.parse_args(argv)
 
 
-def held_out_conversations(config_path: Path, tokenizer, samples: int | None) -> tuple[list, int]:
+def held_out_conversations(config_path: Path, tokenizer, samples: int | None) -> tuple[list, int, int]:
+    """(conversations, max_new_tokens, batch size) of the config's before/after evaluation."""
     from tunelab.config import load_config
     from tunelab.data.prepare import prepare_data
 
     config = load_config(config_path)
     data = prepare_data(config.data, tokenizer, config.train.seed)
     count = samples or config.eval.generate_samples
-    return [s.messages for s in data.eval_samples[:count]], config.eval.max_new_tokens
+    return ([s.messages for s in data.eval_samples[:count]], config.eval.max_new_tokens,
+            config.eval.generate_batch_size)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -73,8 +75,9 @@ def main(argv: list[str] | None = None) -> int:
         model_path = model_folder(args.model, Path(workdir), args.tokenizer)
         loaded = load_generator(str(model_path), device)
     model, renderer, tokenizer = loaded.model, loaded.renderer, loaded.tokenizer
-    conversations, configured_tokens = held_out_conversations(args.config, tokenizer, args.samples)
+    conversations, configured_tokens, configured_batch = held_out_conversations(args.config, tokenizer, args.samples)
     max_new_tokens = args.max_new_tokens or configured_tokens
+    args.batch_size = args.batch_size or configured_batch
     options = GenerationOptions(max_new_tokens=max_new_tokens, batch_size=args.batch_size)
     bf16_model = copy.deepcopy(model).to(torch.bfloat16).eval()  # what a user of `generate` would decode from
     return report(args, run_cases(args, model, bf16_model, renderer, conversations, max_new_tokens, options),
