@@ -498,3 +498,7 @@ def test_a_run_sharing_prompts_trains_as_a_run_scoring_whole_rows(tiny_model_dir
     a, b = (load_file(tmp_path / name / "adapter_model.safetensors") for name in ("shared", "whole"))
     for key in a:
         torch.testing.assert_close(a[key], b[key], rtol=1e-4, atol=1e-5)
+    # the run counts each group's prompt once (FLOPs, MFU, computed positions), as it computes it
+    shared, whole = (json.loads((tmp_path / name / "summary.json").read_text()) for name in ("shared", "whole"))
+    assert 0.3 < shared["shared_prefix_fraction"] < 1 and whole["shared_prefix_fraction"] == 0
+    assert 0 < shared["non_padding_fraction"] <= 1  # computed positions: prompts once, completions padded

@@ -68,6 +68,8 @@ class GrpoObjective:
         self.rollout_batches: list | None = None
         """The last rollout's micro-batches, reused while updates_per_rollout lasts."""
         self.rollout_step = 0
+        self.shares_prompts = False
+        """Whether each group's prompt runs once in the step (token_logprobs); set by prepare, for the counts."""
 
     @property
     def sequences_per_item(self) -> int:
@@ -97,6 +99,7 @@ class GrpoObjective:
         before a checkpoint loads, so a resumed run keeps the same reference."""
         if self.config.beta and self.switch_off is None:
             self.frozen_reference = copy.deepcopy(model).eval().requires_grad_(False)
+        self.shares_prompts = can_share_prompts(model)
 
     # --- rollout ---------------------------------------------------------------------------------------------
 
@@ -196,6 +199,10 @@ class GrpoObjective:
                 batch["old_logps"] = torch.tensor([v for c in completions for v in c.old_logps], dtype=torch.float32)
             batch["completion_index"] = torch.tensor([c.index for c in completions])
         batch.update(prompt_groups(completions, pad_token_id))
+        if self.shares_prompts:  # what the run's FLOPs and positions count: each group's prompt once
+            prompts, sizes = batch["group_prompt_lengths"], batch["group_sizes"]
+            batch["shared_tokens"] = ((sizes - 1) * prompts).sum()
+            batch["computed_positions"] = prompts.sum() + batch["completion_ids"].numel()
         return batch
 
     def count(self, batch: dict[str, torch.Tensor]) -> int:

@@ -226,7 +226,8 @@ class StepTotals:
     computed_tokens: int
     real_tokens: int
     shared_tokens: int = 0
-    """Samples' tokens not computed: shared prefixes held once (data/batching.py's shared_layout)."""
+    """Samples' tokens not computed: shared prefixes held once (data/batching.py's shared_layout, GRPO's prompts
+    run once per group); a batch's `computed_positions`, where given, counts the positions it does compute."""
 
 
 def _forward_backward(ctx: LoopContext, module: torch.nn.Module, step_rows: list[list],
@@ -241,7 +242,8 @@ def _forward_backward(ctx: LoopContext, module: torch.nn.Module, step_rows: list
             for rows, weight in zip(step_rows, weights, strict=True) for row in rows for item in row),
         sum(weight * int((batch["targets"] != IGNORE_INDEX).sum()) for batch, weight in zip(tensors, weights,
                                                                                             strict=True)),
-        sum(weight * batch["input_ids"].numel() for batch, weight in zip(tensors, weights, strict=True)),
+        sum(weight * int(batch.get("computed_positions", batch["input_ids"].numel()))
+            for batch, weight in zip(tensors, weights, strict=True)),
         sum(weight * int(batch.get("shared_tokens", 0)) for batch, weight in zip(tensors, weights, strict=True)),
     ]
     count, real_tokens, trained_tokens, computed_tokens, shared_tokens = ctx.ranks.sum(local)
