@@ -71,3 +71,19 @@ def test_estimate_predicts_a_batch_it_did_not_probe(tiny_model_dir):
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     assert estimate.optimizer_mb == 2 * estimate.gradients_mb == 2 * trainable * 4 / 2**20
     assert estimate.peak_mb > estimate.resident_mb > 0
+
+
+def test_tunelab_bounds_onednns_kernel_cache_unless_the_user_set_it():
+    import os
+    import subprocess
+    import sys
+
+    import tunelab
+
+    script = "import tunelab, os; print(os.environ['ONEDNN_PRIMITIVE_CACHE_CAPACITY'])"
+    environment = {k: v for k, v in os.environ.items() if k != "ONEDNN_PRIMITIVE_CACHE_CAPACITY"}
+    ours = subprocess.run([sys.executable, "-c", script], env=environment, capture_output=True, text=True, check=True)
+    assert ours.stdout.strip() == tunelab.ONEDNN_PRIMITIVE_CACHE_CAPACITY
+    theirs = subprocess.run([sys.executable, "-c", script], env={**environment, "ONEDNN_PRIMITIVE_CACHE_CAPACITY": "7"},
+                            capture_output=True, text=True, check=True)
+    assert theirs.stdout.strip() == "7"
