@@ -111,7 +111,7 @@ def test_matmul_attention_under_bf16_autocast_stays_close_to_fp32(tiny_model_dir
 
 
 def test_segments_lay_each_sample_out_in_its_own_slot():
-    from tunelab.models.attention import segments_from_positions
+    from tunelab.models.segments import segments_from_positions
 
     group = samples([4, 5, 3])
     batch = collate([group[:2], group[2:]], pad_token_id=0, packed=True)  # width 9: second row 3 + 6 padding
@@ -131,7 +131,8 @@ def test_segments_lay_each_sample_out_in_its_own_slot():
 def test_slot_layout_backward_gathers_what_index_select_would_scatter():
     """The slots' backward gathers each token's gradient from its one slot (no index_add): the same gradients
     as index_select's own backward through attention, pad slots included."""
-    from tunelab.models.attention import _from_slots, _MatmulAttention, _to_slots, segments_from_positions
+    from tunelab.models.attention import _MatmulAttention
+    from tunelab.models.segments import from_slots, segments_from_positions, to_slots
 
     group = samples([4, 5, 3])
     batch = collate([group[:2], group[2:]], pad_token_id=0, packed=True)  # pad slots in 3 of the 4 samples
@@ -153,7 +154,7 @@ def test_slot_layout_backward_gathers_what_index_select_would_scatter():
         flat = output.transpose(1, 2).reshape(segments.count * segments.length, 2, 8)
         return flat.index_select(0, segments.scatter).view(rows, width, 2, 8)
 
-    for grad, expected in zip(attend(_to_slots, _from_slots), attend(plain_to_slots, plain_from_slots),
+    for grad, expected in zip(attend(to_slots, from_slots), attend(plain_to_slots, plain_from_slots),
                               strict=True):
         assert grad.abs().sum() > 0
         torch.testing.assert_close(grad, expected, atol=1e-6, rtol=1e-5)
@@ -195,7 +196,7 @@ def test_a_shared_prefix_batch_equals_the_padding_free_one(tiny_model_dir, lengt
     from transformers import AutoModelForCausalLM
 
     from tunelab.data.batching import collate_shared_prefix
-    from tunelab.models.attention import segments_from_positions
+    from tunelab.models.segments import segments_from_positions
 
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, attn_implementation="sdpa").train()
     group = prefixed(lengths, prefix=11)

@@ -226,7 +226,7 @@ def collate_shared_prefix(samples: Sequence[TokenizedSample], pad_token_id: int)
 def shared_layout(groups: Sequence[Sequence[TokenizedSample]]) -> tuple[dict[str, torch.Tensor], list[int]]:
     """One padding-free row of every group's samples, each group's shared prefix (shared_prefix_length) held
     once: the group's first sample whole, then every other without the prefix, its position ids continuing from
-    the prefix's length (which is how attention, models/attention.py's Segments, knows it attends to the group's
+    the prefix's length (which is how attention, models/segments.py's Segments, knows it attends to the group's
     first sample's copy). Returns the batch (input_ids, targets, position_ids, and shared_tokens: the tokens not
     computed) and how many tokens each sample holds in the row, in order."""
     ids: list[int] = []
