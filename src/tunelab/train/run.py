@@ -16,9 +16,8 @@ import torch
 from rich.console import Console
 
 from tunelab.config import RunConfig, dump_config
-from tunelab.data.preference import PreparedPairs, data_kind, prepare_preference_data
-from tunelab.data.prepare import PreparedData, prepare_data
-from tunelab.data.prompts import PreparedPrompts, prepare_prompt_data
+from tunelab.data.preference import PreparedPairs
+from tunelab.data.prepare import PreparedData
 from tunelab.data.template import ChatRenderer
 from tunelab.errors import ConfigError, SaveFailed, UserError
 from tunelab.eval.during_training import RunEvaluator
@@ -56,6 +55,7 @@ from tunelab.train.memory import MemoryEstimate, estimate_peak_memory
 from tunelab.train.outputs import write_model_card, write_samples
 from tunelab.train.precision import resolve_precision
 from tunelab.train.progress import TrainingProgress
+from tunelab.train.run_data import prepare_run_data
 from tunelab.train.schedule import build_optimizer
 from tunelab.train.step_profile import step_profiler
 from tunelab.train.stop import StopOnSignal, StopRequested, TerminateAsInterrupt
@@ -141,7 +141,7 @@ def _train(config: RunConfig, log: RunLog, ranks: Ranks, device: torch.device, *
         tokenizer = load_tokenizer(model_path)
         objective = build_objective(config.objective, config.method.name, config.data.packing, tokenizer=tokenizer,
                                     seed=config.train.seed, precision=precision)
-        data = _prepare(config, tokenizer, objective)
+        data = prepare_run_data(config, tokenizer, objective)
     data_order = data_order_fingerprint(config, data.fingerprint, ranks.world_size)
     if resume:
         check_same_data(latest_checkpoint(run_dir), data_order)
@@ -328,27 +328,6 @@ def _train(config: RunConfig, log: RunLog, ranks: Ranks, device: torch.device, *
     return summary
 
 
-def _prepare(config: RunConfig, tokenizer, objective) -> PreparedData | PreparedPairs | PreparedPrompts:
-    """The run's data, for the kind of rows its objective trains on. Raises ConfigError naming the objective and
-    the data when they do not fit, DataError for bad rows."""
-    kind = objective.data_kind
-    if kind == "sft":
-        return prepare_data(config.data, tokenizer, config.train.seed)
-    found = data_kind(config.data)
-    if found != kind:
-        wanted = {"preference": "preference pairs (prompt/chosen/rejected)",
-                  "feedback": "feedback rows (prompt/completion/label)",
-                  "prompts": "prompt-only rows (a prompt column, no reply)"}[kind]
-        raise ConfigError(f"'{config.objective.name}' trains on {wanted}, but the data holds "
-                          f"{'SFT' if found == 'sft' else found} rows", where="objective.name")
-    if kind == "prompts":
-        return prepare_prompt_data(config.data, tokenizer, config.train.seed,
-                                   completion_tokens=config.objective.max_new_tokens, check=objective.check_row,
-                                   check_key=objective.check_key,
-                                   reference_column=objective.reference_column)
-    return prepare_preference_data(config.data, tokenizer, config.train.seed)
-
-
 def _objective_loss(objective, model, data, tokenizer, precision: str, config: RunConfig):
     """The held-out loss of a non-SFT objective (None: RunEvaluator's token-level loss and perplexity)."""
     if objective.data_kind == "sft":
@@ -377,8 +356,6 @@ def _training_device() -> torch.device:
     from accelerate import PartialState
 
     return PartialState().device
-
-
 
 
 def _measure(evaluate: RunEvaluator, gen_samples, loss_metrics: dict) -> dict:
