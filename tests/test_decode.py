@@ -130,6 +130,31 @@ def test_reserved_cache_layer_holds_what_a_dynamic_layer_holds():
         reserved.update(torch.ones(4, 2, 2, 8), torch.ones(4, 2, 2, 8))
 
 
+def test_reserved_cache_columns_past_the_written_ones_hold_zeros():
+    """A decoding step attends over the written columns rounded up (ReservedLayer.padded); the columns past them
+    must be zeros however the storage was made, or a masked-out garbage NaN would poison the softmax's sum."""
+    layer = ReservedLayer(capacity=10)
+
+    def unwritten_are_zero() -> bool:
+        keys, values = layer.padded(layer.capacity)
+        return bool((keys[:, :, layer.length:] == 0).all() and (values[:, :, layer.length:] == 0).all())
+
+    def poison(*shape: int) -> None:  # NaN-filled blocks freed just before, for the next allocations to reuse
+        blocks = [torch.full(shape, float("nan")) for _ in range(2)]
+        del blocks
+
+    poison(3, 2, 8, 10)
+    layer.update(torch.randn(3, 2, 4, 8), torch.randn(3, 2, 4, 8))
+    assert layer.length == 4 and unwritten_are_zero()
+    assert layer.padded_columns(5) == 8 and layer.padded_columns(9) == 10  # within the storage
+    poison(3, 2, 8, 17)
+    layer.grow(17)
+    assert unwritten_are_zero()
+    layer.batch_select_indices(torch.tensor([2, 0]))
+    layer.update(torch.randn(2, 2, 1, 8), torch.randn(2, 2, 1, 8))
+    assert layer.length == 5 and unwritten_are_zero()
+
+
 def test_decoding_copy_of_a_fused_lora_model_runs_its_own_modules(tiny_model_dir):
     """Fused LoRA forwards are closures over the trained model's modules; the decoding copy must not keep them
     (its head would run the original's weight), nor the weight casts they cached."""

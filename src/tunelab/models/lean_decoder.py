@@ -68,10 +68,15 @@ class LeanDecoder:
         x = self.embed(input_ids)
         cos, sin = self.rotary(x, position_ids)  # [rows, width, head_dim]
         cos, sin = cos[:, :, None], sin[:, :, None]
-        mask = _attention_bias(attention_mask, width, cache.layers[0].get_seq_length())
+        cached = cache.layers[0].get_seq_length()
+        mask = _attention_bias(attention_mask, width, cached)
+        columns = None
+        if width == 1:  # attend over whole blocks of columns: one matmul shape for several steps
+            columns = cache.layers[0].padded_columns(cached + 1)
+            mask = F.pad(mask, (0, columns - mask.shape[-1]), value=float("-inf"))
         for layer, kv in zip(self.layers, cache.layers, strict=True):
             x = x + self._attention(layer, F.rms_norm(x, x.shape[-1:], layer.input_norm, self.eps), cos, sin, mask,
-                                    kv)
+                                    kv, columns)
             h = F.rms_norm(x, x.shape[-1:], layer.post_attention_norm, self.eps)
             if len(layer.gate_up) == 1:
                 gate, up = layer.gate_up[0](h).chunk(2, dim=-1)
@@ -82,7 +87,7 @@ class LeanDecoder:
         return self.head(last)
 
     def _attention(self, layer: _Layer, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                   mask: torch.Tensor, kv: ReservedLayer) -> torch.Tensor:
+                   mask: torch.Tensor, kv: ReservedLayer, columns: int | None) -> torch.Tensor:
         rows, width, _ = h.shape
         heads, kv_heads, dim = self.heads, self.kv_heads, self.head_dim
         if len(layer.qkv) == 1:
@@ -96,7 +101,8 @@ class LeanDecoder:
         qk = qk * cos + torch.cat([-qk[..., dim // 2:], qk[..., :dim // 2]], dim=-1) * sin  # rotary, q and k at once
         query = qk[:, :, :heads].transpose(1, 2)
         keys, values = kv.update(qk[:, :, heads:].transpose(1, 2), value.transpose(1, 2))
-        if width == 1:
+        if columns is not None:
+            keys, values = kv.padded(columns)
             out = single_query_attention(query, keys, values, self.scaling, mask)
         else:
             out = F.scaled_dot_product_attention(query, keys, values, attn_mask=mask, scale=self.scaling,
