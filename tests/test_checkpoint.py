@@ -250,3 +250,37 @@ def test_a_planted_pickle_in_a_model_folder_is_refused_without_running(tiny_mode
     assert not marker.exists()
     torch.load(folder / "pytorch_model.bin", weights_only=False)  # the control: an unguarded load runs it
     assert marker.exists()
+
+
+@pytest.mark.parametrize("fault", [KeyboardInterrupt, MemoryError])
+def test_a_fault_in_the_last_evaluation_keeps_the_fine_tuned_weights(tiny_model_dir, tmp_path, monkeypatch, fault):
+    """The weights are written before the last evaluation (generation can take long, or run out of memory): a run
+    stopped or failing there still leaves a loadable fine-tuned model and a summary of its finished steps."""
+    from test_train import QA, run_config
+
+    from tunelab.infer.load import load_for_inference
+    from tunelab.train import run as run_module
+
+    data = tmp_path / "qa.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in QA))
+    out = tmp_path / "run"
+    measured = run_module._measure
+    calls = []
+
+    def fail_after_training(*args):
+        calls.append(1)
+        if len(calls) == 2:  # the first measures the base model
+            raise fault()
+        return measured(*args)
+
+    monkeypatch.setattr(run_module, "_measure", fail_after_training)
+    with pytest.raises(fault):
+        run_module.train_run(run_config(tiny_model_dir, data, out, "train.max_steps=3", "train.lr=1e-2"))
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["status"] == ("interrupted" if fault is KeyboardInterrupt else "failed")
+    assert summary["steps"] == 3 and not summary.get("eval_after")
+    ids = torch.tensor([[5, 6, 7, 8]])
+    with torch.no_grad():  # the run folder loads as the fine-tuned model, not the base
+        trained = load_for_inference(out).model(input_ids=ids).logits
+        base = load_for_inference(tiny_model_dir).model(input_ids=ids).logits
+    assert not torch.allclose(trained, base, atol=1e-4)

@@ -302,19 +302,33 @@ def _train(config: RunConfig, log: RunLog, ranks: Ranks, device: torch.device, *
 
     if config.train.save_every:
         save_from_main(ctx, state)
-    whole_state = None
-    if sharded:  # every process takes part in the last evaluation and in gathering the weights
-        console.print("evaluating the fine-tuned model ...")
-        after = run_model(lambda: _measure(evaluate, gen_samples, state.extra.get("last_eval", {})))
-        whole_state = sharding.full_model_state(model)
-    if not ranks.is_main:
-        return {"status": status, "steps": state.step, "rank": ranks.rank}
-    if not sharded:
-        # The loop evaluated at its last step; only restored best weights need a fresh measurement.
-        final_loss = evaluate() if "restored_best_step" in state.extra else state.extra.get("last_eval", {})
-        console.print("evaluating the fine-tuned model ...")
-        after = _measure(evaluate, gen_samples, final_loss)
-    _save_weights(model, tokenizer, run_dir, method, config, whole_state)
+    # The weights are written before the last evaluation, which may take long (generation) or fail: an
+    # interruption or error there must not cost the training.
+    whole_state = sharding.full_model_state(model) if sharded else None  # every process takes part
+    if ranks.is_main:
+        _save_weights(model, tokenizer, run_dir, method, config, whole_state)
+    del whole_state
+    try:
+        if sharded:  # every process takes part in the last evaluation
+            console.print("evaluating the fine-tuned model ...")
+            after = run_model(lambda: _measure(evaluate, gen_samples, state.extra.get("last_eval", {})))
+        if not ranks.is_main:
+            return {"status": status, "steps": state.step, "rank": ranks.rank}
+        if not sharded:
+            # The loop evaluated at its last step; only restored best weights need a fresh measurement.
+            final_loss = evaluate() if "restored_best_step" in state.extra else state.extra.get("last_eval", {})
+            console.print("evaluating the fine-tuned model ...")
+            after = _measure(evaluate, gen_samples, final_loss)
+    except (KeyboardInterrupt, Exception) as err:
+        ended = "interrupted" if isinstance(err, KeyboardInterrupt) else "failed"
+        if ranks.is_main:
+            console.print(f"[yellow]the last evaluation {'was interrupted' if ended == 'interrupted' else 'failed'}; "
+                          f"the fine-tuned weights are saved in {run_dir} (`tunelab eval {run_dir}` measures "
+                          "them)[/]")
+            write_summary(run_dir, model, config, data, state, baseline, {}, trainable, total, precision, device,
+                          ended, memory)
+            write_report(run_dir)
+        raise
     write_samples(run_dir / "samples.jsonl", gen_samples, baseline.get("replies", []), after.get("replies", []))
     breakdown = getattr(profiler, "breakdown", None)
     if breakdown is not None:
