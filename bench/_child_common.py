@@ -20,6 +20,8 @@ from pathlib import Path
 import torch
 from torch.optim.optimizer import register_optimizer_step_post_hook
 
+from tunelab.allocator import allocator_in_use
+
 IGNORE_INDEX = -100
 
 
@@ -317,6 +319,7 @@ def run_measurements(*, steps: int, wall: float, peak: float, peak_rss: float, l
         "mean_train_loss": sum(losses) / len(losses) if losses else None,
         **evaluation,
         **clock.summary(planned_steps),
+        "allocator": allocator_in_use(),
     }
 
 

@@ -27,6 +27,8 @@ from pathlib import Path
 from _case_data import write_case_data, write_preference_data, write_prompt_data
 from _random_model import SHAPES, model_folder
 
+from tunelab.allocator import preload_environment
+
 BENCH = Path(__file__).resolve().parent
 REPO = BENCH.parent
 CHILDREN = {"tunelab": BENCH / "_tunelab_child.py", "peer": BENCH / "_peer_child.py",
@@ -186,6 +188,8 @@ def run_child(tool: str, spec: dict, workdir: Path, name: str, timeout: int) -> 
     Path(spec["result"]).parent.mkdir(parents=True, exist_ok=True)
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
            "TRANSFORMERS_VERBOSITY": "error"}
+    if tool == "tunelab":  # the malloc the `tunelab` command would run under; the peer keeps the system's
+        env = preload_environment(env) or env
     load_before = os.getloadavg()
     busy, total = cpu_ticks()
     child_cpu = children_cpu_seconds()
@@ -352,7 +356,8 @@ def markdown(outcome: dict, summary: dict, machine: dict, args) -> str:
         f"(computed in {first['peer'].get('observed_compute_dtype', '-')}), fp32 master weights; "
         f"device {machine['device']} ({machine['cpu']}, bf16 ISA: {', '.join(machine['cpu_bf16']) or 'none'}, "
         f"{machine['cpus_available']} cores, "
-        f"torch threads {first['tunelab'].get('torch_threads', '-')})",
+        f"torch threads {first['tunelab'].get('torch_threads', '-')}; malloc: tunelab "
+        f"{first['tunelab'].get('allocator', '-')}, peer {first['peer'].get('allocator', '-')})",
         f"- batching: tunelab {first['tunelab'].get('batching', '-')}; peer {first['peer'].get('batching', '-')}",
         f"- tunelab overrides: {', '.join(args.tunelab_set) or 'none'} (kernels in use: "
         f"{first['tunelab'].get('kernels') or '-'}); peer gradient checkpointing: "

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Set up tunelab in ./.venv: PyTorch first (the CPU build on machines without an NVIDIA GPU, so pip
 # never pulls several GB of CUDA wheels), then tunelab with its dependencies. Safe to run again.
-#   scripts/setup.sh          the library and the `tunelab` command
+#   scripts/setup.sh          the library and the `tunelab` command (and, as root or with passwordless sudo on
+#                             Debian, tcmalloc, which the command runs under: less memory; TUNELAB_NO_TCMALLOC=1 skips it)
 #   scripts/setup.sh --dev    plus the test and benchmark tools (pytest, hypothesis, ruff, the openai client, TRL;
 #                             Playwright, 53 MB, which drives the system's Chromium: no browser download), the
 #                             experiment trackers (TensorBoard, W&B, MLflow client: about 50 MB to download, 210 MB
@@ -36,25 +37,38 @@ fi
 # Already-installed requirements are left alone; torch's floor in pyproject never replaces the build above.
 "${pip[@]}" install -e ".${extras}"
 
+# apt_install PACKAGE WHAT: install a Debian package as root (or with passwordless sudo), or say why not.
+apt_install() {
+  local package=$1 what=$2 log
+  local -a sudo=() apt
+  if [ "$(id -u)" -ne 0 ] && command -v sudo >/dev/null 2>&1 && sudo -n true 2>/dev/null; then sudo=(sudo -n); fi
+  if ! command -v apt-get >/dev/null 2>&1 || { [ "$(id -u)" -ne 0 ] && [ ${#sudo[@]} -eq 0 ]; }; then
+    echo "note: no $package, and no root apt-get to install it: $what"
+    return 0
+  fi
+  echo "installing $package (apt-get) ..."
+  log=$(mktemp)
+  apt=("${sudo[@]}" env DEBIAN_FRONTEND=noninteractive apt-get -qq -o=Dpkg::Use-Pty=0)
+  "${apt[@]}" install -y --no-install-recommends "$package" >"$log" 2>&1 \
+    || { "${apt[@]}" update >>"$log" 2>&1 && "${apt[@]}" install -y --no-install-recommends "$package" >>"$log" 2>&1; } \
+    || echo "note: apt-get could not install $package (log: $log): $what"
+}
+
+# tcmalloc: the `tunelab` command runs under it where it is found (src/tunelab/allocator.py): ~18% lower peak
+# memory and a few % faster training on CPUs than glibc's malloc. TUNELAB_NO_TCMALLOC=1 skips it.
+if [ -z "${TUNELAB_NO_TCMALLOC:-}" ] && [ "$(uname -s)" = Linux ] \
+    && ! .venv/bin/python -c "import ctypes.util, sys; sys.exit(not ctypes.util.find_library('tcmalloc_minimal'))"; then
+  apt_install libtcmalloc-minimal4 "tunelab runs with the system's malloc (more memory)"
+fi
+
 # Debian's `chromium` is a real package; Ubuntu's is a snap wrapper that fails in containers, and the note says so.
 install_chromium() {
-  local browser log
-  local -a sudo=() apt
+  local browser
   for browser in chromium chromium-browser google-chrome google-chrome-stable; do
     command -v "$browser" >/dev/null 2>&1 && return 0
   done
   if [ -n "${TUNELAB_NO_CHROMIUM:-}" ]; then return 0; fi
-  if [ "$(id -u)" -ne 0 ] && command -v sudo >/dev/null 2>&1 && sudo -n true 2>/dev/null; then sudo=(sudo -n); fi
-  if ! command -v apt-get >/dev/null 2>&1 || { [ "$(id -u)" -ne 0 ] && [ ${#sudo[@]} -eq 0 ]; }; then
-    echo "note: no Chromium, and no root apt-get to install it: the browser tests will be skipped"
-    return 0
-  fi
-  echo "installing chromium (apt-get) for the browser tests ..."
-  log=$(mktemp)
-  apt=("${sudo[@]}" env DEBIAN_FRONTEND=noninteractive apt-get -qq -o=Dpkg::Use-Pty=0)
-  "${apt[@]}" install -y --no-install-recommends chromium >"$log" 2>&1 \
-    || { "${apt[@]}" update >>"$log" 2>&1 && "${apt[@]}" install -y --no-install-recommends chromium >>"$log" 2>&1; } \
-    || echo "note: apt-get could not install chromium (log: $log): the browser tests will be skipped"
+  apt_install chromium "the browser tests will be skipped"
 }
 [ "${1:-}" = "--dev" ] && install_chromium
 

@@ -191,6 +191,11 @@ def test_sigterm_stops_the_cli_run_at_a_step_boundary_with_a_checkpoint(tiny_mod
     assert summary["status"] == "interrupted" and 1 <= summary["steps"] < 100000
     assert latest_checkpoint(out).name == f"step-{summary['steps']:06d}"
     assert "SIGTERM: stopping after this step" in output and "--resume" in output
+    from tunelab.allocator import preload_environment
+
+    # the command restarted itself under tcmalloc where this machine has it (tunelab/allocator.py)
+    tcmalloc = preload_environment({k: v for k, v in os.environ.items() if k != "TUNELAB_ALLOCATOR_CHECKED"})
+    assert summary["hardware"]["allocator"] == ("tcmalloc" if tcmalloc else "system")
 
 
 @pytest.fixture

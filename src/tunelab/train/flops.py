@@ -33,15 +33,18 @@ def matmul_peak_flops(device_type: str, precision: str, size: int = 2048) -> flo
 
 def hardware(device: torch.device) -> dict:
     """What a speed number was measured on, so that numbers from different hosts are never compared blindly:
-    the CPU model and its bf16 matrix extensions, the core count, and the GPU's name on CUDA."""
+    the CPU model and its bf16 matrix extensions, the core count, the GPU's name on CUDA, and the malloc behind the
+    CPU tensors (tunelab/allocator.py)."""
     import os
 
+    from tunelab.allocator import allocator_in_use
     from tunelab.train.precision import BF16_FLAGS, cpu_info
 
     cpu, flags = cpu_info()
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     return {"cpu": cpu, "cpu_bf16": sorted(flags & BF16_FLAGS), "cores": cores,
-            "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None}
+            "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
+            "allocator": allocator_in_use()}
 
 
 def training_flops(model, *, input_tokens: int, trained_tokens: int, base_trains: bool) -> float:
