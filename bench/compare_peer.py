@@ -119,6 +119,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--peer-without-cudnn-attention", action="store_true",
                         help="keep the peer's sdpa off cuDNN, as tunelab keeps its own on CUDA (cuDNN builds a plan "
                         "for every new shape); default: the peer as its users run it")
+    parser.add_argument("--malloc", choices=list(MALLOC_CHOICES), default="same", help="; ".join(
+        f"{name}: {what}" for name, what in MALLOC_CHOICES.items()))
     parser.add_argument("--peer-gradient-checkpointing", action="store_true",
                         help="leave the peer's gradient checkpointing on, as TRL's SFTConfig does by default "
                         "(default: off, like tunelab)")
@@ -178,7 +180,26 @@ def wait_until_quiet(limit: float, threshold: float = 0.15) -> float:
     return time.perf_counter() - started
 
 
-def run_child(tool: str, spec: dict, workdir: Path, name: str, timeout: int) -> dict:
+MALLOC_CHOICES = {
+    "same": "both children under the malloc the `tunelab` command takes (tcmalloc where the system has it): the "
+            "ratio measures the tools, not malloc (default)",
+    "as-run": "tunelab's child as the command runs, the peer's under the system's malloc, as TRL runs by default",
+    "system": "both under the system's malloc",
+}
+
+
+def child_environment(tool: str, malloc: str) -> dict[str, str]:
+    """The children's environment: offline, quiet, and the malloc `--malloc` asks for. The peer's step is far more
+    sensitive to it (under glibc it maps and zero-fills its vocabulary-sized tensors anew every step)."""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
+           "TRANSFORMERS_VERBOSITY": "error"}
+    if malloc == "system" or (malloc == "as-run" and tool != "tunelab"):
+        env["LD_PRELOAD"] = " ".join(p for p in env.get("LD_PRELOAD", "").split() if "tcmalloc" not in p)
+        return env
+    return preload_environment(env) or env
+
+
+def run_child(tool: str, spec: dict, workdir: Path, name: str, timeout: int, malloc: str = "same") -> dict:
     """Run one training in its own process; its result dict (with `error` when it failed)."""
     spec_path = workdir / "specs" / f"{name}.json"
     spec_path.parent.mkdir(parents=True, exist_ok=True)
@@ -186,10 +207,7 @@ def run_child(tool: str, spec: dict, workdir: Path, name: str, timeout: int) -> 
     log_path = workdir / "logs" / f"{name}.log"
     log_path.parent.mkdir(parents=True, exist_ok=True)
     Path(spec["result"]).parent.mkdir(parents=True, exist_ok=True)
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
-           "TRANSFORMERS_VERBOSITY": "error"}
-    if tool == "tunelab":  # the malloc the `tunelab` command would run under; the peer keeps the system's
-        env = preload_environment(env) or env
+    env = child_environment(tool, malloc)
     load_before = os.getloadavg()
     busy, total = cpu_ticks()
     child_cpu = children_cpu_seconds()
@@ -267,7 +285,7 @@ def run_case(name: str, args, model_path: Path, precision: str, workdir: Path) -
             waited = wait_until_quiet(args.wait_idle) if args.wait_idle else 0.0
             note = f" (waited {waited:.0f} s for other processes)" if waited >= 5 else ""
             print(f"[{name}] repeat {repeat}/{args.repeats}: {tool} ...{note}", file=sys.stderr, flush=True)
-            result = run_child(tool, spec, workdir / name, label, args.timeout)
+            result = run_child(tool, spec, workdir / name, label, args.timeout, args.malloc)
             result.update(repeat=repeat, waited_for_quiet_seconds=waited)
             runs.append(result)
             if "error" in result:
