@@ -136,7 +136,11 @@ AUTO_MIN_STEPS = 120
 """Below these a machine's first compile costs more than it saves: on the default model (2 AVX512-BF16 cores,
 2026-12-04) a 2-step LoRA run took 12.1 s eager, 63.6 s compiled on a cold cache (~51 s of compiling) and 15.4-16.8 s
 once the caches held the graphs (~4 s), and compiling saved ~0.4 s of a 2.5 s step: 120 steps pay back the cold
-compile, and every later run on the machine gains ~45 s."""
+compile, and every later run on the machine gains ~45 s. Under tcmalloc (the `tunelab` command's malloc since
+2026-12-05) the eager step lost most of what compiling saved (fewer, smaller allocations): 30-step runs of the main
+job's config, alternating, 200.3 / 180.8 trained tokens/s eager against 196.5 / 200.2 compiled. Kept, untested
+against this, for hosts where elementwise work decides the step (AMX: ../shared/perf/amx-lora-step-2026-12-02.md);
+to measure there."""
 AUTO_METHODS = {"lora", "rslora", "full"}
 AUTO_MIN_TORCH = (2, 13)
 """The torch the compiled layers were measured and tested on; on torch 2.11 (an H200's image, 2026-12-04)
