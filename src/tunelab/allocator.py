@@ -57,8 +57,8 @@ def restart_under_tcmalloc() -> None:
     environment = preload_environment(os.environ)
     if environment is None:
         return
-    try:
-        os.execve(sys.executable, [sys.executable, "-m", "tunelab", *sys.argv[1:]], environment)
+    try:  # the command line as it was given (the console script, or -m tunelab), so sys.path is as it was
+        os.execve(sys.executable, [sys.executable, *sys.orig_argv[1:]], environment)
     except OSError:
         os.environ[_CHECKED] = "1"
 
