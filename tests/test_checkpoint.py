@@ -194,7 +194,8 @@ def test_sigterm_stops_the_cli_run_at_a_step_boundary_with_a_checkpoint(tiny_mod
     from tunelab.allocator import preload_environment
 
     # the command restarted itself under tcmalloc where this machine has it (tunelab/allocator.py)
-    tcmalloc = preload_environment({k: v for k, v in os.environ.items() if k != "TUNELAB_ALLOCATOR_CHECKED"})
+    tcmalloc = ("tcmalloc" in os.environ.get("LD_PRELOAD", "")  # preloaded already: the child inherits it
+                or preload_environment({k: v for k, v in os.environ.items() if k != "TUNELAB_ALLOCATOR_CHECKED"}))
     assert summary["hardware"]["allocator"] == ("tcmalloc" if tcmalloc else "system")
 
 
