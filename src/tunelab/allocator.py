@@ -2,7 +2,7 @@
 
 PyTorch's CPU tensors come from the C library's malloc. glibc's heap keeps freed blocks of the varying tensor
 sizes of padding-free batches and does not return them: on the main job (default model, LoRA, 68 steps) the
-process held ~1.2 GB more than it used by the end, and its peak grew from ~2.9 GB early in training to 3.5 GB.
+process's resident memory climbed from ~2.4 GB at the first steps to 3.3 GB by the last and peaked at 3.5 GB.
 Under tcmalloc the same run peaked at 2.87 GB (the estimate printed before training said 2.84) and trained 4%
 faster (106 s against 110; 24-step runs 613-642 against 580-597 input tokens/s); jemalloc held as little but
 ran 9% slower (AMD EPYC, 2 cores, 2026-12-05). The allocator has to be in place before the process starts
