@@ -133,26 +133,53 @@ def test_reserved_cache_layer_holds_what_a_dynamic_layer_holds():
 def test_reserved_cache_columns_past_the_written_ones_hold_zeros():
     """A decoding step attends over the written columns rounded up (ReservedLayer.padded); the columns past them
     must be zeros however the storage was made, or a masked-out garbage NaN would poison the softmax's sum."""
-    layer = ReservedLayer(capacity=10)
+    layer = ReservedLayer(capacity=20)
 
-    def unwritten_are_zero() -> bool:
-        keys, values = layer.padded(layer.capacity)
+    def unwritten_are_zero(columns: int) -> bool:
+        keys, values = layer.padded(columns)
         return bool((keys[:, :, layer.length:] == 0).all() and (values[:, :, layer.length:] == 0).all())
 
     def poison(*shape: int) -> None:  # NaN-filled blocks freed just before, for the next allocations to reuse
         blocks = [torch.full(shape, float("nan")) for _ in range(2)]
         del blocks
 
-    poison(3, 2, 8, 10)
+    poison(3, 2, 8, 8)
     layer.update(torch.randn(3, 2, 4, 8), torch.randn(3, 2, 4, 8))
-    assert layer.length == 4 and unwritten_are_zero()
-    assert layer.padded_columns(5) == 8 and layer.padded_columns(9) == 10  # within the storage
-    poison(3, 2, 8, 17)
-    layer.grow(17)
-    assert unwritten_are_zero()
+    assert layer.length == 4 and unwritten_are_zero(8)
+    assert layer.padded_columns(5) == 8 and layer.padded_columns(9) == 16 and layer.padded_columns(17) == 20
+    poison(3, 2, 16, 8)
+    layer.update(torch.randn(3, 2, 5, 8), torch.randn(3, 2, 5, 8))
+    assert layer.length == 9 and unwritten_are_zero(16)
+    layer.grow(30)
     layer.batch_select_indices(torch.tensor([2, 0]))
     layer.update(torch.randn(2, 2, 1, 8), torch.randn(2, 2, 1, 8))
-    assert layer.length == 5 and unwritten_are_zero()
+    assert layer.length == 10 and unwritten_are_zero(16)
+    poison(2, 2, 8, 8)
+    layer.drop_leading(3)
+    assert layer.length == 7 and layer.capacity == 27 and unwritten_are_zero(8)
+    assert unwritten_are_zero(layer.capacity)
+
+
+def test_a_decoding_step_reads_the_cache_without_copying_it():
+    """After every update the step's padded columns are the whole storage, so its batched matmuls read keys and
+    values in place (PyTorch's CPU bmm copies an operand whose matrices are not back to back: a view of wider
+    storage was copied twice a layer every step); and the keys written are the keys read."""
+    layer = ReservedLayer(capacity=40)
+    written = torch.randn(3, 2, 5, 8)
+    layer.update(written, written * 2)
+
+    def compact() -> bool:
+        keys, values = layer.padded(layer.padded_columns(layer.length))
+        return keys.is_contiguous() and values.is_contiguous()
+
+    for _ in range(12):
+        step = torch.randn(3, 2, 1, 8)
+        layer.update(step, step * 2)
+        written = torch.cat([written, step], dim=2)
+        assert compact() and torch.equal(layer.keys, written) and torch.equal(layer.values, written * 2)
+    layer.batch_select_indices(torch.tensor([1, 2]))
+    layer.drop_leading(2)
+    assert compact() and torch.equal(layer.keys, written[1:, :, 2:])
 
 
 def test_decoding_copy_of_a_fused_lora_model_runs_its_own_modules(tiny_model_dir):
