@@ -42,6 +42,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--rounds", type=int, default=2, help="requests each client sends, one after the other")
     parser.add_argument("--max-tokens", type=int, default=64)
     parser.add_argument("--precision", default="bf16", choices=["bf16", "fp32"], help="what tunelab serve decodes in")
+    parser.add_argument("--tunelab-compile", action="store_true",
+                        help="serve with --compile (the one-token step compiled; its compile runs before the server "
+                             "answers, so it is not in the numbers)")
     parser.add_argument("--quant", default=None, help="GGUF type the peer serves (default: bf16 or f32, as tunelab)")
     parser.add_argument("--repeats", type=int, default=1, help="(tunelab, peer) pairs, alternating")
     parser.add_argument("--results", type=Path, default=BENCH / "results")
@@ -72,7 +75,8 @@ def server_command(tool: str, args: argparse.Namespace, gguf: Path, port: int, m
     cores = str(len(os.sched_getaffinity(0)))
     if tool == "tunelab":
         return [TUNELAB, "serve", args.model, "--port", str(port), "--precision", args.precision,
-                "--max-batch", str(max_clients), "--max-waiting", str(4 * max_clients)]
+                "--max-batch", str(max_clients), "--max-waiting", str(4 * max_clients),
+                *(["--compile"] if args.tunelab_compile else [])]
     return [sys.executable, "-m", "llama_cpp.server", "--model", str(gguf), "--port", str(port),
             "--n_ctx", "4096", "--n_threads", cores, "--n_threads_batch", cores, "--verbose", "false"]
 
@@ -159,7 +163,8 @@ def table(levels: list[int], runs: dict[str, list[list[dict]]], args: argparse.N
                                       if len(values) > 1 else "")
 
     lines = [f"Completion tokens/s, greedy, max_tokens {args.max_tokens}, {args.rounds} requests per client; "
-             f"tunelab decodes in {args.precision}, the peer serves the {args.quant} GGUF.", "",
+             f"tunelab decodes in {args.precision}{' (--compile)' if args.tunelab_compile else ''}, the peer serves "
+             f"the {args.quant} GGUF.", "",
              "| clients | tunelab tokens/s | peer tokens/s | ratio (tunelab / peer) | tunelab median latency s | "
              "peer median latency s | same replies |", "|---:|---:|---:|---:|---:|---:|---:|"]
     for index, clients in enumerate(levels):

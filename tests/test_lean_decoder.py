@@ -13,6 +13,7 @@ from transformers import AutoModelForCausalLM, DynamicCache
 from tunelab.infer.decode import left_padded, model_forward
 from tunelab.infer.kv_cache import reserved_cache
 from tunelab.methods import folded_copy
+from tunelab.models.compiled_step import compile_decoding
 from tunelab.models.lean_decoder import LeanDecoder, lean_decoder
 from tunelab.models.packed_linear import packing_available
 
@@ -60,7 +61,7 @@ def run_both(model, lean: LeanDecoder, steps: int = 3) -> list[tuple[torch.Tenso
         for step in range(steps):
             step_mask = torch.cat([step_mask, torch.ones(3, 1, dtype=torch.long, device=device)], dim=1)
             position = position + 1
-            token = torch.tensor([[7 + step], [11], [13 * step + 1]], device=device)
+            token = torch.tensor([[7 + step], [11], [(13 * step + 1) % 96]], device=device)
             out[-1].append(forward(token, step_mask, position, cache))
     return list(zip(*out, strict=True))
 
@@ -83,6 +84,27 @@ def test_lean_forward_of_a_packed_bf16_copy_fuses_projections(model_type):
     assert lean is lean_decoder(model)  # built once for a decoding copy
     assert len(lean.layers[0].qkv) == len(lean.layers[0].gate_up) == 1
     for got, expected in run_both(model, lean):  # bf16: rounding differs where the ops are fused
+        torch.testing.assert_close(got.float(), expected.float(), atol=0.06, rtol=0.05)
+
+
+@pytest.mark.parametrize("model_type", ["llama", "qwen3"])
+def test_compiled_one_token_steps_compute_what_the_models_own_forward_does(model_type):
+    """models/compiled_step.py (`serve --compile`): every one-token step runs the compiled graph, across widenings
+    of the cache, and gives the logits transformers' forward gives, within bf16's rounding as the eager lean
+    forward does; a model that is not a packed decoding copy is left eager."""
+    float_model = random_model(model_type)
+    assert not compile_decoding(float_model) and lean_decoder(float_model).compiled is None
+    model = folded_copy(float_model, torch.bfloat16)
+    if not packing_available(model):
+        pytest.skip("this CPU's oneDNN does not run bf16 matmuls")
+    assert compile_decoding(model, rows=(3,))
+    lean = lean_decoder(model)
+    graph, calls = lean.compiled._graph, []
+    lean.compiled._graph = lambda *inputs: calls.append(inputs[0].shape[0]) or graph(*inputs)
+    with torch.inference_mode():  # as compiled (and as serve and chat decode)
+        results = run_both(model, lean, steps=12)  # 12 prompt columns + 12 steps: the storage widens at 16 and 24
+    assert calls == [3] * 12
+    for got, expected in results:
         torch.testing.assert_close(got.float(), expected.float(), atol=0.06, rtol=0.05)
 
 

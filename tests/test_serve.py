@@ -19,6 +19,7 @@ from tunelab.config import load_config
 from tunelab.errors import ConfigError
 from tunelab.infer.generate import GenerationOptions, encode_prompts, generate_replies
 from tunelab.infer.serve import create_app, load_served
+from tunelab.models.lean_decoder import lean_decoder
 from tunelab.train.run import train_run
 
 KEY = "test-key"
@@ -231,11 +232,12 @@ def test_adapters_on_one_base_answer_as_each_run_alone(tiny_model_dir, run_dir, 
         load_served(str(tiny_model_dir), adapters={"x": str(tiny_model_dir)})
 
 
-def test_bf16_serving_folds_the_run_and_its_cache_grows_as_rows_come_and_go(run_dir, monkeypatch):
+@pytest.mark.parametrize("compile_steps", [False, True], ids=["eager", "compiled"])
+def test_bf16_serving_folds_the_run_and_its_cache_grows_as_rows_come_and_go(run_dir, monkeypatch, compile_steps):
     """--precision bf16 serves the run's adapter folded into bf16 weights, as `tunelab generate` decodes in bf16,
     and answers the same; with the KV cache reserved 3 positions at a time it grows, merges and trims many times
     over 16 requests through a batch of 4, requests joining together run their shared prefix once, and no reply
-    changes."""
+    changes. With --compile (where the CPU packs bf16 weights) every one-token step runs the compiled graph."""
     import tunelab.infer.decode as decode_module
     import tunelab.infer.serve.engine as engine_module
     from tunelab.infer.load import load_generator
@@ -253,13 +255,19 @@ def test_bf16_serving_folds_the_run_and_its_cache_grows_as_rows_come_and_go(run_
     shared = []  # requests joining together run their common template prefix once
     monkeypatch.setattr(decode_module, "_shared_prefix_length",
                         lambda prompts: shared.append(measure(prompts)) or shared[-1])
-    served = load_served(str(run_dir), max_batch=4, precision="bf16")
+    served = load_served(str(run_dir), max_batch=4, precision="bf16", compile_steps=compile_steps)
+    compiled_rows = []
+    if served.engine.compiled:
+        compiled = lean_decoder(served.engine.model).compiled
+        graph = compiled._graph
+        compiled._graph = lambda *inputs: compiled_rows.append(inputs[0].shape[0]) or graph(*inputs)
     live = LiveServer(create_app(served))
     try:
         model = served.engine.model
         assert served.precision == "bf16" and not hasattr(model, "peft_config")
         assert all(p.dtype == torch.bfloat16 for p in model.parameters())
         assert any(isinstance(m, PackedLinear) for m in model.modules()) == packing_available(model)
+        assert served.engine.compiled == (compile_steps and packing_available(model))
         client = openai.OpenAI(base_url=f"{live.url}/v1", api_key="none", max_retries=0)
         asked = list(range(len(PROMPTS))) * 2
         with ThreadPoolExecutor(max_workers=len(asked)) as pool:
@@ -267,6 +275,8 @@ def test_bf16_serving_folds_the_run_and_its_cache_grows_as_rows_come_and_go(run_
                 model="run", messages=conversations[i], temperature=0, max_tokens=10), asked))
         assert [a.choices[0].message.content.strip() for a in answers] == [expected[i] for i in asked]
         assert any(length >= decode_module.MIN_SHARED_PREFIX for length in shared), shared
+        if served.engine.compiled:  # one-token steps of 1 to 4 rows, all compiled
+            assert len(compiled_rows) >= 9 and 1 < max(compiled_rows) <= 4, compiled_rows
     finally:
         live.stop()
         served.engine.close()

@@ -12,7 +12,7 @@ from rich.table import Table
 
 from tunelab.cli_common import console, errors, fail, quiet_libraries
 from tunelab.cli_data import data_app
-from tunelab.cli_serve import serve, ui
+from tunelab.cli_serve import COMPILE_HELP, COMPILING, NOT_COMPILED, serve, ui
 from tunelab.errors import ConfigError, UserError
 
 app = typer.Typer(help="Fine-tune large language models end to end.", no_args_is_help=True, add_completion=False)
@@ -119,6 +119,7 @@ def chat(
     sample: bool = typer.Option(False, "--sample", help="Sample instead of greedy decoding."),
     temperature: float = typer.Option(0.7),
     top_p: float = typer.Option(0.9),
+    compile_steps: bool = typer.Option(False, "--compile", help=COMPILE_HELP),
 ) -> None:
     """Talk to a model in the terminal; replies stream as they are generated."""
     quiet_libraries()
@@ -132,6 +133,12 @@ def chat(
         fail(err)
     precision = compute_precision(loaded)  # decode as the run computed, as `tunelab generate` does
     loaded.model = in_compute_dtype(loaded.model, precision, keep_adapters=False)  # once, not a copy per reply
+    if compile_steps:
+        from tunelab.models.compiled_step import compile_decoding
+
+        console.print(COMPILING)
+        if not compile_decoding(loaded.model, rows=(1,)):
+            console.print(NOT_COMPILED)
     options = GenerationOptions(max_new_tokens, sample, temperature, top_p, precision=precision)
     chat_loop(loaded, options, system, console)
 

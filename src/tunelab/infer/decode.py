@@ -86,7 +86,8 @@ def stream(model, prompt: list[int], *, max_new_tokens: int, stop_ids: list[int]
     prompt (the same prefill, cache and picks, so a greedy stream is decode's reply), for chat."""
     device = _device(model)
     generator = torch.Generator(device=device).manual_seed(sampling.seed) if sampling is not None else None
-    logits, cache, mask, positions = prefill(model, [prompt], 0, max_new_tokens)
+    with torch.inference_mode():  # not across a yield, which would leave the caller in it (compiled_step.py: why)
+        logits, cache, mask, positions = prefill(model, [prompt], 0, max_new_tokens)
     forward = decoding_forward(model)
     width = mask.shape[1]
     mask = torch.cat([mask, mask.new_ones(1, max_new_tokens)], dim=1)
@@ -97,7 +98,8 @@ def stream(model, prompt: list[int], *, max_new_tokens: int, stop_ids: list[int]
         if int(token) in stop_ids:
             return
         if step < max_new_tokens - 1:
-            logits = forward(token[:, None], mask[:, :width + step + 1], next_position, cache)
+            with torch.inference_mode():
+                logits = forward(token[:, None], mask[:, :width + step + 1], next_position, cache)
             next_position = next_position + 1
 
 

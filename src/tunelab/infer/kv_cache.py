@@ -61,6 +61,19 @@ class ReservedLayer(DynamicLayer):
         self._expose()
         return self.keys, self.values
 
+    def step_storage(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Key and value storage with room for one more position, for a step that writes column `length` itself
+        (models/compiled_step.py) and then calls `advance`."""
+        if self.length + 1 > self.capacity:
+            raise ValueError(f"the reserved KV cache holds {self.capacity} positions; {self.length + 1} were asked for")
+        self._widen(self.padded_columns(self.length + 1))
+        return self._key_storage, self._value_storage
+
+    def advance(self) -> None:
+        """Count the column a step wrote into `step_storage` as written."""
+        self.length += 1
+        self._expose()
+
     def _widen(self, width: int) -> None:
         """Storage at least `width` positions wide (new zeroed storage holding the written positions)."""
         if self._key_storage.shape[2] < width:

@@ -60,16 +60,20 @@ class LeanDecoder:
         self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // self.heads
         self.scaling = inner.layers[0].self_attn.scaling
         self.layers = [_layer(block, fuse) for block in inner.layers]
+        self.compiled = None
+        """A CompiledStep (models/compiled_step.py) that runs one-token steps, once compile_decoding made one."""
 
     @torch.no_grad()
     def __call__(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor,
                  cache) -> torch.Tensor:
         rows, width = input_ids.shape
+        if width == 1 and self.compiled is not None and cache.layers[0].is_initialized:
+            return self.compiled(input_ids, attention_mask, position_ids, cache)
         x = self.embed(input_ids)
         cos, sin = self.rotary(x, position_ids)  # [rows, width, head_dim]
         cos, sin = cos[:, :, None], sin[:, :, None]
         cached = cache.layers[0].get_seq_length()
-        mask = _attention_bias(attention_mask, width, cached)
+        mask = attention_bias(attention_mask, width, cached)
         columns = None
         if width == 1:  # attend over whole blocks of columns: one matmul shape for several steps
             columns = cache.layers[0].padded_columns(cached + 1)
@@ -110,7 +114,7 @@ class LeanDecoder:
         return layer.output(out.reshape(rows, width, heads * dim))
 
 
-def _attention_bias(attention_mask: torch.Tensor, width: int, cached: int) -> torch.Tensor:
+def attention_bias(attention_mask: torch.Tensor, width: int, cached: int) -> torch.Tensor:
     """What every layer's attention adds to its scores: for a single query a float32 bias [rows, 1, 1, columns]
     (0 or -inf); for several a boolean mask [rows, 1, width, columns], causal over the new positions. A padding
     query attends to itself too, so no row of the softmax is empty (its output is never read)."""

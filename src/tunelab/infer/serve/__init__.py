@@ -17,13 +17,15 @@ SHARED_BASE_METHODS = ("lora", "dora", "rslora")
 
 
 def load_served(spec: str, *, adapters: dict[str, str] | None = None, max_batch: int = 8, max_waiting: int = 64,
-                device: str | None = None, precision: str = "auto", start_engine: bool = True) -> Served:
+                device: str | None = None, precision: str = "auto", start_engine: bool = True,
+                compile_steps: bool = False) -> Served:
     """A run directory or model spec loaded for serving, named as clients must name it in `model` (the run
     folder's name, or the spec as given), plus LoRA runs on the same base under the names given in `adapters`,
     all answered by one model in memory: each request's rows use its own adapter (or none), in one batch.
     `precision` `auto` decodes as `tunelab generate` does: in what the run trained in (auto's choice for a model
     that is not a run; see auto_precision with `adapters`). With start_engine=False the caller runs the engine
-    (`served.engine.run_here()`)."""
+    (`served.engine.run_here()`). `compile_steps` compiles the one-token decoding step where it can
+    (models/compiled_step.py; `served.engine.compiled` says whether it did)."""
     from tunelab.infer.load import in_compute_dtype, is_run_dir, load_generator
 
     loaded = load_generator(spec, device)
@@ -40,7 +42,8 @@ def load_served(spec: str, *, adapters: dict[str, str] | None = None, max_batch:
     model = in_compute_dtype(model, precision, keep_adapters=bool(adapters))
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     context = int(getattr(base.config, "max_position_embeddings", 2048))
-    engine = Engine(model, loaded.tokenizer, max_batch=max_batch, max_waiting=max_waiting, start=start_engine)
+    engine = Engine(model, loaded.tokenizer, max_batch=max_batch, max_waiting=max_waiting, start=start_engine,
+                    compile_steps=compile_steps)
     return Served(routes, engine, context, precision=serving_precision(model))
 
 

@@ -28,6 +28,7 @@ from tunelab.infer.decode import decoding_forward, model_forward, pick_scores, p
 from tunelab.infer.generate import stop_token_ids
 from tunelab.infer.kv_cache import ReservedLayer, stack_rows
 from tunelab.models.attention import DECODE, attention_implementation
+from tunelab.models.compiled_step import compile_decoding
 
 ROOM = 128
 """Positions the KV cache is reserved beyond what the batch holds; when they are used up it grows by as many."""
@@ -83,7 +84,8 @@ class Engine:
     thread and decoded in a worker, batch-1 decoding of 48 tokens took 4.1 s instead of 2.4 (default model, bf16,
     2 cores, AMD EPYC)."""
 
-    def __init__(self, model, tokenizer, *, max_batch: int = 8, max_waiting: int = 64, start: bool = True) -> None:
+    def __init__(self, model, tokenizer, *, max_batch: int = 8, max_waiting: int = 64, start: bool = True,
+                 compile_steps: bool = False) -> None:
         self.model = model
         self.tokenizer = tokenizer
         self.max_batch = max_batch
@@ -91,6 +93,8 @@ class Engine:
         self.stop_ids = set(stop_token_ids(model, tokenizer))
         self.device = next(model.parameters()).device
         self._forward = decoding_forward(model)  # built once: the served model does not change
+        self.compiled = compile_steps and compile_decoding(model)
+        """Whether one-token steps run a compiled graph (models/compiled_step.py)."""
         self._waiting: deque[Request] = deque()
         self._wake = threading.Condition()
         self._closed = False

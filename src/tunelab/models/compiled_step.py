@@ -1,0 +1,154 @@
+"""The lean forward's one-token decoding step as one compiled graph, for the server (`tunelab serve --compile`).
+
+At one row a bf16 step of the default model reads its 270 MB of weights (~17 ms on 2 AMD EPYC cores), and the
+lean forward's ~20 eager ops a layer add ~6 ms of PyTorch's per-op and Python overhead. Compiled, the norms,
+rotary embedding, residual adds, SwiGLU and the attention's softmax fuse around the matmuls: 22.8 -> 18.9 ms a
+step (llama.cpp: 17.5). The matmuls stay oneDNN's on the packed weights, through `tunelab::packed_linear`, an op
+that finds its weight by number: with the packed weights inside the graph (inductor's freezing) the step was as
+fast but compiled for 50-70 s on every start, as oneDNN's packed tensors keep such a graph out of inductor's
+cache; this way a first start compiles in ~45 s and later ones in ~11 s. Rows and cache columns are dynamic
+sizes: one graph serves every batch of two rows or more and every cache width, and one more a single row.
+
+Keys and values are written inside the graph, into column `length` of each layer's storage (ReservedLayer.
+step_storage); ReservedLayer.advance then counts them. Only decoding copies qualify (bf16 on CPU, packed linears:
+their weights never change); elsewhere `compile_decoding` returns False and decoding stays eager. Graphs are
+compiled for, and must be called under, torch.inference_mode (the server's engine and chat decode so): tensors
+made outside it carry autograd's dispatch keys, which the graph's guards check, and would compile it again (in
+the server, ~30 s at the first batch of another size, before this was found).
+"""
+
+from __future__ import annotations
+
+import itertools
+import weakref
+
+import torch
+import torch.nn.functional as F
+
+from tunelab.infer.kv_cache import reserved_cache
+from tunelab.models.lean_decoder import LeanDecoder, attention_bias, lean_decoder
+from tunelab.models.packed_linear import PackedLinear
+
+_WEIGHTS: dict[str, tuple[torch.Tensor, torch.Tensor | None, int]] = {}
+"""Packed weight, bias and output width of every linear a compiled step calls, by number (a string: dynamo makes
+an int argument a symbolic size under dynamic shapes)."""
+_NUMBERS = itertools.count()
+
+
+@torch.library.custom_op("tunelab::packed_linear", mutates_args=())
+def packed_linear(x: torch.Tensor, number: str) -> torch.Tensor:
+    """x W^T (+ b) with the packed linear registered as `number`."""
+    weight, bias, _ = _WEIGHTS[number]
+    return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
+
+
+@packed_linear.register_fake
+def _packed_linear_shape(x: torch.Tensor, number: str) -> torch.Tensor:
+    return x.new_empty(*x.shape[:-1], _WEIGHTS[number][2])
+
+
+def _register(linear: PackedLinear) -> str:
+    number = str(next(_NUMBERS))
+    _WEIGHTS[number] = (linear.packed_weight, linear.bias, linear.out_features)
+    return number
+
+
+def _forget(numbers: list[str]) -> None:
+    for number in numbers:
+        _WEIGHTS.pop(number, None)
+
+
+class CompiledStep:
+    """`step(input_ids [rows, 1], attention_mask, position_ids, cache)` -> logits [rows, vocab], what the lean
+    forward returns for one new token a row, from a compiled graph."""
+
+    def __init__(self, decoder: LeanDecoder):
+        self.decoder = decoder
+        numbers = [[_register(layer.qkv[0]), _register(layer.output), _register(layer.gate_up[0]),
+                    _register(layer.down)] for layer in decoder.layers]
+        head = _register(decoder.head)
+        weakref.finalize(self, _forget, [n for layer in numbers for n in layer] + [head])
+        self._graph = torch.compile(_step_function(decoder, numbers, head), dynamic=True, fullgraph=True)
+
+    @torch.no_grad()
+    def __call__(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor,
+                 cache) -> torch.Tensor:
+        decoder = self.decoder
+        x = decoder.embed(input_ids)
+        cos, sin = decoder.rotary(x, position_ids)
+        length = cache.layers[0].get_seq_length()
+        storages = [layer.step_storage() for layer in cache.layers]
+        bias = attention_bias(attention_mask, 1, length)
+        bias = F.pad(bias, (0, storages[0][0].shape[2] - bias.shape[-1]), value=float("-inf"))
+        column = torch.tensor([length], device=x.device)
+        logits = self._graph(x, cos[:, :, None], sin[:, :, None], bias, column, [keys for keys, _ in storages],
+                             [values for _, values in storages])
+        for layer in cache.layers:
+            layer.advance()
+        return logits
+
+
+def _step_function(decoder: LeanDecoder, numbers: list[list[str]], head: str):
+    """The step as a plain function of tensors (what torch.compile traces); weights are the decoder's."""
+    heads, kv_heads, dim, eps, scaling = (decoder.heads, decoder.kv_heads, decoder.head_dim, decoder.eps,
+                                          decoder.scaling)
+    layers = list(zip(decoder.layers, numbers, strict=True))
+    final_norm = decoder.norm
+
+    def step(x, cos, sin, bias, column, keys, values):
+        rows = x.shape[0]
+        for index, (layer, (qkv_number, output_number, gate_up_number, down_number)) in enumerate(layers):
+            h = F.rms_norm(x, x.shape[-1:], layer.input_norm, eps)
+            qkv = packed_linear(h, qkv_number).view(rows, 1, heads + 2 * kv_heads, dim)
+            qk, value = qkv[:, :, :heads + kv_heads], qkv[:, :, heads + kv_heads:]
+            if layer.query_norm is not None:
+                qk = torch.cat([F.rms_norm(qk[:, :, :heads], (dim,), layer.query_norm, eps),
+                                F.rms_norm(qk[:, :, heads:], (dim,), layer.key_norm, eps)], dim=2)
+            qk = qk * cos + torch.cat([-qk[..., dim // 2:], qk[..., :dim // 2]], dim=-1) * sin
+            keys[index].index_copy_(2, column, qk[:, :, heads:].transpose(1, 2))
+            values[index].index_copy_(2, column, value.transpose(1, 2))
+            grouped = qk[:, :, :heads].reshape(rows, kv_heads, heads // kv_heads, dim)
+            scores = torch.matmul(grouped, keys[index].transpose(2, 3)).float().mul_(scaling).add_(bias)
+            attended = torch.matmul(torch.softmax(scores, dim=-1).to(values[index].dtype), values[index])
+            x = x + packed_linear(attended.reshape(rows, 1, heads * dim), output_number)
+            h = F.rms_norm(x, x.shape[-1:], layer.post_attention_norm, eps)
+            gate, up = packed_linear(h, gate_up_number).chunk(2, dim=-1)
+            x = x + packed_linear(F.silu(gate) * up, down_number)
+        return packed_linear(F.rms_norm(x[:, -1], x.shape[-1:], final_norm, eps), head)
+
+    return step
+
+
+def compile_decoding(model, rows: tuple[int, ...] = (1, 2)) -> bool:
+    """Give `model`'s lean forward a compiled one-token step and compile it now for batches of `rows` rows (a
+    single row has a graph of its own, every larger batch shares one), so the first request does not wait; False,
+    changing nothing, where the model is not a packed decoding copy."""
+    decoder = lean_decoder(model)
+    if decoder is None or not _packed(decoder):
+        return False
+    if decoder.compiled is None:
+        decoder.compiled = CompiledStep(decoder)
+    for count in rows:
+        _warm_up(model, decoder, count)
+    return True
+
+
+def _packed(decoder: LeanDecoder) -> bool:
+    linears = [decoder.head] + [linear for layer in decoder.layers
+                                for linear in (*layer.qkv, layer.output, *layer.gate_up, layer.down)]
+    return all(type(linear) is PackedLinear for linear in linears) and all(
+        len(layer.qkv) == 1 and len(layer.gate_up) == 1 for layer in decoder.layers)
+
+
+@torch.inference_mode()
+def _warm_up(model, decoder: LeanDecoder, rows: int) -> None:
+    """Decoding steps of `rows` rows after a two-token prompt: the first compiles, the rest cross a widening of the
+    cache (COLUMN_MULTIPLE columns), which the graph's dynamic sizes absorb."""
+    device = decoder.embed.weight.device
+    cache = reserved_cache(model.config, 16)
+    prompt = torch.zeros(rows, 2, dtype=torch.long, device=device)
+    mask = torch.ones_like(prompt)
+    decoder(prompt, mask, torch.arange(2, device=device).expand(rows, 2), cache)
+    for position in range(2, 11):
+        mask = torch.cat([mask, mask[:, :1]], dim=1)
+        decoder(prompt[:, :1], mask, torch.full_like(prompt[:, :1], position), cache)
