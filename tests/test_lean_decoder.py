@@ -97,7 +97,7 @@ def test_compiled_one_token_steps_compute_what_the_models_own_forward_does(model
     model = folded_copy(float_model, torch.bfloat16)
     if not packing_available(model):
         pytest.skip("this CPU's oneDNN does not run bf16 matmuls")
-    assert compile_decoding(model, rows=(3,))
+    assert compile_decoding(model, max_rows=3)
     lean = lean_decoder(model)
     graph, calls = lean.compiled._graph, []
     lean.compiled._graph = lambda *inputs: calls.append(inputs[0].shape[0]) or graph(*inputs)
@@ -106,6 +106,10 @@ def test_compiled_one_token_steps_compute_what_the_models_own_forward_does(model
     assert calls == [3] * 12
     for got, expected in results:
         torch.testing.assert_close(got.float(), expected.float(), atol=0.06, rtol=0.05)
+    lean.compiled.max_rows, calls[:] = 2, []  # larger batches than it was compiled for run eagerly
+    with torch.inference_mode():
+        run_both(model, lean, steps=1)
+    assert calls == []
 
 
 def test_models_it_does_not_compute_exactly_keep_their_own_forward():

@@ -137,7 +137,7 @@ def chat(
         from tunelab.models.compiled_step import compile_decoding
 
         console.print(COMPILING)
-        if not compile_decoding(loaded.model, rows=(1,)):
+        if not compile_decoding(loaded.model):
             console.print(NOT_COMPILED)
     options = GenerationOptions(max_new_tokens, sample, temperature, top_p, precision=precision)
     chat_loop(loaded, options, system, console)

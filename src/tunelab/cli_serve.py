@@ -11,9 +11,9 @@ from tunelab.cli_common import console, fail, quiet_libraries
 from tunelab.errors import ConfigError, UserError
 
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
-COMPILE_HELP = ("Compile the one-token decoding step (bf16 on CPU, llama-family models): a single stream ~25% "
-                "faster, batches less; after compiling for ~40 s at start (~2 min the first time on a machine).")
-COMPILING = "compiling the decoding step (~40 s; ~2 min the first time on this machine) ..."
+COMPILE_HELP = ("Compile the single-stream decoding step (bf16 on CPU, llama-family models): ~20% faster while "
+                "one request decodes; compiling takes ~20 s at start (~1 min the first time on a machine).")
+COMPILING = "compiling the decoding step (~20 s; ~1 min the first time on this machine) ..."
 NOT_COMPILED = ("[yellow]note:[/] --compile: this model decodes eagerly (only bf16 decoding on CPU of "
                 "llama-family models without per-row adapters compiles)")
 

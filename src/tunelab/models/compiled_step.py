@@ -1,4 +1,4 @@
-"""The lean forward's one-token decoding step as one compiled graph, for the server (`tunelab serve --compile`).
+"""The lean forward's one-token decoding step as one compiled graph (`tunelab serve --compile`, `chat --compile`).
 
 At one row a bf16 step of the default model reads its 270 MB of weights (~17 ms on 2 AMD EPYC cores), and the
 lean forward's ~20 eager ops a layer add ~6 ms of PyTorch's per-op and Python overhead. Compiled, the norms,
@@ -6,8 +6,9 @@ rotary embedding, residual adds, SwiGLU and the attention's softmax fuse around 
 step (llama.cpp: 17.5). The matmuls stay oneDNN's on the packed weights, through `tunelab::packed_linear`, an op
 that finds its weight by number: with the packed weights inside the graph (inductor's freezing) the step was as
 fast but compiled for 50-70 s on every start, as oneDNN's packed tensors keep such a graph out of inductor's
-cache; this way a first start compiles in ~45 s and later ones in ~11 s. Rows and cache columns are dynamic
-sizes: one graph serves every batch of two rows or more and every cache width, and one more a single row.
+cache; this way a server's first start compiles for ~1 min and later ones for ~20 s. Rows and cache columns are
+dynamic sizes: one graph serves every batch of two rows or more and every cache width, and one more a single
+row (the only one serve and chat use).
 
 Keys and values are written inside the graph, into column `length` of each layer's storage (ReservedLayer.
 step_storage); ReservedLayer.advance then counts them. Only decoding copies qualify (bf16 on CPU, packed linears:
@@ -64,6 +65,8 @@ class CompiledStep:
 
     def __init__(self, decoder: LeanDecoder):
         self.decoder = decoder
+        self.max_rows = 1
+        """The most rows a step may have to run here; the lean forward runs larger batches eagerly."""
         numbers = [[_register(layer.qkv[0]), _register(layer.output), _register(layer.gate_up[0]),
                     _register(layer.down)] for layer in decoder.layers]
         head = _register(decoder.head)
@@ -119,17 +122,19 @@ def _step_function(decoder: LeanDecoder, numbers: list[list[str]], head: str):
     return step
 
 
-def compile_decoding(model, rows: tuple[int, ...] = (1, 2)) -> bool:
-    """Give `model`'s lean forward a compiled one-token step and compile it now for batches of `rows` rows (a
-    single row has a graph of its own, every larger batch shares one), so the first request does not wait; False,
-    changing nothing, where the model is not a packed decoding copy."""
+def compile_decoding(model, max_rows: int = 1) -> bool:
+    """Give `model`'s lean forward a compiled one-token step for batches of up to `max_rows` rows and compile it
+    now (a single row has a graph of its own, every larger batch shares one), so the first request does not wait;
+    False, changing nothing, where the model is not a packed decoding copy. Serve and chat compile single rows
+    only: through HTTP, 8 and 32 clients were served slower with compiled batches (see the README)."""
     decoder = lean_decoder(model)
     if decoder is None or not _packed(decoder):
         return False
     if decoder.compiled is None:
         decoder.compiled = CompiledStep(decoder)
-    for count in rows:
-        _warm_up(model, decoder, count)
+    decoder.compiled.max_rows = max_rows
+    for rows in range(1, min(max_rows, 2) + 1):
+        _warm_up(model, decoder, rows)
     return True
 
 

@@ -67,7 +67,8 @@ class LeanDecoder:
     def __call__(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor,
                  cache) -> torch.Tensor:
         rows, width = input_ids.shape
-        if width == 1 and self.compiled is not None and cache.layers[0].is_initialized:
+        if (width == 1 and self.compiled is not None and rows <= self.compiled.max_rows
+                and cache.layers[0].is_initialized):
             return self.compiled(input_ids, attention_mask, position_ids, cache)
         x = self.embed(input_ids)
         cos, sin = self.rotary(x, position_ids)  # [rows, width, head_dim]
