@@ -8,7 +8,8 @@ written columns rounded up to COLUMN_MULTIPLE: it is widened (copied into new ze
 COLUMN_MULTIPLE steps, and a decoding step attends over the whole storage (`padded`), unwritten columns behind
 its mask. A view of wider storage would not do: PyTorch's CPU batched matmul copies an operand whose matrices
 are not back to back, so the reserved storage of before had both attention matmuls copy every layer's keys and
-values every step (60 held-out prompts at batch 64, bf16, AMD EPYC, 2 cores: 7.0-7.3 s, now 6.3-6.6 s).
+values every step (60 held-out prompts at batch 64, bf16, AMD EPYC, 2 cores: 6.93 s, now 6.25, medians of 6
+alternating rounds).
 Keys are stored as written ([batch, heads, positions, dim]); the query-key matmul reads their transpose in place.
 Dropping finished rows (batch_select_indices) still copies, but only when it happens.
 """
@@ -52,9 +53,7 @@ class ReservedLayer(DynamicLayer):
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
         end = self.length + key_states.shape[-2]
-        if end > self.capacity:
-            raise ValueError(f"the reserved KV cache holds {self.capacity} positions; {end} were asked for")
-        self._widen(self.padded_columns(end))
+        self._make_room(end)
         self._key_storage[:, :, self.length:end].copy_(key_states)
         self._value_storage[:, :, self.length:end].copy_(value_states)
         self.length = end
@@ -64,15 +63,19 @@ class ReservedLayer(DynamicLayer):
     def step_storage(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Key and value storage with room for one more position, for a step that writes column `length` itself
         (models/compiled_step.py) and then calls `advance`."""
-        if self.length + 1 > self.capacity:
-            raise ValueError(f"the reserved KV cache holds {self.capacity} positions; {self.length + 1} were asked for")
-        self._widen(self.padded_columns(self.length + 1))
+        self._make_room(self.length + 1)
         return self._key_storage, self._value_storage
 
     def advance(self) -> None:
         """Count the column a step wrote into `step_storage` as written."""
         self.length += 1
         self._expose()
+
+    def _make_room(self, end: int) -> None:
+        """Storage for `end` positions, widened to `padded_columns(end)`; more than the capacity is an error."""
+        if end > self.capacity:
+            raise ValueError(f"the reserved KV cache holds {self.capacity} positions; {end} were asked for")
+        self._widen(self.padded_columns(end))
 
     def _widen(self, width: int) -> None:
         """Storage at least `width` positions wide (new zeroed storage holding the written positions)."""
