@@ -1,14 +1,14 @@
 """The lean forward's one-token decoding step as one compiled graph (`tunelab serve --compile`, `chat --compile`).
 
-At one row a bf16 step of the default model reads its 270 MB of weights (~17 ms on 2 AMD EPYC cores), and the
-lean forward's ~20 eager ops a layer add ~6 ms of PyTorch's per-op and Python overhead. Compiled, the norms,
-rotary embedding, residual adds, SwiGLU and the attention's softmax fuse around the matmuls: 22.8 -> 18.9 ms a
-step (llama.cpp: 17.5). The matmuls stay oneDNN's on the packed weights, through `tunelab::packed_linear`, an op
-that finds its weight by number: with the packed weights inside the graph (inductor's freezing) the step was as
-fast but compiled for 50-70 s on every start, as oneDNN's packed tensors keep such a graph out of inductor's
-cache; this way a server's first start compiles for ~1 min and later ones for ~20 s. Rows and cache columns are
-dynamic sizes: one graph serves every batch of two rows or more and every cache width, and one more a single
-row (the only one serve and chat use).
+At one row a bf16 step of the default model mostly reads its 270 MB of weights, and the lean forward's ~20 eager ops
+a layer add ~6 ms of PyTorch's per-op and Python overhead. Compiled, the norms, rotary embedding, residual adds,
+SwiGLU and the attention's softmax fuse around the matmuls: 200 tokens streamed at 22.7 -> 16.4 ms a token (2 AMD
+EPYC cores, prefill included, median of 3 alternating rounds). The matmuls stay oneDNN's on the packed weights,
+through `tunelab::packed_linear`, an op that finds its weight by number: with the packed weights inside the graph
+(inductor's freezing) the step was as fast but compiled for 50-70 s on every start, as oneDNN's packed tensors keep
+such a graph out of inductor's cache; this way a server's first start compiles for ~1 min and later ones for ~20 s.
+Rows and cache columns are dynamic sizes: one graph serves every batch of two rows or more and every cache width,
+and one more a single row (the only one serve and chat use).
 
 Keys and values are written inside the graph, into column `length` of each layer's storage (ReservedLayer.
 step_storage); ReservedLayer.advance then counts them. Only decoding copies qualify (bf16 on CPU, packed linears:
