@@ -107,7 +107,7 @@ def test_chat_with_compile_says_when_a_model_decodes_eagerly(trained_run):
     run, _, _ = trained_run
     result = runner.invoke(app, ["chat", str(run), "--max-new-tokens", "4", "--compile"], input="hi\n/exit\n")
     assert result.exit_code == 0, result.output
-    assert "decodes eagerly" in result.output and "assistant>" in result.output
+    assert "decoding eagerly" in result.output and "bf16" in result.output and "assistant>" in result.output
 
 
 def test_merged_model_equals_base_plus_adapter(trained_run, tmp_path):

@@ -93,11 +93,11 @@ def test_compiled_one_token_steps_compute_what_the_models_own_forward_does(model
     of the cache, and gives the logits transformers' forward gives, within bf16's rounding as the eager lean
     forward does; a model that is not a packed decoding copy is left eager."""
     float_model = random_model(model_type)
-    assert not compile_decoding(float_model) and lean_decoder(float_model).compiled is None
+    assert compile_decoding(float_model) is not None and lean_decoder(float_model).compiled is None
     model = folded_copy(float_model, torch.bfloat16)
     if not packing_available(model):
         pytest.skip("this CPU's oneDNN does not run bf16 matmuls")
-    assert compile_decoding(model, max_rows=3)
+    assert compile_decoding(model, max_rows=3) is None
     lean = lean_decoder(model)
     graph, calls = lean.compiled._graph, []
     lean.compiled._graph = lambda *inputs: calls.append(inputs[0].shape[0]) or graph(*inputs)
@@ -110,6 +110,38 @@ def test_compiled_one_token_steps_compute_what_the_models_own_forward_does(model
     with torch.inference_mode():
         run_both(model, lean, steps=1)
     assert calls == []
+
+
+FAILED_COMPILE = """
+import torch
+torch._inductor.config.force_disable_caches = True
+torch._inductor.config.cpp.cxx = ("/nonexistent/g++",)
+from test_lean_decoder import folded_copy, random_model, run_both
+from tunelab.models.compiled_step import compile_decoding
+from tunelab.models.lean_decoder import lean_decoder
+model = folded_copy(random_model("llama"), torch.bfloat16)
+reason = compile_decoding(model)
+assert reason is not None and "C++ compiler" in reason, reason
+assert lean_decoder(model).compiled is None
+with torch.inference_mode():
+    for got, expected in run_both(model, lean_decoder(model)):
+        torch.testing.assert_close(got.float(), expected.float(), atol=0.06, rtol=0.05)
+print("eager:", reason)
+"""
+
+
+def test_a_failed_compile_says_why_and_leaves_decoding_eager():
+    """Without a working C++ compiler torch.compile fails: compile_decoding says so and the model decodes eagerly,
+    as before. In a process of its own: inductor remembers a compiler it found wanting."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    if not packing_available(folded_copy(random_model("llama"), torch.bfloat16)):
+        pytest.skip("this CPU's oneDNN does not run bf16 matmuls")
+    done = subprocess.run([sys.executable, "-c", FAILED_COMPILE], cwd=Path(__file__).parent, capture_output=True,
+                          text=True, timeout=300)
+    assert done.returncode == 0 and "eager: torch.compile failed" in done.stdout, done.stderr[-3000:]
 
 
 def test_models_it_does_not_compute_exactly_keep_their_own_forward():

@@ -137,8 +137,9 @@ def chat(
         from tunelab.models.compiled_step import compile_decoding
 
         console.print(COMPILING)
-        if not compile_decoding(loaded.model):
-            console.print(NOT_COMPILED)
+        eager_reason = compile_decoding(loaded.model)
+        if eager_reason is not None:
+            console.print(NOT_COMPILED.format(eager_reason))
     options = GenerationOptions(max_new_tokens, sample, temperature, top_p, precision=precision)
     chat_loop(loaded, options, system, console)
 

@@ -14,8 +14,7 @@ LOOPBACK = ("127.0.0.1", "localhost", "::1")
 COMPILE_HELP = ("Compile the single-stream decoding step (bf16 on CPU, llama-family models): ~20% faster while "
                 "one request decodes; compiling takes ~20 s at start (~1 min the first time on a machine).")
 COMPILING = "compiling the decoding step (~20 s; ~1 min the first time on this machine) ..."
-NOT_COMPILED = ("[yellow]note:[/] --compile: this model decodes eagerly (only bf16 decoding on CPU of "
-                "llama-family models without per-row adapters compiles)")
+NOT_COMPILED = "[yellow]note:[/] --compile: decoding eagerly: {}"
 
 
 def serve(
@@ -58,7 +57,7 @@ def serve(
         console.print(f"[yellow]warning:[/] listening on {host} without --api-key: anyone who can reach this "
                       "port can use the model")
     if compile_steps and not served.engine.compiled:
-        console.print(NOT_COMPILED)
+        console.print(NOT_COMPILED.format(served.engine.eager_reason))
     names = ", ".join(f"'{name}'" for name in served.models)
     console.print(f"serving {names} on http://{host}:{port}/v1 (context {served.context} tokens, "
                   f"{served.precision})")

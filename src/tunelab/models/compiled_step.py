@@ -122,20 +122,28 @@ def _step_function(decoder: LeanDecoder, numbers: list[list[str]], head: str):
     return step
 
 
-def compile_decoding(model, max_rows: int = 1) -> bool:
+NOT_A_DECODING_COPY = "only bf16 decoding on CPU of llama-family models without per-row adapters compiles"
+
+
+def compile_decoding(model, max_rows: int = 1) -> str | None:
     """Give `model`'s lean forward a compiled one-token step for batches of up to `max_rows` rows and compile it
-    now (a single row has a graph of its own, every larger batch shares one), so the first request does not wait;
-    False, changing nothing, where the model is not a packed decoding copy. Serve and chat compile single rows
-    only: through HTTP, 8 and 32 clients were served slower with compiled batches (see the README)."""
+    now (a single row has a graph of its own, every larger batch shares one), so the first request does not wait.
+    None once compiled; else why decoding stays eager (nothing changed): the model is not a packed decoding copy,
+    or torch.compile failed (no C++ compiler, say). Serve and chat compile single rows only: through HTTP, 8 and 32
+    clients were served slower with compiled batches (see the README)."""
     decoder = lean_decoder(model)
     if decoder is None or not _packed(decoder):
-        return False
+        return NOT_A_DECODING_COPY
     if decoder.compiled is None:
         decoder.compiled = CompiledStep(decoder)
     decoder.compiled.max_rows = max_rows
-    for rows in range(1, min(max_rows, 2) + 1):
-        _warm_up(model, decoder, rows)
-    return True
+    try:
+        for rows in range(1, min(max_rows, 2) + 1):
+            _warm_up(model, decoder, rows)
+    except torch._dynamo.exc.BackendCompilerFailed as err:
+        decoder.compiled = None
+        return f"torch.compile failed: {str(err).strip().splitlines()[0]}"
+    return None
 
 
 def _packed(decoder: LeanDecoder) -> bool:

@@ -93,8 +93,9 @@ class Engine:
         self.stop_ids = set(stop_token_ids(model, tokenizer))
         self.device = next(model.parameters()).device
         self._forward = decoding_forward(model)  # built once: the served model does not change
-        self.compiled = compile_steps and compile_decoding(model)
-        """Whether one-token steps run a compiled graph (models/compiled_step.py)."""
+        self.eager_reason = compile_decoding(model) if compile_steps else None
+        """With compile_steps, why one-token steps still run eagerly (None: a compiled graph runs single rows)."""
+        self.compiled = compile_steps and self.eager_reason is None
         self._waiting: deque[Request] = deque()
         self._wake = threading.Condition()
         self._closed = False
