@@ -3,12 +3,12 @@
 At one row a bf16 step of the default model mostly reads its 270 MB of weights, and the lean forward's ~20 eager ops
 a layer add ~6 ms of PyTorch's per-op and Python overhead. Compiled, the norms, rotary embedding, residual adds,
 SwiGLU and the attention's softmax fuse around the matmuls: 200 tokens streamed at 22.7 -> 16.4 ms a token (2 AMD
-EPYC cores, prefill included, median of 3 alternating rounds). The matmuls stay oneDNN's on the packed weights,
-through `tunelab::packed_linear`, an op that finds its weight by number: with the packed weights inside the graph
-(inductor's freezing) the step was as fast but compiled for 50-70 s on every start, as oneDNN's packed tensors keep
-such a graph out of inductor's cache; this way a server's first start compiles for ~1 min and later ones for ~20 s.
-Rows and cache columns are dynamic sizes: one graph serves every batch of two rows or more and every cache width,
-and one more a single row (the only one serve and chat use).
+EPYC cores, prefill included, median of 3 alternating rounds; 21.4 -> 17.0 in later runs). The matmuls stay oneDNN's
+on the packed weights, through `tunelab::packed_linear`, an op that finds its weight by number: with the packed
+weights inside the graph (inductor's freezing) the step was as fast but compiled for 50-70 s on every start, as
+oneDNN's packed tensors keep such a graph out of inductor's cache; this way a server's first start compiles for ~1
+min and later ones for ~20 s. Rows and cache columns are dynamic sizes: one graph serves every batch of two rows or
+more and every cache width, and one more a single row (the only one serve and chat use).
 
 Keys and values are written inside the graph, into column `length` of each layer's storage (ReservedLayer.
 step_storage); ReservedLayer.advance then counts them. Only decoding copies qualify (bf16 on CPU, packed linears:
@@ -27,6 +27,7 @@ import torch
 import torch.nn.functional as F
 
 from tunelab.infer.kv_cache import reserved_cache
+from tunelab.models.attention import single_query_attention
 from tunelab.models.lean_decoder import LeanDecoder, attention_bias, lean_decoder
 from tunelab.models.packed_linear import PackedLinear
 
@@ -103,16 +104,11 @@ def _step_function(decoder: LeanDecoder, numbers: list[list[str]], head: str):
         for index, (layer, (qkv_number, output_number, gate_up_number, down_number)) in enumerate(layers):
             h = F.rms_norm(x, x.shape[-1:], layer.input_norm, eps)
             qkv = packed_linear(h, qkv_number).view(rows, 1, heads + 2 * kv_heads, dim)
-            qk, value = qkv[:, :, :heads + kv_heads], qkv[:, :, heads + kv_heads:]
-            if layer.query_norm is not None:
-                qk = torch.cat([F.rms_norm(qk[:, :, :heads], (dim,), layer.query_norm, eps),
-                                F.rms_norm(qk[:, :, heads:], (dim,), layer.key_norm, eps)], dim=2)
-            qk = qk * cos + torch.cat([-qk[..., dim // 2:], qk[..., :dim // 2]], dim=-1) * sin
+            qk = decoder.positioned(layer, qkv[:, :, :heads + kv_heads], cos, sin)
             keys[index].index_copy_(2, column, qk[:, :, heads:].transpose(1, 2))
-            values[index].index_copy_(2, column, value.transpose(1, 2))
-            grouped = qk[:, :, :heads].reshape(rows, kv_heads, heads // kv_heads, dim)
-            scores = torch.matmul(grouped, keys[index].transpose(2, 3)).float().mul_(scaling).add_(bias)
-            attended = torch.matmul(torch.softmax(scores, dim=-1).to(values[index].dtype), values[index])
+            values[index].index_copy_(2, column, qkv[:, :, heads + kv_heads:].transpose(1, 2))
+            attended = single_query_attention(qk[:, :, :heads].transpose(1, 2), keys[index], values[index],
+                                              scaling, bias)
             x = x + packed_linear(attended.reshape(rows, 1, heads * dim), output_number)
             h = F.rms_norm(x, x.shape[-1:], layer.post_attention_norm, eps)
             gate, up = packed_linear(h, gate_up_number).chunk(2, dim=-1)

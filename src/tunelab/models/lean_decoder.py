@@ -99,11 +99,8 @@ class LeanDecoder:
             qkv = layer.qkv[0](h).view(rows, width, heads + 2 * kv_heads, dim)
         else:
             qkv = torch.cat([projection(h) for projection in layer.qkv], dim=-1).view(rows, width, -1, dim)
-        qk, value = qkv[:, :, :heads + kv_heads], qkv[:, :, heads + kv_heads:]
-        if layer.query_norm is not None:
-            qk = torch.cat([F.rms_norm(qk[:, :, :heads], (dim,), layer.query_norm, self.eps),
-                            F.rms_norm(qk[:, :, heads:], (dim,), layer.key_norm, self.eps)], dim=2)
-        qk = qk * cos + torch.cat([-qk[..., dim // 2:], qk[..., :dim // 2]], dim=-1) * sin  # rotary, q and k at once
+        qk = self.positioned(layer, qkv[:, :, :heads + kv_heads], cos, sin)
+        value = qkv[:, :, heads + kv_heads:]
         query = qk[:, :, :heads].transpose(1, 2)
         keys, values = kv.update(qk[:, :, heads:].transpose(1, 2), value.transpose(1, 2))
         if columns is not None:
@@ -113,6 +110,16 @@ class LeanDecoder:
             out = F.scaled_dot_product_attention(query, keys, values, attn_mask=mask, scale=self.scaling,
                                                  enable_gqa=heads != kv_heads).transpose(1, 2)
         return layer.output(out.reshape(rows, width, heads * dim))
+
+
+    def positioned(self, layer: _Layer, qk: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        """Queries and keys [rows, width, heads + kv_heads, dim] after the per-head norms (qwen3) and the rotary
+        embedding, q and k at once (the compiled step runs this too, models/compiled_step.py)."""
+        heads, dim = self.heads, self.head_dim
+        if layer.query_norm is not None:
+            qk = torch.cat([F.rms_norm(qk[:, :, :heads], (dim,), layer.query_norm, self.eps),
+                            F.rms_norm(qk[:, :, heads:], (dim,), layer.key_norm, self.eps)], dim=2)
+        return qk * cos + torch.cat([-qk[..., dim // 2:], qk[..., :dim // 2]], dim=-1) * sin
 
 
 def attention_bias(attention_mask: torch.Tensor, width: int, cached: int) -> torch.Tensor:

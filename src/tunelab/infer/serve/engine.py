@@ -94,8 +94,9 @@ class Engine:
         self.device = next(model.parameters()).device
         self._forward = decoding_forward(model)  # built once: the served model does not change
         self.eager_reason = compile_decoding(model) if compile_steps else None
-        """With compile_steps, why one-token steps still run eagerly (None: a compiled graph runs single rows)."""
+        """With compile_steps, why one-token steps still run eagerly; None once compiled."""
         self.compiled = compile_steps and self.eager_reason is None
+        """Whether single-row one-token steps run a compiled graph (models/compiled_step.py)."""
         self._waiting: deque[Request] = deque()
         self._wake = threading.Condition()
         self._closed = False
