@@ -45,6 +45,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--tunelab-compile", action="store_true",
                         help="serve with --compile (the one-token step compiled; its compile runs before the server "
                              "answers, so it is not in the numbers)")
+    parser.add_argument("--tunelab-no-lookup", action="store_true",
+                        help="serve with --no-lookup (one token a pass; lookup drafts are on by default)")
+    parser.add_argument("--peer-lookup", action="store_true",
+                        help="the peer with llama-cpp-python's prompt-lookup decoding (--draft_model "
+                             "prompt-lookup-decoding: drafts from the request's own tokens)")
     parser.add_argument("--quant", default=None, help="GGUF type the peer serves (default: bf16 or f32, as tunelab)")
     parser.add_argument("--repeats", type=int, default=1, help="(tunelab, peer) pairs, alternating")
     parser.add_argument("--results", type=Path, default=BENCH / "results")
@@ -76,9 +81,10 @@ def server_command(tool: str, args: argparse.Namespace, gguf: Path, port: int, m
     if tool == "tunelab":
         return [TUNELAB, "serve", args.model, "--port", str(port), "--precision", args.precision,
                 "--max-batch", str(max_clients), "--max-waiting", str(4 * max_clients),
-                *(["--compile"] if args.tunelab_compile else [])]
+                *(["--compile"] if args.tunelab_compile else []), *(["--no-lookup"] if args.tunelab_no_lookup else [])]
     return [sys.executable, "-m", "llama_cpp.server", "--model", str(gguf), "--port", str(port),
-            "--n_ctx", "4096", "--n_threads", cores, "--n_threads_batch", cores, "--verbose", "false"]
+            "--n_ctx", "4096", "--n_threads", cores, "--n_threads_batch", cores, "--verbose", "false",
+            *(["--draft_model", "prompt-lookup-decoding"] if args.peer_lookup else [])]
 
 
 PEER_REQUEST = {"repeat_penalty": 1.0}
@@ -163,8 +169,9 @@ def table(levels: list[int], runs: dict[str, list[list[dict]]], args: argparse.N
                                       if len(values) > 1 else "")
 
     lines = [f"Completion tokens/s, greedy, max_tokens {args.max_tokens}, {args.rounds} requests per client; "
-             f"tunelab decodes in {args.precision}{' (--compile)' if args.tunelab_compile else ''}, the peer serves "
-             f"the {args.quant} GGUF.", "",
+             f"tunelab decodes in {args.precision}{' (--compile)' if args.tunelab_compile else ''}"
+             f"{' (--no-lookup)' if args.tunelab_no_lookup else ''}, the peer serves the {args.quant} GGUF"
+             f"{' with prompt-lookup decoding' if args.peer_lookup else ''}.", "",
              "| clients | tunelab tokens/s | peer tokens/s | ratio (tunelab / peer) | tunelab median latency s | "
              "peer median latency s | same replies |", "|---:|---:|---:|---:|---:|---:|---:|"]
     for index, clients in enumerate(levels):

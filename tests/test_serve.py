@@ -311,3 +311,35 @@ def test_one_adapter_beside_its_base_leaves_the_base_rows_plain(tiny_model_dir, 
     finally:
         live.stop()
         served.engine.close()
+
+
+def test_a_request_alone_decodes_with_lookup_drafts_and_gets_the_same_reply(run_dir):
+    """One request at a time, each checks tokens drafted from its prompt and earlier replies; greedy and seeded
+    replies are the ones an engine without drafts gives (float32), with drafts kept."""
+    from tunelab.infer.serve.engine import Request
+    from tunelab.infer.serve.engine import Sampling as EngineSampling
+
+    replies = {}
+    for lookup in (False, True):
+        served = load_served(str(run_dir), max_batch=4, lookup=lookup)
+        tokenizer = served.engine.tokenizer
+        renderer = served.models["run"].renderer
+        try:
+            replies[lookup] = []
+            for prompt in PROMPTS * 2:
+                for sampling in (EngineSampling(12, temperature=0), EngineSampling(12, temperature=1.0, seed=5)):
+                    done = threading.Event()
+                    finished = []
+                    ids = tokenizer(renderer.prompt([{"role": "user", "content": prompt}]),
+                                    add_special_tokens=False)["input_ids"]
+                    served.engine.submit(Request(ids, sampling, None, lambda text: None,
+                                                 lambda end, finished=finished, done=done: (finished.append(end),
+                                                                                            done.set())))
+                    assert done.wait(60)
+                    replies[lookup].append((finished[0].text, finished[0].completion_tokens))
+            assert (served.engine.accepted > 0) == lookup
+            assert served.engine.steps < sum(tokens for _, tokens in replies[lookup]) or not lookup
+        finally:
+            served.engine.close()
+    assert replies[True] == replies[False]
+    assert len({text for text, _ in replies[False]}) > 2  # greedy and sampled replies differ: seeds are compared

@@ -12,7 +12,7 @@ from rich.table import Table
 
 from tunelab.cli_common import console, errors, fail, quiet_libraries
 from tunelab.cli_data import data_app
-from tunelab.cli_serve import COMPILE_HELP, COMPILING, NOT_COMPILED, serve, ui
+from tunelab.cli_serve import COMPILE_HELP, COMPILING, LOOKUP_HELP, NOT_COMPILED, serve, ui
 from tunelab.errors import ConfigError, UserError
 
 app = typer.Typer(help="Fine-tune large language models end to end.", no_args_is_help=True, add_completion=False)
@@ -97,13 +97,14 @@ def generate(
     batch_size: int = typer.Option(16),
     seed: int = typer.Option(0),
     system: str | None = typer.Option(None, help="System prompt added to rows that have none."),
+    lookup: bool = typer.Option(True, "--lookup/--no-lookup", help=LOOKUP_HELP),
 ) -> None:
     """Reply to every prompt in INPUT, in batches, with the model's chat template."""
     quiet_libraries()
     from tunelab.infer.batch import generate_file
     from tunelab.infer.generate import GenerationOptions
 
-    options = GenerationOptions(max_new_tokens, sample, temperature, top_p, batch_size, seed)
+    options = GenerationOptions(max_new_tokens, sample, temperature, top_p, batch_size, seed, lookup=lookup)
     try:
         count = generate_file(model, input, output, options, system)
     except UserError as err:
@@ -120,6 +121,7 @@ def chat(
     temperature: float = typer.Option(0.7),
     top_p: float = typer.Option(0.9),
     compile_steps: bool = typer.Option(False, "--compile", help=COMPILE_HELP),
+    lookup: bool = typer.Option(True, "--lookup/--no-lookup", help=LOOKUP_HELP),
 ) -> None:
     """Talk to a model in the terminal; replies stream as they are generated."""
     quiet_libraries()
@@ -140,7 +142,7 @@ def chat(
         eager_reason = compile_decoding(loaded.model)
         if eager_reason is not None:
             console.print(NOT_COMPILED.format(eager_reason))
-    options = GenerationOptions(max_new_tokens, sample, temperature, top_p, precision=precision)
+    options = GenerationOptions(max_new_tokens, sample, temperature, top_p, precision=precision, lookup=lookup)
     chat_loop(loaded, options, system, console)
 
 

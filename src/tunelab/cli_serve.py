@@ -15,6 +15,8 @@ COMPILE_HELP = ("Compile the single-stream decoding step (bf16 on CPU, llama-fam
                 "one request decodes; compiling takes ~20 s at start (~1 min the first time on a machine).")
 COMPILING = "compiling the decoding step (~20 s; ~1 min the first time on this machine) ..."
 NOT_COMPILED = "[yellow]note:[/] --compile: decoding eagerly: {}"
+LOOKUP_HELP = ("While one reply decodes alone, draft its next tokens from the prompt and earlier replies and check "
+               "them in the same pass (the same reply, in fewer passes); --no-lookup decodes one token a pass.")
 
 
 def serve(
@@ -30,6 +32,7 @@ def serve(
     precision: str = typer.Option("auto", help="auto (what the runs trained in, as `tunelab generate` decodes; "
                                   "fp32 if any of them did), bf16 or fp32."),
     compile_steps: bool = typer.Option(False, "--compile", help=COMPILE_HELP),
+    lookup: bool = typer.Option(True, "--lookup/--no-lookup", help=LOOKUP_HELP),
 ) -> None:
     """Serve MODEL over an OpenAI-compatible API: /v1/chat/completions, /v1/completions (streamed or not),
     /v1/models, /health. Prompts use the run's chat template, as training and `generate` do."""
@@ -50,7 +53,7 @@ def serve(
         if compile_steps:
             console.print(COMPILING)
         served = load_served(model, adapters=adapters, max_batch=max_batch, max_waiting=max_waiting,
-                             precision=precision, start_engine=False, compile_steps=compile_steps)
+                             precision=precision, start_engine=False, compile_steps=compile_steps, lookup=lookup)
     except UserError as err:
         fail(err)
     if host not in LOOPBACK and not api_key:

@@ -28,7 +28,7 @@ def stream_reply(loaded: LoadedModel, messages: list[dict[str, str]], options: G
     sent = 0
     with decoding_model(model, options.precision) as decoder:
         for token in stream(decoder, prompt, max_new_tokens=options.max_new_tokens,
-                            stop_ids=stop_token_ids(model, tokenizer), sampling=sampling):
+                            stop_ids=stop_token_ids(model, tokenizer), sampling=sampling, lookup=options.lookup):
             tokens.append(token)
             text = tokenizer.decode(tokens, skip_special_tokens=True)
             ready = len(text) - 1 if text.endswith("\ufffd") else len(text)  # wait for the rest of a character

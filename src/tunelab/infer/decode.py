@@ -28,7 +28,8 @@ import torch
 
 from tunelab.models.lean_decoder import lean_decoder
 
-from .kv_cache import reserved_cache, stack_rows
+from .kv_cache import ReservedLayer, reserved_cache, rewind, stack_rows
+from .lookup import DRAFT_TOKENS, History, NgramIndex, draft
 
 if TYPE_CHECKING:
     from collections.abc import Callable
@@ -61,16 +62,23 @@ class Decoded:
 
 @torch.no_grad()
 def decode(model, prompts: list[list[int]], *, max_new_tokens: int, stop_ids: list[int], pad_id: int,
-           sampling: Sampling | None = None, batch_size: int = 16, repeats: int = 1) -> Decoded:
+           sampling: Sampling | None = None, batch_size: int = 16, repeats: int = 1, lookup: bool = True) -> Decoded:
     """Completions of every prompt, `repeats` per prompt (prompt 0's first), greedy unless `sampling`.
-    `batch_size` counts prompts (each batch decodes batch_size x repeats rows)."""
+    `batch_size` counts prompts (each batch decodes batch_size x repeats rows); a batch of a single row decodes
+    with lookup drafts (see stream) unless `lookup` is False."""
     n = len(prompts)
     tokens: list[list[int]] = [[] for _ in range(n * repeats)]
     truncated = [True] * (n * repeats)
     generator = None
     if sampling is not None:
         generator = torch.Generator(device=_device(model)).manual_seed(sampling.seed)
+    history = History() if lookup else None
     for batch in _batches_by_length(prompts, batch_size):
+        if len(batch) == 1 and repeats == 1:  # one row: lookup decoding (see _single_row)
+            new = list(_single_row(model, prompts[batch[0]], max_new_tokens, set(stop_ids), sampling, generator,
+                                   history))
+            tokens[batch[0]], truncated[batch[0]] = new, new[-1] not in stop_ids
+            continue
         done = _decode_batch(model, [prompts[i] for i in batch], max_new_tokens, set(stop_ids), pad_id, sampling,
                              generator, repeats)
         for slot, (new, cut) in enumerate(zip(*done, strict=True)):
@@ -81,26 +89,63 @@ def decode(model, prompts: list[list[int]], *, max_new_tokens: int, stop_ids: li
 
 @torch.no_grad()
 def stream(model, prompt: list[int], *, max_new_tokens: int, stop_ids: list[int],
-           sampling: Sampling | None = None) -> Iterator[int]:
+           sampling: Sampling | None = None, lookup: bool = True) -> Iterator[int]:
     """The tokens of one completion as they are decoded, through its stop token: decode's loop for a single
-    prompt (the same prefill, cache and picks, so a greedy stream is decode's reply), for chat."""
-    device = _device(model)
-    generator = torch.Generator(device=device).manual_seed(sampling.seed) if sampling is not None else None
+    prompt (the same prefill, cache and picks, so a greedy stream is decode's reply), for chat. With `lookup`
+    (and a lean forward) each pass also checks tokens drafted from the prompt and reply (infer/lookup.py)."""
+    generator = None
+    if sampling is not None:
+        generator = torch.Generator(device=_device(model)).manual_seed(sampling.seed)
+    yield from _single_row(model, prompt, max_new_tokens, set(stop_ids), sampling, generator,
+                           History() if lookup else None)
+
+
+def _single_row(model, prompt: list[int], max_new_tokens: int, stops: set[int], sampling: Sampling | None,
+                generator: torch.Generator | None, history: History | None) -> Iterator[int]:
+    """stream's loop. Every token is picked from the model's logits in order, one draw each, whether or not it
+    was drafted: a drafted token counts only where the pick equals it, and the pass's later positions (computed
+    after it) are used only while they do. So drafts change how many passes a reply takes, not the reply (up to
+    the rounding of a wider pass in bf16)."""
     with torch.inference_mode():  # not across a yield, which would leave the caller in it (compiled_step.py: why)
-        logits, cache, mask, positions = prefill(model, [prompt], 0, max_new_tokens)
+        logits, cache, _, _ = prefill(model, [prompt], 0, max_new_tokens)
     forward = decoding_forward(model)
-    width = mask.shape[1]
-    mask = torch.cat([mask, mask.new_ones(1, max_new_tokens)], dim=1)
-    next_position = positions[:, -1:] + 1
-    for step in range(max_new_tokens):
-        token = _pick(logits, sampling, generator)
-        yield int(token)
-        if int(token) in stop_ids:
+    own = NgramIndex(prompt) if history is not None and drafts_possible(model) else None
+    device = logits.device
+    token = int(_pick(logits, sampling, generator)[0])
+    produced = []
+    while True:
+        yield token
+        produced.append(token)
+        if token in stops or len(produced) == max_new_tokens:
+            if history is not None:
+                history.add(produced)
             return
-        if step < max_new_tokens - 1:
-            with torch.inference_mode():
-                logits = forward(token[:, None], mask[:, :width + step + 1], next_position, cache)
-            next_position = next_position + 1
+        drafts = []
+        if own is not None:
+            own.extend([token])
+            drafts = draft(own, history, min(DRAFT_TOKENS, max_new_tokens - len(produced) - 1))
+        cached = cache.get_seq_length()
+        width = 1 + len(drafts)
+        with torch.inference_mode():
+            out = forward(torch.tensor([[token, *drafts]], device=device),
+                          torch.ones(1, cached + width, dtype=torch.long, device=device),
+                          torch.arange(cached, cached + width, device=device)[None], cache,
+                          **({"every_position": True} if drafts else {}))
+        if not drafts:
+            token = int(_pick(out, sampling, generator)[0])
+            continue
+        for position, drafted in enumerate([*drafts, None]):
+            token = int(_pick(out[:, position], sampling, generator)[0])
+            if token != drafted:
+                break
+            yield token
+            produced.append(token)
+            own.extend([token])
+            if token in stops:
+                history.add(produced)
+                return
+        with torch.inference_mode():
+            rewind(cache, cached + 1 + position)
 
 
 def _batches_by_length(prompts: list[list[int]], batch_size: int) -> Iterator[list[int]]:
@@ -241,10 +286,17 @@ def decoding_forward(model, row_inputs: dict | None = None) -> Forward:
 
 def model_forward(model, row_inputs: dict | None = None) -> Forward:
     """decoding_forward through the model's own forward."""
-    def forward(input_ids, attention_mask, position_ids, cache):
-        return model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, cache=cache,
-                     use_cache=True, logits_to_keep=1, **(row_inputs or {})).logits[:, -1]
+    def forward(input_ids, attention_mask, position_ids, cache, every_position: bool = False):
+        logits = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, cache=cache,
+                       use_cache=True, logits_to_keep=0 if every_position else 1, **(row_inputs or {})).logits
+        return logits if every_position else logits[:, -1]
     return forward
+
+
+def drafts_possible(model) -> bool:
+    """Whether lookup drafts can be checked on `model`: every layer of its cache is a reserved one, whose positions
+    the model rejected can be forgotten (ReservedLayer.rewind; sliding-window layers cannot)."""
+    return all(type(layer) is ReservedLayer for layer in reserved_cache(model.config, 1).layers)
 
 
 def _shared_prefix_length(prompts: list[list[int]]) -> int:

@@ -25,6 +25,9 @@ class GenerationOptions:
     seed: int = 0
     precision: str = "fp32"
     """The compute dtype: `bf16` decodes a bf16 copy of an fp32 model (see decoding_model), as training computed."""
+    lookup: bool = True
+    """A reply decoded alone checks tokens drafted from its prompt and earlier replies in each pass (same reply,
+    fewer passes: infer/lookup.py)."""
 
 
 def stop_token_ids(model, tokenizer) -> list[int]:
@@ -60,7 +63,7 @@ def generate_replies(
             return [reply for batch in _generate_batches(decoder, renderer, conversations, options) for reply in batch]
         decoded = decode(decoder, prompts, max_new_tokens=options.max_new_tokens,
                          stop_ids=stop_token_ids(model, tokenizer), pad_id=tokenizer.pad_token_id,
-                         sampling=sampling, batch_size=options.batch_size)
+                         sampling=sampling, batch_size=options.batch_size, lookup=options.lookup)
     return [tokenizer.decode(tokens, skip_special_tokens=True).strip() for tokens in decoded.tokens]
 
 

@@ -98,6 +98,15 @@ class ReservedLayer(DynamicLayer):
     def get_seq_length(self) -> int:
         return self.length
 
+    def rewind(self, length: int) -> None:
+        """Forget the positions from `length` on (drafted tokens the model did not confirm, infer/lookup.py); their
+        columns are zeroed, as unwritten columns are."""
+        if length < self.length:
+            self._key_storage[:, :, length:self.length].zero_()
+            self._value_storage[:, :, length:self.length].zero_()
+            self.length = length
+            self._expose()
+
     def padded_columns(self, length: int) -> int:
         """`length` rounded up to COLUMN_MULTIPLE, within the capacity."""
         return min(self.capacity, -(-length // COLUMN_MULTIPLE) * COLUMN_MULTIPLE)
@@ -150,6 +159,12 @@ def reserved_cache(config, capacity: int) -> DynamicCache:
     cache = DynamicCache(config=config)
     cache.layers = [ReservedLayer(capacity) if type(layer) is DynamicLayer else layer for layer in cache.layers]
     return cache
+
+
+def rewind(cache: DynamicCache, length: int) -> None:
+    """Every layer of a reserved cache back to its first `length` positions (ReservedLayer.rewind)."""
+    for layer in cache.layers:
+        layer.rewind(length)
 
 
 def stack_rows(parts: list[tuple[DynamicCache, torch.Tensor]], config, room: int) -> tuple[DynamicCache, torch.Tensor]:

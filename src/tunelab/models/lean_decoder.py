@@ -45,7 +45,8 @@ class _Layer:
 
 class LeanDecoder:
     """`decoder(input_ids, attention_mask, position_ids, cache)` -> the last position's logits [rows, vocab], as
-    `model(..., cache=cache, use_cache=True, logits_to_keep=1).logits[:, -1]` gives them."""
+    `model(..., cache=cache, use_cache=True, logits_to_keep=1).logits[:, -1]` gives them; with every_position=True
+    every position's [rows, width, vocab] (lookup decoding checks drafted tokens with them)."""
 
     def __init__(self, model, fuse: bool):
         config = model.config
@@ -65,9 +66,9 @@ class LeanDecoder:
 
     @torch.no_grad()
     def __call__(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor,
-                 cache) -> torch.Tensor:
+                 cache, every_position: bool = False) -> torch.Tensor:
         rows, width = input_ids.shape
-        if (width == 1 and self.compiled is not None and rows <= self.compiled.max_rows
+        if (width == 1 and not every_position and self.compiled is not None and rows <= self.compiled.max_rows
                 and cache.layers[0].is_initialized):
             return self.compiled(input_ids, attention_mask, position_ids, cache)
         x = self.embed(input_ids)
@@ -88,8 +89,8 @@ class LeanDecoder:
             else:
                 gate, up = (projection(h) for projection in layer.gate_up)
             x = x + layer.down(F.silu(gate) * up)
-        last = F.rms_norm(x[:, -1], x.shape[-1:], self.norm, self.eps)
-        return self.head(last)
+        kept = x if every_position else x[:, -1]
+        return self.head(F.rms_norm(kept, x.shape[-1:], self.norm, self.eps))
 
     def _attention(self, layer: _Layer, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                    mask: torch.Tensor, kv: ReservedLayer, columns: int | None) -> torch.Tensor:

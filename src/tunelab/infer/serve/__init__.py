@@ -18,14 +18,15 @@ SHARED_BASE_METHODS = ("lora", "dora", "rslora")
 
 def load_served(spec: str, *, adapters: dict[str, str] | None = None, max_batch: int = 8, max_waiting: int = 64,
                 device: str | None = None, precision: str = "auto", start_engine: bool = True,
-                compile_steps: bool = False) -> Served:
+                compile_steps: bool = False, lookup: bool = True) -> Served:
     """A run directory or model spec loaded for serving, named as clients must name it in `model` (the run
     folder's name, or the spec as given), plus LoRA runs on the same base under the names given in `adapters`,
     all answered by one model in memory: each request's rows use its own adapter (or none), in one batch.
     `precision` `auto` decodes as `tunelab generate` does: in what the run trained in (auto's choice for a model
     that is not a run; see auto_precision with `adapters`). With start_engine=False the caller runs the engine
     (`served.engine.run_here()`). `compile_steps` compiles the one-token decoding step where it can
-    (models/compiled_step.py; `served.engine.compiled` says whether it did)."""
+    (models/compiled_step.py; `served.engine.compiled` says whether it did); `lookup` drafts tokens for a request
+    decoded alone (infer/lookup.py)."""
     from tunelab.infer.load import in_compute_dtype, is_run_dir, load_generator
 
     loaded = load_generator(spec, device)
@@ -43,7 +44,7 @@ def load_served(spec: str, *, adapters: dict[str, str] | None = None, max_batch:
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     context = int(getattr(base.config, "max_position_embeddings", 2048))
     engine = Engine(model, loaded.tokenizer, max_batch=max_batch, max_waiting=max_waiting, start=start_engine,
-                    compile_steps=compile_steps)
+                    compile_steps=compile_steps, lookup=lookup)
     return Served(routes, engine, context, precision=serving_precision(model))
 
 

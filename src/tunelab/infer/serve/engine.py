@@ -24,9 +24,10 @@ from dataclasses import dataclass, field
 import torch
 
 from tunelab.infer.decode import Sampling as DecodeSampling
-from tunelab.infer.decode import decoding_forward, model_forward, pick_scores, prefill
+from tunelab.infer.decode import decoding_forward, drafts_possible, model_forward, pick_scores, prefill
 from tunelab.infer.generate import stop_token_ids
-from tunelab.infer.kv_cache import ReservedLayer, stack_rows
+from tunelab.infer.kv_cache import ReservedLayer, rewind, stack_rows
+from tunelab.infer.lookup import DRAFT_TOKENS, History, NgramIndex, draft
 from tunelab.models.attention import DECODE, attention_implementation
 from tunelab.models.compiled_step import compile_decoding
 
@@ -72,6 +73,11 @@ class Request:
     sent: int = 0
     """Characters of the reply already handed to on_text."""
     generator: torch.Generator | None = None
+    drawn: int | None = None
+    """Its next token, already picked while checking drafts (engine._step_with_drafts): the next step uses it
+    instead of picking again, so no extra draw is made."""
+    own: NgramIndex | None = None
+    """Its prompt and reply so far, indexed for lookup drafts."""
 
 
 class Engine:
@@ -82,10 +88,14 @@ class Engine:
     runs torch ops its own team of workers, and once it manages more threads than there are CPUs it cuts their
     spin-wait to 1000 iterations, so every matmul wakes sleeping workers. With the model loaded in the main
     thread and decoded in a worker, batch-1 decoding of 48 tokens took 4.1 s instead of 2.4 (default model, bf16,
-    2 cores, AMD EPYC)."""
+    2 cores, AMD EPYC).
+
+    A request decoded alone (the only active row) checks lookup drafts in each pass (infer/lookup.py) unless
+    made with lookup=False: tokens drafted from its prompt, its reply so far and earlier replies. With more rows a
+    CPU pass costs in proportion to the positions it computes, so drafts the model rejects would cost time."""
 
     def __init__(self, model, tokenizer, *, max_batch: int = 8, max_waiting: int = 64, start: bool = True,
-                 compile_steps: bool = False) -> None:
+                 compile_steps: bool = False, lookup: bool = True) -> None:
         self.model = model
         self.tokenizer = tokenizer
         self.max_batch = max_batch
@@ -97,6 +107,11 @@ class Engine:
         """With compile_steps, why one-token steps still run eagerly; None once compiled."""
         self.compiled = compile_steps and self.eager_reason is None
         """Whether single-row one-token steps run a compiled graph (models/compiled_step.py)."""
+        self.history = History() if lookup and drafts_possible(model) else None
+        """Earlier replies, for lookup drafts; None when requests decode without them."""
+        self.drafted = 0
+        self.accepted = 0
+        """Tokens drafted, and of them those the model confirmed."""
         self._waiting: deque[Request] = deque()
         self._wake = threading.Condition()
         self._closed = False
@@ -201,7 +216,7 @@ class Engine:
             if finished is None:
                 keep.append(row)
             else:
-                request.on_done(finished)
+                self._done(request, finished)
         self.steps += 1
         if len(keep) < len(self._active):
             if not keep:
@@ -213,7 +228,9 @@ class Engine:
             self._mask = self._mask[index]
             tokens = [tokens[i] for i in keep]
             self._trim()
-        _make_room(self._cache)
+        if len(self._active) == 1 and self.history is not None and self._step_with_drafts(tokens[0]):
+            return
+        _make_room(self._cache, 1)
         mask = torch.cat([self._mask, self._mask.new_ones(len(keep), 1)], dim=1)
         positions = self._mask.sum(dim=1, keepdim=True)
         adapters = self._adapters(self._active)
@@ -222,18 +239,72 @@ class Engine:
         self._mask = mask
         self._logits = logits.float()
 
+    def _step_with_drafts(self, token: int) -> bool:
+        """Run the only active row one pass on from `token` together with tokens drafted for it, keeping those
+        the model confirms (infer/decode.py's _single_row: the reply is the one without drafts); False, having
+        done nothing, when there is no draft."""
+        request = self._active[0]
+        if self._adapters(self._active) or not request.sampling.max_tokens - len(request.generated) > 1:
+            return False
+        if request.own is None:
+            request.own = NgramIndex(request.prompt_ids)
+        request.own.extend(request.generated[len(request.own.tokens) - len(request.prompt_ids):])
+        drafts = draft(request.own, self.history,
+                       min(DRAFT_TOKENS, request.sampling.max_tokens - len(request.generated) - 1))
+        if not drafts:
+            return False
+        width = 1 + len(drafts)
+        cached = self._cache.get_seq_length()
+        _make_room(self._cache, width)
+        mask = torch.cat([self._mask, self._mask.new_ones(1, width)], dim=1)
+        first = int(self._mask.sum())
+        logits = self._forward(torch.tensor([[token, *drafts]], device=self.device), mask,
+                               torch.arange(first, first + width, device=self.device)[None], self._cache,
+                               every_position=True)[0].float()
+        self.drafted += len(drafts)
+        for confirmed, drafted in enumerate([*drafts, None]):
+            picked = self._pick_row(request, logits[confirmed])
+            if picked != drafted:
+                request.drawn = picked
+                break
+            self.accepted += 1
+            request.generated.append(picked)
+            finished = self._advance(request, picked)
+            if finished is not None:
+                self._done(request, finished)
+                self._active, self._cache, self._mask, self._logits = [], None, None, None
+                return True
+        rewind(self._cache, cached + 1 + confirmed)
+        self._mask = mask[:, :cached + 1 + confirmed]
+        self._logits = logits[confirmed:confirmed + 1]
+        return True
+
     def _pick(self, logits: torch.Tensor) -> list[int]:
-        """Each row's next token with its own sampling settings and generator."""
+        """Each row's next token with its own sampling settings and generator (or the one it already drew)."""
         greedy = logits.argmax(dim=-1).tolist()
         picked = []
         for row, request in enumerate(self._active):
-            sampling = request.sampling
-            if sampling.temperature <= 0:
+            if request.drawn is not None:
+                picked.append(request.drawn)
+                request.drawn = None
+            elif request.sampling.temperature <= 0:
                 picked.append(greedy[row])
-                continue
-            shaped = DecodeSampling(temperature=sampling.temperature, top_p=sampling.top_p)
-            picked.append(int(pick_scores(logits[row : row + 1].cpu(), shaped, request.generator).argmax()))
+            else:
+                picked.append(self._pick_row(request, logits[row]))
         return picked
+
+    def _pick_row(self, request: Request, logits: torch.Tensor) -> int:
+        """One row's next token from its logits [vocab], with its sampling settings and generator."""
+        sampling = request.sampling
+        if sampling.temperature <= 0:
+            return int(logits.argmax())
+        shaped = DecodeSampling(temperature=sampling.temperature, top_p=sampling.top_p)
+        return int(pick_scores(logits[None].cpu(), shaped, request.generator).argmax())
+
+    def _done(self, request: Request, finished: Finished) -> None:
+        if self.history is not None:
+            self.history.add(request.generated)
+        request.on_done(finished)
 
     def _advance(self, request: Request, token: int) -> Finished | None:
         """Hand out the text `token` completed; a Finished when the request is done."""
@@ -288,11 +359,11 @@ class Engine:
         return base.config
 
 
-def _make_room(cache) -> None:
-    """Grow the reserved layers by ROOM positions when the next token would not fit."""
+def _make_room(cache, positions: int) -> None:
+    """Grow the reserved layers by ROOM positions (or more) when the next `positions` would not fit."""
     for layer in cache.layers:
-        if isinstance(layer, ReservedLayer) and layer.length >= layer.capacity:
-            layer.grow(layer.capacity + ROOM)
+        if isinstance(layer, ReservedLayer) and layer.length + positions > layer.capacity:
+            layer.grow(max(layer.capacity + ROOM, layer.length + positions))
 
 
 def _first_stop(text: str, stops: tuple[str, ...]) -> int | None:
