@@ -9,7 +9,7 @@ import pytest
 import torch
 from transformers import LlamaConfig
 
-from tunelab.infer.decode import Sampling, decode, stream
+from tunelab.infer.decode import Sampling, decode, drafts_possible, stream
 from tunelab.infer.generate import decoding_model, stop_token_ids
 from tunelab.infer.kv_cache import ReservedLayer, reserved_cache, rewind
 from tunelab.infer.lookup import History, NgramIndex, draft
@@ -93,3 +93,16 @@ def test_lookup_gives_the_reply_without_drafts_in_fewer_passes(default_model, mo
     streamed = list(stream(model, prompts[2], max_new_tokens=40, stop_ids=stops, sampling=sampling))
     alone = decode(model, prompts[2:], max_new_tokens=40, stop_ids=stops, pad_id=0, lookup=False, sampling=sampling)
     assert streamed == alone.tokens[0]  # (decode's draws for prompt 2 came after the other prompts')
+
+
+def test_a_sliding_window_model_decodes_alone_without_drafts_as_generate_does():
+    from test_lean_decoder import random_model
+
+    model = random_model("mistral", sliding_window=8)  # its cache's sliding layers cannot forget drafts
+    assert not drafts_possible(model)
+    prompt = [5, 17, 33, 2, 60, 7, 7, 41, 9, 12, 3]
+    decoded = decode(model, [prompt], max_new_tokens=16, stop_ids=[0], pad_id=0)
+    ids = torch.tensor([prompt])
+    expected = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=16, do_sample=False,
+                              eos_token_id=0, pad_token_id=0)[0, len(prompt):].tolist()
+    assert decoded.tokens[0] == (expected[:expected.index(0) + 1] if 0 in expected else expected)

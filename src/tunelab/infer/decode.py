@@ -92,7 +92,8 @@ def stream(model, prompt: list[int], *, max_new_tokens: int, stop_ids: list[int]
            sampling: Sampling | None = None, lookup: bool = True) -> Iterator[int]:
     """The tokens of one completion as they are decoded, through its stop token: decode's loop for a single
     prompt (the same prefill, cache and picks, so a greedy stream is decode's reply), for chat. With `lookup`
-    (and a lean forward) each pass also checks tokens drafted from the prompt and reply (infer/lookup.py)."""
+    each pass also checks tokens drafted from the prompt and reply (infer/lookup.py), where the model's cache can
+    forget the drafts it rejects (drafts_possible)."""
     generator = None
     if sampling is not None:
         generator = torch.Generator(device=_device(model)).manual_seed(sampling.seed)
@@ -124,7 +125,7 @@ def _single_row(model, prompt: list[int], max_new_tokens: int, stops: set[int], 
         if own is not None:
             own.extend([token])
             drafts = draft(own, history, min(DRAFT_TOKENS, max_new_tokens - len(produced) - 1))
-        cached = cache.get_seq_length()
+        cached = len(prompt) + len(produced) - 1  # positions in the cache: all but the token just picked
         width = 1 + len(drafts)
         with torch.inference_mode():
             out = forward(torch.tensor([[token, *drafts]], device=device),

@@ -244,13 +244,13 @@ class Engine:
         the model confirms (infer/decode.py's _single_row: the reply is the one without drafts); False, having
         done nothing, when there is no draft."""
         request = self._active[0]
-        if self._adapters(self._active) or not request.sampling.max_tokens - len(request.generated) > 1:
+        left = request.sampling.max_tokens - len(request.generated)  # the pass picks up to len(drafts) + 1
+        if left < 2 or request.cancelled.is_set() or self._adapters(self._active):
             return False
         if request.own is None:
             request.own = NgramIndex(request.prompt_ids)
         request.own.extend(request.generated[len(request.own.tokens) - len(request.prompt_ids):])
-        drafts = draft(request.own, self.history,
-                       min(DRAFT_TOKENS, request.sampling.max_tokens - len(request.generated) - 1))
+        drafts = draft(request.own, self.history, min(DRAFT_TOKENS, left - 1))
         if not drafts:
             return False
         width = 1 + len(drafts)
