@@ -313,33 +313,53 @@ def test_one_adapter_beside_its_base_leaves_the_base_rows_plain(tiny_model_dir, 
         served.engine.close()
 
 
-def test_a_request_alone_decodes_with_lookup_drafts_and_gets_the_same_reply(run_dir):
-    """One request at a time, each checks tokens drafted from its prompt and earlier replies; greedy and seeded
-    replies are the ones an engine without drafts gives (float32), with drafts kept."""
+def submit_together(engine, renderer, together: list) -> list:
+    """Submit (prompt, engine Sampling) requests at once; their Finished ends, in order."""
     from tunelab.infer.serve.engine import Request
+
+    finished = [threading.Event() for _ in together]
+    ends: list = [None] * len(together)
+
+    def on_done(index: int):
+        return lambda end: (ends.__setitem__(index, end), finished[index].set())
+
+    for index, (prompt, sampling) in enumerate(together):
+        ids = engine.tokenizer(renderer.prompt([{"role": "user", "content": prompt}]),
+                               add_special_tokens=False)["input_ids"]
+        engine.submit(Request(ids, sampling, None, lambda text: None, on_done(index)))
+    assert all(event.wait(60) for event in finished)
+    return ends
+
+
+def counting(forward, shapes: list):
+    """`forward`, noting the [rows, width] of every pass it runs."""
+    return lambda ids, *args, **kwargs: shapes.append(tuple(ids.shape)) or forward(ids, *args, **kwargs)
+
+
+def test_lookup_drafts_leave_replies_as_they_are_alone_and_in_batches(run_dir):
+    """Requests one at a time and eight at once through a batch of 4 check tokens drafted from their prompts and
+    earlier replies, rows of a pass confirming different numbers of them; greedy and seeded replies are the ones
+    an engine without drafts gives (float32), in fewer passes."""
     from tunelab.infer.serve.engine import Sampling as EngineSampling
 
-    replies = {}
+    greedy, seeded = EngineSampling(12, temperature=0), EngineSampling(12, temperature=1.0, seed=5)
+    jobs = [[(prompt, sampling)] for prompt in PROMPTS * 2 for sampling in (greedy, seeded)]  # one at a time
+    jobs += [[(prompt, greedy) for prompt in PROMPTS]] * 2  # eight at once
+    replies, passes = {}, {}
     for lookup in (False, True):
         served = load_served(str(run_dir), max_batch=4, lookup=lookup)
-        tokenizer = served.engine.tokenizer
-        renderer = served.models["run"].renderer
+        engine, passes[lookup] = served.engine, []
+        engine._forward = counting(engine._forward, passes[lookup])  # steps only: prompts run through prefill
         try:
-            replies[lookup] = []
-            for prompt in PROMPTS * 2:
-                for sampling in (EngineSampling(12, temperature=0), EngineSampling(12, temperature=1.0, seed=5)):
-                    done = threading.Event()
-                    finished = []
-                    ids = tokenizer(renderer.prompt([{"role": "user", "content": prompt}]),
-                                    add_special_tokens=False)["input_ids"]
-                    served.engine.submit(Request(ids, sampling, None, lambda text: None,
-                                                 lambda end, finished=finished, done=done: (finished.append(end),
-                                                                                            done.set())))
-                    assert done.wait(60)
-                    replies[lookup].append((finished[0].text, finished[0].completion_tokens))
-            assert (served.engine.accepted > 0) == lookup
-            assert served.engine.steps < sum(tokens for _, tokens in replies[lookup]) or not lookup
+            ends = [end for together in jobs for end in submit_together(engine, served.models["run"].renderer,
+                                                                         together)]
+            replies[lookup] = [(end.text, end.completion_tokens) for end in ends]
+            assert (engine.accepted > 0) == lookup
         finally:
-            served.engine.close()
+            engine.close()
     assert replies[True] == replies[False]
     assert len({text for text, _ in replies[False]}) > 2  # greedy and sampled replies differ: seeds are compared
+    assert all(width == 1 for _, width in passes[False])
+    drafted = [rows for rows, width in passes[True] if width > 1]
+    assert 1 in drafted and max(drafted) > 1  # drafts checked alone and in batches
+    assert len(passes[True]) < len(passes[False])

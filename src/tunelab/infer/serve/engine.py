@@ -27,7 +27,7 @@ from tunelab.infer.decode import Sampling as DecodeSampling
 from tunelab.infer.decode import decoding_forward, drafts_possible, model_forward, pick_scores, prefill
 from tunelab.infer.generate import stop_token_ids
 from tunelab.infer.kv_cache import ReservedLayer, rewind, stack_rows
-from tunelab.infer.lookup import DRAFT_TOKENS, History, NgramIndex, draft
+from tunelab.infer.lookup import History, NgramIndex, draft, drafts_for_rows
 from tunelab.models.attention import DECODE, attention_implementation
 from tunelab.models.compiled_step import compile_decoding
 
@@ -74,7 +74,7 @@ class Request:
     """Characters of the reply already handed to on_text."""
     generator: torch.Generator | None = None
     drawn: int | None = None
-    """Its next token, already picked while checking drafts (engine._step_with_drafts): the next step uses it
+    """Its next token, already picked while checking drafts (Engine._confirm): the next step uses it
     instead of picking again, so no extra draw is made."""
     own: NgramIndex | None = None
     """Its prompt and reply so far, indexed for lookup drafts."""
@@ -90,9 +90,9 @@ class Engine:
     thread and decoded in a worker, batch-1 decoding of 48 tokens took 4.1 s instead of 2.4 (default model, bf16,
     2 cores, AMD EPYC).
 
-    A request decoded alone (the only active row) checks lookup drafts in each pass (infer/lookup.py) unless
-    made with lookup=False: tokens drafted from its prompt, its reply so far and earlier replies. With more rows a
-    CPU pass costs in proportion to the positions it computes, so drafts the model rejects would cost time."""
+    Unless made with lookup=False, each pass of up to 8 rows also checks lookup drafts (infer/lookup.py): tokens
+    drafted for each row from its prompt, its reply so far and earlier replies, fewer the more rows there are
+    (drafts_for_rows): a CPU pass over more rows costs more for each position it adds."""
 
     def __init__(self, model, tokenizer, *, max_batch: int = 8, max_waiting: int = 64, start: bool = True,
                  compile_steps: bool = False, lookup: bool = True) -> None:
@@ -218,17 +218,9 @@ class Engine:
             else:
                 self._done(request, finished)
         self.steps += 1
-        if len(keep) < len(self._active):
-            if not keep:
-                self._active, self._cache, self._mask, self._logits = [], None, None, None
-                return
-            index = torch.tensor(keep, device=self.device)
-            self._cache.batch_select_indices(index)
-            self._active = [self._active[i] for i in keep]
-            self._mask = self._mask[index]
-            tokens = [tokens[i] for i in keep]
-            self._trim()
-        if len(self._active) == 1 and self.history is not None and self._step_with_drafts(tokens[0]):
+        tokens = [tokens[i] for i in keep]
+        self._drop_all_but(keep)
+        if not self._active or (self.history is not None and self._step_with_drafts(tokens)):
             return
         _make_room(self._cache, 1)
         mask = torch.cat([self._mask, self._mask.new_ones(len(keep), 1)], dim=1)
@@ -239,45 +231,74 @@ class Engine:
         self._mask = mask
         self._logits = logits.float()
 
-    def _step_with_drafts(self, token: int) -> bool:
-        """Run the only active row one pass on from `token` together with tokens drafted for it, keeping those
-        the model confirms (infer/decode.py's _single_row: the reply is the one without drafts); False, having
-        done nothing, when there is no draft."""
-        request = self._active[0]
-        left = request.sampling.max_tokens - len(request.generated)  # the pass picks up to len(drafts) + 1
-        if left < 2 or request.cancelled.is_set() or self._adapters(self._active):
+    def _step_with_drafts(self, tokens: list[int]) -> bool:
+        """Run every active row one pass on from its token together with tokens drafted for it (up to
+        DRAFTS_FOR_ROWS), keeping those the model confirms (infer/decode.py's _single_row: a reply is the one
+        without drafts); False, having done nothing, when no row has a draft. Rows confirm different numbers of
+        drafts: the columns a row did not confirm stay in the cache, masked out, and the columns no row confirmed
+        are forgotten."""
+        rows = len(self._active)
+        limit = drafts_for_rows(rows)
+        if not limit or self._adapters(self._active):
             return False
+        drafts = [self._drafts(request, limit) for request in self._active]
+        if not any(drafts):
+            return False
+        width = 1 + max(len(row_drafts) for row_drafts in drafts)
+        cached = self._cache.get_seq_length()
+        _make_room(self._cache, width)
+        ids = [[token, *row_drafts] + [token] * (width - 1 - len(row_drafts))
+               for token, row_drafts in zip(tokens, drafts, strict=True)]
+        first = self._mask.sum(dim=1, keepdim=True)
+        mask = torch.cat([self._mask, self._mask.new_ones(rows, width)], dim=1)
+        logits = self._forward(torch.tensor(ids, device=self.device), mask,
+                               first + torch.arange(width, device=self.device), self._cache,
+                               every_position=True).float()
+        kept = self._mask.new_zeros(rows, width)  # the pass's columns each row confirmed
+        keep, next_logits = [], []
+        for row, (request, row_drafts) in enumerate(zip(self._active, drafts, strict=True)):
+            self.drafted += len(row_drafts)
+            confirmed, finished = self._confirm(request, row_drafts, logits[row])
+            kept[row, :confirmed + 1] = 1
+            if finished is None:
+                keep.append(row)
+                next_logits.append(logits[row, confirmed])
+            else:
+                self._done(request, finished)
+        used = int(kept.sum(dim=0).nonzero().max()) + 1
+        rewind(self._cache, cached + used)
+        self._mask = torch.cat([self._mask, kept[:, :used]], dim=1)
+        self._drop_all_but(keep)
+        if keep:
+            self._logits = torch.stack(next_logits)
+        return True
+
+    def _drafts(self, request: Request, limit: int) -> list[int]:
+        """Up to `limit` tokens guessed to follow a request's reply so far (infer/lookup.py), fewer near its
+        max_tokens."""
+        left = request.sampling.max_tokens - len(request.generated)  # a pass picks up to len(drafts) + 1
+        if left < 2:
+            return []
         if request.own is None:
             request.own = NgramIndex(request.prompt_ids)
         request.own.extend(request.generated[len(request.own.tokens) - len(request.prompt_ids):])
-        drafts = draft(request.own, self.history, min(DRAFT_TOKENS, left - 1))
-        if not drafts:
-            return False
-        width = 1 + len(drafts)
-        cached = self._cache.get_seq_length()
-        _make_room(self._cache, width)
-        mask = torch.cat([self._mask, self._mask.new_ones(1, width)], dim=1)
-        first = int(self._mask.sum())
-        logits = self._forward(torch.tensor([[token, *drafts]], device=self.device), mask,
-                               torch.arange(first, first + width, device=self.device)[None], self._cache,
-                               every_position=True)[0].float()
-        self.drafted += len(drafts)
+        return draft(request.own, self.history, min(limit, left - 1))
+
+    def _confirm(self, request: Request, drafts: list[int], logits: torch.Tensor) -> tuple[int, Finished | None]:
+        """Pick a row's tokens from its pass's logits [width, vocab] in order while they equal its drafts, handing
+        each out: (how many drafts it confirmed, its Finished if one of them ended it). The first pick that is not
+        a draft is kept as its next token (request.drawn)."""
         for confirmed, drafted in enumerate([*drafts, None]):
             picked = self._pick_row(request, logits[confirmed])
             if picked != drafted:
                 request.drawn = picked
-                break
+                return confirmed, None
             self.accepted += 1
             request.generated.append(picked)
             finished = self._advance(request, picked)
             if finished is not None:
-                self._done(request, finished)
-                self._active, self._cache, self._mask, self._logits = [], None, None, None
-                return True
-        rewind(self._cache, cached + 1 + confirmed)
-        self._mask = mask[:, :cached + 1 + confirmed]
-        self._logits = logits[confirmed:confirmed + 1]
-        return True
+                return confirmed, finished
+        raise AssertionError("unreachable: the last pick is compared with None")
 
     def _pick(self, logits: torch.Tensor) -> list[int]:
         """Each row's next token with its own sampling settings and generator (or the one it already drew)."""
@@ -334,6 +355,19 @@ class Engine:
 
     def _text(self, ids: list[int]) -> str:
         return self.tokenizer.decode(ids, skip_special_tokens=True)
+
+    def _drop_all_but(self, keep: list[int]) -> None:
+        """Keep only the batch's rows `keep` (the others finished or were cancelled): they leave the cache now."""
+        if len(keep) == len(self._active):
+            return
+        if not keep:
+            self._active, self._cache, self._mask, self._logits = [], None, None, None
+            return
+        index = torch.tensor(keep, device=self.device)
+        self._cache.batch_select_indices(index)
+        self._active = [self._active[i] for i in keep]
+        self._mask = self._mask[index]
+        self._trim()
 
     def _trim(self) -> None:
         """Drop cache columns no remaining row uses (left padding of rows that have left)."""
