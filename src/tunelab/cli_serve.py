@@ -15,8 +15,9 @@ COMPILE_HELP = ("Compile the single-stream decoding step (bf16 on CPU, llama-fam
                 "one request decodes; compiling takes ~20 s at start (~1 min the first time on a machine).")
 COMPILING = "compiling the decoding step (~20 s; ~1 min the first time on this machine) ..."
 NOT_COMPILED = "[yellow]note:[/] --compile: decoding eagerly: {}"
-LOOKUP_HELP = ("While one reply decodes alone, draft its next tokens from the prompt and earlier replies and check "
-               "them in the same pass (the same reply, in fewer passes); --no-lookup decodes one token a pass.")
+LOOKUP_HELP = ("Draft each reply's next tokens from its prompt and earlier replies and check them in the same pass "
+               "(the same reply in fewer passes; alone and in serve's batches of up to 8); --no-lookup decodes one "
+               "token a pass.")
 
 
 def serve(

@@ -5,10 +5,12 @@ as for several (the weights are read once either way: on the default model, bf16
 position, 25 for nine). Replies of fine-tuned models repeat what they have seen: spans of the prompt (a product
 name, an order id) and the shape of earlier replies (`", "urgency": "`). So the step guesses the next few tokens
 by finding the latest n-gram that ends like the text so far, first in the request's own tokens (prompt and reply),
-then in earlier replies, and checks the guess in the same pass (infer/decode.py's `verified`): each token is
-still picked from the model's own logits, so the reply is the one decoding without drafts would give (same
-draws when sampled), only sooner. On the main job's 60 held-out replies (fine-tuned model) drafts of up to
-8 tokens from 3-grams down to single tokens gave 3.3 tokens a pass with earlier replies, 1.15 without.
+then in earlier replies, and checks the guess in the same pass (infer/decode.py's _single_row, the server's
+Engine._confirm): each token is still picked from the model's own logits, so the reply is the one decoding
+without drafts would give (same draws when sampled; in bf16 up to the rounding of a wider pass), only sooner. On
+the main job's 60 held-out replies (fine-tuned model) drafts of up to 8 tokens from 3-grams down to single tokens
+gave 3.3 tokens a pass with earlier replies, 1.15 without. The server's batches draft fewer tokens a row
+(DRAFTS_FOR_ROWS).
 """
 
 from __future__ import annotations
