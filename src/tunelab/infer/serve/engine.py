@@ -1,5 +1,6 @@
 """Continuous batching for the server: one thread owns the model and decodes every active request together,
-one token a step, with a KV cache; requests join at any step and leave when they finish.
+one token a step (more where lookup drafts are confirmed, infer/lookup.py), with a KV cache; requests join at
+any step and leave when they finish.
 
 Why not `model.generate` per batch: a batch would wait for its longest reply and new requests for the whole
 batch. Here a joining request's prompt is run once (prefill) and its cache is merged into the running batch,
