@@ -7,12 +7,14 @@ from __future__ import annotations
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from transformers import LlamaConfig
 
 from tunelab.infer.decode import Sampling, decode, drafts_possible, stream
 from tunelab.infer.generate import decoding_model, stop_token_ids
 from tunelab.infer.kv_cache import ReservedLayer, reserved_cache, rewind
-from tunelab.infer.lookup import History, NgramIndex, draft
+from tunelab.infer.lookup import LONGEST_NGRAM, History, NgramIndex, draft
 from tunelab.models.lean_decoder import LeanDecoder
 from tunelab.models.load import load_model, load_tokenizer
 
@@ -28,6 +30,29 @@ def test_drafts_follow_the_latest_longest_ngram_own_tokens_first():
     assert draft(NgramIndex([9, 3]), history, 4) == [7, 7]  # the newest reply; a draft ends with its reply
     assert draft(NgramIndex([3, 4, 9, 3]), history, 4) == [4, 9, 3]  # the request's own tokens first
     assert draft(NgramIndex([8, 6]), history, 4) == [1]  # a 1-gram (its latest occurrence) when no longer one matches
+
+
+def scanned_draft(tokens: list[int], earlier: list[list[int]], count: int) -> list[int]:
+    """What `draft` promises, by scanning backwards: after the longest (up to LONGEST_NGRAM) n-gram ending `tokens`
+    that occurred before, in `tokens` first, then in the earlier replies (newest first, never across two)."""
+    for n in range(min(LONGEST_NGRAM, len(tokens)), 0, -1):
+        tail = tokens[-n:]
+        for sequence in [tokens, *reversed(earlier)]:
+            for start in range(len(sequence) - n - 1, -1, -1):  # occurrences some token follows
+                if sequence[start:start + n] == tail:
+                    return sequence[start + n:start + n + count]
+    return []
+
+
+@settings(max_examples=300, deadline=None, derandomize=True, database=None)
+@given(tokens=st.lists(st.integers(0, 5), max_size=40), earlier=st.lists(st.lists(st.integers(0, 5), max_size=12),
+                                                                            max_size=4),
+       count=st.integers(1, 8))
+def test_indexed_drafts_are_what_a_backward_scan_finds(tokens, earlier, count):
+    history = History()
+    for reply in earlier:
+        history.add(reply)
+    assert draft(NgramIndex(tokens), history, count) == scanned_draft(tokens, earlier, count)
 
 
 def test_history_keeps_the_newest_replies_within_its_limit():

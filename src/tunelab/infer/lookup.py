@@ -44,8 +44,9 @@ class NgramIndex:
     def extend(self, tokens: Iterable[int]) -> None:
         for token in tokens:
             end = len(self.tokens)
-            for n in range(1, min(LONGEST_NGRAM, end) + 1):
-                self._next[tuple(self.tokens[end - n:end])] = end
+            if token != _SEPARATOR:  # an n-gram that ends a reply keeps its earlier occurrence, which continues
+                for n in range(1, min(LONGEST_NGRAM, end) + 1):
+                    self._next[tuple(self.tokens[end - n:end])] = end
             self.tokens.append(token)
 
     def following(self, tail: tuple[int, ...], count: int) -> list[int]:
