@@ -7,7 +7,7 @@ batch. Here a joining request's prompt is run once (prefill) and its cache is me
 left-padded to a common length, so positions and attention stay each row's own; a finished row is dropped
 from the cache at once. Each row samples with its own temperature, top_p and seeded generator, so a
 request's reply does not depend on what else is in the batch (greedy replies equal the request sent alone,
-tested).
+tested in float32; in bf16 a pass's width and rows change its rounding).
 
 The decoding path is the one evaluation uses (infer/decode.py): a KV cache written in place (infer/kv_cache.py;
 it grows by ROOM positions when full, since reply lengths are unknown when a request joins) and
