@@ -183,7 +183,11 @@ def test_bad_requests_get_openai_errors_not_tracebacks(server, client):
         assert error["message"] and "Traceback" not in error["message"], name
     assert httpx.post(url, json=good, timeout=30).status_code == 401
     assert httpx.post(url, json=good, headers={"Authorization": "Bearer wrong"}, timeout=30).status_code == 401
-    assert httpx.get(f"{server.url}/health", timeout=30).json()["status"] == "ok"  # no key needed
+    asked = {"model": "run", "messages": [{"role": "user", "content": PROMPTS[0]}], "max_tokens": 8, "temperature": 0}
+    for _ in range(2):  # the second reply is drafted from the first
+        assert post(asked).status_code == 200
+    health = httpx.get(f"{server.url}/health", timeout=30).json()  # no key needed
+    assert health["status"] == "ok" and health["lookup"]["drafted"] >= health["lookup"]["confirmed"] > 0
     with pytest.raises(openai.AuthenticationError):
         openai.OpenAI(base_url=f"{server.url}/v1", api_key="wrong", max_retries=0).models.list()
 

@@ -93,7 +93,7 @@ def create_app(served: Served, *, api_key: str | None = None, max_body_bytes: in
 
     @app.get("/health")
     async def health() -> dict:
-        return {"status": "ok", "models": list(served.models), **served.engine.load}
+        return {"status": "ok", "models": list(served.models), **served.engine.load, "lookup": served.engine.lookup}
 
     @app.get("/v1/models")
     async def models() -> dict:

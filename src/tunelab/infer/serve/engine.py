@@ -160,6 +160,11 @@ class Engine:
     def load(self) -> dict[str, int]:
         return {"active": len(self._active), "waiting": len(self._waiting)}
 
+    @property
+    def lookup(self) -> dict[str, int] | None:
+        """Lookup drafts so far: tokens drafted and confirmed (None when requests decode without them)."""
+        return None if self.history is None else {"drafted": self.drafted, "confirmed": self.accepted}
+
     # --- the worker ------------------------------------------------------------------------------------------
 
     def _run(self) -> None:
