@@ -26,8 +26,8 @@ class GenerationOptions:
     precision: str = "fp32"
     """The compute dtype: `bf16` decodes a bf16 copy of an fp32 model (see decoding_model), as training computed."""
     lookup: bool = True
-    """A reply decoded alone checks tokens drafted from its prompt and earlier replies in each pass (same reply,
-    fewer passes: infer/lookup.py)."""
+    """A reply decoded alone (a batch of one prompt, a chat turn) checks tokens drafted from its prompt and earlier
+    replies in each pass (same reply, fewer passes: infer/lookup.py)."""
 
 
 def stop_token_ids(model, tokenizer) -> list[int]:

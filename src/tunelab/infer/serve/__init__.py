@@ -25,8 +25,8 @@ def load_served(spec: str, *, adapters: dict[str, str] | None = None, max_batch:
     `precision` `auto` decodes as `tunelab generate` does: in what the run trained in (auto's choice for a model
     that is not a run; see auto_precision with `adapters`). With start_engine=False the caller runs the engine
     (`served.engine.run_here()`). `compile_steps` compiles the one-token decoding step where it can
-    (models/compiled_step.py; `served.engine.compiled` says whether it did); `lookup` drafts tokens for a request
-    decoded alone (infer/lookup.py)."""
+    (models/compiled_step.py; `served.engine.compiled` says whether it did); `lookup` drafts tokens for requests
+    decoded alone and in batches of up to 8 (infer/lookup.py)."""
     from tunelab.infer.load import in_compute_dtype, is_run_dir, load_generator
 
     loaded = load_generator(spec, device)
