@@ -29,6 +29,7 @@ from tunelab.infer.decode import decoding_forward, drafts_possible, model_forwar
 from tunelab.infer.generate import stop_token_ids
 from tunelab.infer.kv_cache import ReservedLayer, rewind, stack_rows
 from tunelab.infer.lookup import History, NgramIndex, draft, drafts_for_rows
+from tunelab.infer.serve.stops import first_stop, held_back
 from tunelab.models.attention import DECODE, attention_implementation
 from tunelab.models.compiled_step import compile_decoding
 
@@ -340,12 +341,12 @@ class Engine:
             text = self._text(request.generated[:-1])
             return self._finish(request, text, "stop", count)
         text = self._text(request.generated)
-        cut = _first_stop(text, request.sampling.stop)
+        cut = first_stop(text, request.sampling.stop)
         if cut is not None:
             return self._finish(request, text[:cut], "stop", count)
         if count >= request.sampling.max_tokens:
             return self._finish(request, text, "length", count)
-        safe = len(text) - _held_back(text, request.sampling.stop)
+        safe = len(text) - held_back(text, request.sampling.stop)
         if text.endswith("\ufffd"):  # half a character: wait for the token that completes it
             safe = min(safe, len(text) - 1)
         if safe > request.sent:
@@ -404,19 +405,3 @@ def _make_room(cache, positions: int) -> None:
     for layer in cache.layers:
         if isinstance(layer, ReservedLayer) and layer.length + positions > layer.capacity:
             layer.grow(max(layer.capacity + ROOM, layer.length + positions))
-
-
-def _first_stop(text: str, stops: tuple[str, ...]) -> int | None:
-    found = [index for stop in stops if (index := text.find(stop)) >= 0]
-    return min(found) if found else None
-
-
-def _held_back(text: str, stops: tuple[str, ...]) -> int:
-    """Characters at the end of `text` that could be the start of a stop string: not sent yet."""
-    longest = 0
-    for stop in stops:
-        for size in range(min(len(stop) - 1, len(text)), longest, -1):
-            if text.endswith(stop[:size]):
-                longest = size
-                break
-    return longest
