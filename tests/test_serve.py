@@ -319,7 +319,7 @@ def test_one_adapter_beside_its_base_leaves_the_base_rows_plain(tiny_model_dir, 
 
 def submit_together(engine, renderer, together: list) -> list:
     """Submit (prompt, engine Sampling) requests at once; their Finished ends, in order."""
-    from tunelab.infer.serve.engine import Request
+    from tunelab.infer.serve.request import Request
 
     finished = [threading.Event() for _ in together]
     ends: list = [None] * len(together)
@@ -344,7 +344,7 @@ def test_lookup_drafts_leave_replies_as_they_are_alone_and_in_batches(run_dir):
     """Requests one at a time and eight at once through a batch of 4 check tokens drafted from their prompts and
     earlier replies, rows of a pass confirming different numbers of them; greedy and seeded replies are the ones
     an engine without drafts gives (float32), in fewer passes."""
-    from tunelab.infer.serve.engine import Sampling as EngineSampling
+    from tunelab.infer.serve.request import Sampling as EngineSampling
 
     greedy, seeded = EngineSampling(12, temperature=0), EngineSampling(12, temperature=1.0, seed=5)
     jobs = [[(prompt, sampling)] for prompt in PROMPTS * 2 for sampling in (greedy, seeded)]  # one at a time

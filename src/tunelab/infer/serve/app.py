@@ -22,8 +22,9 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
 
 from tunelab.data.template import ChatRenderer
-from tunelab.infer.serve.engine import Engine, Finished, QueueFull, Request, Sampling
+from tunelab.infer.serve.engine import Engine
 from tunelab.infer.serve.protocol import ChatRequest, CompletionRequest, error_body
+from tunelab.infer.serve.request import Finished, QueueFull, Request, Sampling
 
 MAX_BODY_BYTES = 4 * 2**20
 
