@@ -14,6 +14,9 @@ Reported: generated tokens/s (new tokens up to and including each reply's stop t
 token ids), the ratios, and how many replies equal `generate`'s in each dtype (all in fp32; in bf16 rounding
 differences between the two paths can tip a token). Prints a Markdown table
 and writes bench/results/<timestamp>-generation.md and .json.
+
+The bench restarts itself under tcmalloc, as the `tunelab` command does (src/tunelab/allocator.py), so both
+paths allocate as the main job's evaluation does; `TUNELAB_ALLOCATOR=system` keeps the C library's malloc.
 """
 
 from __future__ import annotations
@@ -29,6 +32,8 @@ from pathlib import Path
 
 from _random_model import SHAPES, model_folder
 from compare_peer import machine_info
+
+from tunelab.allocator import allocator_in_use, restart_under_tcmalloc
 
 BENCH = Path(__file__).resolve().parent
 REPO = BENCH.parent
@@ -65,6 +70,7 @@ def held_out_conversations(config_path: Path, tokenizer, samples: int | None) ->
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    restart_under_tcmalloc()
     import torch
 
     from tunelab.infer.generate import GenerationOptions
@@ -155,7 +161,7 @@ def report(args, measured: dict, tokenizer, conversations, max_new_tokens: int) 
     tokens = measured["tokens"]
     rate = {name: tokens[name] / statistics.median(seconds[name]) for name in cases}
     result = {
-        "machine": machine_info(Path(str(args.model))),
+        "machine": {**machine_info(Path(str(args.model))), "allocator": allocator_in_use()},
         "model": args.model, "prompts": len(conversations), "max_new_tokens": max_new_tokens,
         "batch_size": args.batch_size, "repeats": args.repeats, "seconds": seconds, "tokens": tokens,
         "tokens_per_second": rate, "same_replies": same,
@@ -176,7 +182,8 @@ def render(result: dict) -> str:
     lines = [f"# Generation: {result['prompts']} held-out prompts, {result['max_new_tokens']} new tokens max, "
              f"greedy, batch {result['batch_size']}", "",
              f"{machine['cpu']} ({', '.join(machine['cpu_bf16']) or 'no bf16 ISA'}), "
-             f"{machine['cpus_available']} cores, torch {machine['versions']['torch']}, "
+             f"{machine['cpus_available']} cores, malloc {machine.get('allocator', 'system')}, "
+             f"torch {machine['versions']['torch']}, "
              f"transformers {machine['versions']['transformers']}, tunelab {machine['tunelab_commit']}", "",
              "| case | median s | generated tokens | tokens/s |", "|---|---:|---:|---:|"]
     for name, runs in result["seconds"].items():
