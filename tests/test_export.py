@@ -91,7 +91,7 @@ def test_what_cannot_be_exported_is_refused(run_dir, tmp_path, monkeypatch):
 
     monkeypatch.setattr(gguf_export.shutil, "which", lambda name: None)
     with pytest.raises(ConfigError, match="llama-quantize on PATH"):
-        export_gguf(str(run_dir), tmp_path / "k.gguf", "q4_k_m")
+        export_gguf(str(run_dir), tmp_path / "k.gguf", "q3_k_m")
     with pytest.raises(ConfigError, match="unknown quantisation"):
         export_gguf(str(run_dir), tmp_path / "x.gguf", "q3")
     tokenizer = build_tokenizer()

@@ -185,8 +185,8 @@ def merge(
 def export(
     model: str = typer.Argument(..., help="A run directory (its adapter is folded in), preset, folder or .gguf."),
     format: str = typer.Option("gguf", "--format", help="gguf (llama.cpp, Ollama, LM Studio) or safetensors."),
-    quant: str = typer.Option("f16", help="GGUF type: f32, f16, bf16, q8_0, q4_0; k-quants (q4_k_m, ...) with "
-                              "llama.cpp's llama-quantize on PATH."),
+    quant: str = typer.Option("f16", help="GGUF type: f32, f16, bf16, q8_0, q6_k, q5_k_m, q4_k_m, q4_0; q3_k_m "
+                              "and q2_k with llama.cpp's llama-quantize on PATH."),
     output: Path | None = typer.Option(None, "--output", "-o", help="File (gguf) or folder (safetensors); default: "
                                        "in the run directory."),
 ) -> None:

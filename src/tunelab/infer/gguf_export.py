@@ -5,8 +5,9 @@ What llama.cpp's converter does that is easy to miss, done here: q and k project
 llama.cpp's rotary layout; 1-D tensors (norms) kept in F32; the tokenizer written as llama.cpp reads it (BPE
 vocabulary with token types, merges, the pre-tokenizer name, BOS/EOS/pad ids, add_bos) and the chat template
 the run trained with. Only Llama-architecture models are exported (the default model is one); others are
-refused with the reason. K-quants need llama.cpp's `llama-quantize`, used when on PATH, never a silent
-fallback.
+refused with the reason. The k-quant mixes q4_k_m, q5_k_m and q6_k are computed here (gguf_kquants.py, checked
+against llama.cpp's own quantiser); q2_k and q3_k_m need llama.cpp's `llama-quantize`, used when on PATH, never a
+silent fallback.
 
 Every export is checked by loading the file back (transformers' GGUF loader, and llama.cpp itself where
 llama-cpp-python is installed: gguf_llama_cpp.py) and comparing next-token logits and greedy replies with the
@@ -27,11 +28,12 @@ import numpy as np
 import torch
 
 from tunelab.errors import ConfigError, ModelError
+from tunelab.infer.gguf_kquants import FILE_TYPES, MIXES, quantize, tensor_type
 from tunelab.infer.gguf_llama_cpp import LlamaCppCheck, llama_cpp_check
 
-DIRECT_QUANTS = ("f32", "f16", "bf16", "q8_0", "q4_0")
-"""Written by tunelab itself (gguf's numpy quantisers)."""
-K_QUANTS = ("q2_k", "q3_k_m", "q4_k_m", "q5_k_m", "q6_k")
+DIRECT_QUANTS = ("f32", "f16", "bf16", "q8_0", "q4_0", *MIXES)
+"""Written by tunelab itself (gguf's numpy quantisers; the k-quant mixes by gguf_kquants.py)."""
+K_QUANTS = ("q2_k", "q3_k_m")
 """Need llama.cpp's llama-quantize (from an f16 file)."""
 LLAMA_TYPES = ("llama",)
 
@@ -46,13 +48,17 @@ PRE_TOKENIZERS = {
 }
 """Pre-tokenizers llama.cpp knows by name; others are written as `default` with a warning in the check."""
 
-CHECK_TOLERANCE = {"f32": 1e-3, "f16": 0.1, "bf16": 0.5, "q8_0": 1.5, "q4_0": 16.0}
+CHECK_TOLERANCE = {"f32": 1e-3, "f16": 0.1, "bf16": 0.5, "q8_0": 1.5, "q6_k": 2.0, "q4_k_m": 8.0, "q4_0": 16.0,
+                   "q5_k_m": 16.0}
 """Largest next-token logit difference the check accepts, by type (the default model's logits span ~30; measured
-on runs/support-lora: f16 0.03, q8_0 0.87, q4_0 14.1, which is why q4_0 is the lossy choice). f32 and f16 must
-also give the same greedy replies."""
-LLAMA_CPP_TOLERANCE = {"f32": 1e-3, "f16": 0.1, "bf16": 0.5, "q8_0": 3.0, "q4_0": 16.0}
+on runs/support-lora: f16 0.03, q8_0 0.87, q6_k 1.08, q4_k_m 5.04, q4_0 14.1, q5_k_m 14.5: its rows, 576 wide, are
+not whole k-quant blocks, so llama.cpp's q5_k_m writes most of them as Q5_1, here a little coarser than q4_k_m's
+Q5_0). f32 and f16 must also give the same greedy replies."""
+LLAMA_CPP_TOLERANCE = {"f32": 1e-3, "f16": 0.1, "bf16": 0.5, "q8_0": 3.0, "q6_k": 3.0, "q4_k_m": 8.0, "q4_0": 16.0,
+                       "q5_k_m": 16.0}
 """The same through llama.cpp, which also rounds activations to 8 bits in its quantised matmuls (measured on
-runs/support-lora: f16 0.051, q8_0 1.55, q4_0 14.8). Its KV cache is kept in float32 for the check."""
+runs/support-lora: f16 0.051, q8_0 1.55, q6_k 1.75, q4_k_m 5.35, q4_0 14.8, q5_k_m 14.1). Its KV cache is kept in
+float32 for the check."""
 
 
 @dataclass
@@ -152,7 +158,7 @@ def _write(model, tokenizer, chat_template: str, path: Path, quant: str, name: s
     import gguf
 
     config = model.config
-    qtype, file_type = _types(quant)
+    qtype, file_type = _types(quant) if quant not in MIXES else (None, gguf.LlamaFileType[FILE_TYPES[quant]])
     writer = gguf.GGUFWriter(str(path), "llama")
     heads, kv_heads = config.num_attention_heads, config.num_key_value_heads
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
@@ -174,11 +180,12 @@ def _write(model, tokenizer, chat_template: str, path: Path, quant: str, name: s
     writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
     _add_tokenizer(writer, tokenizer, chat_template, warnings)
     tied = bool(getattr(config, "tie_word_embeddings", False))
+    has_output = not tied and "lm_head.weight" in model.state_dict()
     for hf_name, tensor in model.state_dict().items():
+        if hf_name == "lm_head.weight" and tied:
+            continue  # llama.cpp uses token_embd when output is absent
         gguf_name = _tensor_name(hf_name)
         if gguf_name is None:
-            if hf_name == "lm_head.weight" and tied:
-                continue  # llama.cpp uses token_embd when output is absent
             raise ModelError(f"no GGUF name for tensor {hf_name}", where="export")
         data = tensor.detach().float().numpy()
         if gguf_name.endswith("attn_q.weight"):
@@ -189,6 +196,12 @@ def _write(model, tokenizer, chat_template: str, path: Path, quant: str, name: s
             writer.add_tensor(gguf_name, data.astype(np.float32))
         elif quant == "f16":
             writer.add_tensor(gguf_name, data.astype(np.float16))
+        elif quant in MIXES:
+            chosen = tensor_type(quant, gguf_name, data.shape[1], config.num_hidden_layers, has_output)
+            if chosen == "F16":
+                writer.add_tensor(gguf_name, data.astype(np.float16))
+            else:
+                writer.add_tensor(gguf_name, quantize(data, chosen), raw_dtype=gguf.GGMLQuantizationType[chosen])
         else:
             writer.add_tensor(gguf_name, gguf.quants.quantize(data, qtype), raw_dtype=qtype)
     writer.write_header_to_file()
@@ -222,6 +235,8 @@ def _tensor_name(hf_name: str) -> str | None:
         return "token_embd.weight"
     if hf_name == "model.norm.weight":
         return "output_norm.weight"
+    if hf_name == "lm_head.weight":  # an untied head
+        return "output.weight"
     parts = hf_name.split(".")
     if hf_name.startswith("model.layers.") and parts[-1] == "weight":
         short = _LAYER_NAMES.get(".".join(parts[3:-1]))
