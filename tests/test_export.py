@@ -132,3 +132,24 @@ class _Always(dict):
 
     def get(self, key, default=None):
         return self.value
+
+
+def test_a_head_dim_other_than_hidden_over_heads_is_written_for_llama_cpp(tmp_path):
+    import gguf
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from conftest import build_tokenizer
+
+    tokenizer = build_tokenizer()
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128,
+                                         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                                         head_dim=32, tie_word_embeddings=True, pad_token_id=0, eos_token_id=2))
+    folder = tmp_path / "wide-heads"
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    check = export_gguf(str(folder), tmp_path / "wide-heads.gguf", "f16")
+    assert check.passed, check.summary()  # llama.cpp (where installed) refused it before: "invalid n_rot: 32"
+    reader = gguf.GGUFReader(str(tmp_path / "wide-heads.gguf"))
+    fields = {name: field.contents() for name, field in reader.fields.items() if name.startswith("llama.")}
+    assert fields["llama.attention.key_length"] == fields["llama.attention.value_length"] == 32
+    assert fields["llama.rope.dimension_count"] == 32

@@ -144,6 +144,39 @@ def test_a_failed_compile_says_why_and_leaves_decoding_eager():
     assert done.returncode == 0 and "eager: torch.compile failed" in done.stdout, done.stderr[-3000:]
 
 
+SHARED_CACHE_STEP = """
+import sys
+import torch
+from test_lean_decoder import folded_copy, random_model, run_both
+from tunelab.models.compiled_step import compile_decoding
+from tunelab.models.lean_decoder import lean_decoder
+model = folded_copy(random_model("llama", intermediate_size=int(sys.argv[1])), torch.bfloat16)
+assert compile_decoding(model, max_rows=3) is None
+with torch.inference_mode():
+    for got, expected in run_both(model, lean_decoder(model), steps=2):
+        torch.testing.assert_close(got.float(), expected.float(), atol=0.06, rtol=0.05)
+print("compiled and equal")
+"""
+
+
+def test_a_model_of_other_widths_does_not_reuse_another_models_compiled_step(tmp_path):
+    """Two processes, one compile cache (as two `serve --compile` starts on one machine): models that differ only
+    in their MLP width must not share a graph (the second crashed in packed_linear before the linears' numbers
+    carried their shapes)."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    if not packing_available(folded_copy(random_model("llama"), torch.bfloat16)):
+        pytest.skip("this CPU's oneDNN does not run bf16 matmuls")
+    environment = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": str(tmp_path / "inductor")}
+    for width in ("128", "96"):
+        done = subprocess.run([sys.executable, "-c", SHARED_CACHE_STEP, width], cwd=Path(__file__).parent,
+                              capture_output=True, text=True, timeout=600, env=environment)
+        assert done.returncode == 0 and "compiled and equal" in done.stdout, done.stderr[-3000:]
+
+
 def test_models_it_does_not_compute_exactly_keep_their_own_forward():
     from peft import LoraConfig, get_peft_model
 

@@ -215,3 +215,18 @@ def test_a_folded_copy_is_the_merged_model_cast_once_and_leaves_the_trained_one_
     after = model.state_dict()
     assert after.keys() == before.keys() and all(torch.equal(after[name], before[name]) for name in before)
     assert ("_tunelab_fused" in model.__dict__) == bool(fused)
+
+
+def test_export_and_serve_refuse_what_cannot_fold_with_the_reason(trained, tmp_path):
+    from tunelab.infer.gguf_export import export_gguf
+    from tunelab.infer.serve import load_served
+
+    method, out, _ = trained
+    if method not in ("prompt", "prefix", "adapter"):
+        return  # exported and served elsewhere (tests/test_export.py, tests/test_serve.py)
+    with pytest.raises(ConfigError, match="cannot be exported as one model file"):
+        export_gguf(str(out), tmp_path / "run.gguf", "f16")
+    assert not (tmp_path / "run.gguf").exists()
+    if method != "adapter":  # virtual tokens: the server's cached decoding would prepend them at every step
+        with pytest.raises(ConfigError, match="virtual tokens"):
+            load_served(str(out), start_engine=False)

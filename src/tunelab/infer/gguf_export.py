@@ -30,6 +30,7 @@ import torch
 from tunelab.errors import ConfigError, ModelError
 from tunelab.infer.gguf_kquants import FILE_TYPES, MIXES, quantize, tensor_type
 from tunelab.infer.gguf_llama_cpp import LlamaCppCheck, llama_cpp_check
+from tunelab.methods import METHODS
 
 DIRECT_QUANTS = ("f32", "f16", "bf16", "q8_0", "q4_0", *MIXES)
 """Written by tunelab itself (gguf's numpy quantisers; the k-quant mixes by gguf_kquants.py)."""
@@ -141,6 +142,9 @@ def _source(spec: str):
     path = Path(spec)
     loaded = load_generator(spec, "cpu")
     model = loaded.model
+    why_not = loaded.run_config and getattr(METHODS[loaded.run_config.method.name], "CANNOT_MERGE", None)
+    if why_not:
+        raise ConfigError(f"{spec} cannot be exported as one model file: {why_not}", where=str(spec))
     if hasattr(model, "peft_config"):
         if loaded.run_config is not None and loaded.run_config.method.name == "qlora":
             raise ConfigError("a QLoRA run folds into its 4-bit base here; export it after `tunelab merge` "
@@ -176,6 +180,8 @@ def _write(model, tokenizer, chat_template: str, path: Path, quant: str, name: s
     writer.add_layer_norm_rms_eps(float(config.rms_norm_eps))
     writer.add_vocab_size(config.vocab_size)
     writer.add_rope_dimension_count(head_dim)
+    writer.add_key_length(head_dim)  # llama.cpp assumes hidden / heads without these
+    writer.add_value_length(head_dim)
     writer.add_file_type(file_type)
     writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
     _add_tokenizer(writer, tokenizer, chat_template, warnings)

@@ -7,7 +7,7 @@ blocks of a tensor with torch in float32: a super-block of 256 weights holds 8 s
 each with a 6-bit scale and a 6-bit minimum, found by a weighted least-squares search over candidate scales) or
 16 of 16 (Q6_K: signed 6-bit levels, an 8-bit scale each), and one float16 scale (and minimum) for the
 super-block. Which tensor gets which type is llama.cpp's rule for each mix (`llama_tensor_get_type`): the output
-(or the tied embedding) in Q6_K, half-ish of the attn_v and ffn_down layers in Q6_K for the _m mixes, and types of
+(or the tied embedding) in Q6_K, about 40% of the attn_v and ffn_down layers in Q6_K for the _m mixes, types of
 32-weight blocks where a row is not a multiple of 256 wide (the default model's 576-wide rows: Q4_K -> Q5_0,
 Q5_K -> Q5_1, Q6_K -> Q8_0).
 

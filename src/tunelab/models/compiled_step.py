@@ -33,7 +33,9 @@ from tunelab.models.packed_linear import PackedLinear
 
 _WEIGHTS: dict[str, tuple[torch.Tensor, torch.Tensor | None, int]] = {}
 """Packed weight, bias and output width of every linear a compiled step calls, by number (a string: dynamo makes
-an int argument a symbolic size under dynamic shapes)."""
+an int argument a symbolic size under dynamic shapes). The number carries the linear's shape, `7:576x1536`: the
+output width is known to the graph only through the fake kernel, so without it two models whose inputs match but
+whose widths differ (intermediate size, vocabulary) would share a graph from torch's on-disk compile cache."""
 _NUMBERS = itertools.count()
 
 
@@ -50,7 +52,7 @@ def _packed_linear_shape(x: torch.Tensor, number: str) -> torch.Tensor:
 
 
 def _register(linear: PackedLinear) -> str:
-    number = str(next(_NUMBERS))
+    number = f"{next(_NUMBERS)}:{linear.in_features}x{linear.out_features}"
     _WEIGHTS[number] = (linear.packed_weight, linear.bias, linear.out_features)
     return number
 

@@ -28,8 +28,13 @@ def load_served(spec: str, *, adapters: dict[str, str] | None = None, max_batch:
     (models/compiled_step.py; `served.engine.compiled` says whether it did); `lookup` drafts tokens for requests
     decoded alone and in batches of up to 8 (infer/lookup.py)."""
     from tunelab.infer.load import in_compute_dtype, is_run_dir, load_generator
+    from tunelab.models.logprobs import uses_virtual_tokens
 
     loaded = load_generator(spec, device)
+    if uses_virtual_tokens(loaded.model):
+        raise ConfigError(f"{spec} is a prompt or prefix tuning run: its virtual tokens go in front of every forward, "
+                          "which the server's batched decoding with a KV cache does not do; `tunelab generate` and "
+                          "`tunelab chat` answer with it (through transformers' generate)", where=str(spec))
     path = Path(spec)
     is_run = path.is_dir() and is_run_dir(path)
     name = path.resolve().name if is_run else str(spec)
