@@ -348,3 +348,20 @@ def test_varlen_attention_lays_a_padding_free_batch_out_for_the_kernel(tiny_mode
     assert loss == pytest.approx(reference_loss, rel=1e-6)
     for name, grad in grads.items():
         torch.testing.assert_close(grad, reference_grads[name], atol=1e-6, rtol=1e-4)
+
+
+def test_training_keeps_transformers_masks_where_a_sliding_window_binds():
+    """The matmul path's segments are causal only: a sliding window that rows reach keeps the model's own attention
+    (auto), and an explicit matmul or varlen setting is refused; a window longer than the rows changes nothing."""
+    from test_lean_decoder import random_model
+
+    from tunelab.errors import ConfigError
+
+    cpu = torch.device("cpu")
+    windowed = random_model("mistral", sliding_window=16)
+    assert training_attention("auto", cpu, "fp32", 64, windowed) is None
+    assert training_attention("auto", cpu, "fp32", 16, windowed) == MATMUL
+    assert training_attention("auto", cpu, "fp32", 64, random_model("mistral")) == MATMUL
+    for setting in ("matmul", "varlen"):
+        with pytest.raises(ConfigError, match="sliding window of 16"):
+            training_attention(setting, cpu, "fp32", 64, windowed)

@@ -237,3 +237,20 @@ def test_chat_streams_generates_reply_piece_by_piece(default_model_dir):
             reply = generate_replies(loaded.model, loaded.renderer, [conversation], options)[0]
             pieces = list(stream_reply(loaded, conversation, options))
             assert len(pieces) > 3 and "".join(pieces).strip() == reply
+
+
+def test_a_sliding_window_model_decodes_prompts_of_any_length_together_as_generate_does_alone():
+    """Prompts longer and shorter than the window, in different length groups (prefill runs them apart and stacks
+    their caches, as the server does when requests join): each row's greedy tokens are generate's for it alone."""
+    from test_lean_decoder import random_model
+
+    model = random_model("mistral", sliding_window=8)
+    generator = torch.Generator().manual_seed(3)
+    prompts = [torch.randint(1, 96, (n,), generator=generator).tolist() for n in (3, 30, 12, 5, 41)]
+    assert len(length_groups([len(p) for p in prompts])) > 1
+    decoded = decode(model, prompts, max_new_tokens=12, stop_ids=[0], pad_id=0, batch_size=8)
+    for prompt, tokens in zip(prompts, decoded.tokens, strict=True):
+        ids = torch.tensor([prompt])
+        expected = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=12, do_sample=False,
+                                  eos_token_id=0, pad_token_id=0)[0, len(prompt):].tolist()
+        assert tokens == (expected[:expected.index(0) + 1] if 0 in expected else expected)

@@ -230,3 +230,20 @@ def test_export_and_serve_refuse_what_cannot_fold_with_the_reason(trained, tmp_p
     if method != "adapter":  # virtual tokens: the server's cached decoding would prepend them at every step
         with pytest.raises(ConfigError, match="virtual tokens"):
             load_served(str(out), start_engine=False)
+
+
+def test_prefix_tuning_starts_a_sliding_window_model_from_real_keys_for_every_virtual_token(tmp_path):
+    from transformers import AutoModelForCausalLM, MistralConfig, MistralForCausalLM
+
+    from conftest import build_tokenizer
+    from tunelab.methods.prompt_learning import real_token_prefix
+
+    tokenizer = build_tokenizer()
+    MistralForCausalLM(MistralConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128,
+                                     num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                                     sliding_window=8)).save_pretrained(tmp_path / "mistral")
+    tokenizer.save_pretrained(tmp_path / "mistral")
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "mistral")
+    prefix = real_token_prefix(model, 20)  # more virtual tokens than the window keeps in transformers' own cache
+    assert prefix.shape == (20, 2 * 2 * 2 * 16) and torch.isfinite(prefix).all()
+    assert prefix[8:].abs().sum(dim=1).min() > 0

@@ -296,7 +296,7 @@ def model_forward(model, row_inputs: dict | None = None) -> Forward:
 
 def drafts_possible(model) -> bool:
     """Whether lookup drafts can be checked on `model`: every layer of its cache is a reserved one, whose positions
-    the model rejected can be forgotten (ReservedLayer.rewind; sliding-window layers cannot)."""
+    the model rejected can be forgotten (ReservedLayer.rewind; linear-attention layers cannot)."""
     return all(type(layer) is ReservedLayer for layer in reserved_cache(model.config, 1).layers)
 
 

@@ -19,7 +19,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from transformers import DynamicCache
-from transformers.cache_utils import DynamicLayer
+from transformers.cache_utils import DynamicLayer, DynamicSlidingWindowLayer
 
 COLUMN_MULTIPLE = 8
 """A decoding step attends over the written columns rounded up to this many (ReservedLayer.padded). oneDNN builds
@@ -154,11 +154,21 @@ class ReservedLayer(DynamicLayer):
 
 
 def reserved_cache(config, capacity: int) -> DynamicCache:
-    """A DynamicCache for `config`'s model whose full-attention layers reserve `capacity` positions (sliding-window
-    and other special layers keep transformers' own kind)."""
+    """A DynamicCache for `config`'s model whose attention layers reserve `capacity` positions. Sliding-window
+    layers keep every position too, the window applied by the mask transformers builds from the config:
+    transformers' own sliding layers keep only the last window's keys, so prompts run apart (length groups, a
+    server's joining requests) left caches of different widths that could not be stacked into one batch. Other
+    special layers (linear attention) keep transformers' own kind."""
     cache = DynamicCache(config=config)
-    cache.layers = [ReservedLayer(capacity) if type(layer) is DynamicLayer else layer for layer in cache.layers]
+    cache.layers = [ReservedLayer(capacity) if type(layer) in (DynamicLayer, DynamicSlidingWindowLayer) else layer
+                    for layer in cache.layers]
     return cache
+
+
+def windowed(config) -> bool:
+    """Whether some attention layer of `config`'s model sees only a window of earlier positions (a sliding or
+    chunked window: transformers gives such layers a cache layer of their own kind)."""
+    return any(type(layer) is not DynamicLayer for layer in DynamicCache(config=config).layers)
 
 
 def rewind(cache: DynamicCache, length: int) -> None:

@@ -39,8 +39,11 @@ def real_token_prefix(model, num_virtual_tokens: int) -> torch.Tensor:
     tokenizer = AutoTokenizer.from_pretrained(model.name_or_path)
     ids = tokenizer(PREFIX_INIT_TEXT, add_special_tokens=False)["input_ids"]
     ids = (ids * (num_virtual_tokens // len(ids) + 1))[:num_virtual_tokens]
+    from tunelab.infer.kv_cache import reserved_cache
+
     device = next(model.parameters()).device
-    cache = model(input_ids=torch.tensor([ids], device=device), use_cache=True).past_key_values
+    cache = reserved_cache(model.config, len(ids))  # every position, also where a sliding window would keep fewer
+    model(input_ids=torch.tensor([ids], device=device), cache=cache, use_cache=True)
     per_layer = [torch.cat([layer.keys[0], layer.values[0]], dim=0) for layer in cache.layers]  # [2*kv, T, hd]
     stacked = torch.stack(per_layer)  # [layers, 2*kv_heads, T, head_dim]
     layers, pairs, tokens, head_dim = stacked.shape

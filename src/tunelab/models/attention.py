@@ -20,6 +20,7 @@ from contextlib import contextmanager
 
 import torch
 
+from tunelab.errors import ConfigError
 from tunelab.models.segments import from_slots, segments_from_positions, to_slots
 from tunelab.models.varlen import VARLEN, boundaries_from_positions, varlen_attention
 
@@ -169,14 +170,21 @@ def training_attention(
     ~140 tokens, two threads, bf16), alternating with sdpa step by step in one process, a LoRA step took
     2.49 s against 2.92 s; PyTorch's CPU flash-attention backward spends ~0.75 s a step at these lengths.
     Long rows keep the model's own (flash attention stores no T x T matrix)."""
+    config = base_config(model)
+    window = _binding_window(config, max_length)
+    if setting in ("matmul", "varlen") and window:
+        raise ConfigError(f"{setting} attention does not apply the model's sliding window of {window} positions, "
+                          f"which rows of up to {max_length} tokens reach; use auto or sdpa",
+                          where="train.attention")
     if setting == "sdpa":
         return "sdpa"
     if setting == "matmul":
         return MATMUL
     if setting == "varlen":
         return VARLEN
-    config = base_config(model)
     if device.type != "cpu" or config is None or getattr(config, "model_type", None) not in MATMUL_MODEL_TYPES:
+        return None
+    if window:  # transformers' masks apply it; the matmul path's segments are causal only
         return None
     if getattr(config, "attention_dropout", 0.0) or getattr(config, "attn_logit_softcapping", None):
         return None
@@ -185,6 +193,14 @@ def training_attention(
     element = 2 if precision == "bf16" else 4
     kept = batch_size * heads * max_length**2 * element * layers
     return MATMUL if 0 < kept <= MATMUL_PROBS_BUDGET else None
+
+
+def _binding_window(config, max_length: int) -> int | None:
+    """The model's sliding window where rows of `max_length` tokens are longer than it, else None."""
+    from tunelab.infer.kv_cache import windowed
+
+    window = getattr(config, "sliding_window", None) if config is not None else None
+    return window if window and max_length > window and windowed(config) else None
 
 
 def shares_prefixes(model, attention: str | None, enabled: bool) -> bool:

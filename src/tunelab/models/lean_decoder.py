@@ -21,7 +21,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from tunelab.infer.kv_cache import ReservedLayer, reserved_cache
+from tunelab.infer.kv_cache import ReservedLayer, reserved_cache, windowed
 from tunelab.models.attention import single_query_attention
 from tunelab.models.packed_linear import PackedLinear
 
@@ -167,7 +167,7 @@ def _supported(model) -> bool:
         return False
     if type(getattr(model, "lm_head", None)) not in (torch.nn.Linear, PackedLinear):
         return False
-    return all(type(layer) is ReservedLayer for layer in reserved_cache(config, 1).layers)
+    return not windowed(config) and all(type(layer) is ReservedLayer for layer in reserved_cache(config, 1).layers)
 
 
 def _layer(block, fuse: bool) -> _Layer:
