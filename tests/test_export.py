@@ -153,3 +153,39 @@ def test_a_head_dim_other_than_hidden_over_heads_is_written_for_llama_cpp(tmp_pa
     fields = {name: field.contents() for name, field in reader.fields.items() if name.startswith("llama.")}
     assert fields["llama.attention.key_length"] == fields["llama.attention.value_length"] == 32
     assert fields["llama.rope.dimension_count"] == 32
+
+
+def test_a_llama_3_style_tokenizer_is_named_for_llama_cpp_and_read_alike(tmp_path, monkeypatch):
+    """Llama 3's pre-tokenizer (numbers in threes, contractions, whitespace runs) with ignore_merges is llama.cpp's
+    `llama-bpe`; where llama-cpp-python is installed, llama.cpp must split the prompts into tunelab's token ids,
+    and does not when the file names GPT-2's pre-tokenizer instead."""
+    import gguf
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    from conftest import CHATML, CORPUS, SPECIALS, build_tiny_model
+
+    backend = Tokenizer(models.BPE(ignore_merges=True))
+    backend.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(gguf_export.LLAMA3_SPLIT), behavior="isolated", invert=False),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+    backend.decoder = decoders.ByteLevel()
+    corpus = CORPUS + ["I'LL pay 1234567 dollars, DON'T you think?\n\n  Order #C-90824   shipped.\t ok"]
+    backend.train_from_iterator(corpus * 20, trainers.BpeTrainer(
+        vocab_size=500, special_tokens=SPECIALS, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, eos_token="<|im_end|>", pad_token="<|endoftext|>")
+    tokenizer.chat_template = CHATML
+    folder = tmp_path / "llama3-style"
+    build_tiny_model(len(tokenizer)).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    prompts = [[{"role": "user", "content": "I'LL pay 1234567 dollars, DON'T you think?\n\n  Order #C-90824 ok"}],
+               [{"role": "user", "content": "question 98765 answer\t\t  world's end"}]]
+    check = export_gguf(str(folder), tmp_path / "llama3-style.gguf", "f32", check_prompts=prompts)
+    pre = gguf.GGUFReader(str(tmp_path / "llama3-style.gguf")).fields["tokenizer.ggml.pre"].contents()
+    assert pre == "llama-bpe" and not check.warnings and check.passed, check.summary()
+    if check.llama_cpp is None:
+        return  # llama-cpp-python not installed: transformers' loader agreed
+    assert check.llama_cpp.same_tokens == 2
+    monkeypatch.setattr(gguf_export, "_pre_tokenizer_name", lambda pre_tokenizer: "gpt-2")
+    wrong = export_gguf(str(folder), tmp_path / "as-gpt2.gguf", "f32", check_prompts=prompts)
+    assert wrong.llama_cpp.same_tokens < 2 and not wrong.passed

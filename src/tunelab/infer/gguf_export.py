@@ -47,7 +47,12 @@ PRE_TOKENIZERS = {
     # Digits one by one, then GPT-2's regex: SmolLM's own tokenizer.json; llama.cpp's `smollm`.
     "88e46f2b7ff38881b25bdcbd53c00c71a177d17bb9af73bec520e942c76aee6c": "smollm",
 }
-"""Pre-tokenizers llama.cpp knows by name; others are written as `default` with a warning in the check."""
+"""Pre-tokenizers llama.cpp knows by name; others (unless _pre_tokenizer_name recognises their parts) are written as
+`default` with a warning in the check."""
+LLAMA3_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+                r"|\s*[\r\n]+|\s+(?!\S)|\s+")
+"""Llama 3's pre-tokenizer split (its tokenizer.json): words, numbers in threes, punctuation runs, whitespace;
+llama.cpp's `llama-bpe`, which also takes whole words from the vocabulary before merging (ignore_merges)."""
 
 CHECK_TOLERANCE = {"f32": 1e-3, "f16": 0.1, "bf16": 0.5, "q8_0": 1.5, "q6_k": 2.0, "q4_k_m": 8.0, "q4_0": 16.0,
                    "q5_k_m": 16.0}
@@ -277,8 +282,7 @@ def _add_tokenizer(writer, tokenizer, chat_template: str, warnings: list[str]) -
         types[index] = (gguf.TokenType.CONTROL if special.get(index) else
                         gguf.TokenType.USER_DEFINED if index in special else gguf.TokenType.NORMAL)
     writer.add_tokenizer_model("gpt2")
-    pre_json = json.dumps(definition.get("pre_tokenizer"), sort_keys=True).encode()
-    pre = PRE_TOKENIZERS.get(hashlib.sha256(pre_json).hexdigest())
+    pre = _pre_tokenizer_name(definition.get("pre_tokenizer"))
     if pre is None:
         pre = "default"
         warnings.append("the tokenizer's pre-tokenizer is not one llama.cpp knows by name here: written as "
@@ -296,6 +300,23 @@ def _add_tokenizer(writer, tokenizer, chat_template: str, warnings: list[str]) -
             setter(int(token_id))
     writer.add_add_bos_token(bool(getattr(tokenizer, "add_bos_token", False)))
     writer.add_chat_template(chat_template)
+
+
+def _pre_tokenizer_name(pre_tokenizer: dict | None) -> str | None:
+    """llama.cpp's name for a tokenizer.json pre-tokenizer, or None when it is not one tunelab can name: by its
+    hash (PRE_TOKENIZERS), or Llama 3's split followed by a byte-level step without its own regex."""
+    found = PRE_TOKENIZERS.get(hashlib.sha256(json.dumps(pre_tokenizer, sort_keys=True).encode()).hexdigest())
+    if found or not isinstance(pre_tokenizer, dict) or pre_tokenizer.get("type") != "Sequence":
+        return found
+    parts = pre_tokenizer.get("pretokenizers") or []
+    if len(parts) != 2:
+        return None
+    split, byte_level = parts
+    is_llama3_split = (split.get("type") == "Split" and (split.get("pattern") or {}).get("Regex") == LLAMA3_SPLIT
+                       and split.get("behavior") == "Isolated" and not split.get("invert"))
+    plain_bytes = (byte_level.get("type") == "ByteLevel" and not byte_level.get("use_regex", True)
+                   and not byte_level.get("add_prefix_space"))
+    return "llama-bpe" if is_llama3_split and plain_bytes else None
 
 
 def verify_gguf(path: Path, source, renderer, quant: str, prompts: list[list[dict]], greedy_tokens: int
