@@ -99,6 +99,15 @@ def test_a_reward_model_learns_the_preference_and_transformers_scores_it_the_sam
     assert result.exit_code == 0, result.output
     scored = [json.loads(line) for line in (tmp_path / "s.jsonl").read_text().splitlines()]
     assert all(a["score"] > b["score"] for a, b in zip(scored[0::2], scored[1::2], strict=True))
+    # `tunelab generate`'s output (each prompt row with its `reply`) scores as prompt/completion rows do
+    replies = write_jsonl(tmp_path / "replies.jsonl", [{"prompt": p["prompt"], "reply": p[key]}
+                                                       for p in PAIRS[:4] for key in ("chosen", "rejected")])
+    result = CliRunner().invoke(app, ["score", str(out), "-i", str(replies), "-o", str(tmp_path / "r.jsonl")])
+    assert result.exit_code == 0, result.output
+    from_replies = [json.loads(line) for line in (tmp_path / "r.jsonl").read_text().splitlines()]
+    assert [r["score"] for r in from_replies] == pytest.approx([r["score"] for r in scored], abs=1e-5)
+    result = CliRunner().invoke(app, ["score", str(out), "-i", str(data), "-o", str(tmp_path / "p.jsonl")])
+    assert result.exit_code == 2 and "preference rows; score reads one reply a row" in result.output
 
     refused = CliRunner().invoke(app, ["generate", str(out), "--input", str(rows), "--output",
                                        str(tmp_path / "g.jsonl")])

@@ -6,7 +6,15 @@ from pathlib import Path
 
 import torch
 
-from tunelab.data.formats import RowError, file_format, to_sample
+from tunelab.data.formats import (
+    PAIR_FORMATS,
+    PROMPTS_FORMAT,
+    RowError,
+    as_text,
+    file_format,
+    prompt_messages,
+    to_sample,
+)
 from tunelab.data.preference import tokenize_prompt, tokenize_reply
 from tunelab.data.sources import read_records
 from tunelab.data.template import TemplateError
@@ -16,18 +24,32 @@ from tunelab.infer.load import load_for_inference
 from tunelab.objectives.pairs import collate_sequences
 from tunelab.objectives.reward import sequence_rewards
 
+REPLY_COLUMN = "reply"
+"""What `tunelab generate` adds to every row it answers (infer/batch.py)."""
+
 
 def score_file(run: str, input_path: Path, output_path: Path, *, batch_size: int = 8,
                max_length: int = 2048) -> int:
-    """Score every row's last reply (prompt/completion, chat messages, alpaca, question/answer rows) with the
-    reward model in `run`: each row is written back with `score`. Bad rows fail before the model loads."""
+    """Score every row's last reply (prompt/completion, chat messages, alpaca, question/answer rows, or the
+    prompt rows `tunelab generate` wrote with their `reply`) with the reward model in `run`: each row is written
+    back with `score`. Bad rows fail before the model loads."""
     records = read_records(input_path)
     if not records:
         raise DataError("file holds no rows", where=str(input_path))
-    fmt, _ = file_format(records, "auto", input_path)
+    generated = all(REPLY_COLUMN in record.row for record in records)
+    fmt = None if generated else file_format(records, "auto", input_path)[0]
+    if fmt in (*PAIR_FORMATS, PROMPTS_FORMAT):
+        raise DataError(f"its rows are {fmt} rows; score reads one reply a row: prompt/completion, chat messages, "
+                        f"alpaca, question/answer, or `tunelab generate`'s rows with their '{REPLY_COLUMN}'",
+                        where=str(input_path))
     conversations, problems = [], []
     for record in records:
         try:
+            if generated:
+                prompt = prompt_messages({k: v for k, v in record.row.items() if k != REPLY_COLUMN})
+                conversations.append([*prompt, {"role": "assistant",
+                                                "content": as_text(record.row[REPLY_COLUMN], REPLY_COLUMN)}])
+                continue
             sample = to_sample(record, fmt)
             if not sample.messages or sample.messages[-1]["role"] != "assistant":
                 raise RowError("no reply to score (the last message must be the assistant's)")
