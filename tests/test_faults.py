@@ -86,7 +86,11 @@ def test_a_run_that_keeps_diverging_stops_with_the_reason_and_its_last_checkpoin
     assert json.loads((out / "summary.json").read_text())["status"] == "failed"
     assert any("rollback_from" in r for r in records(out))
 
-    with pytest.raises(TrainingFault, match="no checkpoint to roll back to"):
+    with pytest.raises(TrainingFault, match=r"no checkpoint to roll back to \(set train.save_every"):
         train_run(run_config(tiny_model_dir, qa_file, tmp_path / "no-checkpoint", "train.lr=1e30",
                              "method.name=full", "train.max_grad_norm=null", "train.max_steps=20",
+                             "eval.before_after=false"))
+    with pytest.raises(TrainingFault, match=r"no checkpoint to roll back to \(the first checkpoint is due at step 10"):
+        train_run(run_config(tiny_model_dir, qa_file, tmp_path / "not-yet", "train.lr=1e30", "method.name=full",
+                             "train.max_grad_norm=null", "train.max_steps=20", "train.save_every=10",
                              "eval.before_after=false"))

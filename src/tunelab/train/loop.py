@@ -302,7 +302,9 @@ def _roll_back(ctx: LoopContext, state: TrainerState, guard: FaultGuard) -> Trai
     bad = len(guard.bad_steps)
     checkpoint = latest_checkpoint(ctx.run_dir)
     if checkpoint is None or not guard.can_roll_back():
-        why = ("no checkpoint to roll back to (set train.save_every)" if checkpoint is None
+        every = ctx.config.train.save_every
+        saving = (f"the first checkpoint is due at step {every}" if every else "set train.save_every to keep them")
+        why = (f"no checkpoint to roll back to ({saving})" if checkpoint is None
                else f"after {guard.rollbacks} rollback(s) with the learning rate halved each time")
         raise TrainingFault(f"{bad} steps up to step {state.step} had a non-finite loss or gradient norm, {why}; "
                             "try a lower train.lr or check the data")
