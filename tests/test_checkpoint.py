@@ -16,7 +16,7 @@ import pytest
 import torch
 import yaml
 
-from tunelab.errors import CheckpointError
+from tunelab.errors import CheckpointError, ConfigError
 from tunelab.train.checkpoint import (
     COMPLETE,
     LEGACY_OPTIMIZER,
@@ -237,6 +237,10 @@ def test_a_full_disk_while_saving_stops_with_the_last_checkpoint_intact(tiny_mod
     file_size_limit(2**62)  # room again
     resumed = train_run(run_config(tiny_model_dir, data, out, *base), resume=True)
     assert resumed["status"] == "completed" and resumed["steps"] == 6
+    saved = (out / "config.yaml").read_text()  # another adapter shape cannot load the checkpoint: refused first
+    with pytest.raises(ConfigError, match=r"trained with other method\.r than this config gives"):
+        train_run(run_config(tiny_model_dir, data, out, *base, "method.r=3", "train.max_steps=8"), resume=True)
+    assert (out / "config.yaml").read_text() == saved
 
 
 def test_a_planted_pickle_in_a_model_folder_is_refused_without_running(tiny_model_dir, tmp_path):

@@ -314,3 +314,20 @@ def check_same_data(checkpoint: Path, fingerprint: str) -> None:
             "position would not continue the same sequence; restore them or start a new run",
             where="data",
         )
+
+
+def check_same_parameters(run_dir: Path, config) -> None:
+    """Refuse to resume with another model or method than the run's own (config.yaml): the checkpoint holds that
+    model's trainable parameters, which another rank or method cannot load. Checked before the run writes."""
+    from tunelab.config_load import load_config
+
+    saved_path = run_dir / "config.yaml"
+    if not saved_path.is_file():
+        return
+    saved = load_config(saved_path)
+    ours, theirs = config.method.model_dump(), saved.method.model_dump()
+    changed = ["model"] if saved.model != config.model else []
+    changed += [f"method.{key}" for key in sorted(set(ours) | set(theirs)) if ours.get(key) != theirs.get(key)]
+    if changed:
+        raise ConfigError(f"--resume continues {run_dir}, trained with other {', '.join(changed)} than this "
+                          "config gives; restore them or start a new run", where=changed[0])

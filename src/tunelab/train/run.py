@@ -40,6 +40,7 @@ from tunelab.train import sharding
 from tunelab.train.checkpoint import (
     TrainerState,
     check_same_data,
+    check_same_parameters,
     data_order_fingerprint,
     incomplete_checkpoints,
     latest_checkpoint,
@@ -92,6 +93,8 @@ def train_run(
     console = RunConsole(console or Console(quiet=True)) if ranks.is_main else Console(quiet=True)
     if not dry_run:
         check_output_dir(config.output_dir, resume=resume, overwrite=overwrite)
+        if resume:
+            check_same_parameters(config.output_dir, config)
     check_trackers(config.track)
     if ranks.distributed:
         train_config, notice = apply_launcher_sharding(config.train, os.environ)
