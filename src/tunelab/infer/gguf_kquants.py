@@ -96,8 +96,7 @@ def _affine_levels(x: torch.Tensor, weights: torch.Tensor, top: int, rmin: float
     high = x.max(dim=1).values
     sum_w, sum_x = _ordered_sum(weights), _ordered_sum(weights * x)
     flat = high == low
-    span = torch.where(flat, torch.ones_like(high), high - low)
-    inverse = _f32(top) / span
+    inverse = _f32(top) / torch.where(flat, torch.ones_like(high), high - low)
     scale = 1 / inverse
     levels = _nearest(inverse[:, None] * (x - low[:, None])).clamp(0, top).float()
     best = _ordered_sum(weights * (scale[:, None] * levels + low[:, None] - x).square())
