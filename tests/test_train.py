@@ -159,6 +159,37 @@ def test_existing_output_dir_is_not_overwritten_silently(tiny_model_dir, qa_file
     assert (out / "keep.txt").read_text() == "mine"
 
 
+def test_a_run_another_process_trains_is_neither_overwritten_nor_resumed(tiny_model_dir, qa_file, tmp_path):
+    """status.json names a live process on this host training the run: --overwrite and --resume are refused before
+    anything is touched. A process that started after the run did holds a reused pid, not the run."""
+    import socket
+    import subprocess
+    import sys
+    import time
+
+    from tunelab.errors import ConfigError
+    from tunelab.train.live import STATUS_FILE, training_process
+
+    out = tmp_path / "live"
+    out.mkdir()
+    (out / "keep.txt").write_text("mine")
+    trainer = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(300)"])
+    record = {"status": "running", "pid": trainer.pid, "host": socket.gethostname(), "started_at": time.time() + 1}
+    try:
+        (out / STATUS_FILE).write_text(json.dumps(record))
+        for flags in ({"overwrite": True}, {"resume": True}):
+            with pytest.raises(ConfigError, match=f"being trained now by process {trainer.pid}"):
+                train_run(run_config(tiny_model_dir, qa_file, out, "train.max_steps=1"), **flags)
+        assert (out / "keep.txt").read_text() == "mine" and training_process(out) == trainer.pid
+        (out / STATUS_FILE).write_text(json.dumps({**record, "started_at": time.time() - 3600}))
+        assert training_process(out) is None
+        (out / STATUS_FILE).write_text(json.dumps(record))
+    finally:
+        trainer.kill()
+        trainer.wait()
+    assert training_process(out) is None
+
+
 def test_early_stopping_keeps_the_best_weights(tiny_model_dir, qa_file, tmp_path):
     out = tmp_path / "early"
     summary = train_run(run_config(tiny_model_dir, qa_file, out, "method.name=full", "train.lr=3e-2",

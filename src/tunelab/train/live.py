@@ -42,11 +42,41 @@ def live_status(run_dir: Path) -> dict | None:
     """The status record with `running` turned into `died` when its process is gone (on this host)."""
     record = read_status(run_dir)
     if record and record.get("status") == "running" and record.get("host") == socket.gethostname() \
-            and not process_alive(int(record.get("pid", 0))):
+            and not _still_training(record):
         record = {**record, "status": "died", "error": record.get("error") or
                   "the training process ended without saying how (killed, out of memory?); --resume continues "
                   "from the newest checkpoint"}
     return record
+
+
+def training_process(run_dir: Path) -> int | None:
+    """The pid of another process on this host that is training `run_dir` now, else None: its status.json says
+    `running`, and that process is alive and no younger than the run (a pid the system reused since is not it).
+    A run written from another host cannot be checked from here and gives None."""
+    record = read_status(run_dir)
+    if not record or record.get("status") != "running" or record.get("host") != socket.gethostname():
+        return None
+    pid = int(record.get("pid", 0))
+    return pid if pid != os.getpid() and _still_training(record) else None
+
+
+def _still_training(record: dict) -> bool:
+    pid = int(record.get("pid", 0))
+    if not process_alive(pid):
+        return False
+    started = process_start_time(pid)
+    return started is None or started <= float(record.get("started_at", 0)) + 2  # btime has 1 s resolution
+
+
+def process_start_time(pid: int) -> float | None:
+    """When process `pid` started (seconds since the epoch, to ~1 s), from /proc; None where it cannot be read."""
+    try:
+        after_name = Path(f"/proc/{pid}/stat").read_text().rsplit(") ", 1)[1].split()
+        boot = next(int(line.split()[1]) for line in Path("/proc/stat").read_text().splitlines()
+                    if line.startswith("btime "))
+        return boot + int(after_name[19]) / os.sysconf("SC_CLK_TCK")  # field 22, starttime, in clock ticks
+    except (OSError, IndexError, StopIteration, ValueError):
+        return None
 
 
 def process_alive(pid: int) -> bool:

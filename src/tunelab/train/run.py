@@ -50,7 +50,7 @@ from tunelab.train.console_log import RunConsole
 from tunelab.train.device_checks import refuse_what_the_device_cannot_run
 from tunelab.train.distributed import Ranks, launched_ranks, loss_module, start, stop
 from tunelab.train.launcher_env import apply_launcher_sharding
-from tunelab.train.live import mark_ended, mark_running, read_status
+from tunelab.train.live import mark_ended, mark_running, read_status, training_process
 from tunelab.train.loop import LoopContext, TrainingFault, epoch_plan, fit, save_from_main
 from tunelab.train.memory import MemoryEstimate, estimate_peak_memory
 from tunelab.train.outputs import write_model_card, write_samples
@@ -64,6 +64,7 @@ from tunelab.train.summary import print_outcome, report_data, write_summary
 
 
 def check_output_dir(output_dir: Path, *, resume: bool, overwrite: bool) -> None:
+    check_not_training(output_dir)
     if resume:
         if latest_checkpoint(output_dir) is None:
             ignored = "".join(f"; {path.name} ignored: {why}" for path, why in incomplete_checkpoints(output_dir))
@@ -75,6 +76,16 @@ def check_output_dir(output_dir: Path, *, resume: bool, overwrite: bool) -> None
             f"{output_dir} already holds files; pass --overwrite to replace it or --resume to continue it",
             where="output_dir",
         )
+
+
+def check_not_training(output_dir: Path) -> None:
+    """Refuse a run directory another process is training now: --overwrite would delete its files under it and
+    --resume would interleave two writers' checkpoints and metrics."""
+    pid = training_process(output_dir) if output_dir.is_dir() else None
+    if pid is not None:
+        raise ConfigError(f"{output_dir} is being trained now by process {pid}; stop it first (Ctrl-C there, or "
+                          f"kill {pid}; --resume continues it later) or choose another output_dir",
+                          where="output_dir")
 
 
 def seed_everything(seed: int) -> None:
@@ -223,6 +234,7 @@ def _train(config: RunConfig, log: RunLog, ranks: Ranks, device: torch.device, *
                 "peak_memory_estimate_mb": round(memory.peak_mb, 1), "memory_estimate": memory.as_dict(),
                 "data": data.stats}
     if ranks.is_main:
+        check_not_training(run_dir)  # again: another process may have started on it while this one loaded
         if overwrite and run_dir.exists() and not resume:
             shutil.rmtree(run_dir)
         run_dir.mkdir(parents=True, exist_ok=True)
