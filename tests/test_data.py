@@ -144,6 +144,9 @@ def test_overlong_samples_truncate_drop_or_fail(tmp_path, tiny_tokenizer):
     assert len(dropped.train) == 1 and "long.jsonl:2" in dropped.dropped[0]
     with pytest.raises(DataError, match=r"long.jsonl:2: has \d+ tokens, more than data.max_length=64"):
         prepare_data(DataConfig(train=path, eval_split=0, max_length=64, overlong="error"), tiny_tokenizer, 0)
+    # every row dropped: the error says why, quoting the rows
+    with pytest.raises(DataError, match=r"no training samples left after validation: 2 dropped\n.*long.jsonl:1"):
+        prepare_data(DataConfig(train=path, eval_split=0, max_length=8, overlong="drop"), tiny_tokenizer, 0)
 
 
 def test_raw_text_is_chunked_not_truncated(tmp_path, tiny_tokenizer):

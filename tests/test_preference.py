@@ -168,6 +168,11 @@ def test_identical_pairs_are_left_out_and_listed(tmp_path, tiny_tokenizer):
     assert prepared.identical == [f"{path}:2: chosen and rejected are identical; left out"]
     assert all(isinstance(p, TokenizedPair) for p in prepared.train)
     assert prepared.stats["identical_pairs"] == 1 and prepared.stats["train_rows"] == 2
+    # a file of nothing else says so, row by row, instead of only that no rows are left
+    path = write_jsonl(tmp_path / "same.jsonl", [rows[1]] * 4)
+    with pytest.raises(DataError, match="no training rows left after validation: 4 left out as identical") as err:
+        prepare_preference_data(DataConfig(train=path, eval_split=0), tiny_tokenizer, seed=0)
+    assert f"{path}:1: chosen and rejected are identical" in str(err.value)
 
 
 def test_feedback_labels_in_every_spelling(tmp_path, tiny_tokenizer):
@@ -278,6 +283,11 @@ def test_data_kind_refuses_mixed_objectives(tmp_path):
     assert data_kind(DataConfig(train=pairs, format="preference_chosen")) == "sft"
     with pytest.raises(DataError, match="different objectives"):
         data_kind(DataConfig(train=[DataSource(path=pairs), DataSource(path=sft)]))
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("")
+    with pytest.raises(DataError, match="file holds no rows") as err:  # not "the data holds SFT rows"
+        data_kind(DataConfig(train=pairs, eval=empty))
+    assert err.value.where == str(empty)
 
 
 def test_sft_training_on_preference_or_feedback_data_names_the_objective(tiny_model_dir, tmp_path):

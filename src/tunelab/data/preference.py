@@ -30,6 +30,7 @@ from tunelab.data.pairs import FeedbackSample, PairRow, PreferencePair, to_pair
 from tunelab.data.prepare import (
     convert_rows,
     file_format,
+    nothing_left,
     raise_problems,
     read_file_rows,
     split_tables,
@@ -252,6 +253,8 @@ def data_kind(config: DataConfig) -> str:
     for path, fmt in paths:
         if fmt == "auto":  # from the first rows, as training detects it
             head = list(itertools.islice(iter_records(path, []), 20))
+            if not head:
+                raise DataError("file holds no rows", where=str(path))
             columns, _ = layout_columns([r.row for r in head], config.columns, fmt, str(path))
             fmt, _ = file_format(rename_columns(head, columns, path), fmt, path)
         kinds[str(path)] = fmt if fmt in OBJECTIVE_FORMATS else "sft"
@@ -296,7 +299,8 @@ def prepare_preference_data(config: DataConfig, tokenizer, seed: int) -> Prepare
             if len(view):
                 view.pair_with_next_distinct(config.max_length)
     if not prepared.train:
-        raise DataError("no training rows left after validation", where="data.train")
+        raise nothing_left("rows", {"left out as identical": (prepared.counts["identical"], prepared.identical),
+                                    "dropped as over-long": (prepared.counts["dropped"], prepared.dropped)})
     return prepared
 
 

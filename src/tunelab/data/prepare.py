@@ -252,7 +252,7 @@ def prepare_data(config: DataConfig, tokenizer, seed: int) -> PreparedData:
         prepared.truncated_count += table.meta["truncated"]
         prepared.dropped_count += table.meta["dropped"]
     if not prepared.train:
-        raise DataError("no training samples left after validation", where="data.train")
+        raise nothing_left("samples", {"dropped": (prepared.dropped_count, prepared.dropped)})
     # Token-level agreement with `generate` and the mask of every turn, on a seeded sample of conversations.
     verify_before_training(_check_sample(tables, seed), renderer, config.train_on, seed)
     return prepared
@@ -295,6 +295,18 @@ def raise_problems(problems) -> None:
         shown = "\n  ".join(list(problems)[:_MAX_LISTED])
         more = f"\n  ... and {len(problems) - _MAX_LISTED} more" if len(problems) > _MAX_LISTED else ""
         raise DataError(f"{len(problems)} invalid row(s):\n  {shown}{more}")
+
+
+def nothing_left(what: str, left_out: dict[str, tuple[int, list[str]]]) -> DataError:
+    """The error for data that validated but left no training rows, saying what took them: `left_out` maps a
+    reason to (how many rows it took, the first of them as `file:line: why`)."""
+    counted = [f"{count} {reason}" for reason, (count, _) in left_out.items() if count]
+    quoted = [line for _, (_, listed) in left_out.items() for line in listed][:3]
+    if not counted:
+        return DataError(f"no training {what} left: data.eval_split or the sources' weights left none for "
+                         "training", where="data.train")
+    shown = "".join(f"\n  {line}" for line in quoted)
+    return DataError(f"no training {what} left after validation: {', '.join(counted)}{shown}", where="data.train")
 
 
 def weighted(samples: list[T], weight: float, seed: int) -> list[T]:

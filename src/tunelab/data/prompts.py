@@ -20,7 +20,7 @@ from tunelab.config import DataConfig
 from tunelab.data.formats import PROMPTS_FORMAT, RowError, Sample
 from tunelab.data.pairs import parse_prompt, with_system_prompt
 from tunelab.data.preference import data_kind, tokenize_prompt
-from tunelab.data.prepare import raise_problems, split_tables, tokenized_cache_status
+from tunelab.data.prepare import nothing_left, raise_problems, split_tables, tokenized_cache_status
 from tunelab.data.row_cache import RowKind, RowTokens, tokenized_rows
 from tunelab.data.row_table import RowTable, RowView
 from tunelab.data.sources import Record
@@ -149,7 +149,7 @@ def prepare_prompt_data(config: DataConfig, tokenizer, seed: int, *, completion_
     prepared.dropped = [text for table in split.tables for text in table.notes("dropped")][:MAX_LISTED]
     prepared.dropped_count = sum(table.meta["dropped"] for table in split.tables)
     if not prepared.train:
-        raise DataError("no training prompts left after validation", where="data.train")
+        raise nothing_left("prompts", {"dropped": (prepared.dropped_count, prepared.dropped)})
     return prepared
 
 
