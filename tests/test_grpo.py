@@ -388,6 +388,8 @@ def test_a_failing_reward_stops_training_naming_it_and_keeps_the_finished_steps(
     assert (out / "checkpoints" / "step-000002").is_dir()  # the two finished steps survive
     log = (out / "train.log").read_text()  # the run's own log says how it ended, for whoever reads it later
     assert "step 2/5" in log and "the reward 'flaky' failed: KeyError" in " ".join(log.split())
+    line = REWARDS_PY.splitlines().index('        raise KeyError("answer")') + 1  # the user's line to fix
+    assert f"(at {rewards}:{line})" in log
 
 
 def test_prompt_rows_keep_their_columns_and_are_never_cut(tiny_tokenizer, tmp_path):

@@ -42,7 +42,7 @@ from tunelab.objectives.grpo_loss import (  # noqa: F401 - Completion and the lo
 )
 from tunelab.objectives.metrics import Metrics
 from tunelab.objectives.pairs import collate_sequences
-from tunelab.objectives.rewards import Reward
+from tunelab.objectives.rewards import Reward, raised_at
 from tunelab.train.precision import autocast
 
 
@@ -183,7 +183,8 @@ class GrpoObjective:
             try:
                 columns.append(torch.tensor(reward.score(list(rows), texts, ids), dtype=torch.float32))
             except Exception as err:  # noqa: BLE001 - a user's function: report whatever it raised, and where
-                raise TrainingFault(f"the reward '{reward.name}' failed: {type(err).__name__}: {err}") from err
+                raise TrainingFault(f"the reward '{reward.name}' failed: {type(err).__name__}: {err}"
+                                    f"{raised_at(err)}") from err
         return torch.stack(columns, dim=1)
 
     # --- the step ------------------------------------------------------------------------------------------

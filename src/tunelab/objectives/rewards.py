@@ -13,6 +13,8 @@ from __future__ import annotations
 import importlib.util
 import json
 import math
+import sys
+import traceback
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -103,6 +105,14 @@ def _json_or_none(value: Any) -> Any:
         return None
 
 
+def raised_at(err: BaseException) -> str:
+    """` (at FILE:LINE)`, the deepest frame of `err`'s traceback in the user's own code (not tunelab's, not an
+    installed library's), so a reward that fails mid-training points at the line to fix; '' when none is."""
+    libraries = (str(Path(__file__).parents[1]), sys.prefix, sys.base_prefix)
+    frames = [f for f in traceback.extract_tb(err.__traceback__) if not f.filename.startswith(libraries)]
+    return f" (at {frames[-1].filename}:{frames[-1].lineno})" if frames else ""
+
+
 def python_reward(spec: RewardSpec, where: str) -> Reward:
     """`file.py:function`, called with TRL's keyword arguments."""
     path, _, function = spec.reward.rpartition(":")
@@ -113,7 +123,8 @@ def python_reward(spec: RewardSpec, where: str) -> Reward:
     try:
         module_spec.loader.exec_module(module)
     except Exception as err:  # noqa: BLE001 - a user's file: report whatever it raised
-        raise ConfigError(f"{path} could not be imported: {type(err).__name__}: {err}", where=where) from None
+        raise ConfigError(f"{path} could not be imported: {type(err).__name__}: {err}{raised_at(err)}",
+                          where=where) from None
     fn = getattr(module, function, None)
     if not callable(fn):
         raise ConfigError(f"{path} has no function '{function}'", where=where)
