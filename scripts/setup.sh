@@ -10,7 +10,9 @@
 #                             240 MB installed) and, as root (or with passwordless sudo) on Debian, Chromium for the
 #                             tests that open the HTML report and the web app in a real browser (about 120 MB to
 #                             download, 410 MB installed, ~25 s; TUNELAB_NO_CHROMIUM=1 skips it; without Chromium
-#                             those tests are skipped and say why)
+#                             those tests are skipped and say why), and llama-cpp-python 0.3.36, built from source
+#                             (no wheel on PyPI: ~4-7 min on 2 cores, needs a C++ compiler; TUNELAB_NO_LLAMA_CPP=1
+#                             skips it), which the GGUF export tests compare against llama.cpp's own quantiser and reader
 # TORCH_SPEC overrides the PyTorch requirement, e.g. TORCH_SPEC="torch==2.13.0+cpu".
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -71,5 +73,17 @@ install_chromium() {
   apt_install chromium "the browser tests will be skipped"
 }
 [ "${1:-}" = "--dev" ] && install_chromium
+
+# llama-cpp-python: the GGUF export tests check tunelab's files with llama.cpp itself. PyPI has only its source;
+# a failed build leaves those tests skipped (they say why) rather than failing the setup.
+install_llama_cpp() {
+  local log
+  if [ -n "${TUNELAB_NO_LLAMA_CPP:-}" ] || .venv/bin/python -c "import llama_cpp" 2>/dev/null; then return 0; fi
+  echo "building llama-cpp-python 0.3.36 from source (a few minutes) ..."
+  log=$(mktemp)
+  CMAKE_BUILD_PARALLEL_LEVEL=$(nproc 2>/dev/null || echo 2) "${pip[@]}" install "llama-cpp-python==0.3.36" >"$log" 2>&1 \
+    || echo "note: llama-cpp-python did not build (log: $log): the tests against llama.cpp will be skipped"
+}
+[ "${1:-}" = "--dev" ] && install_llama_cpp
 
 .venv/bin/python -c "import tunelab, torch; print(f'tunelab {tunelab.__version__} ready (torch {torch.__version__})')"
