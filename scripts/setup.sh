@@ -81,7 +81,14 @@ install_llama_cpp() {
   if [ -n "${TUNELAB_NO_LLAMA_CPP:-}" ] || .venv/bin/python -c "import llama_cpp" 2>/dev/null; then return 0; fi
   echo "building llama-cpp-python 0.3.36 from source (a few minutes) ..."
   log=$(mktemp)
-  CMAKE_BUILD_PARALLEL_LEVEL=$(nproc 2>/dev/null || echo 2) "${pip[@]}" install "llama-cpp-python==0.3.36" >"$log" 2>&1 \
+  # A native build on a CPU with AMX crashes in llama.cpp's AMX matmul on quantised files (llama.cpp#20824):
+  # where AVX-512 is there, build for it and leave AMX out.
+  local cmake_args=${CMAKE_ARGS:-}
+  if [ -z "$cmake_args" ] && grep -qw avx512f /proc/cpuinfo 2>/dev/null; then
+    cmake_args="-DGGML_NATIVE=OFF -DGGML_AVX512=ON"
+  fi
+  CMAKE_ARGS=$cmake_args CMAKE_BUILD_PARALLEL_LEVEL=$(nproc 2>/dev/null || echo 2) \
+    "${pip[@]}" install --no-cache-dir "llama-cpp-python==0.3.36" >"$log" 2>&1 \
     || echo "note: llama-cpp-python did not build (log: $log): the tests against llama.cpp will be skipped"
 }
 [ "${1:-}" = "--dev" ] && install_llama_cpp

@@ -281,8 +281,12 @@ def test_data_kind_refuses_mixed_objectives(tmp_path):
     assert data_kind(DataConfig(train=pairs)) == "preference"
     assert data_kind(DataConfig(train=sft)) == "sft"
     assert data_kind(DataConfig(train=pairs, format="preference_chosen")) == "sft"
-    with pytest.raises(DataError, match="different objectives"):
+    with pytest.raises(DataError, match="different objectives") as err:
         data_kind(DataConfig(train=[DataSource(path=pairs), DataSource(path=sft)]))
+    assert err.value.where == "data.train"
+    with pytest.raises(DataError, match="different objectives") as err:  # the eval file is the odd one out
+        data_kind(DataConfig(train=pairs, eval=sft))
+    assert err.value.where == "data.eval"
     empty = tmp_path / "empty.jsonl"
     empty.write_text("")
     with pytest.raises(DataError, match="file holds no rows") as err:  # not "the data holds SFT rows"

@@ -260,7 +260,9 @@ def data_kind(config: DataConfig) -> str:
         kinds[str(path)] = fmt if fmt in OBJECTIVE_FORMATS else "sft"
     if len(set(kinds.values())) > 1:
         listed = ", ".join(f"{p} ({k})" for p, k in kinds.items())
-        raise DataError(f"the data files are for different objectives: {listed}", where="data.train")
+        training_kinds = {kinds[str(path)] for path, _ in paths[:len(train_sources(config))]}
+        where = "data.eval" if config.eval is not None and len(training_kinds) == 1 else "data.train"
+        raise DataError(f"the data files are for different objectives: {listed}", where=where)
     return next(iter(kinds.values()))
 
 
