@@ -238,3 +238,34 @@ def test_eval_against_the_base_model_reports_differences(trained_run, tiny_model
     assert difference["difference"] == pytest.approx(scores["exact_match"] - base_alone["exact_match"])
     assert difference["ci95_low"] <= difference["difference"] <= difference["ci95_high"]
     assert scores["comparison"]["differences"]["loss"]["difference"] < 0
+
+
+def test_out_of_range_options_and_unusable_outputs_exit_2_before_any_work(tmp_path, tiny_model_dir):
+    """Counts below 1, a port that is taken, an output path under a file, one run given --output, no method to
+    compare: each is refused with exit 2, naming the option, before a model or any data is loaded."""
+    import socket
+
+    data = tmp_path / "qa.jsonl"
+    data.write_text('{"question": "q", "answer": "a"}\n')
+    a_file = tmp_path / "a-file"
+    a_file.write_text("x")
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = str(taken.getsockname()[1])
+        refused = {
+            ("eval", str(tiny_model_dir), "--data", str(data), "--batch-size", "0"): "--batch-size",
+            ("eval", str(tiny_model_dir), "--data", str(data), "--limit", "0"): "--limit",
+            ("data", "inspect", str(data), "--max-length", "0"): "--max-length",
+            ("data", "inspect", str(data), "--histogram", str(a_file / "h.png")): "--histogram",
+            ("compare-methods", str(tmp_path / "c.yaml"), "--methods", ","): "no method named",
+            ("report", str(tmp_path), "-o", str(tmp_path / "page.html")): "--output",
+            ("ui", "--runs", str(a_file)): "is a file, not a runs folder",
+            ("ui", "--runs", str(tmp_path / "runs"), "--port", port): f"cannot listen on 127.0.0.1:{port}",
+            ("serve", str(tiny_model_dir), "--port", port): f"cannot listen on 127.0.0.1:{port}",
+        }
+        (tmp_path / "c.yaml").write_text(f"model: {tiny_model_dir}\ndata: {{train: {data}}}\n")
+        for args, said in refused.items():
+            result = runner.invoke(app, list(args))
+            assert result.exit_code == 2 and said in " ".join(result.output.split()), (args, result.output)
+    assert not (tmp_path / "runs").exists() and not (tmp_path / "page.html").exists()

@@ -292,6 +292,10 @@ def test_data_kind_refuses_mixed_objectives(tmp_path):
     with pytest.raises(DataError, match="file holds no rows") as err:  # not "the data holds SFT rows"
         data_kind(DataConfig(train=pairs, eval=empty))
     assert err.value.where == str(empty)
+    unreadable = tmp_path / "unreadable.jsonl"
+    unreadable.write_text("hello\nworld\n")  # its kind is not told here: its readers list its bad lines
+    assert data_kind(DataConfig(train=unreadable)) == "sft"
+    assert data_kind(DataConfig(train=pairs, eval=unreadable)) == "preference"
 
 
 def test_sft_training_on_preference_or_feedback_data_names_the_objective(tiny_model_dir, tmp_path):

@@ -178,6 +178,43 @@ def test_a_killed_run_is_reported_as_died(root, tiny_model_dir):
     assert row["status"] == "died" and "--resume" in row["error"]
 
 
+def test_start_resume_and_stop_go_by_live_processes_on_this_machine(root, tiny_model_dir):
+    """A resume the app launched that is still loading (the run's old status.json in place) makes the run busy for
+    another resume and for an overwrite; Stop never signals a process status.json names on another host, nor
+    fails on a pid that is not a number."""
+    import socket
+
+    from tunelab.ui.launcher import UI_DIR
+
+    run = root / "r"
+    (run / "checkpoints").mkdir(parents=True)
+    (run / "config.yaml").write_text(yaml_for(tiny_model_dir, root.parent / "qa.jsonl"))
+    here = {"host": socket.gethostname(), "started_at": time.time() - 60}
+    (run / "status.json").write_text(json.dumps({**here, "status": "interrupted", "pid": 1}))
+    loading = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(300)"])
+    client = TestClient(create_app(root))
+    try:
+        (root / UI_DIR / "launches").mkdir(parents=True)
+        (root / UI_DIR / "launches" / "r.json").write_text(json.dumps(
+            {"name": "r", "pid": loading.pid, "args": [], "resume": True, "started_at": time.time() + 1}))
+        assert client.post("/api/runs/r/resume").status_code == 409
+        started = client.post("/api/runs", json={"name": "r", "config_yaml": "model: x\n", "overwrite": True})
+        assert started.status_code == 409 and "training now" in started.text
+        assert client.get("/api/runs/r").json()["status"] == "starting"
+
+        (root / UI_DIR / "launches" / "r.json").unlink()
+        (run / "status.json").write_text(json.dumps({**here, "status": "running", "pid": loading.pid,
+                                                      "host": "gpu-node-7"}))
+        stopped = client.post("/api/runs/r/stop")
+        assert stopped.status_code == 409 and "gpu-node-7" in stopped.text
+        (run / "status.json").write_text(json.dumps({**here, "status": "running", "pid": "abc"}))
+        assert client.post("/api/runs/r/stop").status_code == 409
+        assert loading.poll() is None  # never signalled
+    finally:
+        loading.kill()
+        loading.wait()
+
+
 def test_the_api_key_guards_the_api_and_the_cli_refuses_open_hosts_without_one(root):
     root.mkdir()
     client = TestClient(create_app(root, api_key="secret"))

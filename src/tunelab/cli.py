@@ -90,11 +90,11 @@ def generate(
     model: str = typer.Argument(..., help="A run directory, preset, hub id, folder or .gguf file."),
     input: Path = typer.Option(..., "--input", "-i", help="JSONL/JSON/CSV/Parquet rows with prompts."),
     output: Path = typer.Option(..., "--output", "-o", help="JSONL file: each input row plus 'reply'."),
-    max_new_tokens: int = typer.Option(128, help="Longest reply in tokens."),
+    max_new_tokens: int = typer.Option(128, min=1, help="Longest reply in tokens."),
     sample: bool = typer.Option(False, "--sample", help="Sample instead of greedy decoding."),
-    temperature: float = typer.Option(0.7),
-    top_p: float = typer.Option(0.9),
-    batch_size: int = typer.Option(16),
+    temperature: float = typer.Option(0.7, min=0.0),
+    top_p: float = typer.Option(0.9, min=0.0, max=1.0),
+    batch_size: int = typer.Option(16, min=1),
     seed: int = typer.Option(0),
     system: str | None = typer.Option(None, help="System prompt added to rows that have none."),
     lookup: bool = typer.Option(True, "--lookup/--no-lookup", help=LOOKUP_HELP),
@@ -116,10 +116,10 @@ def generate(
 def chat(
     model: str = typer.Argument(..., help="A run directory, preset, hub id, folder or .gguf file."),
     system: str | None = typer.Option(None, help="System prompt."),
-    max_new_tokens: int = typer.Option(256),
+    max_new_tokens: int = typer.Option(256, min=1),
     sample: bool = typer.Option(False, "--sample", help="Sample instead of greedy decoding."),
-    temperature: float = typer.Option(0.7),
-    top_p: float = typer.Option(0.9),
+    temperature: float = typer.Option(0.7, min=0.0),
+    top_p: float = typer.Option(0.9, min=0.0, max=1.0),
     compile_steps: bool = typer.Option(False, "--compile", help=COMPILE_HELP),
     lookup: bool = typer.Option(True, "--lookup/--no-lookup", help=LOOKUP_HELP),
 ) -> None:
@@ -151,7 +151,7 @@ def score(
     run: str = typer.Argument(..., help="A reward model run (objective.name: reward)."),
     input: Path = typer.Option(..., "--input", "-i", help="JSONL/JSON/CSV/Parquet rows: a prompt and a reply."),
     output: Path = typer.Option(..., "--output", "-o", help="JSONL file: each input row plus 'score'."),
-    batch_size: int = typer.Option(8),
+    batch_size: int = typer.Option(8, min=1),
 ) -> None:
     """Score the reply of every row in INPUT with a trained reward model."""
     quiet_libraries()
@@ -224,11 +224,12 @@ def eval_command(
                                      "of --data. Needs the lmeval extra."),
     include_path: Path | None = typer.Option(None, help="A folder of your own lm-eval task YAMLs for --tasks "
                                              "(a YAML file stands for its folder)."),
-    num_fewshot: int | None = typer.Option(None, help="Few-shot examples per --tasks question (default: the task's)."),
+    num_fewshot: int | None = typer.Option(None, min=0,
+                                           help="Few-shot examples per --tasks question (default: the task's)."),
     metrics: str = typer.Option("loss,perplexity,exact_match", help="Comma-separated metric names."),
-    max_new_tokens: int = typer.Option(128),
-    batch_size: int = typer.Option(16),
-    limit: int | None = typer.Option(None, help="Evaluate only the first N samples."),
+    max_new_tokens: int = typer.Option(128, min=1),
+    batch_size: int = typer.Option(16, min=1),
+    limit: int | None = typer.Option(None, min=1, help="Evaluate only the first N samples."),
     output: Path | None = typer.Option(None, "--output", "-o", help="Folder for eval.json and per-sample replies."),
     baseline: str | None = typer.Option(None, help="Also evaluate this model on the same samples (`base`: the "
                                         "run's base model) and report differences with 95% intervals."),
@@ -294,7 +295,7 @@ def compare_methods_command(
     except UserError as err:
         fail(err)
     console.print((output / "compare.md").read_text())
-    console.print(f"wrote {output}/compare.md, compare.csv, compare.png")
+    console.print(f"wrote {output}/compare.md, compare.csv, compare.json, compare.png")
 
 
 @app.command()
@@ -306,6 +307,9 @@ def report(
     from tunelab.eval.report import write_comparison, write_report
 
     try:
+        if len(runs) == 1 and output is not None:
+            raise ConfigError(f"--output names the page comparing several runs; one run's report is always "
+                              f"{runs[0] / 'report.html'}", where="--output")
         path = write_report(runs[0]) if len(runs) == 1 else write_comparison(runs, output or Path("comparison.html"))
     except UserError as err:
         fail(err)

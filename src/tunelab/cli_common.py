@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import os
+import socket
+from pathlib import Path
 
 import typer
 from rich.console import Console
 from rich.markup import escape
 
-from tunelab.errors import UserError
+from tunelab.errors import ConfigError, UserError
 
 console = Console()
 errors = Console(stderr=True)
@@ -34,3 +36,27 @@ def quiet_libraries() -> None:
 def fail(err: UserError) -> None:
     errors.print(f"[bold red]error:[/] {escape(str(err))}", highlight=False, soft_wrap=True)
     raise typer.Exit(2)
+
+
+def check_port(host: str, port: int) -> None:
+    """Refuse a port that cannot be listened on before the work of loading anything (uvicorn would only say so
+    after a model loaded and the banner claimed it serves). SO_REUSEADDR as uvicorn binds, so a port that merely
+    has closed connections lingering passes."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind((host, port))
+        except OSError as err:
+            raise ConfigError(f"cannot listen on {host}:{port}: {err.strerror or err}", where="--port") from None
+
+
+def check_output_file(path: Path, where: str) -> None:
+    """Make the folder of an output file now, so a path that cannot be written fails before the work, naming the
+    option."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise ConfigError(f"cannot write {path}: {err.strerror or err}", where=where) from None
+    if path.is_dir():
+        raise ConfigError(f"{path} is a folder; give a file name", where=where)

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import typer
 
-from tunelab.cli_common import console, fail, quiet_libraries
+from tunelab.cli_common import check_output_file, console, fail, quiet_libraries
 from tunelab.errors import UnknownFormat, UserError
 
 data_app = typer.Typer(help="Look at data the way training will see it.", no_args_is_help=True)
@@ -18,8 +18,8 @@ def data_inspect(
     target: Path = typer.Argument(..., help="A data file, or a run config (YAML) whose data.train is inspected."),
     model: str | None = typer.Option(None, help="Model whose tokenizer and chat template to use (default: the "
                                      "config's model, else smollm2-135m-instruct)."),
-    max_length: int | None = typer.Option(None, help="data.max_length to check against."),
-    samples: int = typer.Option(2, help="Samples rendered with their trained tokens marked."),
+    max_length: int | None = typer.Option(None, min=8, help="data.max_length to check against."),
+    samples: int = typer.Option(2, min=0, help="Samples rendered with their trained tokens marked."),
     as_json: bool = typer.Option(False, "--json", help="Print the report as JSON."),
     histogram: Path | None = typer.Option(None, help="Write a token-length histogram PNG here."),
     column: list[str] = typer.Option(None, "--column", help="FIELD=COLUMN: read the file's COLUMN as tunelab's "
@@ -34,9 +34,11 @@ def data_inspect(
     from tunelab.models.resolve import resolve_model
 
     try:
+        if histogram is not None:
+            check_output_file(histogram, "--histogram")
         run_config = load_config(target) if is_run_config(target) else None
         data_config = run_config.data if run_config else DataConfig(train=target)
-        if max_length:
+        if max_length is not None:
             data_config = data_config.model_copy(update={"max_length": max_length})
         if column:
             data_config = data_config.model_copy(update={"columns": parse_column_options(column)})

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import typer
 
-from tunelab.cli_common import console, fail, quiet_libraries
+from tunelab.cli_common import check_port, console, fail, quiet_libraries
 from tunelab.errors import ConfigError, UserError
 
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
@@ -25,7 +25,7 @@ def serve(
     adapter: list[str] = typer.Option(None, "--adapter", help="NAME=RUN: also serve this LoRA run (trained on the "
                                       "same base) as model NAME, in the same batches (repeatable)."),
     host: str = typer.Option("127.0.0.1", help="Address to listen on (127.0.0.1: this machine only)."),
-    port: int = typer.Option(8000),
+    port: int = typer.Option(8000, min=0, max=65535),
     api_key: str | None = typer.Option(None, envvar="TUNELAB_API_KEY", help="Required as 'Authorization: Bearer "
                                        "KEY' on every route but /health (also read from TUNELAB_API_KEY)."),
     max_batch: int = typer.Option(8, min=1, help="Requests decoded together."),
@@ -43,6 +43,7 @@ def serve(
     from tunelab.infer.serve import create_app, load_served
 
     try:
+        check_port(host, port)
         adapters = {}
         for option in adapter or []:
             name, sep, run = option.partition("=")
@@ -94,7 +95,7 @@ def serve(
 def ui(
     runs: Path = typer.Option(Path("runs"), "--runs", help="The runs folder to show (runs started here land in it)."),
     host: str = typer.Option("127.0.0.1", help="Address to listen on (127.0.0.1: this machine only)."),
-    port: int = typer.Option(7860),
+    port: int = typer.Option(7860, min=0, max=65535),
     api_key: str | None = typer.Option(None, envvar="TUNELAB_API_KEY", help="Required by the API as 'Authorization: "
                                        "Bearer KEY' (the page asks for it once); needed to listen beyond loopback."),
 ) -> None:
@@ -107,6 +108,12 @@ def ui(
     if host not in LOOPBACK and not api_key:
         fail(ConfigError(f"listening on {host} lets anyone who reaches this port start trainings on this machine; "
                          "give --api-key (or TUNELAB_API_KEY), or keep the default 127.0.0.1", where="--host"))
-    runs.mkdir(parents=True, exist_ok=True)
+    try:
+        if runs.exists() and not runs.is_dir():
+            raise ConfigError(f"{runs} is a file, not a runs folder", where="--runs")
+        check_port(host, port)
+        runs.mkdir(parents=True, exist_ok=True)
+    except UserError as err:
+        fail(err)
     console.print(f"tunelab ui over {runs.resolve()} on http://{host}:{port}/")
     uvicorn.run(create_app(runs, api_key=api_key), host=host, port=port, log_level="warning")

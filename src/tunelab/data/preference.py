@@ -252,18 +252,21 @@ def data_kind(config: DataConfig) -> str:
         paths.append((config.eval, config.format))
     for path, fmt in paths:
         if fmt == "auto":  # from the first rows, as training detects it
-            head = list(itertools.islice(iter_records(path, []), 20))
-            if not head:
+            unreadable: list[str] = []
+            head = list(itertools.islice(iter_records(path, unreadable), 20))
+            if not head and not unreadable:
                 raise DataError("file holds no rows", where=str(path))
+            if not head:  # no row to tell its kind by; whoever reads it lists its unreadable lines
+                continue
             columns, _ = layout_columns([r.row for r in head], config.columns, fmt, str(path))
             fmt, _ = file_format(rename_columns(head, columns, path), fmt, path)
         kinds[str(path)] = fmt if fmt in OBJECTIVE_FORMATS else "sft"
     if len(set(kinds.values())) > 1:
         listed = ", ".join(f"{p} ({k})" for p, k in kinds.items())
-        training_kinds = {kinds[str(path)] for path, _ in paths[:len(train_sources(config))]}
+        training_kinds = {kinds.get(str(path)) for path, _ in paths[:len(train_sources(config))]} - {None}
         where = "data.eval" if config.eval is not None and len(training_kinds) == 1 else "data.train"
         raise DataError(f"the data files are for different objectives: {listed}", where=where)
-    return next(iter(kinds.values()))
+    return next(iter(kinds.values()), "sft")
 
 
 def prepare_preference_data(config: DataConfig, tokenizer, seed: int) -> PreparedPairs:

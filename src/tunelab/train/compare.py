@@ -51,6 +51,8 @@ class MethodRun:
 def plan_runs(base: RunConfig, methods: list[str], output: Path, *, lr_from_config: bool) -> list[MethodRun]:
     """One validated config per method: the base config with `method.name` switched, the options the new
     method also has carried over (r, alpha, target_modules ...), the output under `output/<method>`."""
+    if not methods:
+        raise ConfigError(f"no method named; choose from {', '.join(METHOD_CLASSES)}", where="--methods")
     unknown = [m for m in methods if m not in METHOD_CLASSES]
     if unknown:
         raise ConfigError(f"unknown method(s) {', '.join(unknown)}; choose from {', '.join(METHOD_CLASSES)}",

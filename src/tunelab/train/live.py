@@ -42,7 +42,7 @@ def live_status(run_dir: Path) -> dict | None:
     """The status record with `running` turned into `died` when its process is gone (on this host)."""
     record = read_status(run_dir)
     if record and record.get("status") == "running" and record.get("host") == socket.gethostname() \
-            and not _still_training(record):
+            and not recorded_process_alive(record):
         record = {**record, "status": "died", "error": record.get("error") or
                   "the training process ended without saying how (killed, out of memory?); --resume continues "
                   "from the newest checkpoint"}
@@ -56,16 +56,30 @@ def training_process(run_dir: Path) -> int | None:
     record = read_status(run_dir)
     if not record or record.get("status") != "running" or record.get("host") != socket.gethostname():
         return None
-    pid = int(record.get("pid", 0))
-    return pid if pid != os.getpid() and _still_training(record) else None
+    pid = recorded_pid(record)
+    return pid if pid != os.getpid() and recorded_process_alive(record) else None
 
 
-def _still_training(record: dict) -> bool:
-    pid = int(record.get("pid", 0))
+def recorded_pid(record: dict) -> int:
+    """The pid a status or launch record names; 0 where it names none a process could have."""
+    try:
+        return max(0, int(record.get("pid", 0)))
+    except (TypeError, ValueError):
+        return 0
+
+
+def recorded_process_alive(record: dict) -> bool:
+    """Whether the process a record names (`pid`, and `started_at`, when it was written) is still running: alive,
+    and no younger than the record (a pid the system handed out again since is another process)."""
+    pid = recorded_pid(record)
     if not process_alive(pid):
         return False
     started = process_start_time(pid)
-    return started is None or started <= float(record.get("started_at", 0)) + 2  # btime has 1 s resolution
+    try:
+        written = float(record.get("started_at", 0))
+    except (TypeError, ValueError):
+        written = 0.0
+    return started is None or started <= written + 2  # btime has a resolution of 1 s
 
 
 def process_start_time(pid: int) -> float | None:

@@ -19,7 +19,7 @@ from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, Response
 from pydantic import BaseModel
 
 from tunelab.infer.generate import GenerationOptions
-from tunelab.train.live import process_alive, read_status
+from tunelab.train.live import read_status, recorded_process_alive
 from tunelab.ui import runs as run_files
 from tunelab.ui.chat import ChatModels
 from tunelab.ui.compare import compare_runs
@@ -210,7 +210,7 @@ def _launched(root: Path, name: str) -> dict:
     """Whether the app started this run; a resume it started shows as `starting` until training takes over."""
     record = launch_record(root, name)
     overlay: dict = {"launched_by_app": record is not None}
-    if record and record.get("resume") and process_alive(int(record.get("pid", 0))):
+    if record and record.get("resume") and recorded_process_alive(record):
         status = read_status(root / name) or {}
         if status.get("status") != "running" or status.get("pid") != record.get("pid"):
             overlay["status"] = "starting"

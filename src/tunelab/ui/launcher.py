@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from tunelab.errors import UserError
-from tunelab.train.live import live_status, process_alive
+from tunelab.train.live import read_status, recorded_pid, recorded_process_alive, training_process
 
 UI_DIR = ".tunelab-ui"
 NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
@@ -68,7 +68,7 @@ def launch_state(root: Path, name: str) -> str | None:
     record = launch_record(root, name)
     if record is None or (root / name / "status.json").is_file():
         return None
-    return "starting" if process_alive(int(record.get("pid", 0))) else "failed"
+    return "starting" if recorded_process_alive(record) else "failed"
 
 
 class Launcher:
@@ -120,13 +120,15 @@ class Launcher:
     def stop(self, name: str) -> dict[str, Any]:
         """SIGTERM to the run's process: it finishes its step, saves a checkpoint and exits."""
         check_name(name)
-        status = live_status(self.root / name) or {}
-        pid = int(status.get("pid", 0)) if status.get("status") == "running" else 0
-        if not pid:
+        pid = training_process(self.root / name)
+        if pid is None:
             record = launch_record(self.root, name) or {}
-            pid = int(record.get("pid", 0)) if process_alive(int(record.get("pid", 0))) else 0
-        if not pid:
-            raise LaunchError(f"run '{name}' is not training", status=409)
+            pid = recorded_pid(record) if recorded_process_alive(record) else None
+        if pid is None:
+            status = read_status(self.root / name) or {}
+            elsewhere = f" from this machine (status.json says it trains on {status.get('host')})" \
+                if status.get("status") == "running" else ""
+            raise LaunchError(f"run '{name}' is not training{elsewhere}", status=409)
         os.kill(pid, signal.SIGTERM)
         return {"name": name, "pid": pid, "signal": "SIGTERM"}
 
@@ -137,8 +139,11 @@ class Launcher:
                 del self.children[name]
 
     def _busy(self, name: str) -> bool:
-        status = live_status(self.root / name) or {}
-        return status.get("status") == "running" or launch_state(self.root, name) == "starting"
+        """Whether a process on this machine trains the run now, or one the app launched for it still runs (it
+        may be loading the model, with the run's old status.json still in place)."""
+        record = launch_record(self.root, name)
+        return training_process(self.root / name) is not None or (record is not None
+                                                                   and recorded_process_alive(record))
 
     def _spawn(self, name: str, args: list[str], *, resume: bool) -> dict[str, Any]:
         log = log_path(self.root, name)
