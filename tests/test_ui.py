@@ -215,6 +215,24 @@ def test_start_resume_and_stop_go_by_live_processes_on_this_machine(root, tiny_m
         loading.wait()
 
 
+def test_bad_requests_are_refused_naming_the_field_and_unknown_runs_are_404(root):
+    root.mkdir()
+    client = TestClient(create_app(root))
+    for body, field in [({"messages": []}, "messages"),
+                        ({"messages": [{"content": "hi"}]}, "messages.0.role"),
+                        ({"messages": [{"role": "robot", "content": "hi"}]}, "messages.0.role"),
+                        ({"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "a"}]},
+                         "the last message is the user's"),
+                        ({"messages": [{"role": "user", "content": "hi"}], "temperature": -1}, "temperature"),
+                        ({"messages": [{"role": "user", "content": "hi"}], "max_new_tokens": 0}, "max_new_tokens")]:
+        answer = client.post("/api/runs/r/chat", json=body)
+        assert answer.status_code == 422 and field in answer.json()["error"], (body, answer.text)
+    for path in ("/api/runs/nope/metrics", "/api/runs/nope/log", "/api/runs/nope/samples", "/api/runs/nope"):
+        assert client.get(path).status_code == 404, path
+    assert client.get("/api/runs/nope/log?lines=0").status_code == 422
+    assert client.get("/api/runs/nope/metrics?after=-3").status_code == 422
+
+
 def test_the_api_key_guards_the_api_and_the_cli_refuses_open_hosts_without_one(root):
     root.mkdir()
     client = TestClient(create_app(root, api_key="secret"))

@@ -114,7 +114,8 @@ def _from_hub(hub_id: str, target: Path) -> Path:
     except ModelError:
         raise
     except Exception as err:  # the hub client raises many kinds; all mean "not available"
-        raise ModelError(f"cannot fetch '{hub_id}' from the model hub ({type(err).__name__})") from None
+        raise ModelError(f"'{hub_id}' is no local folder or file, and it cannot be fetched from the model hub "
+                         f"({type(err).__name__})") from None
     return target
 
 

@@ -13,10 +13,12 @@ import secrets
 from collections.abc import AsyncIterator, Iterator
 from importlib import resources
 from pathlib import Path
+from typing import Literal
 
-from fastapi import FastAPI, Request
+from fastapi import FastAPI, Query, Request
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, Response, StreamingResponse
-from pydantic import BaseModel
+from pydantic import BaseModel, Field, field_validator
 
 from tunelab.infer.generate import GenerationOptions
 from tunelab.train.live import read_status, recorded_process_alive
@@ -39,12 +41,27 @@ class CheckRequest(BaseModel):
     config_yaml: str
 
 
+class ChatMessage(BaseModel):
+    role: Literal["system", "user", "assistant"]
+    content: str
+
+
 class ChatRequest(BaseModel):
-    messages: list[dict[str, str]]
+    """Checked here, so a conversation the chat template cannot render is a 422 naming the field, not an error
+    event from inside the model thread."""
+
+    messages: list[ChatMessage] = Field(min_length=1)
     against: str | None = "base"
     """`base` (the run's base model), another run's name, or null for the run alone."""
-    max_new_tokens: int = 128
-    temperature: float = 0.0
+    max_new_tokens: int = Field(128, ge=1, le=1024)
+    temperature: float = Field(0.0, ge=0.0, le=5.0, allow_inf_nan=False)
+
+    @field_validator("messages")
+    @classmethod
+    def _ends_with_the_user(cls, messages: list[ChatMessage]) -> list[ChatMessage]:
+        if messages[-1].role != "user":
+            raise ValueError("the last message is the user's (the model replies to it)")
+        return messages
 
 
 def create_app(root: Path, *, api_key: str | None = None) -> FastAPI:
@@ -62,6 +79,12 @@ def create_app(root: Path, *, api_key: str | None = None) -> FastAPI:
                 return JSONResponse({"error": "this app needs its API key (Authorization: Bearer KEY, or ?token=KEY)"},
                                     status_code=401)
         return await call_next(request)
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(_: Request, err: RequestValidationError) -> JSONResponse:
+        """One readable line per bad field (`messages.1.role: ...`), in the `error` key the page shows."""
+        problems = [f"{'.'.join(str(part) for part in e['loc'][1:]) or e['loc'][0]}: {e['msg']}" for e in err.errors()]
+        return JSONResponse({"error": "; ".join(problems)}, status_code=422)
 
     @app.exception_handler(LaunchError)
     async def _refused(_: Request, err: LaunchError) -> JSONResponse:
@@ -89,13 +112,14 @@ def create_app(root: Path, *, api_key: str | None = None) -> FastAPI:
         return {**run_files.run_detail(folder, root), **_launched(root, name)}
 
     @app.get("/api/runs/{name}/metrics")
-    def metrics(name: str, after: int = 0) -> dict:
-        folder = _run_folder(root, name)
+    def metrics(name: str, after: int = Query(0, ge=0)) -> dict:
+        folder = _known_run(root, name)
         records, lines = run_files.read_metrics(folder, after) if folder else ([], 0)
         return {"records": records, "lines": lines}
 
     @app.get("/api/runs/{name}/log")
-    def log(name: str, lines: int = 200) -> dict:
+    def log(name: str, lines: int = Query(200, ge=1, le=100_000)) -> dict:
+        _known_run(root, name)
         return {"text": _log_text(root, name, lines)}
 
     @app.get("/api/runs/{name}/report")
@@ -154,7 +178,7 @@ def create_app(root: Path, *, api_key: str | None = None) -> FastAPI:
     @app.get("/api/runs/{name}/samples")
     def samples(name: str) -> list[dict]:
         """The held-out gallery: prompt, reference, the base model's and the fine-tuned model's replies."""
-        folder = _run_folder(root, name)
+        folder = _known_run(root, name)
         path = folder / "samples.jsonl" if folder else None
         if path is None or not path.is_file():
             return []
@@ -173,9 +197,10 @@ def create_app(root: Path, *, api_key: str | None = None) -> FastAPI:
             if other is None:
                 raise LaunchError(f"no run '{against}' to compare with", status=404)
             against = str(other)
-        options = GenerationOptions(max_new_tokens=max(1, min(body.max_new_tokens, 1024)),
-                                    temperature=body.temperature, do_sample=body.temperature > 0)
-        return StreamingResponse(_chat_stream(chat_models, folder, against, body.messages, options),
+        options = GenerationOptions(max_new_tokens=body.max_new_tokens, temperature=body.temperature,
+                                    do_sample=body.temperature > 0)
+        messages = [message.model_dump() for message in body.messages]
+        return StreamingResponse(_chat_stream(chat_models, folder, against, messages, options),
                                  media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
 
     app.state.launcher = launcher
@@ -235,6 +260,15 @@ def _run_folder(root: Path, name: str) -> Path | None:
     check_name(name)
     folder = root / name
     return folder if run_files.is_run_dir(folder) else None
+
+
+def _known_run(root: Path, name: str) -> Path | None:
+    """The run's folder; None for a training the app launched that has none yet; 404 for a name it knows nothing
+    of."""
+    folder = _run_folder(root, name)
+    if folder is None and launch_record(root, name) is None:
+        raise LaunchError(f"no run '{name}'", status=404)
+    return folder
 
 
 def _log_text(root: Path, name: str, lines: int) -> str:
