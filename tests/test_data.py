@@ -176,6 +176,15 @@ def test_csv_error_names_the_line(tmp_path, tiny_tokenizer):
     (tmp_path / "qa.csv").write_text("question,answer\nwhat?,that\nwhy?,\n")
     with pytest.raises(DataError, match=r"qa.csv:3: missing field 'answer'"):
         prepare_data(DataConfig(train=tmp_path / "qa.csv", eval_split=0), tiny_tokenizer, seed=0)
+    # a row with fields the header does not name, and a quote that never closes (the csv module would read the
+    # rest of the file into that field), are reported at the line their row starts on
+    path = tmp_path / "odd.csv"
+    path.write_text('question,answer\nq1,a1\nq2,a2,extra\nq3,"a3 on\ntwo lines"\nq4,"never closed\nq5,a5\n')
+    with pytest.raises(DataError) as err:
+        prepare_data(DataConfig(train=path, eval_split=0), tiny_tokenizer, seed=0)
+    assert f"{path}:3: 3 fields, but the header names 2" in str(err.value)
+    assert f"{path}:6: a quoted field that opens here runs to line 7 without closing" in str(err.value)
+    assert "2 invalid row(s)" in str(err.value)
 
 
 def test_split_is_seeded_and_disjoint():

@@ -150,11 +150,30 @@ def _read_json(file: Path, name: str, bad) -> list[Record]:
 
 
 def _iter_csv(file: Path, name: str, bad) -> Iterator[Record]:
-    reader = csv.DictReader(line for _, line in _lines(file, name, bad))
+    """Rows named by the line they start on (quoted fields may span lines). A row with more fields than the header
+    names, and one whose quoted field never closes (the csv module would read the rest of the file into it), are
+    reported in `bad` rather than read."""
+    taken: list[tuple[int, str]] = []  # the physical lines the reader consumed since its last row
+
+    def lines() -> Iterator[str]:
+        for number, line in _lines(file, name, bad):
+            taken.append((number, line))
+            yield line
+
+    reader = csv.DictReader(lines())
+    header = reader.fieldnames or []
+    taken.clear()
     for row in reader:
-        # reader.line_num is the physical line where this row ended (quoted fields may span lines)
-        cleaned = {k: v for k, v in row.items() if k is not None and v not in (None, "")}
-        yield Record(cleaned, f"{name}:{reader.line_num}")
+        consumed, taken[:] = list(taken), []
+        start = next((number for number, text in consumed if text.strip()), consumed[0][0])
+        where = f"{name}:{start}"
+        extra = row.pop(None, None)
+        if len(consumed) > 1 and sum(text.count('"') for _, text in consumed) % 2:
+            bad.append(f"{where}: a quoted field that opens here runs to line {consumed[-1][0]} without closing")
+        elif extra:
+            bad.append(f"{where}: {len(header) + len(extra)} fields, but the header names {len(header)}")
+        else:
+            yield Record({k: v for k, v in row.items() if v not in (None, "")}, where)
 
 
 def _iter_parquet(file: Path, name: str) -> Iterator[Record]:
