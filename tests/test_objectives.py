@@ -312,6 +312,10 @@ def test_dpo_with_lora_turns_the_models_preference_and_logs_trls_names(tiny_mode
     assert gained["ci95_low"] > 5  # the fine-tuned run's margins moved by more than 5 nats on every resample
     assert scores["baseline"]["reward_margin"] == pytest.approx(before["eval_logps/margins"], abs=3)
     assert list((out / "evals").glob("*.json"))
+    from tunelab.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="holds preference pairs; score them with --metrics preference_accuracy"):
+        evaluate_model(str(out), data, ["loss", "exact_match"], options=GenerationOptions())
 
 
 def test_dpo_with_full_fine_tuning_uses_a_precomputed_reference(tiny_model_dir, tmp_path):

@@ -41,6 +41,16 @@ def check_metric_names(names: list[str]) -> None:
                           "other metrics in a second call", where="--metrics")
 
 
+def _refuse_pairs_without_pair_metrics(data_path: Path) -> None:
+    """A preference file asked for reply metrics: point at the metrics that score pairs, not at training."""
+    from tunelab.config import DataConfig
+    from tunelab.data.preference import data_kind
+
+    if data_kind(DataConfig(train=data_path)) == "preference":
+        raise ConfigError(f"{data_path} holds preference pairs; score them with --metrics "
+                          "preference_accuracy,reward_margin", where="--metrics")
+
+
 def evaluate_model(
     spec: str,
     data_path: Path,
@@ -66,6 +76,7 @@ def evaluate_model(
     if PREFERENCE_METRICS & set(metrics):
         return _evaluate_pairs(spec, data_path, metrics, limit=limit, max_length=max_length, output=output,
                                baseline=baseline)
+    _refuse_pairs_without_pair_metrics(data_path)
     scoring = {"labels": labels, "label_score": label_score}
     result, samples, replies, run_config, classified = _score(spec, data_path, metrics, options, limit, max_length,
                                                               **scoring)

@@ -273,7 +273,12 @@ def _train(config: RunConfig, log: RunLog, ranks: Ranks, device: torch.device, *
     elif ranks.is_main or sharded:  # the main process evaluates (with a sharded model, all do) and writes
         if config.eval.before_after:
             console.print("evaluating the base model ...")
-            baseline = run_model(lambda: _measure(evaluate, gen_samples, evaluate()))
+            try:
+                baseline = run_model(lambda: _measure(evaluate, gen_samples, evaluate()))
+            except KeyboardInterrupt:
+                console.print("[yellow]interrupted while evaluating the base model, before the first step: nothing "
+                              "trained or saved; start again with --overwrite[/]")
+                raise
         if ranks.is_main:
             baseline_file.write_text(json.dumps(baseline, indent=2))
     if not resume and "eval_loss" in baseline:
