@@ -12,6 +12,7 @@ import json
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -126,8 +127,8 @@ class Launcher:
             pid = recorded_pid(record) if recorded_process_alive(record) else None
         if pid is None:
             status = read_status(self.root / name) or {}
-            elsewhere = f" from this machine (status.json says it trains on {status.get('host')})" \
-                if status.get("status") == "running" else ""
+            elsewhere = f" on this machine (status.json says it trains on {status.get('host')})" \
+                if status.get("status") == "running" and status.get("host") != socket.gethostname() else ""
             raise LaunchError(f"run '{name}' is not training{elsewhere}", status=409)
         os.kill(pid, signal.SIGTERM)
         return {"name": name, "pid": pid, "signal": "SIGTERM"}
