@@ -190,6 +190,18 @@ def test_a_run_another_process_trains_is_neither_overwritten_nor_resumed(tiny_mo
     assert training_process(out) is None
 
 
+def test_a_run_that_made_the_model_worse_says_so(tiny_model_dir, qa_file, tmp_path):
+    """A learning rate far too high ends `completed` without a NaN; the summary and the console warn that the
+    held-out loss is worse than the base model's. A sound run carries no warning."""
+    ruined = train_run(run_config(tiny_model_dir, qa_file, tmp_path / "ruined", "method.name=full", "train.lr=3",
+                                  "train.max_steps=4", "eval.before_after=true"))
+    assert ruined["status"] == "completed" and ruined["final_eval_loss"] > ruined["base_eval_loss"]
+    assert len(ruined["warnings"]) == 1 and "train.lr is 3" in ruined["warnings"][0]
+    sound = train_run(run_config(tiny_model_dir, qa_file, tmp_path / "sound", "method.name=full", "train.lr=1e-3",
+                                 "train.max_steps=4", "eval.before_after=true"))
+    assert sound["final_eval_loss"] < sound["base_eval_loss"] and sound["warnings"] == []
+
+
 def test_early_stopping_keeps_the_best_weights(tiny_model_dir, qa_file, tmp_path):
     out = tmp_path / "early"
     summary = train_run(run_config(tiny_model_dir, qa_file, out, "method.name=full", "train.lr=3e-2",

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import asdict
 
 from rich.console import Console
@@ -113,10 +114,23 @@ def write_summary(run_dir, model, config, data, state, baseline, after, trainabl
         "best": BestTracker(config.train, run_dir, model).summary(state),
         "trainer_state": asdict(state),
     }
+    summary["warnings"] = outcome_warnings(summary, config)
     if step_breakdown:
         summary["step_breakdown"] = step_breakdown
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
     return summary
+
+
+def outcome_warnings(summary: dict, config) -> list[str]:
+    """What the before/after numbers say went wrong (a run can end `completed` with a worse model: a learning rate
+    far too high ruins the weights without a NaN), for the console and summary.json."""
+    base, tuned = summary.get("base_eval_loss"), summary.get("final_eval_loss")
+    if not isinstance(base, int | float) or not isinstance(tuned, int | float) or not math.isfinite(base):
+        return []
+    if tuned <= base + max(1e-3, 0.01 * abs(base)):
+        return []
+    return [f"the fine-tuned model's held-out loss {tuned:.4f} is worse than the base model's {base:.4f}: training "
+            f"made it worse at this data (train.lr is {config.train.lr:g}; see the loss curve in plots/)"]
 
 
 def print_outcome(console, summary, samples, before, after, show) -> None:
@@ -138,6 +152,8 @@ def print_outcome(console, summary, samples, before, after, show) -> None:
     for name, base, tuned in rows:
         table.add_row(name, "-" if base is None else f"{base:.4f}", "-" if tuned is None else f"{tuned:.4f}")
     console.print(table)
+    for warning in summary.get("warnings", []):
+        console.print(f"[yellow]warning:[/] {warning}")
     for sample, base, tuned in list(zip(samples, before or [None] * len(after), after, strict=False))[:show]:
         console.print(f"[bold]prompt:[/] {sample.messages[-2]['content']}")
         console.print(f"  [dim]reference:[/]  {sample.reference}")
