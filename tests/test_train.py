@@ -197,6 +197,7 @@ def test_a_run_that_made_the_model_worse_says_so(tiny_model_dir, qa_file, tmp_pa
                                   "train.max_steps=4", "eval.before_after=true"))
     assert ruined["status"] == "completed" and ruined["final_eval_loss"] > ruined["base_eval_loss"]
     assert len(ruined["warnings"]) == 1 and "train.lr is 3" in ruined["warnings"][0]
+    assert "worse than the base model" in (tmp_path / "ruined" / "report.html").read_text()
     sound = train_run(run_config(tiny_model_dir, qa_file, tmp_path / "sound", "method.name=full", "train.lr=1e-3",
                                  "train.max_steps=4", "eval.before_after=true"))
     assert sound["final_eval_loss"] < sound["base_eval_loss"] and sound["warnings"] == []

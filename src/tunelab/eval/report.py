@@ -68,6 +68,7 @@ def read_run(run_dir: Path) -> RunRecord:
         )
     elif status not in (None, "completed"):
         problems.append(f"the run {status} at step {summary.get('steps')}")
+    problems.extend((summary or {}).get("warnings", []))  # e.g. a fine-tuned model worse than its base
     return RunRecord(run_dir.name, config_text, metrics or [], summary, samples, problems)
 
 
