@@ -192,16 +192,76 @@ def test_bad_requests_get_openai_errors_not_tracebacks(server, client):
         openai.OpenAI(base_url=f"{server.url}/v1", api_key="wrong", max_retries=0).models.list()
 
 
-def test_a_full_queue_answers_503(served):
+def test_a_full_queue_answers_503_and_a_request_larger_than_the_queue_400(served):
+    """A full queue is worth retrying (503); a request whose prompts x n could never fit is not (400), and its
+    completions are queued together or not at all."""
+    from tunelab.infer.serve.app import Served
+    from tunelab.infer.serve.engine import Engine
+    from tunelab.infer.serve.request import Request, Sampling
+
+    # not started: what is queued stays queued
+    engine = Engine(served.engine.model, served.models["run"].renderer.tokenizer, max_batch=1, max_waiting=2,
+                    start=False)
+    live = LiveServer(create_app(Served(served.models, engine, served.context)))
+    try:
+        body = {"model": "run", "prompt": ["a", "b"], "n": 2, "max_tokens": 2}
+        response = httpx.post(f"{live.url}/v1/completions", json=body, timeout=30)
+        assert response.status_code == 400 and "asks for 4 completions" in response.json()["error"]["message"]
+        engine.submit(Request([1], Sampling(2), None, on_text=lambda text: None, on_done=lambda end: None))
+        response = httpx.post(f"{live.url}/v1/completions", json={**body, "prompt": "a"}, timeout=30)
+        assert response.status_code == 503 and response.json()["error"]["code"] == "overloaded"
+        assert engine.load["waiting"] == 1  # neither of its two copies was queued
+    finally:
+        live.stop()
+        engine.close()
+
+
+def test_errors_outside_the_request_bodies_keep_openais_shape(server, client):
+    """No such route or method, a body that is not UTF-8 or not JSON, an empty prompt (which once failed the
+    whole batch with a 500), a seed past 2^64, penalties (refused: they would change the answer) and the values
+    that change nothing (null for defaults, response_format text)."""
+    headers = {"Authorization": f"Bearer {KEY}"}
+    completions = f"{server.url}/v1/completions"
+    for method, path, status in [("GET", "/v1/nowhere", 404), ("GET", "/v1/chat/completions", 405)]:
+        response = httpx.request(method, f"{server.url}{path}", headers=headers, timeout=30)
+        assert response.status_code == status and response.json()["error"]["message"], path
+    assert client.models.retrieve("run").id == "run"
+    with pytest.raises(openai.NotFoundError):
+        client.models.retrieve("gpt-4")
+    not_utf8 = b'{"model": "run", "prompt": "\xff\xfe", "max_tokens": 2}'
+    for body in (not_utf8, b"{bad json"):
+        response = httpx.post(completions, content=body, headers={**headers, "Content-Type": "application/json"},
+                              timeout=30)
+        assert response.status_code == 400 and response.json()["error"]["message"], body
+    big = json.dumps({"model": "run", "prompt": "x" * (5 * 2**20)}).encode()
+    response = httpx.post(completions, content=iter([big[:2**20], big[2**20:]]), timeout=30,  # chunked: no length
+                          headers={**headers, "Content-Type": "application/json"})
+    assert response.status_code == 413 and response.json()["error"]["code"] == "request_too_large"
+    good = {"model": "run", "prompt": "hi", "max_tokens": 2, "temperature": 0}
+    for change, status in [({"prompt": ""}, 400), ({"seed": 2**70}, 400), ({"frequency_penalty": 1.5}, 400),
+                           ({"temperature": None, "top_p": None, "n": None, "stream": None, "seed": 2**64 - 1}, 200),
+                           ({"response_format": {"type": "text"}, "tool_choice": "none"}, 200)]:
+        response = httpx.post(completions, json={**good, **change}, headers=headers, timeout=30)
+        assert response.status_code == status, (change, response.text)
+        if status == 400:
+            assert response.json()["error"]["message"], change
+
+
+def test_a_client_that_leaves_frees_its_row(served):
+    """A client waiting for a whole (not streamed) answer that goes away has its completions cancelled within about
+    a second, not decoded on to max_tokens for nobody (here on an engine that is not started, so the request is
+    still queued when the client leaves)."""
     from tunelab.infer.serve.app import Served
     from tunelab.infer.serve.engine import Engine
 
-    engine = Engine(served.engine.model, served.models["run"].renderer.tokenizer, max_batch=1, max_waiting=0)
+    engine = Engine(served.engine.model, served.models["run"].renderer.tokenizer, max_batch=1, start=False)
     live = LiveServer(create_app(Served(served.models, engine, served.context)))
     try:
-        body = {"model": "run", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
-        response = httpx.post(f"{live.url}/v1/chat/completions", json=body, timeout=30)
-        assert response.status_code == 503 and response.json()["error"]["code"] == "overloaded"
+        body = {"model": "run", "prompt": "hi", "max_tokens": 400}
+        with pytest.raises(httpx.TimeoutException):
+            httpx.post(f"{live.url}/v1/completions", json=body, timeout=0.5)
+        queued = engine._waiting[0]
+        assert queued.cancelled.wait(timeout=10)
     finally:
         live.stop()
         engine.close()

@@ -19,7 +19,8 @@ from dataclasses import dataclass
 from fastapi import FastAPI
 from fastapi import Request as HttpRequest
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from starlette.exceptions import HTTPException
 
 from tunelab.data.template import ChatRenderer
 from tunelab.infer.serve.engine import Engine
@@ -27,6 +28,7 @@ from tunelab.infer.serve.protocol import ChatRequest, CompletionRequest, error_b
 from tunelab.infer.serve.request import Finished, QueueFull, Request, Sampling
 
 MAX_BODY_BYTES = 4 * 2**20
+DISCONNECT_CHECK_SECONDS = 1.0
 
 
 class ApiError(Exception):
@@ -77,19 +79,19 @@ def create_app(served: Served, *, api_key: str | None = None, max_body_bytes: in
         message = "; ".join(_describe(problem) for problem in problems[:5]) or "invalid request body"
         return JSONResponse(error_body(message, param=where or None), status_code=400)
 
+    @app.exception_handler(HTTPException)
+    async def _http_error(_: HttpRequest, err: HTTPException) -> JSONResponse:
+        """Starlette's own refusals (no such route, wrong method, a body it cannot parse) in OpenAI's shape."""
+        codes = {404: "not_found", 405: "method_not_allowed"}
+        return JSONResponse(error_body(str(err.detail), code=codes.get(err.status_code)), status_code=err.status_code,
+                            headers=getattr(err, "headers", None))
+
     @app.exception_handler(Exception)
     async def _unexpected(_: HttpRequest, err: Exception) -> JSONResponse:
         return JSONResponse(error_body(f"{type(err).__name__}: {err}", "server_error"), status_code=500)
 
-    @app.middleware("http")
-    async def _authorise(request: HttpRequest, call_next):
-        if api_key and request.url.path != "/health":
-            given = request.headers.get("authorization", "")
-            if not secrets.compare_digest(given.encode(), f"Bearer {api_key}".encode()):
-                return JSONResponse(error_body("missing or wrong API key (Authorization: Bearer KEY)",
-                                               code="invalid_api_key"), status_code=401)
-        return await call_next(request)
-
+    if api_key:
+        app.add_middleware(_Authorise, api_key=api_key)
     app.add_middleware(_BodyLimit, limit=max_body_bytes)
 
     @app.get("/health")
@@ -101,24 +103,31 @@ def create_app(served: Served, *, api_key: str | None = None, max_body_bytes: in
         return {"object": "list", "data": [{"id": name, "object": "model", "created": created, "owned_by": "tunelab"}
                                            for name in served.models]}
 
+    @app.get("/v1/models/{name:path}")
+    async def model(name: str) -> dict:
+        _route(served, name)
+        return {"id": name, "object": "model", "created": created, "owned_by": "tunelab"}
+
     @app.post("/v1/chat/completions")
-    async def chat(body: ChatRequest):
+    async def chat(body: ChatRequest, http: HttpRequest):
         route = _route(served, body.model)
         messages = [{"role": m.role, "content": m.text} for m in body.messages]
         text = route.renderer.prompt(messages)
         prompt = list(route.renderer.tokenizer(text, add_special_tokens=False)["input_ids"])
-        return await _answer(served, route, body, [prompt], chat=True)
+        return await _answer(served, route, body, [prompt], chat=True, http=http)
 
     @app.post("/v1/completions")
-    async def completions(body: CompletionRequest):
+    async def completions(body: CompletionRequest, http: HttpRequest):
         route = _route(served, body.model)
         prompts = [list(route.renderer.tokenizer(p)["input_ids"]) for p in body.prompts]
-        return await _answer(served, route, body, prompts, chat=False)
+        return await _answer(served, route, body, prompts, chat=False, http=http)
 
     return app
 
 
 def _describe(problem: dict) -> str:
+    if problem.get("type") == "json_invalid":
+        return f"the body is not valid JSON ({(problem.get('ctx') or {}).get('error', 'cannot parse it')})"
     where = ".".join(str(part) for part in problem.get("loc", ())[1:]) or "body"
     return f"{where}: {problem.get('msg', 'invalid')}"
 
@@ -131,9 +140,12 @@ def _route(served: Served, name: str) -> Route:
 
 
 async def _answer(served: Served, route: Route, body: ChatRequest | CompletionRequest, prompts: list[list[int]], *,
-                  chat: bool):
-    """Submit n completions per prompt and answer with the whole result, or stream it."""
+                  chat: bool, http: HttpRequest | None = None):
+    """Submit n completions per prompt and answer with the whole result, or stream it. A client that goes away
+    while its whole answer is being decoded frees its rows within DISCONNECT_CHECK_SECONDS."""
     for prompt in prompts:
+        if not prompt:
+            raise ApiError(400, "the prompt is empty: there is no token to continue from", param="prompt")
         if len(prompt) >= served.context:
             raise ApiError(400, f"the prompt has {len(prompt)} tokens; the model's context is {served.context}",
                            param="messages" if chat else "prompt", code="context_length_exceeded")
@@ -142,21 +154,23 @@ async def _answer(served: Served, route: Route, body: ChatRequest | CompletionRe
     if limit is not None and longest + limit > served.context:
         raise ApiError(400, f"the prompt ({longest} tokens) and max_tokens ({limit}) exceed the model's context "
                        f"of {served.context} tokens", param="max_tokens", code="context_length_exceeded")
+    if len(prompts) * body.n > served.engine.max_waiting:
+        raise ApiError(400, f"the request asks for {len(prompts) * body.n} completions ({len(prompts)} prompt(s) x n="
+                       f"{body.n}); this server queues at most {served.engine.max_waiting} (--max-waiting)", param="n")
     loop = asyncio.get_running_loop()
     events: asyncio.Queue = asyncio.Queue()
     requests: list[Request] = []
     for p_index, prompt in enumerate(prompts):
         for copy in range(body.n):
             choice = p_index * body.n + copy
-            seed = None if body.seed is None else body.seed + copy
+            seed = None if body.seed is None else (body.seed + copy) % 2**64  # torch takes seeds below 2^64
             sampling = Sampling(limit or served.context - len(prompt), body.temperature, body.top_p, body.stops, seed)
             requests.append(Request(
                 prompt, sampling, route.adapter,
                 on_text=lambda text, c=choice: loop.call_soon_threadsafe(events.put_nowait, (c, text)),
                 on_done=lambda end, c=choice: loop.call_soon_threadsafe(events.put_nowait, (c, end))))
     try:
-        for request in requests:
-            served.engine.submit(request)
+        served.engine.submit_all(requests)
     except QueueFull as err:
         for request in requests:
             request.cancelled.set()
@@ -173,7 +187,12 @@ async def _answer(served: Served, route: Route, body: ChatRequest | CompletionRe
     finished: dict[int, Finished] = {}
     try:
         while len(finished) < len(requests):
-            choice, event = await events.get()
+            try:
+                choice, event = await asyncio.wait_for(events.get(), timeout=DISCONNECT_CHECK_SECONDS)
+            except TimeoutError:
+                if http is not None and await http.is_disconnected():
+                    return Response(status_code=499)  # nobody reads it; `finally` frees the rows
+                continue
             if isinstance(event, BaseException):
                 raise ApiError(500, f"generation failed: {type(event).__name__}: {event}", "server_error")
             if isinstance(event, Finished):
@@ -238,8 +257,29 @@ async def _stream(model: str, events: asyncio.Queue, requests: list[Request], id
             request.cancelled.set()
 
 
-class _TooLarge(Exception):
-    pass
+async def _send_json(send, status: int, content: dict) -> None:
+    body = json.dumps(content).encode()
+    await send({"type": "http.response.start", "status": status,
+                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})
+    await send({"type": "http.response.body", "body": body})
+
+
+class _Authorise:
+    """401 unless `Authorization: Bearer KEY` (but /health). Plain ASGI, not @app.middleware: Starlette's
+    BaseHTTPMiddleware hides a client's disconnect from the endpoint, which must see it to free the rows."""
+
+    def __init__(self, app, api_key: str) -> None:
+        self.app = app
+        self.expected = f"Bearer {api_key}".encode()
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] == "http" and scope.get("path") != "/health":
+            given = dict(scope.get("headers") or []).get(b"authorization", b"")
+            if not secrets.compare_digest(given, self.expected):
+                await _send_json(send, 401, error_body("missing or wrong API key (Authorization: Bearer KEY)",
+                                                       code="invalid_api_key"))
+                return
+        await self.app(scope, receive, send)
 
 
 class _BodyLimit:
@@ -257,25 +297,30 @@ class _BodyLimit:
         if declared is not None and declared.isdigit() and int(declared) > self.limit:
             await self._refuse(send)
             return
-        received = 0
-
-        async def counted():
-            nonlocal received
+        # Read the whole body here (FastAPI would turn an exception raised inside its own read into a 400), then
+        # hand it on; later receives (a client going away) pass straight through.
+        chunks, received, more = [], 0, True
+        while more:
             message = await receive()
-            if message["type"] == "http.request":
-                received += len(message.get("body", b""))
-                if received > self.limit:
-                    raise _TooLarge
-            return message
+            if message["type"] != "http.request":
+                return  # the client left before sending its body
+            chunks.append(message.get("body", b""))
+            received += len(chunks[-1])
+            if received > self.limit:
+                await self._refuse(send)
+                return
+            more = message.get("more_body", False)
+        whole: dict | None = {"type": "http.request", "body": b"".join(chunks), "more_body": False}
 
-        try:
-            await self.app(scope, counted, send)
-        except _TooLarge:
-            await self._refuse(send)
+        async def replayed():
+            nonlocal whole
+            if whole is not None:
+                message, whole = whole, None
+                return message
+            return await receive()
+
+        await self.app(scope, replayed, send)
 
     async def _refuse(self, send) -> None:
-        body = json.dumps(error_body(f"the request body is larger than {self.limit} bytes",
-                                     code="request_too_large")).encode()
-        await send({"type": "http.response.start", "status": 413,
-                    "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})
-        await send({"type": "http.response.body", "body": body})
+        await _send_json(send, 413, error_body(f"the request body is larger than {self.limit} bytes",
+                                               code="request_too_large"))

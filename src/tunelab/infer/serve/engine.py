@@ -84,18 +84,23 @@ class Engine:
     # --- the caller's side ----------------------------------------------------------------------------------
 
     def submit(self, request: Request) -> None:
+        self.submit_all([request])
+
+    def submit_all(self, requests: list[Request]) -> None:
+        """Queue `requests` together (one HTTP request's n completions of each prompt), or none of them."""
         with self._wake:
             if self._closed:
                 raise QueueFull("the server is shutting down")
-            if len(self._waiting) >= self.max_waiting:
+            if len(self._waiting) + len(requests) > self.max_waiting:
                 raise QueueFull(f"{len(self._waiting)} requests are already waiting")
-            if request.sampling.temperature > 0:
-                request.generator = torch.Generator(device="cpu")
-                if request.sampling.seed is not None:
-                    request.generator.manual_seed(request.sampling.seed)
-                else:
-                    request.generator.seed()
-            self._waiting.append(request)
+            for request in requests:
+                if request.sampling.temperature > 0:
+                    request.generator = torch.Generator(device="cpu")
+                    if request.sampling.seed is not None:
+                        request.generator.manual_seed(request.sampling.seed)
+                    else:
+                        request.generator.seed()
+                self._waiting.append(request)
             self._wake.notify()
 
     def close(self) -> None:

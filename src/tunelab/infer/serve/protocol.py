@@ -12,8 +12,12 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 UNSUPPORTED = ("tools", "tool_choice", "functions", "function_call", "logprobs", "top_logprobs", "response_format",
-               "logit_bias", "echo", "best_of", "suffix")
+               "logit_bias", "echo", "best_of", "suffix", "frequency_penalty", "presence_penalty")
 """Request fields that would change the answer and are not implemented: a 400 when set to anything but off."""
+NO_OP_VALUES = {"response_format": ({"type": "text"},), "tool_choice": ("none",), "best_of": (1,)}
+"""Values of those fields that ask for what the server does anyway."""
+DEFAULTED = ("temperature", "top_p", "n", "stream")
+"""Fields OpenAI's API lets clients send as null, meaning the default."""
 
 
 def error_body(message: str, kind: str = "invalid_request_error", param: str | None = None,
@@ -29,7 +33,7 @@ class _Request(BaseModel):
     temperature: float = Field(1.0, ge=0, le=2)
     top_p: float = Field(1.0, gt=0, le=1)
     stop: str | list[str] | None = None
-    seed: int | None = None
+    seed: int | None = Field(None, ge=-(2**63), lt=2**64)
     n: int = Field(1, ge=1, le=16)
     stream: bool = False
     stream_options: StreamOptions | None = None
@@ -42,11 +46,16 @@ class _Request(BaseModel):
             raise ValueError("stop takes up to 4 non-empty strings")
         return value
 
+    @field_validator(*DEFAULTED, mode="before")
+    @classmethod
+    def _null_is_default(cls, value: Any, info) -> Any:
+        return cls.model_fields[info.field_name].default if value is None else value
+
     @model_validator(mode="after")
     def _supported(self) -> _Request:
         for name in UNSUPPORTED:
             value = (self.model_extra or {}).get(name)
-            if value not in (None, False, [], 0):
+            if value not in (None, False, [], 0) and value not in NO_OP_VALUES.get(name, ()):
                 raise ValueError(f"'{name}' is not supported by tunelab serve")
         return self
 
