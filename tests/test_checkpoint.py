@@ -240,6 +240,9 @@ def test_a_full_disk_while_saving_stops_with_the_last_checkpoint_intact(tiny_mod
     saved = (out / "config.yaml").read_text()  # another adapter shape cannot load the checkpoint: refused first
     with pytest.raises(ConfigError, match=r"trained with other method\.r than this config gives"):
         train_run(run_config(tiny_model_dir, data, out, *base, "method.r=3", "train.max_steps=8"), resume=True)
+    # a new learning rate would be written to config.yaml while the restored optimizer and schedule kept the old
+    with pytest.raises(ConfigError, match=r"so train\.lr .* -> 1e-05 would not take effect"):
+        train_run(run_config(tiny_model_dir, data, out, *base, "train.lr=1e-5", "train.max_steps=8"), resume=True)
     assert (out / "config.yaml").read_text() == saved
 
 

@@ -77,6 +77,20 @@ def test_repeated_faults_roll_back_to_the_last_checkpoint_with_half_the_learning
     assert not any("skipped" in r for r in steps)
 
 
+def test_each_rollback_to_the_same_checkpoint_halves_the_rate_again(tiny_model_dir, qa_file, tmp_path, inject):
+    """Faults right after a rollback send the run back to the same checkpoint, whose schedule knows nothing of the
+    first halving: the second rollback trains on at a quarter of the rate, not half again of the checkpoint's."""
+    inject({5: math.inf, 6: math.nan, 7: math.inf, 8: math.nan})  # steps 5-6, then their replay, fail
+    out = tmp_path / "run"
+    summary = train_run(run_config(tiny_model_dir, qa_file, out, "train.max_steps=8", "train.save_every=4",
+                                   "train.max_bad_steps=1", "train.scheduler=constant", "train.warmup_ratio=0",
+                                   "train.lr=1e-3", "eval.before_after=false"))
+    assert summary["status"] == "completed" and summary["trainer_state"]["extra"]["rollbacks"] == 2
+    logged = records(out)
+    assert [r["lr"] for r in logged if "rollback_from" in r] == pytest.approx([5e-4, 2.5e-4])
+    assert [r["lr"] for r in logged if "loss" in r] == pytest.approx([1e-3] * 4 + [2.5e-4] * 4)
+
+
 def test_a_run_that_keeps_diverging_stops_with_the_reason_and_its_last_checkpoint(tiny_model_dir, qa_file, tmp_path):
     out = tmp_path / "diverges"
     with pytest.raises(TrainingFault, match=r"non-finite loss or gradient norm, after 1 rollback"):

@@ -316,6 +316,10 @@ def check_same_data(checkpoint: Path, fingerprint: str) -> None:
         )
 
 
+RESUMED_SCHEDULE = ("lr", "weight_decay", "scheduler", "warmup_ratio")
+"""train keys whose values a checkpoint's optimizer and scheduler states restore over the config's."""
+
+
 def check_same_parameters(run_dir: Path, config) -> None:
     """Refuse to resume with another model or method than the run's own (config.yaml): the checkpoint holds that
     model's trainable parameters, which another rank or method cannot load. Checked before the run writes."""
@@ -331,3 +335,12 @@ def check_same_parameters(run_dir: Path, config) -> None:
     if changed:
         raise ConfigError(f"--resume continues {run_dir}, trained with other {', '.join(changed)} than this "
                           "config gives; restore them or start a new run", where=changed[0])
+    # The checkpoint's optimizer and scheduler states carry these on: a new value would be written to config.yaml
+    # and never used.
+    schedule = [(f"train.{key}", getattr(saved.train, key), getattr(config.train, key)) for key in RESUMED_SCHEDULE
+                if getattr(saved.train, key) != getattr(config.train, key)]
+    if schedule:
+        listed = ", ".join(f"{key} {was} -> {now}" for key, was, now in schedule)
+        raise ConfigError(f"--resume continues {run_dir} with the optimizer and learning-rate schedule its checkpoint "
+                          f"holds, so {listed} would not take effect; restore the run's values, or start a new run "
+                          "from its weights", where=schedule[0][0])

@@ -308,18 +308,21 @@ def _roll_back(ctx: LoopContext, state: TrainerState, guard: FaultGuard) -> Trai
                else f"after {guard.rollbacks} rollback(s) with the learning rate halved each time")
         raise TrainingFault(f"{bad} steps up to step {state.step} had a non-finite loss or gradient norm, {why}; "
                             "try a lower train.lr or check the data")
-    rolled_from = state.step
+    rolled_from, done = state.step, state.extra.get("rollbacks", 0)
     state = load_checkpoint(checkpoint, ctx.model, ctx.optimizer, ctx.scheduler, ctx.objective, ctx.ranks.rank,
                             sharded_root=ctx.loss_module if sharding.is_sharded(ctx.model) else None)
-    scale_learning_rate(ctx.optimizer, ctx.scheduler, ROLLBACK_LR_FACTOR)
+    # The checkpoint's schedule holds the halvings made before it was written; those since (back to this same
+    # checkpoint) are made again, so each rollback halves the rate once more.
+    factor = ROLLBACK_LR_FACTOR ** (done - state.extra.get("rollbacks", 0) + 1)
+    scale_learning_rate(ctx.optimizer, ctx.scheduler, factor)
     guard.rolled_back()
-    state.extra["rollbacks"] = state.extra.get("rollbacks", 0) + 1
+    state.extra["rollbacks"] = done + 1
     ctx.rng_at_last_step = rng_snapshot()
     ctx.log.truncate_after(state.step)
     ctx.log.write({"step": state.step, "rollback_from": rolled_from, "bad_steps": bad,
                    "lr": ctx.scheduler.get_last_lr()[0]})
     ctx.warn(f"{bad} bad steps up to step {rolled_from}: rolled back to {checkpoint.name}, learning rate x"
-             f"{ROLLBACK_LR_FACTOR:g} (rollback {guard.rollbacks} of at most {guard.max_rollbacks})")
+             f"{factor:g} of its (rollback {guard.rollbacks} of at most {guard.max_rollbacks})")
     return state
 
 
