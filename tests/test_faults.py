@@ -55,6 +55,11 @@ def test_a_nan_batch_is_skipped_and_a_spike_is_flagged(tiny_model_dir, qa_file, 
     assert summary["trainer_state"]["extra"]["skipped_steps"] == 1
     by_step = {r["step"]: r for r in records(out) if "lr" in r}
     assert by_step[4]["skipped"] == "loss nan" and by_step[4]["loss"] is None
+    def refuse(constant):
+        raise ValueError(f"{constant} is not JSON")
+
+    for line in (out / "metrics.jsonl").read_text().splitlines():  # strict JSON: no bare NaN for jq or browsers
+        json.loads(line, parse_constant=refuse)
     assert [step for step, r in by_step.items() if r.get("loss_spike")] == [20]
     assert all(math.isfinite(float(t.abs().max())) for t in load_file(out / "adapter_model.safetensors").values())
 

@@ -3,7 +3,21 @@
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
+from typing import Any
+
+
+def finite_or_null(value: Any) -> Any:
+    """`value` with every NaN or infinite float made None (JSON's null): bare NaN is not JSON, and jq, browsers and
+    most readers refuse the whole line."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {key: finite_or_null(item) for key, item in value.items()}
+    if isinstance(value, list | tuple):
+        return [finite_or_null(item) for item in value]
+    return value
 
 
 class MetricsLog:
@@ -23,7 +37,7 @@ class MetricsLog:
 
     def write(self, record: dict) -> None:
         with open(self.path, "a") as handle:
-            handle.write(json.dumps(record) + "\n")
+            handle.write(json.dumps(finite_or_null(record), allow_nan=False) + "\n")
 
     def read(self) -> list[dict]:
         if not self.path.exists():

@@ -11,6 +11,7 @@ from typing import Any
 
 import yaml
 
+from tunelab.track.jsonl import finite_or_null
 from tunelab.train.console_log import LOG_FILE
 from tunelab.train.live import live_status
 
@@ -87,7 +88,7 @@ def read_metrics(folder: Path, after_line: int = 0) -> tuple[list[dict], int]:
     records = []
     for line in complete[after_line:]:
         try:
-            records.append(json.loads(line))
+            records.append(finite_or_null(json.loads(line)))  # files written before NaN became null
         except json.JSONDecodeError:
             records.append({})
     return [r for r in records if r], len(complete)
