@@ -131,7 +131,12 @@ def test_merged_model_equals_base_plus_adapter(trained_run, tmp_path):
 def test_resume_needs_a_checkpoint(trained_run):
     _, _, config = trained_run
     result = runner.invoke(app, ["train", str(config), "--resume", "output_dir=/nonexistent/run"])
-    assert result.exit_code == 2 and "no complete checkpoint" in result.output
+    assert result.exit_code == 2 and "holds no run to continue" in " ".join(result.output.split())
+    started = config.parent / "started"  # began training (config.yaml written), stopped before a checkpoint
+    started.mkdir()
+    (started / "config.yaml").write_text(config.read_text())
+    result = runner.invoke(app, ["train", str(config), "--resume", f"output_dir={started}"])
+    assert result.exit_code == 2 and "no complete checkpoint" in " ".join(result.output.split())
 
 
 def test_models_list_shows_the_default_preset():

@@ -66,6 +66,9 @@ from tunelab.train.summary import print_outcome, report_data, write_summary
 def check_output_dir(output_dir: Path, *, resume: bool, overwrite: bool) -> None:
     check_not_training(output_dir)
     if resume:
+        if not (output_dir / "config.yaml").is_file():
+            raise ConfigError(f"--resume: {output_dir} holds no run to continue (no config.yaml: it stopped before "
+                              "training began, or never ran); start it without --resume", where="output_dir")
         if latest_checkpoint(output_dir) is None:
             ignored = "".join(f"; {path.name} ignored: {why}" for path, why in incomplete_checkpoints(output_dir))
             raise ConfigError(f"--resume: no complete checkpoint under {output_dir}/checkpoints{ignored}",
