@@ -434,3 +434,16 @@ def test_lookup_drafts_leave_replies_as_they_are_alone_and_in_batches(run_dir):
     drafted = [rows for rows, width in passes[True] if width > 1]
     assert 1 in drafted and max(drafted) > 1  # drafts checked alone and in batches
     assert len(passes[True]) < len(passes[False])
+
+
+def test_a_reply_cut_inside_a_character_ends_before_it(served):
+    """max_tokens can end a reply between the bytes of one character, whose first bytes decode to U+FFFD: that is
+    left out of a `length` reply (a stop keeps its text as decoded)."""
+    from tunelab.infer.serve.engine import Engine
+    from tunelab.infer.serve.request import Request, Sampling
+
+    engine = Engine(served.engine.model, served.models["run"].renderer.tokenizer, max_batch=1, start=False)
+    sent = []
+    request = Request([1], Sampling(3), None, on_text=sent.append, on_done=lambda end: None)
+    assert engine._finish(request, "caf\ufffd", "length", 3).text == "caf" and "".join(sent) == "caf"
+    engine.close()

@@ -314,6 +314,8 @@ class Engine:
         return None
 
     def _finish(self, request: Request, text: str, reason: str, count: int) -> Finished:
+        if reason == "length":  # cut inside a character: its first bytes decode to U+FFFD, which is no text
+            text = text.removesuffix("\ufffd")
         if len(text) > request.sent:
             request.on_text(text[request.sent :])
             request.sent = len(text)
