@@ -12,7 +12,7 @@ from tunelab.config import DataConfig
 from tunelab.data.preference import prepare_preference_data
 from tunelab.data.prepare import prepare_eval_file
 from tunelab.data.template import ChatRenderer
-from tunelab.errors import ConfigError
+from tunelab.errors import ConfigError, UserError
 from tunelab.eval.evaluate import evaluate_loss, evaluate_task
 from tunelab.eval.labels import LABEL_METRICS, LabelScore, resolve_labels
 from tunelab.eval.metrics import METRICS, is_custom_metric
@@ -46,7 +46,11 @@ def _refuse_pairs_without_pair_metrics(data_path: Path) -> None:
     from tunelab.config import DataConfig
     from tunelab.data.preference import data_kind
 
-    if data_kind(DataConfig(train=data_path)) == "preference":
+    try:
+        kind = data_kind(DataConfig(train=data_path))
+    except UserError:  # columns only a run's data.columns maps, say: scoring reads the file with them
+        return
+    if kind == "preference":
         raise ConfigError(f"{data_path} holds preference pairs; score them with --metrics "
                           "preference_accuracy,reward_margin", where="--metrics")
 
