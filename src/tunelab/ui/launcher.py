@@ -140,11 +140,16 @@ class Launcher:
                 del self.children[name]
 
     def _busy(self, name: str) -> bool:
-        """Whether a process on this machine trains the run now, or one the app launched for it still runs (it
-        may be loading the model, with the run's old status.json still in place)."""
+        """Whether a process on this machine trains the run now, or one the app launched for it still runs and has
+        not ended the run (it may be loading the model, with the run's old status.json still in place; one that
+        wrote how the run ended is only exiting)."""
+        if training_process(self.root / name) is not None:
+            return True
         record = launch_record(self.root, name)
-        return training_process(self.root / name) is not None or (record is not None
-                                                                   and recorded_process_alive(record))
+        if record is None or not recorded_process_alive(record):
+            return False
+        status = read_status(self.root / name) or {}
+        return not (recorded_pid(status) == recorded_pid(record) and status.get("status") != "running")
 
     def _spawn(self, name: str, args: list[str], *, resume: bool) -> dict[str, Any]:
         log = log_path(self.root, name)
