@@ -19,7 +19,7 @@ from tunelab.config import RunConfig, dump_config
 from tunelab.data.preference import PreparedPairs
 from tunelab.data.prepare import PreparedData
 from tunelab.data.template import ChatRenderer
-from tunelab.errors import ConfigError, SaveFailed, UserError
+from tunelab.errors import SaveFailed, UserError
 from tunelab.eval.during_training import RunEvaluator
 from tunelab.eval.preference import evaluate_objective
 from tunelab.eval.report import write_report
@@ -50,45 +50,18 @@ from tunelab.train.console_log import RunConsole
 from tunelab.train.device_checks import refuse_what_the_device_cannot_run
 from tunelab.train.distributed import Ranks, launched_ranks, loss_module, start, stop
 from tunelab.train.launcher_env import apply_launcher_sharding
-from tunelab.train.live import mark_ended, mark_running, read_status, training_process
+from tunelab.train.live import mark_ended, mark_running, read_status
 from tunelab.train.loop import LoopContext, TrainingFault, epoch_plan, fit, save_from_main
 from tunelab.train.memory import MemoryEstimate, estimate_peak_memory
 from tunelab.train.outputs import write_model_card, write_samples
 from tunelab.train.precision import resolve_precision
 from tunelab.train.progress import TrainingProgress
 from tunelab.train.run_data import prepare_run_data
+from tunelab.train.run_dir import check_not_training, check_output_dir
 from tunelab.train.schedule import build_optimizer
 from tunelab.train.step_profile import step_profiler
 from tunelab.train.stop import StopOnSignal, StopRequested, TerminateAsInterrupt
 from tunelab.train.summary import print_outcome, report_data, write_summary
-
-
-def check_output_dir(output_dir: Path, *, resume: bool, overwrite: bool) -> None:
-    check_not_training(output_dir)
-    if resume:
-        if not (output_dir / "config.yaml").is_file():
-            raise ConfigError(f"--resume: {output_dir} holds no run to continue (no config.yaml: it stopped before "
-                              "training began, or never ran); start it without --resume", where="output_dir")
-        if latest_checkpoint(output_dir) is None:
-            ignored = "".join(f"; {path.name} ignored: {why}" for path, why in incomplete_checkpoints(output_dir))
-            raise ConfigError(f"--resume: no complete checkpoint under {output_dir}/checkpoints{ignored}",
-                              where="output_dir")
-        return
-    if output_dir.exists() and any(output_dir.iterdir()) and not overwrite:
-        raise ConfigError(
-            f"{output_dir} already holds files; pass --overwrite to replace it or --resume to continue it",
-            where="output_dir",
-        )
-
-
-def check_not_training(output_dir: Path) -> None:
-    """Refuse a run directory another process is training now: --overwrite would delete its files under it and
-    --resume would interleave two writers' checkpoints and metrics."""
-    pid = training_process(output_dir) if output_dir.is_dir() else None
-    if pid is not None:
-        raise ConfigError(f"{output_dir} is being trained now by process {pid}; stop it first (Ctrl-C there, or "
-                          f"kill {pid}; --resume continues it later) or choose another output_dir",
-                          where="output_dir")
 
 
 def seed_everything(seed: int) -> None:
