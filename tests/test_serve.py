@@ -183,6 +183,8 @@ def test_bad_requests_get_openai_errors_not_tracebacks(server, client):
         assert error["message"] and "Traceback" not in error["message"], name
     assert httpx.post(url, json=good, timeout=30).status_code == 401
     assert httpx.post(url, json=good, headers={"Authorization": "Bearer wrong"}, timeout=30).status_code == 401
+    assert httpx.post(url, json=good, headers={"Authorization": KEY}, timeout=30).status_code == 401
+    assert httpx.post(url, json=good, headers={"Authorization": f"bearer {KEY}"}, timeout=30).status_code == 200
     asked = {"model": "run", "messages": [{"role": "user", "content": PROMPTS[0]}], "max_tokens": 8, "temperature": 0}
     for _ in range(2):  # the second reply is drafted from the first
         assert post(asked).status_code == 200

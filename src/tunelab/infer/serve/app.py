@@ -270,12 +270,13 @@ class _Authorise:
 
     def __init__(self, app, api_key: str) -> None:
         self.app = app
-        self.expected = f"Bearer {api_key}".encode()
+        self.expected = api_key.encode()
 
     async def __call__(self, scope, receive, send) -> None:
         if scope["type"] == "http" and scope.get("path") != "/health":
-            given = dict(scope.get("headers") or []).get(b"authorization", b"")
-            if not secrets.compare_digest(given, self.expected):
+            scheme, _, given = dict(scope.get("headers") or []).get(b"authorization", b"").partition(b" ")
+            # the scheme's case does not matter (RFC 9110); the key's does
+            if scheme.lower() != b"bearer" or not secrets.compare_digest(given.strip(), self.expected):
                 await _send_json(send, 401, error_body("missing or wrong API key (Authorization: Bearer KEY)",
                                                        code="invalid_api_key"))
                 return
