@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 
 from tunelab.config import DataConfig
-from tunelab.data.preference import prepare_preference_data
+from tunelab.data.preference import data_kind, prepare_preference_data
 from tunelab.data.prepare import prepare_eval_file
 from tunelab.data.template import ChatRenderer
 from tunelab.errors import ConfigError, UserError
@@ -43,9 +43,6 @@ def check_metric_names(names: list[str]) -> None:
 
 def _refuse_pairs_without_pair_metrics(data_path: Path) -> None:
     """A preference file asked for reply metrics: point at the metrics that score pairs, not at training."""
-    from tunelab.config import DataConfig
-    from tunelab.data.preference import data_kind
-
     try:
         kind = data_kind(DataConfig(train=data_path))
     except UserError:  # columns only a run's data.columns maps, say: scoring reads the file with them

@@ -322,7 +322,7 @@ def _roll_back(ctx: LoopContext, state: TrainerState, guard: FaultGuard) -> Trai
     ctx.log.write({"step": state.step, "rollback_from": rolled_from, "bad_steps": bad,
                    "lr": ctx.scheduler.get_last_lr()[0]})
     ctx.warn(f"{bad} bad steps up to step {rolled_from}: rolled back to {checkpoint.name}, learning rate x"
-             f"{factor:g} of its (rollback {guard.rollbacks} of at most {guard.max_rollbacks})")
+             f"{factor:g} the checkpoint's (rollback {guard.rollbacks} of at most {guard.max_rollbacks})")
     return state
 
 
