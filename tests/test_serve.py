@@ -220,7 +220,7 @@ def test_a_full_queue_answers_503_and_a_request_larger_than_the_queue_400(served
 
 def test_errors_outside_the_request_bodies_keep_openais_shape(server, client):
     """No such route or method, a body that is not UTF-8 or not JSON, an empty prompt (which once failed the
-    whole batch with a 500), a seed past 2^64, penalties (refused: they would change the answer) and the values
+    whole batch with a 500), a seed past 2^64, strings or floats for integers, penalties (refused: they would change the answer) and the values
     that change nothing (null for defaults, response_format text)."""
     headers = {"Authorization": f"Bearer {KEY}"}
     completions = f"{server.url}/v1/completions"
@@ -241,6 +241,7 @@ def test_errors_outside_the_request_bodies_keep_openais_shape(server, client):
     assert response.status_code == 413 and response.json()["error"]["code"] == "request_too_large"
     good = {"model": "run", "prompt": "hi", "max_tokens": 2, "temperature": 0}
     for change, status in [({"prompt": ""}, 400), ({"seed": 2**70}, 400), ({"frequency_penalty": 1.5}, 400),
+                           ({"max_tokens": "3"}, 400), ({"stream": "yes"}, 400), ({"max_tokens": 2.0}, 400),
                            ({"temperature": None, "top_p": None, "n": None, "stream": None, "seed": 2**64 - 1}, 200),
                            ({"response_format": {"type": "text"}, "tool_choice": "none"}, 200)]:
         response = httpx.post(completions, json={**good, **change}, headers=headers, timeout=30)

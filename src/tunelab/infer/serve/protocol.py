@@ -25,8 +25,12 @@ def error_body(message: str, kind: str = "invalid_request_error", param: str | N
     return {"error": {"message": message, "type": kind, "param": param, "code": code}}
 
 
+STRICT = ConfigDict(strict=True)
+"""OpenAI's API answers a 400 to `"max_tokens": "3"` or `"stream": "yes"`; pydantic would coerce them."""
+
+
 class _Request(BaseModel):
-    model_config = ConfigDict(extra="allow")
+    model_config = ConfigDict(extra="allow", strict=True)
 
     model: str
     max_tokens: int | None = Field(None, ge=1)
@@ -65,15 +69,21 @@ class _Request(BaseModel):
 
 
 class StreamOptions(BaseModel):
+    model_config = STRICT
+
     include_usage: bool = False
 
 
 class TextPart(BaseModel):
+    model_config = STRICT
+
     type: Literal["text"]
     text: str
 
 
 class Message(BaseModel):
+    model_config = STRICT
+
     role: Literal["system", "user", "assistant"]
     content: str | list[TextPart]
 
