@@ -220,8 +220,8 @@ def test_a_full_queue_answers_503_and_a_request_larger_than_the_queue_400(served
 
 def test_errors_outside_the_request_bodies_keep_openais_shape(server, client):
     """No such route or method, a body that is not UTF-8 or not JSON, an empty prompt (which once failed the
-    whole batch with a 500), a seed past 2^64, strings or floats for integers, penalties (refused: they would change the answer) and the values
-    that change nothing (null for defaults, response_format text)."""
+    whole batch with a 500), a seed past 2^64, strings or floats for integers, penalties (refused: they would
+    change the answer) and the values that change nothing (null for defaults, response_format text)."""
     headers = {"Authorization": f"Bearer {KEY}"}
     completions = f"{server.url}/v1/completions"
     for method, path, status in [("GET", "/v1/nowhere", 404), ("GET", "/v1/chat/completions", 405)]:

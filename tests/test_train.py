@@ -287,3 +287,32 @@ def test_the_fused_adamw_counts_its_update_in_the_parameters_versions():
     before = [param._version for param in model.parameters()]
     optimizer.step()
     assert all(after > was for after, was in zip([p._version for p in model.parameters()], before, strict=True))
+
+
+def test_loraplus_moves_the_b_matrices_at_ratio_times_the_rate(tiny_model_dir, qa_file, tmp_path):
+    """LoRA+: one AdamW step from fresh state moves each weight by about its group's rate (Adam's first update is
+    lr * sign(grad)), so the B matrices move 16x as far as the A matrices; a run with it trains and logs train.lr."""
+    from transformers import AutoModelForCausalLM
+
+    from tunelab.config import TrainConfig
+    from tunelab.method_config import LoraMethod
+    from tunelab.methods.lora import apply
+    from tunelab.train.schedule import build_optimizer
+
+    model = apply(AutoModelForCausalLM.from_pretrained(tiny_model_dir), LoraMethod(name="lora", r=4))
+    optimizer, _ = build_optimizer(model, TrainConfig(lr=1e-3, warmup_ratio=0), total_steps=10, b_lr_ratio=16)
+    trainable = {name: p for name, p in model.named_parameters() if p.requires_grad}
+    before = {name: p.detach().clone() for name, p in trainable.items()}
+    for p in trainable.values():
+        p.grad = torch.randn_like(p)
+    optimizer.step()
+    moved = {name: (p.detach() - before[name]).abs().max().item() for name, p in trainable.items()}
+    assert {round(v / 1e-3) for k, v in moved.items() if ".lora_A." in k} == {1}
+    assert {round(v / 1e-3) for k, v in moved.items() if ".lora_B." in k} == {16}
+
+    out = tmp_path / "plus"
+    train_run(run_config(tiny_model_dir, qa_file, out, "method.loraplus_lr_ratio=16", "train.max_steps=6",
+                         "train.lr=1e-3", "train.warmup_ratio=0", "train.scheduler=constant"))
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    losses = [r["loss"] for r in records if "loss" in r]
+    assert losses[-1] < losses[0] and {r["lr"] for r in records if "lr" in r} == {1e-3}

@@ -36,6 +36,10 @@ class LoraMethod(Strict):
     Raise it (0.05-0.1) for small datasets trained for several epochs."""
     target_modules: list[str] | Literal["all-linear"] = "all-linear"
     """Module names to adapt, or `all-linear` for every linear layer except the output head."""
+    loraplus_lr_ratio: float | None = Field(None, ge=1)
+    """LoRA+: the B matrices (and 1-d trainable weights, as PEFT's create_loraplus_optimizer groups them) learn
+    at this many times train.lr, the A matrices at train.lr. The paper suggests 16, with a train.lr about half
+    a plain LoRA's. Off when absent."""
 
 
 class QLoraMethod(Strict):
@@ -46,6 +50,8 @@ class QLoraMethod(Strict):
     alpha: float = 32
     dropout: float = Field(0.0, ge=0, lt=1)
     target_modules: list[str] | Literal["all-linear"] = "all-linear"
+    loraplus_lr_ratio: float | None = Field(None, ge=1)
+    """LoRA+ (see the lora method): B matrices at this many times train.lr."""
     bits: Literal[4, 8] = 4
     """Bits of the frozen, quantised base model (bitsandbytes)."""
     quant_type: Literal["nf4", "fp4"] = "nf4"

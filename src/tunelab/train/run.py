@@ -195,7 +195,8 @@ def _train(config: RunConfig, log: RunLog, ranks: Ranks, device: torch.device, *
     if notice := enable_training_kernels(model, kernels, config.train.kernels, precision):
         console.print(notice)
     ctx.loss_module = loss_module(model, objective, ranks, device, config.train.distributed)
-    ctx.optimizer, ctx.scheduler = build_optimizer(model, config.train, ctx.total_steps)  # on the shards, if any
+    ctx.optimizer, ctx.scheduler = build_optimizer(model, config.train, ctx.total_steps,  # on the shards, if any
+                                                   getattr(config.method, "loraplus_lr_ratio", None))
     # A sharded model runs only inside its root's forward, on every process (train/sharding.py).
     run_model = ctx.loss_module if sharded else (lambda function: function())
     ctx.evaluate = lambda: run_model(evaluate)

@@ -1,4 +1,4 @@
-"""AdamW and the learning-rate schedule: linear warm-up, then cosine, linear or constant."""
+"""AdamW (LoRA+ groups too) and the learning-rate schedule: linear warm-up, then cosine, linear or constant."""
 
 from __future__ import annotations
 
@@ -22,18 +22,23 @@ def lr_factor(step: int, total_steps: int, warmup_steps: int, kind: str) -> floa
     return 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
-def build_optimizer(model, config: TrainConfig, total_steps: int):
-    """AdamW over trainable parameters (no weight decay on biases and norms) and its LambdaLR schedule."""
-    decay, no_decay = [], []
+def build_optimizer(model, config: TrainConfig, total_steps: int, b_lr_ratio: float | None = None):
+    """AdamW over trainable parameters (no weight decay on biases and norms) and its LambdaLR schedule.
+
+    With `b_lr_ratio` (LoRA+), LoRA's B matrices and the 1-d trainable weights learn at that many times the rate of
+    the rest; their groups come after the others, so the first group's rate is train.lr, the one logged."""
+    groups: dict[tuple[bool, bool], list[torch.nn.Parameter]] = {}
     for name, param in model.named_parameters():
         if param.requires_grad:
-            (no_decay if param.ndim < 2 or "norm" in name else decay).append(param)
-    groups = [
-        {"params": decay, "weight_decay": config.weight_decay},
-        {"params": no_decay, "weight_decay": 0.0},
-    ]
-    fused = fused_supported(decay + no_decay)
-    optimizer = torch.optim.AdamW([g for g in groups if g["params"]], lr=config.lr, betas=(0.9, 0.999), fused=fused)
+            no_decay = param.ndim < 2 or "norm" in name
+            faster = b_lr_ratio is not None and (is_lora_b(name) or param.ndim < 2)
+            groups.setdefault((faster, no_decay), []).append(param)
+    param_groups = [{"params": groups[key], "weight_decay": 0.0 if key[1] else config.weight_decay,
+                     "lr": config.lr * (b_lr_ratio if key[0] else 1.0)}
+                    for key in sorted(groups)]  # (False, ...) first: train.lr's own groups
+    params = [p for group in param_groups for p in group["params"]]
+    fused = fused_supported(params)
+    optimizer = torch.optim.AdamW(param_groups, lr=config.lr, betas=(0.9, 0.999), fused=fused)
     if fused:
         optimizer.register_step_post_hook(_count_the_update)
     warmup = round(total_steps * config.warmup_ratio)
@@ -41,6 +46,11 @@ def build_optimizer(model, config: TrainConfig, total_steps: int):
         optimizer, lambda step: lr_factor(step, total_steps, warmup, config.scheduler)
     )
     return optimizer, scheduler
+
+
+def is_lora_b(name: str) -> bool:
+    """A LoRA B matrix (linear or embedding) by its PEFT parameter name."""
+    return ".lora_B." in name or ".lora_embedding_B." in name
 
 
 def _count_the_update(optimizer, args, kwargs) -> None:
