@@ -165,6 +165,10 @@ class TrainConfig(Strict):
     """Whether lower or higher best_metric is better; default min for losses and perplexity, else max."""
     keep_best: bool = False
     """End with the weights of the best evaluation, not the last (always on with early stopping)."""
+    neftune_alpha: float | None = Field(None, gt=0)
+    """NEFTune: uniform noise of scale alpha / sqrt(L * d) on the input embeddings of training forwards (L a
+    sample's length, d the hidden size; models/neftune.py), for supervised fine-tuning. The paper used 5-15 on
+    instruction data; off when absent."""
     log_every: int = Field(1, ge=1)
     group_by_length: bool = False
     """Batch samples of similar length together to cut padding."""
@@ -320,6 +324,10 @@ class RunConfig(Strict):
         if self.objective.name == "reward" and self.eval.during_training:
             raise ValueError("eval.during_training generates replies, which a reward model cannot; its held-out "
                              "pairwise accuracy (eval_rewards/accuracies) is measured at every evaluation anyway")
+        if self.train.neftune_alpha is not None and self.objective.name != "sft":
+            raise ValueError(f"train.neftune_alpha adds noise to supervised fine-tuning's inputs; "
+                             f"objective.name={self.objective.name} scores replies against each other or a "
+                             "reference and takes none")
         if self.train.early_stopping_patience and not (self.data.eval or self.data.eval_split > 0):
             raise ValueError("train.early_stopping_patience needs eval data: set data.eval or data.eval_split")
         from tunelab.objectives import objective_metrics

@@ -4,12 +4,14 @@ of the whole optimiser step."""
 from __future__ import annotations
 
 from collections.abc import Sequence
+from contextlib import nullcontext
 
 import torch
 
 from tunelab.data.batching import collate, collate_shared_prefix
 from tunelab.data.template import IGNORE_INDEX, TokenizedSample
 from tunelab.models.logprobs import trained_token_logprobs
+from tunelab.models.neftune import NoisyEmbeddings
 
 
 def sft_loss_sum(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
@@ -34,6 +36,8 @@ class SftObjective:
         self.share_prefix = False
         """Padding-free batches hold their samples' shared prefix once (collate_shared_prefix): set by the run
         where attention reads that layout (the matmul path)."""
+        self.neftune: NoisyEmbeddings | None = None
+        """NEFTune's noisy input embeddings (train.neftune_alpha), set by the run."""
 
     def collate(self, rows: Sequence[Sequence[TokenizedSample]], pad_token_id: int,
                 padding_free: bool) -> dict[str, torch.Tensor]:
@@ -52,5 +56,6 @@ class SftObjective:
         return len(sample.input_ids)
 
     def loss_sum(self, model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, float]]:
-        loss, _ = sft_loss_sum(model, batch)
+        with self.neftune.lengths_of(batch) if self.neftune is not None else nullcontext():
+            loss, _ = sft_loss_sum(model, batch)
         return loss, {}

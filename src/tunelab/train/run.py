@@ -30,6 +30,7 @@ from tunelab.models.attention import MATMUL, attention_implementation, shares_pr
 from tunelab.models.fused_ops import enable_training_kernels, training_kernels
 from tunelab.models.load import enable_activation_checkpointing, load_model, load_tokenizer
 from tunelab.models.logprobs import uses_virtual_tokens
+from tunelab.models.neftune import add_neftune
 from tunelab.models.resolve import resolve_model
 from tunelab.models.varlen import VARLEN
 from tunelab.objectives import build_objective, rows_per_item
@@ -183,8 +184,11 @@ def _train(config: RunConfig, log: RunLog, ranks: Ranks, device: torch.device, *
     attention = training_attention(config.train.attention, device, precision, min(longest, config.data.max_length),
                                    model, sequences_per_batch)
     ctx.padding_free = attention in (MATMUL, VARLEN) and not uses_virtual_tokens(model)  # prompt tuning needs rows
-    if hasattr(objective, "share_prefix"):
-        objective.share_prefix = ctx.padding_free and shares_prefixes(model, attention, config.train.share_prefix)
+    if config.train.neftune_alpha is not None:
+        objective.neftune = add_neftune(model, config.train.neftune_alpha)
+    if hasattr(objective, "share_prefix"):  # not with NEFTune: samples would share one draw of noise on the prefix
+        objective.share_prefix = ctx.padding_free and shares_prefixes(model, attention, config.train.share_prefix) \
+            and config.train.neftune_alpha is None
         evaluate.share_prefix = objective.share_prefix
     with attention_implementation(model, attention):
         memory = _estimate_memory(ctx, data, tokenizer)  # before sharding: it runs the model as it is
