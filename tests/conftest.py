@@ -100,15 +100,16 @@ def default_model_dir() -> Path:
 
 
 @contextmanager
-def interrupted_at_step(n: int, *, at_once: bool = False) -> Iterator[None]:
+def interrupted_at_step(n: int, *, at_once: bool = False, optimizer: type | None = None) -> Iterator[None]:
     """Ctrl-C during the n-th optimiser step: a real SIGINT, so the run stops once step n has finished; the block
     must end with that interruption. `at_once` raises KeyboardInterrupt inside the update instead (what a second
-    Ctrl-C does), so step n never finishes."""
+    Ctrl-C does), so step n never finishes. `optimizer`: the class whose steps are counted (AdamW's by default)."""
     import signal
 
     import torch
 
-    real_step = torch.optim.AdamW.step
+    kind = optimizer or torch.optim.AdamW
+    real_step = kind.step
     calls = {"n": 0}
 
     def step(self, *args, **kwargs):
@@ -119,9 +120,9 @@ def interrupted_at_step(n: int, *, at_once: bool = False) -> Iterator[None]:
             signal.raise_signal(signal.SIGINT)
         return real_step(self, *args, **kwargs)
 
-    torch.optim.AdamW.step = step
+    kind.step = step
     try:
         with pytest.raises(KeyboardInterrupt):
             yield
     finally:
-        torch.optim.AdamW.step = real_step
+        kind.step = real_step

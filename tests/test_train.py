@@ -316,3 +316,37 @@ def test_loraplus_moves_the_b_matrices_at_ratio_times_the_rate(tiny_model_dir, q
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     losses = [r["loss"] for r in records if "loss" in r]
     assert losses[-1] < losses[0] and {r["lr"] for r in records if "lr" in r} == {1e-3}
+
+
+def test_an_eight_bit_optimizer_trains_keeps_8_bit_moments_and_resumes_exactly(tiny_model_dir, qa_file, tmp_path):
+    """Full fine-tuning with bitsandbytes' AdamW8bit: the loss falls, the checkpoint holds one byte a moment for the
+    large tensors, the estimate counts them so, and an interrupted run resumes to the uninterrupted one's losses."""
+    import bitsandbytes as bnb
+    from safetensors.torch import load_file
+
+    from tunelab.train.schedule import optimizer_state_bytes
+
+    base = ["method.name=full", "train.optimizer=adamw_8bit", "train.max_steps=6", "train.save_every=2",
+            "train.lr=1e-3", "eval.before_after=false"]
+    straight = train_run(run_config(tiny_model_dir, qa_file, tmp_path / "straight", *base))
+    losses = [json.loads(line)["loss"] for line in (tmp_path / "straight" / "metrics.jsonl").read_text().splitlines()
+              if '"loss"' in line]
+    assert losses[-1] < losses[0]
+    with interrupted_at_step(3, optimizer=bnb.optim.AdamW8bit):
+        train_run(run_config(tiny_model_dir, qa_file, tmp_path / "resumed", *base))
+    checkpoint = max((tmp_path / "resumed" / "checkpoints").iterdir())
+    tensors = {}
+    for file in checkpoint.glob("*.safetensors"):
+        tensors.update(load_file(file))
+    moments = [t for key, t in tensors.items() if key.startswith("optimizer/") and key.endswith("/state1")]
+    assert moments and any(t.dtype == torch.uint8 for t in moments)
+    resumed = train_run(run_config(tiny_model_dir, qa_file, tmp_path / "resumed", *base), resume=True)
+    assert resumed["final_train_loss"] == pytest.approx(straight["final_train_loss"], rel=1e-5)
+    assert resumed["final_eval_loss"] == pytest.approx(straight["final_eval_loss"], rel=1e-5)
+
+    params = [torch.empty(64, 64), torch.empty(10)]
+    assert optimizer_state_bytes(params, "adamw_8bit") == 2 * 4096 + 8 * 16 + 80  # small tensors stay float32
+    assert optimizer_state_bytes(params, "adamw") == 8 * 4106
+    estimate = straight["memory_estimate"]["optimizer_mb"]
+    trainable = sum(p.numel() for p in load_file(tmp_path / "straight" / "model.safetensors").values())
+    assert estimate < 0.5 * 8 * trainable / 2**20

@@ -135,6 +135,12 @@ class TrainConfig(Strict):
     grad_accum: int = Field(1, ge=1)
     lr: float = Field(2e-4, gt=0)
     weight_decay: float = Field(0.0, ge=0)
+    optimizer: Literal["adamw", "adamw_8bit", "paged_adamw_8bit"] = "adamw"
+    """adamw: PyTorch's AdamW (its fused kernel on CPU and CUDA). adamw_8bit: bitsandbytes' AdamW with both moments
+    kept in 8 bits (blockwise quantised; 2 bytes a parameter instead of 8, for tensors of 4096+ elements), for full
+    fine-tuning of models whose optimizer state would not fit; fast on CUDA, ~15x slower an update than the fused
+    kernel on CPU. paged_adamw_8bit: the same with its state in CUDA unified memory, paged out under memory
+    pressure (on CPU, adamw_8bit)."""
     scheduler: Literal["cosine", "linear", "constant"] = "cosine"
     warmup_ratio: float = Field(0.05, ge=0, lt=1)
     max_grad_norm: float | None = 1.0

@@ -240,14 +240,31 @@ def load_checkpoint(path: Path, model, optimizer, scheduler, objective=None, ran
 
 
 def _split_optimizer_state(saved: dict) -> tuple[dict[str, torch.Tensor], dict]:
-    """An optimiser's state_dict as tensors (for safetensors) and everything else (for JSON)."""
+    """An optimiser's state_dict as tensors (for safetensors) and everything else (for JSON). A slot may nest a
+    dict of tensors (bitsandbytes keeps its 8-bit state under one key): its tensors are named slot/key."""
     tensors: dict[str, torch.Tensor] = {}
     rest: dict[str, dict] = {}
+    seen: set[int] = set()
+
+    def own(tensor: torch.Tensor) -> torch.Tensor:
+        """A CPU copy safetensors accepts: bitsandbytes' quantisation maps are one tensor shared by every slot."""
+        tensor = tensor.detach().to("cpu").contiguous()
+        pointer = tensor.untyped_storage().data_ptr()
+        if pointer in seen:
+            return tensor.clone()
+        seen.add(pointer)
+        return tensor
+
     for index, slots in saved["state"].items():
         rest[str(index)] = {}
         for key, value in slots.items():
             if torch.is_tensor(value):
-                tensors[f"optimizer/{index}/{key}"] = value.detach().to("cpu").contiguous()
+                tensors[f"optimizer/{index}/{key}"] = own(value)
+            elif isinstance(value, dict):
+                rest[str(index)][key] = {k: v for k, v in value.items() if not torch.is_tensor(v)}
+                for inner, tensor in value.items():
+                    if torch.is_tensor(tensor):
+                        tensors[f"optimizer/{index}/{key}/{inner}"] = own(tensor)
             else:
                 rest[str(index)][key] = value
     return tensors, {"state": rest, "param_groups": saved["param_groups"]}
@@ -258,8 +275,11 @@ def _join_optimizer_state(tensors: dict[str, torch.Tensor], rest: dict, optimize
     state = {_param_key(index): dict(values) for index, values in rest["state"].items()}
     for key, value in tensors.items():
         if key.startswith("optimizer/"):
-            index, slot = key.removeprefix("optimizer/").rsplit("/", 1)
-            state[_param_key(index)][slot] = value
+            index, *path = key.removeprefix("optimizer/").split("/")
+            if len(path) == 1:
+                state[_param_key(index)][path[0]] = value
+            else:
+                state[_param_key(index)].setdefault(path[0], {})[path[1]] = value
     groups = []
     for saved, current in zip(rest["param_groups"], optimizer.param_groups, strict=False):
         groups.append({k: tuple(v) if isinstance(current.get(k), tuple) else v for k, v in saved.items()})
@@ -316,7 +336,7 @@ def check_same_data(checkpoint: Path, fingerprint: str) -> None:
         )
 
 
-RESUMED_SCHEDULE = ("lr", "weight_decay", "scheduler", "warmup_ratio")
+RESUMED_SCHEDULE = ("lr", "weight_decay", "scheduler", "warmup_ratio", "optimizer")
 """train keys whose values a checkpoint's optimizer and scheduler states restore over the config's."""
 
 

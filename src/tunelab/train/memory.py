@@ -2,7 +2,8 @@
 
 - What is resident now (libraries, the loaded and prepared model, the data) is read from the process
   (resident set size on CPU, allocated bytes on CUDA).
-- Gradients and AdamW's two moments are counted from the trainable parameters (float32 each).
+- Gradients (float32) and AdamW's two moments (float32, or 8-bit with train.optimizer=adamw_8bit) are counted
+  from the trainable parameters.
 - Activations are measured, not guessed: a forward pass on small probe batches, under the run's precision,
   attention path and objective, records the bytes autograd keeps for backward at three lengths. A fit
   `a + rows * (b*T + c*T^2)` (constant: cast weight copies; linear: per-token tensors; quadratic: attention
@@ -25,9 +26,9 @@ from tunelab.methods.fused_lora import cached_weight_storages
 from tunelab.models.logprobs import decoder_and_head, head_chunk_rows, hidden_states
 from tunelab.objectives.sft import sft_loss_sum
 from tunelab.train.precision import autocast
+from tunelab.train.schedule import optimizer_state_bytes
 
 _MB = 2**20
-_ADAM_STATES = 2
 
 
 @dataclass(frozen=True)
@@ -140,12 +141,13 @@ def estimate_peak_memory(
     pad_token_id: int,
     max_length: int,
     trained_fraction: float = 1.0,
+    optimizer: str = "adamw",
 ) -> MemoryEstimate:
     """Estimate the run's peak memory. `batch_shapes` are the (rows, padded length) of every micro-batch the
     plan will feed; the largest activation footprint among them sets the peak. `trained_fraction` is the share
     of tokens that carry loss: the output head runs only on those."""
     trainable = [p for p in model.parameters() if p.requires_grad]
-    trainable_bytes = sum(p.numel() * 4 for p in trainable)  # fp32 gradients and moments, whatever the weights
+    trainable_bytes = sum(p.numel() * 4 for p in trainable)  # fp32 gradients, whatever the weights
     top = max(16, min(max_length, max(length for _, length in batch_shapes)))
     lengths = [max(8, top // 4), max(12, top // 2), top]
     was_training = model.training
@@ -162,7 +164,7 @@ def estimate_peak_memory(
     activations += _head_backward_bytes(model, batch_shapes, fraction)
     return MemoryEstimate(
         resident_mb=resident_mb(device),
-        optimizer_mb=_ADAM_STATES * trainable_bytes / _MB,
+        optimizer_mb=optimizer_state_bytes(trainable, optimizer) / _MB,
         gradients_mb=trainable_bytes / _MB,
         activations_mb=max(activations, 0.0) / _MB,
     )

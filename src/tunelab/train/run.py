@@ -362,7 +362,7 @@ def _estimate_memory(ctx: LoopContext, data: PreparedData | PreparedPairs, token
     return estimate_peak_memory(
         ctx.model, shapes, packed=ctx.config.data.packing, precision=ctx.precision, device=ctx.device,
         pad_token_id=tokenizer.pad_token_id, max_length=ctx.config.data.max_length,
-        trained_fraction=float(data.stats["trainable_fraction"]),
+        trained_fraction=float(data.stats["trainable_fraction"]), optimizer=ctx.config.train.optimizer,
     )
 
 

@@ -1,4 +1,4 @@
-"""AdamW (LoRA+ groups too) and the learning-rate schedule: linear warm-up, then cosine, linear or constant."""
+"""AdamW (8-bit too; LoRA+ groups) and the learning-rate schedule: linear warm-up, then cosine, linear or constant."""
 
 from __future__ import annotations
 
@@ -37,8 +37,11 @@ def build_optimizer(model, config: TrainConfig, total_steps: int, b_lr_ratio: fl
                      "lr": config.lr * (b_lr_ratio if key[0] else 1.0)}
                     for key in sorted(groups)]  # (False, ...) first: train.lr's own groups
     params = [p for group in param_groups for p in group["params"]]
-    fused = fused_supported(params)
-    optimizer = torch.optim.AdamW(param_groups, lr=config.lr, betas=(0.9, 0.999), fused=fused)
+    if config.optimizer == "adamw":
+        fused = fused_supported(params)
+        optimizer = torch.optim.AdamW(param_groups, lr=config.lr, betas=(0.9, 0.999), fused=fused)
+    else:
+        optimizer, fused = _eight_bit_adamw(param_groups, config), True  # its kernels write in place too
     if fused:
         optimizer.register_step_post_hook(_count_the_update)
     warmup = round(total_steps * config.warmup_ratio)
@@ -46,6 +49,29 @@ def build_optimizer(model, config: TrainConfig, total_steps: int, b_lr_ratio: fl
         optimizer, lambda step: lr_factor(step, total_steps, warmup, config.scheduler)
     )
     return optimizer, scheduler
+
+
+def _eight_bit_adamw(param_groups: list[dict], config: TrainConfig) -> torch.optim.Optimizer:
+    """bitsandbytes' AdamW with 8-bit moments (paged on CUDA for paged_adamw_8bit; CPU has no paging)."""
+    import warnings
+
+    import bitsandbytes as bnb
+
+    paged = config.optimizer == "paged_adamw_8bit" and any(
+        p.device.type == "cuda" for group in param_groups for p in group["params"])
+    kind = bnb.optim.PagedAdamW8bit if paged else bnb.optim.AdamW8bit
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        return kind(param_groups, lr=config.lr, betas=(0.9, 0.999))
+
+
+def optimizer_state_bytes(params: list[torch.Tensor], optimizer: str) -> int:
+    """Bytes of AdamW's two moments for `params`: float32 each, or with an 8-bit optimizer one byte each plus a
+    float32 scale per block of 256 for tensors of 4096+ elements (bitsandbytes' min_8bit_size; smaller ones stay
+    float32)."""
+    if optimizer == "adamw":
+        return sum(8 * p.numel() for p in params)
+    return sum(2 * p.numel() + 8 * -(-p.numel() // 256) if p.numel() >= 4096 else 8 * p.numel() for p in params)
 
 
 def is_lora_b(name: str) -> bool:

@@ -44,6 +44,10 @@ def check_several_processes(config, ranks) -> None:
         return
     if config.train.distributed not in SHARDED:
         return
+    if config.train.optimizer != "adamw":
+        raise ConfigError(f"train.optimizer={config.train.optimizer} (bitsandbytes) cannot update sharded parameters; "
+                          "use train.optimizer=adamw (FSDP already splits its state across the processes) or "
+                          "train.distributed=ddp", where="train.optimizer")
     if config.objective.name == "grpo":
         raise ConfigError("GRPO cannot shard the model: each process samples its own prompts, and completions of "
                           "different lengths would break the processes' lock-step forwards; use train.distributed=ddp",
