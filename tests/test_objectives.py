@@ -44,6 +44,10 @@ def log_sigmoid(x: float) -> float:
     return -math.log1p(math.exp(-x))
 
 
+def sigmoid(x: float) -> float:
+    return 1 / (1 + math.exp(-x))
+
+
 def pairs(p: PairLogps) -> list[tuple[float, float, int, int]]:
     return list(zip(p.chosen.tolist(), p.rejected.tolist(), p.chosen_tokens.tolist(), p.rejected_tokens.tolist(),
                     strict=True))
@@ -52,7 +56,10 @@ def pairs(p: PairLogps) -> list[tuple[float, float, int, int]]:
 def expected_dpo(loss_type: str, beta: float, smoothing: float, sft_weight: float = 0.0) -> list[float]:
     out = []
     for (pc, pr, nc, nr), (rc, rr, _, _) in zip(pairs(LOGPS), pairs(REFERENCE), strict=True):
-        margin = pc / nc - rc / nc - (pr / nr - rr / nr) if loss_type == "ipo" else pc - rc - (pr - rr)
+        averaged = loss_type in ("ipo", "sigmoid_norm")
+        chosen, rejected = ((pc - rc) / nc, (pr - rr) / nr) if averaged else (pc - rc, pr - rr)
+        margin = chosen - rejected
+        z, c, r = beta * margin, beta * chosen, beta * rejected
         if loss_type == "sigmoid":
             loss = -(1 - smoothing) * log_sigmoid(beta * margin) - smoothing * log_sigmoid(-beta * margin)
         elif loss_type == "robust":
@@ -60,18 +67,41 @@ def expected_dpo(loss_type: str, beta: float, smoothing: float, sft_weight: floa
                 1 - 2 * smoothing)
         elif loss_type == "hinge":
             loss = max(0.0, 1 - beta * margin)
-        else:
+        elif loss_type == "ipo":
             loss = (margin - 1 / (2 * beta)) ** 2
+        elif loss_type == "sigmoid_norm":
+            loss = -log_sigmoid(z)
+        elif loss_type == "exo_pair":  # KL between the pair's softmax and (1 - eps, eps)
+            q = 1 / (1 + math.exp(-z))
+            loss = q * math.log(q / (1 - smoothing)) + (1 - q) * math.log((1 - q) / smoothing)
+        elif loss_type == "nca_pair":
+            loss = -log_sigmoid(c) - 0.5 * log_sigmoid(-c) - 0.5 * log_sigmoid(-r)
+        elif loss_type == "bco_pair":
+            loss = -log_sigmoid(c) - log_sigmoid(-r)
+        elif loss_type == "sppo_hard":
+            loss = (chosen - 1 / (2 * beta)) ** 2 + (rejected + 1 / (2 * beta)) ** 2
+        elif loss_type == "apo_zero":
+            loss = 1 - sigmoid(c) + sigmoid(r)
+        elif loss_type == "apo_down":
+            loss = sigmoid(c) + 1 - sigmoid(z)
+        else:  # discopop, tau 0.05
+            blend = sigmoid(z / 0.05)
+            loss = -log_sigmoid(z) * (1 - blend) + math.exp(-z) * blend
         out.append(loss - sft_weight * pc / nc)
     return out
 
 
-@pytest.mark.parametrize("loss_type", ["sigmoid", "robust", "hinge", "ipo"])
+DPO_LOSS_TYPES = ["sigmoid", "robust", "hinge", "ipo", "sigmoid_norm", "exo_pair", "nca_pair", "bco_pair", "sppo_hard",
+                  "apo_zero", "apo_down", "discopop"]
+
+
+@pytest.mark.parametrize("loss_type", DPO_LOSS_TYPES)
 def test_dpo_losses_equal_their_closed_forms(loss_type):
     config = DpoObjective(name="dpo", beta=0.2, loss_type=loss_type, label_smoothing=0.1, sft_weight=0.5)
     got = dpo_losses(LOGPS, REFERENCE, config)
     assert got.losses.tolist() == pytest.approx(expected_dpo(loss_type, 0.2, 0.1, 0.5), rel=1e-5)
-    divide = (LOGPS.chosen_tokens, LOGPS.rejected_tokens) if loss_type == "ipo" else (1, 1)
+    averaged = loss_type in ("ipo", "sigmoid_norm")
+    divide = (LOGPS.chosen_tokens, LOGPS.rejected_tokens) if averaged else (1, 1)
     assert got.chosen_rewards.tolist() == pytest.approx(
         (0.2 * (LOGPS.chosen - REFERENCE.chosen) / divide[0]).tolist(), rel=1e-5)
     assert got.rejected_rewards.tolist() == pytest.approx(
@@ -80,7 +110,7 @@ def test_dpo_losses_equal_their_closed_forms(loss_type):
 
 def test_every_dpo_loss_type_is_its_own_loss():
     values = {t: dpo_losses(LOGPS, REFERENCE, DpoObjective(name="dpo", loss_type=t, label_smoothing=0.1)).losses
-              for t in ("sigmoid", "robust", "hinge", "ipo")}
+              for t in DPO_LOSS_TYPES}
     for a in values:
         for b in values:
             if a < b:
@@ -316,6 +346,17 @@ def test_dpo_with_lora_turns_the_models_preference_and_logs_trls_names(tiny_mode
 
     with pytest.raises(ConfigError, match="holds preference pairs; score them with --metrics preference_accuracy"):
         evaluate_model(str(out), data, ["loss", "exact_match"], options=GenerationOptions())
+
+
+@pytest.mark.parametrize("loss_type", ["apo_zero", "nca_pair"])
+def test_other_dpo_loss_types_learn_the_preference_in_a_run(tiny_model_dir, tmp_path, loss_type):
+    data = write_jsonl(tmp_path / "pairs.jsonl", PAIRS)
+    summary = train_run(run_config(tiny_model_dir, data, tmp_path / loss_type, "objective.name=dpo",
+                                   f"objective.loss_type={loss_type}", "train.epochs=3", "train.lr=3e-3",
+                                   "eval.generate_samples=0"))
+    before, after = summary["eval_before"], summary["eval_after"]
+    assert after["eval_rewards/accuracies"] > 0.9 > before["eval_preference_accuracy"] + 0.5
+    assert after["eval_loss"] < before["eval_loss"]
 
 
 def test_dpo_with_full_fine_tuning_uses_a_precomputed_reference(tiny_model_dir, tmp_path):

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import Annotated, Literal
 
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from tunelab.config_base import Strict
 
@@ -29,14 +29,29 @@ class DpoObjective(Strict):
     name: Literal["dpo"]
     beta: float = Field(0.1, gt=0)
     """How far the policy may move from the reference (larger: closer to it)."""
-    loss_type: Literal["sigmoid", "ipo", "hinge", "robust"] = "sigmoid"
+    loss_type: Literal["sigmoid", "ipo", "hinge", "robust", "sigmoid_norm", "exo_pair", "nca_pair", "bco_pair",
+                       "sppo_hard", "apo_zero", "apo_down", "discopop"] = "sigmoid"
     """sigmoid: DPO's log-sigmoid; ipo: squared distance to 1/(2 beta), on per-token averaged log-probs; hinge:
-    SLiC's max(0, 1 - beta x margin); robust: conservative DPO, unbiased under label_smoothing flipped labels."""
+    SLiC's max(0, 1 - beta x margin); robust: conservative DPO, unbiased under label_smoothing flipped labels;
+    sigmoid_norm: sigmoid on per-token averaged log-probs; exo_pair: EXO (label_smoothing is its epsilon, > 0;
+    1e-3 in its paper); nca_pair and bco_pair: each reply's own log-ratio pushed up (chosen) or down (rejected);
+    sppo_hard: SPPO with hard labels; apo_zero / apo_down: APO for chosen replies better / worse than the
+    model's own; discopop: DiscoPOP's blend of log-sigmoid and exponential losses (discopop_tau; not convex: at
+    tau 0.05 it has a local minimum at beta x margin -0.1 behind a rise to +0.07, so from the reference, where the
+    margin is 0, it first moves towards the rejected reply). As TRL names them (objectives/dpo.py)."""
     label_smoothing: float = Field(0.0, ge=0, lt=0.5)
-    """Assumed fraction of pairs whose labels are flipped (sigmoid and robust)."""
+    """Assumed fraction of pairs whose labels are flipped (sigmoid and robust; exo_pair's epsilon)."""
+    discopop_tau: float = Field(0.05, gt=0)
+    """DiscoPOP's temperature of the blend (its paper's 0.05)."""
     sft_weight: float = Field(0.0, ge=0)
     """Adds this times the chosen reply's per-token cross-entropy to each pair's loss (RPO)."""
     reference: ReferenceMode = "auto"
+
+    @model_validator(mode="after")
+    def _exo_needs_epsilon(self) -> DpoObjective:
+        if self.loss_type == "exo_pair" and self.label_smoothing == 0:
+            raise ValueError("loss_type exo_pair needs label_smoothing > 0 (its epsilon; the EXO paper uses 1e-3)")
+        return self
 
 
 class OrpoObjective(Strict):
