@@ -10,7 +10,7 @@ from pathlib import Path
 import typer
 from rich.table import Table
 
-from tunelab.cli_common import console, errors, fail, quiet_libraries
+from tunelab.cli_common import check_output_file, check_output_folder, console, errors, fail, quiet_libraries
 from tunelab.cli_data import data_app
 from tunelab.cli_serve import COMPILE_HELP, COMPILING, LOOKUP_HELP, NOT_COMPILED, serve, ui
 from tunelab.errors import ConfigError, UserError
@@ -106,6 +106,7 @@ def generate(
 
     options = GenerationOptions(max_new_tokens, sample, temperature, top_p, batch_size, seed, lookup=lookup)
     try:
+        check_output_file(output, "--output")
         count = generate_file(model, input, output, options, system)
     except UserError as err:
         fail(err)
@@ -172,9 +173,12 @@ def merge(
 ) -> None:
     """Fold a run's adapter into its base model and save a plain model folder."""
     quiet_libraries()
+    from tunelab.infer.load import refuse_unfinished_run
     from tunelab.infer.merge import merge_adapter
 
     try:
+        refuse_unfinished_run(run)
+        check_output_folder(output, "--output")
         merge_adapter(run, output, overwrite=overwrite)
     except UserError as err:
         fail(err)
@@ -183,28 +187,32 @@ def merge(
 
 @app.command()
 def export(
-    model: str = typer.Argument(..., help="A run directory (its adapter is folded in), preset, folder or .gguf."),
-    format: str = typer.Option("gguf", "--format", help="gguf (llama.cpp, Ollama, LM Studio) or safetensors."),
-    quant: str = typer.Option("f16", help="GGUF type: f32, f16, bf16, q8_0, q6_k, q5_k_m, q4_k_m, q4_0; q3_k_m "
-                              "and q2_k with llama.cpp's llama-quantize on PATH."),
+    model: str = typer.Argument(..., help="A run directory (its adapter is folded in); for gguf also a preset, model "
+                                "folder or .gguf file."),
+    format: str = typer.Option("gguf", "--format", help="gguf (llama.cpp, Ollama, LM Studio) or safetensors (a "
+                               "run's adapter folded into its base, as `tunelab merge`)."),
+    quant: str | None = typer.Option(None, help="GGUF type: f32, f16 (default), bf16, q8_0, q6_k, q5_k_m, q4_k_m, "
+                                     "q4_0; q3_k_m and q2_k with llama.cpp's llama-quantize on PATH."),
     output: Path | None = typer.Option(None, "--output", "-o", help="File (gguf) or folder (safetensors); default: "
                                        "in the run directory."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing safetensors folder (a GGUF file "
+                                   "is always replaced)."),
 ) -> None:
     """Write a model for other tools and check it: the GGUF file is loaded back and compared with the source
     (next-token logits, greedy replies on held-out prompts); exit code 1 when the check fails."""
     quiet_libraries()
     try:
         if format == "safetensors":
-            from tunelab.infer.merge import merge_adapter
-
-            folder = merge_adapter(Path(model), output or Path(model) / "merged")
+            folder = _export_safetensors(Path(model), output, quant, overwrite)
             console.print(f"wrote {folder}")
             return
         if format != "gguf":
             raise ConfigError(f"unknown format '{format}'; gguf or safetensors", where="--format")
         from tunelab.infer.gguf_export import export_gguf
 
-        check = export_gguf(model, output, quant)
+        if output is not None:
+            check_output_file(output, "--output")
+        check = export_gguf(model, output, quant or "f16")
     except UserError as err:
         fail(err)
     for warning in check.warnings:
@@ -212,6 +220,29 @@ def export(
     console.print(f"wrote {check.file} ({check.size_mb:.1f} MB); {check.summary()} -> {check.file}.check.json")
     if not check.passed:
         raise typer.Exit(1)
+
+
+def _export_safetensors(run: Path, output: Path | None, quant: str | None, overwrite: bool) -> Path:
+    """`export --format safetensors`: `tunelab merge` into `output` (default RUN/merged), refusing what only a
+    GGUF export takes (a quantisation, a model that is not a run) in export's own words."""
+    from tunelab.infer.load import is_run_dir, refuse_unfinished_run
+    from tunelab.infer.merge import merge_adapter
+
+    if quant is not None:
+        raise ConfigError(f"{quant} is a GGUF type; safetensors are written unquantised in full precision: leave "
+                          "--quant out, or use --format gguf", where="--quant")
+    refuse_unfinished_run(run)
+    if not (run.is_dir() and is_run_dir(run)):
+        raise ConfigError(f"{run} is not a tunelab run directory: safetensors export folds a run's adapter into its "
+                          "base; a preset, model folder or .gguf file exports only as gguf", where="--format")
+    output = output or run / "merged"
+    check_output_folder(output, "--output")
+    try:
+        return merge_adapter(run, output, overwrite=overwrite)
+    except ConfigError as err:
+        if err.where != "merge":
+            raise
+        raise ConfigError(err.message, where="export --format safetensors") from None
 
 
 @app.command("eval")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import socket
+import tempfile
 from pathlib import Path
 
 import typer
@@ -54,9 +55,28 @@ def check_port(host: str, port: int) -> None:
 def check_output_file(path: Path, where: str) -> None:
     """Make the folder of an output file now, so a path that cannot be written fails before the work, naming the
     option."""
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-    except OSError as err:
-        raise ConfigError(f"cannot write {path}: {err.strerror or err}", where=where) from None
+    _check_writable_parent(path, where)
     if path.is_dir():
         raise ConfigError(f"{path} is a folder; give a file name", where=where)
+
+
+def check_output_folder(path: Path, where: str) -> None:
+    """check_output_file for an output that is a folder (a merged model): refuse a file in its place, or a place
+    that cannot be written, before the work."""
+    if path.exists() and not path.is_dir():
+        raise ConfigError(f"{path} is a file; give a folder name", where=where)
+    _check_writable_parent(path, where)
+
+
+def _check_writable_parent(path: Path, where: str) -> None:
+    """Make `path`'s folder and write a scratch file there: a parent that is a file, a read-only or virtual file
+    system (/proc) fail now, not after the work."""
+    blocking = next((above for above in path.parents if above.exists() and not above.is_dir()), None)
+    if blocking is not None:
+        raise ConfigError(f"cannot write {path}: {blocking} is a file, not a folder", where=where)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=path.parent, prefix=f".{path.name}.", suffix=".probe"):
+            pass
+    except OSError as err:
+        raise ConfigError(f"cannot write {path}: {err.strerror or err}", where=where) from None

@@ -43,6 +43,14 @@ def stop_token_ids(model, tokenizer) -> list[int]:
     return sorted(ids)
 
 
+def context_length(model) -> int | None:
+    """How many positions (prompt and reply) the model was built for: its config's max_position_embeddings, as
+    `tunelab serve` limits requests; None where the config does not say."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    positions = getattr(base.config, "max_position_embeddings", None)
+    return int(positions) if positions else None
+
+
 def encode_prompts(renderer: ChatRenderer, conversations: list[list[dict[str, str]]]):
     """The token ids generation feeds the model, padded on the tokenizer's padding side. The template check
     (data/template_check.py) compares training's tokens against this very encoding."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -31,12 +32,51 @@ def is_run_dir(path: Path) -> bool:
     )
 
 
+HOW_RUNS_STOPPED = {"interrupted": "interrupted", "failed": "stopped by an error", "died": "killed"}
+"""status.json's word for how a run ended, as the refusal of an unfinished run says it."""
+
+
+def refuse_unfinished_run(path: Path) -> None:
+    """Raise ModelError saying how to go on when `path` is a run directory whose training stopped (or is still
+    going) before its final weights were saved, so only checkpoints/ holds its progress: a plain "not a model"
+    would send the user looking in the wrong place."""
+    if not (path.is_dir() and (path / "config.yaml").is_file()) or is_run_dir(path):
+        return
+    from tunelab.train.checkpoint import latest_checkpoint
+    from tunelab.train.live import live_status
+
+    record = live_status(path) or {}
+    status = record.get("status") or _summary_status(path)
+    if status == "running":
+        raise ModelError(f"the run is still training (process {record.get('pid')}); its final weights are saved "
+                         "when it ends", where=str(path))
+    how = HOW_RUNS_STOPPED.get(status, "stopped")
+    checkpoint = latest_checkpoint(path)
+    config = path / "config.yaml"
+    if checkpoint is None:
+        raise ModelError(f"the run was {how} before its first checkpoint: there is no model to load; "
+                         f"`tunelab train {config} --overwrite` starts it again", where=str(path))
+    step = int(checkpoint.name.removeprefix("step-"))
+    raise ModelError(f"the run was {how} at step {step}, before its final weights were saved (checkpoints/"
+                     f"{checkpoint.name} holds its progress); `tunelab train {config} --resume` continues it",
+                     where=str(path))
+
+
+def _summary_status(run_dir: Path) -> str | None:
+    """summary.json's status, for runs written before status.json."""
+    try:
+        return json.loads((run_dir / "summary.json").read_text()).get("status")
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
 def load_for_inference(spec: str | Path, device: str | None = None) -> LoadedModel:
     """A run directory (adapter or full weights), or a preset / hub id / folder / .gguf file."""
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     path = Path(spec)
     if path.is_dir() and is_run_dir(path):
         return _load_run(path, device)
+    refuse_unfinished_run(path)
     model_path = resolve_model(str(spec))
     tokenizer = load_tokenizer(model_path)
     model = load_model(model_path, device=device)
