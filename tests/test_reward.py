@@ -128,13 +128,19 @@ def test_a_reward_model_learns_the_preference_and_transformers_scores_it_the_sam
         theirs = PeftModel.from_pretrained(base, out).eval()
     from tunelab.infer.load import load_for_inference
 
+    models = [theirs]
+    if method == "lora":  # `tunelab merge` keeps the score head: the merged folder scores alike
+        from tunelab.infer.merge import merge_adapter
+
+        models.append(AutoModelForSequenceClassification.from_pretrained(merge_adapter(out, tmp_path / "m")).eval())
     renderer = load_for_inference(out).renderer
     for row, got in zip(PAIRS[:4], scored[0::2], strict=True):
         pair = tokenize_pair(PreferencePair("r", [{"role": "user", "content": row["prompt"]}], row["chosen"], "x"),
                              renderer)
-        with torch.no_grad():
-            expected = float(theirs(input_ids=torch.tensor([pair.chosen.input_ids])).logits[0, 0])
-        assert got["score"] == pytest.approx(expected, abs=1e-4)
+        for model in models:
+            with torch.no_grad():
+                expected = float(model(input_ids=torch.tensor([pair.chosen.input_ids])).logits[0, 0])
+            assert got["score"] == pytest.approx(expected, abs=1e-4)
 
 
 def test_score_refuses_a_run_that_is_not_a_reward_model(tiny_model_dir, tmp_path):

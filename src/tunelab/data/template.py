@@ -25,6 +25,14 @@ FALLBACK_CHAT_TEMPLATE = (
     "{% endfor %}"
     "{% if add_generation_prompt %}{{ '### Assistant:\n' }}{% endif %}"
 )
+PLAIN_CHAT_TEMPLATE = (
+    "{% for message in messages %}"
+    "{% if message['role'] == 'assistant' %}{{ message['content'] + eos_token }}"
+    "{% else %}{{ message['content'] + '\n' }}{% endif %}"
+    "{% endfor %}"
+)
+"""data.chat_template: none (_render_plain) as a template, for merged models and GGUF files, which carry their
+prompt format as a template: other tools then prompt them as training did."""
 
 # Tokens that end an assistant turn in common templates; the one that follows a reply is trained.
 _END_OF_TURN_MARKERS = ("<|im_end|>", "<|eot_id|>", "<end_of_turn>", "<|end|>", "</s>", "<|endoftext|>")
@@ -66,6 +74,11 @@ class ChatRenderer:
         if not own:
             raise TemplateError("data.chat_template is 'tokenizer' but the tokenizer has no chat template")
         return own
+
+    @property
+    def portable_template(self) -> str:
+        """The template that renders as this renderer does, for a model saved to be read by other tools."""
+        return self.template if self.mode != "none" else PLAIN_CHAT_TEMPLATE
 
     def render(self, messages: list[dict[str, str]], *, add_generation_prompt: bool = False) -> str:
         template = self.template

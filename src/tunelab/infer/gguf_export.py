@@ -20,7 +20,6 @@ import hashlib
 import json
 import shutil
 import subprocess
-import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -31,6 +30,7 @@ from tunelab.errors import ConfigError, ModelError
 from tunelab.infer.gguf_kquants import FILE_TYPES, MIXES, quantize, tensor_type
 from tunelab.infer.gguf_llama_cpp import LlamaCppCheck, llama_cpp_check
 from tunelab.methods import METHODS
+from tunelab.models.resolve import gguf_alone
 
 DIRECT_QUANTS = ("f32", "f16", "bf16", "q8_0", "q4_0", *MIXES)
 """Written by tunelab itself (gguf's numpy quantisers; the k-quant mixes by gguf_kquants.py)."""
@@ -125,14 +125,14 @@ def export_gguf(spec: str, output: Path | None, quant: str = "f16", *, check_pro
     partial = output.with_name(output.name + ".partial")
     if quant in K_QUANTS:
         f16 = output.with_name(output.stem + ".f16.partial")
-        _write(model, tokenizer, renderer.template, f16, "f16", name, warnings)
+        _write(model, tokenizer, renderer.portable_template, f16, "f16", name, warnings)
         done = subprocess.run([quantize_tool, str(f16), str(partial), quant.upper()], capture_output=True, text=True)
         f16.unlink(missing_ok=True)
         if done.returncode != 0:
             partial.unlink(missing_ok=True)
             raise ModelError(f"llama-quantize failed: {done.stderr.strip()[-500:]}", where=str(output))
     else:
-        _write(model, tokenizer, renderer.template, partial, quant, name, warnings)
+        _write(model, tokenizer, renderer.portable_template, partial, quant, name, warnings)
     partial.replace(output)
     check = verify_gguf(output, model, renderer, quant, check_prompts or _held_out_prompts(run_dir), greedy_tokens)
     check.warnings = warnings
@@ -326,9 +326,7 @@ def verify_gguf(path: Path, source, renderer, quant: str, prompts: list[list[dic
 
     from tunelab.infer.generate import GenerationOptions, encode_prompts, generate_replies, stop_token_ids
 
-    with tempfile.TemporaryDirectory() as folder:  # the loader wants a folder; a link keeps the file in place
-        link = Path(folder) / path.name
-        link.symlink_to(path.resolve())
+    with gguf_alone(path) as folder:
         try:
             loaded = AutoModelForCausalLM.from_pretrained(folder, gguf_file=path.name, dtype=torch.float32,
                                                           use_kernels=False).eval()

