@@ -271,15 +271,21 @@ def eval_command(
 ) -> None:
     """Loss, perplexity and task metrics of MODEL on DATA, and/or lm-eval benchmark tasks, printed as JSON."""
     quiet_libraries()
-    from tunelab.eval.command import evaluate_model
+    from tunelab.eval.command import check_eval_inputs, evaluate_model
+    from tunelab.eval.recorded import result_json
     from tunelab.infer.generate import GenerationOptions
 
     names = [m.strip() for m in metrics.split(",") if m.strip()]
     options = GenerationOptions(max_new_tokens=max_new_tokens, batch_size=batch_size)
+    label_set = [x.strip() for x in labels.split(",") if x.strip()] if labels is not None else None
     results = []
     try:
         if data is None and tasks is None:
             raise UserError("say what to evaluate on: --data FILE, --tasks TASKS (lm-eval), or both", where="eval")
+        if data is not None and label_score not in ("sum", "mean"):
+            raise UserError("must be sum or mean", where="--label-score")
+        if data is not None and tasks is not None:  # the harness runs first: what --data needs is checked before it
+            check_eval_inputs(model, data, names, baseline=baseline, output=output, limit=limit, labels=label_set)
         if tasks is not None:
             from tunelab.eval.harness import evaluate_tasks, parse_tasks
 
@@ -287,14 +293,11 @@ def eval_command(
                                           limit=limit, num_fewshot=num_fewshot, batch_size=batch_size,
                                           output=output / "lm-eval" if output and data else output))
         if data is not None:
-            if label_score not in ("sum", "mean"):
-                raise UserError("must be sum or mean", where="--label-score")
-            label_set = [x.strip() for x in labels.split(",") if x.strip()] if labels is not None else None
             results.append(evaluate_model(model, data, names, options=options, limit=limit, output=output,
                                           baseline=baseline, labels=label_set, label_score=label_score))
     except UserError as err:
         fail(err)
-    print(json.dumps(results[0] if len(results) == 1 else results, indent=2))
+    print(result_json(results[0] if len(results) == 1 else results))
 
 
 @app.command("compare-methods")

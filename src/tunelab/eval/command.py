@@ -8,20 +8,23 @@ from pathlib import Path
 
 import torch
 
-from tunelab.config import DataConfig
+from tunelab.cli_common import check_output_file, check_output_folder
+from tunelab.config import DataConfig, load_config
 from tunelab.data.preference import data_kind, prepare_preference_data
-from tunelab.data.prepare import prepare_eval_file
+from tunelab.data.prepare import load_samples, prepare_eval_file, raise_problems
 from tunelab.data.template import ChatRenderer
 from tunelab.errors import ConfigError, UserError
 from tunelab.eval.evaluate import evaluate_loss, evaluate_task
 from tunelab.eval.labels import LABEL_METRICS, LabelScore, resolve_labels
-from tunelab.eval.metrics import METRICS, is_custom_metric
+from tunelab.eval.metrics import METRICS, check_custom_metrics, check_references, is_custom_metric
 from tunelab.eval.paired import bootstrap_difference, compare_replies
 from tunelab.eval.preference import pair_margins
-from tunelab.eval.recorded import record_evaluation
+from tunelab.eval.recorded import record_evaluation, result_json
 from tunelab.infer.generate import GenerationOptions
-from tunelab.infer.load import load_for_inference, load_generator
+from tunelab.infer.load import is_run_dir, load_for_inference, load_generator
 from tunelab.models.attention import MATMUL, training_attention
+from tunelab.models.logprobs import uses_virtual_tokens
+from tunelab.track.jsonl import finite_or_null
 from tunelab.train.precision import resolve_precision
 
 LOSS_METRICS = {"loss", "perplexity"}
@@ -31,11 +34,14 @@ difference: summed log-probabilities of each reply's tokens, or a reward model's
 
 
 def check_metric_names(names: list[str]) -> None:
+    """Refuse unknown metric names, custom metric files or functions that are missing, and mixes that cannot go
+    together, naming --metrics."""
     known_names = LOSS_METRICS | set(METRICS) | set(LABEL_METRICS) | PREFERENCE_METRICS
     unknown = [n for n in names if n not in known_names and not is_custom_metric(n)]
     if unknown:
         known = ", ".join(sorted(known_names)) + " or path/to/file.py:function"
         raise ConfigError(f"unknown metric(s) {', '.join(unknown)}; known: {known}", where="--metrics")
+    check_custom_metrics(names, "--metrics")
     if PREFERENCE_METRICS & set(names) and not set(names) <= PREFERENCE_METRICS:
         raise ConfigError("preference_accuracy and reward_margin score preference files and go alone; evaluate "
                           "other metrics in a second call", where="--metrics")
@@ -50,6 +56,71 @@ def _refuse_pairs_without_pair_metrics(data_path: Path) -> None:
     if kind == "preference":
         raise ConfigError(f"{data_path} holds preference pairs; score them with --metrics "
                           "preference_accuracy,reward_margin", where="--metrics")
+
+
+def check_eval_inputs(spec: str, data_path: Path, metrics: list[str], *, baseline: str | None = None,
+                      output: Path | None = None, limit: int | None = None, max_length: int = 1024,
+                      labels: list[str] | None = None) -> None:
+    """Refuse now, before any model is loaded, what evaluate_model would otherwise refuse after its work: unknown
+    or missing metrics, `--baseline base` without a run, data rows that cannot be read or scored, an output folder
+    that cannot be written."""
+    if labels is not None and "label_accuracy" not in metrics:
+        metrics = [*metrics, "label_accuracy"]
+    check_metric_names(metrics)
+    run_config = saved_run_config(spec)
+    if baseline == "base":
+        _check_base_baseline(run_config, pairs=bool(PREFERENCE_METRICS & set(metrics)))
+    if not PREFERENCE_METRICS & set(metrics):  # pairs are read with the model's tokenizer (evaluate_pairs)
+        _refuse_pairs_without_pair_metrics(data_path)
+        samples = _read_samples(data_path, _eval_data_config(data_path, max_length, run_config))
+        scored = samples[:limit] if limit else samples
+        check_references(metrics, [s.reference for s in scored], [s.where for s in scored])
+        if any(m in LABEL_METRICS for m in metrics):
+            resolve_labels(labels, [s.reference for s in samples], where="--labels")
+    if output is not None:
+        check_output_files(output, ["eval.json", "eval_samples.jsonl"])
+
+
+def check_output_files(output: Path, names: list[str]) -> None:
+    """Refuse an --output folder the evaluation's files cannot be written into, before the work."""
+    check_output_folder(output, "--output")
+    for name in names:
+        if (output / name).is_dir():
+            raise ConfigError(f"{output / name} is a folder; remove it or choose another folder", where="--output")
+        check_output_file(output / name, "--output")
+
+
+def saved_run_config(spec: str):
+    """The config of the tunelab run directory `spec` (RunConfig), or None when `spec` names another model."""
+    path = Path(str(spec))
+    return load_config(path / "config.yaml") if path.is_dir() and is_run_dir(path) else None
+
+
+def _check_base_baseline(run_config, *, pairs: bool) -> None:
+    """`--baseline base` needs a run to take the base model from, and a run whose base can score what is asked."""
+    if run_config is None:
+        raise ConfigError("--baseline base needs a tunelab run directory", where="--baseline")
+    if pairs and run_config.objective.name == "reward":
+        raise ConfigError("a reward model's base has no score head to compare with; its held-out accuracy "
+                          "before training is in the run's summary.json (eval_before)", where="--baseline")
+
+
+def _eval_data_config(data_path: Path, max_length: int, run_config) -> DataConfig:
+    """How an evaluation reads its data file: whole, truncated to `max_length`, with a run's template settings."""
+    data_config = DataConfig(train=data_path, eval_split=0, max_length=max_length, overlong="truncate")
+    if run_config is None:
+        return data_config
+    return data_config.model_copy(update={"chat_template": run_config.data.chat_template,
+                                          "train_on": run_config.data.train_on, "columns": run_config.data.columns})
+
+
+def _read_samples(data_path: Path, data_config: DataConfig) -> list:
+    """The samples with a reply of the evaluation file (DataError listing its invalid rows): what is scored."""
+    problems: list[str] = []
+    samples, *_ = load_samples(data_path, data_config.format, data_config.system_prompt, problems,
+                               columns=data_config.columns)
+    raise_problems(problems)
+    return [s for s in samples if s.messages]
 
 
 def evaluate_model(
@@ -73,18 +144,16 @@ def evaluate_model(
     references of the whole file, when there are at most 50."""
     if labels is not None and "label_accuracy" not in metrics:
         metrics = [*metrics, "label_accuracy"]
-    check_metric_names(metrics)
+    check_eval_inputs(spec, data_path, metrics, baseline=baseline, output=output, limit=limit, max_length=max_length,
+                      labels=labels)
     if PREFERENCE_METRICS & set(metrics):
         return _evaluate_pairs(spec, data_path, metrics, limit=limit, max_length=max_length, output=output,
                                baseline=baseline)
-    _refuse_pairs_without_pair_metrics(data_path)
     scoring = {"labels": labels, "label_score": label_score}
     result, samples, replies, run_config, classified = _score(spec, data_path, metrics, options, limit, max_length,
                                                               **scoring)
     if baseline is not None:
         if baseline == "base":
-            if run_config is None:
-                raise ConfigError("--baseline base needs a tunelab run directory", where="--baseline")
             baseline = run_config.model
         base_result, _, base_replies, _, base_classified = _score(baseline, data_path, metrics, options, limit,
                                                                   max_length, run_config=run_config, **scoring)
@@ -105,7 +174,7 @@ def evaluate_model(
             }
     if output is not None:
         output.mkdir(parents=True, exist_ok=True)
-        (output / "eval.json").write_text(json.dumps(result, indent=2))
+        (output / "eval.json").write_text(result_json(result))
         predicted = classified.predictions if classified is not None else []
         with open(output / "eval_samples.jsonl", "w") as handle:
             for i, sample in enumerate(samples):
@@ -113,7 +182,7 @@ def evaluate_model(
                           "reply": replies[i] if i < len(replies) else None}
                 if i < len(predicted):
                     record["label"] = predicted[i]
-                handle.write(json.dumps(record) + "\n")
+                handle.write(json.dumps(finite_or_null(record), allow_nan=False) + "\n")
     if run_config is not None and Path(str(spec)).is_dir():  # evidence about a run is kept with it
         record_evaluation(Path(str(spec)), result, metrics)
     return result
@@ -124,12 +193,7 @@ def _score(spec, data_path, metrics, options, limit, max_length, run_config=None
     template settings when a baseline is scored for a run, so both see identical prompts."""
     loaded = load_generator(spec)  # loss and generated replies need the output head a reward model lacks
     run_config = loaded.run_config or run_config
-    data_config = DataConfig(train=data_path, eval_split=0, max_length=max_length, overlong="truncate")
-    if run_config is not None:
-        data_config = data_config.model_copy(
-            update={"chat_template": run_config.data.chat_template, "train_on": run_config.data.train_on,
-                    "columns": run_config.data.columns}
-        )
+    data_config = _eval_data_config(data_path, max_length, run_config)
     tokenized, samples = prepare_eval_file(data_path, data_config, loaded.tokenizer)
     if any(m in LABEL_METRICS for m in metrics):
         labels = resolve_labels(labels, [s.reference for s in samples], where="--labels")
@@ -166,8 +230,9 @@ LOSS_BATCH_SIZE = 8
 def _padding_free_loss(model, tokenized, device: torch.device, precision: str) -> bool:
     """Whether the loss runs as a training run's held-out loss does where training would take the matmul
     attention path (CPU, llama-style models, rows short enough): padding-free batches holding their samples' shared
-    prefix once. The same loss as padded batches, from fewer tokens, and the number the run itself reported."""
-    if not tokenized:
+    prefix once. The same loss as padded batches, from fewer tokens, and the number the run itself reported. Prompt
+    and prefix tuning need padded rows, as in training: their virtual tokens go before each row."""
+    if not tokenized or uses_virtual_tokens(model):
         return False
     longest = max(len(sample.input_ids) for sample in tokenized)
     attention = training_attention("auto", device, precision, longest, model, LOSS_BATCH_SIZE)
@@ -180,11 +245,6 @@ def _evaluate_pairs(spec, data_path: Path, metrics: list[str], *, limit, max_len
     result, margins, run_config = _score_pairs(spec, data_path, metrics, limit, max_length)
     if baseline is not None:
         if baseline == "base":
-            if run_config is None:
-                raise ConfigError("--baseline base needs a tunelab run directory", where="--baseline")
-            if run_config.objective.name == "reward":
-                raise ConfigError("a reward model's base has no score head to compare with; its held-out accuracy "
-                                  "before training is in the run's summary.json (eval_before)", where="--baseline")
             baseline = run_config.model
         base_result, base_margins, _ = _score_pairs(baseline, data_path, metrics, limit, max_length, run_config)
         result["baseline"] = base_result
@@ -193,7 +253,7 @@ def _evaluate_pairs(spec, data_path: Path, metrics: list[str], *, limit, max_len
             name: bootstrap_difference(per_pair[name](margins), per_pair[name](base_margins)) for name in metrics}}
     if output is not None:
         output.mkdir(parents=True, exist_ok=True)
-        (output / "eval.json").write_text(json.dumps(result, indent=2))
+        (output / "eval.json").write_text(result_json(result))
     if run_config is not None and Path(str(spec)).is_dir():
         record_evaluation(Path(str(spec)), result, metrics)
     return result

@@ -22,6 +22,7 @@ from tunelab.data.prepare import PreparedData
 from tunelab.data.template import ChatRenderer
 from tunelab.eval.evaluate import evaluate_loss, evaluate_task
 from tunelab.eval.labels import LABEL_METRICS, resolve_labels
+from tunelab.eval.metrics import check_custom_metrics, check_references
 from tunelab.infer.generate import GenerationOptions
 
 LABEL_BATCH_SIZE = 16
@@ -52,6 +53,16 @@ class RunEvaluator:
         if any(m in LABEL_METRICS for m in self.config.eval.metrics) and self.data.eval_samples:
             references = [s.reference for s in self.data.eval_samples]
             self.labels = resolve_labels(self.config.eval.labels, references)
+        self._check_metrics()
+
+    def _check_metrics(self) -> None:
+        """Refuse, before training, eval.metrics that would fail on the samples they score: a custom metric whose
+        file or function is missing, a reference json_field_accuracy cannot read."""
+        scored = self.data.eval_samples[: max(self.config.eval.generate_samples, len(self.subset))]
+        if not scored:
+            return
+        check_custom_metrics(self.config.eval.metrics, "eval.metrics")
+        check_references(self.config.eval.metrics, [s.reference for s in scored], [s.where for s in scored])
 
     @property
     def subset(self) -> list[Sample]:

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import json
 import logging
 import math
 from dataclasses import dataclass
@@ -49,17 +48,20 @@ def evaluate_tasks(spec: str, tasks: list[str], *, baseline: str | None = None, 
     """lm-eval `tasks` on `spec` (and on `baseline`, `base` meaning a run's base model), as tunelab's evaluation
     result: `task/metric` numbers, the baseline's, and the paired differences with 95% intervals. A run directory
     keeps the result (RUN/evals/lm-eval-<tasks>.json) and its report shows it."""
-    from tunelab.eval.recorded import record_evaluation
-    from tunelab.infer.load import load_generator
+    from tunelab.eval.command import check_output_files
+    from tunelab.eval.recorded import record_evaluation, result_json
+    from tunelab.infer.load import is_run_dir, load_generator
 
+    if baseline == "base" and not (Path(str(spec)).is_dir() and is_run_dir(Path(str(spec)))):
+        raise ConfigError("--baseline base needs a tunelab run directory", where="--baseline")
+    if output is not None:
+        check_output_files(output, ["eval.json"])
     loaded = load_generator(spec)
     after = _run_harness(loaded.model, loaded.tokenizer, tasks, include_path, limit, num_fewshot, batch_size)
     result: dict = {"model": str(spec), "data": f"lm-eval:{','.join(tasks)}", "samples": after.documents,
                     "harness": _harness_settings(include_path, limit, num_fewshot), **after.metrics}
     if baseline is not None:
         if baseline == "base":
-            if loaded.run_config is None:
-                raise ConfigError("--baseline base needs a tunelab run directory", where="--baseline")
             baseline = loaded.run_config.model
         del loaded  # one model in memory at a time
         base = load_generator(baseline)
@@ -68,7 +70,7 @@ def evaluate_tasks(spec: str, tasks: list[str], *, baseline: str | None = None, 
         result["comparison"] = {"differences": paired_differences(after, before)}
     if output is not None:
         output.mkdir(parents=True, exist_ok=True)
-        (output / "eval.json").write_text(json.dumps(result, indent=2))
+        (output / "eval.json").write_text(result_json(result))
     if Path(str(spec)).is_dir() and (Path(str(spec)) / "config.yaml").is_file():
         record_evaluation(Path(str(spec)), result, ["lm-eval"])
     return result
@@ -121,7 +123,24 @@ def _run_harness(model, tokenizer, tasks: list[str], include_path: Path | None, 
                           f"({first_line(err)}); run it where the hub is reachable once (the datasets cache keeps "
                           "it), or use a task whose data is local (dataset_path: json with data_files, in a YAML "
                           "under --include-path)", where="--tasks") from None
+    except FileNotFoundError as err:
+        raise ConfigError(f"a task's data file is missing ({first_line(err)}); lm-eval reads a task's data_files "
+                          f"relative to the current folder ({Path.cwd()}), not to the task's YAML: run from the "
+                          "folder they are relative to, or write absolute paths", where="--tasks") from None
+    except ValueError as err:
+        if not str(err).startswith("Sample larger than population"):  # random.sample: more shots than documents
+            raise
+        raise _too_many_shots(num_fewshot) from None
     return _collect(out)
+
+
+def _too_many_shots(num_fewshot: int | None) -> ConfigError:
+    """The error for few-shot examples the harness cannot draw: a task has fewer documents to draw them from."""
+    if num_fewshot is None:
+        return ConfigError("a task asks for more few-shot examples than it has documents to draw them from; set "
+                           "--num-fewshot lower", where="--tasks")
+    return ConfigError(f"{num_fewshot} few-shot examples are more than a task has documents to draw them from; "
+                       "choose fewer", where="--num-fewshot")
 
 
 @contextlib.contextmanager

@@ -6,23 +6,33 @@ sacrebleu and rouge-score so that numbers match what papers and leaderboards rep
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import re
 import unicodedata
 from collections.abc import Callable, Sequence
+from pathlib import Path
+from types import ModuleType
 from typing import Any
 
 import sacrebleu
+
+from tunelab.errors import ConfigError, DataError, UserError
 
 __all__ = [
     "LABEL_METRICS",
     "METRICS",
     "accuracy",
+    "add_scores",
     "bleu",
+    "check_custom_metrics",
+    "check_references",
     "chrf",
     "compute_metrics",
     "exact_match",
+    "field_hits",
     "json_field_accuracy",
+    "json_field_scores",
     "normalize_text",
     "per_sample_json_field_accuracy",
     "rouge",
@@ -93,7 +103,11 @@ def _same_value(predicted: Any, expected: Any) -> bool:
     return str(predicted).strip().lower() == str(expected).strip().lower()
 
 
-def _field_hits(prediction: str, reference: str) -> tuple[dict[str, Any] | None, dict[str, bool]]:
+FieldHits = tuple[dict[str, Any] | None, dict[str, bool]]
+"""One sample's parsed prediction (None: no JSON object) and, per reference field, whether it got it right."""
+
+
+def field_hits(prediction: str, reference: str) -> FieldHits:
     """Returns the parsed prediction and, per reference field, whether the prediction got it right."""
     try:
         expected = json.loads(reference)
@@ -114,7 +128,7 @@ def per_sample_json_field_accuracy(prediction: str, reference: str) -> float:
 
     A reference with no fields scores 1.0; an unparseable prediction scores 0.0 otherwise.
     """
-    _, hits = _field_hits(prediction, reference)
+    _, hits = field_hits(prediction, reference)
     return sum(hits.values()) / len(hits) if hits else 1.0
 
 
@@ -127,11 +141,15 @@ def json_field_accuracy(predictions: Sequence[str], references: Sequence[str]) -
     Values compare after str().strip().lower(), so 5 equals "5"; None equals only None.
     """
     _check_pairs(predictions, references)
+    return json_field_scores([field_hits(p, r) for p, r in zip(predictions, references, strict=True)])
+
+
+def json_field_scores(samples: Sequence[FieldHits]) -> dict[str, float]:
+    """json_field_accuracy's scores from each sample's field hits: what a bootstrap re-aggregates per resample."""
     n_valid = n_all_right = 0
     correct: dict[str, int] = {}
     total: dict[str, int] = {}
-    for prediction, reference in zip(predictions, references, strict=True):
-        predicted, hits = _field_hits(prediction, reference)
+    for predicted, hits in samples:
         n_valid += predicted is not None
         n_all_right += all(hits.values())
         for key, hit in hits.items():
@@ -140,8 +158,8 @@ def json_field_accuracy(predictions: Sequence[str], references: Sequence[str]) -
     n_fields = sum(total.values())
     scores = {
         "field_accuracy": sum(correct.values()) / n_fields if n_fields else 1.0,
-        "json_valid": n_valid / len(predictions),
-        "exact_match": n_all_right / len(predictions),
+        "json_valid": n_valid / len(samples),
+        "exact_match": n_all_right / len(samples),
     }
     scores.update({f"field/{key}": correct[key] / total[key] for key in total})
     return scores
@@ -240,26 +258,112 @@ def is_custom_metric(name: str) -> bool:
     return path.endswith(".py") and bool(function)
 
 
-def load_custom_metric(name: str) -> MetricFn:
-    """The function `fn` of `file.py:fn`, called as fn(predictions, references) -> float or dict of floats."""
-    import importlib.util
-    from pathlib import Path
+_MODULES: dict[tuple[str, int], ModuleType] = {}
+"""Custom metric files already imported, by resolved path and modification time: a file is imported once per
+process (scoring every sample of a comparison alone must not reset its module state), again only once edited."""
 
+
+def _metric_module(path: Path, where: str) -> ModuleType:
+    """The module of a custom metric file, imported on first use; ConfigError when importing it fails."""
+    key = (str(path.resolve()), path.stat().st_mtime_ns)
+    if key not in _MODULES:
+        spec = importlib.util.spec_from_file_location(f"tunelab_metric_{path.stem}", path)
+        module = importlib.util.module_from_spec(spec)
+        try:
+            spec.loader.exec_module(module)
+        except Exception as err:  # noqa: BLE001 - a user's file: report whatever it raised
+            from tunelab.objectives.rewards import raised_at  # rewards reuse this module's JSON helpers
+
+            raise ConfigError(f"{path} could not be imported: {type(err).__name__}: {err}{raised_at(err)}",
+                              where=where) from None
+        _MODULES[key] = module
+    return _MODULES[key]
+
+
+def _custom_function(name: str, where: str) -> Callable:
+    """The function a `file.py:function` metric names; ConfigError when the file or the function is missing."""
     path, _, function = name.rpartition(":")
     if not Path(path).is_file():
-        raise ValueError(f"custom metric file {path} does not exist")
-    spec = importlib.util.spec_from_file_location(f"tunelab_metric_{Path(path).stem}", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    fn = getattr(module, function, None)
+        raise ConfigError(f"custom metric file {path} does not exist (a path relative to the current folder, "
+                          f"{Path.cwd()}, or an absolute one)", where=where)
+    fn = getattr(_metric_module(Path(path), where), function, None)
     if not callable(fn):
-        raise ValueError(f"{path} has no function '{function}'")
+        raise ConfigError(f"{path} has no function '{function}'", where=where)
+    return fn
+
+
+def check_custom_metrics(names: Sequence[str], where: str) -> None:
+    """Raise ConfigError, naming `where`, for a `file.py:function` metric whose file or function is missing:
+    before the generation it would otherwise follow."""
+    for name in names:
+        if is_custom_metric(name):
+            _custom_function(name, where)
+
+
+def _as_number(value: Any) -> float | None:
+    """`value` as a float, or None when it is not a number (a string, a list, None)."""
+    if isinstance(value, (str, bytes)):
+        return None
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        return None
+
+
+def _custom_scores(name: str, value: Any) -> dict[str, float]:
+    """A custom metric's return value as scores: a number (keyed by the function's name) or a dict of numbers."""
+    function = name.rpartition(":")[2]
+    scores = value if isinstance(value, dict) else {function: value}
+    numbers = {str(key): _as_number(item) for key, item in scores.items()}
+    wrong = [key for key, number in numbers.items() if number is None]
+    if wrong:
+        got = repr(scores[wrong[0]])[:60]
+        raise UserError(f"returned {got} for '{wrong[0]}'; a metric returns a number or a dict of numbers",
+                        where=f"metric '{name}'")
+    return numbers
+
+
+def load_custom_metric(name: str, where: str = "eval.metrics") -> MetricFn:
+    """The function `fn` of `file.py:fn`, called as fn(predictions, references) -> float or dict of floats.
+    What it raises, or a result that is not a number, becomes a UserError naming the metric."""
+    fn = _custom_function(name, where)
 
     def scored(predictions: Sequence[str], references: Sequence[str]) -> dict[str, float]:
-        value = fn(list(predictions), list(references))
-        return {k: float(v) for k, v in value.items()} if isinstance(value, dict) else {function: float(value)}
+        try:
+            value = fn(list(predictions), list(references))
+        except Exception as err:  # noqa: BLE001 - a user's function: report whatever it raised
+            from tunelab.objectives.rewards import raised_at  # rewards reuse this module's JSON helpers
+
+            raise UserError(f"raised {type(err).__name__}: {err}{raised_at(err)}", where=f"metric '{name}'") from None
+        return _custom_scores(name, value)
 
     return scored
+
+
+def check_references(names: Sequence[str], references: Sequence[str], wheres: Sequence[str]) -> None:
+    """Raise DataError naming the first row whose reference reply a metric in `names` cannot score:
+    json_field_accuracy compares fields, so each reference must be a JSON object."""
+    if "json_field_accuracy" not in names:
+        return
+    bad = [(where, ref) for where, ref in zip(wheres, references, strict=True) if not _is_json_object(ref)]
+    if bad:
+        where, reference = bad[0]
+        others = f" ({len(bad) - 1} more rows like it)" if len(bad) > 1 else ""
+        raise DataError(f"json_field_accuracy needs a JSON object as the reference reply, not {reference[:60]!r}"
+                        f"{others}; score these rows with another metric", where=where)
+
+
+def _is_json_object(text: str) -> bool:
+    try:
+        return isinstance(json.loads(text), dict)
+    except json.JSONDecodeError:
+        return False
+
+
+def add_scores(results: dict[str, float], name: str, scores: dict[str, float]) -> None:
+    """Add metric `name`'s scores to `results`; a key an earlier metric already gave becomes "<name>/<key>"."""
+    for key, value in scores.items():
+        results[f"{name}/{key}" if key in results else key] = value
 
 
 def compute_metrics(names: Sequence[str], predictions: Sequence[str], references: Sequence[str]) -> dict[str, float]:
@@ -274,6 +378,5 @@ def compute_metrics(names: Sequence[str], predictions: Sequence[str], references
     results: dict[str, float] = {}
     for name in dict.fromkeys(names):
         metric = METRICS[name] if name in METRICS else load_custom_metric(name)
-        for key, value in metric(predictions, references).items():
-            results[f"{name}/{key}" if key in results else key] = value
+        add_scores(results, name, metric(predictions, references))
     return results

@@ -2,19 +2,22 @@
 
 `tunelab eval RUN --data held_out.jsonl --baseline base` answers the question a run exists for: is the fine-tuned
 model better than the base model on data neither saw in training, and by how much. Those numbers are evidence
-about the run, so they are saved with it (RUN/evals/<data file name>-<metrics>.json, the command's JSON output) and
-report.html shows each evaluation: the baseline's value, the run's, the difference and its 95% paired-bootstrap
-interval (an interval that excludes 0 is a difference the held-out sample supports).
+about the run, so they are saved with it (RUN/evals/<data file name>-<metrics>.json, the command's JSON output; a
+second data file of the same name adds a hash of its path) and report.html shows each evaluation: the baseline's
+value, the run's, the difference and its 95% paired-bootstrap interval (an interval that excludes 0 is a difference
+the held-out sample supports).
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import re
 from pathlib import Path
 
 from tunelab.data.sources import source_name
+from tunelab.track.jsonl import finite_or_null
 
 EVALS_DIR = "evals"
 LOWER_IS_BETTER = {"loss", "perplexity"}
@@ -27,11 +30,57 @@ def record_evaluation(run_dir: Path, result: dict, metrics: list[str]) -> Path:
 
     folder = Path(run_dir) / EVALS_DIR
     folder.mkdir(exist_ok=True)
-    names = "-".join(re.sub(r"[^A-Za-z0-9_.]+", "_", Path(m).name if ":" in m else m) for m in metrics)
-    path = folder / f"{re.sub(r'[^A-Za-z0-9_.-]+', '_', source_name(result['data']))}-{names}.json"
-    path.write_text(json.dumps(result, indent=2))
+    path = record_path(folder, result["data"], metrics)
+    path.write_text(result_json(result))
     write_report(Path(run_dir))
     return path
+
+
+def record_path(folder: Path, data: str, metrics: list[str]) -> Path:
+    """Where the evaluation of `data` with `metrics` is kept: <data stem>-<metrics>.json, or, when that name holds
+    another data source's evaluation (a/test.jsonl and b/test.jsonl), <data stem>-<hash of its path>-<metrics>.json,
+    so that neither replaces the other."""
+    names = "-".join(_readable(Path(m).name if ":" in m else m) for m in metrics)
+    stem = _readable(source_name(data), keep="-")
+    plain = folder / f"{stem}-{names}.json"
+    if not plain.exists() or _same_source(_recorded_data(plain), data):
+        return plain
+    return folder / f"{stem}-{_source_digest(data)}-{names}.json"
+
+
+def _readable(name: str, keep: str = "") -> str:
+    """`name` as part of a file name: letters of any script, digits, `_`, `.` and `keep` kept, the rest `_`."""
+    return re.sub(rf"[^\w.{re.escape(keep)}]+", "_", name)
+
+
+def _source_key(data: str) -> str:
+    """What identifies a data source: a file's resolved path, or a dataset's (lm-eval tasks') name as given."""
+    path = Path(data)
+    return str(path.resolve()) if path.exists() else data
+
+
+def _same_source(recorded: str | None, data: str) -> bool:
+    return recorded is not None and _source_key(recorded) == _source_key(data)
+
+
+def _source_digest(data: str) -> str:
+    return hashlib.sha256(_source_key(data).encode()).hexdigest()[:8]
+
+
+def _recorded_data(path: Path) -> str | None:
+    """The `data` an evaluation record names (None when it cannot be read: then it is replaced)."""
+    try:
+        recorded = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    data = recorded.get("data") if isinstance(recorded, dict) else None
+    return data if isinstance(data, str) else None
+
+
+def result_json(result: dict | list[dict]) -> str:
+    """An evaluation result (or several) as JSON text; a NaN or infinite metric is written null (bare NaN is not
+    JSON)."""
+    return json.dumps(finite_or_null(result), indent=2, allow_nan=False)
 
 
 def read_evaluations(run_dir: Path) -> tuple[list[tuple[str, dict]], list[str]]:
