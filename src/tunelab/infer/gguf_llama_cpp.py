@@ -3,8 +3,8 @@
 transformers' GGUF loader rebuilds the tokenizer and chat template from the file with its own code, so it can
 agree with a file that llama.cpp reads differently (a pre-tokenizer name llama.cpp does not know stops it from
 loading the file at all). This check asks llama.cpp: does its tokenizer give the ids tunelab trained with, does
-the chat template in the metadata, rendered as llama-cpp-python renders it, give tunelab's prompt, and do its
-next-token logits and greedy replies match the source model's?
+the chat template in the metadata, rendered as llama-cpp-python renders it, give tunelab's prompt, and does it
+compute, over held-out prompts and the source's replies, what the source computes with the file's weights?
 
 llama.cpp runs in a child process (`python -m tunelab.infer.gguf_llama_cpp FOLDER`): some of its CPU kernels
 crash on some machines (its AMX matmul, llama.cpp#20824), and a crash must fail the check, not end the export.
@@ -25,6 +25,18 @@ from pathlib import Path
 
 import numpy as np
 
+READER_LIMIT = {"f32": 1e-3, "f16": 0.02, "bf16": 0.1, "q8_0": 0.2, "q6_k": 0.3, "q5_k_m": 0.3, "q4_k_m": 0.3,
+                "q4_0": 0.3, "q3_k_m": 0.4, "q2_k": 0.5}
+"""Largest relative logit error of llama.cpp's reading of the file against the source holding the file's dequantised
+weights (gguf_export.dequantised_source), by type: llama.cpp also rounds activations in its matmuls (to the weights'
+type for f16 and bf16, 8 bits for quantised ones), so this is not float rounding alone. Measured (2026-12-05,
+llama-cpp-python 0.3.36) on the default model's support-tickets LoRA run: f16 0.0021, bf16 0.018, q8_0 0.065, q6_k
+0.081, q5_k_m 0.082, q4_k_m 0.090, q4_0 0.075; on a random 256-wide model f32 0.0000, f16 0.0039, bf16 0.031, q8_0
+0.057, q6_k 0.135, q4_k_m 0.12."""
+NEAR_BEST_REQUIRED = 0.98
+"""As gguf_export's: the share of positions where llama.cpp, reading an unquantised file, picks one of the source's
+best tokens."""
+
 
 @dataclass
 class LlamaCppCheck:
@@ -34,8 +46,13 @@ class LlamaCppCheck:
     """Prompts the file's chat template (llama-cpp-python's Jinja renderer) writes exactly as tunelab's does."""
     same_tokens: int = 0
     """Prompts llama.cpp's tokenizer splits into exactly tunelab's token ids."""
+    reader_error: float = float("inf")
+    """Relative logit error against the source with the file's weights, teacher-forced over prompts and replies."""
+    reader_limit: float = 0.0
+    near_best: float = 0.0
+    """Share of positions where llama.cpp's top token is one of the source's best."""
     max_logit_difference: float = float("inf")
-    tolerance: float = 0.0
+    """Largest next-token logit difference after a prompt, against the source (for the record)."""
     same_next_token: int = 0
     same_greedy_reply: int = 0
     error: str | None = None
@@ -43,47 +60,65 @@ class LlamaCppCheck:
 
     def passed(self, exact: bool) -> bool:
         read_alike = self.same_prompt_text == self.same_tokens == self.prompts
-        replies = not exact or self.same_greedy_reply == self.prompts
-        return self.error is None and read_alike and self.max_logit_difference <= self.tolerance and replies
+        picks = not exact or self.near_best >= NEAR_BEST_REQUIRED
+        return self.error is None and read_alike and self.reader_error <= self.reader_limit and picks
 
     def summary(self) -> str:
         if self.error:
             return f"llama.cpp {self.version}: {self.error}"
         return (f"llama.cpp {self.version}: same prompt text {self.same_prompt_text}/{self.prompts}, same tokens "
-                f"{self.same_tokens}/{self.prompts}, largest logit difference {self.max_logit_difference:.3g} "
-                f"(tolerance {self.tolerance:g}), same greedy reply {self.same_greedy_reply}/{self.prompts}")
+                f"{self.same_tokens}/{self.prompts}, reads the file as tunelab does within {self.reader_error:.2g} "
+                f"(limit {self.reader_limit:g}), the source's best token at {100 * self.near_best:.1f}% of "
+                f"positions, same greedy reply {self.same_greedy_reply}/{self.prompts}")
 
 
-def llama_cpp_check(path: Path, renderer, prompts: list[list[dict]], expected_logits: list, replies: list[str],
-                    stop_ids: list[int], greedy_tokens: int, tolerance: float) -> LlamaCppCheck | None:
-    """Compare llama.cpp's reading of `path` with the source: `expected_logits` are the source's next-token logits
-    for each prompt, `replies` its greedy replies. None when llama-cpp-python is not installed."""
+def llama_cpp_check(path: Path, renderer, prompts: list[list[dict]], sequences: list[tuple[list[int], int]],
+                    expected: list, own: list, replies: list[str], stop_ids: list[int], greedy_tokens: int,
+                    quant: str) -> LlamaCppCheck | None:
+    """Compare llama.cpp's reading of `path` with the source: `sequences` are each prompt's ids followed by its
+    reply's and where the prompt ends (gguf_export.teacher_forced_sequences), `expected` the source's logits over
+    them, `own` the logits of the source holding the file's weights, `replies` the source's greedy replies. None
+    when llama-cpp-python is not installed."""
+    from tunelab.infer.gguf_export import LogitComparison
+
     if importlib.util.find_spec("llama_cpp") is None:
         return None
     tokenizer = renderer.tokenizer
     texts = [renderer.prompt(conversation) for conversation in prompts]
     ids = [tokenizer(text, add_special_tokens=False)["input_ids"] for text in texts]
     version = metadata.version("llama-cpp-python")
+    limit = READER_LIMIT.get(quant, 0.5)
     with tempfile.TemporaryDirectory(prefix="tunelab-llama-cpp-") as folder:
         request = {"model": str(Path(path).resolve()), "conversations": prompts, "texts": texts, "ids": ids,
-                   "stop_ids": list(stop_ids), "greedy_tokens": greedy_tokens}
+                   "sequences": [list(sequence) for sequence in sequences], "stop_ids": list(stop_ids),
+                   "greedy_tokens": greedy_tokens}
         (Path(folder) / "request.json").write_text(json.dumps(request))
         done = subprocess.run([sys.executable, "-m", "tunelab.infer.gguf_llama_cpp", folder], capture_output=True,
                               text=True, timeout=1800)
         if done.returncode != 0:
-            return LlamaCppCheck(version, len(prompts), tolerance=tolerance, error=_failure(done))
+            return LlamaCppCheck(version, len(prompts), reader_limit=limit, error=_failure(done))
         answer = json.loads((Path(folder) / "answer.json").read_text())
         logits = np.load(Path(folder) / "logits.npy")
-    check = LlamaCppCheck(version, len(prompts), max_logit_difference=0.0, tolerance=tolerance)
-    for index, (text, expected, reply) in enumerate(zip(texts, expected_logits, replies, strict=True)):
-        expected = expected.float().numpy()
+    compared, at = LogitComparison(), 0
+    for source, with_file_weights in zip(expected, own, strict=True):
+        count = source.shape[0]
+        compared.add(source, torch_tensor(logits[at:at + count]), with_file_weights)
+        at += count
+    check = LlamaCppCheck(version, len(prompts), reader_error=compared.reader_error(), reader_limit=limit,
+                          near_best=compared.near_best(), max_logit_difference=compared.worst_next,
+                          same_next_token=compared.same_next)
+    for index, (text, reply) in enumerate(zip(texts, replies, strict=True)):
         check.same_prompt_text += int(answer["texts"][index] == text)
         check.same_tokens += int(answer["tokens"][index] == ids[index])
-        check.max_logit_difference = max(check.max_logit_difference, float(np.abs(logits[index] - expected).max()))
-        check.same_next_token += int(logits[index].argmax() == expected.argmax())
         got = tokenizer.decode(answer["greedy"][index], skip_special_tokens=True).strip()
         check.same_greedy_reply += int(got == reply)
     return check
+
+
+def torch_tensor(array: np.ndarray):
+    import torch
+
+    return torch.from_numpy(np.ascontiguousarray(array, dtype=np.float32))
 
 
 def _failure(done: subprocess.CompletedProcess) -> str:
@@ -114,15 +149,18 @@ def _answer(folder: Path) -> None:
     formatter = Jinja2ChatFormatter(template=template, eos_token=_token_text(llm, llm.token_eos()),
                                     bos_token=_token_text(llm, llm.token_bos()))
     texts, tokens, greedy, logits = [], [], [], []
-    for conversation, text, ids in zip(request["conversations"], request["texts"], request["ids"], strict=True):
+    for conversation, text, ids, (sequence, start) in zip(request["conversations"], request["texts"], request["ids"],
+                                                          request["sequences"], strict=True):
         texts.append(formatter(messages=conversation).prompt)
         tokens.append(llm.tokenize(text.encode(), add_bos=False, special=True))
         llm.reset()
+        llm.eval(sequence)  # teacher-forced: the prompt and the source's reply
+        logits.append(np.array(llm.scores[start:len(sequence)], dtype=np.float32))
+        llm.reset()
         llm.eval(ids)
         last = np.array(llm.scores[llm.n_tokens - 1], dtype=np.float32)
-        logits.append(last)
         greedy.append(_greedy(llm, last, set(request["stop_ids"]), request["greedy_tokens"]))
-    np.save(folder / "logits.npy", np.stack(logits))
+    np.save(folder / "logits.npy", np.concatenate(logits))
     (folder / "answer.json").write_text(json.dumps({"texts": texts, "tokens": tokens, "greedy": greedy}))
 
 
