@@ -4,6 +4,9 @@ Uses `MlflowClient`, not the fluent `mlflow.start_run`, so a caller's own active
 touched. MLflow 3 keeps its file store behind MLFLOW_ALLOW_FILE_STORE (it recommends sqlite, which needs
 the full `mlflow` package); tunelab opts in for the file store it was asked to write, and `mlflow ui`
 needs the same variable to read it.
+
+MLflow cannot delete metric points, so a resumed run does not log again the steps MLflow already holds (those an
+interrupted or crashed attempt logged past its checkpoint): each step keeps one point, as TensorBoard's purge gives.
 """
 
 from __future__ import annotations
@@ -46,9 +49,12 @@ class MlflowTracker:
             os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")
         self.client = MlflowClient(tracking_uri=uri)
         self.uri = uri
+        self.logged_through: int | None = None
+        """The last step MLflow already holds for this run: steps up to it are not logged again."""
         if resumed_at is not None and saved.get("run_id"):
             self.run_id = saved["run_id"]
             self.client.update_run(self.run_id, status="RUNNING")
+            self.logged_through = self._last_logged_step()
             return
         experiment = self.client.get_experiment_by_name(config.track.project)
         experiment_id = experiment.experiment_id if experiment else self.client.create_experiment(config.track.project)
@@ -62,7 +68,16 @@ class MlflowTracker:
         for start in range(0, len(params), BATCH):
             self.client.log_batch(self.run_id, params=params[start : start + BATCH])
 
-    def log(self, step: int, scalars: dict[str, float], prefix: str = "") -> None:
+    def _last_logged_step(self) -> int | None:
+        keys = [key for key in self.client.get_run(self.run_id).data.metrics if not key.startswith("summary/")]
+        return max((point.step for key in keys for point in self.client.get_metric_history(self.run_id, key)),
+                   default=None)
+
+    def log(self, step: int, scalars: dict[str, float]) -> None:
+        if self.logged_through is None or step > self.logged_through:
+            self._log_batch(step, scalars)
+
+    def _log_batch(self, step: int, scalars: dict[str, float], prefix: str = "") -> None:
         now = int(time.time() * 1000)
         metrics = [Metric(f"{prefix}{key}", value, now, step) for key, value in scalars.items()]
         for start in range(0, len(metrics), 10 * BATCH):
@@ -70,7 +85,7 @@ class MlflowTracker:
 
     def close(self, status: str, summary: dict[str, float], last_step: int) -> None:
         try:
-            self.log(last_step, summary, prefix="summary/")
+            self._log_batch(last_step, summary, prefix="summary/")
             self.client.set_tag(self.run_id, "tunelab.status", status)
         finally:
             self.client.set_terminated(self.run_id, RunStatus.to_string(RUN_STATUS.get(status, RunStatus.FAILED)))

@@ -336,6 +336,34 @@ def check_same_data(checkpoint: Path, fingerprint: str) -> None:
         )
 
 
+def checkpoint_step(checkpoint: Path) -> int:
+    """The step a checkpoint was saved at (read without loading it)."""
+    return int(json.loads((checkpoint / "state.json").read_text()).get("step", 0))
+
+
+def check_same_schedule(checkpoint: Path, total_steps: int, train) -> None:
+    """Refuse to resume with a step budget (train.max_steps, or train.epochs) that ends before the checkpoint, or
+    that changes the learning-rate schedule the checkpoint's scheduler continues: its warmup and decay are
+    fractions of the run's total steps, so the steps already trained would have followed one schedule and the rest
+    another. Only a constant rate without warmup is free to run longer or shorter. Checkpoints written before
+    tunelab recorded the total are checked against their step alone."""
+    saved = json.loads((checkpoint / "state.json").read_text())
+    step = int(saved.get("step", 0))
+    key = "train.max_steps" if train.max_steps else "train.epochs"
+    budget = f"train.max_steps {train.max_steps}" if train.max_steps else \
+        f"train.epochs {train.epochs:g} ({total_steps} steps)"
+    if total_steps < step:
+        raise ConfigError(f"--resume continues {checkpoint.name}, saved at step {step}, but {budget} ends before "
+                          f"it; give train.max_steps above {step}, or use the run's weights as they are", where=key)
+    planned = saved.get("extra", {}).get("total_steps")
+    length_free = train.scheduler == "constant" and train.warmup_ratio == 0
+    if planned and planned != total_steps and not length_free:
+        raise ConfigError(f"--resume continues the {train.scheduler} learning-rate schedule of {planned} steps that "
+                          f"{checkpoint.name} holds; {budget} would switch to another schedule at step {step + 1}; "
+                          f"restore the run's {planned} steps (train.max_steps={planned}), or start a new run from "
+                          "its weights", where=key)
+
+
 RESUMED_SCHEDULE = ("lr", "weight_decay", "scheduler", "warmup_ratio", "optimizer")
 """train keys whose values a checkpoint's optimizer and scheduler states restore over the config's."""
 

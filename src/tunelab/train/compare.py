@@ -6,6 +6,9 @@ others' results standing. Every method runs at its recommended learning rate (th
 method on the bundled data, see methods.RECOMMENDED_LR) unless the config's is asked for: one shared rate
 would favour whichever method it happens to suit. The base model is evaluated once, by the first method's
 run, and its numbers stand as the baseline of every row.
+
+Ctrl-C reaches the method training at that moment as it would reach it alone: it stops at its step boundary and
+saves a checkpoint; then the tables of the methods so far are written and the command exits 130.
 """
 
 from __future__ import annotations
@@ -13,11 +16,15 @@ from __future__ import annotations
 import csv
 import json
 import shutil
+import signal
 import subprocess
 import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
+
+from pydantic import ValidationError
+from rich.console import Console
 
 from tunelab.config import METHOD_CLASSES, RunConfig, dump_config
 from tunelab.errors import ConfigError
@@ -71,8 +78,19 @@ def plan_runs(base: RunConfig, methods: list[str], output: Path, *, lr_from_conf
         tree = base.model_dump(mode="json")
         tree.update(method=method, output_dir=str(output / name))
         tree["train"]["lr"] = lr
-        runs.append(MethodRun(name, RunConfig.model_validate(tree), lr))
+        runs.append(MethodRun(name, _method_config(name, tree), lr))
     return runs
+
+
+def _method_config(name: str, tree: dict) -> RunConfig:
+    """The validated config of one method's run; a ConfigError naming the method when the shared settings do not
+    suit it (data.packing with prompt tuning ...), before any method trains."""
+    try:
+        return RunConfig.model_validate(tree)
+    except ValidationError as err:
+        reasons = "; ".join(problem["msg"].removeprefix("Value error, ") for problem in err.errors())
+        raise ConfigError(f"{name} cannot train with this config: {reasons}; leave it out of --methods or change "
+                          "the setting", where="--methods") from None
 
 
 def compare_methods(
@@ -91,37 +109,74 @@ def compare_methods(
         baseline = next((r for r in rows if r.get("base_eval_loss") is not None), None)
         if baseline is not None:  # the base model was measured once; later runs skip it
             run = MethodRun(run.method, _without_baseline(run.config), run.lr)
-        row = _train_one(run, output)
+        row, interrupted = _train_one(run, output)
         if baseline is not None:
             row.update(base_eval_loss=baseline["base_eval_loss"], metric_before=baseline["metric_before"])
         rows.append(row)
         write_tables(rows, output, base)
         on_result(row)
+        if interrupted:
+            _say_interrupted(run, output)
+            raise KeyboardInterrupt
     return rows
+
+
+def _say_interrupted(run: MethodRun, output: Path) -> None:
+    """Where an interrupted comparison left things (the CLI then exits 130)."""
+    logs = output / "logs"
+    Console(stderr=True).print(
+        f"[yellow]interrupted while training {run.method}: {logs / run.method}.log says what it saved, and "
+        f"`tunelab train {logs / run.method}.yaml --resume` continues it; {output}/compare.md holds the methods "
+        "trained before it and this one as interrupted[/]", highlight=False, soft_wrap=True)
 
 
 def _without_baseline(config: RunConfig) -> RunConfig:
     return config.model_copy(update={"eval": config.eval.model_copy(update={"before_after": False})})
 
 
-def _train_one(run: MethodRun, output: Path) -> dict:
+def _train_one(run: MethodRun, output: Path) -> tuple[dict, bool]:
+    """The method's table row, and whether Ctrl-C interrupted its training."""
     config_file = output / "logs" / f"{run.method}.yaml"
     config_file.write_text(dump_config(run.config))
     log_file = output / "logs" / f"{run.method}.log"
     started = time.perf_counter()
     with open(log_file, "w") as log:
-        code = subprocess.call([sys.executable, "-m", "tunelab", "train", str(config_file), "--overwrite"],
-                               stdout=log, stderr=subprocess.STDOUT)
+        child = subprocess.Popen([sys.executable, "-m", "tunelab", "train", str(config_file), "--overwrite"],
+                                 stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        code, interrupted = _wait_passing_on_ctrl_c(child)
     wall = time.perf_counter() - started
     summary_file = run.config.output_dir / "summary.json"
     summary = json.loads(summary_file.read_text()) if summary_file.is_file() else {}
-    return _row(run, summary, code, wall, log_file)
+    return _row(run, summary, code, wall, log_file, interrupted), interrupted
 
 
-def _row(run: MethodRun, summary: dict, code: int, wall: float, log_file: Path) -> dict:
-    metric = next(iter(summary.get("metrics_after") or {}), None)
+def _wait_passing_on_ctrl_c(child: subprocess.Popen) -> tuple[int, bool]:
+    """The child's exit code, and whether Ctrl-C came meanwhile. The child runs in its own session, so a terminal's
+    Ctrl-C reaches only this process, which passes each one on exactly once: the first lets the training stop at
+    its next step boundary and save its checkpoint, a second stops it at once (as when it runs alone)."""
+    interrupted = False
+    try:
+        while True:
+            try:
+                return child.wait(), interrupted
+            except KeyboardInterrupt:
+                interrupted = True
+                child.send_signal(signal.SIGINT)
+    finally:
+        if child.poll() is None:  # only an error of this process's own leaves it running
+            child.kill()
+
+
+def _row(run: MethodRun, summary: dict, code: int, wall: float, log_file: Path, interrupted: bool = False) -> dict:
+    # The task metric's name from whichever evaluation measured it: a failed last evaluation leaves no "after".
+    metric = next(iter(summary.get("metrics_after") or summary.get("metrics_before") or {}), None)
     total = summary.get("total_parameters") or 0
-    status = summary.get("status", "failed") if code == 0 else f"failed (exit {code}, see {log_file.name})"
+    if code == 0:
+        status = summary.get("status", "failed")
+    elif interrupted:
+        status = f"interrupted (at step {summary.get('steps', 0)}, see {log_file.name})"
+    else:
+        status = f"failed (exit {code}, see {log_file.name})"
     return {
         "method": run.method,
         "status": status,

@@ -3,7 +3,6 @@ evaluate the base model, train, evaluate again, save the run directory."""
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import random
@@ -37,11 +36,14 @@ from tunelab.objectives import build_objective, rows_per_item
 from tunelab.objectives.reference import precompute_reference
 from tunelab.objectives.reward import make_head_trainable
 from tunelab.track.fanout import NullLog, RunLog, check_trackers
+from tunelab.track.jsonl import MetricsLog
 from tunelab.train import sharding
 from tunelab.train.checkpoint import (
     TrainerState,
     check_same_data,
     check_same_parameters,
+    check_same_schedule,
+    checkpoint_step,
     data_order_fingerprint,
     incomplete_checkpoints,
     latest_checkpoint,
@@ -62,7 +64,13 @@ from tunelab.train.run_dir import check_not_training, check_output_dir
 from tunelab.train.schedule import build_optimizer
 from tunelab.train.step_profile import step_profiler
 from tunelab.train.stop import StopOnSignal, StopRequested, TerminateAsInterrupt
-from tunelab.train.summary import print_outcome, report_data, write_summary
+from tunelab.train.summary import (
+    base_measurement,
+    check_best_metric_is_logged,
+    print_outcome,
+    report_data,
+    write_summary,
+)
 
 
 def seed_everything(seed: int) -> None:
@@ -79,6 +87,7 @@ def train_run(
     `on_batches(step, micro_batches)` sees the sample ids of every finished step (see LoopContext)."""
     ranks = launched_ranks()
     console = RunConsole(console or Console(quiet=True)) if ranks.is_main else Console(quiet=True)
+    folder_existed = config.output_dir.is_dir()
     if not dry_run:
         check_output_dir(config.output_dir, resume=resume, overwrite=overwrite)
         if resume:
@@ -93,7 +102,7 @@ def train_run(
     device = start(ranks) if ranks.distributed else _training_device()
     refuse_what_the_device_cannot_run(config, device)
     log = RunLog(config.output_dir / "metrics.jsonl", console) if ranks.is_main else NullLog()
-    status, error = "failed", None
+    status, error, refused = "failed", None, False
     try:
         with TerminateAsInterrupt():
             summary = _train(config, log, ranks, device, resume=resume, overwrite=overwrite, console=console,
@@ -106,16 +115,32 @@ def train_run(
         status = "interrupted"
         raise
     except Exception as err:
-        error = f"{type(err).__name__}: {err}" if not isinstance(err, UserError) else str(err)
+        refused = isinstance(err, UserError)
+        error = str(err) if refused else f"{type(err).__name__}: {err}"
         raise
     finally:
         log.close(status)
-        if ranks.is_main and (read_status(config.output_dir) or {}).get("pid") == os.getpid():
+        wrote_folder = ranks.is_main and (read_status(config.output_dir) or {}).get("pid") == os.getpid()
+        if wrote_folder:
             mark_ended(config.output_dir, status, error)
         if isinstance(console, RunConsole):
             if error:
                 console.to_log_only(f"failed: {error}")
             console.detach()
+        if wrote_folder and refused and not resume:
+            _remove_untrained_run(config.output_dir, folder_existed)
+
+
+def _remove_untrained_run(run_dir: Path, keep_folder: bool) -> None:
+    """Remove what a fresh run wrote when a user error stopped it before it trained a step (a tracker that cannot
+    start, a setting the base model's evaluation refutes): the message says what to fix, and the corrected rerun
+    then finds the folder free, not "already holds files". A run that trained keeps its files."""
+    trained = any(record.get("step", 0) > 0 for record in MetricsLog(run_dir / "metrics.jsonl").read())
+    if trained or latest_checkpoint(run_dir) is not None:
+        return
+    shutil.rmtree(run_dir, ignore_errors=True)
+    if keep_folder:
+        run_dir.mkdir(parents=True, exist_ok=True)
 
 
 def _train(config: RunConfig, log: RunLog, ranks: Ranks, device: torch.device, *, resume: bool,
@@ -177,6 +202,9 @@ def _train(config: RunConfig, log: RunLog, ranks: Ranks, device: torch.device, *
         ctx.on_batches = on_batches
     steps_per_epoch = math.ceil(len(epoch_plan(ctx, 0).batches) / config.train.grad_accum)
     ctx.total_steps = config.train.max_steps or max(1, math.ceil(config.train.epochs * steps_per_epoch))
+    checkpoint = latest_checkpoint(run_dir) if resume else None
+    if checkpoint is not None:
+        check_same_schedule(checkpoint, ctx.total_steps, config.train)
     # The attention budget counts what a micro-batch really holds: both sequences of a pair, and rows no longer
     # than the longest the data has (packed rows fill max_length).
     sequences_per_batch = config.train.batch_size * rows_per_item(objective, model)
@@ -234,36 +262,28 @@ def _train(config: RunConfig, log: RunLog, ranks: Ranks, device: torch.device, *
     if hasattr(objective, "prepare"):  # before a checkpoint loads: the starting weights
         objective.prepare(model)
 
-    state = TrainerState(extra={"data_fingerprint": data_order})
-    baseline_file = run_dir / "baseline.json"
-    if resume:
-        checkpoint = latest_checkpoint(run_dir)
+    resumed_at = checkpoint_step(checkpoint) if checkpoint is not None else None
+    if checkpoint is not None:
+        log.truncate_after(resumed_at)
+    else:
+        log.clear()
+    log.start(config, resumed_at=resumed_at)
+    # Before a checkpoint loads: these are the base model's numbers.
+    baseline = base_measurement(config, run_dir, lambda: run_model(lambda: _measure(evaluate, gen_samples, evaluate())),
+                                console, measures=ranks.is_main or sharded, writes=ranks.is_main, resume=resume)
+    if not resume and "eval_loss" in baseline:
+        log.write({"step": 0, **{k: v for k, v in baseline.items() if k.startswith("eval_")}})
+    check_best_metric_is_logged(config.train.best_metric, baseline)
+
+    state = TrainerState(extra={"data_fingerprint": data_order, "total_steps": ctx.total_steps})
+    if checkpoint is not None:
         for path, why in incomplete_checkpoints(run_dir):
             console.print(f"[yellow]ignoring {path}: {why}[/]")
         state = load_checkpoint(checkpoint, model, ctx.optimizer, ctx.scheduler, objective, ranks.rank,
                                 sharded_root=ctx.loss_module if sharded else None)
         state.extra.setdefault("data_fingerprint", data_order)
-        log.truncate_after(state.step)
+        state.extra["total_steps"] = ctx.total_steps  # check_same_schedule let only a length-free schedule change
         console.print(f"resuming from {checkpoint} (step {state.step} of {ctx.total_steps})")
-    else:
-        log.clear()
-    log.start(config, resumed_at=state.step if resume else None)
-    baseline = {}
-    if baseline_file.exists():
-        baseline = json.loads(baseline_file.read_text())
-    elif ranks.is_main or sharded:  # the main process evaluates (with a sharded model, all do) and writes
-        if config.eval.before_after:
-            console.print("evaluating the base model ...")
-            try:
-                baseline = run_model(lambda: _measure(evaluate, gen_samples, evaluate()))
-            except KeyboardInterrupt:
-                console.print("[yellow]interrupted while evaluating the base model, before the first step: nothing "
-                              "trained or saved; start again with --overwrite[/]")
-                raise
-        if ranks.is_main:
-            baseline_file.write_text(json.dumps(baseline, indent=2))
-    if not resume and "eval_loss" in baseline:
-        log.write({"step": 0, **{k: v for k, v in baseline.items() if k.startswith("eval_")}})
 
     progress = TrainingProgress(console, ctx.total_steps, state.step)
     ctx.on_step = progress.update

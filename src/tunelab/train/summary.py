@@ -1,16 +1,21 @@
-"""What a finished (or stopped) run reports: the data it read, summary.json, and the before/after table."""
+"""What a finished (or stopped) run reports: the data it read, the base model's numbers (baseline.json),
+summary.json, and the before/after table."""
 
 from __future__ import annotations
 
 import json
 import math
+from collections.abc import Callable
 from dataclasses import asdict
+from pathlib import Path
 
 from rich.console import Console
 
+from tunelab.config import RunConfig
 from tunelab.data.preference import PreparedPairs
 from tunelab.data.prepare import PreparedData
 from tunelab.data.prompts import PreparedPrompts
+from tunelab.errors import ConfigError
 from tunelab.eval.report import before_after_keys
 from tunelab.methods import has_frozen_base
 from tunelab.models.fused_ops import kernels_in_use
@@ -46,6 +51,88 @@ def report_data(console: Console, data: PreparedData | PreparedPairs | PreparedP
     extra = data.truncated_count + data.dropped_count - 5
     if extra > 0:
         console.print(f"[yellow]... and {extra} more over-long samples[/]")
+
+
+BASELINE_FILE = "baseline.json"
+MEASURED_WITH = "measured_with"
+"""baseline.json's record of the settings its numbers were measured with."""
+
+
+def baseline_settings(config: RunConfig) -> dict:
+    """What the base model's numbers depend on besides its weights: the eval settings (except how many replies the
+    console shows), the held-out data, the precision and the objective (its loss)."""
+    return {
+        "eval": config.eval.model_dump(mode="json", exclude={"show_samples"}),
+        "data": config.data.model_dump(mode="json", include={"eval", "eval_split", "max_length"}),
+        "train": {"precision": config.train.precision},
+        "objective": {"name": config.objective.name},
+    }
+
+
+def read_baseline(run_dir: Path, settings: dict) -> tuple[dict | None, list[str]]:
+    """baseline.json's numbers when they were measured with `settings` (or by a tunelab that did not record
+    them); else None and what changed since, as "key old -> new"."""
+    path = Path(run_dir) / BASELINE_FILE
+    if not path.is_file():
+        return None, []
+    baseline = json.loads(path.read_text())
+    measured_with = baseline.pop(MEASURED_WITH, None)
+    if measured_with is None or measured_with == settings:
+        return baseline, []
+    return None, _changed_settings(measured_with, settings)
+
+
+def write_baseline(run_dir: Path, baseline: dict, settings: dict) -> None:
+    (Path(run_dir) / BASELINE_FILE).write_text(json.dumps({**baseline, MEASURED_WITH: settings}, indent=2))
+
+
+def _changed_settings(before: dict, now: dict, prefix: str = "") -> list[str]:
+    changed = []
+    for key in sorted(set(before) | set(now)):
+        old, new = before.get(key), now.get(key)
+        if isinstance(old, dict) and isinstance(new, dict):
+            changed += _changed_settings(old, new, f"{prefix}{key}.")
+        elif old != new:
+            changed.append(f"{prefix}{key} {old} -> {new}")
+    return changed
+
+
+def base_measurement(config: RunConfig, run_dir: Path, evaluate_base: Callable[[], dict], console: Console, *,
+                     measures: bool, writes: bool, resume: bool) -> dict:
+    """The base model's numbers (empty with eval.before_after off): a resumed run reuses baseline.json unless the
+    settings that shape them changed since (then the fine-tuned numbers would be measured otherwise). The main
+    process measures (with a sharded model, every process) and writes the file; the others get {}."""
+    if not measures:
+        return {}
+    settings = baseline_settings(config)
+    baseline, changed = read_baseline(run_dir, settings) if resume else (None, [])
+    if baseline is not None:
+        return baseline
+    if changed:
+        console.print(f"[yellow]changed since the base model was measured ({', '.join(changed)}): measuring it "
+                      "again[/]")
+    baseline = {}
+    if config.eval.before_after:
+        console.print("evaluating the base model ...")
+        try:
+            baseline = evaluate_base()
+        except KeyboardInterrupt:
+            console.print("[yellow]interrupted while evaluating the base model: " + (
+                "the checkpoint is untouched; --resume measures it again[/]" if resume else
+                "before the first step, nothing trained or saved; start again with --overwrite[/]"))
+            raise
+    if writes:
+        write_baseline(run_dir, baseline, settings)
+    return baseline
+
+
+def check_best_metric_is_logged(metric: str, measured: dict) -> None:
+    """Refuse a train.best_metric the evaluations do not log, as soon as the base model's shows which they do,
+    not at the first evaluation after steps have run."""
+    logged = sorted(key for key in measured if key.startswith("eval_"))
+    if logged and metric not in logged:
+        raise ConfigError(f"{metric} is not among the evaluation's metrics; the base model's evaluation logged "
+                          f"{', '.join(logged)}", where="train.best_metric")
 
 
 def utilisation(model, config, state, precision, device) -> dict:
