@@ -91,3 +91,23 @@ def test_merging_into_the_run_or_from_a_damaged_run_is_refused(runs, tmp_path):
     with pytest.raises(ModelError, match="adapter_model.safetensors"):
         merge_adapter(copy, tmp_path / "out2")
     assert not (tmp_path / "out").exists() and not (tmp_path / "out2").exists()
+
+
+def test_a_damaged_samples_file_or_a_failed_write_leaves_a_clear_result(runs, tmp_path, monkeypatch):
+    from tunelab.infer import gguf_export
+
+    copy_ = tmp_path / "copy"
+    shutil.copytree(runs["tunelab"], copy_)
+    with open(copy_ / "samples.jsonl", "a") as samples:
+        samples.write('{"prompt": [{"role": "user", "conte\n')
+    check = gguf_export.export_gguf(str(copy_), tmp_path / "ok.gguf", "f32")
+    assert check.passed and check.prompts == 2 and any("1 line(s)" in w for w in check.warnings), check.warnings
+
+    def full_disk(model, tokenizer, template, path, *args):
+        path.write_bytes(b"GGUF" + b"\0" * 100)
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(gguf_export, "_write", full_disk)
+    with pytest.raises(ModelError, match="No space left"):
+        gguf_export.export_gguf(str(copy_), tmp_path / "full.gguf", "f16")
+    assert not list(tmp_path.glob("full.gguf*"))

@@ -158,19 +158,25 @@ def export_gguf(spec: str, output: Path | None, quant: str = "f16", *, check_pro
     output = Path(output) if output else (run_dir or Path.cwd()) / f"{name}-{quant}.gguf"
     output.parent.mkdir(parents=True, exist_ok=True)
     warnings: list[str] = []
+    prompts = check_prompts or _held_out_prompts(run_dir, warnings=warnings)  # before writing: a bad file fails first
     partial = output.with_name(output.name + ".partial")
-    if quant in K_QUANTS:
-        f16 = output.with_name(output.stem + ".f16.partial")
-        _write(model, tokenizer, renderer.portable_template, f16, "f16", name, warnings)
-        done = subprocess.run([quantize_tool, str(f16), str(partial), quant.upper()], capture_output=True, text=True)
+    f16 = output.with_name(output.stem + ".f16.partial")
+    try:  # nothing half-written is left: a full disk or a failed llama-quantize removes the scratch files
+        if quant in K_QUANTS:
+            _write(model, tokenizer, renderer.portable_template, f16, "f16", name, warnings)
+            done = subprocess.run([quantize_tool, str(f16), str(partial), quant.upper()], capture_output=True,
+                                  text=True)
+            if done.returncode != 0:
+                raise ModelError(f"llama-quantize failed: {done.stderr.strip()[-500:]}", where=str(output))
+        else:
+            _write(model, tokenizer, renderer.portable_template, partial, quant, name, warnings)
+        partial.replace(output)
+    except OSError as err:
+        raise ModelError(f"cannot write it: {err.strerror or err}", where=str(output)) from None
+    finally:
+        partial.unlink(missing_ok=True)
         f16.unlink(missing_ok=True)
-        if done.returncode != 0:
-            partial.unlink(missing_ok=True)
-            raise ModelError(f"llama-quantize failed: {done.stderr.strip()[-500:]}", where=str(output))
-    else:
-        _write(model, tokenizer, renderer.portable_template, partial, quant, name, warnings)
-    partial.replace(output)
-    check = verify_gguf(output, model, renderer, quant, check_prompts or _held_out_prompts(run_dir), greedy_tokens)
+    check = verify_gguf(output, model, renderer, quant, prompts, greedy_tokens)
     check.warnings = warnings
     Path(f"{output}.check.json").write_text(json.dumps({**asdict(check), "passed": check.passed}, indent=1))
     return check
@@ -195,7 +201,7 @@ def _source(spec: str):
         raise ConfigError(f"{spec} has no language-model head to export", where=str(spec))
     model = model.float().eval()
     run_dir = path if path.is_dir() and is_run_dir(path) else None
-    name = path.resolve().name if run_dir else Path(str(spec)).name
+    name = path.resolve().name if run_dir else Path(str(spec)).name.removesuffix(".gguf")
     return model, loaded.tokenizer, loaded.renderer, name, run_dir
 
 
@@ -493,13 +499,32 @@ def dequantised_source(path: Path, source) -> tuple[torch.nn.Module, float, str]
     return own.eval(), worst[0], worst[1]
 
 
-def _held_out_prompts(run_dir: Path | None, count: int = 8) -> list[list[dict]]:
-    """The run's held-out prompts (samples.jsonl), else a few fixed ones."""
-    if run_dir is not None and (run_dir / "samples.jsonl").is_file():
-        rows = [json.loads(line) for line in (run_dir / "samples.jsonl").read_text().splitlines()[:count]]
-        prompts = [row["prompt"] for row in rows if isinstance(row.get("prompt"), list)]
+def _held_out_prompts(run_dir: Path | None, count: int = 8, warnings: list[str] | None = None) -> list[list[dict]]:
+    """The run's held-out prompts (samples.jsonl; lines that are not a sample with a prompt are skipped, said in
+    `warnings`), else a few fixed ones."""
+    path = run_dir / "samples.jsonl" if run_dir is not None else None
+    if path is not None and path.is_file():
+        prompts, skipped = [], 0
+        for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
+            try:
+                prompt = json.loads(line).get("prompt")
+            except (json.JSONDecodeError, AttributeError):
+                prompt = None
+            if _is_conversation(prompt):
+                prompts.append(prompt)
+            else:
+                skipped += 1
+            if len(prompts) == count:
+                break
+        if skipped and warnings is not None:
+            warnings.append(f"{path}: {skipped} line(s) without a readable prompt skipped for the check")
         if prompts:
             return prompts
     questions = ["What is the capital of France?", "Write a haiku about the sea.", "List three prime numbers.",
                  "Explain what a GPU is in one sentence."]
     return [[{"role": "user", "content": q}] for q in questions]
+
+
+def _is_conversation(value) -> bool:
+    return isinstance(value, list) and bool(value) and all(
+        isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str) for m in value)
