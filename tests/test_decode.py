@@ -254,3 +254,21 @@ def test_a_sliding_window_model_decodes_prompts_of_any_length_together_as_genera
         expected = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=12, do_sample=False,
                                   eos_token_id=0, pad_token_id=0)[0, len(prompt):].tolist()
         assert tokens == (expected[:expected.index(0) + 1] if 0 in expected else expected)
+
+
+def test_a_sampled_reply_does_not_depend_on_the_batch_it_decodes_in(tiny_model_dir):
+    """Each completion draws from its own generator (seed, index): alone, in batches of 2 or 8, the same tokens."""
+    from transformers import AutoModelForCausalLM
+
+    from tunelab.infer.decode import Sampling
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
+    generator = torch.Generator().manual_seed(5)
+    prompts = [torch.randint(3, 90, (n,), generator=generator).tolist() for n in (4, 9, 6, 12, 5, 7)]
+    sampling = Sampling(temperature=1.0, top_p=0.9, seed=11)
+    runs = [decode(model, prompts, max_new_tokens=10, stop_ids=[2], pad_id=0, sampling=sampling, batch_size=size,
+                   lookup=False).tokens for size in (1, 2, 8)]
+    assert runs[0] == runs[1] == runs[2]
+    other_seed = decode(model, prompts, max_new_tokens=10, stop_ids=[2], pad_id=0, batch_size=8, lookup=False,
+                        sampling=Sampling(temperature=1.0, top_p=0.9, seed=12)).tokens
+    assert other_seed != runs[0]

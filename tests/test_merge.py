@@ -111,3 +111,21 @@ def test_a_damaged_samples_file_or_a_failed_write_leaves_a_clear_result(runs, tm
     with pytest.raises(ModelError, match="No space left"):
         gguf_export.export_gguf(str(copy_), tmp_path / "full.gguf", "f16")
     assert not list(tmp_path.glob("full.gguf*"))
+
+
+def test_a_full_runs_folder_as_the_next_models_prompts_as_the_run_trained(runs, tiny_model_dir, tmp_path):
+    """SFT with full fine-tuning, then DPO or GRPO with `model:` that run: its folder is read as a plain model, so
+    its tokenizer must carry the template the run trained with (here tunelab's, not the tokenizer's own)."""
+    from tunelab.models.load import load_tokenizer
+    from tunelab.models.resolve import resolve_model
+
+    data = runs["tunelab"].parent / "qa.jsonl"
+    out = tmp_path / "full"
+    train_run(load_config(None, [f"model={tiny_model_dir}", f"data.train={data}", "data.eval_split=0.25",
+                                 f"output_dir={out}", "data.chat_template=tunelab", "method.name=full",
+                                 "train.max_steps=2", "train.precision=fp32", "eval.generate_samples=0",
+                                 "eval.before_after=false"]))
+    trained = ChatRenderer(load_tokenizer(tiny_model_dir), "tunelab")
+    following = ChatRenderer(load_tokenizer(resolve_model(str(out))), "auto")
+    assert following.prompt(CONVERSATION) == trained.prompt(CONVERSATION)
+    assert following.render(CONVERSATION) == trained.render(CONVERSATION)

@@ -11,8 +11,9 @@ time. Here:
 - a row that produced a stop token leaves the batch (its KV-cache rows are dropped once enough rows finished),
   so the rest run on a smaller batch;
 - the prompt is run once per prompt and its cache repeated for `repeats` completions (GRPO's groups);
-- greedy is an argmax, sampling is Gumbel-max over temperature/top_p-shaped logits from a seeded generator (an
-  exact draw without torch.multinomial's CPU cost, and the same draws on resume).
+- greedy is an argmax, sampling is Gumbel-max over temperature/top_p-shaped logits (an exact draw without
+  torch.multinomial's CPU cost), each completion drawing from its own generator seeded by the seed and its index:
+  the same draws on resume, and a reply that does not depend on the batch size or what else decodes beside it.
 Llama-family models run models/lean_decoder.py's forward (the same computation without transformers' per-layer
 machinery); others, and PEFT models, run their own. Models whose PEFT forward adds virtual tokens (prompt and
 prefix tuning) go through `generate` instead.
@@ -52,6 +53,27 @@ class Sampling:
     seed: int = 0
 
 
+class RowNoise:
+    """A generator per completion, seeded from the sampling seed and the completion's index: `decode`'s rows draw
+    their Gumbel noise each from its own, so a sampled reply is the same whether its prompt decodes alone (a batch
+    of one, or `stream`) or beside others, in any batch size."""
+
+    def __init__(self, seed: int, device: torch.device) -> None:
+        self.seed, self.device = seed, device
+        self.generators: dict[int, torch.Generator] = {}
+
+    def generator(self, row: int) -> torch.Generator:
+        if row not in self.generators:
+            mixed = (self.seed * 6364136223846793005 + row * 1442695040888963407 + 1) % 2**63
+            self.generators[row] = torch.Generator(device=self.device).manual_seed(mixed)
+        return self.generators[row]
+
+    def uniform(self, rows: list[int], vocabulary: int) -> torch.Tensor:
+        """[len(rows), vocabulary] uniform draws, row i from completion rows[i]'s generator."""
+        return torch.stack([torch.rand(vocabulary, generator=self.generator(row), device=self.device,
+                                       dtype=torch.float32) for row in rows])
+
+
 @dataclass
 class Decoded:
     tokens: list[list[int]]
@@ -69,20 +91,19 @@ def decode(model, prompts: list[list[int]], *, max_new_tokens: int, stop_ids: li
     n = len(prompts)
     tokens: list[list[int]] = [[] for _ in range(n * repeats)]
     truncated = [True] * (n * repeats)
-    generator = None
-    if sampling is not None:
-        generator = torch.Generator(device=_device(model)).manual_seed(sampling.seed)
+    noise = RowNoise(sampling.seed, _device(model)) if sampling is not None else None
     history = History() if lookup else None
     for batch in _batches_by_length(prompts, batch_size):
         if len(batch) == 1 and repeats == 1:  # one row: lookup decoding (see _single_row)
+            generator = noise.generator(batch[0]) if noise is not None else None
             new = list(_single_row(model, prompts[batch[0]], max_new_tokens, set(stop_ids), sampling, generator,
                                    history))
             tokens[batch[0]], truncated[batch[0]] = new, new[-1] not in stop_ids
             continue
+        rows = [batch[slot // repeats] * repeats + slot % repeats for slot in range(len(batch) * repeats)]
         done = _decode_batch(model, [prompts[i] for i in batch], max_new_tokens, set(stop_ids), pad_id, sampling,
-                             generator, repeats)
-        for slot, (new, cut) in enumerate(zip(*done, strict=True)):
-            row = batch[slot // repeats] * repeats + slot % repeats
+                             noise, repeats, rows)
+        for row, new, cut in zip(rows, *done, strict=True):
             tokens[row], truncated[row] = new, cut
     return Decoded(tokens, truncated)
 
@@ -94,9 +115,7 @@ def stream(model, prompt: list[int], *, max_new_tokens: int, stop_ids: list[int]
     prompt (the same prefill, cache and picks, so a greedy stream is decode's reply), for chat. With `lookup`
     each pass also checks tokens drafted from the prompt and reply (infer/lookup.py), where the model's cache can
     forget the drafts it rejects (drafts_possible)."""
-    generator = None
-    if sampling is not None:
-        generator = torch.Generator(device=_device(model)).manual_seed(sampling.seed)
+    generator = RowNoise(sampling.seed, _device(model)).generator(0) if sampling is not None else None
     yield from _single_row(model, prompt, max_new_tokens, set(stop_ids), sampling, generator,
                            History() if lookup else None)
 
@@ -169,8 +188,9 @@ def _device(model) -> torch.device:
 
 
 def _decode_batch(model, prompts: list[list[int]], max_new_tokens: int, stops: set[int], pad_id: int,
-                  sampling: Sampling | None, generator: torch.Generator | None,
-                  repeats: int) -> tuple[list[list[int]], list[bool]]:
+                  sampling: Sampling | None, noise: RowNoise | None, repeats: int,
+                  row_ids: list[int]) -> tuple[list[list[int]], list[bool]]:
+    """Decode a batch; `row_ids` are the completions' indices in the whole decode (whose noise each row draws)."""
     device = _device(model)
     logits, cache, prompt_mask, positions = prefill(model, prompts, pad_id, max_new_tokens)
     forward = decoding_forward(model)
@@ -185,7 +205,8 @@ def _decode_batch(model, prompts: list[list[int]], max_new_tokens: int, stops: s
     alive = list(range(rows))  # the batch's rows, in the order the cache holds them
     next_position = positions[:, -1] + 1
     for step in range(max_new_tokens):
-        token = _pick(logits, sampling, generator)
+        uniform = noise.uniform([row_ids[row] for row in alive], logits.shape[-1]) if noise is not None else None
+        token = _pick(logits, sampling, None, uniform)
         for row, value in zip(alive, token.tolist(), strict=True):
             if finished[row]:
                 continue
@@ -312,18 +333,20 @@ def _shared_prefix_length(prompts: list[list[int]]) -> int:
     return length if length >= MIN_SHARED_PREFIX else 0
 
 
-def _pick(logits: torch.Tensor, sampling: Sampling | None, generator: torch.Generator | None) -> torch.Tensor:
+def _pick(logits: torch.Tensor, sampling: Sampling | None, generator: torch.Generator | None,
+          uniform: torch.Tensor | None = None) -> torch.Tensor:
     """The next token of every row: argmax, or a Gumbel-max draw (see pick_scores)."""
     if sampling is None:
         # max's indices are argmax's (the first of equal maxima) at a third of its time on CPU: 0.8 against 2.1 ms
         # over [64, 49152] float32 logits (Xeon with AMX)
         return logits.float().max(dim=-1).indices
-    return pick_scores(logits, sampling, generator).max(dim=-1).indices
+    return pick_scores(logits, sampling, generator, uniform).max(dim=-1).indices
 
 
-def pick_scores(logits: torch.Tensor, sampling: Sampling, generator: torch.Generator | None) -> torch.Tensor:
+def pick_scores(logits: torch.Tensor, sampling: Sampling, generator: torch.Generator | None,
+                uniform: torch.Tensor | None = None) -> torch.Tensor:
     """Scores whose argmax is a draw from softmax(logits / temperature) restricted to the top_p nucleus: the
-    shaped logits plus standard Gumbel noise."""
+    shaped logits plus standard Gumbel noise (from `uniform` draws when given, else drawn from `generator`)."""
     scores = logits.float() / sampling.temperature
     if sampling.top_p < 1.0:
         ordered, indices = scores.sort(dim=-1, descending=True)
@@ -331,5 +354,6 @@ def pick_scores(logits: torch.Tensor, sampling: Sampling, generator: torch.Gener
         # keep the smallest prefix whose mass reaches top_p (the token that crosses it included)
         outside = (cumulative - ordered.softmax(dim=-1)) >= sampling.top_p
         scores = scores.scatter(-1, indices, ordered.masked_fill(outside, float("-inf")))
-    uniform = torch.rand(scores.shape, generator=generator, device=scores.device, dtype=torch.float32)
+    if uniform is None:
+        uniform = torch.rand(scores.shape, generator=generator, device=scores.device, dtype=torch.float32)
     return scores - torch.log(-torch.log(uniform.clamp_(min=1e-20, max=1 - 1e-7)))

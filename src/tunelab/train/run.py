@@ -412,4 +412,11 @@ def _save_weights(model, tokenizer, run_dir: Path, method, config: RunConfig,
         model.save_pretrained(run_dir, safe_serialization=True, state_dict=whole_state)
     else:
         model.save_pretrained(run_dir, safe_serialization=True)
-    tokenizer.save_pretrained(run_dir)
+    # The template the run trained with travels in its tokenizer: a run used as the next stage's model (a full run's
+    # folder is read as it is) or read by other tools then prompts as training did.
+    own = tokenizer.chat_template
+    tokenizer.chat_template = ChatRenderer(tokenizer, config.data.chat_template).portable_template
+    try:
+        tokenizer.save_pretrained(run_dir)
+    finally:
+        tokenizer.chat_template = own
