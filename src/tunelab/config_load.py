@@ -184,30 +184,57 @@ def _track_as_mapping(tree: dict[str, Any]) -> None:
 
 
 def _resolve_relative_paths(tree: dict[str, Any], base: Path) -> dict[str, Any]:
-    """Data paths in a config file are relative to the current directory when they exist there, else to
-    the config file's folder, so a recipe runs from anywhere."""
-    data = tree.get("data")
-    if not isinstance(data, dict):
-        return tree
+    """Data paths, reward files and reward-model runs in a config file are relative to the current directory when
+    they exist there, else to the config file's folder, so a recipe runs from anywhere."""
 
     def fix(value: Any) -> Any:
         if not isinstance(value, str) or value.startswith("tunelab:"):
             return value
         prefix = "hf:" if value.startswith("hf:") else ""
         location, query = value[len(prefix):].partition("?")[::2]
-        if not Path(location).is_absolute() and not Path(location).exists() and (base / location).exists():
+        if _found_beside(location, base):
             return f"{prefix}{base / location}" + (f"?{query}" if query else "")
         return value
 
-    for key in ("train", "eval"):
-        value = data.get(key)
-        if isinstance(value, list):
-            for item in value:
-                if isinstance(item, dict) and "path" in item:
-                    item["path"] = fix(item["path"])
-        else:
-            data[key] = fix(value)
+    data = tree.get("data")
+    if isinstance(data, dict):
+        for key in ("train", "eval"):
+            value = data.get(key)
+            if isinstance(value, list):
+                for item in value:
+                    if isinstance(item, dict) and "path" in item:
+                        item["path"] = fix(item["path"])
+            else:
+                data[key] = fix(value)
+    objective = tree.get("objective")
+    if isinstance(objective, dict) and isinstance(objective.get("rewards"), list):
+        rewards = objective["rewards"]
+        for index, entry in enumerate(rewards):
+            if isinstance(entry, dict) and "reward" in entry:
+                entry["reward"] = _reward_beside(entry["reward"], base)
+            else:
+                rewards[index] = _reward_beside(entry, base)
     return tree
+
+
+def _found_beside(location: str, base: Path) -> bool:
+    """Whether a relative `location` is missing from the current directory but present in the config's folder."""
+    return not Path(location).is_absolute() and not Path(location).exists() and (base / location).exists()
+
+
+def _reward_beside(value: Any, base: Path) -> Any:
+    """A reward entry (`file.py:function` or a reward-model run folder) resolved against the config's folder;
+    built-in reward names are left alone."""
+    if not isinstance(value, str):
+        return value
+    path, _, function = value.rpartition(":")
+    if path.endswith(".py"):
+        return f"{base / path}:{function}" if _found_beside(path, base) else value
+    if not (_found_beside(value, base) and (base / value).is_dir()):
+        return value
+    from tunelab.objectives.rewards import BUILTINS  # only now: it loads torch
+
+    return value if value in BUILTINS else str(base / value)
 
 
 def dump_config(config: RunConfig) -> str:

@@ -36,7 +36,9 @@ from tunelab.models.logprobs import can_share_prompts, shared_prompt_logprobs, t
 from tunelab.objectives.grpo_loss import (  # noqa: F401 - Completion and the loss are this module's interface
     Completion,
     group_advantages,
+    nanstd,
     prompt_groups,
+    reward_stds,
     split_groups,
     token_losses,
 )
@@ -119,6 +121,8 @@ class GrpoObjective:
         generated = time.perf_counter()
         repeated = [p for p in prompts for _ in range(self.config.group_size)]
         texts = [self.tokenizer.decode(c, skip_special_tokens=True).strip() for c in ids]
+        for reward in self.rewards:
+            reward.trainer_state.global_step = step
         scores = self.score(repeated, texts, ids)  # [C, R]
         total = _weighted_total(scores, [r.weight for r in self.rewards])
         advantages = group_advantages(total, self.config.group_size, self.config.scale_rewards)
@@ -127,21 +131,13 @@ class GrpoObjective:
                                        p.source), float(a), t)
             for p, c, a, t in zip(repeated, ids, advantages.tolist(), truncated, strict=True)
         ]
-        grouped_std = total.view(-1, self.config.group_size).std(dim=1)
         metrics: Metrics = {
-            "reward": (float(total.mean()), 1),
-            "reward_std": (float(grouped_std.mean()), 1),
-            "frac_reward_zero_std": (float((grouped_std < 1e-6).float().mean()), 1),
+            **self._reward_metrics(scores, total),
             "completions/mean_length": (sum(len(c) for c in ids) / len(ids), 1),
             "completions/clipped_ratio": (sum(truncated) / len(truncated), 1),
             "seconds/generate": (generated - started, 1),
             "seconds/reward": (time.perf_counter() - generated, 1),
         }
-        for index, reward in enumerate(self.rewards):
-            column = scores[:, index]
-            column = column[~column.isnan()]
-            metrics[f"rewards/{reward.name}/mean"] = (float(column.mean()) if len(column) else math.nan, 1)
-            metrics[f"rewards/{reward.name}/std"] = (float(column.std()) if len(column) > 1 else 0.0, 1)
         for index, completion in enumerate(completions):
             completion.index = index
         out, at = [], 0
@@ -152,6 +148,25 @@ class GrpoObjective:
         if self.config.updates_per_rollout > 1:
             self.rollout_batches, self.rollout_step = out, step
         return out, metrics
+
+    def _reward_metrics(self, scores: torch.Tensor, total: torch.Tensor) -> Metrics:
+        """What TRL logs of a rollout's rewards: the mean and std over all its completions of the total (those no
+        reward judged left out), the share whose scaling std is 0, each reward's mean and std where it judged, and
+        what the rewards gave log_metric (rewards/<name>/<metric>)."""
+        stds = reward_stds(total, self.config.group_size, self.config.scale_rewards)
+        metrics: Metrics = {
+            "reward": (float(total.nanmean()), 1),
+            "reward_std": (float(nanstd(total)), 1),
+            "frac_reward_zero_std": (float(torch.isclose(stds, torch.zeros_like(stds)).float().mean()), 1),
+        }
+        for index, reward in enumerate(self.rewards):
+            column = scores[:, index]
+            column = column[~column.isnan()]
+            metrics[f"rewards/{reward.name}/mean"] = (float(column.mean()) if len(column) else math.nan, 1)
+            metrics[f"rewards/{reward.name}/std"] = (float(column.std()) if len(column) > 1 else 0.0, 1)
+            for name, value in reward.take_logged().items():
+                metrics[f"rewards/{reward.name}/{name}"] = (value, 1)
+        return metrics
 
     def _sample(self, model, prompts: list[list[int]], step: int) -> tuple[list[list[int]], list[bool]]:
         sampler = self._sampling_model(model)
@@ -176,15 +191,21 @@ class GrpoObjective:
         return merged_copy(model, self.method_name, dtype) or model
 
     def score(self, rows: Sequence[PromptRow], texts: list[str], ids: list[list[int]]) -> torch.Tensor:
-        """Every reward of every completion [C, R] (NaN where a reward gave None). A reward that raises stops
-        training as a TrainingFault naming it (the finished steps are checkpointed)."""
+        """Every reward of every completion [C, R] (NaN where a reward gave None). A reward that raises, returns
+        the wrong count or an infinite value stops training as a TrainingFault naming it (the finished steps are
+        checkpointed)."""
         columns = []
         for reward in self.rewards:
             try:
-                columns.append(torch.tensor(reward.score(list(rows), texts, ids), dtype=torch.float32))
+                column = torch.tensor(reward.score(list(rows), texts, ids), dtype=torch.float32)
             except Exception as err:  # noqa: BLE001 - a user's function: report whatever it raised, and where
                 raise TrainingFault(f"the reward '{reward.name}' failed: {type(err).__name__}: {err}"
                                     f"{raised_at(err)}") from err
+            if column.isinf().any():
+                index = int(column.isinf().nonzero()[0])
+                raise TrainingFault(f"the reward '{reward.name}' returned {float(column[index])} for completion "
+                                    f"{index}: a reward must be finite (or None for a completion it does not judge)")
+            columns.append(column)
         return torch.stack(columns, dim=1)
 
     # --- the step ------------------------------------------------------------------------------------------
@@ -327,16 +348,20 @@ class GrpoObjective:
         texts = [self.tokenizer.decode(c, skip_special_tokens=True).strip() for c in ids]
         scores = self.score(rows, texts, ids)
         total = _weighted_total(scores, [r.weight for r in self.rewards])
-        result = {"eval_loss": -float(total.mean()), "eval_reward": float(total.mean()),
+        result = {"eval_loss": -float(total.nanmean()), "eval_reward": float(total.nanmean()),
                   "eval_completions/mean_length": sum(len(c) for c in ids) / len(ids)}
         for index, reward in enumerate(self.rewards):
             result[f"eval_rewards/{reward.name}/mean"] = float(scores[:, index].nanmean())
+            for name, value in reward.take_logged().items():
+                result[f"eval_rewards/{reward.name}/{name}"] = value
         return result
 
 
 def _weighted_total(scores: torch.Tensor, weights: list[float]) -> torch.Tensor:
-    """Each completion's total reward: its rewards times their weights, added where not NaN."""
-    return (scores * torch.tensor(weights)).nansum(dim=1)
+    """Each completion's total reward: its rewards times their weights, added where not NaN (TRL's nansum); NaN
+    where no reward judged it, so that it stays out of its group's mean and std."""
+    total = (scores * torch.tensor(weights)).nansum(dim=1)
+    return total.masked_fill(scores.isnan().all(dim=1), math.nan)
 
 
 GRPO_EVAL_METRICS = ("reward", "completions/mean_length")

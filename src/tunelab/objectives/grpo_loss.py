@@ -3,6 +3,7 @@ with its KL estimate, and the layout of a micro-batch as groups of completions a
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -29,17 +30,34 @@ class Completion:
     the later ones (updates_per_rollout > 1)."""
 
 
+def nanstd(values: torch.Tensor, dim: int | None = None) -> torch.Tensor:
+    """The (Bessel-corrected) std of the values that are not NaN, NaN where fewer than two are: TRL's nanstd."""
+    keep = dim is not None
+    mean = values.nanmean(dim=dim, keepdim=True) if keep else values.nanmean()
+    count = (~values.isnan()).sum(dim=dim, keepdim=keep) if keep else (~values.isnan()).sum()
+    variance = ((values - mean) ** 2).nansum(dim=dim, keepdim=keep) if keep else ((values - mean) ** 2).nansum()
+    std = (variance / (count - 1).clamp(min=1)).sqrt()
+    std = torch.where(count > 1, std, torch.full_like(std, math.nan))
+    return std.squeeze(dim) if keep else std
+
+
+def reward_stds(rewards: torch.Tensor, group_size: int, scale: str) -> torch.Tensor:
+    """The std each completion's advantage is scaled by [G * group_size]: its group's (group, and none, where TRL
+    still logs it as frac_reward_zero_std) or the batch's; NaN rewards (no reward judged) left out."""
+    if scale == "batch":
+        return nanstd(rewards).expand_as(rewards)
+    return nanstd(rewards.view(-1, group_size), dim=1).repeat_interleave(group_size)
+
+
 def group_advantages(rewards: torch.Tensor, group_size: int, scale: str) -> torch.Tensor:
-    """Each reward [G * group_size] minus its group's mean, divided by the group's (or the batch's) std."""
+    """Each reward [G * group_size] minus its group's mean, divided by the group's (or the batch's) std, as TRL
+    computes it: a NaN reward (no reward judged the completion) is left out of the mean and std and gets advantage
+    0, as does a completion whose group (or batch) has only one judged."""
     grouped = rewards.view(-1, group_size)
-    advantages = (grouped - grouped.mean(dim=1, keepdim=True)).view(-1)
-    if scale == "group":
-        std = grouped.std(dim=1).repeat_interleave(group_size)
-    elif scale == "batch":
-        std = rewards.std().expand_as(rewards)
-    else:
-        return advantages
-    return advantages / (std + ADVANTAGE_EPS)
+    advantages = (grouped - grouped.nanmean(dim=1, keepdim=True)).view(-1)
+    if scale != "none":
+        advantages = advantages / (reward_stds(rewards, group_size, scale) + ADVANTAGE_EPS)
+    return advantages.nan_to_num(nan=0.0)
 
 
 def token_losses(logps: torch.Tensor, old_logps: torch.Tensor, advantages: torch.Tensor, config: GrpoConfig,

@@ -1,22 +1,29 @@
 """What a GRPO completion is worth: built-in rewards against a reference column, a user's Python function with
 TRL's signature, or a reward-model run.
 
-A user's function is called as TRL calls it, `fn(prompts=..., completions=..., completion_ids=..., **columns)`,
-with every other column of the rows as a keyword list, so reward functions written for TRL's GRPOTrainer work
-unchanged: prompts and completions are text for text prompts, and message lists for chat prompts (each completion
-`[{"role": "assistant", "content": text}]`). A reward may return None for a completion it does not judge; the
-total then adds the rewards that did (TRL's nansum).
+A user's function is called as TRL 1.16 calls it, `fn(prompts=..., completions=..., completion_ids=...,
+trainer_state=..., log_extra=..., log_metric=..., **columns)`, with every other column of the rows as a keyword list,
+so reward functions written for TRL's GRPOTrainer work unchanged: prompts and completions are text for text prompts,
+and message lists for chat prompts (each completion `[{"role": "assistant", "content": text}]`). It may be
+`async def` (run with asyncio) and may return a list, a tuple, a numpy array or a torch tensor. `trainer_state` has
+TRL's `global_step` (the optimiser steps finished) and `epoch`; `log_metric(name, value)` logs the step's mean of
+the values under `rewards/<reward>/<name>`; `log_extra(column, values)` is accepted and ignored (tunelab keeps no
+completions table). A reward may return None for a completion it does not judge: the total then adds the rewards
+that did (TRL's nansum), and a completion no reward judged is left out of its group (advantage 0).
 """
 
 from __future__ import annotations
 
+import asyncio
 import importlib.util
+import inspect
 import json
 import math
+import numbers
 import sys
 import traceback
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +33,17 @@ from tunelab.errors import ConfigError
 from tunelab.eval.metrics import _first_json_object, normalize_text, per_sample_json_field_accuracy
 
 RewardCall = Callable[[list[PromptRow], list[str], list[list[int]]], list[float]]
+
+
+@dataclass
+class RewardState:
+    """Where training stands, as TRL's reward functions read it from transformers' TrainerState (for reward shaping
+    by training progress)."""
+
+    global_step: int = 0
+    """Optimiser steps finished before this rollout (0-based step being sampled), TRL's global_step."""
+    epoch: float | None = None
+    """None: the training loop does not tell the objective which epoch its prompts come from."""
 
 
 @dataclass
@@ -39,6 +57,20 @@ class Reward:
     """Why a row cannot be scored by this reward (a missing reference column, ...), checked before training."""
     column: str | None = None
     """The reference column a built-in compares against."""
+    trainer_state: RewardState = field(default_factory=RewardState)
+    """What a user's function gets as TRL's `trainer_state`; the objective keeps it current."""
+    logged: dict[str, list[float]] = field(default_factory=dict)
+    """Values a user's function gave `log_metric` since the objective last collected them."""
+
+    def log_metric(self, name: str, value: float) -> None:
+        """TRL's `log_metric` for this reward: the value joins the step's mean under rewards/<reward>/<name>."""
+        self.logged.setdefault(name, []).append(float(value))
+
+    def take_logged(self) -> dict[str, float]:
+        """The mean of each metric logged since the last call, emptied for the next step."""
+        means = {name: sum(values) / len(values) for name, values in self.logged.items() if values}
+        self.logged.clear()
+        return means
 
 
 def _exact_match(completion: str, reference: str) -> float:
@@ -113,19 +145,59 @@ def raised_at(err: BaseException) -> str:
     return f" (at {frames[-1].filename}:{frames[-1].lineno})" if frames else ""
 
 
-def python_reward(spec: RewardSpec, where: str) -> Reward:
-    """`file.py:function`, called with TRL's keyword arguments."""
-    path, _, function = spec.reward.rpartition(":")
-    if not Path(path).is_file():
-        raise ConfigError(f"reward file {path} does not exist", where=where)
+def _load_module(path: str, where: str):
+    """The user's reward file as a module, its folder on sys.path while it loads so that it can import the modules
+    next to it (as a script run with TRL can)."""
+    folder = str(Path(path).resolve().parent)
     module_spec = importlib.util.spec_from_file_location(f"tunelab_reward_{Path(path).stem}", path)
     module = importlib.util.module_from_spec(module_spec)
+    sys.path.insert(0, folder)
     try:
         module_spec.loader.exec_module(module)
     except Exception as err:  # noqa: BLE001 - a user's file: report whatever it raised
         raise ConfigError(f"{path} could not be imported: {type(err).__name__}: {err}{raised_at(err)}",
                           where=where) from None
-    fn = getattr(module, function, None)
+    finally:
+        sys.path.remove(folder)
+    return module
+
+
+def _ignore_extra(column: str, values: list) -> None:
+    """TRL's `log_extra` (a column of its completions table): tunelab keeps no such table, so it is ignored."""
+
+
+def _awaited(values: Any) -> Any:
+    """An `async def` reward's result, run to completion (TRL gathers them on its own event loop)."""
+    if not inspect.isawaitable(values):
+        return values
+
+    async def wait() -> Any:
+        return await values
+
+    return asyncio.run(wait())
+
+
+def reward_values(values: Any, count: int) -> list[float]:
+    """A user's reward result as one float per completion (NaN for None): a list, tuple, numpy array or tensor of
+    `count` numbers. Raises ValueError saying what came back instead."""
+    if hasattr(values, "tolist") and not isinstance(values, list | tuple):
+        values = values.tolist()
+    if not isinstance(values, list | tuple):
+        raise ValueError(f"returned {type(values).__name__}, not a list of one reward per completion ({count})")
+    if len(values) != count:
+        raise ValueError(f"returned {len(values)} values for {count} completions")
+    for index, value in enumerate(values):
+        if value is not None and not isinstance(value, numbers.Real):
+            raise ValueError(f"returned {type(value).__name__} for completion {index}, not a number or None")
+    return [math.nan if v is None else float(v) for v in values]
+
+
+def python_reward(spec: RewardSpec, where: str) -> Reward:
+    """`file.py:function`, called with TRL's keyword arguments."""
+    path, _, function = spec.reward.rpartition(":")
+    if not Path(path).is_file():
+        raise ConfigError(f"reward file {path} does not exist", where=where)
+    fn = getattr(_load_module(path, where), function, None)
     if not callable(fn):
         raise ConfigError(f"{path} has no function '{function}'", where=where)
 
@@ -135,13 +207,13 @@ def python_reward(spec: RewardSpec, where: str) -> Reward:
                  for row, c in zip(rows, completions, strict=True)]
         columns = {key: [row.columns.get(key) for row in rows] for key in dict.fromkeys(k for r in rows
                                                                                        for k in r.columns)}
-        values = fn(prompts=prompts, completions=given, completion_ids=completion_ids, **columns)
-        if not isinstance(values, list | tuple) or len(values) != len(rows):
-            raise ValueError(f"reward {spec.reward} returned {type(values).__name__} of "
-                             f"{len(values) if hasattr(values, '__len__') else '?'} values for {len(rows)} completions")
-        return [math.nan if v is None else float(v) for v in values]
+        values = fn(prompts=prompts, completions=given, completion_ids=completion_ids,
+                    trainer_state=reward.trainer_state, log_extra=_ignore_extra, log_metric=reward.log_metric,
+                    **columns)
+        return reward_values(_awaited(values), len(rows))
 
-    return Reward(function, spec.weight, score)  # named by build_rewards
+    reward = Reward(function, spec.weight, score)  # named by build_rewards
+    return reward
 
 
 def model_reward(spec: RewardSpec, where: str) -> Reward:
