@@ -387,6 +387,10 @@ def test_kto_learns_from_unpaired_feedback(tiny_model_dir, tmp_path):
     assert summary["final_eval_loss"] < 0.5
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert "kl" in records[-1] and records[-1]["rewards/chosen"] > records[-1]["rewards/rejected"]
+    from tunelab.eval.report import before_after_rows, read_run
+
+    shown = {name: (base, tuned) for name, base, tuned, _ in before_after_rows(read_run(out))}
+    assert shown["rewards/chosen"][1] > shown["rewards/rejected"][1]  # the table shows what KTO moved
 
 
 def test_dpo_resumes_exactly(tiny_model_dir, tmp_path):

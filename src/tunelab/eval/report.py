@@ -116,6 +116,8 @@ def before_after_keys(objective: str, record: dict | None = None) -> tuple[str, 
         return ("eval_rewards/accuracies", "eval_rewards/margins")
     if objective == "grpo":
         return ("eval_reward", *sorted(k for k in record or {} if k.startswith("eval_rewards/")))
+    if objective == "kto":  # unpaired: the implied rewards of the good and of the bad replies, apart
+        return ("eval_rewards/chosen", "eval_rewards/rejected", "eval_kl")
     return ("eval_preference_accuracy", "eval_logps/margins")
 
 
@@ -136,7 +138,7 @@ def before_after_rows(run: RunRecord) -> list[tuple[str, float | None, float | N
                 ("eval perplexity", _ppl(base_loss), _ppl(final_loss), True)]
     else:  # a preference loss has no perplexity; the model's own ranking of the pairs is its before/after
         rows = [(f"eval loss ({objective})", base_loss, final_loss, True)]
-        rows += [(key.removeprefix("eval_"), base_record.get(key), final_record.get(key), False)
+        rows += [(key.removeprefix("eval_"), base_record.get(key), final_record.get(key), key.endswith("/rejected"))
                  for key in before_after_keys(objective, final_record) if key in final_record]
     per_dataset = sorted({k for r in (base_record, final_record) for k in r if k.startswith("eval_loss/")})
     rows += [(f"eval loss ({k.split('/', 1)[1]})", base_record.get(k), final_record.get(k), True) for k in per_dataset]
