@@ -170,3 +170,18 @@ def test_reward_paths_resolve_beside_the_config(tmp_path, monkeypatch):
     monkeypatch.chdir(elsewhere)
     specs = load_config(recipe / "c.yaml", []).objective.reward_specs()
     assert [s.reward for s in specs] == [f"{recipe}/scoring.py:scored", f"{recipe}/rm", "exact_match"]
+
+
+def test_task_metrics_read_the_answer_column_when_only_python_rewards_score(tiny_model_dir, tmp_path):
+    """eval.metrics with a Python reward alone (no built-in reward names a reference column): the rows' `answer`
+    column is the reference, so the before/after table has the metric instead of nothing."""
+    from test_grpo import REWARDS_PY, grpo_config, write_prompts
+
+    from tunelab.train.run import train_run
+
+    rewards = tmp_path / "rewards.py"
+    rewards.write_text(REWARDS_PY)
+    data = write_prompts(tmp_path / "prompts.jsonl", count=16)
+    summary = train_run(grpo_config(tiny_model_dir, data, tmp_path / "run", rewards, "train.max_steps=1",
+                                    f"objective.rewards=[{rewards}:letters]"))
+    assert "exact_match" in summary["metrics_before"] and "exact_match" in summary["metrics_after"]

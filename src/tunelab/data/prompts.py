@@ -51,6 +51,11 @@ class PromptRow:
         return isinstance(self.original, list)
 
 
+REFERENCE_COLUMNS = ("answer", "solution", "ground_truth", "reference")
+"""Columns read as a row's reference answer for task metrics when no built-in reward names one (GSM8K's, and the
+names TRL's math examples use)."""
+
+
 @dataclass
 class PreparedPrompts:
     """Tokenised train and eval prompts for GRPO, and what a user should know about them."""
@@ -73,12 +78,16 @@ class PreparedPrompts:
     @property
     def eval_samples(self) -> list[Sample]:
         """Held-out prompts with their reference answer as the reply (when the rows have one): what task metrics
-        compare generations against."""
-        if self.reference_column is None:
+        compare generations against. Without a built-in reward naming the column, the first of
+        REFERENCE_COLUMNS the rows have (a Python reward or a reward model alone names none)."""
+        first = next(iter(self.eval), None)
+        column = self.reference_column or next(
+            (name for name in REFERENCE_COLUMNS if first is not None and name in first.columns), None)
+        if column is None:
             return []
         return [Sample(row.where, [*row.prompt, {"role": "assistant", "content": _text(row.columns[column])}],
                        source=row.source)
-                for row in self.eval if (column := self.reference_column) in row.columns]
+                for row in self.eval if column in row.columns]
 
     @property
     def fingerprint(self) -> str:
