@@ -23,7 +23,8 @@ TUNELAB = str(BIN / "tunelab")
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def write_config(folder: Path, tiny_model_dir: Path, name: str, batch_size: int, **train) -> Path:
+def write_config(folder: Path, tiny_model_dir: Path, name: str, batch_size: int, before_after: bool = False,
+                 **train) -> Path:
     data = folder / "qa.jsonl"
     if not data.exists():
         data.write_text("".join(json.dumps(row) + "\n" for row in QA))
@@ -33,7 +34,7 @@ def write_config(folder: Path, tiny_model_dir: Path, name: str, batch_size: int,
         "data": {"train": str(data), "eval_split": 0.2, "max_length": 64},
         "method": {"name": "lora", "dropout": 0.0},
         "train": {"batch_size": batch_size, "precision": "fp32", "lr": 3e-3, "max_steps": 5, **train},
-        "eval": {"before_after": False, "generate_samples": 0},
+        "eval": {"before_after": before_after, "generate_samples": 0},
         "output_dir": str(folder / name),
     }))
     return config
@@ -81,6 +82,11 @@ def losses(run: Path) -> list[float]:
             if '"loss"' in line]
 
 
+def grad_norms(run: Path) -> list[float]:
+    return [json.loads(line)["grad_norm"] for line in (run / "metrics.jsonl").read_text().splitlines()
+            if '"grad_norm"' in line]
+
+
 def test_two_processes_train_like_one_with_twice_the_batch_and_resume_exactly(tiny_model_dir, tmp_path):
     # Two micro-batches a step: the first accumulates without synchronising, the second synchronises. A constant
     # schedule, so a run cut short at step 3 has trained steps 1-2 exactly as the 5-step run did.
@@ -92,8 +98,9 @@ def test_two_processes_train_like_one_with_twice_the_batch_and_resume_exactly(ti
     # Each strategy under another launcher: DDP as on two machines (torchrun), FSDP2 by tunelab's own --nproc,
     # and ZeRO-2-like FSDP2 as accelerate's FSDP config asks (the config itself does not name a strategy).
     for strategy in ("ddp", "fsdp", "zero2"):
-        config = write_config(tmp_path, tiny_model_dir, strategy, 2, save_every=2, **common,
-                              **({"distributed": "fsdp"} if strategy == "fsdp" else {}))
+        # zero2 after a base-model evaluation, which leaves its blocks gathered (clipping once saw no gradients)
+        config = write_config(tmp_path, tiny_model_dir, strategy, 2, before_after=strategy == "zero2", save_every=2,
+                              **common, **({"distributed": "fsdp"} if strategy == "fsdp" else {}))
         if strategy == "ddp":
             printed = train_on_two_nodes(config)
         elif strategy == "fsdp":
@@ -104,6 +111,7 @@ def test_two_processes_train_like_one_with_twice_the_batch_and_resume_exactly(ti
             assert yaml.safe_load((tmp_path / strategy / "config.yaml").read_text())["train"]["distributed"] == strategy
         assert printed.count("saved to") == 1  # only the main process speaks
         assert losses(tmp_path / strategy) == pytest.approx(losses(tmp_path / "one"), rel=1e-5), strategy
+        assert grad_norms(tmp_path / strategy) == pytest.approx(grad_norms(tmp_path / "one"), rel=1e-4), strategy
         parallel = load_file(tmp_path / strategy / "adapter_model.safetensors")
         assert sorted(parallel) == sorted(single)
         for name, tensor in single.items():

@@ -72,6 +72,8 @@ def test_a_run_with_neftune_trains_on_noisy_inputs_and_other_objectives_refuse_i
 
     plain, noisy = losses("plain", "train.share_prefix=false"), losses("noisy", "train.neftune_alpha=15")
     assert noisy[-1] < noisy[0]  # it trains
+    # bf16 decodes on a folded copy of the model, which must not keep the noise's forward over the float32 one
+    assert len(losses("bf16", "train.neftune_alpha=5", "train.precision=bf16", "eval.generate_samples=2")) == 8
     assert noisy[0] != pytest.approx(plain[0], rel=1e-6)  # the first step's loss already saw the noise
     with pytest.raises(ConfigError, match="train.neftune_alpha"):
         load_config(None, [f"model={tiny_model_dir}", f"data.train={data}", "objective.name=dpo",

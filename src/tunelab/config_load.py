@@ -88,7 +88,7 @@ def _format_error(error: dict[str, Any], source: str) -> str:
                 f"{', '.join(_UNIONS.get(str(loc[0]), {})) or error['ctx']['expected_tags']}")
     if not loc:  # a check across sections (a model validator): its message names the keys
         return f"{source}: {error['msg'].removeprefix('Value error, ')}"
-    return f"{source}: {key}: {error['msg']}"
+    return f"{source}: {key}: {error['msg'].removeprefix('Value error, ')}"
 
 
 def parse_override(text: str) -> tuple[list[str], Any]:

@@ -50,7 +50,8 @@ class DpoObjective(Strict):
     @model_validator(mode="after")
     def _exo_needs_epsilon(self) -> DpoObjective:
         if self.loss_type == "exo_pair" and self.label_smoothing == 0:
-            raise ValueError("loss_type exo_pair needs label_smoothing > 0 (its epsilon; the EXO paper uses 1e-3)")
+            raise ValueError("loss_type exo_pair needs objective.label_smoothing > 0 (its epsilon; the EXO paper uses "
+                             "1e-3)")
         return self
 
 

@@ -113,13 +113,15 @@ def fold_for_inference(model, dtype: torch.dtype):
     tunelab's training-time patches are dropped: fused LoRA forwards are closures over the original modules, so a
     plain deepcopy kept calling into the trained model (on the default model its head ran the original's weight
     through a batched matmul that copied it once per row: 3.3 GB and 9 s for a 60-row prefill); cached weight
-    casts and compiled layer classes go too."""
+    casts, compiled layer classes and NEFTune's embedding forward go too."""
     from tunelab.methods.fused_lora import unfuse_lora_layers
     from tunelab.models.fused_ops import restore_layers
+    from tunelab.models.neftune import drop_noise
     from tunelab.models.packed_linear import pack_linears
 
     unfuse_lora_layers(model)
     restore_layers(model)
+    drop_noise(model)
     if hasattr(model, "merge_and_unload"):
         model = model.merge_and_unload()
     model = model.to(dtype).eval()

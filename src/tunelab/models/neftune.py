@@ -55,6 +55,7 @@ class NoisyEmbeddings:
             noise = torch.empty_like(out).uniform_(-1, 1) * scale.unsqueeze(-1).to(out.dtype)
             return out + noise
 
+        forward.tunelab_neftune = True  # how drop_noise knows it
         embeddings.forward = forward
 
     @contextmanager
@@ -67,6 +68,14 @@ class NoisyEmbeddings:
 
     def remove(self) -> None:
         self.embeddings.__dict__.pop("forward", None)
+
+
+def drop_noise(model) -> None:
+    """Remove NEFTune's forward from `model`'s input embeddings: a copy made for decoding (methods.fold_for_inference)
+    would otherwise keep a closure that calls the original, float32 module."""
+    embeddings = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    if embeddings is not None and getattr(embeddings.__dict__.get("forward"), "tunelab_neftune", False):
+        del embeddings.__dict__["forward"]
 
 
 def add_neftune(model, alpha: float) -> NoisyEmbeddings:

@@ -113,7 +113,9 @@ def fit(ctx: LoopContext, state: TrainerState) -> TrainerState:
     improving, and ends with the best step's weights when early stopping or keep_best is on."""
     cfg = ctx.config.train
     model, optimizer, scheduler = ctx.model, ctx.optimizer, ctx.scheduler
-    trainable = [p for p in model.parameters() if p.requires_grad]
+    # The optimizer's own parameters: a zero2 model the base evaluation left gathered would list whole tensors
+    # whose .grad never fills, so clipping did nothing and grad_norm read 0.
+    trainable = [p for group in optimizer.param_groups for p in group["params"]]
     batches = micro_batches(ctx, state.epoch, state.batch_in_epoch)
     best = BestTracker(cfg, ctx.run_dir, model)
     # A loss that trains on its own samples (GRPO) sits near 0 and swings with the rollout: no spikes to watch.

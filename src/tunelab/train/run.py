@@ -275,6 +275,8 @@ def _train(config: RunConfig, log: RunLog, ranks: Ranks, device: torch.device, *
         log.write({"step": 0, **{k: v for k, v in baseline.items() if k.startswith("eval_")}})
     check_best_metric_is_logged(config.train.best_metric, baseline)
 
+    if ranks.distributed:  # one seed built one model everywhere; from here each process draws its own dropout masks
+        torch.manual_seed(config.train.seed + ranks.rank)  # and NEFTune noise (a checkpoint restores each one's state)
     state = TrainerState(extra={"data_fingerprint": data_order, "total_steps": ctx.total_steps})
     if checkpoint is not None:
         for path, why in incomplete_checkpoints(run_dir):
