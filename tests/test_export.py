@@ -73,7 +73,7 @@ def test_without_the_rotary_permutation_the_check_fails(tmp_path, monkeypatch):
     model.save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     assert export_gguf(str(folder), tmp_path / "permuted.gguf", "f16").passed
-    monkeypatch.setattr(gguf_export, "_permute", lambda weights, heads, kv_heads: weights)
+    monkeypatch.setattr(gguf_export, "permute", lambda weights, heads, kv_heads: weights)
     check = export_gguf(str(folder), tmp_path / "unpermuted.gguf", "f16")
     assert not check.passed and check.weight_error > 1
     assert check.worst_tensor.endswith(("attn_q.weight", "attn_k.weight"))

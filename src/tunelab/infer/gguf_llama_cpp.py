@@ -28,13 +28,13 @@ import numpy as np
 READER_LIMIT = {"f32": 1e-3, "f16": 0.02, "bf16": 0.1, "q8_0": 0.2, "q6_k": 0.3, "q5_k_m": 0.3, "q4_k_m": 0.3,
                 "q4_0": 0.3, "q3_k_m": 0.4, "q2_k": 0.5}
 """Largest relative logit error of llama.cpp's reading of the file against the source holding the file's dequantised
-weights (gguf_export.dequantised_source), by type: llama.cpp also rounds activations in its matmuls (to the weights'
+weights (gguf_check.dequantised_source), by type: llama.cpp also rounds activations in its matmuls (to the weights'
 type for f16 and bf16, 8 bits for quantised ones), so this is not float rounding alone. Measured (2026-12-05,
 llama-cpp-python 0.3.36) on the default model's support-tickets LoRA run: f16 0.0021, bf16 0.018, q8_0 0.065, q6_k
 0.081, q5_k_m 0.082, q4_k_m 0.090, q4_0 0.075; on a random 256-wide model f32 0.0000, f16 0.0039, bf16 0.031, q8_0
 0.057, q6_k 0.135, q4_k_m 0.12."""
 NEAR_BEST_REQUIRED = 0.98
-"""As gguf_export's: the share of positions where llama.cpp, reading an unquantised file, picks one of the source's
+"""As gguf_check's: the share of positions where llama.cpp, reading an unquantised file, picks one of the source's
 best tokens."""
 
 
@@ -76,10 +76,10 @@ def llama_cpp_check(path: Path, renderer, prompts: list[list[dict]], sequences: 
                     expected: list, own: list, replies: list[str], stop_ids: list[int], greedy_tokens: int,
                     quant: str) -> LlamaCppCheck | None:
     """Compare llama.cpp's reading of `path` with the source: `sequences` are each prompt's ids followed by its
-    reply's and where the prompt ends (gguf_export.teacher_forced_sequences), `expected` the source's logits over
+    reply's and where the prompt ends (gguf_check.teacher_forced_sequences), `expected` the source's logits over
     them, `own` the logits of the source holding the file's weights, `replies` the source's greedy replies. None
     when llama-cpp-python is not installed."""
-    from tunelab.infer.gguf_export import LogitComparison
+    from tunelab.infer.gguf_check import LogitComparison
 
     if importlib.util.find_spec("llama_cpp") is None:
         return None
