@@ -11,6 +11,7 @@ import torch
 
 from tunelab.config import RunConfig
 from tunelab.data.formats import Sample
+from tunelab.data.template import ChatRenderer
 
 
 def peak_memory_mb(device: torch.device) -> float:
@@ -79,3 +80,23 @@ def write_model_card(run_dir: Path, config: RunConfig, summary: dict) -> None:
 
 def _fmt(value) -> str:
     return "-" if value is None else f"{value:.4f}"
+
+
+def save_weights(model, tokenizer, run_dir: Path, method, config: RunConfig,
+                  whole_state: dict[str, torch.Tensor] | None = None) -> None:
+    """The adapter (PEFT format, or the method's own) or the full model, as safetensors, and the tokenizer
+    with its template. `whole_state` is the model's state gathered from its shards (FSDP)."""
+    if hasattr(method, "save"):
+        method.save(model, run_dir, config.method)
+    elif whole_state is not None:
+        model.save_pretrained(run_dir, safe_serialization=True, state_dict=whole_state)
+    else:
+        model.save_pretrained(run_dir, safe_serialization=True)
+    # The template the run trained with travels in its tokenizer: a run used as the next stage's model (a full run's
+    # folder is read as it is) or read by other tools then prompts as training did.
+    own = tokenizer.chat_template
+    tokenizer.chat_template = ChatRenderer(tokenizer, config.data.chat_template).portable_template
+    try:
+        tokenizer.save_pretrained(run_dir)
+    finally:
+        tokenizer.chat_template = own

@@ -36,7 +36,6 @@ from tunelab.objectives import build_objective, rows_per_item
 from tunelab.objectives.reference import precompute_reference
 from tunelab.objectives.reward import make_head_trainable
 from tunelab.track.fanout import NullLog, RunLog, check_trackers
-from tunelab.track.jsonl import MetricsLog
 from tunelab.train import sharding
 from tunelab.train.checkpoint import (
     TrainerState,
@@ -56,11 +55,11 @@ from tunelab.train.launcher_env import apply_launcher_sharding
 from tunelab.train.live import mark_ended, mark_running, read_status
 from tunelab.train.loop import LoopContext, TrainingFault, epoch_plan, fit, save_from_main
 from tunelab.train.memory import MemoryEstimate, estimate_peak_memory
-from tunelab.train.outputs import write_model_card, write_samples
+from tunelab.train.outputs import save_weights, write_model_card, write_samples
 from tunelab.train.precision import resolve_precision
 from tunelab.train.progress import TrainingProgress
 from tunelab.train.run_data import prepare_run_data
-from tunelab.train.run_dir import check_not_training, check_output_dir
+from tunelab.train.run_dir import check_not_training, check_output_dir, remove_untrained_run
 from tunelab.train.schedule import build_optimizer
 from tunelab.train.step_profile import step_profiler
 from tunelab.train.stop import StopOnSignal, StopRequested, TerminateAsInterrupt
@@ -128,19 +127,7 @@ def train_run(
                 console.to_log_only(f"failed: {error}")
             console.detach()
         if wrote_folder and refused and not resume:
-            _remove_untrained_run(config.output_dir, folder_existed)
-
-
-def _remove_untrained_run(run_dir: Path, keep_folder: bool) -> None:
-    """Remove what a fresh run wrote when a user error stopped it before it trained a step (a tracker that cannot
-    start, a setting the base model's evaluation refutes): the message says what to fix, and the corrected rerun
-    then finds the folder free, not "already holds files". A run that trained keeps its files."""
-    trained = any(record.get("step", 0) > 0 for record in MetricsLog(run_dir / "metrics.jsonl").read())
-    if trained or latest_checkpoint(run_dir) is not None:
-        return
-    shutil.rmtree(run_dir, ignore_errors=True)
-    if keep_folder:
-        run_dir.mkdir(parents=True, exist_ok=True)
+            remove_untrained_run(config.output_dir, folder_existed)
 
 
 def _train(config: RunConfig, log: RunLog, ranks: Ranks, device: torch.device, *, resume: bool,
@@ -329,7 +316,7 @@ def _train(config: RunConfig, log: RunLog, ranks: Ranks, device: torch.device, *
     # interruption or error there must not cost the training.
     whole_state = sharding.full_model_state(model) if sharded else None  # every process takes part
     if ranks.is_main:
-        _save_weights(model, tokenizer, run_dir, method, config, whole_state)
+        save_weights(model, tokenizer, run_dir, method, config, whole_state)
     del whole_state
     try:
         if sharded:  # every process takes part in the last evaluation
@@ -402,23 +389,3 @@ def _measure(evaluate: RunEvaluator, gen_samples, loss_metrics: dict) -> dict:
         metrics, replies = evaluate.task(gen_samples)
         result.update({"metrics": metrics, "replies": replies})
     return result
-
-
-def _save_weights(model, tokenizer, run_dir: Path, method, config: RunConfig,
-                  whole_state: dict[str, torch.Tensor] | None = None) -> None:
-    """The adapter (PEFT format, or the method's own) or the full model, as safetensors, and the tokenizer
-    with its template. `whole_state` is the model's state gathered from its shards (FSDP)."""
-    if hasattr(method, "save"):
-        method.save(model, run_dir, config.method)
-    elif whole_state is not None:
-        model.save_pretrained(run_dir, safe_serialization=True, state_dict=whole_state)
-    else:
-        model.save_pretrained(run_dir, safe_serialization=True)
-    # The template the run trained with travels in its tokenizer: a run used as the next stage's model (a full run's
-    # folder is read as it is) or read by other tools then prompts as training did.
-    own = tokenizer.chat_template
-    tokenizer.chat_template = ChatRenderer(tokenizer, config.data.chat_template).portable_template
-    try:
-        tokenizer.save_pretrained(run_dir)
-    finally:
-        tokenizer.chat_template = own

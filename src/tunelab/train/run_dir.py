@@ -3,9 +3,11 @@ holds a run with a complete checkpoint, and neither may touch a directory anothe
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 from tunelab.errors import ConfigError
+from tunelab.track.jsonl import MetricsLog
 from tunelab.train.checkpoint import incomplete_checkpoints, latest_checkpoint
 from tunelab.train.live import training_process
 
@@ -36,3 +38,15 @@ def check_not_training(output_dir: Path) -> None:
         raise ConfigError(f"{output_dir} is being trained now by process {pid}; stop it first (Ctrl-C there, or "
                           f"kill {pid}; --resume continues it later) or choose another output_dir",
                           where="output_dir")
+
+
+def remove_untrained_run(run_dir: Path, keep_folder: bool) -> None:
+    """Remove what a fresh run wrote when a user error stopped it before it trained a step (a tracker that cannot
+    start, a setting the base model's evaluation refutes): the message says what to fix, and the corrected rerun
+    then finds the folder free, not "already holds files". A run that trained keeps its files."""
+    trained = any(record.get("step", 0) > 0 for record in MetricsLog(run_dir / "metrics.jsonl").read())
+    if trained or latest_checkpoint(run_dir) is not None:
+        return
+    shutil.rmtree(run_dir, ignore_errors=True)
+    if keep_folder:
+        run_dir.mkdir(parents=True, exist_ok=True)
