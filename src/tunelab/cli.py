@@ -249,7 +249,8 @@ def _export_safetensors(run: Path, output: Path | None, quant: str | None, overw
 def eval_command(
     model: str = typer.Argument(..., help="A run directory, preset, hub id, folder or .gguf file."),
     data: Path | None = typer.Option(None, "--data", "-d", help="Data file (or dataset) in any supported format, "
-                                     "with reference answers."),
+                                     "with reference answers; for a GRPO run prompt rows, for a KTO run feedback "
+                                     "rows (without --data and --tasks: the run's held-out rows)."),
     tasks: str | None = typer.Option(None, help="Comma-separated lm-evaluation-harness tasks (arc_easy,hellaswag, or "
                                      "your own under --include-path), scored by the harness itself; with or instead "
                                      "of --data. Needs the lmeval extra."),
@@ -257,8 +258,11 @@ def eval_command(
                                              "(a YAML file stands for its folder)."),
     num_fewshot: int | None = typer.Option(None, min=0,
                                            help="Few-shot examples per --tasks question (default: the task's)."),
-    metrics: str = typer.Option("loss,perplexity,exact_match", help="Comma-separated metric names."),
-    max_new_tokens: int = typer.Option(128, min=1),
+    metrics: str | None = typer.Option(None, help="Comma-separated metric names (default loss,perplexity,"
+                                       "exact_match; a GRPO run: its rewards plus its eval.metrics; a KTO run: its "
+                                       "loss, rewards and KL)."),
+    max_new_tokens: int | None = typer.Option(None, min=1, help="Reply length limit (default 128; a GRPO run: its "
+                                              "objective.max_new_tokens)."),
     batch_size: int = typer.Option(16, min=1),
     limit: int | None = typer.Option(None, min=1, help="Evaluate only the first N samples."),
     output: Path | None = typer.Option(None, "--output", "-o", help="Folder for eval.json and per-sample replies."),
@@ -275,13 +279,11 @@ def eval_command(
     from tunelab.eval.recorded import result_json
     from tunelab.infer.generate import GenerationOptions
 
-    names = [m.strip() for m in metrics.split(",") if m.strip()]
-    options = GenerationOptions(max_new_tokens=max_new_tokens, batch_size=batch_size)
+    names = [m.strip() for m in metrics.split(",") if m.strip()] if metrics is not None else None
+    options = GenerationOptions(batch_size=batch_size)
     label_set = [x.strip() for x in labels.split(",") if x.strip()] if labels is not None else None
     results = []
     try:
-        if data is None and tasks is None:
-            raise UserError("say what to evaluate on: --data FILE, --tasks TASKS (lm-eval), or both", where="eval")
         if data is not None and label_score not in ("sum", "mean"):
             raise UserError("must be sum or mean", where="--label-score")
         if data is not None and tasks is not None:  # the harness runs first: what --data needs is checked before it
@@ -292,9 +294,10 @@ def eval_command(
             results.append(evaluate_tasks(model, parse_tasks(tasks), baseline=baseline, include_path=include_path,
                                           limit=limit, num_fewshot=num_fewshot, batch_size=batch_size,
                                           output=output / "lm-eval" if output and data else output))
-        if data is not None:
+        if data is not None or tasks is None:  # no data: a GRPO or KTO run's held-out rows (others are refused)
             results.append(evaluate_model(model, data, names, options=options, limit=limit, output=output,
-                                          baseline=baseline, labels=label_set, label_score=label_score))
+                                          baseline=baseline, labels=label_set, label_score=label_score,
+                                          max_new_tokens=max_new_tokens))
     except UserError as err:
         fail(err)
     print(result_json(results[0] if len(results) == 1 else results))

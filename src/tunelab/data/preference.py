@@ -7,7 +7,8 @@ start with the same prompt tokens, token for token, and the log-probabilities an
 those of the replies the model would generate. Only the final reply is trained, whatever data.train_on says.
 
 Over-long sequences follow data.overlong: `truncate` cuts the reply's end and keeps the prompt whole,
-`drop` leaves the row out, `error` reports it. Identical pairs (chosen == rejected) are left out and listed.
+`drop` leaves the row out, `error` reports it. Identical pairs (chosen == rejected, as text or as the tokens
+left after truncation) are left out and listed.
 
 Files go through the streamed, cached pipeline SFT data uses (data/row_cache.py): tokenised once into a
 memory-mapped table, split and weighted by row index, each row built as a Python object only when a batch asks.
@@ -342,12 +343,21 @@ def _row_tokens(row: PairRow, renderer: ChatRenderer, config: DataConfig) -> Row
         return RowTokens(problem=why)
     if action == "drop":
         return RowTokens(notes={"dropped": f"{why}; dropped"})
+    if isinstance(tokenized, TokenizedPair) and _same_tokens(tokenized.chosen, tokenized.rejected):
+        return RowTokens(notes={"identical": f"chosen and rejected are identical within data.max_length="
+                                             f"{config.max_length} (they differ only beyond it); left out"})
     if isinstance(row, PreferencePair):
         canonical = {"prompt": row.prompt, "chosen": row.chosen, "rejected": row.rejected, "margin": row.margin}
     else:
         canonical = {"prompt": row.prompt, "completion": row.completion, "label": row.label}
     return RowTokens(canonical, tokenized.prompt_length, sequences_of(tokenized),
                      notes={"truncated": why} if action == "truncate" else {})
+
+
+def _same_tokens(chosen: TokenizedSample, rejected: TokenizedSample) -> bool:
+    """The two sequences are token for token the same (after truncation): the pair's replies cannot be told
+    apart, so a preference objective would learn nothing from it."""
+    return chosen.input_ids == rejected.input_ids and chosen.labels == rejected.labels
 
 
 def _decode_tokenized(table: RowTable, index: int) -> TokenizedRow:

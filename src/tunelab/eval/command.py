@@ -1,4 +1,5 @@
-"""`tunelab eval`: loss, perplexity and task metrics of a run or model on any supported data file."""
+"""`tunelab eval`: loss, perplexity and task metrics of a run or model on any supported data file; a GRPO or KTO
+run on its own kind of rows is scored by its objective's evaluation instead (eval/run_rows.py)."""
 
 from __future__ import annotations
 
@@ -15,11 +16,14 @@ from tunelab.data.prepare import load_samples, prepare_eval_file, raise_problems
 from tunelab.data.template import ChatRenderer
 from tunelab.errors import ConfigError, UserError
 from tunelab.eval.evaluate import evaluate_loss, evaluate_task
+from tunelab.eval.grpo_run import check_grpo_inputs, evaluate_grpo_run
+from tunelab.eval.kto_run import check_kto_inputs, evaluate_kto_run
 from tunelab.eval.labels import LABEL_METRICS, LabelScore, resolve_labels
 from tunelab.eval.metrics import METRICS, check_custom_metrics, check_references, is_custom_metric
 from tunelab.eval.paired import bootstrap_difference, compare_replies
 from tunelab.eval.preference import pair_margins
 from tunelab.eval.recorded import record_evaluation, result_json
+from tunelab.eval.run_rows import refuse_rows_of_another_objective, scores_own_rows
 from tunelab.infer.generate import GenerationOptions
 from tunelab.infer.load import is_run_dir, load_for_inference, load_generator
 from tunelab.models.attention import MATMUL, training_attention
@@ -27,6 +31,8 @@ from tunelab.models.logprobs import uses_virtual_tokens
 from tunelab.track.jsonl import finite_or_null
 from tunelab.train.precision import resolve_precision
 
+DEFAULT_METRICS = ["loss", "perplexity", "exact_match"]
+"""What --metrics is when not given (a GRPO run: its eval.metrics beside its rewards; a KTO run: its objective's)."""
 LOSS_METRICS = {"loss", "perplexity"}
 PREFERENCE_METRICS = {"preference_accuracy", "reward_margin"}
 """On preference files: how often the model ranks the chosen reply above the rejected one, and the mean
@@ -58,19 +64,27 @@ def _refuse_pairs_without_pair_metrics(data_path: Path) -> None:
                           "preference_accuracy,reward_margin", where="--metrics")
 
 
-def check_eval_inputs(spec: str, data_path: Path, metrics: list[str], *, baseline: str | None = None,
+def check_eval_inputs(spec: str, data_path: Path | None, metrics: list[str] | None, *, baseline: str | None = None,
                       output: Path | None = None, limit: int | None = None, max_length: int = 1024,
                       labels: list[str] | None = None) -> None:
     """Refuse now, before any model is loaded, what evaluate_model would otherwise refuse after its work: unknown
     or missing metrics, `--baseline base` without a run, data rows that cannot be read or scored, an output folder
-    that cannot be written."""
+    that cannot be written. `metrics` None: DEFAULT_METRICS, or a GRPO or KTO run's own."""
+    run_config = saved_run_config(spec)
+    if scores_own_rows(run_config, data_path):
+        _check_own_rows(spec, run_config, data_path, metrics, limit=limit, output=output, labels=labels)
+        return
+    if data_path is None:
+        raise UserError("say what to evaluate on: --data FILE, --tasks TASKS (lm-eval), or both (a GRPO or KTO "
+                        "run without them is scored on its held-out rows)", where="eval")
+    metrics = list(DEFAULT_METRICS if metrics is None else metrics)
     if labels is not None and "label_accuracy" not in metrics:
         metrics = [*metrics, "label_accuracy"]
     check_metric_names(metrics)
-    run_config = saved_run_config(spec)
     if baseline == "base":
         _check_base_baseline(run_config, pairs=bool(PREFERENCE_METRICS & set(metrics)))
     if not PREFERENCE_METRICS & set(metrics):  # pairs are read with the model's tokenizer (evaluate_pairs)
+        refuse_rows_of_another_objective(spec, data_path, run_config)
         _refuse_pairs_without_pair_metrics(data_path)
         samples = _read_samples(data_path, _eval_data_config(data_path, max_length, run_config))
         scored = samples[:limit] if limit else samples
@@ -79,6 +93,23 @@ def check_eval_inputs(spec: str, data_path: Path, metrics: list[str], *, baselin
             resolve_labels(labels, [s.reference for s in samples], where="--labels")
     if output is not None:
         check_output_files(output, ["eval.json", "eval_samples.jsonl"])
+
+
+def _check_own_rows(spec: str, run_config, data_path: Path | None, metrics: list[str] | None, *,
+                    limit: int | None, output: Path | None, labels: list[str] | None) -> None:
+    """What `tunelab eval` of a GRPO or KTO run on its own rows refuses before any model loads: unknown metrics, a
+    label set (no reply to classify), rows that cannot be read or scored, an output folder that cannot be
+    written."""
+    if metrics is not None:
+        check_metric_names(metrics)
+    if labels is not None:
+        raise ConfigError(f"{run_config.objective.name} runs are scored on their own rows, which have no labelled "
+                          "reply for label_accuracy; leave --labels out", where="--labels")
+    check = check_grpo_inputs if run_config.objective.name == "grpo" else check_kto_inputs
+    check(spec, run_config, data_path, metrics, limit)
+    if output is not None:
+        kept = ["eval.json", "eval_samples.jsonl"] if run_config.objective.name == "grpo" else ["eval.json"]
+        check_output_files(output, kept)
 
 
 def check_output_files(output: Path, names: list[str]) -> None:
@@ -125,8 +156,8 @@ def _read_samples(data_path: Path, data_config: DataConfig) -> list:
 
 def evaluate_model(
     spec: str,
-    data_path: Path,
-    metrics: list[str],
+    data_path: Path | None,
+    metrics: list[str] | None,
     *,
     options: GenerationOptions,
     limit: int | None = None,
@@ -135,13 +166,29 @@ def evaluate_model(
     baseline: str | None = None,
     labels: list[str] | None = None,
     label_score: LabelScore = "sum",
+    max_new_tokens: int | None = None,
 ) -> dict:
     """Evaluate `spec` on `data_path`. Returns the metrics; with `output`, writes eval.json and the
     per-sample replies (eval_samples.jsonl) there. With `baseline` (a model spec, or `base` for a run's base
     model), the baseline is evaluated on the same samples and the differences come with 95% intervals. When `spec`
     is a run directory the result is also kept there (RUN/evals/<data>-<metrics>.json) and its report.html shows it.
     `labels` (which adds label_accuracy) is the label set that metric scores; by default the distinct
-    references of the whole file, when there are at most 50."""
+    references of the whole file, when there are at most 50. `metrics` None: DEFAULT_METRICS.
+
+    A GRPO run on prompt rows, or a KTO run on feedback rows (`data_path` None: the run's held-out rows), is scored
+    by its objective's own evaluation: its rewards on greedy replies (plus `metrics`, else its eval.metrics, on
+    the same replies), or its loss and metrics. `max_new_tokens` bounds replies (default: options.max_new_tokens;
+    a GRPO run: its objective.max_new_tokens)."""
+    run_config = saved_run_config(spec)
+    if scores_own_rows(run_config, data_path):
+        _check_own_rows(spec, run_config, data_path, metrics, limit=limit, output=output, labels=labels)
+        if run_config.objective.name == "grpo":
+            return evaluate_grpo_run(spec, run_config, data_path, metrics, batch_size=options.batch_size,
+                                     max_new_tokens=max_new_tokens, limit=limit, output=output, baseline=baseline)
+        return evaluate_kto_run(spec, run_config, data_path, metrics, limit=limit, output=output, baseline=baseline)
+    if max_new_tokens is not None:
+        options = replace(options, max_new_tokens=max_new_tokens)
+    metrics = list(DEFAULT_METRICS if metrics is None else metrics)
     if labels is not None and "label_accuracy" not in metrics:
         metrics = [*metrics, "label_accuracy"]
     check_eval_inputs(spec, data_path, metrics, baseline=baseline, output=output, limit=limit, max_length=max_length,

@@ -22,6 +22,7 @@ import math
 import time
 from collections.abc import Callable, Sequence
 from contextlib import AbstractContextManager
+from dataclasses import dataclass
 
 import torch
 
@@ -109,10 +110,12 @@ class GrpoObjective:
         """Whether step `step` (0-based) samples a new rollout from new prompts, or updates on the last one."""
         return self.rollout_batches is None or step - self.rollout_step >= self.config.updates_per_rollout
 
-    def rollout(self, model, step_rows: list[list[list[PromptRow]]] | None, step: int) -> tuple[list, Metrics]:
+    def rollout(self, model, step_rows: list[list[list[PromptRow]]] | None, step: int,
+                epoch: float | None = None) -> tuple[list, Metrics]:
         """Sample, score and normalise completions for every prompt of the step; returns the step's micro-batches
         as rows of Completion items and the rollout's metrics. Without rows (see draws_rows) the last rollout's
-        micro-batches again, with no metrics."""
+        micro-batches again, with no metrics. `epoch`: the epochs done before this step, fractional (TRL's
+        trainer_state.epoch, which reward functions read)."""
         if step_rows is None:
             return self.rollout_batches, {}
         prompts = [item for rows in step_rows for row in rows for item in row]
@@ -122,7 +125,7 @@ class GrpoObjective:
         repeated = [p for p in prompts for _ in range(self.config.group_size)]
         texts = [self.tokenizer.decode(c, skip_special_tokens=True).strip() for c in ids]
         for reward in self.rewards:
-            reward.trainer_state.global_step = step
+            reward.trainer_state.global_step, reward.trainer_state.epoch = step, epoch
         scores = self.score(repeated, texts, ids)  # [C, R]
         total = _weighted_total(scores, [r.weight for r in self.rewards])
         advantages = group_advantages(total, self.config.group_size, self.config.scale_rewards)
@@ -332,8 +335,11 @@ class GrpoObjective:
         """Greedy completions of the held-out prompts, scored by the rewards: eval_reward (the weighted total),
         eval_rewards/<name>/mean, eval_completions/mean_length, and eval_loss = -eval_reward (so early stopping and
         keep_best on eval_loss follow the reward)."""
-        if not rows:
-            return {}
+        return self.evaluate_replies(model, rows, batch_size=batch_size).metrics if rows else {}
+
+    def evaluate_replies(self, model, rows: Sequence[PromptRow], *, batch_size: int = 16) -> GreedyEvaluation:
+        """`evaluate`, with what it measured: each prompt's greedy completion and its rewards (`tunelab eval` of a
+        GRPO run lists them per prompt and compares them with a baseline's)."""
         sampler = self._sampling_model(model)
         device = next(sampler.parameters()).device
         was_training = model.training
@@ -354,7 +360,20 @@ class GrpoObjective:
             result[f"eval_rewards/{reward.name}/mean"] = float(scores[:, index].nanmean())
             for name, value in reward.take_logged().items():
                 result[f"eval_rewards/{reward.name}/{name}"] = value
-        return result
+        return GreedyEvaluation(texts, scores, total, result)
+
+
+@dataclass
+class GreedyEvaluation:
+    """What GrpoObjective.evaluate measured on some prompts."""
+
+    replies: list[str]
+    scores: torch.Tensor
+    """Each reward of each reply [C, R], NaN where a reward gave None."""
+    total: torch.Tensor
+    """Each reply's weighted total [C], NaN where no reward judged it."""
+    metrics: dict[str, float]
+    """evaluate's result."""
 
 
 def _weighted_total(scores: torch.Tensor, weights: list[float]) -> torch.Tensor:

@@ -43,7 +43,8 @@ class RewardState:
     global_step: int = 0
     """Optimiser steps finished before this rollout (0-based step being sampled), TRL's global_step."""
     epoch: float | None = None
-    """None: the training loop does not tell the objective which epoch its prompts come from."""
+    """Epochs done before this rollout, fractional as TRL's (0.5: half the first epoch's batches trained); None
+    only when a rollout is sampled outside the training loop."""
 
 
 @dataclass

@@ -1,9 +1,11 @@
-"""metrics.jsonl: one JSON object per logged step, appended and flushed so a crash loses nothing."""
+"""metrics.jsonl: one JSON object per logged step, appended and flushed so a crash loses nothing; rewritten
+(on resume) only by replacing the whole file, so a crash mid-rewrite leaves the old one whole."""
 
 from __future__ import annotations
 
 import json
 import math
+import os
 from pathlib import Path
 from typing import Any
 
@@ -29,7 +31,23 @@ class MetricsLog:
         if not self.path.exists():
             return
         kept = [line for line in self.path.read_text().splitlines() if line and json.loads(line).get("step", 0) <= step]
-        self.path.write_text("".join(f"{line}\n" for line in kept))
+        self._replace(kept)
+
+    def replace_baseline(self, record: dict | None) -> None:
+        """Make the base model's step-0 line `record` (None: no such line), in place of the one logged before: a
+        resumed run that measured the base model again. The line goes first, where a fresh run logs it."""
+        lines = self.path.read_text().splitlines() if self.path.exists() else []
+        new = [] if record is None else [_line(record)]
+        old = [line for line in lines if line and _is_baseline(json.loads(line))]
+        if old == new and lines[:len(new)] == new:
+            return
+        self._replace(new + [line for line in lines if line and line not in old])
+
+    def _replace(self, lines: list[str]) -> None:
+        """Write `lines` to a scratch file beside the log and rename it over the log (atomic on POSIX)."""
+        scratch = self.path.with_name(f".{self.path.name}.{os.getpid()}.tmp")
+        scratch.write_text("".join(f"{line}\n" for line in lines))
+        os.replace(scratch, self.path)
 
     def clear(self) -> None:
         """Start the log afresh (a new run in an overwritten directory)."""
@@ -37,9 +55,18 @@ class MetricsLog:
 
     def write(self, record: dict) -> None:
         with open(self.path, "a") as handle:
-            handle.write(json.dumps(finite_or_null(record), allow_nan=False) + "\n")
+            handle.write(_line(record) + "\n")
 
     def read(self) -> list[dict]:
         if not self.path.exists():
             return []
         return [json.loads(line) for line in self.path.read_text().splitlines() if line]
+
+
+def _line(record: dict) -> str:
+    return json.dumps(finite_or_null(record), allow_nan=False)
+
+
+def _is_baseline(record: dict) -> bool:
+    """The base model's line: step 0 and nothing but eval_ values (a rollback to step 0 logs other keys)."""
+    return record.get("step") == 0 and all(key == "step" or key.startswith("eval_") for key in record)

@@ -137,7 +137,9 @@ def fit(ctx: LoopContext, state: TrainerState) -> TrainerState:
         metrics_of_step = MetricTotals()
         rollout_seconds = 0.0
         if hasattr(ctx.objective, "rollout"):  # an objective that trains on what the model generates (GRPO)
-            step_rows, rollout_metrics = ctx.objective.rollout(model, step_rows, state.step)
+            # TRL's trainer_state.epoch: micro-batches trained / those in an epoch, as of the last finished step
+            epoch = step_batches[0][0] + step_batches[0][1] / step_batches[0][2] if step_batches else None
+            step_rows, rollout_metrics = ctx.objective.rollout(model, step_rows, state.step, epoch)
             metrics_of_step.add(rollout_metrics)
             rollout_seconds = time.perf_counter() - started
         totals = _forward_backward(ctx, module, step_rows, metrics_of_step)

@@ -258,8 +258,11 @@ def _train(config: RunConfig, log: RunLog, ranks: Ranks, device: torch.device, *
     # Before a checkpoint loads: these are the base model's numbers.
     baseline = base_measurement(config, run_dir, lambda: run_model(lambda: _measure(evaluate, gen_samples, evaluate())),
                                 console, measures=ranks.is_main or sharded, writes=ranks.is_main, resume=resume)
+    step_zero = {"step": 0, **{k: v for k, v in baseline.items() if k.startswith("eval_")}}
     if not resume and "eval_loss" in baseline:
-        log.write({"step": 0, **{k: v for k, v in baseline.items() if k.startswith("eval_")}})
+        log.write(step_zero)
+    elif resume and ranks.is_main:  # baseline.json may have been measured again: the log's step 0 follows it
+        log.replace_baseline(step_zero if "eval_loss" in baseline else None)
     check_best_metric_is_logged(config.train.best_metric, baseline)
 
     if ranks.distributed:  # one seed built one model everywhere; from here each process draws its own dropout masks
