@@ -8,6 +8,7 @@ from pathlib import Path
 import typer
 
 from tunelab.cli_common import check_output_file, console, fail, quiet_libraries
+from tunelab.config import ROLLOUT_OBJECTIVES
 from tunelab.errors import UnknownFormat, UserError
 
 data_app = typer.Typer(help="Look at data the way training will see it.", no_args_is_help=True)
@@ -45,7 +46,7 @@ def data_inspect(
         spec = model or (run_config.model if run_config else "smollm2-135m-instruct")
         tokenizer = load_tokenizer(resolve_model(spec))
         seed = run_config.train.seed if run_config else None
-        grpo = run_config is not None and run_config.objective.name == "grpo"
+        grpo = run_config is not None and run_config.objective.name in ROLLOUT_OBJECTIVES
         report = inspect_data(target, tokenizer=tokenizer, data_config=data_config, seed=seed,
                               samples_to_show=samples,
                               completion_tokens=run_config.objective.max_new_tokens if grpo else 0)

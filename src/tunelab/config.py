@@ -32,6 +32,7 @@ from tunelab.method_config import (  # noqa: F401 - method schemas are part of t
 )
 from tunelab.objective_config import (  # noqa: F401 - objective schemas are part of the config's interface
     OBJECTIVE_CLASSES,
+    ROLLOUT_OBJECTIVES,
     DpoObjective,
     GrpoObjective,
     KtoObjective,
@@ -39,6 +40,8 @@ from tunelab.objective_config import (  # noqa: F401 - objective schemas are par
     OrpoObjective,
     RewardObjective,
     RewardSpec,
+    RlooObjective,
+    RolloutObjective,
     SftObjective,
     SimpoObjective,
 )

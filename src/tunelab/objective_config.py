@@ -107,11 +107,10 @@ class RewardSpec(Strict):
     """Built-ins only: the column holding each row's reference answer."""
 
 
-class GrpoObjective(Strict):
-    """GRPO on prompt-only rows: `group_size` completions per prompt are sampled from the policy, scored by the
-    rewards, and each completion's tokens are pushed up or down by how its reward compares with its group's."""
+class RolloutObjective(Strict):
+    """What GRPO and RLOO share: prompt-only rows, `group_size` completions sampled per prompt from the policy and
+    scored by the rewards, each completion pushed up or down by how its reward compares with its siblings'."""
 
-    name: Literal["grpo"]
     rewards: list[str | RewardSpec] = Field(min_length=1)
     """What a completion is worth: each entry a built-in name, `file.py:function`, a reward-model run folder, or
     `{reward: ..., weight: W, column: C}`."""
@@ -122,18 +121,11 @@ class GrpoObjective(Strict):
     temperature: float = Field(1.0, gt=0)
     top_p: float = Field(1.0, gt=0, le=1)
     beta: float = Field(0.0, ge=0)
-    """Weight of the per-token KL penalty to the reference (the starting model). 0: no reference pass at all."""
+    """Weight of the KL penalty to the reference (the starting model). 0: no reference pass at all."""
     epsilon: float = Field(0.2, gt=0)
     """Clip range of the probability ratio to the policy that sampled the completions."""
     epsilon_high: float | None = Field(None, gt=0)
     """Upper clip range (DAPO's clip-higher: 0.28); default epsilon."""
-    loss_type: Literal["grpo", "dr_grpo", "dapo"] = "dapo"
-    """How token losses add up: grpo: mean over each completion's tokens, then over completions (favours short
-    right answers); dr_grpo: sum over tokens / (completions x max_new_tokens); dapo (TRL's default): sum over
-    tokens / the step's completion tokens."""
-    scale_rewards: Literal["group", "batch", "none"] = "group"
-    """Divide each advantage by the std of its group's rewards (`group`), of the step's (`batch`), or not at all
-    (`none`, as Dr. GRPO recommends)."""
     mask_truncated_completions: bool = False
     """Leave completions cut off at max_new_tokens out of the loss (DAPO)."""
     updates_per_rollout: int = Field(1, ge=1)
@@ -150,8 +142,41 @@ class GrpoObjective(Strict):
         return self.epsilon if self.epsilon_high is None else self.epsilon_high
 
 
+class GrpoObjective(RolloutObjective):
+    """GRPO (Shao et al. 2024): each completion's advantage is its reward minus its group's mean (over the group's
+    std), every completion token's ratio is clipped on its own, and beta weighs a per-token KL estimate in the
+    loss."""
+
+    name: Literal["grpo"]
+    loss_type: Literal["grpo", "dr_grpo", "dapo"] = "dapo"
+    """How token losses add up: grpo: mean over each completion's tokens, then over completions (favours short
+    right answers); dr_grpo: sum over tokens / (completions x max_new_tokens); dapo (TRL's default): sum over
+    tokens / the step's completion tokens."""
+    scale_rewards: Literal["group", "batch", "none"] = "group"
+    """Divide each advantage by the std of its group's rewards (`group`), of the step's (`batch`), or not at all
+    (`none`, as Dr. GRPO recommends)."""
+
+
+class RlooObjective(RolloutObjective):
+    """RLOO (REINFORCE leave-one-out, Ahmadian et al. 2024) as TRL's RLOOTrainer computes it: each completion's
+    baseline is the mean reward of the other completions of its prompt, beta x the completion's KL to the
+    reference (the sum of its tokens' log-ratios) is taken off its reward, and the ratio is clipped per completion
+    (the sum of its tokens' log-probabilities), the loss a mean over completions."""
+
+    name: Literal["rloo"]
+    beta: float = Field(0.05, ge=0)
+    """Weight of the KL penalty in the reward (TRL's default 0.05). 0: no reference pass at all."""
+    normalize_advantages: bool = False
+    """Scale the step's advantages to mean 0 and std 1 (TRL's normalize_advantages)."""
+
+
+ROLLOUT_OBJECTIVES = ("grpo", "rloo")
+"""Objectives that train on completions sampled from the policy (prompt-only rows, rewards)."""
+
+
 ObjectiveConfig = Annotated[
-    SftObjective | DpoObjective | OrpoObjective | SimpoObjective | KtoObjective | RewardObjective | GrpoObjective,
+    SftObjective | DpoObjective | OrpoObjective | SimpoObjective | KtoObjective | RewardObjective | GrpoObjective
+    | RlooObjective,
     Field(discriminator="name"),
 ]
 
@@ -163,4 +188,5 @@ OBJECTIVE_CLASSES = {
     "kto": KtoObjective,
     "reward": RewardObjective,
     "grpo": GrpoObjective,
+    "rloo": RlooObjective,
 }

@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 
 from tunelab.cli_common import check_output_file, check_output_folder
-from tunelab.config import DataConfig, load_config
+from tunelab.config import ROLLOUT_OBJECTIVES, DataConfig, load_config
 from tunelab.data.preference import data_kind, prepare_preference_data
 from tunelab.data.prepare import load_samples, prepare_eval_file, raise_problems
 from tunelab.data.template import ChatRenderer
@@ -105,10 +105,11 @@ def _check_own_rows(spec: str, run_config, data_path: Path | None, metrics: list
     if labels is not None:
         raise ConfigError(f"{run_config.objective.name} runs are scored on their own rows, which have no labelled "
                           "reply for label_accuracy; leave --labels out", where="--labels")
-    check = check_grpo_inputs if run_config.objective.name == "grpo" else check_kto_inputs
+    rollout = run_config.objective.name in ROLLOUT_OBJECTIVES
+    check = check_grpo_inputs if rollout else check_kto_inputs
     check(spec, run_config, data_path, metrics, limit)
     if output is not None:
-        kept = ["eval.json", "eval_samples.jsonl"] if run_config.objective.name == "grpo" else ["eval.json"]
+        kept = ["eval.json", "eval_samples.jsonl"] if rollout else ["eval.json"]
         check_output_files(output, kept)
 
 
@@ -182,7 +183,7 @@ def evaluate_model(
     run_config = saved_run_config(spec)
     if scores_own_rows(run_config, data_path):
         _check_own_rows(spec, run_config, data_path, metrics, limit=limit, output=output, labels=labels)
-        if run_config.objective.name == "grpo":
+        if run_config.objective.name in ROLLOUT_OBJECTIVES:
             return evaluate_grpo_run(spec, run_config, data_path, metrics, batch_size=options.batch_size,
                                      max_new_tokens=max_new_tokens, limit=limit, output=output, baseline=baseline)
         return evaluate_kto_run(spec, run_config, data_path, metrics, limit=limit, output=output, baseline=baseline)

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import torch
 
-from tunelab.config import GrpoObjective as GrpoConfig
+from tunelab.config import RolloutObjective as GrpoConfig
 from tunelab.config import RunConfig
 from tunelab.data.prompts import PreparedPrompts, PromptRow
 from tunelab.errors import ConfigError, TrainingFault
@@ -77,7 +77,7 @@ def evaluate_grpo_run(spec: str, run_config: RunConfig, data_path: Path | None, 
     references = _references(rows, rewards, names, explicit=metrics is not None)
     data = data_label(run_config, data_path)
     evaluation = _replies(spec, objective, load_generator(spec, device).model, rows, batch_size)
-    result = _result(spec, data, rows, evaluation, names, references)
+    result = _result(spec, data, rows, evaluation, names, references, config.name)
     samples = [_sample(row, evaluation, index, rewards, references) for index, row in enumerate(rows)]
     against = baseline_spec(baseline, run_config)
     if against is not None:
@@ -88,9 +88,9 @@ def evaluate_grpo_run(spec: str, run_config: RunConfig, data_path: Path | None, 
         method = loaded.run_config.method.name if loaded.run_config is not None else "full"
         base_objective = _objective(config, rewards, loaded.tokenizer, precision, method, run_config.train.seed)
         base = _replies(spec, base_objective, loaded.model, base_rows, batch_size)
-        result["baseline"] = _result(against, data, base_rows, base, names, references)
+        result["baseline"] = _result(against, data, base_rows, base, names, references, config.name)
         result["comparison"] = _comparison(rows, evaluation, base, rewards, names, references)
-    return keep_result(spec, result, ["grpo", *names], output, samples)
+    return keep_result(spec, result, [config.name, *names], output, samples)
 
 
 def _objective(config: GrpoConfig, rewards: list[Reward], tokenizer, precision: str, method: str,
@@ -125,10 +125,10 @@ def _replies(spec: str, objective: GrpoObjective, model, rows: list[PromptRow], 
 
 
 def _result(spec: str, data: str, rows: list[PromptRow], evaluation: GreedyEvaluation, names: list[str],
-            references: dict[str, str]) -> dict:
+            references: dict[str, str], objective: str) -> dict:
     """One model's numbers: its evaluation's (as training logs them, without eval_ and without eval_loss, which is
     -reward), and the task metrics on the replies to rows with a reference."""
-    result: dict = {"model": str(spec), "data": data, "objective": "grpo", "samples": len(rows)}
+    result: dict = {"model": str(spec), "data": data, "objective": objective, "samples": len(rows)}
     result.update({key.removeprefix("eval_"): value for key, value in evaluation.metrics.items()
                    if key != "eval_loss"})
     if references:

@@ -9,6 +9,7 @@ import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from tunelab.config import ROLLOUT_OBJECTIVES
 from tunelab.errors import ConfigError
 from tunelab.eval.recorded import evaluations_section
 from tunelab.eval.report_html import (
@@ -114,7 +115,7 @@ def before_after_keys(objective: str, record: dict | None = None) -> tuple[str, 
     held-out completions, found in `record`)."""
     if objective == "reward":
         return ("eval_rewards/accuracies", "eval_rewards/margins")
-    if objective == "grpo":
+    if objective in ROLLOUT_OBJECTIVES:
         return ("eval_reward", *sorted(k for k in record or {} if k.startswith("eval_rewards/")))
     if objective == "kto":  # unpaired: the implied rewards of the good and of the bad replies, apart
         return ("eval_rewards/chosen", "eval_rewards/rejected", "eval_kl")

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import torch
 
-from tunelab.config import DataConfig, RunConfig
+from tunelab.config import ROLLOUT_OBJECTIVES, DataConfig, RunConfig
 from tunelab.data.preference import data_kind
 from tunelab.errors import ConfigError, UserError
 from tunelab.eval.recorded import record_evaluation, result_json
@@ -18,7 +18,7 @@ from tunelab.track.jsonl import finite_or_null
 from tunelab.train.precision import resolve_precision
 from tunelab.train.run_data import prepare_run_data
 
-OWN_ROWS = {"grpo": "prompts", "kto": "feedback"}
+OWN_ROWS = {"grpo": "prompts", "rloo": "prompts", "kto": "feedback"}
 """The objectives `tunelab eval` scores by their own evaluation, and the kind of rows each trains on."""
 
 ROWS_NAMED = {"prompts": "prompt-only rows (a prompt column, no reply)",
@@ -50,7 +50,8 @@ def refuse_rows_of_another_objective(spec: str, data_path: Path, run_config: Run
     objective = next((name for name, rows in OWN_ROWS.items() if rows == kind), None)
     if objective is None:
         return
-    how = "its rewards score each prompt's reply" if objective == "grpo" else "its loss scores the labelled replies"
+    how = ("its rewards score each prompt's reply" if objective in ROLLOUT_OBJECTIVES
+           else "its loss scores the labelled replies")
     raise ConfigError(f"{data_path} holds {ROWS_NAMED[kind]}, which `tunelab eval` scores for a {objective} run "
                       f"({how}); {spec} is not one: evaluate it on rows with reference replies", where="--data")
 

@@ -11,7 +11,7 @@ Every objective offers:
 and, when it compares against a reference model:
     reference: Reference                  live (the adapter switched off) or precomputed per row
     sequences(item) -> (first, second)    the two sequences whose reference log-probs a row stores
-and, when it trains on what the model itself generates (GRPO):
+and, when it trains on what the model itself generates (GRPO, RLOO):
     rollout(model, step_rows, step) -> (step_rows, metrics)   the step's prompts in, its completions out
     prepare(model)                        called once before a checkpoint loads (keep the starting model)
     evaluate(model, rows) -> metrics      the held-out evaluation (eval_loss and the objective's own)
@@ -23,7 +23,7 @@ from __future__ import annotations
 
 from functools import partial
 
-from tunelab.config import ObjectiveConfig
+from tunelab.config import ROLLOUT_OBJECTIVES, ObjectiveConfig
 from tunelab.methods import METHODS
 from tunelab.objectives.dpo import dpo_losses
 from tunelab.objectives.grpo import GRPO_EVAL_METRICS, GrpoObjective
@@ -48,7 +48,7 @@ PAIR_LOSSES = {"dpo": dpo_losses, "orpo": orpo_losses, "simpo": simpo_losses}
 
 def objective_metrics(config: ObjectiveConfig) -> tuple[str, ...]:
     """The metrics the objective logs at every evaluation, as eval_<key> (what train.best_metric may follow)."""
-    if config.name == "grpo":
+    if config.name in ROLLOUT_OBJECTIVES:
         return (*GRPO_EVAL_METRICS, *(f"rewards/{name}/mean" for name in reward_names(config)))
     return {"sft": (), "kto": KTO_METRICS, "reward": REWARD_METRICS}.get(config.name, PAIR_METRICS)
 
@@ -66,7 +66,7 @@ def build_objective(config: ObjectiveConfig, method_name: str, packing: bool, *,
                     precision: str = "fp32"):
     """The objective `config` names, for a model trained with `method_name` (GRPO also samples with `tokenizer`
     from a generator seeded by `seed`, in `precision`). Raises ConfigError for a reward it cannot use."""
-    if config.name == "grpo":
+    if config.name in ROLLOUT_OBJECTIVES:
         switch_off = getattr(METHODS[method_name], "without_adapter", None)
         return GrpoObjective(config, build_rewards(config), tokenizer, seed=seed, switch_off=switch_off,
                              precision=precision, method_name=method_name)

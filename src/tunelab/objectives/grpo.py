@@ -1,4 +1,5 @@
-"""GRPO (Shao et al. 2024) with TRL's loss variants: for each prompt the policy samples `group_size` completions,
+"""GRPO (Shao et al. 2024) with TRL's loss variants, and RLOO (objectives/rloo.py: the same rollouts, another
+advantage and loss): for each prompt the policy samples `group_size` completions,
 the rewards score them, and each completion's advantage is its reward minus its group's mean (divided by the
 group's std under scale_rewards: group). The loss pushes every completion token's log-probability up or down
 by its advantage, through PPO's clipped ratio to the policy that sampled it, plus beta x a per-token KL estimate
@@ -26,7 +27,7 @@ from dataclasses import dataclass
 
 import torch
 
-from tunelab.config import GrpoObjective as GrpoConfig
+from tunelab.config import RolloutObjective as GrpoConfig
 from tunelab.data.prompts import PromptRow
 from tunelab.data.template import IGNORE_INDEX, TokenizedSample
 from tunelab.errors import TrainingFault
@@ -46,6 +47,8 @@ from tunelab.objectives.grpo_loss import (  # noqa: F401 - Completion and the lo
 from tunelab.objectives.metrics import Metrics
 from tunelab.objectives.pairs import collate_sequences
 from tunelab.objectives.rewards import Reward, raised_at
+from tunelab.objectives.rloo import leave_one_out_advantages, sequence_kl, sequence_losses
+from tunelab.objectives.rollout_state import rollout_from_tensors, rollout_tensors
 from tunelab.train.precision import autocast
 
 
@@ -127,22 +130,31 @@ class GrpoObjective:
         for reward in self.rewards:
             reward.trainer_state.global_step, reward.trainer_state.epoch = step, epoch
         scores = self.score(repeated, texts, ids)  # [C, R]
+        scored = time.perf_counter()
         total = _weighted_total(scores, [r.weight for r in self.rewards])
-        advantages = group_advantages(total, self.config.group_size, self.config.scale_rewards)
         completions = [
             Completion(TokenizedSample([*p.prompt_ids, *c], [IGNORE_INDEX] * len(p.prompt_ids) + list(c), p.where,
-                                       p.source), float(a), t)
-            for p, c, a, t in zip(repeated, ids, advantages.tolist(), truncated, strict=True)
+                                       p.source), 0.0, t, index)
+            for index, (p, c, t) in enumerate(zip(repeated, ids, truncated, strict=True))
         ]
-        metrics: Metrics = {
-            **self._reward_metrics(scores, total),
+        metrics: Metrics = self._reward_metrics(scores, total)
+        if self.config.name == "rloo":
+            if self.config.beta:  # RLOO's KL penalty is part of the reward
+                sizes = [sum(len(row) for row in rows) * self.config.group_size for rows in step_rows]
+                kl, tokens = self._rollout_kl(model, completions, sizes)
+                total = total - self.config.beta * kl
+                metrics["kl"] = (float(kl.sum()), tokens)
+            advantages = leave_one_out_advantages(total, self.config.group_size, self.config.normalize_advantages)
+        else:
+            advantages = group_advantages(total, self.config.group_size, self.config.scale_rewards)
+        for completion, advantage in zip(completions, advantages.tolist(), strict=True):
+            completion.advantage = advantage
+        metrics |= {
             "completions/mean_length": (sum(len(c) for c in ids) / len(ids), 1),
             "completions/clipped_ratio": (sum(truncated) / len(truncated), 1),
             "seconds/generate": (generated - started, 1),
-            "seconds/reward": (time.perf_counter() - generated, 1),
+            "seconds/reward": (scored - generated, 1),
         }
-        for index, completion in enumerate(completions):
-            completion.index = index
         out, at = [], 0
         for rows in step_rows:
             count = sum(len(row) for row in rows) * self.config.group_size
@@ -156,7 +168,7 @@ class GrpoObjective:
         """What TRL logs of a rollout's rewards: the mean and std over all its completions of the total (those no
         reward judged left out), the share whose scaling std is 0, each reward's mean and std where it judged, and
         what the rewards gave log_metric (rewards/<name>/<metric>)."""
-        stds = reward_stds(total, self.config.group_size, self.config.scale_rewards)
+        stds = reward_stds(total, self.config.group_size, getattr(self.config, "scale_rewards", "group"))
         metrics: Metrics = {
             "reward": (float(total.nanmean()), 1),
             "reward_std": (float(nanstd(total)), 1),
@@ -192,6 +204,26 @@ class GrpoObjective:
             return model
         dtype = torch.bfloat16 if self.precision == "bf16" else torch.float32
         return merged_copy(model, self.method_name, dtype) or model
+
+    def _rollout_kl(self, model, completions: list[Completion], sizes: list[int]) -> tuple[torch.Tensor, int]:
+        """(each completion's KL to the reference [C]: its tokens' log-ratios summed, under the policy that sampled
+        it; the completion tokens counted), scored micro-batch by micro-batch (`sizes` completions each)."""
+        device = next(model.parameters()).device
+        was_training = model.training
+        model.eval()
+        kls, tokens, at = [], 0, 0
+        try:
+            with torch.no_grad(), autocast(self.precision, device):
+                for size in sizes:
+                    rows = [[c] for c in completions[at:at + size]]
+                    batch = {k: v.to(device) for k, v in self.collate(rows, self.tokenizer.pad_token_id, False).items()}
+                    logps, keep = self.token_logprobs(model, batch)
+                    owners = batch["sequence_ids"][keep]
+                    kls.append(sequence_kl(logps, self._reference_logps(model, batch), owners, size).cpu())
+                    tokens, at = tokens + len(owners), at + size
+        finally:
+            model.train(was_training)
+        return torch.cat(kls), tokens
 
     def score(self, rows: Sequence[PromptRow], texts: list[str], ids: list[list[int]]) -> torch.Tensor:
         """Every reward of every completion [C, R] (NaN where a reward gave None). A reward that raises, returns
@@ -231,10 +263,10 @@ class GrpoObjective:
         return batch
 
     def count(self, batch: dict[str, torch.Tensor]) -> int:
-        """What the step's loss is divided by: completions (grpo), completions x max_new_tokens (dr_grpo), or
-        the completion tokens that count (dapo)."""
+        """What the step's loss is divided by: completions (grpo, rloo), completions x max_new_tokens (dr_grpo),
+        or the completion tokens that count (dapo)."""
         sequences = int(batch["sequence_count"])
-        if self.config.loss_type == "grpo":
+        if self.config.name == "rloo" or self.config.loss_type == "grpo":
             return sequences
         if self.config.loss_type == "dr_grpo":
             return sequences * self.config.max_new_tokens
@@ -255,13 +287,20 @@ class GrpoObjective:
     def loss_sum(self, model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, Metrics]:
         logps, keep = self.token_logprobs(model, batch)
         owners = batch["sequence_ids"][keep]
-        reference = self._reference_logps(model, batch) if self.config.beta else None
+        rloo = self.config.name == "rloo"  # its KL is in the advantages already
+        reference = self._reference_logps(model, batch) if self.config.beta and not rloo else None
         if "old_logps" in batch:
             old = batch["old_logps"]
         else:  # the rollout's first update: the policy that sampled is this one, so its log-probs are these
             old = logps.detach()
             if "completion_index" in batch:
                 self._keep_old_logps(batch, owners, old)
+        if rloo:
+            count = int(batch["sequence_count"])
+            losses, clipped = sequence_losses(logps, old, owners, count, batch["advantages"], self.config)
+            weights = batch["sequence_weights"]
+            return (losses * weights).sum(), {"clip_ratio/region_mean": (float((clipped.float() * weights).sum()),
+                                                                         float(weights.sum()))}
         losses, kl, clipped = token_losses(logps, old, batch["advantages"][owners], self.config, reference)
         weights = batch["sequence_weights"][owners]
         weighted = losses * weights
@@ -289,38 +328,10 @@ class GrpoObjective:
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         """The rollout the next updates reuse (empty when every step samples its own)."""
-        if self.rollout_batches is None:
-            return {}
-        flat = [c for rows in self.rollout_batches for row in rows for c in row]
-        if any(c.old_logps is None for c in flat):
-            return {}  # its first update never finished: the resumed run samples it again (same seed)
-        return {
-            "rollout_step": torch.tensor([self.rollout_step]),
-            "micro_batch_sizes": torch.tensor([sum(len(row) for row in rows) for rows in self.rollout_batches]),
-            "lengths": torch.tensor([len(c.sample.input_ids) for c in flat]),
-            "prompt_lengths": torch.tensor([c.sample.labels.count(IGNORE_INDEX) for c in flat]),
-            "input_ids": torch.tensor([t for c in flat for t in c.sample.input_ids]),
-            "advantages": torch.tensor([c.advantage for c in flat], dtype=torch.float32),
-            "truncated": torch.tensor([c.truncated for c in flat]),
-            "old_logps": torch.tensor([v for c in flat for v in c.old_logps], dtype=torch.float32),
-        }
+        return {} if self.rollout_batches is None else rollout_tensors(self.rollout_batches, self.rollout_step)
 
     def load_state_dict(self, tensors: dict[str, torch.Tensor]) -> None:
-        ids = tensors["input_ids"].split(tensors["lengths"].tolist())
-        completions, old_at = [], 0
-        for index, (sequence, prompt_length) in enumerate(zip(ids, tensors["prompt_lengths"].tolist(), strict=True)):
-            tokens = sequence.tolist()
-            trained = len(tokens) - prompt_length
-            completions.append(Completion(
-                TokenizedSample(tokens, [IGNORE_INDEX] * prompt_length + tokens[prompt_length:], ""),
-                float(tensors["advantages"][index]), bool(tensors["truncated"][index]), index,
-                tensors["old_logps"][old_at : old_at + trained].tolist()))
-            old_at += trained
-        self.rollout_batches, at = [], 0
-        for size in tensors["micro_batch_sizes"].tolist():
-            self.rollout_batches.append([[c] for c in completions[at : at + size]])
-            at += size
-        self.rollout_step = int(tensors["rollout_step"][0])
+        self.rollout_batches, self.rollout_step = rollout_from_tensors(tensors)
 
     def _reference_logps(self, model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         with torch.no_grad():

@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from tunelab.config import GrpoObjective, RewardSpec
+from tunelab.config import RewardSpec, RolloutObjective
 from tunelab.data.prompts import PromptRow
 from tunelab.errors import ConfigError
 from tunelab.eval.metrics import _first_json_object, normalize_text, per_sample_json_field_accuracy
@@ -237,7 +237,7 @@ def model_reward(spec: RewardSpec, where: str) -> Reward:
     return Reward(Path(spec.reward).name, spec.weight, score)
 
 
-def build_rewards(config: GrpoObjective) -> list[Reward]:
+def build_rewards(config: RolloutObjective) -> list[Reward]:
     """The rewards objective.rewards names. Raises ConfigError naming the entry that cannot be used."""
     rewards = []
     for index, spec in enumerate(config.reward_specs()):
@@ -256,7 +256,7 @@ def build_rewards(config: GrpoObjective) -> list[Reward]:
     return rewards
 
 
-def reward_names(config: GrpoObjective) -> list[str]:
+def reward_names(config: RolloutObjective) -> list[str]:
     """The name each reward is logged under (rewards/<name>/mean): the built-in's, the function's or the run
     folder's, with its position appended when two rewards would share one."""
     names = [spec.reward.rpartition(":")[2] if spec.reward.rpartition(":")[0].endswith(".py")

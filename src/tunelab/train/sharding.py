@@ -14,6 +14,7 @@ import sys
 
 import torch
 
+from tunelab.config import ROLLOUT_OBJECTIVES
 from tunelab.errors import ConfigError
 
 # torch.distributed.checkpoint and .tensor take ~1 s to import: only runs that shard pay it (a DTensor can exist
@@ -48,9 +49,10 @@ def check_several_processes(config, ranks) -> None:
         raise ConfigError(f"train.optimizer={config.train.optimizer} (bitsandbytes) cannot update sharded parameters; "
                           "use train.optimizer=adamw (FSDP already splits its state across the processes) or "
                           "train.distributed=ddp", where="train.optimizer")
-    if config.objective.name == "grpo":
-        raise ConfigError("GRPO cannot shard the model: each process samples its own prompts, and completions of "
-                          "different lengths would break the processes' lock-step forwards; use train.distributed=ddp",
+    if config.objective.name in ROLLOUT_OBJECTIVES:
+        raise ConfigError(f"{config.objective.name.upper()} cannot shard the model: each process samples its own "
+                          "prompts, and completions of different lengths would break the processes' lock-step "
+                          "forwards; use train.distributed=ddp",
                           where="train.distributed")
     if config.method.name not in FSDP_METHODS:
         raise ConfigError(f"FSDP shards {', '.join(FSDP_METHODS)}; '{config.method.name}' cannot be sharded "
