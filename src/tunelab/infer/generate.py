@@ -10,7 +10,7 @@ from dataclasses import dataclass
 import torch
 
 from tunelab.data.template import ChatRenderer
-from tunelab.infer.decode import Sampling, decode, left_padded, pick_scores
+from tunelab.infer.decode import Decoded, RowNoise, Sampling, decode, left_padded, pick_scores
 from tunelab.models.logprobs import uses_virtual_tokens
 
 
@@ -68,10 +68,14 @@ def generate_replies(
     sampling = Sampling(options.temperature, options.top_p, options.seed) if options.do_sample else None
     with decoding_model(model, options.precision) as decoder:
         if uses_virtual_tokens(decoder):
-            return [reply for batch in _generate_batches(decoder, renderer, conversations, options) for reply in batch]
-        decoded = decode(decoder, prompts, max_new_tokens=options.max_new_tokens,
-                         stop_ids=stop_token_ids(model, tokenizer), pad_id=tokenizer.pad_token_id,
-                         sampling=sampling, batch_size=options.batch_size, lookup=options.lookup)
+            decoded = decode_with_virtual_tokens(decoder, prompts, max_new_tokens=options.max_new_tokens,
+                                                 stop_ids=stop_token_ids(model, tokenizer),
+                                                 pad_id=tokenizer.pad_token_id, sampling=sampling,
+                                                 batch_size=options.batch_size)
+        else:
+            decoded = decode(decoder, prompts, max_new_tokens=options.max_new_tokens,
+                             stop_ids=stop_token_ids(model, tokenizer), pad_id=tokenizer.pad_token_id,
+                             sampling=sampling, batch_size=options.batch_size, lookup=options.lookup)
     return [tokenizer.decode(tokens, skip_special_tokens=True).strip() for tokens in decoded.tokens]
 
 
@@ -115,7 +119,10 @@ def _bf16_copy(model) -> torch.nn.Module | None:
 def _generate_batches(
     model, renderer: ChatRenderer, conversations: list[list[dict[str, str]]], options: GenerationOptions
 ) -> Iterator[list[str]]:
-    """transformers' `generate`, for models whose forward adds virtual tokens (prompt and prefix tuning)."""
+    """Greedy replies from transformers' own `generate`, batch by batch: the reference tests hold tunelab's
+    decoding loop to (tests/test_decode.py). Not for prompt or prefix tuning (see decode_with_virtual_tokens)."""
+    if options.do_sample:
+        raise ValueError("_generate_batches is the greedy reference; sampled replies come from generate_replies")
     tokenizer = renderer.tokenizer
     device = next(model.parameters()).device
     previous_side = tokenizer.padding_side
@@ -123,17 +130,8 @@ def _generate_batches(
     try:
         for start in range(0, len(conversations), options.batch_size):
             encoded = encode_prompts(renderer, conversations[start : start + options.batch_size]).to(device)
-            if options.do_sample:
-                torch.manual_seed(options.seed + start)
-            sampling = {"temperature": options.temperature, "top_p": options.top_p} if options.do_sample else {}
-            output = model.generate(
-                **encoded,
-                max_new_tokens=options.max_new_tokens,
-                do_sample=options.do_sample,
-                pad_token_id=tokenizer.pad_token_id,
-                eos_token_id=stop_token_ids(model, tokenizer),
-                **sampling,
-            )
+            output = model.generate(**encoded, max_new_tokens=options.max_new_tokens, do_sample=False,
+                                    pad_token_id=tokenizer.pad_token_id, eos_token_id=stop_token_ids(model, tokenizer))
             new_tokens = output[:, encoded["input_ids"].shape[1] :]
             yield [tokenizer.decode(row, skip_special_tokens=True).strip() for row in new_tokens]
     finally:
@@ -153,35 +151,86 @@ def sample_token_ids(
     generation config says."""
     sampling = Sampling(temperature, top_p, seed) if do_sample else None
     if uses_virtual_tokens(model):
-        return _sample_with_generate(model, tokenizer, prompts, max_new_tokens, sampling, repeats)
+        decoded = decode_with_virtual_tokens(model, [p for p in prompts for _ in range(repeats)],
+                                             max_new_tokens=max_new_tokens, stop_ids=stop_token_ids(model, tokenizer),
+                                             pad_id=tokenizer.pad_token_id, sampling=sampling,
+                                             batch_size=(batch_size or len(prompts)) * repeats)
+        return decoded.tokens, decoded.truncated
     decoded = decode(model, prompts, max_new_tokens=max_new_tokens, stop_ids=stop_token_ids(model, tokenizer),
                      pad_id=tokenizer.pad_token_id, sampling=sampling, batch_size=batch_size or len(prompts),
                      repeats=repeats)
     return decoded.tokens, decoded.truncated
 
 
-def _sample_with_generate(model, tokenizer, prompts: list[list[int]], max_new_tokens: int, sampling: Sampling | None,
-                          repeats: int) -> tuple[list[list[int]], list[bool]]:
-    """sample_token_ids through transformers' `generate` (prompt and prefix tuning: PEFT's forward adds the
-    virtual tokens), sampling by the same Gumbel-max draw."""
-    device = next(model.parameters()).device
-    pad = tokenizer.pad_token_id
-    input_ids, attention_mask = left_padded(prompts, pad, device)
-    width = input_ids.shape[1]
-    processors = None
-    if sampling is not None:
-        from transformers import LogitsProcessorList
+@torch.no_grad()
+def decode_with_virtual_tokens(model, prompts: list[list[int]], *, max_new_tokens: int, stop_ids: list[int],
+                               pad_id: int, sampling: Sampling | None = None, batch_size: int = 16) -> Decoded:
+    """decode's completions for a prompt- or prefix-tuned PEFT model: its learned inputs first, then each prompt,
+    at the positions training gave them ([virtual tokens][prompt], however much left padding the batch needs),
+    greedy unless `sampling`, each completion drawing from its own generator (decode's RowNoise): a reply does not
+    depend on the batch size or the prompts beside it.
 
-        generator = torch.Generator(device=device).manual_seed(sampling.seed)
-        processors = LogitsProcessorList([lambda ids, scores: pick_scores(scores, sampling, generator)])
-    stops = stop_token_ids(model, tokenizer)
-    output = model.generate(input_ids=input_ids.repeat_interleave(repeats, dim=0),
-                            attention_mask=attention_mask.repeat_interleave(repeats, dim=0),
-                            max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=pad, eos_token_id=stops,
-                            logits_processor=processors)
-    completions, truncated = [], []
-    for row in output[:, width:].tolist():
-        end = next((i for i, token in enumerate(row) if token in stops), None)
-        completions.append(row if end is None else row[: end + 1])
-        truncated.append(end is None)
-    return completions, truncated
+    Why not `generate`: with peft 0.21.2 and transformers 5.25 (whose generate passes the KV cache as `cache`, not
+    `past_key_values`), PEFT's prepare_inputs_for_generation does not see the cache and injects its virtual tokens
+    or prefix as if every step were the first; on a tiny Llama the logits `generate` picked from differed from
+    PEFT's own forward over the same tokens by 0.05-0.25 (their spread: 0.16), prompt tuning from the second token
+    on, prefix tuning from the first. PEFT's prompt tuning also drops position ids, so left padding
+    moved a prompt away from its virtual tokens. This loop uses PEFT's public pieces (get_prompt, word_embeddings,
+    get_base_model) and the base model's forward; tests/test_launch_sampling_fixes.py holds it to PEFT's forward."""
+    stops = set(stop_ids)
+    tokens: list[list[int]] = []
+    truncated: list[bool] = []
+    noise = RowNoise(sampling.seed, next(model.parameters()).device) if sampling is not None else None
+    for start in range(0, len(prompts), batch_size):
+        batch = prompts[start : start + batch_size]
+        done = _virtual_token_batch(model, batch, list(range(start, start + len(batch))), max_new_tokens, stops,
+                                    pad_id, sampling, noise)
+        tokens += done[0]
+        truncated += done[1]
+    return Decoded(tokens, truncated)
+
+
+def _virtual_token_batch(model, prompts: list[list[int]], rows: list[int], max_new_tokens: int, stops: set[int],
+                         pad_id: int, sampling: Sampling | None,
+                         noise: RowNoise | None) -> tuple[list[list[int]], list[bool]]:
+    from peft import PeftType
+
+    config, base = model.active_peft_config, model.get_base_model()
+    virtual = config.num_virtual_tokens
+    input_ids, mask = left_padded(prompts, pad_id, next(model.parameters()).device)  # [B, T]
+    ones = torch.ones(len(prompts), virtual, dtype=mask.dtype, device=mask.device)
+    if config.peft_type in (PeftType.PREFIX_TUNING, PeftType.CARTRIDGE):
+        # the learned keys and values fill the first `virtual` cache positions; the prompt continues after them
+        cache = model.get_prompt(batch_size=len(prompts))
+        mask = torch.cat([ones, mask], dim=1)
+        positions = virtual + (mask[:, virtual:].cumsum(-1) - 1).clamp(min=0)
+        inputs = {"input_ids": input_ids}
+    else:
+        # prompt tuning: [padding][virtual tokens][prompt], so every row's virtual tokens sit at 0..virtual-1
+        embeds = model.word_embeddings(input_ids)
+        embeds = torch.cat([model.get_prompt(batch_size=len(prompts)).to(embeds.dtype), embeds], dim=1)
+        mask = torch.cat([ones, mask], dim=1)
+        order = mask.argsort(dim=1, stable=True)  # padding (0) first, the rest in their order
+        embeds = embeds.gather(1, order[..., None].expand_as(embeds))  # [B, virtual + T, H]
+        mask = mask.gather(1, order)
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)
+        cache, inputs = None, {"inputs_embeds": embeds}
+    tokens: list[list[int]] = [[] for _ in prompts]
+    finished = [False] * len(prompts)
+    for step in range(max_new_tokens):
+        out = base(**inputs, attention_mask=mask, position_ids=positions, cache=cache, use_cache=True,
+                   logits_to_keep=1)
+        cache, logits = out.cache, out.logits[:, -1]  # [B, vocabulary]
+        if sampling is not None:
+            logits = pick_scores(logits, sampling, None, noise.uniform(rows, logits.shape[-1]))
+        picked = logits.float().max(dim=-1).indices  # max's indices are argmax's
+        for row, token in enumerate(picked.tolist()):
+            if not finished[row]:
+                tokens[row].append(token)
+                finished[row] = token in stops
+        if all(finished) or step == max_new_tokens - 1:
+            break
+        inputs = {"input_ids": picked[:, None]}
+        mask = torch.cat([mask, mask.new_ones(len(prompts), 1)], dim=1)
+        positions = positions[:, -1:] + 1
+    return tokens, [not row or row[-1] not in stops for row in tokens]

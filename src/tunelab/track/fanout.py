@@ -42,17 +42,20 @@ class Tracker(Protocol):
 
 
 def check_trackers(track: TrackConfig) -> None:
-    """Import what each named tracker needs, so a missing package stops the run before anything is written."""
+    """Import what each named tracker needs, and run its module's `check(track)` where it has one (MLflow: that its
+    server answers), so a missing package or an unusable setting stops the run before anything is written."""
     for name in track.to:
         module, package = _TRACKERS[name]
         try:
-            importlib.import_module(module)
+            imported = importlib.import_module(module)
         except ImportError as err:
             raise UserError(
                 f"{name} is not installed ({err}); install tunelab's tracking extra: pip install 'tunelab[track]' "
                 f"(or just pip install {package})",
                 where="track.to",
             ) from None
+        if hasattr(imported, "check"):
+            imported.check(track)
 
 
 def flatten_scalars(record: dict[str, Any], prefix: str = "") -> dict[str, float]:

@@ -105,7 +105,13 @@ def launched_ranks() -> Ranks:
 
 
 def start(ranks: Ranks) -> torch.device:
-    """Join the process group (NCCL on CUDA, else gloo) and return this process's device."""
+    """Join the process group (NCCL on CUDA, else gloo) and return this process's device. A process other than the
+    main one stops writing to standard output from here (its errors still show): under torchrun or `accelerate
+    launch` every process has the terminal, and the main one speaks for all (see launch.quiet_standard_output)."""
+    if not ranks.is_main:
+        from tunelab.train.launch import quiet_standard_output
+
+        quiet_standard_output()
     if torch.cuda.is_available():
         device = torch.device("cuda", ranks.local_rank)
         torch.cuda.set_device(device)

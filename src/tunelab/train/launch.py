@@ -5,7 +5,9 @@ the first process to fail (2 for bad input, 143 after SIGTERM), not a launcher t
 talks to the terminal: the others' output would repeat its own (a config error once per process, --json twice),
 so their error output is held back and shown only for a failure of their own, not when the main process ended on
 bad input or a stop request (they then only fail after it, in a collective whose peer is gone).
-For several machines, use torchrun or `accelerate launch` with their own rendezvous instead."""
+For several machines, use torchrun or `accelerate launch` with their own rendezvous instead; under those, each
+process other than the main one silences its own standard output when it joins the group (quiet_standard_output),
+so the terminal sees progress once there too, while every process's errors still show."""
 
 from __future__ import annotations
 
@@ -31,6 +33,22 @@ def free_port() -> int:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         return probe.getsockname()[1]
+
+
+def quiet_standard_output() -> None:
+    """Send this process's standard output (file descriptor 1: Python's prints, rich consoles, C extensions, child
+    processes) nowhere, as launch_local does for every process but the main one; standard error, where errors go,
+    stays. For a process that is not the main one under an external launcher (torchrun, `accelerate launch`),
+    which gives every process the terminal: its progress, the dry run's plan and --json would repeat the main
+    one's."""
+    sys.stdout.flush()
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(devnull, sys.stdout.fileno())
+    except (AttributeError, OSError, ValueError):  # a stdout without a descriptor (captured, replaced): its object
+        sys.stdout = open(os.devnull, "w")  # noqa: SIM115 - for the rest of the process
+    finally:
+        os.close(devnull)
 
 
 def launch_local(nproc: int, arguments: list[str]) -> int:
