@@ -1,9 +1,11 @@
 """Reading whole files the way every tunelab input is read: text as UTF-8 (a leading byte-order mark dropped, a
-file that is not UTF-8 named with the line of its first bad byte), content identity as a SHA-256 of every byte."""
+file that is not UTF-8 named with the line of its first bad byte), content identity as a SHA-256 of every byte;
+and replacing a run's small files so that a reader (or a crash) never meets half of one."""
 
 from __future__ import annotations
 
 import hashlib
+import os
 from pathlib import Path
 
 from tunelab.errors import UserError
@@ -32,3 +34,12 @@ def file_digest(path: Path) -> str:
         while block := handle.read(4 << 20):
             digest.update(block)
     return digest.hexdigest()
+
+
+def replace_text(path: Path, text: str) -> None:
+    """Write `text` to a scratch file beside `path`, then rename it over `path` (atomic on POSIX): the old file
+    stays whole until the new one is."""
+    path = Path(path)
+    scratch = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    scratch.write_text(text)
+    os.replace(scratch, path)

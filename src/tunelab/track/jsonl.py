@@ -5,9 +5,10 @@ from __future__ import annotations
 
 import json
 import math
-import os
 from pathlib import Path
 from typing import Any
+
+from tunelab.textio import replace_text
 
 
 def finite_or_null(value: Any) -> Any:
@@ -44,10 +45,7 @@ class MetricsLog:
         self._replace(new + [line for line in lines if line and line not in old])
 
     def _replace(self, lines: list[str]) -> None:
-        """Write `lines` to a scratch file beside the log and rename it over the log (atomic on POSIX)."""
-        scratch = self.path.with_name(f".{self.path.name}.{os.getpid()}.tmp")
-        scratch.write_text("".join(f"{line}\n" for line in lines))
-        os.replace(scratch, self.path)
+        replace_text(self.path, "".join(f"{line}\n" for line in lines))
 
     def clear(self) -> None:
         """Start the log afresh (a new run in an overwritten directory)."""

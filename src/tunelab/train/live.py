@@ -14,6 +14,8 @@ import socket
 import time
 from pathlib import Path
 
+from tunelab.textio import replace_text
+
 STATUS_FILE = "status.json"
 
 
@@ -111,7 +113,4 @@ def process_alive(pid: int) -> bool:
 
 def _write(run_dir: Path, record: dict) -> None:
     """Replace the file atomically: a reader never sees half a record."""
-    path = Path(run_dir) / STATUS_FILE
-    scratch = path.with_name(f".{STATUS_FILE}.{os.getpid()}")
-    scratch.write_text(json.dumps(record))
-    os.replace(scratch, path)
+    replace_text(Path(run_dir) / STATUS_FILE, json.dumps(record))

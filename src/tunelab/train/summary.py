@@ -19,6 +19,7 @@ from tunelab.errors import ConfigError
 from tunelab.eval.report import before_after_keys
 from tunelab.methods import has_frozen_base
 from tunelab.models.fused_ops import kernels_in_use
+from tunelab.textio import replace_text
 from tunelab.track.jsonl import MetricsLog
 from tunelab.train.best import BestTracker
 from tunelab.train.flops import hardware, matmul_peak_flops, training_flops
@@ -83,7 +84,7 @@ def read_baseline(run_dir: Path, settings: dict) -> tuple[dict | None, list[str]
 
 
 def write_baseline(run_dir: Path, baseline: dict, settings: dict) -> None:
-    (Path(run_dir) / BASELINE_FILE).write_text(json.dumps({**baseline, MEASURED_WITH: settings}, indent=2))
+    replace_text(Path(run_dir) / BASELINE_FILE, json.dumps({**baseline, MEASURED_WITH: settings}, indent=2))
 
 
 def _changed_settings(before: dict, now: dict, prefix: str = "") -> list[str]:
@@ -204,7 +205,7 @@ def write_summary(run_dir, model, config, data, state, baseline, after, trainabl
     summary["warnings"] = outcome_warnings(summary, config)
     if step_breakdown:
         summary["step_breakdown"] = step_breakdown
-    (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+    replace_text(run_dir / "summary.json", json.dumps(summary, indent=2))
     return summary
 
 
