@@ -147,3 +147,15 @@ def test_a_trl_reward_reads_the_fractional_epoch(tiny_model_dir, tmp_path, updat
     assert [step for step, _ in seen] == list(sampled_at)
     assert [epoch for _, epoch in seen] == pytest.approx([step / steps_per_epoch for step in sampled_at])
     assert all(isinstance(epoch, float) for _, epoch in seen)
+
+
+def test_data_inspect_lists_a_pair_that_truncation_makes_identical(tmp_path, tiny_tokenizer):
+    from tunelab.data.inspect import inspect_data
+
+    path = write_jsonl(tmp_path / "pairs.jsonl", [EARLY, LATE])
+    short = inspect_data(path, tokenizer=tiny_tokenizer, data_config=DataConfig(train=path, eval_split=0,
+                                                                                max_length=MAX_LENGTH))
+    assert short.identical == [f"{path}:2"] and short.measured_rows == 1  # as training leaves it out
+    longer = inspect_data(path, tokenizer=tiny_tokenizer, data_config=DataConfig(train=path, eval_split=0,
+                                                                                 max_length=40))
+    assert longer.identical == [] and longer.measured_rows == 2

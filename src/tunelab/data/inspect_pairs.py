@@ -2,8 +2,9 @@
 
 The rows go through the preference pipeline's own steps (read, detect, `to_pair`, `tokenize_row`), so formats,
 problems, token counts and masks are exactly what `prepare_preference_data` produces. As for SFT data, bad
-rows are listed with file and line and the statistics cover the valid rows; identical pairs, which training
-leaves out, are listed and left out of the statistics too.
+rows are listed with file and line and the statistics cover the valid rows; identical pairs (chosen == rejected, or
+the same tokens within data.max_length when truncation cuts what tells them apart), which training leaves out, are
+listed and left out of the statistics too.
 """
 
 from __future__ import annotations
@@ -125,6 +126,22 @@ class _Measured:
     tokenized: TokenizedRow
 
 
+def _identical_in_training(measured: _Measured, config: DataConfig) -> bool:
+    """Whether training leaves the pair out as identical: the same replies, or (data.overlong truncate) the same
+    tokens within data.max_length, where the replies differ only beyond it (data/preference.py)."""
+    row, tokenized = measured.row, measured.tokenized
+    if not isinstance(row, PreferencePair):
+        return False
+    if row.identical:
+        return True
+    if config.overlong != "truncate" or not isinstance(tokenized, TokenizedPair):
+        return False
+    limit = config.max_length
+    chosen, rejected = tokenized.chosen, tokenized.rejected
+    return (tokenized.prompt_length < limit and chosen.input_ids[:limit] == rejected.input_ids[:limit]
+            and chosen.labels[:limit] == rejected.labels[:limit])
+
+
 def inspect_pairs(
     target: Path | str, config: DataConfig, seed: int, *, tokenizer, samples_to_show: int = 2
 ) -> PairInspectReport:
@@ -146,9 +163,9 @@ def inspect_pairs(
     if config.eval is not None:
         eval_rows, _, _, summary = _load(config.eval, config.format, "eval", config, renderer, problems)
         files.append(summary)
-    identical = [m.row.where for m in measured if isinstance(m.row, PreferencePair) and m.row.identical]
-    counted = [m for m in measured if not (isinstance(m.row, PreferencePair) and m.row.identical)]
     limit = config.max_length
+    identical = [m.row.where for m in measured if _identical_in_training(m, config)]
+    counted = [m for m in measured if not _identical_in_training(m, config)]
     longer = [m for m in counted if max(len(s.input_ids) for s in sequences_of(m.tokenized)) > limit]
     eval_source, eval_count, overlap = _eval_overlap(train_rows, eval_rows, config, seed)
     feedback = [m.row for m in counted if isinstance(m.row, FeedbackSample)]

@@ -114,7 +114,8 @@ def render_pairs_text(report: PairInspectReport, *, color: bool = False, limit: 
         lines.append(f"  training stops on these {len(longer)} (data.overlong: error)")
     lines += _listed([f"{w}: the prompt alone fills data.max_length" for w in no_room], limit)
     if report.kind == "preference":
-        lines.append(f"identical pairs: {len(report.identical)} (chosen == rejected; training leaves them out)")
+        lines.append(f"identical pairs: {len(report.identical)} (chosen == rejected, or within data.max_length; "
+                     "training leaves them out)")
         lines += _listed(report.identical, limit)
     lines += _duplicates_and_overlap(report, report.eval_rows, limit)
     legend = "green" if color else "in double brackets"
