@@ -31,7 +31,7 @@ QUESTIONS = ["What is 2+2?", "Say hi.", "Write one sentence about the sea, the w
 @pytest.mark.parametrize("method", VIRTUAL, ids=["prompt", "prefix"])
 def test_virtual_token_models_sample_the_same_replies_in_any_batch_size(tiny_model_dir, tiny_tokenizer, method):
     model = apply(load_model(tiny_model_dir, device="cpu"), method)
-    assert uses_virtual_tokens(model)  # these go through transformers' generate, not tunelab's decoder
+    assert uses_virtual_tokens(model)  # these decode by decode_with_virtual_tokens, not decode()
     renderer = ChatRenderer(tiny_tokenizer, "auto")
     conversations = [[{"role": "user", "content": q}] for q in QUESTIONS]
     sampled = {"max_new_tokens": 8, "do_sample": True, "temperature": 1.0, "top_p": 0.95, "seed": 3}

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 from dataclasses import replace
-from threading import Thread
 
 from rich.console import Console
 
@@ -13,8 +12,8 @@ from tunelab.infer.generate import (
     GenerationOptions,
     context_length,
     decoding_model,
-    encode_prompts,
     stop_token_ids,
+    stream_with_virtual_tokens,
 )
 from tunelab.infer.load import LoadedModel
 from tunelab.models.logprobs import uses_virtual_tokens
@@ -22,19 +21,23 @@ from tunelab.models.logprobs import uses_virtual_tokens
 
 def stream_reply(loaded: LoadedModel, messages: list[dict[str, str]], options: GenerationOptions) -> Iterator[str]:
     """Yield the reply to `messages` piece by piece as it is generated, decoded in the calling thread by
-    tunelab's decoding loop (a greedy reply is `tunelab generate`'s, in `options.precision`); never half a
-    character."""
+    `tunelab generate`'s loop for the model (decode's, or decode_with_virtual_tokens' for prompt and prefix
+    tuning): a greedy reply is `tunelab generate`'s, a sampled one what it samples for the conversation as its
+    first prompt with the same seed (each completion draws from its own generator); never half a character."""
     model, tokenizer = loaded.model, loaded.tokenizer
-    if uses_virtual_tokens(model):
-        yield from _stream_with_generate(loaded, messages, options)
-        return
     prompt = tokenizer(loaded.renderer.prompt(messages), add_special_tokens=False)["input_ids"]
     sampling = Sampling(options.temperature, options.top_p, options.seed) if options.do_sample else None
+    stop_ids = stop_token_ids(model, tokenizer)
     tokens: list[int] = []
     sent = 0
     with decoding_model(model, options.precision) as decoder:
-        for token in stream(decoder, prompt, max_new_tokens=options.max_new_tokens,
-                            stop_ids=stop_token_ids(model, tokenizer), sampling=sampling, lookup=options.lookup):
+        if uses_virtual_tokens(decoder):
+            decoded = stream_with_virtual_tokens(decoder, prompt, max_new_tokens=options.max_new_tokens,
+                                                 stop_ids=stop_ids, sampling=sampling)
+        else:
+            decoded = stream(decoder, prompt, max_new_tokens=options.max_new_tokens, stop_ids=stop_ids,
+                             sampling=sampling, lookup=options.lookup)
+        for token in decoded:
             tokens.append(token)
             text = tokenizer.decode(tokens, skip_special_tokens=True)
             ready = len(text) - 1 if text.endswith("\ufffd") else len(text)  # wait for the rest of a character
@@ -44,31 +47,6 @@ def stream_reply(loaded: LoadedModel, messages: list[dict[str, str]], options: G
     text = tokenizer.decode(tokens, skip_special_tokens=True)
     if len(text) > sent:
         yield text[sent:]
-
-
-def _stream_with_generate(loaded: LoadedModel, messages: list[dict[str, str]], options: GenerationOptions):
-    """stream_reply through transformers' `generate` (in a thread, with its streamer), for models whose forward
-    adds virtual tokens (prompt and prefix tuning)."""
-    from transformers import TextIteratorStreamer
-
-    tokenizer = loaded.tokenizer
-    device = next(loaded.model.parameters()).device
-    encoded = encode_prompts(loaded.renderer, [messages]).to(device)  # the same encoding as `generate`
-    streamer = TextIteratorStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
-    sampling = {"temperature": options.temperature, "top_p": options.top_p} if options.do_sample else {}
-    kwargs = dict(
-        **encoded,
-        max_new_tokens=options.max_new_tokens,
-        do_sample=options.do_sample,
-        pad_token_id=tokenizer.pad_token_id,
-        eos_token_id=stop_token_ids(loaded.model, tokenizer),
-        streamer=streamer,
-        **sampling,
-    )
-    thread = Thread(target=loaded.model.generate, kwargs=kwargs, daemon=True)
-    thread.start()
-    yield from streamer
-    thread.join()
 
 
 def fit_context(messages: list[dict[str, str]], count_tokens: Callable[[list[dict[str, str]]], int], context: int,

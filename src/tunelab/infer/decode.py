@@ -16,7 +16,7 @@ time. Here:
   the same draws on resume, and a reply that does not depend on the batch size or what else decodes beside it.
 Llama-family models run models/lean_decoder.py's forward (the same computation without transformers' per-layer
 machinery); others, and PEFT models, run their own. Models whose PEFT forward adds virtual tokens (prompt and
-prefix tuning) go through `generate` instead.
+prefix tuning) decode by infer/generate.py's decode_with_virtual_tokens instead.
 """
 
 from __future__ import annotations

@@ -183,16 +183,39 @@ def decode_with_virtual_tokens(model, prompts: list[list[int]], *, max_new_token
     noise = RowNoise(sampling.seed, next(model.parameters()).device) if sampling is not None else None
     for start in range(0, len(prompts), batch_size):
         batch = prompts[start : start + batch_size]
-        done = _virtual_token_batch(model, batch, list(range(start, start + len(batch))), max_new_tokens, stops,
-                                    pad_id, sampling, noise)
-        tokens += done[0]
-        truncated += done[1]
+        new: list[list[int]] = [[] for _ in batch]
+        finished = [False] * len(batch)
+        for picked in _virtual_token_steps(model, batch, list(range(start, start + len(batch))), max_new_tokens,
+                                           pad_id, sampling, noise):
+            for row, token in enumerate(picked):
+                if not finished[row]:
+                    new[row].append(token)
+                    finished[row] = token in stops
+            if all(finished):
+                break
+        tokens += new
+        truncated += [not row or row[-1] not in stops for row in new]
     return Decoded(tokens, truncated)
 
 
-def _virtual_token_batch(model, prompts: list[list[int]], rows: list[int], max_new_tokens: int, stops: set[int],
-                         pad_id: int, sampling: Sampling | None,
-                         noise: RowNoise | None) -> tuple[list[list[int]], list[bool]]:
+@torch.no_grad()
+def stream_with_virtual_tokens(model, prompt: list[int], *, max_new_tokens: int, stop_ids: list[int],
+                               sampling: Sampling | None = None) -> Iterator[int]:
+    """The tokens of decode_with_virtual_tokens' completion of one prompt as they are decoded, through its stop
+    token (the same loop and draws: completion 0's generator), for chat."""
+    noise = RowNoise(sampling.seed, next(model.parameters()).device) if sampling is not None else None
+    # a single prompt has no padding: pad_id is never used
+    for (token,) in _virtual_token_steps(model, [prompt], [0], max_new_tokens, 0, sampling, noise):
+        yield token
+        if token in stop_ids:
+            return
+
+
+def _virtual_token_steps(model, prompts: list[list[int]], rows: list[int], max_new_tokens: int, pad_id: int,
+                         sampling: Sampling | None, noise: RowNoise | None) -> Iterator[list[int]]:
+    """Every prompt's next token, step by step (up to max_new_tokens steps), with the KV cache: the loop of
+    decode_with_virtual_tokens and stream_with_virtual_tokens. `rows` are the completions' indices, whose
+    generators they draw from; rows that produced a stop token go on decoding until the caller stops asking."""
     from peft import PeftType
 
     config, base = model.active_peft_config, model.get_base_model()
@@ -215,8 +238,6 @@ def _virtual_token_batch(model, prompts: list[list[int]], rows: list[int], max_n
         mask = mask.gather(1, order)
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
         cache, inputs = None, {"inputs_embeds": embeds}
-    tokens: list[list[int]] = [[] for _ in prompts]
-    finished = [False] * len(prompts)
     for step in range(max_new_tokens):
         out = base(**inputs, attention_mask=mask, position_ids=positions, cache=cache, use_cache=True,
                    logits_to_keep=1)
@@ -224,13 +245,9 @@ def _virtual_token_batch(model, prompts: list[list[int]], rows: list[int], max_n
         if sampling is not None:
             logits = pick_scores(logits, sampling, None, noise.uniform(rows, logits.shape[-1]))
         picked = logits.float().max(dim=-1).indices  # max's indices are argmax's
-        for row, token in enumerate(picked.tolist()):
-            if not finished[row]:
-                tokens[row].append(token)
-                finished[row] = token in stops
-        if all(finished) or step == max_new_tokens - 1:
-            break
-        inputs = {"input_ids": picked[:, None]}
+        yield picked.tolist()
+        if step == max_new_tokens - 1:
+            return
+        inputs = {"input_ids": picked[:, None]}  # [B, 1]
         mask = torch.cat([mask, mask.new_ones(len(prompts), 1)], dim=1)
         positions = positions[:, -1:] + 1
-    return tokens, [not row or row[-1] not in stops for row in tokens]

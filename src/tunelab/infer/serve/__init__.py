@@ -32,9 +32,10 @@ def load_served(spec: str, *, adapters: dict[str, str] | None = None, max_batch:
 
     loaded = load_generator(spec, device)
     if uses_virtual_tokens(loaded.model):
-        raise ConfigError(f"{spec} is a prompt or prefix tuning run: its virtual tokens go in front of every forward, "
-                          "which the server's batched decoding with a KV cache does not do; `tunelab generate` and "
-                          "`tunelab chat` answer with it (through transformers' generate)", where=str(spec))
+        raise ConfigError(f"{spec} is a prompt or prefix tuning run: its virtual tokens must come before every "
+                          "prompt, which the server's continuous batching (each prompt's KV cache merged into the "
+                          "running batch's) does not do; `tunelab generate` and `tunelab chat` answer with it "
+                          "(their own cached loop over its virtual tokens)", where=str(spec))
     path = Path(spec)
     is_run = path.is_dir() and is_run_dir(path)
     name = path.resolve().name if is_run else str(spec)
