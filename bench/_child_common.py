@@ -269,7 +269,7 @@ def evaluate(spec: dict, run_dir: Path, tokenizer, device: torch.device) -> dict
     """The harness's held-out measurement of a finished run: SFT loss, DPO loss and accuracies, or GRPO's mean
     reward of greedy completions."""
     model = load_trained_model(spec, run_dir, device)
-    if spec.get("objective") == "grpo":
+    if spec.get("objective") in ("grpo", "rloo"):
         return heldout_reward(model, tokenizer, spec["eval_prompts"], max_new_tokens=spec["max_new_tokens"],
                               precision=spec["precision"], device=device)
     if spec.get("objective", "sft") == "sft":

@@ -1,11 +1,12 @@
-"""One peer GRPO run (TRL GRPOTrainer + PEFT LoRA) for bench/compare_peer.py, in its own process:
-`python _peer_grpo_child.py SPEC.json`.
+"""One peer GRPO or RLOO run (TRL GRPOTrainer or RLOOTrainer + PEFT LoRA) for bench/compare_peer.py, in its own
+process: `python _peer_grpo_child.py SPEC.json`.
 
 Configured as a TRL user would for the same job, with the settings that differ from tunelab's made equal: fp32
 master weights with bf16 autocast, no gradient checkpointing, prompts in order, constant lr without warm-up, the
 same group size, completion length, temperature (top_p 1, top_k off), beta 0 (no reference pass), dapo loss, one
-update per generation, and the same reward function (bench/_grpo_reward.py). TRL generates with transformers'
-`generate` and the KV cache, each prompt repeated group-size times.
+update per generation, and the same reward function (bench/_grpo_reward.py). RLOO: the spec's beta (the
+reference is the base with the adapter off, as in tunelab), advantages not normalised (TRL's default). TRL
+generates with transformers' `generate` and the KV cache, each prompt repeated group-size times.
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ def main() -> None:
     from datasets import Dataset
     from peft import LoraConfig
     from transformers import AutoModelForCausalLM, AutoTokenizer
-    from trl import GRPOConfig, GRPOTrainer
+    from trl import GRPOConfig, GRPOTrainer, RLOOConfig, RLOOTrainer
 
     started = time.perf_counter()
     attention = common.peer_attention(spec)
@@ -45,7 +46,10 @@ def main() -> None:
     train = Dataset.from_list(rows)
     run_dir = Path(spec["run_dir"])
     group = spec["group_size"]
-    args = GRPOConfig(
+    rloo = spec.get("objective") == "rloo"
+    objective_args = ({"beta": spec["beta"], "normalize_advantages": False} if rloo else
+                      {"beta": 0.0, "loss_type": "dapo", "scale_rewards": "group"})
+    args = (RLOOConfig if rloo else GRPOConfig)(
         output_dir=str(run_dir / "trainer"),
         max_steps=spec["steps"],
         per_device_train_batch_size=spec["batch_size"] * group,  # completions per step
@@ -66,10 +70,7 @@ def main() -> None:
         temperature=1.0,
         top_p=1.0,
         top_k=0,
-        beta=0.0,
         epsilon=0.2,
-        loss_type="dapo",
-        scale_rewards="group",
         num_iterations=1,
         logging_steps=1,
         save_strategy="no",
@@ -77,9 +78,11 @@ def main() -> None:
         report_to="none",
         disable_tqdm=True,
         dataloader_num_workers=0,
+        **objective_args,
     )
-    trainer = GRPOTrainer(model=model, reward_funcs=[json_reward], args=args, train_dataset=train,
-                          processing_class=tokenizer, peft_config=peft_config)
+    trainer = (RLOOTrainer if rloo else GRPOTrainer)(model=model, reward_funcs=[json_reward], args=args,
+                                                     train_dataset=train, processing_class=tokenizer,
+                                                     peft_config=peft_config)
 
     generate_and_score = trainer._generate_and_score_completions
 
@@ -113,7 +116,8 @@ def main() -> None:
         "version": f"trl {trl.__version__}",
         "precision": "bf16" if args.bf16 else "fp32",
         "device": str(device),
-        "batching": "prompt + completion rows padded (TRL GRPO), each prompt generated group-size times",
+        "batching": f"prompt + completion rows padded (TRL {'RLOO' if rloo else 'GRPO'}), each prompt generated "
+                    "group-size times",
         **common.run_measurements(steps=output.global_step, wall=wall, peak=peak, peak_rss=peak_rss, losses=losses,
                                   evaluation=evaluation, clock=clock, planned_steps=spec["steps"]),
         "first_step_reward": rewards[0] if rewards else None,

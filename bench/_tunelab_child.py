@@ -13,7 +13,7 @@ from pathlib import Path
 import _child_common as common
 import torch
 
-TRAIN_DATA = {"sft": "train_chat", "dpo": "train_pairs", "grpo": "train_prompts"}
+TRAIN_DATA = {"sft": "train_chat", "dpo": "train_pairs", "grpo": "train_prompts", "rloo": "train_prompts"}
 """The spec key of each objective's training file."""
 REWARD = Path(__file__).resolve().parent / "_grpo_reward.py"
 
@@ -56,12 +56,16 @@ def overrides(spec: dict) -> list[str]:
         items += [f"objective.rewards=[{REWARD}:json_reward]", f"objective.group_size={spec['group_size']}",
                   f"objective.max_new_tokens={spec['max_new_tokens']}", "objective.temperature=1.0",
                   "objective.beta=0", "objective.loss_type=dapo", "objective.scale_rewards=group"]
+    if objective == "rloo":
+        items += [f"objective.rewards=[{REWARD}:json_reward]", f"objective.group_size={spec['group_size']}",
+                  f"objective.max_new_tokens={spec['max_new_tokens']}", "objective.temperature=1.0",
+                  f"objective.beta={spec['beta']}", "objective.normalize_advantages=false"]
     return items + list(spec.get("tunelab_overrides", []))
 
 
 def batching(spec: dict, summary: dict) -> str:
     """How tunelab laid out its batches, from what the run computed (padding-free on its matmul attention)."""
-    if spec.get("objective") == "grpo":
+    if spec.get("objective") in ("grpo", "rloo"):
         return ("each prompt run once for its group (its KV cache shared by the completions, in the update too), "
                 "completions sampled from a merged bf16 copy")
     if summary.get("shared_prefix_fraction"):

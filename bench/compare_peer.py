@@ -32,8 +32,9 @@ from tunelab.allocator import preload_environment
 BENCH = Path(__file__).resolve().parent
 REPO = BENCH.parent
 CHILDREN = {"tunelab": BENCH / "_tunelab_child.py", "peer": BENCH / "_peer_child.py",
-            "peer-dpo": BENCH / "_peer_dpo_child.py", "peer-grpo": BENCH / "_peer_grpo_child.py"}
-PEER_TRAINERS = {"sft": "SFTTrainer", "dpo": "DPOTrainer", "grpo": "GRPOTrainer"}
+            "peer-dpo": BENCH / "_peer_dpo_child.py", "peer-grpo": BENCH / "_peer_grpo_child.py",
+            "peer-rloo": BENCH / "_peer_grpo_child.py"}
+PEER_TRAINERS = {"sft": "SFTTrainer", "dpo": "DPOTrainer", "grpo": "GRPOTrainer", "rloo": "RLOOTrainer"}
 
 
 @dataclass(frozen=True)
@@ -47,7 +48,8 @@ class Case:
     lr: float = 2e-4
     objective: str = "sft"
     """sft, dpo (against TRL's DPOTrainer, on the bundled preference pairs) or grpo (against GRPOTrainer, on the
-    bundled support prompts; --batch-size counts prompts, each sampled GRPO_GROUP times)"""
+    bundled support prompts; --batch-size counts prompts, each sampled GRPO_GROUP times) or rloo (against
+    RLOOTrainer, on the same prompts, with its default KL penalty RLOO_BETA: a reference pass each rollout)"""
 
 
 CASES = {
@@ -58,9 +60,11 @@ CASES = {
     "lora-short-packed": Case("lora", "short", 256, packing=True),
     "dpo-lora": Case("lora", "pairs", 256, lr=5e-5, objective="dpo"),
     "grpo-lora": Case("lora", "prompts", 256, lr=1e-4, objective="grpo"),
+    "rloo-lora": Case("lora", "prompts", 256, lr=1e-4, objective="rloo"),
 }
 DPO_BETA = 0.1
 GRPO_GROUP = 4
+RLOO_BETA = 0.05
 GRPO_COMPLETION_TOKENS = 48
 
 # (key in a child's result, label, format, what a better tunelab/peer ratio is)
@@ -246,7 +250,7 @@ def child_spec(case: Case, data: dict, model_path: Path, args, precision: str, r
         "method": case.method,
         "lora": {"r": 16, "alpha": 32, "dropout": 0.0},
         "objective": case.objective,
-        "beta": DPO_BETA,
+        "beta": RLOO_BETA if case.objective == "rloo" else DPO_BETA,
         "group_size": GRPO_GROUP,
         "max_new_tokens": GRPO_COMPLETION_TOKENS,
         **{key: data[key] for key in ("train_chat", "train_prompt_completion", "eval_chat", "train_pairs",
@@ -272,7 +276,7 @@ def run_case(name: str, args, model_path: Path, precision: str, workdir: Path) -
     folder = workdir / name / "data"
     if case.objective == "dpo":
         data = write_preference_data(folder, args.steps, args.batch_size)
-    elif case.objective == "grpo":
+    elif case.objective in ("grpo", "rloo"):
         data = write_prompt_data(folder, args.steps, args.batch_size)
     else:
         data = write_case_data(case, folder, model_path, args.steps, args.batch_size, args.seed)
@@ -368,6 +372,9 @@ def markdown(outcome: dict, summary: dict, machine: dict, args) -> str:
            "grpo": f"GRPO dapo loss, {GRPO_GROUP} completions per prompt of at most {GRPO_COMPLETION_TOKENS} tokens, "
                    "temperature 1, beta 0, reward = share of the JSON fields right + 0.25 for valid JSON "
                    "(bench/_grpo_reward.py)",
+           "rloo": f"RLOO, {GRPO_GROUP} completions per prompt of at most {GRPO_COMPLETION_TOKENS} tokens, "
+                   f"temperature 1, beta {RLOO_BETA} (KL to the base, the adapter off), advantages not normalised, "
+                   "reward = share of the JSON fields right + 0.25 for valid JSON (bench/_grpo_reward.py)",
            }.get(case["objective"], "assistant-only loss"),
         f"- precision: tunelab {first['tunelab'].get('precision', '-')} (linear layers computed in "
         f"{first['tunelab'].get('observed_compute_dtype', '-')}), peer {first['peer'].get('precision', '-')} "

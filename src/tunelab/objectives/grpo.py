@@ -215,8 +215,9 @@ class GrpoObjective:
         try:
             with torch.no_grad(), autocast(self.precision, device):
                 for size in sizes:
-                    rows = [[c] for c in completions[at:at + size]]
-                    batch = {k: v.to(device) for k, v in self.collate(rows, self.tokenizer.pad_token_id, False).items()}
+                    chunk, pad = completions[at:at + size], self.tokenizer.pad_token_id
+                    batch = collate_sequences([c.sample for c in chunk], pad, False) | prompt_groups(chunk, pad)
+                    batch = {key: value.to(device) for key, value in batch.items()}
                     logps, keep = self.token_logprobs(model, batch)
                     owners = batch["sequence_ids"][keep]
                     kls.append(sequence_kl(logps, self._reference_logps(model, batch), owners, size).cpu())
