@@ -4,6 +4,7 @@ merges into a plain model with equal outputs where merging makes sense."""
 from __future__ import annotations
 
 import json
+import threading
 
 import pytest
 import torch
@@ -217,7 +218,10 @@ def test_a_folded_copy_is_the_merged_model_cast_once_and_leaves_the_trained_one_
     assert ("_tunelab_fused" in model.__dict__) == bool(fused)
 
 
-def test_export_and_serve_refuse_what_cannot_fold_with_the_reason(trained, tmp_path):
+def test_export_refuses_what_cannot_fold_and_serve_answers_virtual_tokens(trained, tmp_path):
+    """Prompt/prefix tuning and bottleneck adapters cannot be one GGUF file, and say why; `tunelab serve` answers
+    prompt and prefix tuning runs with the reply the run wrote for its own sample (tests/test_serve_virtual_tokens.py
+    for the API)."""
     from tunelab.infer.gguf_export import export_gguf
     from tunelab.infer.serve import load_served
 
@@ -227,9 +231,21 @@ def test_export_and_serve_refuse_what_cannot_fold_with_the_reason(trained, tmp_p
     with pytest.raises(ConfigError, match="cannot be exported as one model file"):
         export_gguf(str(out), tmp_path / "run.gguf", "f16")
     assert not (tmp_path / "run.gguf").exists()
-    if method != "adapter":  # virtual tokens: the server's cached decoding would prepend them at every step
-        with pytest.raises(ConfigError, match="virtual tokens"):
-            load_served(str(out), start_engine=False)
+    if method != "adapter":  # virtual tokens: served one request at a time, by `tunelab generate`'s own loop
+        from tunelab.infer.serve.request import Request, Sampling
+
+        sample = json.loads((out / "samples.jsonl").read_text().splitlines()[0])
+        served = load_served(str(out))
+        try:
+            route = served.models["run"]
+            ids = route.renderer.tokenizer(route.renderer.prompt(sample["prompt"]), add_special_tokens=False)
+            ends, done = [], threading.Event()
+            served.engine.submit(Request(ids["input_ids"], Sampling(4, temperature=0), route.adapter,
+                                         on_text=lambda text: None, on_done=lambda end: (ends.append(end), done.set())))
+            assert done.wait(60) and served.engine.one_at_a_time
+            assert ends[0].text.strip() == sample["fine_tuned"]
+        finally:
+            served.engine.close()
 
 
 def test_prefix_tuning_starts_a_sliding_window_model_from_real_keys_for_every_virtual_token(tmp_path):

@@ -1,6 +1,6 @@
 """`tunelab chat` on prompt- and prefix-tuning runs streams the reply `tunelab generate` writes (the same cached
 loop over PEFT's learned inputs, infer/generate.py's decode_with_virtual_tokens), greedy or sampled with the same
-seed; `tunelab serve` refuses them, saying why and what answers with them."""
+seed (`tunelab serve` answers them from the same loop: tests/test_serve_virtual_tokens.py)."""
 
 from __future__ import annotations
 
@@ -12,7 +12,6 @@ from typer.testing import CliRunner
 
 from tunelab.cli import app
 from tunelab.config import load_config
-from tunelab.errors import ConfigError
 from tunelab.infer.chat import stream_reply
 from tunelab.infer.generate import GenerationOptions, generate_replies
 from tunelab.infer.load import load_generator
@@ -68,11 +67,3 @@ def test_tunelab_chat_answers_as_tunelab_generate(virtual_run):
         printed = result.output.split("assistant> ", 1)[1].rsplit("\nyou> ", 1)[0]
         assert printed.strip() == expected, flags
 
-
-def test_serve_refuses_them_naming_what_answers_with_them(virtual_run):
-    from tunelab.infer.serve import load_served
-
-    with pytest.raises(ConfigError) as refused:
-        load_served(str(virtual_run), start_engine=False)
-    said = str(refused.value)
-    assert "continuous batching" in said and "`tunelab chat`" in said and "transformers' generate" not in said

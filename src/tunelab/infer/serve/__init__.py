@@ -1,4 +1,5 @@
-"""`tunelab serve`: an OpenAI-compatible API (app.py) over a continuously batching engine (engine.py)."""
+"""`tunelab serve`: an OpenAI-compatible API (app.py) over a continuously batching engine (engine.py; prompt- and
+prefix-tuning runs decode one request at a time)."""
 
 from __future__ import annotations
 
@@ -26,16 +27,12 @@ def load_served(spec: str, *, adapters: dict[str, str] | None = None, max_batch:
     that is not a run; see auto_precision with `adapters`). With start_engine=False the caller runs the engine
     (`served.engine.run_here()`). `compile_steps` compiles the one-token decoding step where it can
     (models/compiled_step.py; `served.engine.compiled` says whether it did); `lookup` drafts tokens for requests
-    decoded alone and in batches of up to 8 (infer/lookup.py)."""
+    decoded alone and in batches of up to 8 (infer/lookup.py). Prompt- and prefix-tuning runs decode one request
+    at a time (engine.py), as `tunelab generate` does, in `precision` under autocast where it is bf16."""
     from tunelab.infer.load import in_compute_dtype, is_run_dir, load_generator
     from tunelab.models.logprobs import uses_virtual_tokens
 
     loaded = load_generator(spec, device)
-    if uses_virtual_tokens(loaded.model):
-        raise ConfigError(f"{spec} is a prompt or prefix tuning run: its virtual tokens must come before every "
-                          "prompt, which the server's continuous batching (each prompt's KV cache merged into the "
-                          "running batch's) does not do; `tunelab generate` and `tunelab chat` answer with it "
-                          "(their own cached loop over its virtual tokens)", where=str(spec))
     path = Path(spec)
     is_run = path.is_dir() and is_run_dir(path)
     name = path.resolve().name if is_run else str(spec)
@@ -49,9 +46,13 @@ def load_served(spec: str, *, adapters: dict[str, str] | None = None, max_batch:
     model = in_compute_dtype(model, precision, keep_adapters=bool(adapters))
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     context = int(getattr(base.config, "max_position_embeddings", 2048))
+    virtual = uses_virtual_tokens(model)
+    if virtual:  # its learned inputs take the first positions
+        context -= model.active_peft_config.num_virtual_tokens
     engine = Engine(model, loaded.tokenizer, max_batch=max_batch, max_waiting=max_waiting, start=start_engine,
-                    compile_steps=compile_steps, lookup=lookup)
-    return Served(routes, engine, context, precision=serving_precision(model))
+                    compile_steps=compile_steps, lookup=lookup, precision=precision)
+    autocast = virtual and precision == "bf16" and next(model.parameters()).dtype == torch.float32
+    return Served(routes, engine, context, precision="bf16" if autocast else serving_precision(model))
 
 
 def auto_precision(loaded, adapter_configs: list) -> str:

@@ -13,6 +13,10 @@ The decoding path is the one evaluation uses (infer/decode.py): a KV cache writt
 it grows by ROOM positions when full, since reply lengths are unknown when a request joins) and
 decode.decoding_forward: models/lean_decoder.py's forward for llama-family models, else the model's own with
 single-query attention (`tunelab_decode`); load_served folds and casts the model to its compute dtype beforehand.
+
+Prompt- and prefix-tuned models are not batched (merged caches cannot put their virtual tokens first): their
+requests decode one at a time by `tunelab generate`'s loop (infer/generate.py's stream_with_virtual_tokens), so a
+reply, greedy or seeded, is generate_replies'; stop strings, streaming and finish_reason work as for others.
 """
 
 from __future__ import annotations
@@ -29,8 +33,10 @@ from tunelab.infer.kv_cache import ReservedLayer, rewind, stack_rows
 from tunelab.infer.lookup import History, NgramIndex, draft, drafts_for_rows
 from tunelab.infer.serve.request import Finished, QueueFull, Request
 from tunelab.infer.serve.stops import first_stop, held_back
+from tunelab.infer.serve.virtual_tokens import decode_alone
 from tunelab.models.attention import DECODE, attention_implementation
 from tunelab.models.compiled_step import compile_decoding
+from tunelab.models.logprobs import uses_virtual_tokens
 
 ROOM = 128
 """Positions the KV cache is reserved beyond what the batch holds; when they are used up it grows by as many."""
@@ -51,10 +57,14 @@ class Engine:
     (drafts_for_rows): a CPU pass over more rows costs more for each position it adds."""
 
     def __init__(self, model, tokenizer, *, max_batch: int = 8, max_waiting: int = 64, start: bool = True,
-                 compile_steps: bool = False, lookup: bool = True) -> None:
+                 compile_steps: bool = False, lookup: bool = True, precision: str = "fp32") -> None:
         self.model = model
         self.tokenizer = tokenizer
-        self.max_batch = max_batch
+        self.one_at_a_time = uses_virtual_tokens(model)
+        """Prompt or prefix tuning: requests decode alone, by `tunelab generate`'s loop (see the module), in
+        `precision` (decoding_model's; other models come cast to theirs)."""
+        self.precision = precision
+        self.max_batch = 1 if self.one_at_a_time else max_batch
         self.max_waiting = max_waiting
         self.stop_ids = set(stop_token_ids(model, tokenizer))
         self.device = next(model.parameters()).device
@@ -63,7 +73,7 @@ class Engine:
         """With compile_steps, why one-token steps still run eagerly; None once compiled."""
         self.compiled = compile_steps and self.eager_reason is None
         """Whether single-row one-token steps run a compiled graph (models/compiled_step.py)."""
-        self.history = History() if lookup and drafts_possible(model) else None
+        self.history = History() if lookup and not self.one_at_a_time and drafts_possible(model) else None
         """Earlier replies, for lookup drafts; None when requests decode without them."""
         self.drafted = 0
         self.accepted = 0
@@ -146,10 +156,13 @@ class Engine:
                 joining = [self._waiting.popleft() for _ in range(min(room, len(self._waiting)))]
             try:
                 with torch.inference_mode():
-                    if joining:
-                        self._join(joining)
-                    if self._active:
-                        self._step()
+                    if self.one_at_a_time:
+                        decode_alone(self, joining[0])
+                    else:
+                        if joining:
+                            self._join(joining)
+                        if self._active:
+                            self._step()
             except Exception as err:  # noqa: BLE001 - every waiting client gets the error, the server lives on
                 for request in {id(r): r for r in [*self._active, *joining]}.values():
                     request.on_done(err)
