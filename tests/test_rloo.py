@@ -66,6 +66,41 @@ def test_the_loss_clips_each_completions_summed_ratio():
     assert kl.tolist() == pytest.approx([0.3, -0.6, 0.0], abs=1e-6)  # first-order: may be negative
 
 
+def test_the_rollouts_kl_leaves_out_what_mask_truncated_completions_leaves_out(tiny_tokenizer):
+    """TRL zeroes a truncated completion's mask before the KL: its KL is 0 (no penalty) and its tokens not
+    counted; the others' KL is their tokens' log-ratios to the reference, summed."""
+    from conftest import build_tiny_model
+    from tunelab.data.template import IGNORE_INDEX, TokenizedSample
+    from tunelab.objectives.grpo import Completion, GrpoObjective
+    from tunelab.objectives.rewards import build_rewards
+
+    policy, reference = build_tiny_model(len(tiny_tokenizer)).eval(), build_tiny_model(len(tiny_tokenizer), 1).eval()
+    prompt = tiny_tokenizer("what is 1 plus 2?")["input_ids"]
+    replies = [[5, 6, 7], [8, 9], [10, 11, 12, 13], [14]]
+    completions = [Completion(TokenizedSample(prompt + r, [IGNORE_INDEX] * len(prompt) + r, ""), 0.0, cut, i)
+                   for i, (r, cut) in enumerate(zip(replies, [False, True, False, True], strict=True))]
+
+    def rollout_kl(mask: bool):
+        config = RlooConfig(name="rloo", rewards=["exact_match"], group_size=4, beta=0.1,
+                            mask_truncated_completions=mask)
+        objective = GrpoObjective(config, build_rewards(config), tiny_tokenizer, seed=0, switch_off=None)
+        objective.frozen_reference = reference
+        return objective._rollout_kl(policy, completions, [4])
+
+    kept, kept_tokens = rollout_kl(False)
+    masked, masked_tokens = rollout_kl(True)
+    with torch.no_grad():
+        expected = []
+        for reply in replies:
+            ids = torch.tensor([prompt + reply])
+            start = len(prompt) - 1
+            logp, ref = (model(ids).logits[0, start:-1].log_softmax(-1).gather(-1, ids[0, len(prompt):, None]).sum()
+                         for model in (policy, reference))
+            expected.append(float(logp - ref))
+    assert kept.tolist() == pytest.approx(expected, abs=1e-4) and kept_tokens == 10
+    assert masked.tolist() == pytest.approx([expected[0], 0.0, expected[2], 0.0], abs=1e-4) and masked_tokens == 7
+
+
 def rloo_config(model_dir, data, out, rewards_file, *overrides):
     return load_config(None, [
         f"model={model_dir}", f"data.train={data}", "data.eval_split=0.25", "data.max_length=64",

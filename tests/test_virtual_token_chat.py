@@ -67,3 +67,11 @@ def test_tunelab_chat_answers_as_tunelab_generate(virtual_run):
         printed = result.output.split("assistant> ", 1)[1].rsplit("\nyou> ", 1)[0]
         assert printed.strip() == expected, flags
 
+
+
+def test_the_context_a_chat_fits_into_leaves_room_for_the_virtual_tokens(virtual_run):
+    from tunelab.infer.generate import context_length
+
+    loaded = load_generator(virtual_run, "cpu")
+    positions = loaded.model.get_base_model().config.max_position_embeddings
+    assert context_length(loaded.model) == positions - 4  # method.num_virtual_tokens=4 take the first positions

@@ -44,11 +44,15 @@ def stop_token_ids(model, tokenizer) -> list[int]:
 
 
 def context_length(model) -> int | None:
-    """How many positions (prompt and reply) the model was built for: its config's max_position_embeddings, as
-    `tunelab serve` limits requests; None where the config does not say."""
+    """How many positions a prompt and its reply may take: the config's max_position_embeddings, less the virtual
+    tokens of prompt or prefix tuning (they take the first positions), as `tunelab serve` limits requests; None
+    where the config does not say."""
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     positions = getattr(base.config, "max_position_embeddings", None)
-    return int(positions) if positions else None
+    if not positions:
+        return None
+    virtual = model.active_peft_config.num_virtual_tokens if uses_virtual_tokens(model) else 0
+    return int(positions) - virtual
 
 
 def encode_prompts(renderer: ChatRenderer, conversations: list[list[dict[str, str]]]):

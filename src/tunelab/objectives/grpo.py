@@ -23,7 +23,6 @@ import math
 import time
 from collections.abc import Callable, Sequence
 from contextlib import AbstractContextManager
-from dataclasses import dataclass
 
 import torch
 
@@ -37,6 +36,7 @@ from tunelab.models.attention import DECODE, attention_implementation
 from tunelab.models.logprobs import can_share_prompts, shared_prompt_logprobs, trained_token_logprobs
 from tunelab.objectives.grpo_loss import (  # noqa: F401 - Completion and the loss are this module's interface
     Completion,
+    GreedyEvaluation,
     group_advantages,
     nanstd,
     prompt_groups,
@@ -47,7 +47,7 @@ from tunelab.objectives.grpo_loss import (  # noqa: F401 - Completion and the lo
 from tunelab.objectives.metrics import Metrics
 from tunelab.objectives.pairs import collate_sequences
 from tunelab.objectives.rewards import Reward, raised_at
-from tunelab.objectives.rloo import leave_one_out_advantages, sequence_kl, sequence_losses
+from tunelab.objectives.rloo import leave_one_out_advantages, sequence_kl, sequence_losses, zero_std_share
 from tunelab.objectives.rollout_state import rollout_from_tensors, rollout_tensors
 from tunelab.train.precision import autocast
 
@@ -144,6 +144,7 @@ class GrpoObjective:
                 kl, tokens = self._rollout_kl(model, completions, sizes)
                 total = total - self.config.beta * kl
                 metrics["kl"] = (float(kl.sum()), tokens)
+                metrics["frac_reward_zero_std"] = (zero_std_share(total, self.config.group_size), 1)  # as TRL
             advantages = leave_one_out_advantages(total, self.config.group_size, self.config.normalize_advantages)
         else:
             advantages = group_advantages(total, self.config.group_size, self.config.scale_rewards)
@@ -207,7 +208,8 @@ class GrpoObjective:
 
     def _rollout_kl(self, model, completions: list[Completion], sizes: list[int]) -> tuple[torch.Tensor, int]:
         """(each completion's KL to the reference [C]: its tokens' log-ratios summed, under the policy that sampled
-        it; the completion tokens counted), scored micro-batch by micro-batch (`sizes` completions each)."""
+        it, 0 for one mask_truncated_completions leaves out; the tokens counted), micro-batch by micro-batch
+        (`sizes` completions each)."""
         device = next(model.parameters()).device
         was_training = model.training
         model.eval()
@@ -219,9 +221,12 @@ class GrpoObjective:
                     batch = collate_sequences([c.sample for c in chunk], pad, False) | prompt_groups(chunk, pad)
                     batch = {key: value.to(device) for key, value in batch.items()}
                     logps, keep = self.token_logprobs(model, batch)
-                    owners = batch["sequence_ids"][keep]
-                    kls.append(sequence_kl(logps, self._reference_logps(model, batch), owners, size).cpu())
-                    tokens, at = tokens + len(owners), at + size
+                    owners = batch["sequence_ids"][keep].cpu()
+                    # TRL masks truncated completions before the KL: none, and no penalty, for those left out
+                    left_out = torch.tensor([self.config.mask_truncated_completions and c.truncated for c in chunk])
+                    kl = sequence_kl(logps.cpu(), self._reference_logps(model, batch).cpu(), owners, size)
+                    kls.append(kl.masked_fill(left_out, 0.0))
+                    tokens, at = tokens + int((~left_out[owners]).sum()), at + size
         finally:
             model.train(was_training)
         return torch.cat(kls), tokens
@@ -373,19 +378,6 @@ class GrpoObjective:
             for name, value in reward.take_logged().items():
                 result[f"eval_rewards/{reward.name}/{name}"] = value
         return GreedyEvaluation(texts, scores, total, result)
-
-
-@dataclass
-class GreedyEvaluation:
-    """What GrpoObjective.evaluate measured on some prompts."""
-
-    replies: list[str]
-    scores: torch.Tensor
-    """Each reward of each reply [C, R], NaN where a reward gave None."""
-    total: torch.Tensor
-    """Each reply's weighted total [C], NaN where no reward judged it."""
-    metrics: dict[str, float]
-    """evaluate's result."""
 
 
 def _weighted_total(scores: torch.Tensor, weights: list[float]) -> torch.Tensor:

@@ -30,6 +30,19 @@ class Completion:
     the later ones (updates_per_rollout > 1)."""
 
 
+@dataclass
+class GreedyEvaluation:
+    """What GrpoObjective.evaluate measured on some prompts."""
+
+    replies: list[str]
+    scores: torch.Tensor
+    """Each reward of each reply [C, R], NaN where a reward gave None."""
+    total: torch.Tensor
+    """Each reply's weighted total [C], NaN where no reward judged it."""
+    metrics: dict[str, float]
+    """evaluate's result."""
+
+
 def nanstd(values: torch.Tensor, dim: int | None = None) -> torch.Tensor:
     """The (Bessel-corrected) std of the values that are not NaN, NaN where fewer than two are: TRL's nanstd."""
     keep = dim is not None

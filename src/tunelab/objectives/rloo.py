@@ -48,3 +48,10 @@ def sequence_losses(logps: torch.Tensor, old_logps: torch.Tensor, owners: torch.
     losses = -torch.min(ratio * advantages, clipped_ratio * advantages)
     clipped = ((ratio < 1 - config.epsilon) & (advantages < 0)) | ((ratio > 1 + config.clip_high) & (advantages > 0))
     return losses, clipped
+
+
+def zero_std_share(rewards: torch.Tensor, group_size: int) -> float:
+    """The share of completions whose group's rewards [G * group_size] (KL penalty taken off) have std 0: TRL's
+    frac_reward_zero_std for RLOO, which with beta > 0 is about 0 (each reply's KL differs)."""
+    stds = nanstd(rewards.view(-1, group_size), dim=1)
+    return float(torch.isclose(stds, torch.zeros_like(stds)).float().mean())

@@ -29,6 +29,7 @@ def load_served(spec: str, *, adapters: dict[str, str] | None = None, max_batch:
     (models/compiled_step.py; `served.engine.compiled` says whether it did); `lookup` drafts tokens for requests
     decoded alone and in batches of up to 8 (infer/lookup.py). Prompt- and prefix-tuning runs decode one request
     at a time (engine.py), as `tunelab generate` does, in `precision` under autocast where it is bf16."""
+    from tunelab.infer.generate import context_length
     from tunelab.infer.load import in_compute_dtype, is_run_dir, load_generator
     from tunelab.models.logprobs import uses_virtual_tokens
 
@@ -44,11 +45,8 @@ def load_served(spec: str, *, adapters: dict[str, str] | None = None, max_batch:
     if precision == "auto":
         precision = auto_precision(loaded, adapter_configs)
     model = in_compute_dtype(model, precision, keep_adapters=bool(adapters))
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    context = int(getattr(base.config, "max_position_embeddings", 2048))
+    context = context_length(model) or 2048  # less the virtual tokens of prompt or prefix tuning
     virtual = uses_virtual_tokens(model)
-    if virtual:  # its learned inputs take the first positions
-        context -= model.active_peft_config.num_virtual_tokens
     engine = Engine(model, loaded.tokenizer, max_batch=max_batch, max_waiting=max_waiting, start=start_engine,
                     compile_steps=compile_steps, lookup=lookup, precision=precision)
     autocast = virtual and precision == "bf16" and next(model.parameters()).dtype == torch.float32
