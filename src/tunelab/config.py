@@ -33,6 +33,7 @@ from tunelab.method_config import (  # noqa: F401 - method schemas are part of t
 from tunelab.objective_config import (  # noqa: F401 - objective schemas are part of the config's interface
     OBJECTIVE_CLASSES,
     ROLLOUT_OBJECTIVES,
+    DistillObjective,
     DpoObjective,
     GrpoObjective,
     KtoObjective,
@@ -319,8 +320,10 @@ class RunConfig(Strict):
             raise ValueError("data.packing cannot be used with prompt or prefix tuning: the virtual tokens would be "
                              "shared across packed samples; set data.packing: false")
         if self.objective.name != "sft" and self.data.packing:
-            raise ValueError(f"objective.name={self.objective.name} compares whole replies and cannot use "
-                             "data.packing; set data.packing: false")
+            why = ("scores each row's replies against its teacher's" if self.objective.name == "distill"
+                   else "compares whole replies")
+            raise ValueError(f"objective.name={self.objective.name} {why} and cannot use data.packing; set "
+                             "data.packing: false")
         from tunelab.methods import has_frozen_base
 
         if getattr(self.objective, "reference", None) == "adapter" and not has_frozen_base(self.method.name):

@@ -184,8 +184,8 @@ def _track_as_mapping(tree: dict[str, Any]) -> None:
 
 
 def _resolve_relative_paths(tree: dict[str, Any], base: Path) -> dict[str, Any]:
-    """Data paths, reward files and reward-model runs in a config file are relative to the current directory when
-    they exist there, else to the config file's folder, so a recipe runs from anywhere."""
+    """Data paths, reward files, reward-model runs and a distillation teacher in a config file are relative to the
+    current directory when they exist there, else to the config file's folder, so a recipe runs from anywhere."""
 
     def fix(value: Any) -> Any:
         if not isinstance(value, str) or value.startswith("tunelab:"):
@@ -207,6 +207,8 @@ def _resolve_relative_paths(tree: dict[str, Any], base: Path) -> dict[str, Any]:
             else:
                 data[key] = fix(value)
     objective = tree.get("objective")
+    if isinstance(objective, dict) and "teacher" in objective:
+        objective["teacher"] = fix(objective["teacher"])
     if isinstance(objective, dict) and isinstance(objective.get("rewards"), list):
         rewards = objective["rewards"]
         for index, entry in enumerate(rewards):

@@ -16,6 +16,8 @@ and, when it trains on what the model itself generates (GRPO, RLOO):
     prepare(model)                        called once before a checkpoint loads (keep the starting model)
     evaluate(model, rows) -> metrics      the held-out evaluation (eval_loss and the objective's own)
     rows_per_item(model) -> int           rows one item runs as at once, when not sequences_per_item
+and, when its held-out loss is not SFT's token cross-entropy though it trains on SFT rows (distill):
+    evaluate(model, rows) -> metrics      as above
 The loop in train/ knows no objective by name.
 """
 
@@ -25,6 +27,7 @@ from functools import partial
 
 from tunelab.config import ROLLOUT_OBJECTIVES, ObjectiveConfig
 from tunelab.methods import METHODS
+from tunelab.objectives.distill import DISTILL_METRICS, DistillObjective, load_teacher
 from tunelab.objectives.dpo import dpo_losses
 from tunelab.objectives.grpo import GRPO_EVAL_METRICS, GrpoObjective
 from tunelab.objectives.kto import KTO_METRICS, KtoObjective
@@ -50,7 +53,8 @@ def objective_metrics(config: ObjectiveConfig) -> tuple[str, ...]:
     """The metrics the objective logs at every evaluation, as eval_<key> (what train.best_metric may follow)."""
     if config.name in ROLLOUT_OBJECTIVES:
         return (*GRPO_EVAL_METRICS, *(f"rewards/{name}/mean" for name in reward_names(config)))
-    return {"sft": (), "kto": KTO_METRICS, "reward": REWARD_METRICS}.get(config.name, PAIR_METRICS)
+    own = {"sft": (), "kto": KTO_METRICS, "reward": REWARD_METRICS, "distill": DISTILL_METRICS}
+    return own.get(config.name, PAIR_METRICS)
 
 
 def reference_for(config: ObjectiveConfig, method_name: str) -> Reference:
@@ -63,9 +67,14 @@ def reference_for(config: ObjectiveConfig, method_name: str) -> Reference:
 
 
 def build_objective(config: ObjectiveConfig, method_name: str, packing: bool, *, tokenizer=None, seed: int = 0,
-                    precision: str = "fp32"):
+                    precision: str = "fp32", device="cpu", batch_size: int = 8):
     """The objective `config` names, for a model trained with `method_name` (GRPO also samples with `tokenizer`
-    from a generator seeded by `seed`, in `precision`). Raises ConfigError for a reward it cannot use."""
+    from a generator seeded by `seed`, in `precision`; distill loads its teacher onto `device` and evaluates
+    `batch_size` rows at a time). Raises ConfigError for a reward or a teacher it cannot use."""
+    if config.name == "distill":
+        teacher = load_teacher(config.teacher, tokenizer, device=device, precision=precision)
+        return DistillObjective(config, teacher, pad_token_id=tokenizer.pad_token_id, precision=precision,
+                                batch_size=batch_size)
     if config.name in ROLLOUT_OBJECTIVES:
         switch_off = getattr(METHODS[method_name], "without_adapter", None)
         return GrpoObjective(config, build_rewards(config), tokenizer, seed=seed, switch_off=switch_off,

@@ -138,12 +138,17 @@ def _train(config: RunConfig, log: RunLog, ranks: Ranks, device: torch.device, *
 
     if Path(config.model).exists():  # a local folder or file: record it so the run loads from anywhere
         config = config.model_copy(update={"model": str(Path(config.model).resolve())})
+    teacher = getattr(config.objective, "teacher", None)  # a distillation teacher: the same
+    if teacher is not None and Path(teacher).exists():
+        located = config.objective.model_copy(update={"teacher": str(Path(teacher).resolve())})
+        config = config.model_copy(update={"objective": located})
     precision = resolve_precision(config.train.precision, device)
     with ranks.main_first():  # one process converts the model and tokenises the data; the others read the caches
         model_path = resolve_model(config.model)
         tokenizer = load_tokenizer(model_path)
         objective = build_objective(config.objective, config.method.name, config.data.packing, tokenizer=tokenizer,
-                                    seed=config.train.seed, precision=precision)
+                                    seed=config.train.seed, precision=precision, device=device,  # a teacher's too
+                                    batch_size=config.train.batch_size)
         data = prepare_run_data(config, tokenizer, objective)
     data_order = data_order_fingerprint(config, data.fingerprint, ranks.world_size)
     if resume:
@@ -357,10 +362,10 @@ def _train(config: RunConfig, log: RunLog, ranks: Ranks, device: torch.device, *
 
 def _objective_loss(objective, model, data, tokenizer, precision: str, config: RunConfig):
     """The held-out loss of a non-SFT objective (None: RunEvaluator's token-level loss and perplexity)."""
-    if objective.data_kind == "sft":
-        return None
     if hasattr(objective, "evaluate"):
         return lambda: objective.evaluate(model, data.eval)
+    if objective.data_kind == "sft":
+        return None
     return lambda: evaluate_objective(model, objective, data.eval, pad_token_id=tokenizer.pad_token_id,
                                       precision=precision, batch_size=config.train.batch_size)
 
