@@ -159,3 +159,22 @@ def test_data_inspect_lists_a_pair_that_truncation_makes_identical(tmp_path, tin
     longer = inspect_data(path, tokenizer=tiny_tokenizer, data_config=DataConfig(train=path, eval_split=0,
                                                                                  max_length=40))
     assert longer.identical == [] and longer.measured_rows == 2
+
+
+def test_relative_paths_given_on_the_command_line_are_recorded_absolute(tiny_model_dir, tmp_path, monkeypatch):
+    """A run's config.yaml names its data and reward files absolute, so `tunelab eval RUN` works from any folder."""
+    from test_grpo import REWARDS_PY
+
+    work = tmp_path / "work"
+    work.mkdir()
+    (work / "rewards.py").write_text(REWARDS_PY)
+    write_prompts(work / "prompts.jsonl")
+    monkeypatch.chdir(work)
+    train_run(grpo_config(tiny_model_dir, "prompts.jsonl", work / "run", "rewards.py", "train.max_steps=1",
+                          "eval.before_after=false", "objective.rewards=[rewards.py:letters, exact_match]"))
+    saved = (work / "run" / "config.yaml").read_text()
+    assert f"train: {work / 'prompts.jsonl'}" in saved and f"{work / 'rewards.py'}:letters" in saved
+    assert "- exact_match" in saved  # a built-in stays a name
+    monkeypatch.chdir(tmp_path)
+    result = runner.invoke(app, ["eval", str(work / "run"), "--limit", "2"])
+    assert result.exit_code == 0, result.output

@@ -17,6 +17,7 @@ from tunelab.config_load import (  # noqa: F401 - loading is part of the config'
     dump_config,
     load_config,
     parse_override,
+    with_absolute_paths,
 )
 from tunelab.method_config import (  # noqa: F401 - method schemas are part of the config's interface
     METHOD_CLASSES,

@@ -242,3 +242,38 @@ def _reward_beside(value: Any, base: Path) -> Any:
 def dump_config(config: RunConfig) -> str:
     """The resolved config as YAML (written to every run directory)."""
     return yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False)
+
+
+def with_absolute_paths(config):
+    """`config` with every local path it names made absolute (the model, data files, a distillation teacher, reward
+    files and reward-model runs that exist from here), so the run's config.yaml loads and `tunelab eval RUN` works
+    from any folder; hub ids, bundled datasets and built-in rewards are left as they are."""
+
+    def local(value: Any) -> Any:
+        text = str(value)
+        if text.startswith(("tunelab:", "hf:")) or Path(text).is_absolute() or not Path(text).exists():
+            return value
+        return type(value)(Path(text).resolve()) if isinstance(value, Path) else str(Path(text).resolve())
+
+    def reward(value: Any) -> Any:
+        if not isinstance(value, str):
+            return value.model_copy(update={"reward": reward(value.reward)})
+        path, _, function = value.rpartition(":")
+        if path.endswith(".py"):
+            return f"{local(path)}:{function}"
+        from tunelab.objectives.rewards import BUILTINS  # only now: it loads torch
+
+        return value if value in BUILTINS else local(value)
+
+    data = config.data
+    train = ([source.model_copy(update={"path": local(source.path)}) for source in data.train]
+             if isinstance(data.train, list) else local(data.train))
+    updates: dict[str, Any] = {"model": local(config.model),
+                               "data": data.model_copy(update={"train": train, "eval": local(data.eval)
+                                                               if data.eval is not None else None})}
+    objective = config.objective
+    if getattr(objective, "teacher", None) is not None:
+        objective = objective.model_copy(update={"teacher": local(objective.teacher)})
+    if getattr(objective, "rewards", None):
+        objective = objective.model_copy(update={"rewards": [reward(r) for r in objective.rewards]})
+    return config.model_copy(update={**updates, "objective": objective})

@@ -8,13 +8,12 @@ import os
 import random
 import shutil
 from collections.abc import Callable
-from pathlib import Path
 
 import numpy as np
 import torch
 from rich.console import Console
 
-from tunelab.config import RunConfig, dump_config
+from tunelab.config import RunConfig, dump_config, with_absolute_paths
 from tunelab.data.preference import PreparedPairs
 from tunelab.data.prepare import PreparedData
 from tunelab.data.template import ChatRenderer
@@ -136,12 +135,7 @@ def _train(config: RunConfig, log: RunLog, ranks: Ranks, device: torch.device, *
     run_dir = config.output_dir
     seed_everything(config.train.seed)
 
-    if Path(config.model).exists():  # a local folder or file: record it so the run loads from anywhere
-        config = config.model_copy(update={"model": str(Path(config.model).resolve())})
-    teacher = getattr(config.objective, "teacher", None)  # a distillation teacher: the same
-    if teacher is not None and Path(teacher).exists():
-        located = config.objective.model_copy(update={"teacher": str(Path(teacher).resolve())})
-        config = config.model_copy(update={"objective": located})
+    config = with_absolute_paths(config)  # local paths recorded absolute: the run loads from anywhere
     precision = resolve_precision(config.train.precision, device)
     with ranks.main_first():  # one process converts the model and tokenises the data; the others read the caches
         model_path = resolve_model(config.model)
