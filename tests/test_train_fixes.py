@@ -84,7 +84,7 @@ def test_a_tracker_that_cannot_start_leaves_no_run_folder(tiny_model_dir, qa_fil
     out = tmp_path / "run"
     config = run_config(tiny_model_dir, qa_file, out, "train.max_steps=2", "track.to=[tensorboard,mlflow]",
                         "track.mlflow_uri=http://127.0.0.1:9")
-    with pytest.raises(UserError, match="could not start mlflow"):
+    with pytest.raises(UserError, match="cannot use the MLflow tracking server http://127.0.0.1:9"):
         train_run(config)
     assert not out.exists()
     check_output_dir(out, resume=False, overwrite=False)  # the corrected rerun is not refused
