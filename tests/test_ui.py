@@ -126,6 +126,9 @@ def test_cli_runs_appear_with_their_numbers_curves_and_report(root, tiny_model_d
     with loaded.model.disable_adapter():
         base_reply = generate_replies(loaded.model, loaded.renderer, [messages], options)[0]
     assert done["against"].strip() == base_reply.strip()
+    parts = [{"role": "user", "content": [{"type": "text", "text": "what is 2 plus "}, {"type": "text", "text": "3?"}]}]
+    again = read_events_post(client, "/api/runs/lora-a/chat", {"messages": parts, "max_new_tokens": 6, "against": None})
+    assert again[-1] == ("done", {"run": done["run"], "against": ""})  # OpenAI's text parts, as `serve` takes them
     assert client.post("/api/runs/lora-a/chat", json={"messages": messages, "against": "nope"}).status_code == 404
     # A run trained again (new weights in its folder) is loaded afresh, not served from the cache.
     models = ChatModels()
@@ -201,6 +204,14 @@ def test_start_resume_and_stop_go_by_live_processes_on_this_machine(root, tiny_m
         started = client.post("/api/runs", json={"name": "r", "config_yaml": "model: x\n", "overwrite": True})
         assert started.status_code == 409 and "training now" in started.text
         assert client.get("/api/runs/r").json()["status"] == "starting"
+        # A start over the old run (overwrite) is `starting` while it loads too, not the old run's `interrupted`
+        # (the page offers Stop for it); one that wrote how the run ended is only exiting.
+        record = json.loads((root / UI_DIR / "launches" / "r.json").read_text())
+        (root / UI_DIR / "launches" / "r.json").write_text(json.dumps({**record, "resume": False}))
+        assert client.get("/api/runs/r").json()["status"] == "starting"
+        (run / "status.json").write_text(json.dumps({**here, "status": "completed", "pid": loading.pid}))
+        assert client.get("/api/runs/r").json()["status"] == "completed"
+        assert client.get("/api/runs").json()[0]["status"] == "completed"
 
         (root / UI_DIR / "launches" / "r.json").unlink()
         (run / "status.json").write_text(json.dumps({**here, "status": "running", "pid": loading.pid,
@@ -209,6 +220,7 @@ def test_start_resume_and_stop_go_by_live_processes_on_this_machine(root, tiny_m
         assert stopped.status_code == 409 and "gpu-node-7" in stopped.text
         (run / "status.json").write_text(json.dumps({**here, "status": "running", "pid": "abc"}))
         assert client.post("/api/runs/r/stop").status_code == 409
+        assert client.post("/api/runs/nope/stop").status_code == 404
         assert loading.poll() is None  # never signalled
     finally:
         loading.kill()
@@ -227,6 +239,12 @@ def test_bad_requests_are_refused_naming_the_field_and_unknown_runs_are_404(root
                         ({"messages": [{"role": "user", "content": "hi"}], "max_new_tokens": 0}, "max_new_tokens")]:
         answer = client.post("/api/runs/r/chat", json=body)
         assert answer.status_code == 422 and field in answer.json()["error"], (body, answer.text)
+    # A message is `tunelab serve`'s: OpenAI's text parts pass the door (then: no such run), an image part does not.
+    parts = {"messages": [{"role": "user", "content": [{"type": "text", "text": "hi"}]}]}
+    assert client.post("/api/runs/r/chat", json=parts).status_code == 404
+    image = {"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]}
+    answer = client.post("/api/runs/r/chat", json=image)
+    assert answer.status_code == 422 and "messages.0.content" in answer.json()["error"]
     for path in ("/api/runs/nope/metrics", "/api/runs/nope/log", "/api/runs/nope/samples", "/api/runs/nope"):
         assert client.get(path).status_code == 404, path
     assert client.get("/api/runs/nope/log?lines=0").status_code == 422
@@ -243,3 +261,78 @@ def test_the_api_key_guards_the_api_and_the_cli_refuses_open_hosts_without_one(r
     done = subprocess.run([sys.executable, "-m", "tunelab", "ui", "--runs", str(root), "--host", "0.0.0.0"],
                           capture_output=True, text=True, env={**os.environ, "TUNELAB_API_KEY": ""})
     assert done.returncode == 2 and "--api-key" in done.stderr
+
+
+def test_an_empty_config_is_refused_and_starts_nothing(root):
+    """A start form submitted with nothing in its box is a mistake, not a request for the default training; `{}`
+    (or the form's own YAML) asks for the defaults in so many words."""
+    from tunelab.ui.launcher import UI_DIR
+
+    root.mkdir()
+    client = TestClient(create_app(root))
+    for text in ("", "  \n\t\n", "# my config, to be written\n\n", "---\n"):
+        started = client.post("/api/runs", json={"name": "oops", "config_yaml": text})
+        assert started.status_code == 400 and "config is empty" in started.json()["error"], (text, started.text)
+        check = client.post("/api/check", json={"config_yaml": text}).json()
+        assert not check["ok"] and "config is empty" in check["error"]
+    assert not (root / UI_DIR).exists() and client.get("/api/runs").json() == []
+
+
+def write_run(folder: Path, status: str = "interrupted", **files: str) -> Path:
+    """A run directory as `tunelab train` leaves it, without training: config.yaml, status.json and `files`."""
+    folder.mkdir(parents=True)
+    (folder / "config.yaml").write_text("model: tiny\nmethod: {name: lora}\n")
+    (folder / "status.json").write_text(json.dumps({"status": status, "pid": 0, "started_at": time.time()}))
+    for name, text in files.items():
+        (folder / name.replace("_", ".")).write_text(text)
+    return folder
+
+
+def test_runs_being_written_and_odd_names_are_answered_not_500(root):
+    """Half a line of samples.jsonl (a run writing it, or killed while it did), a launched run whose folder lost
+    its config.yaml, a run name that is a file of the runs folder, and a resume with no complete checkpoint."""
+    from tunelab.ui.launcher import UI_DIR
+
+    sample = {"prompt": [{"role": "user", "content": "hi"}], "reference": "1", "base": "2", "fine_tuned": "1"}
+    write_run(root / "done", "completed", samples_jsonl=json.dumps(sample) + "\n[1]\n" + '{"prompt": [{"ro')
+    client = TestClient(create_app(root))
+    assert client.get("/api/runs/done/samples").json() == [sample]
+
+    (root / UI_DIR / "launches").mkdir(parents=True)
+    (root / UI_DIR / "launches" / "gone.json").write_text(json.dumps({"name": "gone", "pid": 0, "args": [],
+                                                                       "resume": False, "started_at": 0}))
+    (root / "gone").mkdir()
+    (root / "gone" / "status.json").write_text(json.dumps({"status": "completed"}))
+    assert [row["name"] for row in client.get("/api/runs").json()] == ["done"]
+
+    (root / "notes.txt").write_text("not a run")
+    taken = client.post("/api/runs", json={"name": "notes.txt", "config_yaml": "model: x\n"})
+    assert taken.status_code == 409 and "is a file" in taken.json()["error"]
+    assert (root / "notes.txt").read_text() == "not a run"
+
+    (root / "done" / "checkpoints" / ".tmp-step-000004").mkdir(parents=True)  # killed while writing its first one
+    refused = client.post("/api/runs/done/resume")
+    assert refused.status_code == 409 and "no complete checkpoint" in refused.json()["error"]
+    assert ".tmp-step-000004 ignored" in refused.json()["error"]
+    assert not (root / UI_DIR / "launches" / "done.json").exists()  # nothing was started
+
+
+def test_cli_runs_with_any_folder_name_open_and_no_name_leaves_the_runs_folder(root):
+    """`tunelab train output_dir="runs/my run"` is a run the table lists, so its page, log and stop answer for it;
+    names that would leave the runs folder (or are too long to be a folder) are refused, not a 500."""
+    from urllib.parse import quote
+
+    write_run(root / "my run", "completed")
+    write_run(root / "_scratch", "completed", train_log="step 1\n")
+    (root.parent / "secret").mkdir()
+    client = TestClient(create_app(root))
+    assert {row["name"] for row in client.get("/api/runs").json()} == {"my run", "_scratch"}
+    for name in ("my run", "_scratch"):
+        assert client.get(f"/api/runs/{quote(name, safe='')}").json()["status"] == "completed"
+    assert client.get("/api/runs/_scratch/log").json()["text"] == "step 1"
+    assert client.post("/api/runs/my%20run/stop").status_code == 409  # not training, rather than a bad name
+    assert client.get("/api/compare?runs=my run,_scratch").json()["runs"] == ["my run", "_scratch"]
+    for name in ("..", ".tunelab-ui", "a" * 300):
+        for path in (f"/api/runs/{name}", f"/api/runs/{name}/log", f"/api/runs/{name}/metrics"):
+            assert client.get(path).status_code in (400, 404), path
+    assert client.post("/api/runs", json={"name": "my run", "config_yaml": "model: x\n"}).status_code == 400

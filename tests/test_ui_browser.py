@@ -125,6 +125,9 @@ def test_the_app_in_a_browser(tmp_path, tiny_model_dir):
             page.wait_for_selector("#f-train-lr")
             page.fill("#f-train-lr", "0.002")
             assert "lr: 0.002" in page.input_value("#config-yaml")  # the form writes the YAML that starts
+            page.fill("#config-yaml", "# to be pasted\n")  # an empty box starts nothing, and says so
+            page.click("#start")
+            assert "config is empty" in page.inner_text("#start-error")
             page.fill("#config-yaml", config)
             page.fill("#run-name", "from-form")
             page.click("#check")

@@ -13,7 +13,6 @@ import secrets
 from collections.abc import AsyncIterator, Iterator
 from importlib import resources
 from pathlib import Path
-from typing import Literal
 
 from fastapi import FastAPI, Query, Request
 from fastapi.exceptions import RequestValidationError
@@ -21,11 +20,20 @@ from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, Response
 from pydantic import BaseModel, Field, field_validator
 
 from tunelab.infer.generate import GenerationOptions
-from tunelab.train.live import read_status, recorded_process_alive
+from tunelab.infer.serve.protocol import Message
 from tunelab.ui import runs as run_files
 from tunelab.ui.chat import ChatModels
 from tunelab.ui.compare import compare_runs
-from tunelab.ui.launcher import Launcher, LaunchError, check_name, launch_record, launch_state, launches, log_path
+from tunelab.ui.launcher import (
+    Launcher,
+    LaunchError,
+    check_run_name,
+    launch_loading,
+    launch_record,
+    launch_state,
+    launches,
+    log_path,
+)
 
 POLL_SECONDS = 0.5
 STATIC = {"app.js": "text/javascript", "app.css": "text/css"}
@@ -41,16 +49,11 @@ class CheckRequest(BaseModel):
     config_yaml: str
 
 
-class ChatMessage(BaseModel):
-    role: Literal["system", "user", "assistant"]
-    content: str
-
-
 class ChatRequest(BaseModel):
     """Checked here, so a conversation the chat template cannot render is a 422 naming the field, not an error
-    event from inside the model thread."""
+    event from inside the model thread. A message is `tunelab serve`'s (OpenAI's shape), so the two cannot drift."""
 
-    messages: list[ChatMessage] = Field(min_length=1)
+    messages: list[Message] = Field(min_length=1)
     against: str | None = "base"
     """`base` (the run's base model), another run's name, or null for the run alone."""
     max_new_tokens: int = Field(128, ge=1, le=1024)
@@ -58,7 +61,7 @@ class ChatRequest(BaseModel):
 
     @field_validator("messages")
     @classmethod
-    def _ends_with_the_user(cls, messages: list[ChatMessage]) -> list[ChatMessage]:
+    def _ends_with_the_user(cls, messages: list[Message]) -> list[Message]:
         if messages[-1].role != "user":
             raise ValueError("the last message is the user's (the model replies to it)")
         return messages
@@ -132,7 +135,7 @@ def create_app(root: Path, *, api_key: str | None = None) -> FastAPI:
 
     @app.get("/api/runs/{name}/events")
     async def run_events(name: str, request: Request) -> StreamingResponse:
-        check_name(name)
+        check_run_name(name)
         return StreamingResponse(_run_stream(root, name, request), media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
@@ -179,10 +182,7 @@ def create_app(root: Path, *, api_key: str | None = None) -> FastAPI:
     def samples(name: str) -> list[dict]:
         """The held-out gallery: prompt, reference, the base model's and the fine-tuned model's replies."""
         folder = _known_run(root, name)
-        path = folder / "samples.jsonl" if folder else None
-        if path is None or not path.is_file():
-            return []
-        return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+        return run_files.read_samples(folder) if folder else []
 
     @app.post("/api/runs/{name}/chat")
     def chat(name: str, body: ChatRequest) -> StreamingResponse:
@@ -199,7 +199,7 @@ def create_app(root: Path, *, api_key: str | None = None) -> FastAPI:
             against = str(other)
         options = GenerationOptions(max_new_tokens=body.max_new_tokens, temperature=body.temperature,
                                     do_sample=body.temperature > 0)
-        messages = [message.model_dump() for message in body.messages]
+        messages = [{"role": message.role, "content": message.text} for message in body.messages]
         return StreamingResponse(_chat_stream(chat_models, folder, against, messages, options),
                                  media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
 
@@ -227,24 +227,23 @@ def all_runs(root: Path) -> list[dict]:
     for row in rows:
         row.update(_launched(root, row["name"]))
     known = {row["name"] for row in rows}
-    pending = [_pending(root, r["name"]) for r in launches(root) if r.get("name") not in known]
-    return [p for p in pending if p["status"] in ("starting", "failed")] + rows
+    # a launch whose folder is not a run but has a status.json (its config.yaml deleted) is neither: left out
+    pending = [r["name"] for r in launches(root) if r.get("name") not in known and launch_state(root, r["name"])]
+    return [_pending(root, name) for name in pending] + rows
 
 
 def _launched(root: Path, name: str) -> dict:
-    """Whether the app started this run; a resume it started shows as `starting` until training takes over."""
-    record = launch_record(root, name)
-    overlay: dict = {"launched_by_app": record is not None}
-    if record and record.get("resume") and recorded_process_alive(record):
-        status = read_status(root / name) or {}
-        if status.get("status") != "running" or status.get("pid") != record.get("pid"):
-            overlay["status"] = "starting"
+    """Whether the app started this run; a training it started over the run's old files (a resume, an overwrite)
+    shows as `starting` until it takes the run over, not as how the old one ended."""
+    overlay: dict = {"launched_by_app": launch_record(root, name) is not None}
+    if launch_loading(root, name):
+        overlay["status"] = "starting"
     return overlay
 
 
 def _pending(root: Path, name: str) -> dict:
     """A launched training without a run directory: starting, or failed before it made one (the log says why)."""
-    check_name(name)
+    check_run_name(name)
     state = launch_state(root, name)
     if state is None:
         raise LaunchError(f"no run '{name}'", status=404)
@@ -257,7 +256,7 @@ def _pending(root: Path, name: str) -> dict:
 def _run_folder(root: Path, name: str) -> Path | None:
     if name == ".":
         return root if run_files.is_run_dir(root) else None
-    check_name(name)
+    check_run_name(name)
     folder = root / name
     return folder if run_files.is_run_dir(folder) else None
 
@@ -274,7 +273,7 @@ def _known_run(root: Path, name: str) -> Path | None:
 def _log_text(root: Path, name: str, lines: int) -> str:
     """The console log of a run the app started (it includes failures before the run directory existed), else
     the run's own train.log."""
-    check_name(name)
+    check_run_name(name)
     path = log_path(root, name)
     if not path.is_file():
         path = root / name / run_files.LOG_FILE

@@ -21,7 +21,12 @@ def check_config(config_yaml: str, root: Path) -> dict:
     gives it), `template` (the check-template report) and `plan` (steps and the peak-memory estimate of a dry
     run), each replaced by {error} when it cannot be made."""
     from tunelab.config import load_config
+    from tunelab.ui.launcher import require_config
 
+    try:
+        require_config(config_yaml)
+    except UserError as err:
+        return {"ok": False, "error": str(err)}
     with tempfile.TemporaryDirectory() as scratch:
         path = Path(scratch) / "config.yaml"
         path.write_text(config_yaml, encoding="utf-8")

@@ -19,7 +19,10 @@ import time
 from pathlib import Path
 from typing import Any
 
+import yaml
+
 from tunelab.errors import UserError
+from tunelab.train.checkpoint import incomplete_checkpoints, latest_checkpoint
 from tunelab.train.live import read_status, recorded_pid, recorded_process_alive, training_process
 
 UI_DIR = ".tunelab-ui"
@@ -39,6 +42,30 @@ def check_name(name: str) -> str:
         raise LaunchError("a run name is letters, digits, '.', '_' and '-' (at most 100), starting with a letter or "
                           "digit", where="name")
     return name
+
+
+def check_run_name(name: str) -> str:
+    """The name of a run that may already exist: any folder name directly in the runs folder (a CLI run may be
+    `my run` or `_scratch`), or `.` for the folder itself; never a path out of it. New runs get `check_name`'s."""
+    if name != "." and (not name or name.startswith(".") or any(c in name for c in "/\\\0")
+                        or len(name.encode()) > 255):
+        raise LaunchError("a run's name is the name of its folder in the runs folder (no '/', not starting with "
+                          "'.')", where="name")
+    return name
+
+
+def require_config(config_yaml: str) -> str:
+    """The config text as given, refused when it holds nothing (blank, only comments): `tunelab train` would read it
+    as "every default" and a box submitted empty by mistake would start a training nobody asked for. The form
+    writes a config for the defaults (method and objective named), and `{}` asks for them in so many words."""
+    try:
+        tree = yaml.safe_load(config_yaml) if config_yaml.strip() else None  # a tab alone is not even YAML
+    except yaml.YAMLError:
+        return config_yaml  # load_config names the line that breaks it
+    if tree is None:
+        raise LaunchError("the config is empty: write one, load a file, or fill in the form (it writes one); "
+                          "`{}` trains every default", where="config_yaml")
+    return config_yaml
 
 
 def ui_dir(root: Path) -> Path:
@@ -72,6 +99,16 @@ def launch_state(root: Path, name: str) -> str | None:
     return "starting" if recorded_process_alive(record) else "failed"
 
 
+def launch_loading(root: Path, name: str) -> bool:
+    """Whether a training the app launched for this run still runs and has not taken the run over yet: it loads
+    the model while the run's status.json is still the previous one's (a resume, a start over an old run). One
+    that wrote how the run ended is only exiting."""
+    record = launch_record(root, name)
+    if record is None or not recorded_process_alive(record):
+        return False
+    return recorded_pid(read_status(root / name) or {}) != recorded_pid(record)
+
+
 class Launcher:
     """Starts `tunelab train` processes for one runs folder and reaps them when they end."""
 
@@ -84,10 +121,13 @@ class Launcher:
         from tunelab.config import load_config
 
         check_name(name)
+        require_config(config_yaml)
         self.reap()
         run_dir = self.root / name
         if self._busy(name):
             raise LaunchError(f"run '{name}' is training now; stop it first", status=409, where="name")
+        if run_dir.exists() and not run_dir.is_dir():
+            raise LaunchError(f"'{name}' is a file in the runs folder; choose another name", status=409, where="name")
         if run_dir.exists() and any(run_dir.iterdir()) and not overwrite:
             raise LaunchError(f"run '{name}' exists; choose another name, resume it, or replace it (overwrite)",
                               status=409, where="name")
@@ -106,25 +146,28 @@ class Launcher:
         return self._spawn(name, args, resume=False)
 
     def resume(self, name: str) -> dict[str, Any]:
-        check_name(name)
+        check_run_name(name)
         self.reap()
         run_dir = self.root / name
         if not (run_dir / "config.yaml").is_file():
             raise LaunchError(f"no run '{name}' to resume", status=404)
         if self._busy(name):
             raise LaunchError(f"run '{name}' is training now", status=409)
-        if not (run_dir / "checkpoints").is_dir():
-            raise LaunchError(f"run '{name}' has no checkpoint to resume from (train.save_every sets how often "
-                              "they are written)", status=409)
+        if latest_checkpoint(run_dir) is None:  # what `train --resume` would refuse, said before it loads a model
+            ignored = "".join(f"; {path.name} ignored: {why}" for path, why in incomplete_checkpoints(run_dir))
+            raise LaunchError(f"run '{name}' has no complete checkpoint to resume from (train.save_every sets how "
+                              f"often they are written){ignored}", status=409)
         return self._spawn(name, [str(run_dir / "config.yaml"), "--resume"], resume=True)
 
     def stop(self, name: str) -> dict[str, Any]:
         """SIGTERM to the run's process: it finishes its step, saves a checkpoint and exits."""
-        check_name(name)
+        check_run_name(name)
         pid = training_process(self.root / name)
         if pid is None:
             record = launch_record(self.root, name) or {}
             pid = recorded_pid(record) if recorded_process_alive(record) else None
+        if pid is None and launch_record(self.root, name) is None and not (self.root / name).is_dir():
+            raise LaunchError(f"no run '{name}'", status=404)
         if pid is None:
             status = read_status(self.root / name) or {}
             elsewhere = f" on this machine (status.json says it trains on {status.get('host')})" \
@@ -143,13 +186,7 @@ class Launcher:
         """Whether a process on this machine trains the run now, or one the app launched for it still runs and has
         not ended the run (it may be loading the model, with the run's old status.json still in place; one that
         wrote how the run ended is only exiting)."""
-        if training_process(self.root / name) is not None:
-            return True
-        record = launch_record(self.root, name)
-        if record is None or not recorded_process_alive(record):
-            return False
-        status = read_status(self.root / name) or {}
-        return not (recorded_pid(status) == recorded_pid(record) and status.get("status") != "running")
+        return training_process(self.root / name) is not None or launch_loading(self.root, name)
 
     def _spawn(self, name: str, args: list[str], *, resume: bool) -> dict[str, Any]:
         log = log_path(self.root, name)

@@ -94,6 +94,23 @@ def read_metrics(folder: Path, after_line: int = 0) -> tuple[list[dict], int]:
     return [r for r in records if r], len(complete)
 
 
+def read_samples(folder: Path) -> list[dict]:
+    """The held-out gallery (samples.jsonl): complete lines that hold a sample; a line still being written, or
+    half a line a killed run left, is not one."""
+    path = folder / "samples.jsonl"
+    if not path.is_file():
+        return []
+    samples = []
+    for line in path.read_bytes().split(b"\n")[:-1]:
+        try:
+            record = json.loads(line)
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            continue
+        if isinstance(record, dict):
+            samples.append(record)
+    return samples
+
+
 def last_record(path: Path) -> dict:
     """The newest step and eval_loss of metrics.jsonl, reading only its end."""
     if not path.is_file():
