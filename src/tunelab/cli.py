@@ -12,6 +12,7 @@ from rich.table import Table
 
 from tunelab.cli_common import check_output_file, check_output_folder, console, errors, fail, quiet_libraries
 from tunelab.cli_data import data_app
+from tunelab.cli_merge import merge
 from tunelab.cli_serve import COMPILE_HELP, COMPILING, LOOKUP_HELP, NOT_COMPILED, serve, ui
 from tunelab.errors import ConfigError, UserError
 
@@ -21,6 +22,7 @@ app.add_typer(models_app, name="models")
 app.add_typer(data_app, name="data")
 app.command()(serve)
 app.command()(ui)
+app.command()(merge)
 
 
 @app.command()
@@ -163,26 +165,6 @@ def score(
     except UserError as err:
         fail(err)
     console.print(f"wrote {count} scores to {output}")
-
-
-@app.command()
-def merge(
-    run: Path = typer.Argument(..., help="A run directory holding an adapter."),
-    output: Path = typer.Option(..., "--output", "-o", help="Folder for the merged model."),
-    overwrite: bool = typer.Option(False, "--overwrite"),
-) -> None:
-    """Fold a run's adapter into its base model and save a plain model folder."""
-    quiet_libraries()
-    from tunelab.infer.load import refuse_unfinished_run
-    from tunelab.infer.merge import merge_adapter
-
-    try:
-        refuse_unfinished_run(run)
-        check_output_folder(output, "--output")
-        merge_adapter(run, output, overwrite=overwrite)
-    except UserError as err:
-        fail(err)
-    console.print(f"merged model saved to {output}")
 
 
 @app.command()

@@ -25,7 +25,7 @@ def merge_adapter(run_dir: Path, output: Path, *, overwrite: bool = False) -> Pa
         raise ConfigError(f"{run_dir} holds full weights already: there is no adapter to merge", where="merge")
     if not (run_dir / "adapter_model.safetensors").is_file():
         raise ModelError("the run's adapter weights (adapter_model.safetensors) are missing", where=str(run_dir))
-    _check_output(run_dir, output, overwrite)
+    check_merge_output(run_dir, output, overwrite)
     from peft import PeftModel
 
     config = load_config(run_dir / "config.yaml")
@@ -46,7 +46,7 @@ def merge_adapter(run_dir: Path, output: Path, *, overwrite: bool = False) -> Pa
     return output
 
 
-def _check_output(run_dir: Path, output: Path, overwrite: bool) -> None:
+def check_merge_output(run_dir: Path, output: Path, overwrite: bool) -> None:
     """Refuse an output that holds something (unless overwrite) or that is the run or a folder above it, which
     replacing would delete."""
     run, target = run_dir.resolve(), output.resolve()

@@ -1,0 +1,246 @@
+"""Fold several LoRA-family runs trained on one base into one plain model (multi-task merging).
+
+Each run's change to a weight, its task vector ΔW = (base with the adapter folded in) - base, is computed exactly
+(B·A·scale for LoRA and rsLoRA; through PEFT's own merge for DoRA, whose magnitudes rescale whole columns), then
+the task vectors are combined with PEFT's merge functions (peft.utils.merge_utils, the ones add_weighted_adapter
+calls) and added to the base, as mergekit merges task vectors of full models.
+
+Why not PEFT's add_weighted_adapter: it mixes the A and B factors separately and multiplies the results, so its
+`linear`, `ties` and `dare_*` carry cross terms B_i·A_j (with weights 0.5, 0.5 as large as the changes
+themselves; its docstring calls `linear` "a very rough approximation"); the adapter it builds takes lora_alpha = r,
+which under rsLoRA scales it by sqrt(r); and a DoRA run's trained magnitudes are replaced by fresh ones. Folded
+task vectors have none of these problems and no rank to respect, because the result is folded anyway.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from tunelab.errors import ConfigError, ModelError
+
+COMBINATIONS = ("linear", "ties", "dare_linear", "dare_ties", "svd", "cat")
+PRUNING = ("ties", "dare_linear", "dare_ties")
+"""The combinations that keep only a fraction (`density`) of each task vector."""
+SIGN_ELECTING = ("ties", "dare_ties")
+"""The combinations that keep, entry by entry, only the runs agreeing with the majority sign, and average them."""
+RECORD_FILE = "merge.json"
+
+
+@dataclass(frozen=True)
+class Combination:
+    """How the runs' task vectors become one: the merged weight is W + combine(w_1·ΔW_1, ..., w_n·ΔW_n).
+
+    `weights` None: equal weights as mergekit's normalised defaults give, 1/n each for the summing combinations
+    (linear, dare_linear, svd, cat: the average task vector) and 1 each for ties and dare_ties, whose disjoint
+    merge already divides each entry by the number of runs that agree on its sign."""
+
+    kind: str = "linear"
+    weights: tuple[float, ...] | None = None
+    density: float | None = None
+    """Fraction of each task vector kept by ties (largest magnitudes) and dare (at random, the rest rescaled)."""
+    majority_sign: str = "total"
+    """ties/dare_ties sign election: `total` (sign of the summed values) or `frequency` (sign most runs have)."""
+    seed: int = 0
+    """Seeds DARE's random drops: the same runs, weights and seed give the same model."""
+
+    def check(self, runs: int) -> Combination:
+        """This combination with its defaults filled in for `runs` runs; ConfigError naming the option if bad."""
+        if self.kind not in COMBINATIONS:
+            raise ConfigError(f"'{self.kind}' is not one of {', '.join(COMBINATIONS)}", where="--combination")
+        weights = self.weights
+        if weights is None:
+            weights = (1.0,) * runs if self.kind in SIGN_ELECTING else (1.0 / runs,) * runs
+        if len(weights) != runs:
+            raise ConfigError(f"{len(weights)} weight(s) for {runs} runs: give one weight per run, in the order of "
+                              "the runs", where="--weights")
+        if not all(math.isfinite(w) for w in weights):
+            raise ConfigError("weights must be finite numbers", where="--weights")
+        density = self.density
+        if self.kind in PRUNING:
+            density = 0.5 if density is None else density
+            if not 0 < density <= 1:
+                raise ConfigError(f"{density} is not a fraction in (0, 1]: the share of each run's changes kept",
+                                  where="--density")
+        elif density is not None:
+            raise ConfigError(f"{self.kind} keeps every change; --density applies to {', '.join(PRUNING)}",
+                              where="--density")
+        if self.majority_sign not in ("total", "frequency"):
+            raise ConfigError(f"'{self.majority_sign}' is not total or frequency", where="--majority-sign")
+        return Combination(self.kind, tuple(float(w) for w in weights), density, self.majority_sign, self.seed)
+
+
+def parse_weights(text: str | None) -> tuple[float, ...] | None:
+    """`0.6,0.4` as numbers; ConfigError naming --weights when a part is not a number."""
+    if text is None:
+        return None
+    try:
+        return tuple(float(part) for part in text.split(","))
+    except ValueError:
+        raise ConfigError(f"'{text}' is not comma-separated numbers such as 0.6,0.4", where="--weights") from None
+
+
+@dataclass(frozen=True)
+class RunToMerge:
+    """What merging needs from one run, read and checked before any model is loaded."""
+
+    path: Path
+    base: Path
+    method: str
+    rank: int
+    portable_template: str | None
+
+
+def check_runs(run_dirs: list[Path]) -> list[RunToMerge]:
+    """Each run read, and refused (naming it) unless all are finished LoRA-family adapter runs of one method on one
+    base model, with one chat template."""
+    from tunelab.config import LoraMethod, QLoraMethod, load_config
+    from tunelab.data.template import ChatRenderer
+    from tunelab.infer.load import is_run_dir, refuse_unfinished_run
+    from tunelab.methods import has_frozen_base
+    from tunelab.models.load import load_tokenizer
+    from tunelab.models.resolve import resolve_model
+
+    runs = []
+    for run_dir in run_dirs:
+        refuse_unfinished_run(run_dir)
+        if not (run_dir.is_dir() and is_run_dir(run_dir)):
+            raise ModelError("not a tunelab run directory", where=str(run_dir))
+        config = load_config(run_dir / "config.yaml")
+        method = config.method
+        if isinstance(method, QLoraMethod):
+            raise ConfigError(f"{run_dir} is a QLoRA run: its adapter learned to correct a {method.bits}-bit base, so "
+                              "its change to the full-precision weights is not exact and combining it with other runs "
+                              "compounds that; merge it alone (`tunelab merge RUN`) or train with method.name=lora",
+                              where="merge")
+        if not isinstance(method, LoraMethod):
+            what = f"a {method.name} adapter" if has_frozen_base(method.name) else "full weights, not an adapter"
+            raise ConfigError(f"{run_dir} holds {what}: only LoRA, DoRA and rsLoRA runs combine (their changes are "
+                              "weight matrices)", where="merge")
+        if config.objective.name == "reward":
+            raise ConfigError(f"{run_dir} is a reward model: its score head is trained whole, not as an adapter, and "
+                              "heads do not combine; merge it alone", where="merge")
+        if not (run_dir / "adapter_model.safetensors").is_file():
+            raise ModelError("the run's adapter weights (adapter_model.safetensors) are missing", where=str(run_dir))
+        template = ChatRenderer(load_tokenizer(run_dir), config.data.chat_template).portable_template
+        runs.append(RunToMerge(run_dir, resolve_model(config.model).resolve(), method.name, method.r, template))
+    first = runs[0]
+    for run in runs[1:]:
+        if run.base != first.base:
+            raise ConfigError(f"{run.path} was trained on {run.base}, {first.path} on {first.base}: only runs on the "
+                              "same base model combine", where="merge")
+        if run.method != first.method:
+            raise ConfigError(f"{run.path} is a {run.method} run, {first.path} a {first.method} run: combine runs "
+                              "of one method", where="merge")
+        if run.portable_template != first.portable_template:
+            raise ConfigError(f"{run.path} trained with another chat template than {first.path} (data.chat_template"
+                              "): the merged model can prompt only one way", where="merge")
+    return runs
+
+
+def merge_runs(run_dirs: list[Path], output: Path, combination: Combination, *, overwrite: bool = False) -> Path:
+    """Write the runs' adapters combined and folded into their shared base to `output`: safetensors, the tokenizer
+    with the chat template the runs trained with, and merge.json recording runs, weights and combination."""
+    from tunelab.infer.merge import check_merge_output
+
+    if len(run_dirs) < 2:
+        raise ConfigError("give two or more runs to combine", where="merge")
+    combination = combination.check(len(run_dirs))
+    for run_dir in run_dirs:
+        check_merge_output(run_dir, output, overwrite)
+    runs = check_runs(run_dirs)
+    model = _load_with_adapters(runs)
+    with torch.no_grad(), torch.random.fork_rng(devices=[]):
+        torch.manual_seed(combination.seed)
+        for layer in _lora_layers(model):
+            _fold_combined(layer, [f"run{i}" for i in range(len(runs))], combination, max(r.rank for r in runs))
+    merged = model.unload()
+    _save(merged, runs, combination, output)
+    return output
+
+
+def _load_with_adapters(runs: list[RunToMerge]):
+    """The shared base with every run's adapter attached, named run0, run1, ... in the order given."""
+    from peft import PeftModel
+
+    from tunelab.models.load import load_model
+
+    base = load_model(runs[0].base, device="cpu")
+    model = None
+    for i, run in enumerate(runs):
+        try:
+            if model is None:
+                model = PeftModel.from_pretrained(base, run.path, adapter_name=f"run{i}")
+            else:
+                model.load_adapter(run.path, adapter_name=f"run{i}")
+        except Exception as err:  # a damaged adapter_config.json or safetensors file: peft raises many kinds
+            raise ModelError(f"cannot load the adapter ({type(err).__name__}: {err})", where=str(run.path)) from None
+    return model
+
+
+def _lora_layers(model) -> list:
+    from peft.tuners.lora import LoraLayer
+
+    return [module for module in model.modules() if isinstance(module, LoraLayer)]
+
+
+def task_vector(layer, adapter: str) -> torch.Tensor:
+    """The change `adapter` makes to `layer`'s base weight when folded in, in float32 (zeros where it has none)."""
+    weight = layer.get_base_layer().weight
+    if adapter not in layer.lora_A and adapter not in layer.lora_embedding_A:
+        return torch.zeros_like(weight, dtype=torch.float32)
+    if not layer.use_dora.get(adapter, False):
+        return layer.get_delta_weight(adapter).float()
+    before = weight.detach().clone()  # DoRA rescales whole columns: let PEFT fold it, read the change, undo it
+    layer.merge(adapter_names=[adapter])
+    change = layer.get_base_layer().weight.detach().float() - before.float()
+    layer.unmerge()
+    layer.get_base_layer().weight.data = before
+    return change
+
+
+def combine(vectors: list[torch.Tensor], combination: Combination, rank: int) -> torch.Tensor:
+    """The runs' task vectors for one weight combined as `combination` says (PEFT's merge functions)."""
+    from peft.utils import merge_utils
+
+    weights = torch.tensor(combination.weights)
+    if combination.kind in ("linear", "cat", "svd"):
+        mixed = merge_utils.task_arithmetic(vectors, weights)
+        return _truncated(mixed, rank) if combination.kind == "svd" else mixed
+    if combination.kind == "dare_linear":
+        return merge_utils.dare_linear(vectors, weights, combination.density)
+    merge = merge_utils.ties if combination.kind == "ties" else merge_utils.dare_ties
+    return merge(vectors, weights, combination.density, combination.majority_sign)
+
+
+def _truncated(matrix: torch.Tensor, rank: int) -> torch.Tensor:
+    """`matrix`'s best rank-`rank` approximation (what PEFT's `svd` keeps: the largest adapter rank)."""
+    u, s, vh = torch.linalg.svd(matrix, full_matrices=False)
+    return (u[:, :rank] * s[:rank]) @ vh[:rank]
+
+
+def _fold_combined(layer, adapters: list[str], combination: Combination, rank: int) -> None:
+    vectors = [task_vector(layer, adapter) for adapter in adapters]
+    weight = layer.get_base_layer().weight
+    weight.data = (weight.detach().float() + combine(vectors, combination, rank)).to(weight.dtype)
+
+
+def _save(model, runs: list[RunToMerge], combination: Combination, output: Path) -> None:
+    from tunelab.models.load import load_tokenizer
+    from tunelab.models.resolve import staged_folder
+
+    tokenizer = load_tokenizer(runs[0].path)
+    tokenizer.chat_template = runs[0].portable_template
+    record = {"runs": [str(run.path.resolve()) for run in runs], "weights": list(combination.weights),
+              "combination": combination.kind, "density": combination.density,
+              "majority_sign_method": combination.majority_sign if combination.kind in SIGN_ELECTING else None,
+              "seed": combination.seed if combination.kind.startswith("dare") else None,
+              "base_model": str(runs[0].base), "method": runs[0].method}
+    with staged_folder(output) as tmp:
+        model.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+        (tmp / RECORD_FILE).write_text(json.dumps(record, indent=2) + "\n")
