@@ -227,7 +227,7 @@ def test_before_after_table_holds_the_summary_numbers(tmp_path):
     assert rows["eval perplexity"][:2] == [f"{math.exp(base):.4f}", f"{summary['final_eval_perplexity']:.4f}"]
     for name, after in summary["metrics_after"].items():
         before = summary["metrics_before"][name]
-        assert rows[name] == [f"{before:.4f}", f"{after:.4f}", f"{after - before:+.4f}"]
+        assert rows[f"{name} (0-1)"] == [f"{before:.4f}", f"{after:.4f}", f"{after - before:+.4f}"]  # scale named
     baseline, last = eval_losses(0, 0.3), eval_losses(STEPS, 0.3)
     assert rows["eval loss (faq.jsonl)"][:2] == [
         f"{baseline['eval_loss/faq.jsonl']:.4f}",
@@ -282,7 +282,7 @@ def test_report_of_a_run_stopped_with_ctrl_c_says_so(tmp_path):
 
     assert "the run was interrupted at step 9" in page.visible_text
     rows = page.rows("before-after")
-    assert rows["field_accuracy"] == [f"{summary['metrics_before']['field_accuracy']:.4f}", "—", "—"]
+    assert rows["field_accuracy (0-1)"] == [f"{summary['metrics_before']['field_accuracy']:.4f}", "—", "—"]
 
 
 def test_not_a_run_directory_is_a_user_error(tmp_path):
@@ -302,7 +302,7 @@ def test_comparison_puts_runs_side_by_side(tmp_path):
     header, *_ = page.tables["comparison"]
     assert header == ["", "lora-r8", "lora-r16"]
     rows = page.rows("comparison")
-    assert rows["field_accuracy"] == ["0.5000", "0.7500"]
+    assert rows["field_accuracy (0-1)"] == ["0.5000", "0.7500"]
     assert 'class="num best">0.7500<' in path.read_text()
 
 
@@ -338,4 +338,4 @@ def test_metric_bars_put_0_to_100_metrics_on_their_own_axis():
     assert [round(p.get_height(), 2) for p in left.patches] == [0.5, 0.25]
     assert [round(p.get_height(), 2) for p in right.patches] == [80.0, 40.0]
     assert left.get_ylim()[1] < 1.2 and right.get_ylim()[1] > 80
-    assert [t.get_text() for t in left.get_xticklabels()] == ["exact_match", "chrf (right)"]
+    assert [t.get_text() for t in left.get_xticklabels()] == ["exact_match (0-1)", "chrf (0-100, right)"]

@@ -126,6 +126,7 @@ def test_served_replies_are_generates_greedy_and_sampled(client, served, server,
     assert chat(client, QUESTIONS[0], SAMPLED, seed=None).choices[0].finish_reason in ("stop", "length")  # unseeded
     health = httpx.get(f"{server.url}/health", timeout=30).json()
     assert health["status"] == "ok" and health["lookup"] is None and health["active"] == health["waiting"] == 0
+    assert health["batching"] == {"mode": "one request at a time", "max_batch": 1}  # though served with max_batch=4
 
 
 def test_streaming_and_plain_completions_give_the_same_text(client, loaded):

@@ -230,7 +230,9 @@ class EvalConfig(Strict):
     default model 64 decoded the main job's 60 prompts 1.49x faster than 16 did (bf16, AMD EPYC)."""
     metrics: list[str] = ["exact_match"]
     """Task metrics computed on the held-out samples: built-in names or `path/to/file.py:function`;
-    `label_accuracy` scores the likelihood of each label in `labels` instead of generating."""
+    `label_accuracy` scores the likelihood of each label in `labels` instead of generating. Scales differ: bleu
+    and chrf are 0-100 (sacrebleu's); exact_match, accuracy, label_accuracy, rouge (rouge1, rouge2, rougeL,
+    rougeLsum F-measures) and json_field_accuracy's scores are 0-1."""
     labels: list[str] | None = Field(None, min_length=1)
     """The label set of label_accuracy (setting it adds that metric); default: the distinct references of the
     eval data when there are at most 50."""

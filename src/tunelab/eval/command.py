@@ -17,13 +17,18 @@ from tunelab.data.template import ChatRenderer
 from tunelab.errors import ConfigError, UserError
 from tunelab.eval.evaluate import evaluate_loss, evaluate_task
 from tunelab.eval.grpo_run import check_grpo_inputs, evaluate_grpo_run
-from tunelab.eval.kto_run import check_kto_inputs, evaluate_kto_run
+from tunelab.eval.kto_run import check_kto_baseline, check_kto_inputs, evaluate_kto_run
 from tunelab.eval.labels import LABEL_METRICS, LabelScore, resolve_labels
 from tunelab.eval.metrics import METRICS, check_custom_metrics, check_references, is_custom_metric
 from tunelab.eval.paired import bootstrap_difference, compare_replies
 from tunelab.eval.preference import pair_margins
 from tunelab.eval.recorded import record_evaluation, result_json
-from tunelab.eval.run_rows import refuse_rows_of_another_objective, scores_own_rows
+from tunelab.eval.run_rows import (
+    baseline_spec,
+    check_baseline,
+    refuse_rows_of_another_objective,
+    scores_own_rows,
+)
 from tunelab.infer.generate import GenerationOptions
 from tunelab.infer.load import is_run_dir, load_for_inference, load_generator
 from tunelab.models.attention import MATMUL, training_attention
@@ -72,7 +77,8 @@ def check_eval_inputs(spec: str, data_path: Path | None, metrics: list[str] | No
     that cannot be written. `metrics` None: DEFAULT_METRICS, or a GRPO or KTO run's own."""
     run_config = saved_run_config(spec)
     if scores_own_rows(run_config, data_path):
-        _check_own_rows(spec, run_config, data_path, metrics, limit=limit, output=output, labels=labels)
+        _check_own_rows(spec, run_config, data_path, metrics, limit=limit, output=output, labels=labels,
+                        baseline=baseline)
         return
     if data_path is None:
         raise UserError("say what to evaluate on: --data FILE, --tasks TASKS (lm-eval), or both (a GRPO or KTO "
@@ -81,9 +87,10 @@ def check_eval_inputs(spec: str, data_path: Path | None, metrics: list[str] | No
     if labels is not None and "label_accuracy" not in metrics:
         metrics = [*metrics, "label_accuracy"]
     check_metric_names(metrics)
+    pairs = bool(PREFERENCE_METRICS & set(metrics))
     if baseline == "base":
-        _check_base_baseline(run_config, pairs=bool(PREFERENCE_METRICS & set(metrics)))
-    if not PREFERENCE_METRICS & set(metrics):  # pairs are read with the model's tokenizer (evaluate_pairs)
+        _check_base_baseline(run_config, pairs=pairs)
+    if not pairs:  # pairs are read with the model's tokenizer (evaluate_pairs)
         refuse_rows_of_another_objective(spec, data_path, run_config)
         _refuse_pairs_without_pair_metrics(data_path)
         samples = _read_samples(data_path, _eval_data_config(data_path, max_length, run_config))
@@ -93,13 +100,15 @@ def check_eval_inputs(spec: str, data_path: Path | None, metrics: list[str] | No
             resolve_labels(labels, [s.reference for s in samples], where="--labels")
     if output is not None:
         check_output_files(output, ["eval.json", "eval_samples.jsonl"])
+    check_baseline(baseline, run_config, generates=not pairs)  # last: a hub id or preset may be fetched
 
 
 def _check_own_rows(spec: str, run_config, data_path: Path | None, metrics: list[str] | None, *,
-                    limit: int | None, output: Path | None, labels: list[str] | None) -> None:
+                    limit: int | None, output: Path | None, labels: list[str] | None,
+                    baseline: str | None = None) -> None:
     """What `tunelab eval` of a GRPO or KTO run on its own rows refuses before any model loads: unknown metrics, a
     label set (no reply to classify), rows that cannot be read or scored, an output folder that cannot be
-    written."""
+    written, a baseline that names no model (or, for KTO, one with another tokenizer)."""
     if metrics is not None:
         check_metric_names(metrics)
     if labels is not None:
@@ -111,6 +120,9 @@ def _check_own_rows(spec: str, run_config, data_path: Path | None, metrics: list
     if output is not None:
         kept = ["eval.json", "eval_samples.jsonl"] if rollout else ["eval.json"]
         check_output_files(output, kept)
+    tokenizer_folder = check_baseline(baseline, run_config)
+    if tokenizer_folder is not None and not rollout:
+        check_kto_baseline(spec, baseline_spec(baseline, run_config), tokenizer_folder)
 
 
 def check_output_files(output: Path, names: list[str]) -> None:
@@ -129,10 +141,8 @@ def saved_run_config(spec: str):
 
 
 def _check_base_baseline(run_config, *, pairs: bool) -> None:
-    """`--baseline base` needs a run to take the base model from, and a run whose base can score what is asked."""
-    if run_config is None:
-        raise ConfigError("--baseline base needs a tunelab run directory", where="--baseline")
-    if pairs and run_config.objective.name == "reward":
+    """`--baseline base` of a reward model on pairs: its base has no score head (check_baseline: the rest)."""
+    if pairs and run_config is not None and run_config.objective.name == "reward":
         raise ConfigError("a reward model's base has no score head to compare with; its held-out accuracy "
                           "before training is in the run's summary.json (eval_before)", where="--baseline")
 
@@ -182,7 +192,8 @@ def evaluate_model(
     a GRPO run: its objective.max_new_tokens)."""
     run_config = saved_run_config(spec)
     if scores_own_rows(run_config, data_path):
-        _check_own_rows(spec, run_config, data_path, metrics, limit=limit, output=output, labels=labels)
+        _check_own_rows(spec, run_config, data_path, metrics, limit=limit, output=output, labels=labels,
+                        baseline=baseline)
         if run_config.objective.name in ROLLOUT_OBJECTIVES:
             return evaluate_grpo_run(spec, run_config, data_path, metrics, batch_size=options.batch_size,
                                      max_new_tokens=max_new_tokens, limit=limit, output=output, baseline=baseline)

@@ -6,6 +6,9 @@ reference, as the run's own evaluation picks it)."""
 
 from __future__ import annotations
 
+import json
+import math
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -27,7 +30,7 @@ from tunelab.eval.run_rows import (
 from tunelab.infer.load import load_generator
 from tunelab.models.load import load_tokenizer
 from tunelab.objectives.grpo import GreedyEvaluation, GrpoObjective
-from tunelab.objectives.rewards import BUILTINS, Reward, build_rewards, builtin_reward
+from tunelab.objectives.rewards import BUILTINS, Reward, RewardState, build_rewards, builtin_reward
 
 
 def grpo_task_metrics(run_config: RunConfig, metrics: list[str] | None) -> list[str]:
@@ -70,6 +73,9 @@ def evaluate_grpo_run(spec: str, run_config: RunConfig, data_path: Path | None, 
         rewards = build_rewards(config)
     except ConfigError as err:
         raise in_run_config(spec, err) from None
+    at_end = last_rollout_state(Path(spec), run_config)
+    for reward in rewards:  # a reward that reads trainer_state scores as at the run's last evaluation
+        reward.trainer_state = replace(at_end)
     device, precision = run_device_precision(run_config)
     tokenizer = load_tokenizer(Path(spec))
     objective = _objective(config, rewards, tokenizer, precision, run_config.method.name, run_config.train.seed)
@@ -91,6 +97,44 @@ def evaluate_grpo_run(spec: str, run_config: RunConfig, data_path: Path | None, 
         result["baseline"] = _result(against, data, base_rows, base, names, references, config.name)
         result["comparison"] = _comparison(rows, evaluation, base, rewards, names, references)
     return keep_result(spec, result, [config.name, *names], output, samples)
+
+
+def last_rollout_state(run_dir: Path, run_config: RunConfig) -> RewardState:
+    """The trainer_state the run's rewards saw at its last evaluation: that of its last rollout (the loop sets
+    global_step and epoch when it samples, and an evaluation leaves them), found from summary.json's trainer state
+    (the final step and data position) and, within the first epoch, metrics.jsonl's last epoch. RewardState()
+    (step 0, as a run's evaluation of its base model sees it) where the run recorded no step."""
+    try:
+        state = json.loads((run_dir / "summary.json").read_text())["trainer_state"]
+        steps, epoch, in_epoch = int(state["step"]), int(state["epoch"]), int(state["batch_in_epoch"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return RewardState()
+    if steps < 1:
+        return RewardState()
+    every, accum = run_config.objective.updates_per_rollout, run_config.train.grad_accum
+    drawn = math.ceil(steps / every) * accum  # micro-batches the rollouts took; the last one took `accum`
+    length = (drawn - in_epoch) // epoch if epoch else _epoch_length(run_dir, steps, in_epoch)
+    if length is None:
+        return RewardState((steps - 1) // every * every)
+    before = drawn - accum  # where the data stood when the last rollout drew its prompts
+    return RewardState((steps - 1) // every * every, before // length + before % length / length)
+
+
+def _epoch_length(run_dir: Path, steps: int, in_epoch: int) -> int | None:
+    """Micro-batches in an epoch of a run still in its first: from the epoch its last step logged (in_epoch
+    micro-batches / the epoch's), rounded to 4 places in metrics.jsonl."""
+    try:
+        lines = (run_dir / "metrics.jsonl").read_text().splitlines()
+    except OSError:
+        return None
+    for line in reversed(lines):
+        try:
+            record = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(record, dict) and record.get("step") == steps and record.get("epoch"):
+            return max(1, round(in_epoch / record["epoch"]))
+    return None
 
 
 def _objective(config: GrpoConfig, rewards: list[Reward], tokenizer, precision: str, method: str,

@@ -50,14 +50,24 @@ def evaluate_kto_run(spec: str, run_config: RunConfig, data_path: Path | None, m
     if against is not None:
         loaded = starting if starting is not None and against == run_config.model else load_generator(against, device)
         if loaded.tokenizer.get_vocab() != tokenizer.get_vocab():
-            raise ConfigError(f"{against} has another tokenizer than the run: KTO compares log-probabilities of the "
-                              "same tokens under the run's reference model", where="--baseline")
+            raise _other_tokenizer(against)
         base = _result(against, data, rows, evaluate_objective(loaded.model, objective, rows, **scoring))
         result["baseline"] = base
         result["comparison"] = {"differences": {key: {"difference": value - base[key]} for key, value in
                                                 result.items() if key in base and _is_number(value)
                                                 and _is_number(base[key]) and key != "samples"}}
     return keep_result(spec, result, ["kto"], output)
+
+
+def check_kto_baseline(spec: str, against: str, tokenizer_folder: Path) -> None:
+    """Refuse, before the run is evaluated, a baseline whose tokenizer (in `tokenizer_folder`) is not the run's."""
+    if load_tokenizer(tokenizer_folder).get_vocab() != load_tokenizer(Path(spec)).get_vocab():
+        raise _other_tokenizer(against)
+
+
+def _other_tokenizer(against: str) -> ConfigError:
+    return ConfigError(f"{against} has another tokenizer than the run: KTO compares log-probabilities of the same "
+                       "tokens under the run's reference model", where="--baseline")
 
 
 def _check_metrics(metrics: list[str] | None) -> None:

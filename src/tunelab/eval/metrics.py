@@ -1,7 +1,8 @@
 """Task metrics: pure functions from predictions and references to numbers.
 
 Every metric takes two equally long lists of strings. The corpus metrics (BLEU, chrF, ROUGE) delegate to
-sacrebleu and rouge-score so that numbers match what papers and leaderboards report.
+sacrebleu and rouge-score so that numbers match what papers and leaderboards report, scales included: BLEU and
+chrF run 0-100 (sacrebleu's), every other built-in (ROUGE's F-measures, accuracies, shares) 0-1 (metric_scale).
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ __all__ = [
     "field_hits",
     "json_field_accuracy",
     "json_field_scores",
+    "metric_scale",
     "normalize_text",
     "per_sample_json_field_accuracy",
     "rouge",
@@ -250,6 +252,20 @@ METRICS: dict[str, MetricFn] = {
 
 LABEL_METRICS = ("label_accuracy",)
 """Scored from label likelihoods, not from generated replies (see eval/labels.py)."""
+
+PERCENT_KEYS = ("bleu", "chrf")
+"""Scores on a 0-100 scale, as sacrebleu, papers and leaderboards give them."""
+SHARE_KEYS = ("exact_match", "accuracy", "label_accuracy", *ROUGE_TYPES, "field_accuracy", "json_valid")
+"""Scores on a 0-1 scale (json_field_accuracy's field/<name> too)."""
+
+
+def metric_scale(key: str) -> str | None:
+    """`0-100` or `0-1`: the scale of a built-in metric's score `key` (as results and metrics.jsonl name it, with
+    or without eval_); None for a user's own metric, whose scale is its own."""
+    name = key.removeprefix("eval_").removeprefix("json_field_accuracy/")
+    if name in PERCENT_KEYS:
+        return "0-100"
+    return "0-1" if name in SHARE_KEYS or name.startswith("field/") else None
 
 
 def is_custom_metric(name: str) -> bool:

@@ -26,6 +26,7 @@ from tunelab.eval.report_html import (
     samples_section,
     section,
     table,
+    with_scale,
 )
 
 RUN_FILES = ("config.yaml", "metrics.jsonl", "summary.json", "samples.jsonl")
@@ -119,6 +120,8 @@ def before_after_keys(objective: str, record: dict | None = None) -> tuple[str, 
         return ("eval_reward", *sorted(k for k in record or {} if k.startswith("eval_rewards/")))
     if objective == "kto":  # unpaired: the implied rewards of the good and of the bad replies, apart
         return ("eval_rewards/chosen", "eval_rewards/rejected", "eval_kl")
+    if objective == "distill":  # how far from the teacher, and how well the data's own replies are predicted
+        return ("eval_distill/divergence", "eval_ce")
     return ("eval_preference_accuracy", "eval_logps/margins")
 
 
@@ -139,8 +142,11 @@ def before_after_rows(run: RunRecord) -> list[tuple[str, float | None, float | N
                 ("eval perplexity", _ppl(base_loss), _ppl(final_loss), True)]
     else:  # a preference loss has no perplexity; the model's own ranking of the pairs is its before/after
         rows = [(f"eval loss ({objective})", base_loss, final_loss, True)]
-        rows += [(key.removeprefix("eval_"), base_record.get(key), final_record.get(key), key.endswith("/rejected"))
+        rows += [(key.removeprefix("eval_"), base_record.get(key), final_record.get(key),
+                  key.endswith("/rejected") or objective == "distill")
                  for key in before_after_keys(objective, final_record) if key in final_record]
+        if "eval_perplexity" in final_record:  # distillation: exp of the student's cross-entropy on the replies
+            rows.append(("eval perplexity", base_record.get("eval_perplexity"), final_record["eval_perplexity"], True))
     per_dataset = sorted({k for r in (base_record, final_record) for k in r if k.startswith("eval_loss/")})
     rows += [(f"eval loss ({k.split('/', 1)[1]})", base_record.get(k), final_record.get(k), True) for k in per_dataset]
     before, after = summary.get("metrics_before") or {}, summary.get("metrics_after") or {}
@@ -161,7 +167,8 @@ def _ppl(loss: float | None) -> float | None:
 
 def _before_after_section(run: RunRecord) -> str:
     rows = [
-        [name, num(base), num(tuned), change(base, tuned, lower)] for name, base, tuned, lower in before_after_rows(run)
+        [with_scale(name), num(base), num(tuned), change(base, tuned, lower)]
+        for name, base, tuned, lower in before_after_rows(run)
     ]
     note = "" if run.summary else "<p>Without summary.json, only the losses logged in metrics.jsonl are known.</p>"
     return section(
@@ -177,6 +184,7 @@ def _plots_section(run: RunRecord, plots_dir: Path) -> str:
     figures = {
         "loss": plots.loss_figure(run.metrics),
         "objective": plots.objective_figure(run.metrics),
+        "distillation": plots.distill_figure(run.metrics),
         "task_metrics": plots.task_metrics_figure(run.metrics, (summary.get("best") or {}).get("step")),
         "learning_rate": plots.learning_rate_figure(run.metrics),
         "throughput": plots.throughput_figure(run.metrics, summary.get("tokens_per_second")),
@@ -225,7 +233,9 @@ def comparison_table(runs: list[RunRecord]) -> list[tuple[str, list, bool | None
     """(row name, value per run, lower is better or None: not ranked, decimals): what `tunelab report A B` and the
     web app's compare page put side by side."""
     summaries = [r.summary or {} for r in runs]
-    losses = [{name: (base, tuned) for name, base, tuned, _ in before_after_rows(r)} for r in runs]
+    tables = [before_after_rows(r) for r in runs]
+    losses = [rows[0][1:3] for rows in tables]  # the objective's own loss ("eval loss (dpo)" for DPO): first row
+    perplexities = [next((tuned for name, _, tuned, _ in rows if name == "eval perplexity"), None) for rows in tables]
     metric_names = list(dict.fromkeys(name for s in summaries for name in s.get("metrics_after") or {}))
     spec = [
         ("status", [s.get("status", "no summary.json") for s in summaries], None, 0),
@@ -236,15 +246,16 @@ def comparison_table(runs: list[RunRecord]) -> list[tuple[str, list, bool | None
         ("trained tokens/s", [s.get("tokens_per_second") for s in summaries], False, 1),
         ("peak memory (MB)", [s.get("peak_memory_mb") for s in summaries], True, 0),
         ("trainable parameters", [s.get("trainable_parameters") for s in summaries], None, 0),
-        ("base eval loss", [lo["eval loss"][0] for lo in losses], None, 4),
-        ("final eval loss", [lo["eval loss"][1] for lo in losses], True, 4),
-        ("final eval perplexity", [lo["eval perplexity"][1] for lo in losses], True, 4),
+        ("base eval loss", [base for base, _ in losses], None, 4),
+        ("final eval loss", [tuned for _, tuned in losses], True, 4),
+        ("final eval perplexity", perplexities, True, 4),
     ] + [(name, [(s.get("metrics_after") or {}).get(name) for s in summaries], False, 4) for name in metric_names]
     return spec
 
 
 def _comparison_rows(runs: list[RunRecord]) -> list[list[Cell]]:
-    return [[name, *_ranked(values, lower, digits)] for name, values, lower, digits in comparison_table(runs)]
+    return [[with_scale(name), *_ranked(values, lower, digits)]
+            for name, values, lower, digits in comparison_table(runs)]
 
 
 def _ranked(values: list, lower_is_better: bool | None, digits: int) -> list[Cell]:

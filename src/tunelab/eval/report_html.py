@@ -58,6 +58,15 @@ def num(value, digits: int = 4, unit: str = "") -> str:
     return f"{text} {unit}" if unit else text
 
 
+def with_scale(name: str) -> str:
+    """A row's name with its metric's scale where it is a built-in's (`bleu (0-100)`, `rouge1 (0-1)`): BLEU and
+    chrF run 0-100 beside 0-1 shares, and a table of bare numbers reads 25.3 as better than 0.4."""
+    from tunelab.eval.metrics import metric_scale
+
+    scale = metric_scale(name)
+    return f"{name} ({scale})" if scale else name
+
+
 def percent(value) -> str:
     return "—" if value is None else f"{100 * value:.1f}%"
 

@@ -12,6 +12,8 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.patches import Patch
 
+from tunelab.eval.metrics import metric_scale
+
 DATASET_COLORS = ("tab:red", "tab:brown", "tab:pink", "tab:olive", "tab:cyan", "tab:gray")
 RUN_COLORS = ("tab:blue", "tab:orange", "tab:green", "tab:red", "tab:purple", "tab:brown", "tab:pink", "tab:gray")
 
@@ -32,9 +34,19 @@ def _figure(title: str, width: float = 7.0) -> tuple[Figure, Axes]:
     return fig, ax
 
 
-def _is_percent_scale(values: list[float]) -> bool:
-    """BLEU and chrF run 0-100 while accuracies run 0-1; on one axis the latter would lie flat on zero."""
+def _is_percent_scale(key: str, values: list[float]) -> bool:
+    """BLEU and chrF run 0-100 while accuracies run 0-1; on one axis the latter would lie flat on zero. A built-in
+    metric's own scale decides (a BLEU of 0.8 is still on the 0-100 axis); a user's metric's values."""
+    scale = metric_scale(key)
+    if scale is not None:
+        return scale == "0-100"
     return max((v for v in values if math.isfinite(v)), default=0) > 1
+
+
+def _scaled(key: str, right: bool) -> str:
+    """A metric's name with its scale where known, and which axis it is read on: `bleu (0-100, right)`."""
+    notes = [note for note in (metric_scale(key), "right" if right else None) if note]
+    return f"{key} ({', '.join(notes)})" if notes else key
 
 
 def loss_figure(metrics: list[dict]) -> Figure | None:
@@ -66,11 +78,16 @@ OBJECTIVE_REWARDS = ("rewards/chosen", "rewards/rejected", "rewards/margins", "k
 OBJECTIVE_RATES = ("rewards/accuracies", "preference_accuracy")
 
 
+DISTILL_KEYS = ("distill/divergence", "ce")
+"""What a distillation run logs at each step, and as eval_<key> at each evaluation (with eval_perplexity)."""
+
+
 def is_objective_key(key: str) -> bool:
-    """Metrics a preference objective or GRPO logs (TRL's names), train or eval: drawn in their own figure."""
+    """Metrics a preference objective, GRPO or distillation logs (TRL's names), train or eval: drawn in their own
+    figure."""
     name = key.removeprefix("eval_")
     return (name.startswith(("rewards/", "logps/", "completions/", "clip_ratio/", "seconds/"))
-            or name in ("kl", "preference_accuracy", "reward", "reward_std", "frac_reward_zero_std"))
+            or name in ("kl", "preference_accuracy", "reward", "reward_std", "frac_reward_zero_std", *DISTILL_KEYS))
 
 
 def objective_figure(metrics: list[dict]) -> Figure | None:
@@ -103,6 +120,29 @@ def objective_figure(metrics: list[dict]) -> Figure | None:
     return fig
 
 
+def distill_figure(metrics: list[dict]) -> Figure | None:
+    """A distillation run's parts of its loss: the divergence to the teacher and the student's cross-entropy on the
+    data's replies (lines for training steps, markers for evaluations), and the held-out perplexity, exp(ce), on
+    the right. A falling divergence with a rising cross-entropy is a student copying the teacher's mistakes."""
+    keys = [k for k in DISTILL_KEYS if series(metrics, k)[0] or series(metrics, f"eval_{k}")[0]]
+    perplexity = series(metrics, "eval_perplexity")
+    if not keys:
+        return None
+    fig, ax = _figure("distillation: divergence to the teacher and cross-entropy")
+    for key, color in zip(keys, DATASET_COLORS, strict=False):
+        ax.plot(*series(metrics, key), "-", color=color, linewidth=1.2, label=key)
+        ax.plot(*series(metrics, f"eval_{key}"), "o", color=color, markersize=5, label=f"eval {key}")
+    right = ax.twinx() if perplexity[0] else None
+    if right is not None:
+        right.plot(*perplexity, "s--", color="tab:gray", linewidth=1, markersize=4, label="eval perplexity (right)")
+        right.set_ylabel("perplexity")
+    ax.set_xlabel("step")
+    ax.set_ylim(bottom=0)
+    handles = [h for axis in (ax, right) if axis for h in axis.get_legend_handles_labels()[0]]
+    (right or ax).legend(handles=handles, fontsize=7)
+    return fig
+
+
 def task_metrics_figure(metrics: list[dict], best_step: int | None) -> Figure | None:
     """Task metrics logged at each evaluation (eval.during_training), from the base model at step 0; metrics on
     a 0-100 scale (BLEU, chrF) get their own axis on the right."""
@@ -111,12 +151,12 @@ def task_metrics_figure(metrics: list[dict], best_step: int | None) -> Figure | 
     if not keys:
         return None
     fig, ax = _figure("task metrics on the eval subset")
-    wide = [k for k in keys if _is_percent_scale(series(metrics, k)[1])]
+    wide = [k for k in keys if _is_percent_scale(k, series(metrics, k)[1])]
     right = ax.twinx() if wide else None
     for key, color in zip(keys, itertools.cycle(DATASET_COLORS)):
         # Dashed with small markers on the right axis: where a 0-1 and a 0-100 metric coincide, both stay visible.
-        axis, side, style, size = (right, " (right)", "s--", 4) if key in wide else (ax, "", "o-", 6)
-        label = key.removeprefix("eval_") + side
+        axis, style, size = (right, "s--", 4) if key in wide else (ax, "o-", 6)
+        label = _scaled(key.removeprefix("eval_"), key in wide)
         axis.plot(*series(metrics, key), style, color=color, linewidth=1.5, markersize=size, label=label)
     if best_step is not None:
         ax.axvline(best_step, color="gray", linestyle=":", linewidth=1, label=f"best step {best_step}")
@@ -172,7 +212,8 @@ def metric_bars(runs: list[tuple[str, dict]]) -> Figure | None:
     names = list(dict.fromkeys(name for _, metrics in runs for name in metrics))
     if not names:
         return None
-    wide = {n for n in names if _is_percent_scale([m[n] for _, m in runs if isinstance(m.get(n), (int, float))])}
+    wide = {n for n in names
+            if _is_percent_scale(n, [m[n] for _, m in runs if isinstance(m.get(n), (int, float))])}
     fig, ax = _figure("task metrics after fine-tuning", width=max(9.0, 3 + len(names) * (0.4 + 0.3 * len(runs))))
     right = ax.twinx() if wide else None
     width = 0.8 / len(runs)
@@ -186,7 +227,7 @@ def metric_bars(runs: list[tuple[str, dict]]) -> Figure | None:
                 positions = [names.index(n) + offset for n in group]
                 bars = axis.bar(positions, [metrics.get(n, math.nan) for n in group], width, color=color)
                 axis.bar_label(bars, fmt=f"%.{digits}f", fontsize=7)
-    ticks = [f"{n} (right)" if n in wide else n for n in names]
+    ticks = [_scaled(n, n in wide) for n in names]
     ax.set_xticks(range(len(names)), ticks, rotation=20, ha="right", fontsize=9)
     for axis in (ax, right):
         if axis is not None:

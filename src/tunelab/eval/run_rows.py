@@ -10,10 +10,12 @@ from pathlib import Path
 
 import torch
 
-from tunelab.config import ROLLOUT_OBJECTIVES, DataConfig, RunConfig
+from tunelab.config import ROLLOUT_OBJECTIVES, DataConfig, RunConfig, load_config
 from tunelab.data.preference import data_kind
-from tunelab.errors import ConfigError, UserError
+from tunelab.errors import ConfigError, ModelError, UserError
 from tunelab.eval.recorded import record_evaluation, result_json
+from tunelab.infer.load import is_run_dir, refuse_unfinished_run
+from tunelab.models.resolve import resolve_model
 from tunelab.track.jsonl import finite_or_null
 from tunelab.train.precision import resolve_precision
 from tunelab.train.run_data import prepare_run_data
@@ -101,6 +103,29 @@ def run_device_precision(run_config: RunConfig) -> tuple[str, str]:
 def baseline_spec(baseline: str | None, run_config: RunConfig) -> str | None:
     """The model a baseline names: `base` is the run's own starting model."""
     return run_config.model if baseline == "base" else baseline
+
+
+def check_baseline(baseline: str | None, run_config: RunConfig | None, *, generates: bool = True) -> Path | None:
+    """The folder holding the tokenizer of the model `--baseline` names (a run directory, or where a preset, hub id,
+    folder or .gguf file resolves to), found before the evaluation of the run itself, so that a baseline that names
+    no model (or a reward model, which cannot write the replies that `generates` scoring needs) costs no
+    evaluation. None without a baseline. Raises ConfigError or ModelError naming --baseline."""
+    if baseline is None:
+        return None
+    if baseline == "base" and run_config is None:
+        raise ConfigError("--baseline base needs a tunelab run directory", where="--baseline")
+    spec = run_config.model if baseline == "base" else baseline
+    path = Path(str(spec)).expanduser()
+    try:
+        if path.is_dir() and is_run_dir(path):
+            if generates and load_config(path / "config.yaml").objective.name == "reward":
+                raise ConfigError(f"{spec} is a reward model: it scores replies (tunelab score) and cannot write "
+                                  "them", where="--baseline")
+            return path
+        refuse_unfinished_run(path)
+        return resolve_model(str(spec))
+    except ModelError as err:
+        raise ModelError(f"{err.where}: {err.message}" if err.where else err.message, where="--baseline") from None
 
 
 def keep_result(spec: str, result: dict, names: list[str], output: Path | None,

@@ -38,7 +38,9 @@ RewardCall = Callable[[list[PromptRow], list[str], list[list[int]]], list[float]
 @dataclass
 class RewardState:
     """Where training stands, as TRL's reward functions read it from transformers' TrainerState (for reward shaping
-    by training progress)."""
+    by training progress). An evaluation sees the values of the last rollout before it; `tunelab eval RUN` gives
+    them the run's last rollout's (eval/grpo_run.py's last_rollout_state), so it scores as the run's last
+    evaluation did."""
 
     global_step: int = 0
     """Optimiser steps finished before this rollout (0-based step being sampled), TRL's global_step."""

@@ -96,7 +96,9 @@ def create_app(served: Served, *, api_key: str | None = None, max_body_bytes: in
 
     @app.get("/health")
     async def health() -> dict:
-        return {"status": "ok", "models": list(served.models), **served.engine.load, "lookup": served.engine.lookup}
+        engine = served.engine
+        return {"status": "ok", "models": list(served.models), **engine.load, "batching": engine.batching,
+                "lookup": engine.lookup}
 
     @app.get("/v1/models")
     async def models() -> dict:

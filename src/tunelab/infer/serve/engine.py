@@ -131,6 +131,26 @@ class Engine:
         return {"active": len(self._active), "waiting": len(self._waiting)}
 
     @property
+    def batching(self) -> dict:
+        """How requests share the model, as /health says it: `continuous` (up to max_batch decode together,
+        joining and leaving at any step) or `one request at a time` (prompt and prefix tuning; max_batch 1)."""
+        return {"mode": "one request at a time" if self.one_at_a_time else "continuous", "max_batch": self.max_batch}
+
+    @property
+    def closed(self) -> bool:
+        """Whether `close` was called: whatever still decodes stops, and the worker ends every request left."""
+        return self._closed
+
+    def hand_out(self, request: Request, token: int) -> bool:
+        """Append `token` to `request`'s reply and send the text it completes; True when that finished the request
+        (its stop, stop string or max_tokens), which is then done."""
+        request.generated.append(token)
+        finished = self._advance(request, token)
+        if finished is not None:
+            self._done(request, finished)
+        return finished is not None
+
+    @property
     def lookup(self) -> dict[str, int] | None:
         """Lookup drafts so far: tokens drafted and confirmed (None when requests decode without them)."""
         return None if self.history is None else {"drafted": self.drafted, "confirmed": self.accepted}
@@ -157,7 +177,9 @@ class Engine:
             try:
                 with torch.inference_mode():
                     if self.one_at_a_time:
-                        decode_alone(self, joining[0])
+                        self._active = joining  # on close or error, ended below or by _run with the others
+                        if decode_alone(self, joining[0]):
+                            self._active = []
                     else:
                         if joining:
                             self._join(joining)
@@ -188,14 +210,8 @@ class Engine:
         tokens = self._pick(self._logits)
         keep: list[int] = []
         for row, (request, token) in enumerate(zip(self._active, tokens, strict=True)):
-            if request.cancelled.is_set():
-                continue
-            request.generated.append(token)
-            finished = self._advance(request, token)
-            if finished is None:
+            if not request.cancelled.is_set() and not self.hand_out(request, token):
                 keep.append(row)
-            else:
-                self._done(request, finished)
         self.steps += 1
         tokens = [tokens[i] for i in keep]
         self._drop_all_but(keep)

@@ -15,27 +15,23 @@ if TYPE_CHECKING:
     from tunelab.infer.serve.request import Request
 
 
-def decode_alone(engine: Engine, request: Request) -> None:
+def decode_alone(engine: Engine, request: Request) -> bool:
     """Decode one request of a prompt- or prefix-tuned model to its end (or until it is cancelled or the engine
     closes) by stream_with_virtual_tokens, as generate_replies decodes it with the same seed; unseeded sampling
-    draws a seed of its own."""
+    draws a seed of its own. False when the engine closed first: the request is left for the engine to end."""
     if request.cancelled.is_set():  # its client left while it waited
-        return
+        return True
     sampling = request.sampling
     seed = secrets.randbits(63) if sampling.seed is None else sampling.seed
     shaped = DecodeSampling(sampling.temperature, sampling.top_p, seed) if sampling.temperature > 0 else None
-    engine._active = [request]  # on close or error, the engine's _run and _serve end it with the others
     with decoding_model(engine.model, engine.precision) as decoder:
         for token in stream_with_virtual_tokens(decoder, request.prompt_ids, max_new_tokens=sampling.max_tokens,
                                                 stop_ids=sorted(engine.stop_ids), sampling=shaped):
-            if engine._closed:
-                return  # _run ends it with the waiting ones
+            if engine.closed:
+                return False
             if request.cancelled.is_set():
                 break
-            request.generated.append(token)
             engine.steps += 1
-            finished = engine._advance(request, token)
-            if finished is not None:
-                engine._done(request, finished)
+            if engine.hand_out(request, token):
                 break
-    engine._active = []
+    return True
