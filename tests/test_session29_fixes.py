@@ -106,11 +106,12 @@ def stepped_run(root: Path, model: Path, steps: int, every: int) -> Path:
     return out
 
 
-@pytest.mark.parametrize(("steps", "every", "seen"), [(4, 2, 4.0), (6, 1, 15.0)])
+@pytest.mark.parametrize(("steps", "every", "seen"), [(4, 2, 8.0), (6, 1, 18.0)])
 def test_eval_of_a_grpo_run_gives_rewards_its_last_evaluations_trainer_state(folder, tiny_model_dir, call_log,
                                                                             steps, every, seen):
-    # 9 training prompts in micro-batches of 2: 5 per epoch. (4, 2): the last rollout samples at step 2 after one
-    # micro-batch (epoch 0.2); (6, 1): at step 5 after five, a whole epoch (epoch 1.0).
+    # 9 training prompts in micro-batches of 2: 5 per epoch. The final evaluation sees the steps and epochs done, as
+    # TRL's evaluation reads its trainer state: (4, 2) step 4 after two rollouts' micro-batches (epoch 0.4);
+    # (6, 1): step 6 after six (epoch 1.2).
     run = stepped_run(folder, tiny_model_dir, steps, every)
     final = json.loads((run / "summary.json").read_text())["eval_after"]["eval_reward"]
     assert final == pytest.approx(seen)  # what the run's rewards saw, from TRL's definition above

@@ -7,7 +7,6 @@ reference, as the run's own evaluation picks it)."""
 from __future__ import annotations
 
 import json
-import math
 from dataclasses import replace
 from pathlib import Path
 
@@ -73,7 +72,7 @@ def evaluate_grpo_run(spec: str, run_config: RunConfig, data_path: Path | None, 
         rewards = build_rewards(config)
     except ConfigError as err:
         raise in_run_config(spec, err) from None
-    at_end = last_rollout_state(Path(spec), run_config)
+    at_end = run_progress(Path(spec))
     for reward in rewards:  # a reward that reads trainer_state scores as at the run's last evaluation
         reward.trainer_state = replace(at_end)
     device, precision = run_device_precision(run_config)
@@ -99,42 +98,16 @@ def evaluate_grpo_run(spec: str, run_config: RunConfig, data_path: Path | None, 
     return keep_result(spec, result, [config.name, *names], output, samples)
 
 
-def last_rollout_state(run_dir: Path, run_config: RunConfig) -> RewardState:
-    """The trainer_state the run's rewards saw at its last evaluation: that of its last rollout (the loop sets
-    global_step and epoch when it samples, and an evaluation leaves them), found from summary.json's trainer state
-    (the final step and data position) and, within the first epoch, metrics.jsonl's last epoch. RewardState()
-    (step 0, as a run's evaluation of its base model sees it) where the run recorded no step."""
+def run_progress(run_dir: Path) -> RewardState:
+    """The trainer_state the run's rewards saw at its last evaluation: its steps and fractional epochs done
+    (summary.json's trainer state); RewardState() (step 0, as the evaluation of its base model) where the run
+    recorded none."""
     try:
         state = json.loads((run_dir / "summary.json").read_text())["trainer_state"]
-        steps, epoch, in_epoch = int(state["step"]), int(state["epoch"]), int(state["batch_in_epoch"])
-    except (OSError, ValueError, KeyError, TypeError):
+        epoch = float((state.get("extra") or {}).get("epoch_progress", state["epoch"]))
+        return RewardState(int(state["step"]), epoch)
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
         return RewardState()
-    if steps < 1:
-        return RewardState()
-    every, accum = run_config.objective.updates_per_rollout, run_config.train.grad_accum
-    drawn = math.ceil(steps / every) * accum  # micro-batches the rollouts took; the last one took `accum`
-    length = (drawn - in_epoch) // epoch if epoch else _epoch_length(run_dir, steps, in_epoch)
-    if length is None:
-        return RewardState((steps - 1) // every * every)
-    before = drawn - accum  # where the data stood when the last rollout drew its prompts
-    return RewardState((steps - 1) // every * every, before // length + before % length / length)
-
-
-def _epoch_length(run_dir: Path, steps: int, in_epoch: int) -> int | None:
-    """Micro-batches in an epoch of a run still in its first: from the epoch its last step logged (in_epoch
-    micro-batches / the epoch's), rounded to 4 places in metrics.jsonl."""
-    try:
-        lines = (run_dir / "metrics.jsonl").read_text().splitlines()
-    except OSError:
-        return None
-    for line in reversed(lines):
-        try:
-            record = json.loads(line)
-        except ValueError:
-            continue
-        if isinstance(record, dict) and record.get("step") == steps and record.get("epoch"):
-            return max(1, round(in_epoch / record["epoch"]))
-    return None
 
 
 def _objective(config: GrpoConfig, rewards: list[Reward], tokenizer, precision: str, method: str,

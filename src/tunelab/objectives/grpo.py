@@ -13,6 +13,7 @@ Rollouts are sampled with the KV cache, in the training precision, with a genera
 step), so a resumed run samples the very completions the uninterrupted one did. With updates_per_rollout > 1
 the rollout is kept (and checkpointed) for the updates that follow; its tokens' log-probabilities under the
 sampling policy are those its first update computed, before any weight moved, so no extra forward pass is spent.
+Under several processes each samples its own prompts' groups, and the step-wide statistics are gathered from all.
 """
 
 from __future__ import annotations
@@ -37,11 +38,15 @@ from tunelab.models.logprobs import can_share_prompts, shared_prompt_logprobs, t
 from tunelab.objectives.grpo_loss import (  # noqa: F401 - Completion and the loss are this module's interface
     Completion,
     GreedyEvaluation,
+    counted_completions,
     group_advantages,
+    joined_values,
     nanstd,
     prompt_groups,
+    reward_metrics,
     reward_stds,
     split_groups,
+    taken_values,
     token_losses,
 )
 from tunelab.objectives.metrics import Metrics
@@ -49,6 +54,7 @@ from tunelab.objectives.pairs import collate_sequences
 from tunelab.objectives.rewards import Reward, raised_at
 from tunelab.objectives.rloo import leave_one_out_advantages, sequence_kl, sequence_losses, zero_std_share
 from tunelab.objectives.rollout_state import rollout_from_tensors, rollout_tensors
+from tunelab.train.distributed import process_group_ranks
 from tunelab.train.precision import autocast
 
 
@@ -114,11 +120,14 @@ class GrpoObjective:
         return self.rollout_batches is None or step - self.rollout_step >= self.config.updates_per_rollout
 
     def rollout(self, model, step_rows: list[list[list[PromptRow]]] | None, step: int,
-                epoch: float | None = None) -> tuple[list, Metrics]:
+                epoch: float | None = None, weights: Sequence[float] | None = None) -> tuple[list, Metrics]:
         """Sample, score and normalise completions for every prompt of the step; returns the step's micro-batches
         as rows of Completion items and the rollout's metrics. Without rows (see draws_rows) the last rollout's
         micro-batches again, with no metrics. `epoch`: the epochs done before this step, fractional (TRL's
-        trainer_state.epoch, which reward functions read)."""
+        trainer_state.epoch, which reward functions read). `weights`: per micro-batch, 0 for a stand-in (the loop's
+        share_weights), left out of every statistic. The step-wide ones (scale_rewards: batch, normalize_advantages,
+        what is logged) cover every process's completions, as TRL gathers them: the advantages are those one process
+        holding the whole step computes (a prompt's group is sampled whole on one process)."""
         if step_rows is None:
             return self.rollout_batches, {}
         prompts = [item for rows in step_rows for row in rows for item in row]
@@ -129,60 +138,52 @@ class GrpoObjective:
         texts = [self.tokenizer.decode(c, skip_special_tokens=True).strip() for c in ids]
         for reward in self.rewards:
             reward.trainer_state.global_step, reward.trainer_state.epoch = step, epoch
-        scores = self.score(repeated, texts, ids)  # [C, R]
+        sizes = [sum(len(row) for row in rows) * self.config.group_size for rows in step_rows]
+        counted, kept = counted_completions(sizes, weights)
+        scores = (self.score([repeated[i] for i in kept], [texts[i] for i in kept], [ids[i] for i in kept]) if kept
+                  else torch.empty(0, len(self.rewards)))  # [K, R]
         scored = time.perf_counter()
-        total = _weighted_total(scores, [r.weight for r in self.rewards])
         completions = [
             Completion(TokenizedSample([*p.prompt_ids, *c], [IGNORE_INDEX] * len(p.prompt_ids) + list(c), p.where,
                                        p.source), 0.0, t, index)
             for index, (p, c, t) in enumerate(zip(repeated, ids, truncated, strict=True))
         ]
-        metrics: Metrics = self._reward_metrics(scores, total)
+        local = {"scores": scores, "lengths": torch.tensor([len(ids[i]) for i in kept], dtype=torch.long),
+                 "truncated": torch.tensor([truncated[i] for i in kept], dtype=torch.bool)}
+        rloo_kl = self.config.name == "rloo" and self.config.beta
+        if rloo_kl:  # RLOO's KL penalty is part of the reward
+            local["kl"], kl_tokens = (self._rollout_kl(model, [completions[i] for i in kept], [n for n in counted if n])
+                                      if kept else (torch.zeros(0), 0))
+        ranks = process_group_ranks()
+        whole, mine = ranks.gather_rows(local, counted)  # the step's completions on every process, in step order
+        total = _weighted_total(whole["scores"], [r.weight for r in self.rewards])
+        logged = joined_values(ranks.gather([taken_values(reward.logged) for reward in self.rewards]))
+        metrics = reward_metrics(whole["scores"], total, [r.name for r in self.rewards], logged,
+                                 self.config.group_size, getattr(self.config, "scale_rewards", "group"))
         if self.config.name == "rloo":
-            if self.config.beta:  # RLOO's KL penalty is part of the reward
-                sizes = [sum(len(row) for row in rows) * self.config.group_size for rows in step_rows]
-                kl, tokens = self._rollout_kl(model, completions, sizes)
-                total = total - self.config.beta * kl
-                metrics["kl"] = (float(kl.sum()), tokens)
+            if rloo_kl:
+                total = total - self.config.beta * whole["kl"]
+                metrics["kl"] = (float(local["kl"].sum()), kl_tokens)
                 metrics["frac_reward_zero_std"] = (zero_std_share(total, self.config.group_size), 1)  # as TRL
             advantages = leave_one_out_advantages(total, self.config.group_size, self.config.normalize_advantages)
         else:
             advantages = group_advantages(total, self.config.group_size, self.config.scale_rewards)
-        for completion, advantage in zip(completions, advantages.tolist(), strict=True):
-            completion.advantage = advantage
+        for completion, advantage in zip((completions[i] for i in kept), advantages[mine].tolist(), strict=True):
+            completion.advantage = advantage  # a stand-in's completions keep 0: they train with weight 0
         metrics |= {
-            "completions/mean_length": (sum(len(c) for c in ids) / len(ids), 1),
-            "completions/clipped_ratio": (sum(truncated) / len(truncated), 1),
-            "seconds/generate": (generated - started, 1),
-            "seconds/reward": (scored - generated, 1),
+            "completions/mean_length": (float(whole["lengths"].sum()) / len(whole["lengths"]), 1),
+            "completions/clipped_ratio": (float(whole["truncated"].sum()) / len(whole["truncated"]), 1),
         }
+        if not ranks.is_main:  # the main process logs the step-wide values; the KL's sum and count add up
+            metrics = {"kl": metrics["kl"]} if rloo_kl else {}
+        metrics |= {"seconds/generate": (generated - started, 1), "seconds/reward": (scored - generated, 1)}
         out, at = [], 0
-        for rows in step_rows:
-            count = sum(len(row) for row in rows) * self.config.group_size
-            out.append([[c] for c in completions[at : at + count]])
-            at += count
+        for size in sizes:
+            out.append([[c] for c in completions[at : at + size]])
+            at += size
         if self.config.updates_per_rollout > 1:
             self.rollout_batches, self.rollout_step = out, step
         return out, metrics
-
-    def _reward_metrics(self, scores: torch.Tensor, total: torch.Tensor) -> Metrics:
-        """What TRL logs of a rollout's rewards: the mean and std over all its completions of the total (those no
-        reward judged left out), the share whose scaling std is 0, each reward's mean and std where it judged, and
-        what the rewards gave log_metric (rewards/<name>/<metric>)."""
-        stds = reward_stds(total, self.config.group_size, getattr(self.config, "scale_rewards", "group"))
-        metrics: Metrics = {
-            "reward": (float(total.nanmean()), 1),
-            "reward_std": (float(nanstd(total)), 1),
-            "frac_reward_zero_std": (float(torch.isclose(stds, torch.zeros_like(stds)).float().mean()), 1),
-        }
-        for index, reward in enumerate(self.rewards):
-            column = scores[:, index]
-            column = column[~column.isnan()]
-            metrics[f"rewards/{reward.name}/mean"] = (float(column.mean()) if len(column) else math.nan, 1)
-            metrics[f"rewards/{reward.name}/std"] = (float(column.std()) if len(column) > 1 else 0.0, 1)
-            for name, value in reward.take_logged().items():
-                metrics[f"rewards/{reward.name}/{name}"] = (value, 1)
-        return metrics
 
     def _sample(self, model, prompts: list[list[int]], step: int) -> tuple[list[list[int]], list[bool]]:
         sampler = self._sampling_model(model)
@@ -347,6 +348,12 @@ class GrpoObjective:
                 return self.token_logprobs(model, batch)[0]
 
     # --- evaluation ----------------------------------------------------------------------------------------
+
+    def set_progress(self, step: int, epoch: float) -> None:
+        """What reward functions see as trainer_state at an evaluation: the steps and fractional epochs done (TRL
+        evaluates with its trainer's state; a rollout sets the step it samples for)."""
+        for reward in self.rewards:
+            reward.trainer_state.global_step, reward.trainer_state.epoch = step, epoch
 
     def evaluate(self, model, rows: Sequence[PromptRow], *, batch_size: int = 16) -> dict[str, float]:
         """Greedy completions of the held-out prompts, scored by the rewards: eval_reward (the weighted total),

@@ -1,15 +1,19 @@
 """GRPO's arithmetic, apart from its objective's plumbing: group-relative advantages, the clipped per-token loss
-with its KL estimate, and the layout of a micro-batch as groups of completions after a shared prompt."""
+with its KL estimate, the rollout's logged reward metrics, and the layout of a micro-batch as groups of completions
+after a shared prompt."""
 
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
+from itertools import accumulate
 
 import torch
 
 from tunelab.config import GrpoObjective as GrpoConfig
 from tunelab.data.template import IGNORE_INDEX, TokenizedSample
+from tunelab.objectives.metrics import Metrics
 
 ADVANTAGE_EPS = 1e-4  # TRL's: a group whose rewards are all equal gets advantages 0, not a division by zero
 
@@ -71,6 +75,52 @@ def group_advantages(rewards: torch.Tensor, group_size: int, scale: str) -> torc
     if scale != "none":
         advantages = advantages / (reward_stds(rewards, group_size, scale) + ADVANTAGE_EPS)
     return advantages.nan_to_num(nan=0.0)
+
+
+def reward_metrics(scores: torch.Tensor, total: torch.Tensor, names: list[str],
+                   logged: list[dict[str, list[float]]], group_size: int, scale: str) -> Metrics:
+    """What TRL logs of a rollout's rewards (scores [C, R], their weighted total [C], NaN where none judged): the
+    mean and std of the total over the judged completions, the share whose scaling std is 0, each reward's mean and
+    std where it judged, and the mean of what it gave log_metric (`logged`: values by name) as
+    rewards/<name>/<metric>."""
+    stds = reward_stds(total, group_size, scale)
+    metrics: Metrics = {
+        "reward": (float(total.nanmean()), 1),
+        "reward_std": (float(nanstd(total)), 1),
+        "frac_reward_zero_std": (float(torch.isclose(stds, torch.zeros_like(stds)).float().mean()), 1),
+    }
+    for index, (name, values) in enumerate(zip(names, logged, strict=True)):
+        column = scores[:, index]
+        column = column[~column.isnan()]
+        metrics[f"rewards/{name}/mean"] = (float(column.mean()) if len(column) else math.nan, 1)
+        metrics[f"rewards/{name}/std"] = (float(column.std()) if len(column) > 1 else 0.0, 1)
+        metrics |= {f"rewards/{name}/{metric}": (sum(given) / len(given), 1) for metric, given in values.items()}
+    return metrics
+
+
+def counted_completions(sizes: list[int], weights: Sequence[float] | None) -> tuple[list[int], list[int]]:
+    """(the completions that count in each micro-batch, `sizes` completions each: all, or none in a stand-in whose
+    weight is 0; the positions of those that count in the rollout). A stand-in's stay out of every statistic."""
+    counted = [size if weight else 0 for size, weight in zip(sizes, weights or [1.0] * len(sizes), strict=True)]
+    starts = [0, *accumulate(sizes)][:-1]
+    return counted, [row for start, count in zip(starts, counted, strict=True) for row in range(start, start + count)]
+
+
+def taken_values(logged: dict[str, list[float]]) -> dict[str, list[float]]:
+    """What a reward gave log_metric since the last rollout (its Reward.logged), which is emptied for the next."""
+    values = {name: list(given) for name, given in logged.items() if given}
+    logged.clear()
+    return values
+
+
+def joined_values(everyone: list[list[dict[str, list[float]]]]) -> list[dict[str, list[float]]]:
+    """Each reward's log_metric values from every process, in rank order (`everyone`: by process, then reward)."""
+    joined: list[dict[str, list[float]]] = [{} for _ in everyone[0]]
+    for per_reward in everyone:
+        for into, values in zip(joined, per_reward, strict=True):
+            for name, given in values.items():
+                into.setdefault(name, []).extend(given)
+    return joined
 
 
 def token_losses(logps: torch.Tensor, old_logps: torch.Tensor, advantages: torch.Tensor, config: GrpoConfig,

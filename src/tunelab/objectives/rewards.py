@@ -38,12 +38,12 @@ RewardCall = Callable[[list[PromptRow], list[str], list[list[int]]], list[float]
 @dataclass
 class RewardState:
     """Where training stands, as TRL's reward functions read it from transformers' TrainerState (for reward shaping
-    by training progress). An evaluation sees the values of the last rollout before it; `tunelab eval RUN` gives
-    them the run's last rollout's (eval/grpo_run.py's last_rollout_state), so it scores as the run's last
-    evaluation did."""
+    by training progress). A rollout sees the step it samples for; an evaluation the steps and epochs done, as TRL
+    evaluates (GrpoObjective.set_progress), and `tunelab eval RUN` the run's last ones (summary.json)."""
 
     global_step: int = 0
-    """Optimiser steps finished before this rollout (0-based step being sampled), TRL's global_step."""
+    """Optimiser steps finished before this rollout (0-based step being sampled) or evaluation, TRL's
+    global_step."""
     epoch: float | None = None
     """Epochs done before this rollout, fractional as TRL's (0.5: half the first epoch's batches trained); None
     only when a rollout is sampled outside the training loop."""

@@ -17,6 +17,7 @@ import os
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from datetime import timedelta
+from itertools import accumulate
 from typing import Any
 
 import torch
@@ -86,6 +87,28 @@ class Ranks:
         dist.all_gather_object(gathered, obj)
         return gathered
 
+    def gather_rows(self, columns: dict[str, torch.Tensor],
+                    sizes: Sequence[int]) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+        """(every process's rows of `columns`, in the order one process holding the whole step has them; where this
+        process's rows lie in that order [n]). Each column holds this process's n rows [n, ...] in chunks of
+        `sizes` (a step's micro-batches, the same number on every process): chunk i of every process, rank by rank,
+        comes before chunk i + 1, as Ranks.share cuts each micro-batch. Gathered rows come back on the CPU."""
+        if not self.distributed:
+            return columns, torch.arange(sum(sizes))
+        everyone = self.gather((list(sizes), {name: column.detach().cpu() for name, column in columns.items()}))
+        starts = [[0, *accumulate(their_sizes)] for their_sizes, _ in everyone]
+        pieces: dict[str, list[torch.Tensor]] = {name: [] for name in columns}
+        positions, at = [], 0
+        for chunk in range(len(sizes)):
+            for rank, (their_sizes, theirs) in enumerate(everyone):
+                start, size = starts[rank][chunk], their_sizes[chunk]
+                for name, parts in pieces.items():
+                    parts.append(theirs[name][start:start + size])
+                if rank == self.rank:
+                    positions.append(torch.arange(at, at + size))
+                at += size
+        return {name: torch.cat(parts) for name, parts in pieces.items()}, torch.cat(positions)
+
     def broadcast(self, obj: object) -> object:
         """The main process's `obj`, on every process."""
         if not self.distributed:
@@ -101,6 +124,15 @@ def launched_ranks() -> Ranks:
     if world_size <= 1:
         return Ranks()
     return Ranks(rank=int(os.environ["RANK"]), world_size=world_size,
+                 local_rank=int(os.environ.get("LOCAL_RANK", "0")))
+
+
+def process_group_ranks() -> Ranks:
+    """This process's place in the process group it has joined (one process when none): for what runs below the
+    loop and needs every process's values, such as a rollout's batch-wide reward statistics."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return Ranks()
+    return Ranks(rank=dist.get_rank(), world_size=dist.get_world_size(),
                  local_rank=int(os.environ.get("LOCAL_RANK", "0")))
 
 

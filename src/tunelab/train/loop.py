@@ -139,7 +139,8 @@ def fit(ctx: LoopContext, state: TrainerState) -> TrainerState:
         if hasattr(ctx.objective, "rollout"):  # an objective that trains on what the model generates (GRPO)
             # TRL's trainer_state.epoch: micro-batches trained / those in an epoch, as of the last finished step
             epoch = step_batches[0][0] + step_batches[0][1] / step_batches[0][2] if step_batches else None
-            step_rows, rollout_metrics = ctx.objective.rollout(model, step_rows, state.step, epoch)
+            step_rows, rollout_metrics = ctx.objective.rollout(model, step_rows, state.step, epoch,
+                                                                 weights=ctx.share_weights)
             metrics_of_step.add(rollout_metrics)
             rollout_seconds = time.perf_counter() - started
         totals = _forward_backward(ctx, module, step_rows, metrics_of_step)
@@ -164,6 +165,8 @@ def fit(ctx: LoopContext, state: TrainerState) -> TrainerState:
             state.epoch, state.batch_in_epoch = last_epoch, last_index + 1
             ctx.on_batches(state.step, [rows for _, _, _, rows in step_batches])
         epoch_length = len(epoch_plan(ctx, state.epoch).batches) if not step_batches else step_batches[-1][2]
+        progress = state.epoch + state.batch_in_epoch / epoch_length  # TRL's fractional trainer_state.epoch
+        state.extra["epoch_progress"] = progress
         state.tokens_seen += step_tokens
         state.train_seconds += elapsed
         state.extra["computed_tokens"] = state.extra.get("computed_tokens", 0) + totals.computed_tokens
@@ -174,7 +177,7 @@ def fit(ctx: LoopContext, state: TrainerState) -> TrainerState:
         ctx.updating = False
         record = {
             "step": state.step,
-            "epoch": round(state.epoch + state.batch_in_epoch / epoch_length, 4),
+            "epoch": round(progress, 4),
             "loss": loss,
             "lr": lr,
             "grad_norm": grad_norm,
@@ -200,6 +203,8 @@ def fit(ctx: LoopContext, state: TrainerState) -> TrainerState:
             # The main process evaluates while the others wait at their next collective; a sharded model needs
             # every process for each forward, so there all evaluate and the main one keeps the result.
             if ctx.ranks.is_main or ctx.evaluate_everywhere:
+                if hasattr(ctx.objective, "set_progress"):  # rewards read the steps done, as TRL's evaluation
+                    ctx.objective.set_progress(state.step, progress)
                 metrics = ctx.evaluate()
                 state.extra["last_eval"] = metrics
                 if ctx.ranks.is_main:
