@@ -305,6 +305,12 @@ def test_runs_being_written_and_odd_names_are_answered_not_500(root):
     (root / "gone" / "status.json").write_text(json.dumps({"status": "completed"}))
     assert [row["name"] for row in client.get("/api/runs").json()] == ["done"]
 
+    # Chat against a run still training (no summary.json, no saved model) is refused before the stream starts.
+    write_run(root / "half", "running")
+    (root / "done" / "summary.json").write_text("{}")
+    said = client.post("/api/runs/done/chat", json={"messages": [{"role": "user", "content": "hi"}], "against": "half"})
+    assert said.status_code == 404 and "'half' has no trained model yet" in said.json()["error"]
+
     (root / "notes.txt").write_text("not a run")
     taken = client.post("/api/runs", json={"name": "notes.txt", "config_yaml": "model: x\n"})
     assert taken.status_code == 409 and "is a file" in taken.json()["error"]
@@ -324,15 +330,59 @@ def test_cli_runs_with_any_folder_name_open_and_no_name_leaves_the_runs_folder(r
 
     write_run(root / "my run", "completed")
     write_run(root / "_scratch", "completed", train_log="step 1\n")
+    write_run(root / "lr=1e-3,r=8", "completed")
     (root.parent / "secret").mkdir()
     client = TestClient(create_app(root))
-    assert {row["name"] for row in client.get("/api/runs").json()} == {"my run", "_scratch"}
+    assert {row["name"] for row in client.get("/api/runs").json()} == {"my run", "_scratch", "lr=1e-3,r=8"}
     for name in ("my run", "_scratch"):
         assert client.get(f"/api/runs/{quote(name, safe='')}").json()["status"] == "completed"
     assert client.get("/api/runs/_scratch/log").json()["text"] == "step 1"
     assert client.post("/api/runs/my%20run/stop").status_code == 409  # not training, rather than a bad name
-    assert client.get("/api/compare?runs=my run,_scratch").json()["runs"] == ["my run", "_scratch"]
+    assert client.get("/api/compare?runs=my run,_scratch").json()["runs"] == ["my run", "_scratch"]  # older links
+    commas = client.get("/api/compare", params=[("runs", "lr=1e-3,r=8"), ("runs", "my run")]).json()
+    assert commas["runs"] == ["lr=1e-3,r=8", "my run"] and set(commas["curves"]) == {"lr=1e-3,r=8", "my run"}
     for name in ("..", ".tunelab-ui", "a" * 300):
         for path in (f"/api/runs/{name}", f"/api/runs/{name}/log", f"/api/runs/{name}/metrics"):
             assert client.get(path).status_code in (400, 404), path
     assert client.post("/api/runs", json={"name": "my run", "config_yaml": "model: x\n"}).status_code == 400
+
+
+def test_a_run_folder_given_as_the_runs_folder_opens_under_its_own_name(root):
+    """`tunelab ui --runs RUN_DIR`: the run goes by its folder's name, which a URL keeps (browsers and HTTP clients
+    drop a `.` segment: `/api/runs/./metrics` reaches `/api/runs/metrics`), so its page, curves, samples, log and
+    live feed load; a run inside with that name keeps it, and the folder's own run gets a `~`."""
+    sample = {"prompt": [{"role": "user", "content": "hi"}], "reference": "1", "base": "2", "fine_tuned": "1"}
+    run = write_run(root / "lora-r8", "completed", metrics_jsonl='{"step": 1, "loss": 2.5}\n',
+                    samples_jsonl=json.dumps(sample) + "\n", train_log="step 1\n")
+    client = TestClient(create_app(run))
+    assert [row["name"] for row in client.get("/api/runs").json()] == ["lora-r8"]
+    at = "/api/runs/lora-r8"
+    assert client.get(at).json()["status"] == "completed"
+    assert client.get(f"{at}/metrics").json()["records"] == [{"step": 1, "loss": 2.5}]
+    assert client.get(f"{at}/samples").json() == [sample]
+    assert client.get(f"{at}/log").json()["text"] == "step 1"
+    assert read_events(client, f"{at}/events", {"run"}, 1)[0][1]["status"] == "completed"
+    assert client.post(f"{at}/stop").status_code == 409  # found, and not training
+    started = client.post("/api/runs", json={"name": "lora-r8", "config_yaml": "model: x\n"})
+    assert started.status_code == 409 and "runs folder itself" in started.json()["error"]
+    assert not (run / "lora-r8").exists()
+
+    write_run(run / "lora-r8", "interrupted")
+    rows = {row["name"]: row["status"] for row in client.get("/api/runs").json()}
+    assert rows == {"lora-r8~": "completed", "lora-r8": "interrupted"}
+    assert client.get(f"{at}/metrics").json()["records"] == []
+    assert client.get(f"{at}~/metrics").json()["records"] == [{"step": 1, "loss": 2.5}]
+
+
+def test_config_errors_name_the_config_box_and_its_line_not_the_apps_copy(root):
+    """Start and Check write the box's text to a file of their own (.tunelab-ui/configs/NAME.yaml, a scratch file);
+    the user typed into the box, so its errors say `the config box, line N`."""
+    root.mkdir()
+    client = TestClient(create_app(root))
+    for text, said in [("model: x\ntrain:\n  lr: 1\n\tbatch_size: 2\n", "the config box, line 4: not valid YAML"),
+                       ("- a list\n", "the config box: a config file must hold a mapping"),
+                       ("train: {lrr: 1}\n", "the config box: unknown key 'train.lrr'")]:
+        started = client.post("/api/runs", json={"name": "typo", "config_yaml": text}).json()["error"]
+        checked = client.post("/api/check", json={"config_yaml": text}).json()["error"]
+        for error in (started, checked):
+            assert error.startswith(said) and ".yaml" not in error, (text, error)

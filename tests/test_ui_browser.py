@@ -96,11 +96,12 @@ def test_the_app_in_a_browser(tmp_path, tiny_model_dir):
                                  f"output_dir={root / 'from-cli'}", "train.max_steps=4", "train.batch_size=4",
                                  "train.precision=fp32", "eval.generate_samples=2", "eval.max_new_tokens=4",
                                  "eval.show_samples=0"]))
+    shutil.copytree(root / "from-cli", root / "lr=1e-3,r=8")  # a CLI run folder whose name holds a comma
     artefacts = Path(os.environ.get("TUNELAB_TEST_ARTEFACTS", tmp_path / "screens"))
     artefacts.mkdir(parents=True, exist_ok=True)
-    app = App(root, free_port())
+    app, single = App(root, free_port()), App(root / "from-cli", free_port())
     app.start()
-    base = f"http://127.0.0.1:{app.port}"
+    base, single_base = f"http://127.0.0.1:{app.port}", f"http://127.0.0.1:{single.port}"
     outside: list[str] = []
     config = (f"model: {tiny_model_dir}\ndata: {{train: {data}, max_length: 64}}\n"
               "train: {max_steps: 3000, batch_size: 4, precision: fp32, save_every: 5, lr: 0.001}\n"
@@ -109,7 +110,7 @@ def test_the_app_in_a_browser(tmp_path, tiny_model_dir):
         with playwright_api.sync_playwright() as driver:
             browser = driver.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox"])
             page = browser.new_page(viewport={"width": 1300, "height": 900})
-            page.on("request", lambda r: None if r.url.startswith(base) else outside.append(r.url))
+            page.on("request", lambda r: None if r.url.startswith((base, single_base)) else outside.append(r.url))
 
             def shot(name: str) -> None:
                 path = artefacts / f"{name}.png"
@@ -171,11 +172,18 @@ def test_the_app_in_a_browser(tmp_path, tiny_model_dir):
             steps = [r["step"] for r in logged if "loss" in r]
             assert steps == list(range(1, len(steps) + 1)) and len(steps) > stopped  # resumed: no gap, no repeat
 
-            page.goto(base + "/#/compare?runs=from-cli,from-form")
+            page.goto(base + "/#/compare?runs=from-cli,from-form")  # an older link: names joined by commas
             page.wait_for_selector("#config-diff")
             assert "train.max_steps" in page.inner_text("#config-diff")
             assert page.locator(".chart[data-title='loss']").count() == 1
             shot("5-compare")
+            page.goto(base + "/")  # picked in the table: a name with a comma is one run
+            for name in ("lr=1e-3,r=8", "from-form"):
+                page.check(f"tr[data-run='{name}'] input[type=checkbox]")
+            page.click("text=Compare selected")
+            page.wait_for_selector("#config-diff")
+            assert page.inner_text("h1") == "Compare: lr=1e-3,r=8 · from-form"
+            assert "■ lr=1e-3,r=8" in page.inner_text(".chart[data-title='loss'] .legend")
 
             page.goto(base + "/#/chat/from-cli")
             page.wait_for_selector("#chat-input")
@@ -186,9 +194,18 @@ def test_the_app_in_a_browser(tmp_path, tiny_model_dir):
             assert not page.locator("#chat .error").count()
             assert page.locator("#gallery tr").count() >= 2  # the held-out samples: base and fine-tuned replies
             shot("6-chat")
+
+            single.start()  # `tunelab ui --runs RUN_DIR`: the run opens under its folder's name
+            page.goto(single_base + "/")
+            page.click("tr[data-run='from-cli'] a")
+            page.wait_for_function(f"document.querySelector(\"{loss_points}\")?.dataset.points >= 4", timeout=60_000)
+            page.wait_for_function("document.querySelector('#log').textContent.includes('lora on')", timeout=60_000)
+            assert not page.locator(".error").count()
             browser.close()
     finally:
         app.kill()
+        if single.process is not None:
+            single.kill()
         pid = status_of(root, "from-form").get("pid")
         if pid and status_of(root, "from-form").get("status") == "running":
             os.kill(pid, 15)

@@ -169,13 +169,15 @@ def create_app(root: Path, *, api_key: str | None = None) -> FastAPI:
         return launcher.resume(name)
 
     @app.get("/api/compare")
-    def compare(runs: str) -> dict:
-        names = [n for n in runs.split(",") if n]
+    def compare(runs: list[str] = Query([])) -> dict:
+        """`?runs=A&runs=B`, so a folder name may hold a comma (`lr=1e-3,r=8`); a single value is an older link's
+        `?runs=A,B` (one run alone is no comparison)."""
+        names = [n for n in (runs[0].split(",") if len(runs) == 1 else runs) if n]
         folders = [_run_folder(root, n) for n in names]
         missing = [n for n, f in zip(names, folders, strict=True) if f is None]
         if missing or len(names) < 2:
-            return JSONResponse({"error": f"compare needs two or more runs (not found: {', '.join(missing)})"},
-                                status_code=400)
+            unknown = f" (not found: {', '.join(missing)})" if missing else ""
+            return JSONResponse({"error": f"compare needs two or more runs{unknown}"}, status_code=400)
         return compare_runs(folders, names)
 
     @app.get("/api/runs/{name}/samples")
@@ -188,15 +190,10 @@ def create_app(root: Path, *, api_key: str | None = None) -> FastAPI:
     def chat(name: str, body: ChatRequest) -> StreamingResponse:
         """The run's reply, then the comparison model's, streamed as server-sent events (`token` {side, text},
         then `done`); `error` {message} when a model cannot be loaded."""
-        folder = _run_folder(root, name)
-        if folder is None or not (folder / "summary.json").is_file():
-            raise LaunchError(f"run '{name}' has no trained model yet", status=404)
+        folder = _trained_run(root, name, "")
         against = body.against
         if against not in (None, "base"):
-            other = _run_folder(root, against)
-            if other is None:
-                raise LaunchError(f"no run '{against}' to compare with", status=404)
-            against = str(other)
+            against = str(_trained_run(root, against, " to compare with"))
         options = GenerationOptions(max_new_tokens=body.max_new_tokens, temperature=body.temperature,
                                     do_sample=body.temperature > 0)
         messages = [{"role": message.role, "content": message.text} for message in body.messages]
@@ -254,11 +251,20 @@ def _pending(root: Path, name: str) -> dict:
 
 
 def _run_folder(root: Path, name: str) -> Path | None:
-    if name == ".":
-        return root if run_files.is_run_dir(root) else None
     check_run_name(name)
-    folder = root / name
+    folder = run_files.run_folder_of(root, name)
     return folder if run_files.is_run_dir(folder) else None
+
+
+def _trained_run(root: Path, name: str, role: str) -> Path:
+    """The folder of a run whose training ended (summary.json written next to its model); a 404 before the chat's
+    stream starts otherwise, rather than an error event from the model thread halfway through it."""
+    folder = _run_folder(root, name)
+    if folder is None:
+        raise LaunchError(f"no run '{name}'{role}", status=404)
+    if not (folder / "summary.json").is_file():
+        raise LaunchError(f"run '{name}' has no trained model yet (it is saved when training ends){role}", status=404)
+    return folder
 
 
 def _known_run(root: Path, name: str) -> Path | None:
@@ -276,7 +282,7 @@ def _log_text(root: Path, name: str, lines: int) -> str:
     check_run_name(name)
     path = log_path(root, name)
     if not path.is_file():
-        path = root / name / run_files.LOG_FILE
+        path = run_files.run_folder_of(root, name) / run_files.LOG_FILE
     if not path.is_file():
         return ""
     text = path.read_bytes()[-256 * 1024:].decode("utf-8", errors="replace").replace("\r", "\n")

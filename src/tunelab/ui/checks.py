@@ -21,7 +21,7 @@ def check_config(config_yaml: str, root: Path) -> dict:
     gives it), `template` (the check-template report) and `plan` (steps and the peak-memory estimate of a dry
     run), each replaced by {error} when it cannot be made."""
     from tunelab.config import load_config
-    from tunelab.ui.launcher import require_config
+    from tunelab.ui.launcher import in_config_box, require_config
 
     try:
         require_config(config_yaml)
@@ -33,9 +33,9 @@ def check_config(config_yaml: str, root: Path) -> dict:
         try:
             config = load_config(path, [f"output_dir={root / '.check'}"])
         except UserError as err:
-            return {"ok": False, "error": str(err)}
+            return {"ok": False, "error": in_config_box(str(err), path)}
         except Exception as err:  # noqa: BLE001 - any parse failure is the form's to show, not a 500
-            return {"ok": False, "error": f"{type(err).__name__}: {err}"}
+            return {"ok": False, "error": in_config_box(f"{type(err).__name__}: {err}", path)}
         result: dict = {"ok": True, "error": None, "model": config.model, "method": config.method.name,
                         "objective": config.objective.name}
         try:
@@ -44,7 +44,8 @@ def check_config(config_yaml: str, root: Path) -> dict:
             return {**result, "ok": False, "error": str(err)}
         result["inspect"] = _inspect(config, tokenizer)
         result["template"] = _template(config, tokenizer, model_path)
-        result["plan"] = _dry_run(path, root)
+        plan = _dry_run(path, root)
+        result["plan"] = {"error": in_config_box(plan["error"], path)} if "error" in plan else plan
     return result
 
 

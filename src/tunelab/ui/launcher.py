@@ -24,6 +24,7 @@ import yaml
 from tunelab.errors import UserError
 from tunelab.train.checkpoint import incomplete_checkpoints, latest_checkpoint
 from tunelab.train.live import read_status, recorded_pid, recorded_process_alive, training_process
+from tunelab.ui.runs import is_run_dir, root_run_name, run_folder_of
 
 UI_DIR = ".tunelab-ui"
 NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
@@ -46,9 +47,9 @@ def check_name(name: str) -> str:
 
 def check_run_name(name: str) -> str:
     """The name of a run that may already exist: any folder name directly in the runs folder (a CLI run may be
-    `my run` or `_scratch`), or `.` for the folder itself; never a path out of it. New runs get `check_name`'s."""
-    if name != "." and (not name or name.startswith(".") or any(c in name for c in "/\\\0")
-                        or len(name.encode()) > 255):
+    `my run` or `_scratch`; the folder itself goes by `root_run_name`); never a path out of it. New runs get
+    `check_name`'s."""
+    if not name or name.startswith(".") or any(c in name for c in "/\\\0") or len(name.encode()) > 255:
         raise LaunchError("a run's name is the name of its folder in the runs folder (no '/', not starting with "
                           "'.')", where="name")
     return name
@@ -66,6 +67,13 @@ def require_config(config_yaml: str) -> str:
         raise LaunchError("the config is empty: write one, load a file, or fill in the form (it writes one); "
                           "`{}` trains every default", where="config_yaml")
     return config_yaml
+
+
+def in_config_box(message: str, config_file: Path) -> str:
+    """`message` with the file the app wrote the config box to (`.tunelab-ui/configs/NAME.yaml:3`, a scratch file
+    for Check), which the user never saw, named as what they typed into: `the config box, line 3`."""
+    return re.sub(re.escape(str(config_file)) + r"(?::(\d+))?",
+                  lambda found: f"the config box, line {found[1]}" if found[1] else "the config box", message)
 
 
 def ui_dir(root: Path) -> Path:
@@ -94,7 +102,7 @@ def launch_state(root: Path, name: str) -> str | None:
     """`starting` while a launched process runs without a run directory yet, `failed` when it ended so, else
     None (the run directory speaks for itself)."""
     record = launch_record(root, name)
-    if record is None or (root / name / "status.json").is_file():
+    if record is None or (run_folder_of(root, name) / "status.json").is_file():
         return None
     return "starting" if recorded_process_alive(record) else "failed"
 
@@ -106,7 +114,7 @@ def launch_loading(root: Path, name: str) -> bool:
     record = launch_record(root, name)
     if record is None or not recorded_process_alive(record):
         return False
-    return recorded_pid(read_status(root / name) or {}) != recorded_pid(record)
+    return recorded_pid(read_status(run_folder_of(root, name)) or {}) != recorded_pid(record)
 
 
 class Launcher:
@@ -124,6 +132,9 @@ class Launcher:
         require_config(config_yaml)
         self.reap()
         run_dir = self.root / name
+        if is_run_dir(self.root) and name == root_run_name(self.root):
+            raise LaunchError(f"'{name}' is the run the runs folder itself holds; choose another name", status=409,
+                              where="name")
         if self._busy(name):
             raise LaunchError(f"run '{name}' is training now; stop it first", status=409, where="name")
         if run_dir.exists() and not run_dir.is_dir():
@@ -138,17 +149,17 @@ class Launcher:
             load_config(config_file, [f"output_dir={run_dir}"])
         except UserError as err:
             config_file.unlink(missing_ok=True)
-            raise LaunchError(str(err)) from None
+            raise LaunchError(in_config_box(str(err), config_file)) from None
         except Exception as err:  # pydantic or YAML errors not wrapped by load_config
             config_file.unlink(missing_ok=True)
-            raise LaunchError(f"{type(err).__name__}: {err}") from None
+            raise LaunchError(in_config_box(f"{type(err).__name__}: {err}", config_file)) from None
         args = [str(config_file), f"output_dir={run_dir}"] + (["--overwrite"] if overwrite else [])
         return self._spawn(name, args, resume=False)
 
     def resume(self, name: str) -> dict[str, Any]:
         check_run_name(name)
         self.reap()
-        run_dir = self.root / name
+        run_dir = run_folder_of(self.root, name)
         if not (run_dir / "config.yaml").is_file():
             raise LaunchError(f"no run '{name}' to resume", status=404)
         if self._busy(name):
@@ -162,14 +173,15 @@ class Launcher:
     def stop(self, name: str) -> dict[str, Any]:
         """SIGTERM to the run's process: it finishes its step, saves a checkpoint and exits."""
         check_run_name(name)
-        pid = training_process(self.root / name)
+        run_dir = run_folder_of(self.root, name)
+        pid = training_process(run_dir)
         if pid is None:
             record = launch_record(self.root, name) or {}
             pid = recorded_pid(record) if recorded_process_alive(record) else None
-        if pid is None and launch_record(self.root, name) is None and not (self.root / name).is_dir():
+        if pid is None and launch_record(self.root, name) is None and not run_dir.is_dir():
             raise LaunchError(f"no run '{name}'", status=404)
         if pid is None:
-            status = read_status(self.root / name) or {}
+            status = read_status(run_dir) or {}
             elsewhere = f" on this machine (status.json says it trains on {status.get('host')})" \
                 if status.get("status") == "running" and status.get("host") != socket.gethostname() else ""
             raise LaunchError(f"run '{name}' is not training{elsewhere}", status=409)
@@ -186,7 +198,7 @@ class Launcher:
         """Whether a process on this machine trains the run now, or one the app launched for it still runs and has
         not ended the run (it may be loading the model, with the run's old status.json still in place; one that
         wrote how the run ended is only exiting)."""
-        return training_process(self.root / name) is not None or launch_loading(self.root, name)
+        return training_process(run_folder_of(self.root, name)) is not None or launch_loading(self.root, name)
 
     def _spawn(self, name: str, args: list[str], *, resume: bool) -> dict[str, Any]:
         log = log_path(self.root, name)

@@ -134,7 +134,26 @@ def last_record(path: Path) -> dict:
 
 
 def name_of(folder: Path, root: Path) -> str:
-    return "." if folder.resolve() == root.resolve() else folder.name
+    """The run's name in the app and in its URLs: its folder's name (`root_run_name` for the runs folder itself)."""
+    return root_run_name(root) if folder.resolve() == root.resolve() else folder.name
+
+
+def root_run_name(root: Path) -> str:
+    """The name the runs folder goes by when it is a run itself (`tunelab ui --runs RUN_DIR`): its own folder name,
+    not `.`, which browsers and HTTP clients drop from a URL (`/api/runs/./metrics` reaches `/api/runs/metrics`).
+    Leading dots go (run names never start with one) and `~` is added while a folder inside has that name."""
+    name = root.resolve().name.lstrip(".") or "run"
+    while (root / name).exists():
+        name += "~"
+    return name
+
+
+def run_folder_of(root: Path, name: str) -> Path:
+    """Where the run called `name` lives (it may not be a run yet): the runs folder itself under its
+    `root_run_name` when it is a run, else the folder of that name in it."""
+    if is_run_dir(root) and name == root_run_name(root):
+        return root
+    return root / name
 
 
 def read_json(path: Path) -> dict | None:

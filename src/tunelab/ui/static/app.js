@@ -63,6 +63,13 @@ function seconds(value) {
   return `${(value / 3600).toFixed(1)} h`;
 }
 
+// `runs=A&runs=B`: any folder name round-trips (`lr=1e-3,r=8` holds a comma); one value is an older link's `A,B`.
+function runsQuery(names) { return new URLSearchParams(names.map((n) => ["runs", n])).toString(); }
+function runsOf(query) {
+  const names = new URLSearchParams(query).getAll("runs");
+  return (names.length === 1 ? names[0].split(",") : names).filter(Boolean);
+}
+
 function statusBadge(status) { return h("span", { class: `status ${status}` }, status || "—"); }
 
 // ---------- charts ----------
@@ -128,7 +135,7 @@ function renderRuns() {
   const filter = h("input", { placeholder: "filter: name, model, method, data…", size: 40, oninput: draw });
   const statusFilter = h("select", { onchange: draw }, ["", "running", "completed", "failed", "interrupted", "died",
                                                          "starting"].map((s) => h("option", { value: s }, s || "any status")));
-  const compareButton = h("button", { disabled: true, onclick: () => { location.hash = `#/compare?runs=${[...selected].join(",")}`; } },
+  const compareButton = h("button", { disabled: true, onclick: () => { location.hash = `#/compare?${runsQuery([...selected])}`; } },
                           "Compare selected");
   const table = h("table", { id: "runs" });
   view.replaceChildren(h("h1", {}, "Runs"), h("div", { class: "filters" }, filter, statusFilter, compareButton), table);
@@ -346,17 +353,17 @@ function toYaml(value, indent = "") {
 
 // ---------- compare ----------
 async function renderCompare(query) {
-  const names = (new URLSearchParams(query).get("runs") || "").split(",").filter(Boolean);
+  const names = runsOf(query);
   if (names.length < 2) {
     const runs = await api("/api/runs");
     const picks = runs.map((r) => h("label", { style: "display:block" }, h("input", { type: "checkbox", value: r.name }), ` ${r.name}`));
     view.replaceChildren(h("h1", {}, "Compare runs"), ...picks, h("button", { class: "primary", onclick: () => {
       const chosen = picks.map((p) => p.querySelector("input")).filter((i) => i.checked).map((i) => i.value);
-      location.hash = `#/compare?runs=${chosen.join(",")}`;
+      location.hash = `#/compare?${runsQuery(chosen)}`;
     } }, "Compare"));
     return;
   }
-  const data = await api(`/api/compare?runs=${names.map(encodeURIComponent).join(",")}`);
+  const data = await api(`/api/compare?${runsQuery(names)}`);
   const keys = [...new Set(Object.values(data.curves).flatMap((c) => Object.keys(c)))];
   const charts = keys.map((key) => lineChart(key, Object.fromEntries(names.map((n) => [n, (data.curves[n] || {})[key] || []]))));
   const diff = h("table", { class: "diff", id: "config-diff" }, h("tr", {}, h("th", {}, "config key"), names.map((n) => h("th", {}, n))),
