@@ -97,8 +97,8 @@ class RewardObjective(Strict):
 class DistillObjective(Strict):
     """Knowledge distillation on SFT rows: at every trained token the student's next-token distribution is pulled
     towards a frozen teacher's, over the whole vocabulary (the generalized Jensen-Shannon divergence of TRL's
-    GKDTrainer and DistillationTrainer, on the data's replies: GKD with lmbda 0). The teacher must share the
-    student's tokenizer."""
+    GKDTrainer and DistillationTrainer). On the data's replies by default (GKD with lmbda 0); lmbda and seq_kd
+    train on sampled replies instead, as GKD does. The teacher must share the student's tokenizer."""
 
     name: Literal["distill"]
     teacher: str = Field(min_length=1)
@@ -113,11 +113,27 @@ class DistillObjective(Strict):
     where 0.5 reached 64% (README, Distillation)."""
     temperature: float = Field(1.0, gt=0)
     """Both models' logits are divided by it before the divergence (above 1: softer distributions, more weight on
-    the teacher's runner-up tokens). As in TRL, the divergence is not multiplied by temperature^2."""
+    the teacher's runner-up tokens). As in TRL, the divergence is not multiplied by temperature^2. Sampled replies
+    (lmbda, seq_kd) are drawn at this temperature too, as TRL's DistillationTrainer does (GKDTrainer samples at
+    its own temperature, default 0.9, and takes the divergence at 1)."""
     alpha: float = Field(0.0, ge=0, le=1)
-    """Weight of the ordinary cross-entropy on the data's reply tokens: each token's loss is alpha x CE + (1 -
-    alpha) x divergence. 0: the teacher alone says what to learn; raise it when the data's replies are better
-    than the teacher's."""
+    """Weight of the ordinary cross-entropy on the reply tokens: each token's loss is alpha x CE + (1 - alpha) x
+    divergence. 0: the teacher alone says what to learn; raise it when the data's replies are better than the
+    teacher's. Not on the student's own samples (lmbda), whose loss is the divergence alone, as everywhere in TRL's
+    GKDTrainer (it has no cross-entropy term); on the teacher's samples (seq_kd) it is sequence-level KD."""
+    lmbda: float = Field(0.0, ge=0, le=1)
+    """The probability that a micro-batch's replies are replaced by the student's own samples from its prompts
+    (on-policy distillation, GKD's lambda; TRL's GKDTrainer defaults to 0.5). The divergence is then taken on the
+    sampled tokens (a row's last reply is replaced; earlier turns become prompt, untrained, as in TRL). 0: always
+    the data's replies; 1: always the student's. Which micro-batches are drawn follows from train.seed and the
+    step, so a resumed run draws the same ones."""
+    seq_kd: bool = False
+    """Replace the replies of the micro-batches lmbda does not draw by the teacher's own samples from their prompts
+    (sequence-level KD, TRL's seq_kd), sampled at `temperature`."""
+    max_new_tokens: int = Field(128, ge=1)
+    """Longest sampled reply, in tokens (lmbda, seq_kd; TRL's max_new_tokens). A sample that finished ends with its
+    stop token (trained); one cut here has none. A sampled sequence (its prompt and reply) may be longer than the
+    data's row: the memory estimate plans for prompt + max_new_tokens."""
 
 
 class RewardSpec(Strict):

@@ -11,7 +11,7 @@ Every objective offers:
 and, when it compares against a reference model:
     reference: Reference                  live (the adapter switched off) or precomputed per row
     sequences(item) -> (first, second)    the two sequences whose reference log-probs a row stores
-and, when it trains on what the model itself generates (GRPO, RLOO):
+and, when it trains on what the model itself generates (GRPO, RLOO; distill with lmbda or seq_kd):
     rollout(model, step_rows, step) -> (step_rows, metrics)   the step's prompts in, its completions out
     prepare(model)                        called once before a checkpoint loads (keep the starting model)
     evaluate(model, rows) -> metrics      the held-out evaluation (eval_loss and the objective's own)
@@ -74,7 +74,7 @@ def build_objective(config: ObjectiveConfig, method_name: str, packing: bool, *,
     if config.name == "distill":
         teacher = load_teacher(config.teacher, tokenizer, device=device, precision=precision)
         return DistillObjective(config, teacher, pad_token_id=tokenizer.pad_token_id, precision=precision,
-                                batch_size=batch_size)
+                                batch_size=batch_size, tokenizer=tokenizer, seed=seed)
     if config.name in ROLLOUT_OBJECTIVES:
         switch_off = getattr(METHODS[method_name], "without_adapter", None)
         return GrpoObjective(config, build_rewards(config), tokenizer, seed=seed, switch_off=switch_off,

@@ -1,6 +1,7 @@
 """Knowledge distillation: at every trained token of SFT rows, the student's next-token distribution is pulled
-towards a frozen teacher's over the whole vocabulary (TRL's generalized Jensen-Shannon divergence, GKD with lmbda
-0: the data's replies, not the student's own samples), optionally mixed with the ordinary cross-entropy.
+towards a frozen teacher's over the whole vocabulary (TRL's generalized Jensen-Shannon divergence), optionally mixed
+with the ordinary cross-entropy. By default on the data's replies (GKD with lmbda 0); with lmbda > 0 or seq_kd,
+micro-batches train on the student's or the teacher's own samples instead (GKD: objectives/distill_samples.py).
 
 Both models' output heads run only on the trained positions, a chunk of rows at a time, and each chunk is
 recomputed in backward instead of keeping its [rows, vocab] tensors: the largest thing held for backward is the
@@ -14,16 +15,26 @@ import math
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from tunelab.config import DistillObjective as DistillConfig
+from tunelab.data.batching import sample_lengths
 from tunelab.data.template import IGNORE_INDEX, TokenizedSample
 from tunelab.errors import ConfigError, ModelError
 from tunelab.models import frozen_head
 from tunelab.models.attention import attention_implementation, base_config
 from tunelab.models.logprobs import decoder_and_head, head_chunk_rows, hidden_states
+from tunelab.objectives.distill_samples import (
+    SampledReply,
+    has_student_replies,
+    replace_replies,
+    reply_sources,
+    reply_start,
+    unwrapped,
+)
 from tunelab.objectives.metrics import Metrics
 from tunelab.objectives.sft import SftObjective
 
@@ -121,14 +132,15 @@ def _logits_function(head: torch.nn.Module, like: torch.Tensor) -> Callable[[tor
 
 class DistillObjective:
     """The generalized JSD to a frozen teacher (and alpha x cross-entropy) on the trained tokens of SFT rows, per
-    trained token; batches and counts are SFT's."""
+    trained token; batches and counts are SFT's. With lmbda > 0 or seq_kd the loop first hands each step's rows
+    to `rollout`, which replaces the replies of the micro-batches it draws by sampled ones."""
 
     data_kind = "sft"
     sequences_per_item = 1
     model_head = "lm"
 
     def __init__(self, config: DistillConfig, teacher: torch.nn.Module, *, pad_token_id: int, precision: str,
-                 batch_size: int) -> None:
+                 batch_size: int, tokenizer=None, seed: int = 0) -> None:
         self.config = config
         self.teacher = teacher
         """Frozen, in eval mode; never part of the trained module (no gradients, not saved)."""
@@ -138,6 +150,26 @@ class DistillObjective:
         """Rows per held-out batch (train.batch_size)."""
         self.rows = SftObjective(packing=False)
         """Collates and counts exactly as SFT does (data.packing is refused for objectives other than sft)."""
+        self.tokenizer = tokenizer
+        """Stop and padding tokens of sampled replies (lmbda > 0 or seq_kd)."""
+        self.seed = seed
+        """train.seed: with the step, what decides which micro-batches are sampled and seeds the samples."""
+        if config.lmbda > 0 or config.seq_kd:
+            # Only then is there a rollout: the loop treats an objective with one as training on its own samples
+            # (no loss-spike watch, rollout timings logged); with lmbda 0 a run is exactly as before.
+            self.rollout = self.with_sampled_replies
+
+    def with_sampled_replies(self, model, step_rows: list[list[list[TokenizedSample]]], step: int,
+                             epoch: float | None = None) -> tuple[list[list[list]], Metrics]:
+        """The step's micro-batches (rows of samples), those drawn for on-policy training with the student's own
+        samples as replies, under seq_kd the others with the teacher's; and what to log (distill_samples.py).
+        `epoch` is the loop's rollout argument, unused here."""
+        if self.tokenizer is None:
+            raise ValueError("sampling replies needs the tokenizer: build the objective with tokenizer=")
+        sources = reply_sources(self.config.lmbda, self.config.seq_kd, self.seed, step, len(step_rows))
+        return replace_replies(step_rows, sources, student=model, teacher=self.teacher, tokenizer=self.tokenizer,
+                               max_new_tokens=self.config.max_new_tokens, temperature=self.config.temperature,
+                               seed=self.seed, step=step, precision=self.precision)
 
     @property
     def share_prefix(self) -> bool:
@@ -149,19 +181,35 @@ class DistillObjective:
     def share_prefix(self, value: bool) -> None:
         self.rows.share_prefix = value
 
-    def collate(self, rows: Sequence[Sequence[TokenizedSample]], pad_token_id: int,
+    def collate(self, rows: Sequence[Sequence[TokenizedSample | SampledReply]], pad_token_id: int,
                 padding_free: bool) -> dict[str, torch.Tensor]:
-        return self.rows.collate(rows, pad_token_id, padding_free)
+        """SFT's batch of the rows' samples; `student_replies` (a 0-d tensor) marks one of the student's own
+        samples, on which loss_sum takes no cross-entropy."""
+        batch = self.rows.collate(unwrapped(rows), pad_token_id, padding_free)
+        if has_student_replies(rows):
+            batch["student_replies"] = torch.ones((), dtype=torch.bool)
+        return batch
 
     def count(self, batch: dict[str, torch.Tensor]) -> int:
         """What the loss is divided by: trained tokens."""
         return self.rows.count(batch)
 
-    def input_tokens(self, sample: TokenizedSample) -> int:
-        return self.rows.input_tokens(sample)
+    def planned_lengths(self, samples: Sequence[TokenizedSample]) -> np.ndarray:
+        """Each training sample's longest sequence in training, for the memory estimate: its own length, or, when
+        replies are sampled (lmbda, seq_kd), its prompt plus max_new_tokens where that is longer."""
+        lengths = sample_lengths(samples)
+        if not (self.config.lmbda > 0 or self.config.seq_kd):
+            return lengths
+        prompts = np.fromiter((reply_start(sample) or 0 for sample in samples), np.int64, count=len(samples))
+        return np.maximum(lengths, prompts + self.config.max_new_tokens)
+
+    def input_tokens(self, sample: TokenizedSample | SampledReply) -> int:
+        return self.rows.input_tokens(sample.sample if isinstance(sample, SampledReply) else sample)
 
     def loss_sum(self, model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, Metrics]:
-        """(sum over trained tokens of alpha x CE + (1 - alpha) x divergence, metrics)."""
+        """(sum over trained tokens of alpha x CE + (1 - alpha) x divergence, metrics). On the student's own
+        samples the loss is the divergence alone and no `ce` is logged: TRL's GKDTrainer has no cross-entropy term
+        at all, and the cross-entropy of the student's own sample would push up whatever it happened to draw."""
         keep = batch["targets"] != IGNORE_INDEX  # [B, T]
         targets = batch["targets"][keep]  # [N]
         student = hidden_states(model, batch)[keep]  # [N, H]
@@ -169,13 +217,17 @@ class DistillObjective:
         implementation = getattr(base_config(model), "_attn_implementation", None)
         with torch.no_grad(), attention_implementation(self.teacher, implementation):
             teacher = hidden_states(self.teacher, batch)[keep]  # [N, H_teacher]
-        losses, divergence, ce = self._token_losses(model, student, teacher, targets)
+        own_samples = "student_replies" in batch
+        alpha = 0.0 if own_samples else self.config.alpha
+        losses, divergence, ce = self._token_losses(model, student, teacher, targets, alpha)
         count = int(targets.numel())
-        metrics = {"distill/divergence": (float(divergence.sum()), count), "ce": (float(ce.sum()), count)}
+        metrics = {"distill/divergence": (float(divergence.sum()), count)}
+        if not own_samples:
+            metrics["ce"] = (float(ce.sum()), count)
         return losses.sum(), metrics
 
-    def _token_losses(self, model, student: torch.Tensor, teacher: torch.Tensor, targets: torch.Tensor
-                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def _token_losses(self, model, student: torch.Tensor, teacher: torch.Tensor, targets: torch.Tensor,
+                      alpha: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(loss [N], divergence [N], ce [N]) through both output heads, chunk by chunk; with gradients on, each
         chunk's logits are recomputed in backward rather than kept."""
         _, student_head = decoder_and_head(model)
@@ -183,7 +235,7 @@ class DistillObjective:
         vocab = min(student_head.weight.shape[0], teacher_head.weight.shape[0])  # heads may pad past the tokenizer
         student_logits = _logits_function(student_head, student)
         teacher_logits = _logits_function(teacher_head, teacher)
-        alpha, beta, temperature = self.config.alpha, self.config.beta, self.config.temperature
+        beta, temperature = self.config.beta, self.config.temperature
 
         def chunk_losses(hidden: torch.Tensor, teacher_hidden: torch.Tensor, wanted: torch.Tensor):
             logits = student_logits(hidden).float()  # [n, V_student]

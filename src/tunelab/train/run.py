@@ -367,6 +367,8 @@ def _objective_loss(objective, model, data, tokenizer, precision: str, config: R
 def _estimate_memory(ctx: LoopContext, data: PreparedData | PreparedPairs, tokenizer) -> MemoryEstimate:
     """Peak memory this run should reach, from the shapes of the first epoch's batches."""
     lengths = ctx.train_samples.lengths
+    if hasattr(ctx.objective, "planned_lengths"):  # replies sampled in training may outgrow the data's
+        lengths = ctx.objective.planned_lengths(ctx.train_samples)
     per_item = rows_per_item(ctx.objective, ctx.model)
     shares = [ctx.ranks.share(rows) or rows[:1] for rows in epoch_plan(ctx, 0).batches]  # what this process holds
     shapes = [(len(rows) * per_item, max(sum(int(lengths[i]) for i in row) for row in rows)) for rows in shares]
