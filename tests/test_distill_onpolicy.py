@@ -153,6 +153,21 @@ def test_seq_kd_trains_on_the_teachers_samples_with_alpha_as_sequence_level_kd(t
     assert not hasattr(objective_for(teacher, tiny_tokenizer), "rollout")  # lmbda 0, no seq_kd: no sampling at all
 
 
+def test_a_stand_in_micro_batch_is_not_sampled_nor_logged(tiny_tokenizer):
+    # under --nproc a process without rows in a micro-batch trains a stand-in with weight 0 (loop.share_weights)
+    from conftest import build_tiny_model
+
+    student = build_tiny_model(len(tiny_tokenizer), seed=0)
+    teacher = build_tiny_model(len(tiny_tokenizer), seed=1).eval().requires_grad_(False)
+    objective = objective_for(teacher, tiny_tokenizer, lmbda=1.0, max_new_tokens=6)
+    data = samples(tiny_tokenizer)
+    rows, metrics = objective.rollout(student, [[[data[0]]], [[data[1]]]], 2, 0.0, weights=[1.0, 0.0])
+    assert isinstance(rows[0][0][0], SampledReply) and rows[1][0][0] is data[1]  # the stand-in keeps its row
+    assert metrics["distill/on_policy"] == (1.0, 1) and metrics["distill/sampled_length"][1] == 1
+    _, alone = objective.rollout(student, [[[data[1]]]], 2, 0.0, weights=[0.0])
+    assert "distill/on_policy" not in alone and "distill/sampled_length" not in alone
+
+
 def step_records(folder) -> dict[int, dict]:
     records = [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines()]
     return {r["step"]: r for r in records if "loss" in r and "step" in r}

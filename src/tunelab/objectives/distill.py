@@ -160,16 +160,18 @@ class DistillObjective:
             self.rollout = self.with_sampled_replies
 
     def with_sampled_replies(self, model, step_rows: list[list[list[TokenizedSample]]], step: int,
-                             epoch: float | None = None) -> tuple[list[list[list]], Metrics]:
+                             epoch: float | None = None,
+                             weights: Sequence[float] | None = None) -> tuple[list[list[list]], Metrics]:
         """The step's micro-batches (rows of samples), those drawn for on-policy training with the student's own
         samples as replies, under seq_kd the others with the teacher's; and what to log (distill_samples.py).
-        `epoch` is the loop's rollout argument, unused here."""
+        `epoch` is the loop's rollout argument, unused here; `weights` its share_weights (0: a stand-in, not
+        sampled)."""
         if self.tokenizer is None:
             raise ValueError("sampling replies needs the tokenizer: build the objective with tokenizer=")
         sources = reply_sources(self.config.lmbda, self.config.seq_kd, self.seed, step, len(step_rows))
         return replace_replies(step_rows, sources, student=model, teacher=self.teacher, tokenizer=self.tokenizer,
                                max_new_tokens=self.config.max_new_tokens, temperature=self.config.temperature,
-                               seed=self.seed, step=step, precision=self.precision)
+                               seed=self.seed, step=step, precision=self.precision, weights=weights)
 
     @property
     def share_prefix(self) -> bool:

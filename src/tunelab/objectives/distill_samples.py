@@ -92,16 +92,22 @@ def sample_replies(model, tokenizer, prompts: list[list[int]], *, by: ReplySourc
 
 def replace_replies(step_rows: Sequence[Sequence[Sequence[TokenizedSample]]], sources: list[ReplySource], *,
                     student, teacher, tokenizer, max_new_tokens: int, temperature: float, seed: int, step: int,
-                    precision: str) -> tuple[list[list[list]], Metrics]:
+                    precision: str, weights: Sequence[float] | None = None) -> tuple[list[list[list]], Metrics]:
     """The step's micro-batches with the replies `sources` names replaced by the student's or the teacher's samples
     (SampledReply items; the data's rows stay TokenizedSample), and what to log: distill/on_policy (the share of
     micro-batches trained on the student's samples), distill/sampled_length (tokens per sampled reply) and
-    distill/sampled_clipped_ratio (the share cut at max_new_tokens)."""
+    distill/sampled_clipped_ratio (the share cut at max_new_tokens). `weights`: per micro-batch, 0 for a stand-in
+    (the loop's share_weights under --nproc, trained with weight 0): it keeps the data's replies and is left out of
+    what is logged."""
+    real = [weights is None or bool(weights[b]) for b in range(len(step_rows))]
     out: list[list[list]] = [[list(row) for row in rows] for rows in step_rows]
-    metrics: Metrics = {"distill/on_policy": (float(sources.count("student")), len(sources))}
+    metrics: Metrics = {}
+    if any(real):
+        on_policy = sum(1 for b, source in enumerate(sources) if real[b] and source == "student")
+        metrics["distill/on_policy"] = (float(on_policy), sum(real))
     lengths, clipped = [], []
     for by in ("student", "teacher"):
-        places = [(b, r, i, start) for b, rows in enumerate(step_rows) if sources[b] == by
+        places = [(b, r, i, start) for b, rows in enumerate(step_rows) if sources[b] == by and real[b]
                   for r, row in enumerate(rows) for i, sample in enumerate(row)
                   if (start := reply_start(sample)) is not None]
         if not places:
