@@ -39,6 +39,7 @@ from tunelab.objective_config import (  # noqa: F401 - objective schemas are par
     GrpoObjective,
     KtoObjective,
     ObjectiveConfig,
+    OnlineDpoObjective,
     OrpoObjective,
     RewardObjective,
     RewardSpec,

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import Annotated, Literal
 
-from pydantic import Field, model_validator
+from pydantic import Field, ValidationInfo, field_validator, model_validator
 
 from tunelab.config_base import Strict
 
@@ -212,13 +212,50 @@ class RlooObjective(RolloutObjective):
     """Scale the step's advantages to mean 0 and std 1 (TRL's normalize_advantages)."""
 
 
-ROLLOUT_OBJECTIVES = ("grpo", "rloo")
+class OnlineDpoObjective(RolloutObjective):
+    """Online DPO (Guo et al. 2024) as TRL's OnlineDPOTrainer: two completions sampled per prompt from the policy,
+    scored by the rewards; the higher-scored one (the first on a tie) is chosen, the other rejected, and the pair
+    trains with DPO's loss against the reference (the starting model). A pair with a completion no reward judged is
+    left out. GRPO's clipping fields and updates_per_rollout do not apply: every step samples new pairs."""
+
+    name: Literal["online_dpo"]
+    group_size: int = 2
+    """Completions sampled per prompt: always 2, the pair."""
+    beta: float = Field(0.1, gt=0)
+    """DPO's beta: how far the policy may move from the reference (larger: closer to it); TRL's default 0.1."""
+    loss_type: Literal["sigmoid", "ipo"] = "sigmoid"
+    """sigmoid: DPO's -log sigmoid(beta x margin); ipo: (margin - 1/(2 beta))^2. Both on the completions' summed
+    log-probabilities, as TRL's OnlineDPOTrainer takes them (offline DPO's ipo averages per token)."""
+    missing_eos_penalty: float | None = Field(None, ge=0)
+    """Subtracted from the score of a completion cut at max_new_tokens before its end-of-sequence token (TRL's
+    missing_eos_penalty): favours replies that finish. None: no penalty."""
+
+    @field_validator("group_size")
+    @classmethod
+    def _a_pair(cls, value: int) -> int:
+        if value != 2:
+            raise ValueError(f"online_dpo samples 2 completions per prompt (the chosen and the rejected one), not "
+                             f"{value}; leave objective.group_size out (or use objective.name: grpo or rloo)")
+        return value
+
+    @field_validator("epsilon", "epsilon_high", "mask_truncated_completions", "updates_per_rollout")
+    @classmethod
+    def _not_for_pairs(cls, value: object, info: ValidationInfo) -> object:
+        why = {"epsilon": "DPO clips no probability ratio", "epsilon_high": "DPO clips no probability ratio",
+               "mask_truncated_completions": "objective.missing_eos_penalty scores cut replies down instead",
+               "updates_per_rollout": "every step samples and trains on new pairs, as TRL's OnlineDPOTrainer"}
+        if value != RolloutObjective.model_fields[info.field_name].default:
+            raise ValueError(f"does not apply to online_dpo ({why[info.field_name]}); leave it out")
+        return value
+
+
+ROLLOUT_OBJECTIVES = ("grpo", "rloo", "online_dpo")
 """Objectives that train on completions sampled from the policy (prompt-only rows, rewards)."""
 
 
 ObjectiveConfig = Annotated[
     SftObjective | DpoObjective | OrpoObjective | SimpoObjective | KtoObjective | RewardObjective | GrpoObjective
-    | RlooObjective | DistillObjective,
+    | RlooObjective | OnlineDpoObjective | DistillObjective,
     Field(discriminator="name"),
 ]
 
@@ -231,5 +268,6 @@ OBJECTIVE_CLASSES = {
     "reward": RewardObjective,
     "grpo": GrpoObjective,
     "rloo": RlooObjective,
+    "online_dpo": OnlineDpoObjective,
     "distill": DistillObjective,
 }

@@ -20,7 +20,7 @@ from tunelab.track.jsonl import finite_or_null
 from tunelab.train.precision import resolve_precision
 from tunelab.train.run_data import prepare_run_data
 
-OWN_ROWS = {"grpo": "prompts", "rloo": "prompts", "kto": "feedback"}
+OWN_ROWS = {**dict.fromkeys(ROLLOUT_OBJECTIVES, "prompts"), "kto": "feedback"}
 """The objectives `tunelab eval` scores by their own evaluation, and the kind of rows each trains on."""
 
 ROWS_NAMED = {"prompts": "prompt-only rows (a prompt column, no reply)",

@@ -11,7 +11,7 @@ Every objective offers:
 and, when it compares against a reference model:
     reference: Reference                  live (the adapter switched off) or precomputed per row
     sequences(item) -> (first, second)    the two sequences whose reference log-probs a row stores
-and, when it trains on what the model itself generates (GRPO, RLOO; distill with lmbda or seq_kd):
+and, when it trains on what the model itself generates (GRPO, RLOO, online DPO; distill with lmbda or seq_kd):
     rollout(model, step_rows, step) -> (step_rows, metrics)   the step's prompts in, its completions out
     prepare(model)                        called once before a checkpoint loads (keep the starting model)
     evaluate(model, rows) -> metrics      the held-out evaluation (eval_loss and the objective's own)
@@ -31,6 +31,7 @@ from tunelab.objectives.distill import DISTILL_METRICS, DistillObjective, load_t
 from tunelab.objectives.dpo import dpo_losses
 from tunelab.objectives.grpo import GRPO_EVAL_METRICS, GrpoObjective
 from tunelab.objectives.kto import KTO_METRICS, KtoObjective
+from tunelab.objectives.online_dpo import OnlineDpoObjective
 from tunelab.objectives.orpo import orpo_losses
 from tunelab.objectives.pairs import PAIR_METRICS, PairObjective, Reference
 from tunelab.objectives.reward import REWARD_METRICS, RewardObjective
@@ -77,8 +78,9 @@ def build_objective(config: ObjectiveConfig, method_name: str, packing: bool, *,
                                 batch_size=batch_size, tokenizer=tokenizer, seed=seed)
     if config.name in ROLLOUT_OBJECTIVES:
         switch_off = getattr(METHODS[method_name], "without_adapter", None)
-        return GrpoObjective(config, build_rewards(config), tokenizer, seed=seed, switch_off=switch_off,
-                             precision=precision, method_name=method_name)
+        sampler = GrpoObjective(config, build_rewards(config), tokenizer, seed=seed, switch_off=switch_off,
+                                precision=precision, method_name=method_name)
+        return OnlineDpoObjective(config, sampler) if config.name == "online_dpo" else sampler
     if config.name == "sft":
         return SftObjective(packing)
     if config.name == "reward":

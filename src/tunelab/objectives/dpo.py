@@ -20,10 +20,13 @@ AVERAGED = ("ipo", "sigmoid_norm")
 would dwarf 1/(2 beta)); the others compare sums."""
 
 
-def dpo_losses(policy: PairLogps, reference: PairLogps, config: DpoObjective) -> PairLosses:
-    """Per-pair DPO losses and the implied rewards (beta x log-ratio) of both replies."""
+def dpo_losses(policy: PairLogps, reference: PairLogps, config: DpoObjective, *,
+               averaged: bool | None = None) -> PairLosses:
+    """Per-pair DPO losses and the implied rewards (beta x log-ratio) of both replies. `averaged`: compare per-token
+    averaged log-probabilities (default: for the AVERAGED loss types) or sums (False: online DPO's ipo, as TRL's
+    OnlineDPOTrainer takes it on sums)."""
     beta, smoothing = config.beta, config.label_smoothing
-    if config.loss_type in AVERAGED:
+    if (config.loss_type in AVERAGED) if averaged is None else averaged:
         policy_chosen, policy_rejected = policy.averaged()
         reference_chosen, reference_rejected = reference.averaged()
     else:

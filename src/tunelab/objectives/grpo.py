@@ -132,12 +132,11 @@ class GrpoObjective:
             return self.rollout_batches, {}
         prompts = [item for rows in step_rows for row in rows for item in row]
         started = time.perf_counter()
-        ids, truncated = self._sample(model, [p.prompt_ids for p in prompts], step)
+        ids, truncated = self.sample(model, [p.prompt_ids for p in prompts], step)
         generated = time.perf_counter()
         repeated = [p for p in prompts for _ in range(self.config.group_size)]
         texts = [self.tokenizer.decode(c, skip_special_tokens=True).strip() for c in ids]
-        for reward in self.rewards:
-            reward.trainer_state.global_step, reward.trainer_state.epoch = step, epoch
+        self.set_progress(step, epoch)
         sizes = [sum(len(row) for row in rows) * self.config.group_size for rows in step_rows]
         counted, kept = counted_completions(sizes, weights)
         scores = (self.score([repeated[i] for i in kept], [texts[i] for i in kept], [ids[i] for i in kept]) if kept
@@ -185,7 +184,8 @@ class GrpoObjective:
             self.rollout_batches, self.rollout_step = out, step
         return out, metrics
 
-    def _sample(self, model, prompts: list[list[int]], step: int) -> tuple[list[list[int]], list[bool]]:
+    def sample(self, model, prompts: list[list[int]], step: int) -> tuple[list[list[int]], list[bool]]:
+        """(group_size completions of each prompt, in prompt order; whether each was cut), seeded by (seed, step)."""
         sampler = self._sampling_model(model)
         device = next(sampler.parameters()).device
         was_training = model.training
