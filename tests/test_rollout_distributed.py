@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 import subprocess
 from pathlib import Path
 
@@ -204,3 +205,36 @@ def test_grpo_in_two_processes_logs_the_metrics_of_every_processs_completions(ti
     uneven = [call for rank in (0, 1) for call in seen[rank] if call["step"] == 1]
     per_process = sum(sum(call["values"]) / len(call["values"]) for call in uneven) / 2
     assert logged[2]["rewards/answer_and_length/given"] != pytest.approx(per_process, rel=1e-6)
+
+
+def test_a_run_resumed_into_a_kept_rollout_keeps_its_stand_in_out(tiny_model_dir, tmp_path):
+    # 5 prompts, 2 per process: step 3 draws the last one, so rank 1 trains a stand-in with weight 0, and step 4
+    # updates on that rollout again. Resumed from the checkpoint of step 3, step 4 must weigh it as before (the
+    # loop's weights were lost with the process and counted the stand-in's tokens: loss halved).
+    data = tmp_path / "prompts.jsonl"
+    data.write_text("".join(json.dumps({"prompt": f"what is {a} plus 3?", "answer": str(10 * a + 3)}) + "\n"
+                            for a in range(5)))
+    (tmp_path / "rewards.py").write_text(REWARDS_PY)
+    (tmp_path / "records").mkdir()
+    config = tmp_path / "grpo.yaml"
+    config.write_text(yaml.safe_dump({
+        "model": str(tiny_model_dir), "data": {"train": str(data), "eval_split": 0.0, "max_length": 64},
+        "objective": {"name": "grpo", "rewards": [f"{tmp_path / 'rewards.py'}:answer_and_length"], "group_size": 2,
+                      "max_new_tokens": 4, "updates_per_rollout": 2},
+        "train": {"max_steps": 4, "batch_size": 2, "precision": "fp32", "lr": 1e-2, "save_every": 3},
+        "eval": {"before_after": False, "generate_samples": 0}, "output_dir": str(tmp_path / "run"),
+    }))
+    env = {**one_thread_env(), "RECORD_DIR": str(tmp_path / "records")}
+
+    def train(*extra: str) -> dict[int, dict]:
+        done = subprocess.run([TUNELAB, "train", str(config), "--nproc", "2", *extra], capture_output=True,
+                              text=True, env=env, timeout=600)
+        assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+        lines = (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
+        return {r["step"]: r for r in map(json.loads, lines) if "loss" in r}
+
+    straight = train()
+    shutil.rmtree(tmp_path / "run" / "checkpoints" / "step-000004")
+    resumed = train("--resume")
+    for key in ("loss", "grad_norm", "tokens"):
+        assert resumed[4][key] == pytest.approx(straight[4][key], rel=1e-5), key

@@ -79,7 +79,7 @@ class GrpoObjective:
         """A copy of the starting model, when beta > 0 and the method has no adapter to switch off."""
         self.rollout_batches: list | None = None
         """The last rollout's micro-batches, reused while updates_per_rollout lasts."""
-        self.rollout_step = 0
+        self.rollout_step, self.rollout_weights = 0, None  # its step, and its micro-batches' loop weights
         self.shares_prompts = False
         """Whether each group's prompt runs once in the step (token_logprobs); set by prepare, for the counts."""
 
@@ -181,7 +181,7 @@ class GrpoObjective:
             out.append([[c] for c in completions[at : at + size]])
             at += size
         if self.config.updates_per_rollout > 1:
-            self.rollout_batches, self.rollout_step = out, step
+            self.rollout_batches, self.rollout_step, self.rollout_weights = out, step, weights
         return out, metrics
 
     def sample(self, model, prompts: list[list[int]], step: int) -> tuple[list[list[int]], list[bool]]:
@@ -335,10 +335,11 @@ class GrpoObjective:
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         """The rollout the next updates reuse (empty when every step samples its own)."""
-        return {} if self.rollout_batches is None else rollout_tensors(self.rollout_batches, self.rollout_step)
+        kept = self.rollout_batches
+        return {} if kept is None else rollout_tensors(kept, self.rollout_step, self.rollout_weights)
 
     def load_state_dict(self, tensors: dict[str, torch.Tensor]) -> None:
-        self.rollout_batches, self.rollout_step = rollout_from_tensors(tensors)
+        self.rollout_batches, self.rollout_step, self.rollout_weights = rollout_from_tensors(tensors)
 
     def _reference_logps(self, model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         with torch.no_grad():

@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 
 from tunelab.data.template import IGNORE_INDEX, TokenizedSample
@@ -12,13 +14,16 @@ Rollout = list[list[list[Completion]]]
 """Micro-batches of rows of one Completion each, as the loop trains them."""
 
 
-def rollout_tensors(batches: Rollout, step: int) -> dict[str, torch.Tensor]:
+def rollout_tensors(batches: Rollout, step: int, weights: Sequence[float] | None = None) -> dict[str, torch.Tensor]:
     """The rollout of step `step` as tensors; empty when its first update never finished (the resumed run samples
-    it again, from the same seed)."""
+    it again, from the same seed). `weights`: the loop's weight of each micro-batch (0 for a stand-in under
+    --nproc), which the updates after a resume need as much as the completions."""
     flat = [c for rows in batches for row in rows for c in row]
     if any(c.old_logps is None for c in flat):
         return {}
+    kept = {} if weights is None else {"micro_batch_weights": torch.tensor(list(weights), dtype=torch.float32)}
     return {
+        **kept,
         "rollout_step": torch.tensor([step]),
         "micro_batch_sizes": torch.tensor([sum(len(row) for row in rows) for rows in batches]),
         "lengths": torch.tensor([len(c.sample.input_ids) for c in flat]),
@@ -30,8 +35,8 @@ def rollout_tensors(batches: Rollout, step: int) -> dict[str, torch.Tensor]:
     }
 
 
-def rollout_from_tensors(tensors: dict[str, torch.Tensor]) -> tuple[Rollout, int]:
-    """(the micro-batches, the rollout's step) from rollout_tensors' output."""
+def rollout_from_tensors(tensors: dict[str, torch.Tensor]) -> tuple[Rollout, int, list[float] | None]:
+    """(the micro-batches, the rollout's step, their weights or None) from rollout_tensors' output."""
     ids = tensors["input_ids"].split(tensors["lengths"].tolist())
     completions, old_at = [], 0
     for index, (sequence, prompt_length) in enumerate(zip(ids, tensors["prompt_lengths"].tolist(), strict=True)):
@@ -46,4 +51,5 @@ def rollout_from_tensors(tensors: dict[str, torch.Tensor]) -> tuple[Rollout, int
     for size in tensors["micro_batch_sizes"].tolist():
         batches.append([[c] for c in completions[at : at + size]])
         at += size
-    return batches, int(tensors["rollout_step"][0])
+    weights = tensors.get("micro_batch_weights")
+    return batches, int(tensors["rollout_step"][0]), None if weights is None else weights.tolist()

@@ -141,6 +141,8 @@ def fit(ctx: LoopContext, state: TrainerState) -> TrainerState:
             epoch = step_batches[0][0] + step_batches[0][1] / step_batches[0][2] if step_batches else None
             step_rows, rollout_metrics = ctx.objective.rollout(model, step_rows, state.step, epoch,
                                                                  weights=ctx.share_weights)
+            if not draws:  # a kept rollout trains its own micro-batches' weights (a resumed run has no others)
+                ctx.share_weights = list(getattr(ctx.objective, "rollout_weights", None) or [])
             metrics_of_step.add(rollout_metrics)
             rollout_seconds = time.perf_counter() - started
         totals = _forward_backward(ctx, module, step_rows, metrics_of_step)
