@@ -256,3 +256,64 @@ def test_a_bad_lmbda_or_max_new_tokens_exits_2_naming_the_key_and_a_dry_run_plan
     activations = [plan["memory_estimate"]["activations_mb"] for plan in plans]
     print(f"estimated activations: {activations[0]} MB on the data's rows, {activations[1]} MB with samples")
     assert activations[1] > 1.5 * activations[0], activations
+
+
+def test_sampling_needs_a_prompt_train_on_all_is_refused_and_a_raw_text_row_keeps_its_text(tiny_tokenizer, tmp_path):
+    from conftest import build_tiny_model
+    from tunelab.config import load_config
+    from tunelab.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="data.train_on=all"):
+        load_config(None, ["objective.name=distill", "objective.teacher=x", "objective.lmbda=0.5",
+                           "data.train_on=all"])
+    student = build_tiny_model(len(tiny_tokenizer), seed=0)
+    teacher = build_tiny_model(len(tiny_tokenizer), seed=1).eval().requires_grad_(False)
+    text = TokenizedSample([5, 6, 7, 8], [5, 6, 7, 8], "notes.txt:1")  # raw text: every token trained, no prompt
+    rows, metrics = objective_for(teacher, tiny_tokenizer, lmbda=1.0, max_new_tokens=4).rollout(
+        student, [[[text]]], 0)
+    assert rows[0][0][0] is text and "distill/sampled_length" not in metrics  # was: decoding an empty prompt
+
+
+def test_a_sharded_student_cannot_sample_its_replies():
+    from tunelab.config import load_config
+    from tunelab.errors import ConfigError
+    from tunelab.train.distributed import Ranks
+    from tunelab.train.sharding import check_several_processes
+
+    config = load_config(None, ["objective.name=distill", "objective.teacher=x", "objective.lmbda=0.5",
+                                "train.distributed=fsdp"])
+    with pytest.raises(ConfigError, match="lmbda") as refused:
+        check_several_processes(config, Ranks(rank=0, world_size=2))
+    assert refused.value.where == "train.distributed"
+    check_several_processes(config.model_copy(update={"objective": config.objective.model_copy(
+        update={"lmbda": 0.0, "seq_kd": True})}), Ranks(rank=0, world_size=2))  # the teacher samples unsharded
+
+
+def test_the_attention_is_chosen_for_the_sampled_lengths_not_the_datas(tmp_path, home):
+    # A sliding-window model whose data rows fit the window picked the matmul path, which applies no window, for
+    # sampled rows longer than it: the loss differed from sdpa's (which applies the window) by 3e-4 relative.
+    from transformers import MistralConfig, MistralForCausalLM
+
+    from conftest import build_tokenizer
+    from tunelab.train.run import train_run
+
+    tokenizer = build_tokenizer()
+    for name, seed in (("student", 0), ("teacher", 1)):
+        torch.manual_seed(seed)
+        MistralForCausalLM(MistralConfig(
+            vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+            num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512, tie_word_embeddings=True,
+            pad_token_id=0, eos_token_id=2, sliding_window=40)).save_pretrained(tmp_path / name)
+        tokenizer.save_pretrained(tmp_path / name)
+    train = write_jsonl(tmp_path / "qa.jsonl", QA[:8])
+    held_out = write_jsonl(tmp_path / "held.jsonl", HELD_OUT[:4])
+    losses = {}
+    for attention in ("auto", "sdpa"):
+        out = tmp_path / attention
+        train_run(run_config(tmp_path / "student", train, held_out, out, "objective.name=distill",
+                             f"objective.teacher={tmp_path / 'teacher'}", "objective.lmbda=1.0",
+                             "objective.max_new_tokens=40", "method.name=lora", "method.dropout=0.0",
+                             "train.max_steps=1", "eval.before_after=false", "eval.generate_samples=0",
+                             f"train.attention={attention}"))
+        losses[attention] = step_records(out)[1]["loss"]
+    assert losses["auto"] == pytest.approx(losses["sdpa"], rel=2e-5)

@@ -344,6 +344,11 @@ class RunConfig(Strict):
             raise ValueError(f"train.neftune_alpha adds noise to supervised fine-tuning's inputs; "
                              f"objective.name={self.objective.name} scores replies against each other or a "
                              "reference and takes none")
+        samples_replies = self.objective.name == "distill" and (self.objective.lmbda > 0 or self.objective.seq_kd)
+        if samples_replies and self.data.train_on == "all":
+            raise ValueError("objective.lmbda and objective.seq_kd sample a reply after each row's prompt, and "
+                             "data.train_on=all trains every token (no prompt to sample from); use all_assistant "
+                             "or last_assistant")
         if self.train.early_stopping_patience and not (self.data.eval or self.data.eval_split > 0):
             raise ValueError("train.early_stopping_patience needs eval data: set data.eval or data.eval_split")
         from tunelab.objectives import objective_metrics

@@ -126,7 +126,8 @@ class DistillObjective(Strict):
     (on-policy distillation, GKD's lambda; TRL's GKDTrainer defaults to 0.5). The divergence is then taken on the
     sampled tokens (a row's last reply is replaced; earlier turns become prompt, untrained, as in TRL). 0: always
     the data's replies; 1: always the student's. Which micro-batches are drawn follows from train.seed and the
-    step, so a resumed run draws the same ones."""
+    step, so a resumed run draws the same ones. Needs prompts: refused with data.train_on=all and under FSDP (a
+    sharded student cannot decode); a raw-text row (no prompt) keeps its own text."""
     seq_kd: bool = False
     """Replace the replies of the micro-batches lmbda does not draw by the teacher's own samples from their prompts
     (sequence-level KD, TRL's seq_kd), sampled at `temperature`."""

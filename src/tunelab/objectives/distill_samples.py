@@ -109,7 +109,7 @@ def replace_replies(step_rows: Sequence[Sequence[Sequence[TokenizedSample]]], so
     for by in ("student", "teacher"):
         places = [(b, r, i, start) for b, rows in enumerate(step_rows) if sources[b] == by and real[b]
                   for r, row in enumerate(rows) for i, sample in enumerate(row)
-                  if (start := reply_start(sample)) is not None]
+                  if (start := reply_start(sample))]  # a row all trained (raw text) has no prompt: kept as it is
         if not places:
             continue
         prompts = [step_rows[b][r][i].input_ids[:start] for b, r, i, start in places]

@@ -193,10 +193,14 @@ def _train(config: RunConfig, log: RunLog, ranks: Ranks, device: torch.device, *
         check_same_schedule(checkpoint, ctx.total_steps, config.train)
     # The attention budget counts what a micro-batch really holds: both sequences of a pair, and rows no longer
     # than the longest the data has (packed rows fill max_length).
+    # Replies sampled in training (distill's lmbda, seq_kd) may outgrow the data's rows and max_length.
     sequences_per_batch = config.train.batch_size * rows_per_item(objective, model)
-    longest = config.data.max_length if config.data.packing else int(np.asarray(data.train.lengths).max(initial=1))
-    attention = training_attention(config.train.attention, device, precision, min(longest, config.data.max_length),
-                                   model, sequences_per_batch)
+    planned = getattr(objective, "planned_lengths", None)
+    lengths = planned(data.train) if planned else data.train.lengths
+    longest = config.data.max_length if config.data.packing else int(np.asarray(lengths).max(initial=1))
+    attention = training_attention(config.train.attention, device, precision,
+                                   longest if planned else min(longest, config.data.max_length), model,
+                                   sequences_per_batch)
     ctx.padding_free = attention in (MATMUL, VARLEN) and not uses_virtual_tokens(model)  # prompt tuning needs rows
     if config.train.neftune_alpha is not None:
         objective.neftune = add_neftune(model, config.train.neftune_alpha)

@@ -54,6 +54,10 @@ def check_several_processes(config, ranks) -> None:
                           "prompts, and completions of different lengths would break the processes' lock-step "
                           "forwards; use train.distributed=ddp",
                           where="train.distributed")
+    if config.objective.name == "distill" and config.objective.lmbda > 0:
+        raise ConfigError("objective.lmbda samples the student's replies, which a sharded student cannot decode "
+                          "outside its forward (and processes sampling different lengths would break the lock-step "
+                          "forwards); use train.distributed=ddp", where="train.distributed")
     if config.method.name not in FSDP_METHODS:
         raise ConfigError(f"FSDP shards {', '.join(FSDP_METHODS)}; '{config.method.name}' cannot be sharded "
                           "(4-bit weights mix storage dtypes in a block, trl#1723; prompt methods run PEFT's own "
