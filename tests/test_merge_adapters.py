@@ -17,7 +17,7 @@ from tunelab.config import load_config
 from tunelab.eval.command import evaluate_model
 from tunelab.infer.generate import GenerationOptions
 from tunelab.infer.merge import merge_adapter
-from tunelab.infer.merge_adapters import Combination, merge_runs
+from tunelab.infer.merge_adapters import Combination, combine, merge_runs
 from tunelab.train.run import train_run
 
 TASKS = {  # two skills with a fixed pattern a tiny model learns in a few steps, and a number it cannot guess
@@ -105,7 +105,7 @@ def _heldout_loss(model, data) -> float:
 @pytest.mark.parametrize("kind", ["ties", "dare_ties"])
 def test_ties_and_dare_ties_keep_both_skills(runs, tiny_model_dir, tmp_path, kind):
     out = tmp_path / kind
-    merge_runs([runs["qa"], runs["fox"]], out, Combination(kind, density=0.5, seed=1))
+    merge_runs([runs["qa"], runs["fox"]], out, Combination(kind, density=0.5, seed=1 if kind == "dare_ties" else None))
     for task in TASKS:
         heldout = runs[task].parent / f"{task}-heldout.jsonl"
         base, alone = _heldout_loss(tiny_model_dir, heldout), _heldout_loss(runs[task], heldout)
@@ -113,6 +113,62 @@ def test_ties_and_dare_ties_keep_both_skills(runs, tiny_model_dir, tmp_path, kin
         print(f"{kind} {task}: held-out loss base {base:.3f}, its run {alone:.3f}, merged {merged:.3f}")
         # the tiny model's frozen tied head bounds how far any adapter gets (about 6.0 -> 5.1): keep a quarter of it
         assert merged < base - 0.25 * (base - alone), (task, base, alone, merged)
+
+
+def _ties_by_hand(vectors: list[list[float]], weights: tuple[float, ...], density: float, majority_sign: str):
+    """mergekit's TIES (generalized_task_arithmetic.py) entry by entry: keep each run's largest `density` of changes,
+    weight them, elect the sign of their sum (total) or of most of them (frequency), and divide the agreeing
+    weighted changes' sum by the agreeing runs' weights (|w|: see below), 1 where none agrees."""
+    kept = []
+    for vector in vectors:
+        largest = set(sorted(range(len(vector)), key=lambda i: -abs(vector[i]))[:int(density * len(vector))])
+        kept.append([x if i in largest else 0.0 for i, x in enumerate(vector)])
+    result = []
+    for i in range(len(vectors[0])):
+        weighted = [w * k[i] for w, k in zip(weights, kept, strict=True)]
+        votes = sum(weighted) if majority_sign == "total" else sum((x > 0) - (x < 0) for x in weighted)
+        sign = 1 if votes >= 0 else -1
+        agree = [j for j, x in enumerate(weighted) if x * sign > 0]
+        divisor = sum(abs(weights[j]) for j in agree) or 1.0
+        result.append(sum(weighted[j] for j in agree) / divisor)
+    return result
+
+
+def test_ties_weighs_the_sign_election_and_divides_by_the_agreeing_weights():
+    """As mergekit: weights (1, 0) give the first run exactly (PEFT's ties gave half of it where the runs agree),
+    only the weights' ratios matter, and a negative weight subtracts its run's change."""
+    a, b, c = [1.0, 2.0, -3.0, 4.0], [1.0, -2.0, -3.0, 0.5], [-5.0, 1.0, 1.5, -0.1]
+    assert combine([torch.tensor(a), torch.tensor(b)], Combination("ties", (1, 0), 1.0).check(2), 4).tolist() == a
+    mixed = combine([torch.tensor(a), torch.tensor(b)], Combination("ties", (0.6, 0.4), 1.0).check(2), 4)
+    torch.testing.assert_close(mixed, torch.tensor([1.0, 2.0, -3.0, 2.6]))  # (.6+.4)/1, 1.2/.6, (-1.8-1.2)/1, 2.6/1
+    cases = [([a, b], (1.0, 0.0)), ([a, b], (0.6, 0.4)), ([a, b], (3.0, 2.0)), ([a, b, c], (1.0, 1.0, 1.0)),
+             ([a, b, c], (0.5, 0.2, 2.0)), ([a, b], (1.0, -1.0)), ([a, c], (0.0, -2.0))]
+    for vectors, weights in cases:
+        for density in (1.0, 0.5):
+            for sign in ("total", "frequency"):
+                combination = Combination("ties", weights, density, sign).check(len(vectors))
+                mixed = combine([torch.tensor(v) for v in vectors], combination, 4)
+                expected = torch.tensor(_ties_by_hand(vectors, weights, density, sign))
+                torch.testing.assert_close(mixed, expected, msg=str((vectors, weights, density, sign)))
+    # where tunelab departs from mergekit, which divides by the signed weights' sum: entry 1 is a's 2 and -b's 2,
+    # whose weights sum to 0 (mergekit takes 1 and gives 4), and weights (0, -2) would give +c there, not -c
+    assert combine([torch.tensor(a), torch.tensor(b)], Combination("ties", (1, -1), 1.0).check(2), 4)[1] == 2.0
+    subtracted = combine([torch.tensor(a), torch.tensor(c)], Combination("ties", (0, -2), 1.0).check(2), 4)
+    torch.testing.assert_close(subtracted, -torch.tensor(c))
+
+
+def test_ties_with_weights_one_and_zero_is_the_first_runs_own_merge(runs, tmp_path):
+    merge_adapter(runs["qa"], tmp_path / "single")
+    for kind in ("ties", "dare_ties"):
+        result = CliRunner().invoke(app, ["merge", str(runs["qa"]), str(runs["fox"]), "-o", str(tmp_path / kind),
+                                          "--combination", kind, "--weights", "1,0", "--density", "1"])
+        assert result.exit_code == 0, result.output
+        combined, single = _weights(tmp_path / kind), _weights(tmp_path / "single")
+        for name in single:
+            assert torch.equal(combined[name], single[name]), (kind, name)
+        record = json.loads((tmp_path / kind / "merge.json").read_text())
+        assert record["majority_sign_method"] == "total"
+        assert record["seed"] == (0 if kind == "dare_ties" else None)
 
 
 def test_dare_with_the_same_seed_gives_the_same_model(runs, tmp_path):
@@ -128,12 +184,30 @@ def test_dare_with_the_same_seed_gives_the_same_model(runs, tmp_path):
 
 
 def _refused(arguments: list[str], output, says: list[str]) -> None:
+    missing = [folder for folder in output.parents if not folder.exists()]
     result = CliRunner().invoke(app, ["merge", *arguments, "-o", str(output)])
     assert result.exit_code == 2, result.output
     text = " ".join(result.output.split())  # rich wraps long lines
     for words in says:
         assert words in text, text
     assert not output.exists()
+    assert not any(folder.exists() for folder in missing), missing  # nor the folders above it
+
+
+def test_options_a_merge_does_not_use_and_a_run_given_twice_are_refused(runs, tmp_path):
+    qa, fox = str(runs["qa"]), str(runs["fox"])
+    out = tmp_path / "new" / "parent" / "out"
+    _refused([qa, fox, "--weights", "1,x"], out, ["--weights"])
+    _refused([qa, "--majority-sign", "bogus"], out, ["--majority-sign", "one run"])
+    _refused([qa, "--seed", "3"], out, ["--seed", "one run"])
+    _refused([qa, fox, "--majority-sign", "frequency"], out, ["--majority-sign", "linear elects no sign"])
+    _refused([qa, fox, "--combination", "dare_linear", "--majority-sign", "total"], out, ["--majority-sign"])
+    _refused([qa, fox, "--combination", "ties", "--majority-sign", "bogus"], out, ["'bogus' is not total"])
+    _refused([qa, fox, "--combination", "ties", "--seed", "1"], out, ["--seed", "ties drops nothing at random"])
+    _refused([qa, fox, "--combination", "svd", "--seed", "1"], out, ["--seed"])
+    _refused([qa, qa], out, [f"{qa} is given twice"])
+    again = str(runs["qa"].parent / ".." / runs["qa"].parent.name / "qa")
+    _refused([qa, fox, again], out, [f"{again} is given twice (as {qa})"])
 
 
 def test_runs_that_cannot_combine_are_refused_naming_them(runs, tiny_model_dir, tmp_path):
@@ -155,6 +229,12 @@ def test_runs_that_cannot_combine_are_refused_naming_them(runs, tiny_model_dir, 
     _train(tiny_model_dir, runs["qa"].parent / "qa.jsonl", full, "train.max_steps=1",
            method=("method.name=full",))
     _refused([qa, str(full)], tmp_path / "out", [str(full), "full weights, not an adapter"])
+    _refused([str(full)], tmp_path / "new" / "parent" / "out", [str(full), "holds full weights already"])
+
+    damaged = tmp_path / "damaged"
+    shutil.copytree(runs["fox"], damaged)
+    (damaged / "adapter_model.safetensors").write_bytes(b"not safetensors")
+    _refused([qa, str(damaged)], tmp_path / "new" / "parent" / "out", [str(damaged), "cannot load the adapter"])
 
 
 @pytest.mark.parametrize("method", ["dora", "rslora"])

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -309,7 +310,7 @@ def test_runs_being_written_and_odd_names_are_answered_not_500(root):
     write_run(root / "half", "running")
     (root / "done" / "summary.json").write_text("{}")
     said = client.post("/api/runs/done/chat", json={"messages": [{"role": "user", "content": "hi"}], "against": "half"})
-    assert said.status_code == 404 and "'half' has no trained model yet" in said.json()["error"]
+    assert said.status_code == 404 and "'half' has no trained model yet to compare with (it" in said.json()["error"]
 
     (root / "notes.txt").write_text("not a run")
     taken = client.post("/api/runs", json={"name": "notes.txt", "config_yaml": "model: x\n"})
@@ -341,6 +342,15 @@ def test_cli_runs_with_any_folder_name_open_and_no_name_leaves_the_runs_folder(r
     assert client.get("/api/compare?runs=my run,_scratch").json()["runs"] == ["my run", "_scratch"]  # older links
     commas = client.get("/api/compare", params=[("runs", "lr=1e-3,r=8"), ("runs", "my run")]).json()
     assert commas["runs"] == ["lr=1e-3,r=8", "my run"] and set(commas["curves"]) == {"lr=1e-3,r=8", "my run"}
+    alone = client.get("/api/compare", params={"runs": "lr=1e-3,r=8"}).json()  # that run, not an older link's two
+    assert alone == {"error": "compare needs two or more runs"}
+    if shutil.which("node"):  # and the compare page reads links as the API does (app.js's runsOf, run in node)
+        source = (Path(create_app.__code__.co_filename).parent / "static" / "app.js").read_text()
+        start, queries = source.index("function runsOf("), ["runs=lr%3D1e-3%2Cr%3D8", "runs=a%2Cb", "runs=a%2C"]
+        script = (source[start:source.index("\n}\n", start) + 2] + f"console.log(JSON.stringify({json.dumps(queries)}"
+                  ".map((q) => runsOf(q, new Set(['lr=1e-3,r=8', 'a', 'b'])))));")
+        read = subprocess.run(["node", "-e", script], capture_output=True, text=True, check=True, timeout=60).stdout
+        assert json.loads(read) == [["lr=1e-3,r=8"], ["a", "b"], ["a"]]
     for name in ("..", ".tunelab-ui", "a" * 300):
         for path in (f"/api/runs/{name}", f"/api/runs/{name}/log", f"/api/runs/{name}/metrics"):
             assert client.get(path).status_code in (400, 404), path

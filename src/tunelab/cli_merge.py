@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager, suppress
 from pathlib import Path
 
 import typer
@@ -11,14 +13,14 @@ from tunelab.errors import ConfigError, UserError
 
 COMBINATION_HELP = (
     "How several runs combine (each run's change to a weight is its task vector ΔW): linear (default) adds "
-    "w·ΔW of each run, exactly; ties keeps each run's largest --density of changes, elects a sign per weight and "
-    "averages the runs that agree; dare_linear / dare_ties drop changes at random (keeping --density, rescaled) "
-    "before linear / ties; svd is linear cut to the largest adapter rank; cat is PEFT's concatenation, which "
-    "folded is linear exactly.")
+    "w·ΔW of each run, exactly; ties keeps each run's largest --density of changes, elects a sign per weight from "
+    "the weighted changes and takes the weighted average of the runs that agree; dare_linear / dare_ties drop "
+    "changes at random (keeping --density, rescaled) before linear / ties; svd is linear cut to the largest "
+    "adapter rank; cat is PEFT's concatenation, which folded is linear exactly.")
 WEIGHTS_HELP = (
     "One weight per run, comma-separated (e.g. 0.6,0.4), used as given (negative subtracts). Default: equal, "
-    "summing to 1 (an average) for linear, dare_linear, svd and cat; 1 each for ties and dare_ties, which already "
-    "average the runs that agree.")
+    "summing to 1 (an average) for linear, dare_linear, svd and cat; 1 each for ties and dare_ties, which divide "
+    "by the agreeing runs' summed weights, so there only their ratios count (1,0 keeps the first run's changes alone).")
 
 
 def merge(
@@ -30,32 +32,50 @@ def merge(
     weights: str | None = typer.Option(None, "--weights", help=WEIGHTS_HELP),
     density: float | None = typer.Option(None, "--density", help="ties and dare: fraction of each run's changes "
                                          "kept (default 0.5)."),
-    majority_sign: str = typer.Option("total", "--majority-sign", help="ties and dare_ties: a weight's sign is "
-                                      "that of the runs' summed changes (total) or the one most runs have "
-                                      "(frequency)."),
-    seed: int = typer.Option(0, "--seed", help="Seeds DARE's random drops: the same seed gives the same model."),
+    majority_sign: str | None = typer.Option(None, "--majority-sign", help="ties and dare_ties: a weight's sign "
+                                             "is that of the runs' summed weighted changes (total, the default) or "
+                                             "the one most runs' weighted changes have (frequency)."),
+    seed: int | None = typer.Option(None, "--seed", help="dare_linear and dare_ties: seeds the random drops "
+                                    "(default 0); the same seed gives the same model."),
 ) -> None:
     """Fold a run's adapter into its base model and save a plain model folder; given several runs, combine their
     adapters first (multi-task merging) and record how in merge.json."""
     quiet_libraries()
     from tunelab.infer.load import refuse_unfinished_run
     from tunelab.infer.merge import merge_adapter
-    from tunelab.infer.merge_adapters import Combination, merge_runs, parse_weights
+    from tunelab.infer.merge_adapters import Combination, parse_weights, plan_merge, write_merge
 
     try:
-        if len(runs) == 1:
-            given = [name for name, value in (("--combination", combination), ("--weights", weights),
-                                              ("--density", density)) if value is not None]
-            if given:
-                raise ConfigError(f"{given[0]} combines several runs; one run's adapter is folded in as trained",
-                                  where=given[0])
-            refuse_unfinished_run(runs[0])
-            check_output_folder(output, "--output")
-            merge_adapter(runs[0], output, overwrite=overwrite)
-        else:
-            check_output_folder(output, "--output")
-            recipe = Combination(combination or "linear", parse_weights(weights), density, majority_sign, seed)
-            merge_runs(runs, output, recipe, overwrite=overwrite)
+        with _new_folders_removed_on_failure(output):
+            if len(runs) == 1:
+                given = [name for name, value in (("--combination", combination), ("--weights", weights),
+                                                  ("--density", density), ("--majority-sign", majority_sign),
+                                                  ("--seed", seed)) if value is not None]
+                if given:
+                    raise ConfigError(f"{given[0]} applies when combining several runs; one run's adapter is folded in "
+                                      "as trained", where=given[0])
+                refuse_unfinished_run(runs[0])
+                check_output_folder(output, "--output")
+                merge_adapter(runs[0], output, overwrite=overwrite)
+            else:
+                recipe = Combination(combination or "linear", parse_weights(weights), density, majority_sign, seed)
+                plan = plan_merge(runs, output, recipe, overwrite=overwrite)
+                check_output_folder(output, "--output")
+                write_merge(plan)
     except UserError as err:
         fail(err)
     console.print(f"merged model saved to {output}")
+
+
+@contextmanager
+def _new_folders_removed_on_failure(output: Path) -> Iterator[None]:
+    """Remove the folders above --output that check_output_folder made, if the merge is refused after it (an
+    adapter that does not load, a run that cannot merge): a refused command leaves nothing behind."""
+    missing = [folder for folder in output.absolute().parents if not folder.exists()]  # the deepest first
+    try:
+        yield
+    except BaseException:
+        for folder in missing:
+            with suppress(OSError):  # not empty: something else wrote there meanwhile
+                folder.rmdir()
+        raise

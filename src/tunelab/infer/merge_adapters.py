@@ -2,8 +2,10 @@
 
 Each run's change to a weight, its task vector ΔW = (base with the adapter folded in) - base, is computed exactly
 (B·A·scale for LoRA and rsLoRA; through PEFT's own merge for DoRA, whose magnitudes rescale whole columns), then
-the task vectors are combined with PEFT's merge functions (peft.utils.merge_utils, the ones add_weighted_adapter
-calls) and added to the base, as mergekit merges task vectors of full models.
+the task vectors are combined and added to the base, as mergekit merges task vectors of full models: linear and
+dare_linear with PEFT's merge functions (peft.utils.merge_utils, the ones add_weighted_adapter calls), ties and
+dare_ties with PEFT's pruning and mergekit's weighted disjoint merge (PEFT's elects the sign from the unweighted
+task vectors and divides by the number of agreeing runs, so a run of weight 0 still halves the others' changes).
 
 Why not PEFT's add_weighted_adapter: it mixes the A and B factors separately and multiplies the results, so its
 `linear`, `ties` and `dare_*` carry cross terms B_i·A_j (with weights 0.5, 0.5 as large as the changes
@@ -27,7 +29,9 @@ COMBINATIONS = ("linear", "ties", "dare_linear", "dare_ties", "svd", "cat")
 PRUNING = ("ties", "dare_linear", "dare_ties")
 """The combinations that keep only a fraction (`density`) of each task vector."""
 SIGN_ELECTING = ("ties", "dare_ties")
-"""The combinations that keep, entry by entry, only the runs agreeing with the majority sign, and average them."""
+"""The combinations that keep, entry by entry, only the runs agreeing with the elected sign, weighted-averaged."""
+RANDOM = ("dare_linear", "dare_ties")
+"""The combinations that drop changes at random (`seed`)."""
 RECORD_FILE = "merge.json"
 
 
@@ -35,18 +39,20 @@ RECORD_FILE = "merge.json"
 class Combination:
     """How the runs' task vectors become one: the merged weight is W + combine(w_1·ΔW_1, ..., w_n·ΔW_n).
 
-    `weights` None: equal weights as mergekit's normalised defaults give, 1/n each for the summing combinations
-    (linear, dare_linear, svd, cat: the average task vector) and 1 each for ties and dare_ties, whose disjoint
-    merge already divides each entry by the number of runs that agree on its sign."""
+    `weights` None: equal weights as mergekit's defaults give, 1/n each for the summing combinations (linear,
+    dare_linear, svd, cat: the average task vector) and 1 each for ties and dare_ties, whose disjoint merge divides
+    each entry by the summed weights of the runs agreeing on its sign (so only the weights' ratios and signs matter
+    there). Options a combination does not use are None, and refused when given."""
 
     kind: str = "linear"
     weights: tuple[float, ...] | None = None
     density: float | None = None
     """Fraction of each task vector kept by ties (largest magnitudes) and dare (at random, the rest rescaled)."""
-    majority_sign: str = "total"
-    """ties/dare_ties sign election: `total` (sign of the summed values) or `frequency` (sign most runs have)."""
-    seed: int = 0
-    """Seeds DARE's random drops: the same runs, weights and seed give the same model."""
+    majority_sign: str | None = None
+    """ties/dare_ties sign election (default total): `total` (sign of the summed weighted changes) or `frequency`
+    (the sign most runs' weighted changes have)."""
+    seed: int | None = None
+    """Seeds DARE's random drops (default 0): the same runs, weights and seed give the same model."""
 
     def check(self, runs: int) -> Combination:
         """This combination with its defaults filled in for `runs` runs; ConfigError naming the option if bad."""
@@ -69,9 +75,21 @@ class Combination:
         elif density is not None:
             raise ConfigError(f"{self.kind} keeps every change; --density applies to {', '.join(PRUNING)}",
                               where="--density")
-        if self.majority_sign not in ("total", "frequency"):
-            raise ConfigError(f"'{self.majority_sign}' is not total or frequency", where="--majority-sign")
-        return Combination(self.kind, tuple(float(w) for w in weights), density, self.majority_sign, self.seed)
+        majority_sign = self.majority_sign
+        if self.kind in SIGN_ELECTING:
+            majority_sign = majority_sign or "total"
+            if majority_sign not in ("total", "frequency"):
+                raise ConfigError(f"'{majority_sign}' is not total or frequency", where="--majority-sign")
+        elif majority_sign is not None:
+            raise ConfigError(f"{self.kind} elects no sign; --majority-sign applies to {', '.join(SIGN_ELECTING)}",
+                              where="--majority-sign")
+        seed = self.seed
+        if self.kind in RANDOM:
+            seed = 0 if seed is None else seed
+        elif seed is not None:
+            raise ConfigError(f"{self.kind} drops nothing at random; --seed applies to {', '.join(RANDOM)}",
+                              where="--seed")
+        return Combination(self.kind, tuple(float(w) for w in weights), density, majority_sign, seed)
 
 
 def parse_weights(text: str | None) -> tuple[float, ...] | None:
@@ -142,25 +160,53 @@ def check_runs(run_dirs: list[Path]) -> list[RunToMerge]:
     return runs
 
 
-def merge_runs(run_dirs: list[Path], output: Path, combination: Combination, *, overwrite: bool = False) -> Path:
-    """Write the runs' adapters combined and folded into their shared base to `output`: safetensors, the tokenizer
-    with the chat template the runs trained with, and merge.json recording runs, weights and combination."""
+@dataclass(frozen=True)
+class MergePlan:
+    """A merge checked whole before any model is loaded: the runs, the combination with its defaults, the output."""
+
+    runs: list[RunToMerge]
+    combination: Combination
+    output: Path
+
+
+def plan_merge(run_dirs: list[Path], output: Path, combination: Combination, *, overwrite: bool = False) -> MergePlan:
+    """The merge of `run_dirs` into `output`, checked (ConfigError or ModelError naming the option or run) without
+    writing anything or loading a model."""
     from tunelab.infer.merge import check_merge_output
 
     if len(run_dirs) < 2:
         raise ConfigError("give two or more runs to combine", where="merge")
     combination = combination.check(len(run_dirs))
+    seen: dict[Path, Path] = {}
+    for run_dir in run_dirs:
+        first = seen.get(run_dir.resolve())
+        if first is not None:
+            same = "" if str(first) == str(run_dir) else f" (as {first})"
+            raise ConfigError(f"{run_dir} is given twice{same}: a run combined with itself is that run alone; give "
+                              "each run once, or merge one run with `tunelab merge RUN`", where="merge")
+        seen[run_dir.resolve()] = run_dir
     for run_dir in run_dirs:
         check_merge_output(run_dir, output, overwrite)
-    runs = check_runs(run_dirs)
+    return MergePlan(check_runs(run_dirs), combination, output)
+
+
+def merge_runs(run_dirs: list[Path], output: Path, combination: Combination, *, overwrite: bool = False) -> Path:
+    """Write the runs' adapters combined and folded into their shared base to `output`: safetensors, the tokenizer
+    with the chat template the runs trained with, and merge.json recording runs, weights and combination."""
+    return write_merge(plan_merge(run_dirs, output, combination, overwrite=overwrite))
+
+
+def write_merge(plan: MergePlan) -> Path:
+    """Carry out a checked merge: load the base with every adapter, fold the combined changes, save."""
+    runs, combination = plan.runs, plan.combination
     model = _load_with_adapters(runs)
     with torch.no_grad(), torch.random.fork_rng(devices=[]):
-        torch.manual_seed(combination.seed)
+        torch.manual_seed(combination.seed or 0)
         for layer in _lora_layers(model):
             _fold_combined(layer, [f"run{i}" for i in range(len(runs))], combination, max(r.rank for r in runs))
     merged = model.unload()
-    _save(merged, runs, combination, output)
-    return output
+    _save(merged, runs, combination, plan.output)
+    return plan.output
 
 
 def _load_with_adapters(runs: list[RunToMerge]):
@@ -204,7 +250,7 @@ def task_vector(layer, adapter: str) -> torch.Tensor:
 
 
 def combine(vectors: list[torch.Tensor], combination: Combination, rank: int) -> torch.Tensor:
-    """The runs' task vectors for one weight combined as `combination` says (PEFT's merge functions)."""
+    """The runs' task vectors for one weight combined as `combination` (a checked one) says."""
     from peft.utils import merge_utils
 
     weights = torch.tensor(combination.weights)
@@ -213,8 +259,29 @@ def combine(vectors: list[torch.Tensor], combination: Combination, rank: int) ->
         return _truncated(mixed, rank) if combination.kind == "svd" else mixed
     if combination.kind == "dare_linear":
         return merge_utils.dare_linear(vectors, weights, combination.density)
-    merge = merge_utils.ties if combination.kind == "ties" else merge_utils.dare_ties
-    return merge(vectors, weights, combination.density, combination.majority_sign)
+    density = combination.density
+    if density < 1:  # PEFT's prune warns at density 1, and keeps everything
+        drop = "magnitude" if combination.kind == "ties" else "random"  # DARE rescales what it keeps; TIES does not
+        vectors = [merge_utils.prune(vector, density, method=drop, rescale=drop == "random") for vector in vectors]
+    return disjoint_merge(torch.stack(vectors), weights, combination.majority_sign)
+
+
+def disjoint_merge(vectors: torch.Tensor, weights: torch.Tensor, majority_sign: str) -> torch.Tensor:
+    """TIES' elect-and-average as mergekit weights it: entry by entry, the sign of the weighted changes' sum
+    (`total`) or of most of them (`frequency`) is elected, and the weighted changes with that sign are summed and
+    divided by their runs' summed |weights| (1 where none agrees). A run of weight 0 neither votes nor counts, so
+    weights (1, 0) give the first run exactly.
+
+    vectors: (runs, *weight shape); weights: (runs,). mergekit divides by the summed signed weights, the same for
+    weights >= 0; with a negative weight that sum can be 0 or flip the run's change back, and |w| keeps it
+    subtracting."""
+    from peft.utils import merge_utils
+
+    weights = weights.to(vectors.dtype).view(-1, *(1,) * (vectors.dim() - 1))
+    weighted = vectors * weights
+    agrees = merge_utils.calculate_majority_sign_mask(weighted, method=majority_sign)
+    divisor = (weights.abs() * agrees).sum(dim=0)
+    return (weighted * agrees).sum(dim=0) / torch.where(divisor == 0, 1.0, divisor)
 
 
 def _truncated(matrix: torch.Tensor, rank: int) -> torch.Tensor:
@@ -237,8 +304,7 @@ def _save(model, runs: list[RunToMerge], combination: Combination, output: Path)
     tokenizer.chat_template = runs[0].portable_template
     record = {"runs": [str(run.path.resolve()) for run in runs], "weights": list(combination.weights),
               "combination": combination.kind, "density": combination.density,
-              "majority_sign_method": combination.majority_sign if combination.kind in SIGN_ELECTING else None,
-              "seed": combination.seed if combination.kind.startswith("dare") else None,
+              "majority_sign_method": combination.majority_sign, "seed": combination.seed,
               "base_model": str(runs[0].base), "method": runs[0].method}
     with staged_folder(output) as tmp:
         model.save_pretrained(tmp, safe_serialization=True)

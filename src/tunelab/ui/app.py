@@ -170,9 +170,10 @@ def create_app(root: Path, *, api_key: str | None = None) -> FastAPI:
 
     @app.get("/api/compare")
     def compare(runs: list[str] = Query([])) -> dict:
-        """`?runs=A&runs=B`, so a folder name may hold a comma (`lr=1e-3,r=8`); a single value is an older link's
-        `?runs=A,B` (one run alone is no comparison)."""
-        names = [n for n in (runs[0].split(",") if len(runs) == 1 else runs) if n]
+        """`?runs=A&runs=B`, so a folder name may hold a comma (`lr=1e-3,r=8`); a single value that names no run is
+        an older link's `?runs=A,B` (one run alone is no comparison)."""
+        older_link = len(runs) == 1 and not _names_a_run(root, runs[0])
+        names = [n for n in (runs[0].split(",") if older_link else runs) if n]
         folders = [_run_folder(root, n) for n in names]
         missing = [n for n, f in zip(names, folders, strict=True) if f is None]
         if missing or len(names) < 2:
@@ -256,6 +257,14 @@ def _run_folder(root: Path, name: str) -> Path | None:
     return folder if run_files.is_run_dir(folder) else None
 
 
+def _names_a_run(root: Path, name: str) -> bool:
+    """Whether `name` is a run's folder, so a comma in it is part of the name."""
+    try:
+        return _run_folder(root, name) is not None
+    except LaunchError:  # not even a folder name (`.a,b`): an older link's list
+        return False
+
+
 def _trained_run(root: Path, name: str, role: str) -> Path:
     """The folder of a run whose training ended (summary.json written next to its model); a 404 before the chat's
     stream starts otherwise, rather than an error event from the model thread halfway through it."""
@@ -263,7 +272,7 @@ def _trained_run(root: Path, name: str, role: str) -> Path:
     if folder is None:
         raise LaunchError(f"no run '{name}'{role}", status=404)
     if not (folder / "summary.json").is_file():
-        raise LaunchError(f"run '{name}' has no trained model yet (it is saved when training ends){role}", status=404)
+        raise LaunchError(f"run '{name}' has no trained model yet{role} (it is saved when training ends)", status=404)
     return folder
 
 

@@ -63,11 +63,12 @@ function seconds(value) {
   return `${(value / 3600).toFixed(1)} h`;
 }
 
-// `runs=A&runs=B`: any folder name round-trips (`lr=1e-3,r=8` holds a comma); one value is an older link's `A,B`.
+// `runs=A&runs=B`: any folder name round-trips (`lr=1e-3,r=8` holds a comma); one value that is not the name of
+// a run (`known`: a Set of names) is an older link's `A,B`.
 function runsQuery(names) { return new URLSearchParams(names.map((n) => ["runs", n])).toString(); }
-function runsOf(query) {
+function runsOf(query, known) {
   const names = new URLSearchParams(query).getAll("runs");
-  return (names.length === 1 ? names[0].split(",") : names).filter(Boolean);
+  return (names.length === 1 && !known.has(names[0]) ? names[0].split(",") : names).filter(Boolean);
 }
 
 function statusBadge(status) { return h("span", { class: `status ${status}` }, status || "—"); }
@@ -353,9 +354,9 @@ function toYaml(value, indent = "") {
 
 // ---------- compare ----------
 async function renderCompare(query) {
-  const names = runsOf(query);
+  const runs = await api("/api/runs");
+  const names = runsOf(query, new Set(runs.map((r) => r.name)));
   if (names.length < 2) {
-    const runs = await api("/api/runs");
     const picks = runs.map((r) => h("label", { style: "display:block" }, h("input", { type: "checkbox", value: r.name }), ` ${r.name}`));
     view.replaceChildren(h("h1", {}, "Compare runs"), ...picks, h("button", { class: "primary", onclick: () => {
       const chosen = picks.map((p) => p.querySelector("input")).filter((i) => i.checked).map((i) => i.value);
