@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 
 from tunelab.config import load_config
+from tunelab.eval.metrics import metric_scale
 from tunelab.eval.report import write_comparison
 from tunelab.train.run import train_run
 
@@ -176,7 +177,9 @@ def test_report_renders_offline_in_headless_chromium(trained_run, tmp_path):
     base, final = summary["base_eval_loss"], summary["final_eval_loss"]
     assert f"eval loss\t{base:.4f}\t{final:.4f}\t{final - base:+.4f}" in text
     for name, after in summary["metrics_after"].items():
-        assert f"{name}\t{summary['metrics_before'][name]:.4f}\t{after:.4f}" in text
+        scale = metric_scale(name)  # a built-in's row names its scale: exact_match (0-1)
+        label = f"{name} ({scale})" if scale else name
+        assert f"{label}\t{summary['metrics_before'][name]:.4f}\t{after:.4f}" in text
     assert f"steps\t{summary['steps']}" in text and f"tokens trained\t{summary['train_tokens']:,}" in text
     samples = (trained_run / "samples.jsonl").read_text().splitlines()
     assert f"samples ({len(samples)} held out)" in text
