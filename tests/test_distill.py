@@ -110,7 +110,8 @@ def test_loss_and_gradients_equal_those_of_full_logits_in_every_batch_layout(tin
     assert frozen_head.fits(decoder_and_head(student)[1]) == (method == "lora")
     teacher = build_tiny_model(len(tiny_tokenizer), seed=1).eval().requires_grad_(False)
     config = DistillConfig(name="distill", teacher="unused", alpha=0.3, beta=0.3, temperature=2.0)
-    objective = DistillObjective(config, teacher, pad_token_id=0, precision="fp32", batch_size=8)
+    objective = DistillObjective(config, teacher, pad_token_id=0, precision="fp32", batch_size=8,
+                                tokenizer=tiny_tokenizer)
     rows = [[s] for s in samples(tiny_tokenizer)]
     padded = objective.collate(rows, 0, False)
     expected = full_logits_loss(student, teacher, padded, 0.3, 0.3, 2.0)
@@ -147,7 +148,8 @@ def test_chunks_of_trained_tokens_give_the_same_loss_and_gradients(tiny_tokenize
     student = build_tiny_model(len(tiny_tokenizer), seed=0)
     teacher = build_tiny_model(len(tiny_tokenizer), seed=1).eval().requires_grad_(False)
     config = DistillConfig(name="distill", teacher="unused", beta=0.5)
-    objective = distill.DistillObjective(config, teacher, pad_token_id=0, precision="fp32", batch_size=8)
+    objective = distill.DistillObjective(config, teacher, pad_token_id=0, precision="fp32", batch_size=8,
+                                tokenizer=tiny_tokenizer)
     batch = objective.collate([[s] for s in samples(tiny_tokenizer)], 0, False)
     whole, _ = objective.loss_sum(student, batch)
     whole.backward()

@@ -148,7 +148,8 @@ def test_two_processes_train_like_one_with_twice_the_batch_and_resume_exactly(ti
     (["method.name=qlora", "train.distributed=fsdp"], "trl#1723"),
     (["method.name=prefix", "train.distributed=fsdp"], "prompt methods"),
     (["train.keep_best=true", "train.distributed=fsdp"], "train.keep_best"),
-    (["objective.name=grpo", "objective.rewards=[exact_match]", "train.distributed=fsdp"], "GRPO cannot shard"),
+    (["objective.name=grpo", "objective.rewards=[exact_match]", "train.distributed=fsdp"],
+     "objective.name=grpo cannot shard"),
 ])
 def test_what_cannot_train_in_several_processes_is_refused_with_the_reason(overrides, named, tmp_path):
     from tunelab.config import load_config

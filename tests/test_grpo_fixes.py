@@ -102,10 +102,10 @@ def test_a_partly_judged_completion_adds_the_rewards_that_judged_it(tiny_tokeniz
     objective = GrpoObjective(config, build_rewards(config), tiny_tokenizer, seed=0, switch_off=None)
     rows = two_prompts(tiny_tokenizer)[0][0]
     scores = objective.score(rows, ["2", "3"], [[1], [2]])
-    from tunelab.objectives.grpo import _weighted_total
+    from tunelab.objectives.grpo import weighted_total
 
-    assert _weighted_total(scores, [1.0, 2.0]).tolist() == [3.0, 0.0]
-    only_none = _weighted_total(torch.tensor([[NAN, NAN], [1.0, NAN]]), [1.0, 2.0])
+    assert weighted_total(scores, [1.0, 2.0]).tolist() == [3.0, 0.0]
+    only_none = weighted_total(torch.tensor([[NAN, NAN], [1.0, NAN]]), [1.0, 2.0])
     assert math.isnan(only_none[0]) and only_none[1] == 1.0
 
 

@@ -17,7 +17,7 @@ from conftest import interrupted_at_step
 from tunelab.cli import app
 from tunelab.config import OnlineDpoObjective as OnlineDpoConfig
 from tunelab.config import load_config
-from tunelab.objectives.online_dpo import pair_losses, ranked_pairs
+from tunelab.objectives.online_dpo import dpo_config, pair_losses, ranked_pairs
 from tunelab.objectives.pairs import PairLogps
 from tunelab.train.run import train_run
 
@@ -71,7 +71,7 @@ def test_the_pair_loss_is_trls(loss_type, penalty):
     tokens = torch.tensor([3, 9, 4, 12])  # summed, not averaged: token counts must not matter
     config = OnlineDpoConfig(name="online_dpo", rewards=["exact_match"], beta=beta, loss_type=loss_type)
     got = pair_losses(PairLogps(policy_t[:, 0], policy_t[:, 1], tokens, tokens + 1),
-                      PairLogps(reference_t[:, 0], reference_t[:, 1], tokens, tokens + 1), config)
+                      PairLogps(reference_t[:, 0], reference_t[:, 1], tokens, tokens + 1), dpo_config(config))
     assert got.losses.tolist() == pytest.approx(expected["losses"], rel=1e-9)
     assert got.chosen_rewards.tolist() == pytest.approx(expected["chosen_rewards"], rel=1e-9)
     assert got.rejected_rewards.tolist() == pytest.approx(expected["rejected_rewards"], rel=1e-9)

@@ -79,7 +79,8 @@ def run_rollouts(step_rows_of: dict[str, list], weights: list[float] | None) -> 
     results = {}
     for name, make in CONFIGS.items():
         rewards = [table_reward("first", 1.0, FIRST, False), table_reward("second", 0.5, SECOND, True)]
-        objective = GrpoObjective(make(), rewards, tokenizer, seed=0, switch_off=None)
+        ranks = Ranks(dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else Ranks()
+        objective = GrpoObjective(make(), rewards, tokenizer, seed=0, switch_off=None, ranks=ranks)
         objective.prepare(model)  # RLOO's KL reference: the model itself, so every KL is exactly 0
         batches, metrics = objective.rollout(model, step_rows, step=0, weights=weights)
         advantages, seen = {}, {}

@@ -12,12 +12,20 @@ and, when it compares against a reference model:
     reference: Reference                  live (the adapter switched off) or precomputed per row
     sequences(item) -> (first, second)    the two sequences whose reference log-probs a row stores
 and, when it trains on what the model itself generates (GRPO, RLOO, online DPO; distill with lmbda or seq_kd):
-    rollout(model, step_rows, step) -> (step_rows, metrics)   the step's prompts in, its completions out
+    rollout(model, step_rows, step, epoch, weights=) -> (step_rows, metrics)   the step's prompts in, its
+                                          completions out; weights: the loop's per micro-batch (0: a stand-in)
+and, for GRPO, RLOO and online DPO:
     prepare(model)                        called once before a checkpoint loads (keep the starting model)
     evaluate(model, rows) -> metrics      the held-out evaluation (eval_loss and the objective's own)
+    set_progress(step, epoch)             what reward functions see as trainer_state at an evaluation
     rows_per_item(model) -> int           rows one item runs as at once, when not sequences_per_item
+and, for GRPO and RLOO, whose updates may reuse a rollout (updates_per_rollout):
+    draws_rows(step) -> bool              whether step `step` samples anew (else rollout gets step_rows None)
+    rollout_weights                       the kept rollout's micro-batch weights, checkpointed with it
+    state_dict() / load_state_dict(t)     the kept rollout, in the checkpoint
 and, when its held-out loss is not SFT's token cross-entropy though it trains on SFT rows (distill):
     evaluate(model, rows) -> metrics      as above
+    planned_lengths(samples)              each sample's longest sequence in training (sampled replies may be longer)
 The loop in train/ knows no objective by name.
 """
 
@@ -68,10 +76,11 @@ def reference_for(config: ObjectiveConfig, method_name: str) -> Reference:
 
 
 def build_objective(config: ObjectiveConfig, method_name: str, packing: bool, *, tokenizer=None, seed: int = 0,
-                    precision: str = "fp32", device="cpu", batch_size: int = 8):
+                    precision: str = "fp32", device="cpu", batch_size: int = 8, ranks=None):
     """The objective `config` names, for a model trained with `method_name` (GRPO also samples with `tokenizer`
-    from a generator seeded by `seed`, in `precision`; distill loads its teacher onto `device` and evaluates
-    `batch_size` rows at a time). Raises ConfigError for a reward or a teacher it cannot use."""
+    from a generator seeded by `seed`, in `precision`, and gathers a step's statistics over `ranks`; distill loads
+    its teacher onto `device` and evaluates `batch_size` rows at a time). Raises ConfigError for a reward or a
+    teacher it cannot use."""
     if config.name == "distill":
         teacher = load_teacher(config.teacher, tokenizer, device=device, precision=precision)
         return DistillObjective(config, teacher, pad_token_id=tokenizer.pad_token_id, precision=precision,
@@ -79,7 +88,7 @@ def build_objective(config: ObjectiveConfig, method_name: str, packing: bool, *,
     if config.name in ROLLOUT_OBJECTIVES:
         switch_off = getattr(METHODS[method_name], "without_adapter", None)
         sampler = GrpoObjective(config, build_rewards(config), tokenizer, seed=seed, switch_off=switch_off,
-                                precision=precision, method_name=method_name)
+                                precision=precision, method_name=method_name, ranks=ranks)
         return OnlineDpoObjective(config, sampler) if config.name == "online_dpo" else sampler
     if config.name == "sft":
         return SftObjective(packing)

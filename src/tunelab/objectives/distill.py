@@ -140,7 +140,7 @@ class DistillObjective:
     model_head = "lm"
 
     def __init__(self, config: DistillConfig, teacher: torch.nn.Module, *, pad_token_id: int, precision: str,
-                 batch_size: int, tokenizer=None, seed: int = 0) -> None:
+                 batch_size: int, tokenizer, seed: int = 0) -> None:
         self.config = config
         self.teacher = teacher
         """Frozen, in eval mode; never part of the trained module (no gradients, not saved)."""
@@ -154,6 +154,8 @@ class DistillObjective:
         """Stop and padding tokens of sampled replies (lmbda > 0 or seq_kd)."""
         self.seed = seed
         """train.seed: with the step, what decides which micro-batches are sampled and seeds the samples."""
+        self._planned: tuple | None = None
+        """(samples, planned_lengths of them): the attention choice and the memory estimate both ask."""
         if config.lmbda > 0 or config.seq_kd:
             # Only then is there a rollout: the loop treats an objective with one as training on its own samples
             # (no loss-spike watch, rollout timings logged); with lmbda 0 a run is exactly as before.
@@ -166,8 +168,6 @@ class DistillObjective:
         samples as replies, under seq_kd the others with the teacher's; and what to log (distill_samples.py).
         `epoch` is the loop's rollout argument, unused here; `weights` its share_weights (0: a stand-in, not
         sampled)."""
-        if self.tokenizer is None:
-            raise ValueError("sampling replies needs the tokenizer: build the objective with tokenizer=")
         sources = reply_sources(self.config.lmbda, self.config.seq_kd, self.seed, step, len(step_rows))
         return replace_replies(step_rows, sources, student=model, teacher=self.teacher, tokenizer=self.tokenizer,
                                max_new_tokens=self.config.max_new_tokens, temperature=self.config.temperature,
@@ -202,8 +202,10 @@ class DistillObjective:
         lengths = sample_lengths(samples)
         if not (self.config.lmbda > 0 or self.config.seq_kd):
             return lengths
-        prompts = np.fromiter((reply_start(sample) or 0 for sample in samples), np.int64, count=len(samples))
-        return np.maximum(lengths, prompts + self.config.max_new_tokens)
+        if self._planned is None or self._planned[0] is not samples:  # one pass over the data, not one per caller
+            prompts = np.fromiter((reply_start(sample) or 0 for sample in samples), np.int64, count=len(samples))
+            self._planned = (samples, np.maximum(lengths, prompts + self.config.max_new_tokens))
+        return self._planned[1]
 
     def input_tokens(self, sample: TokenizedSample | SampledReply) -> int:
         return self.rows.input_tokens(sample.sample if isinstance(sample, SampledReply) else sample)

@@ -46,7 +46,6 @@ from tunelab.objectives.grpo_loss import (  # noqa: F401 - Completion and the lo
     reward_metrics,
     reward_stds,
     split_groups,
-    taken_values,
     token_losses,
 )
 from tunelab.objectives.metrics import Metrics
@@ -54,7 +53,7 @@ from tunelab.objectives.pairs import collate_sequences
 from tunelab.objectives.rewards import Reward, raised_at
 from tunelab.objectives.rloo import leave_one_out_advantages, sequence_kl, sequence_losses, zero_std_share
 from tunelab.objectives.rollout_state import rollout_from_tensors, rollout_tensors
-from tunelab.train.distributed import process_group_ranks
+from tunelab.train.distributed import Ranks
 from tunelab.train.precision import autocast
 
 
@@ -67,12 +66,12 @@ class GrpoObjective:
 
     def __init__(self, config: GrpoConfig, rewards: list[Reward], tokenizer, *, seed: int,
                  switch_off: Callable[[object], AbstractContextManager] | None, precision: str = "fp32",
-                 method_name: str = "lora") -> None:
+                 method_name: str = "lora", ranks: Ranks | None = None) -> None:
         self.config = config
         self.method_name = method_name
         self.rewards = rewards
         self.tokenizer = tokenizer
-        self.seed = seed
+        self.seed, self.ranks = seed, ranks or Ranks()  # the processes whose rollouts make one step
         self.switch_off = switch_off
         self.precision = precision
         self.frozen_reference = None
@@ -153,10 +152,10 @@ class GrpoObjective:
         if rloo_kl:  # RLOO's KL penalty is part of the reward
             local["kl"], kl_tokens = (self._rollout_kl(model, [completions[i] for i in kept], [n for n in counted if n])
                                       if kept else (torch.zeros(0), 0))
-        ranks = process_group_ranks()
+        ranks = self.ranks
         whole, mine = ranks.gather_rows(local, counted)  # the step's completions on every process, in step order
-        total = _weighted_total(whole["scores"], [r.weight for r in self.rewards])
-        logged = joined_values(ranks.gather([taken_values(reward.logged) for reward in self.rewards]))
+        total = weighted_total(whole["scores"], [r.weight for r in self.rewards])
+        logged = joined_values(ranks.gather([reward.take_values() for reward in self.rewards]))
         metrics = reward_metrics(whole["scores"], total, [r.name for r in self.rewards], logged,
                                  self.config.group_size, getattr(self.config, "scale_rewards", "group"))
         if self.config.name == "rloo":
@@ -378,7 +377,7 @@ class GrpoObjective:
             model.train(was_training)
         texts = [self.tokenizer.decode(c, skip_special_tokens=True).strip() for c in ids]
         scores = self.score(rows, texts, ids)
-        total = _weighted_total(scores, [r.weight for r in self.rewards])
+        total = weighted_total(scores, [r.weight for r in self.rewards])
         result = {"eval_loss": -float(total.nanmean()), "eval_reward": float(total.nanmean()),
                   "eval_completions/mean_length": sum(len(c) for c in ids) / len(ids)}
         for index, reward in enumerate(self.rewards):
@@ -388,7 +387,7 @@ class GrpoObjective:
         return GreedyEvaluation(texts, scores, total, result)
 
 
-def _weighted_total(scores: torch.Tensor, weights: list[float]) -> torch.Tensor:
+def weighted_total(scores: torch.Tensor, weights: list[float]) -> torch.Tensor:
     """Each completion's total reward: its rewards times their weights, added where not NaN (TRL's nansum); NaN
     where no reward judged it, so that it stays out of its group's mean and std."""
     total = (scores * torch.tensor(weights)).nansum(dim=1)

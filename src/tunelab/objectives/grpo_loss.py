@@ -106,13 +106,6 @@ def counted_completions(sizes: list[int], weights: Sequence[float] | None) -> tu
     return counted, [row for start, count in zip(starts, counted, strict=True) for row in range(start, start + count)]
 
 
-def taken_values(logged: dict[str, list[float]]) -> dict[str, list[float]]:
-    """What a reward gave log_metric since the last rollout (its Reward.logged), which is emptied for the next."""
-    values = {name: list(given) for name, given in logged.items() if given}
-    logged.clear()
-    return values
-
-
 def joined_values(everyone: list[list[dict[str, list[float]]]]) -> list[dict[str, list[float]]]:
     """Each reward's log_metric values from every process, in rank order (`everyone`: by process, then reward)."""
     joined: list[dict[str, list[float]]] = [{} for _ in everyone[0]]

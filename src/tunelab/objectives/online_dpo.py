@@ -36,8 +36,8 @@ from tunelab.data.prompts import PromptRow
 from tunelab.data.template import IGNORE_INDEX, TokenizedSample
 from tunelab.models.logprobs import sequence_logprobs
 from tunelab.objectives.dpo import dpo_losses
-from tunelab.objectives.grpo import GreedyEvaluation, GrpoObjective, _weighted_total
-from tunelab.objectives.grpo_loss import counted_completions, taken_values
+from tunelab.objectives.grpo import GreedyEvaluation, GrpoObjective, weighted_total
+from tunelab.objectives.grpo_loss import counted_completions
 from tunelab.objectives.metrics import Metrics
 from tunelab.objectives.pairs import PairLogps, PairLosses, PairObjective, Reference
 from tunelab.objectives.reference import precompute_reference
@@ -58,11 +58,15 @@ class SampledPair:
     """The reference's summed log-probabilities of (chosen, rejected), set by the rollout."""
 
 
-def pair_losses(policy: PairLogps, reference: PairLogps, config: OnlineDpoConfig) -> PairLosses:
-    """Each pair's loss (sigmoid or ipo on summed log-probabilities) and the implied rewards of its completions:
-    DPO's arithmetic with online DPO's beta."""
-    dpo = DpoConfig(name="dpo", beta=config.beta, loss_type=config.loss_type)
-    return dpo_losses(policy, reference, dpo, averaged=False)
+def dpo_config(config: OnlineDpoConfig) -> DpoConfig:
+    """DPO's config with online DPO's beta and loss type (built once: pydantic validates every construction)."""
+    return DpoConfig(name="dpo", beta=config.beta, loss_type=config.loss_type)
+
+
+def pair_losses(policy: PairLogps, reference: PairLogps, config: DpoConfig) -> PairLosses:
+    """Each pair's loss (sigmoid or ipo on summed log-probabilities, as TRL's OnlineDPOTrainer takes both) and the
+    implied rewards of its completions: DPO's arithmetic with online DPO's beta (`config`: dpo_config's)."""
+    return dpo_losses(policy, reference, config, averaged=False)
 
 
 def ranked_pairs(totals: torch.Tensor, truncated: Sequence[bool], penalty: float | None
@@ -91,7 +95,8 @@ class OnlineDpoObjective:
         self.config = config
         self.sampler = sampler
         """Samples, scores and evaluates (GRPO's machinery, with this config's group_size 2)."""
-        self.pairs = PairObjective("online_dpo", partial(pair_losses, config=config), Reference(switch_off=None))
+        self.pairs = PairObjective("online_dpo", partial(pair_losses, config=dpo_config(config)),
+                                   Reference(switch_off=None))
         """DPO's layout of the pairs and its loss; its reference reads each pair's reference_logps."""
 
     @property
@@ -154,7 +159,7 @@ class OnlineDpoObjective:
         if kept:
             scores[kept] = sampler.score([prompts[i // 2] for i in kept], [texts[i] for i in kept],
                                          [ids[i] for i in kept])
-        first_chosen, ordered = ranked_pairs(_weighted_total(scores, [r.weight for r in sampler.rewards]),
+        first_chosen, ordered = ranked_pairs(weighted_total(scores, [r.weight for r in sampler.rewards]),
                                              truncated, self.config.missing_eos_penalty)
         scored = time.perf_counter()
         pairs = []
@@ -208,7 +213,7 @@ class OnlineDpoObjective:
             column = scores[kept, index]
             judged = column[~column.isnan()]
             metrics[f"rewards/{reward.name}/mean"] = (float(judged.sum()), len(judged))
-            for name, given in taken_values(reward.logged).items():
+            for name, given in reward.take_values().items():
                 metrics[f"rewards/{reward.name}/{name}"] = (sum(given), len(given))
         return metrics
 

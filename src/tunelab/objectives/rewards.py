@@ -69,11 +69,16 @@ class Reward:
         """TRL's `log_metric` for this reward: the value joins the step's mean under rewards/<reward>/<name>."""
         self.logged.setdefault(name, []).append(float(value))
 
+    def take_values(self) -> dict[str, list[float]]:
+        """Every value logged by name since the last call, emptied for the next step (a rollout gathers them from
+        every process before averaging)."""
+        values = {name: list(given) for name, given in self.logged.items() if given}
+        self.logged.clear()
+        return values
+
     def take_logged(self) -> dict[str, float]:
         """The mean of each metric logged since the last call, emptied for the next step."""
-        means = {name: sum(values) / len(values) for name, values in self.logged.items() if values}
-        self.logged.clear()
-        return means
+        return {name: sum(values) / len(values) for name, values in self.take_values().items()}
 
 
 def _exact_match(completion: str, reference: str) -> float:

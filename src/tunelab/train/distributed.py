@@ -127,15 +127,6 @@ def launched_ranks() -> Ranks:
                  local_rank=int(os.environ.get("LOCAL_RANK", "0")))
 
 
-def process_group_ranks() -> Ranks:
-    """This process's place in the process group it has joined (one process when none): for what runs below the
-    loop and needs every process's values, such as a rollout's batch-wide reward statistics."""
-    if not (dist.is_available() and dist.is_initialized()):
-        return Ranks()
-    return Ranks(rank=dist.get_rank(), world_size=dist.get_world_size(),
-                 local_rank=int(os.environ.get("LOCAL_RANK", "0")))
-
-
 def start(ranks: Ranks) -> torch.device:
     """Join the process group (NCCL on CUDA, else gloo) and return this process's device. A process other than the
     main one stops writing to standard output from here (its errors still show): under torchrun or `accelerate

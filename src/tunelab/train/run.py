@@ -142,7 +142,7 @@ def _train(config: RunConfig, log: RunLog, ranks: Ranks, device: torch.device, *
         tokenizer = load_tokenizer(model_path)
         objective = build_objective(config.objective, config.method.name, config.data.packing, tokenizer=tokenizer,
                                     seed=config.train.seed, precision=precision, device=device,  # a teacher's too
-                                    batch_size=config.train.batch_size)
+                                    batch_size=config.train.batch_size, ranks=ranks)
         data = prepare_run_data(config, tokenizer, objective)
     data_order = data_order_fingerprint(config, data.fingerprint, ranks.world_size)
     if resume:

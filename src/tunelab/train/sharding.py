@@ -50,10 +50,9 @@ def check_several_processes(config, ranks) -> None:
                           "use train.optimizer=adamw (FSDP already splits its state across the processes) or "
                           "train.distributed=ddp", where="train.optimizer")
     if config.objective.name in ROLLOUT_OBJECTIVES:
-        raise ConfigError(f"{config.objective.name.upper()} cannot shard the model: each process samples its own "
-                          "prompts, and completions of different lengths would break the processes' lock-step "
-                          "forwards; use train.distributed=ddp",
-                          where="train.distributed")
+        raise ConfigError(f"objective.name={config.objective.name} cannot shard the model: each process samples "
+                          "its own prompts, and completions of different lengths would break the processes' "
+                          "lock-step forwards; use train.distributed=ddp", where="train.distributed")
     if config.objective.name == "distill" and config.objective.lmbda > 0:
         raise ConfigError("objective.lmbda samples the student's replies, which a sharded student cannot decode "
                           "outside its forward (and processes sampling different lengths would break the lock-step "
