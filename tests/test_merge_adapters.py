@@ -14,9 +14,10 @@ from typer.testing import CliRunner
 
 from tunelab.cli import app
 from tunelab.config import load_config
+from tunelab.errors import ConfigError, ModelError
 from tunelab.eval.command import evaluate_model
 from tunelab.infer.generate import GenerationOptions
-from tunelab.infer.merge import merge_adapter
+from tunelab.infer.merge import merge, merge_adapter
 from tunelab.infer.merge_adapters import Combination, combine, merge_runs
 from tunelab.train.run import train_run
 
@@ -205,6 +206,8 @@ def test_options_a_merge_does_not_use_and_a_run_given_twice_are_refused(runs, tm
     _refused([qa, fox, "--combination", "ties", "--majority-sign", "bogus"], out, ["'bogus' is not total"])
     _refused([qa, fox, "--combination", "ties", "--seed", "1"], out, ["--seed", "ties drops nothing at random"])
     _refused([qa, fox, "--combination", "svd", "--seed", "1"], out, ["--seed"])
+    for seed in (2**70, 2**63, -1):  # torch.manual_seed overflowed on 2**70 as a traceback, after loading the runs
+        _refused([qa, fox, "--combination", "dare_ties", "--seed", str(seed)], out, ["--seed", f"{seed} is not a seed"])
     _refused([qa, qa], out, [f"{qa} is given twice"])
     again = str(runs["qa"].parent / ".." / runs["qa"].parent.name / "qa")
     _refused([qa, fox, again], out, [f"{again} is given twice (as {qa})"])
@@ -235,6 +238,31 @@ def test_runs_that_cannot_combine_are_refused_naming_them(runs, tiny_model_dir, 
     shutil.copytree(runs["fox"], damaged)
     (damaged / "adapter_model.safetensors").write_bytes(b"not safetensors")
     _refused([qa, str(damaged)], tmp_path / "new" / "parent" / "out", [str(damaged), "cannot load the adapter"])
+    (damaged / "adapter_model.safetensors").unlink()
+    _refused([qa, str(damaged)], tmp_path / "out", [str(damaged), "adapter_model.safetensors) are missing"])
+
+
+def test_the_library_merge_does_what_the_command_does(runs, tmp_path):
+    """`merge` is `tunelab merge` for a Python user: one run folded as trained, several combined, options one
+    run does not use refused, and a refused merge leaves no folder behind."""
+    out = tmp_path / "new" / "out"
+    with pytest.raises(ConfigError, match="applies when combining several runs") as refused:
+        merge([runs["qa"]], out, Combination(density=0.5))
+    assert refused.value.where == "--density"
+    with pytest.raises(ConfigError, match="is not a seed") as refused:
+        merge([runs["qa"], runs["fox"]], out, Combination("dare_linear", seed=2**64))
+    assert refused.value.where == "--seed"
+    damaged = tmp_path / "damaged"
+    shutil.copytree(runs["fox"], damaged)
+    (damaged / "adapter_model.safetensors").write_bytes(b"not safetensors")
+    with pytest.raises(ModelError, match="cannot load the adapter"):
+        merge([runs["qa"], damaged], out)
+    assert not (tmp_path / "new").exists()
+    assert merge([runs["qa"]], tmp_path / "single") == tmp_path / "single"
+    merge([runs["qa"], runs["fox"]], tmp_path / "combined", Combination(weights=(1.0, 0.0)))
+    combined, single = _weights(tmp_path / "combined"), _weights(tmp_path / "single")
+    assert combined.keys() == single.keys() and all(torch.equal(combined[n], single[n]) for n in single)
+    assert json.loads((tmp_path / "combined" / "merge.json").read_text())["combination"] == "linear"
 
 
 @pytest.mark.parametrize("method", ["dora", "rslora"])

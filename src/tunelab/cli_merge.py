@@ -2,14 +2,12 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from contextlib import contextmanager, suppress
 from pathlib import Path
 
 import typer
 
-from tunelab.cli_common import check_output_folder, console, fail, quiet_libraries
-from tunelab.errors import ConfigError, UserError
+from tunelab.cli_common import console, fail, quiet_libraries
+from tunelab.errors import UserError
 
 COMBINATION_HELP = (
     "How several runs combine (each run's change to a weight is its task vector ΔW): linear (default) adds "
@@ -41,41 +39,12 @@ def merge(
     """Fold a run's adapter into its base model and save a plain model folder; given several runs, combine their
     adapters first (multi-task merging) and record how in merge.json."""
     quiet_libraries()
-    from tunelab.infer.load import refuse_unfinished_run
-    from tunelab.infer.merge import merge_adapter
-    from tunelab.infer.merge_adapters import Combination, parse_weights, plan_merge, write_merge
+    from tunelab.infer import merge as merging
+    from tunelab.infer.merge_adapters import Combination, parse_weights
 
     try:
-        with _new_folders_removed_on_failure(output):
-            if len(runs) == 1:
-                given = [name for name, value in (("--combination", combination), ("--weights", weights),
-                                                  ("--density", density), ("--majority-sign", majority_sign),
-                                                  ("--seed", seed)) if value is not None]
-                if given:
-                    raise ConfigError(f"{given[0]} applies when combining several runs; one run's adapter is folded in "
-                                      "as trained", where=given[0])
-                refuse_unfinished_run(runs[0])
-                check_output_folder(output, "--output")
-                merge_adapter(runs[0], output, overwrite=overwrite)
-            else:
-                recipe = Combination(combination or "linear", parse_weights(weights), density, majority_sign, seed)
-                plan = plan_merge(runs, output, recipe, overwrite=overwrite)
-                check_output_folder(output, "--output")
-                write_merge(plan)
+        recipe = Combination(combination, parse_weights(weights), density, majority_sign, seed)
+        merging.merge(runs, output, recipe, overwrite=overwrite)
     except UserError as err:
         fail(err)
     console.print(f"merged model saved to {output}")
-
-
-@contextmanager
-def _new_folders_removed_on_failure(output: Path) -> Iterator[None]:
-    """Remove the folders above --output that check_output_folder made, if the merge is refused after it (an
-    adapter that does not load, a run that cannot merge): a refused command leaves nothing behind."""
-    missing = [folder for folder in output.absolute().parents if not folder.exists()]  # the deepest first
-    try:
-        yield
-    except BaseException:
-        for folder in missing:
-            with suppress(OSError):  # not empty: something else wrote there meanwhile
-                folder.rmdir()
-        raise

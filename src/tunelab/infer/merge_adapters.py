@@ -23,7 +23,14 @@ from pathlib import Path
 
 import torch
 
-from tunelab.errors import ConfigError, ModelError
+from tunelab.errors import ConfigError
+from tunelab.infer.merge import (
+    adapter_load_refused,
+    check_adapter_weights,
+    check_merge_output,
+    check_run_dir,
+    save_merged,
+)
 
 COMBINATIONS = ("linear", "ties", "dare_linear", "dare_ties", "svd", "cat")
 PRUNING = ("ties", "dare_linear", "dare_ties")
@@ -33,6 +40,8 @@ SIGN_ELECTING = ("ties", "dare_ties")
 RANDOM = ("dare_linear", "dare_ties")
 """The combinations that drop changes at random (`seed`)."""
 RECORD_FILE = "merge.json"
+MAX_SEED = 2**63
+"""torch.manual_seed takes a signed 64-bit seed; a larger one is an overflow traceback, not a user error."""
 
 
 @dataclass(frozen=True)
@@ -42,9 +51,10 @@ class Combination:
     `weights` None: equal weights as mergekit's defaults give, 1/n each for the summing combinations (linear,
     dare_linear, svd, cat: the average task vector) and 1 each for ties and dare_ties, whose disjoint merge divides
     each entry by the summed weights of the runs agreeing on its sign (so only the weights' ratios and signs matter
-    there). Options a combination does not use are None, and refused when given."""
+    there). Options a combination does not use are None, and refused when given; `kind` None is linear."""
 
-    kind: str = "linear"
+    kind: str | None = None
+    """One of COMBINATIONS (default linear)."""
     weights: tuple[float, ...] | None = None
     density: float | None = None
     """Fraction of each task vector kept by ties (largest magnitudes) and dare (at random, the rest rescaled)."""
@@ -54,42 +64,52 @@ class Combination:
     seed: int | None = None
     """Seeds DARE's random drops (default 0): the same runs, weights and seed give the same model."""
 
+    def options_given(self) -> list[str]:
+        """The `tunelab merge` options this combination sets, in the order of its --help: one run refuses them."""
+        return [option for option, value in (("--combination", self.kind), ("--weights", self.weights),
+                                             ("--density", self.density), ("--majority-sign", self.majority_sign),
+                                             ("--seed", self.seed)) if value is not None]
+
     def check(self, runs: int) -> Combination:
         """This combination with its defaults filled in for `runs` runs; ConfigError naming the option if bad."""
-        if self.kind not in COMBINATIONS:
-            raise ConfigError(f"'{self.kind}' is not one of {', '.join(COMBINATIONS)}", where="--combination")
+        kind = self.kind or "linear"
+        if kind not in COMBINATIONS:
+            raise ConfigError(f"'{kind}' is not one of {', '.join(COMBINATIONS)}", where="--combination")
         weights = self.weights
         if weights is None:
-            weights = (1.0,) * runs if self.kind in SIGN_ELECTING else (1.0 / runs,) * runs
+            weights = (1.0,) * runs if kind in SIGN_ELECTING else (1.0 / runs,) * runs
         if len(weights) != runs:
             raise ConfigError(f"{len(weights)} weight(s) for {runs} runs: give one weight per run, in the order of "
                               "the runs", where="--weights")
         if not all(math.isfinite(w) for w in weights):
             raise ConfigError("weights must be finite numbers", where="--weights")
         density = self.density
-        if self.kind in PRUNING:
+        if kind in PRUNING:
             density = 0.5 if density is None else density
             if not 0 < density <= 1:
                 raise ConfigError(f"{density} is not a fraction in (0, 1]: the share of each run's changes kept",
                                   where="--density")
         elif density is not None:
-            raise ConfigError(f"{self.kind} keeps every change; --density applies to {', '.join(PRUNING)}",
+            raise ConfigError(f"{kind} keeps every change; --density applies to {', '.join(PRUNING)}",
                               where="--density")
         majority_sign = self.majority_sign
-        if self.kind in SIGN_ELECTING:
+        if kind in SIGN_ELECTING:
             majority_sign = majority_sign or "total"
             if majority_sign not in ("total", "frequency"):
                 raise ConfigError(f"'{majority_sign}' is not total or frequency", where="--majority-sign")
         elif majority_sign is not None:
-            raise ConfigError(f"{self.kind} elects no sign; --majority-sign applies to {', '.join(SIGN_ELECTING)}",
+            raise ConfigError(f"{kind} elects no sign; --majority-sign applies to {', '.join(SIGN_ELECTING)}",
                               where="--majority-sign")
         seed = self.seed
-        if self.kind in RANDOM:
+        if kind in RANDOM:
             seed = 0 if seed is None else seed
+            if not 0 <= seed < MAX_SEED:
+                raise ConfigError(f"{seed} is not a seed in [0, 2**63): give a smaller non-negative whole number",
+                                  where="--seed")
         elif seed is not None:
-            raise ConfigError(f"{self.kind} drops nothing at random; --seed applies to {', '.join(RANDOM)}",
+            raise ConfigError(f"{kind} drops nothing at random; --seed applies to {', '.join(RANDOM)}",
                               where="--seed")
-        return Combination(self.kind, tuple(float(w) for w in weights), density, majority_sign, seed)
+        return Combination(kind, tuple(float(w) for w in weights), density, majority_sign, seed)
 
 
 def parse_weights(text: str | None) -> tuple[float, ...] | None:
@@ -104,7 +124,7 @@ def parse_weights(text: str | None) -> tuple[float, ...] | None:
 
 @dataclass(frozen=True)
 class RunToMerge:
-    """What merging needs from one run, read and checked before any model is loaded."""
+    """What merging needs from one run, read and checked before the base and the adapters are loaded."""
 
     path: Path
     base: Path
@@ -115,10 +135,11 @@ class RunToMerge:
 
 def check_runs(run_dirs: list[Path]) -> list[RunToMerge]:
     """Each run read, and refused (naming it) unless all are finished LoRA-family adapter runs of one method on one
-    base model, with one chat template."""
+    base model, with one chat template. Comparing bases resolves each run's `model:` as training did, which may
+    download a hub id, convert a .gguf or fold a chained run into the model cache (loading a model to do so)."""
     from tunelab.config import LoraMethod, QLoraMethod, load_config
     from tunelab.data.template import ChatRenderer
-    from tunelab.infer.load import is_run_dir, refuse_unfinished_run
+    from tunelab.infer.load import refuse_unfinished_run
     from tunelab.methods import has_frozen_base
     from tunelab.models.load import load_tokenizer
     from tunelab.models.resolve import resolve_model
@@ -126,8 +147,7 @@ def check_runs(run_dirs: list[Path]) -> list[RunToMerge]:
     runs = []
     for run_dir in run_dirs:
         refuse_unfinished_run(run_dir)
-        if not (run_dir.is_dir() and is_run_dir(run_dir)):
-            raise ModelError("not a tunelab run directory", where=str(run_dir))
+        check_run_dir(run_dir)
         config = load_config(run_dir / "config.yaml")
         method = config.method
         if isinstance(method, QLoraMethod):
@@ -142,8 +162,7 @@ def check_runs(run_dirs: list[Path]) -> list[RunToMerge]:
         if config.objective.name == "reward":
             raise ConfigError(f"{run_dir} is a reward model: its score head is trained whole, not as an adapter, and "
                               "heads do not combine; merge it alone", where="merge")
-        if not (run_dir / "adapter_model.safetensors").is_file():
-            raise ModelError("the run's adapter weights (adapter_model.safetensors) are missing", where=str(run_dir))
+        check_adapter_weights(run_dir)
         template = ChatRenderer(load_tokenizer(run_dir), config.data.chat_template).portable_template
         runs.append(RunToMerge(run_dir, resolve_model(config.model).resolve(), method.name, method.r, template))
     first = runs[0]
@@ -162,7 +181,8 @@ def check_runs(run_dirs: list[Path]) -> list[RunToMerge]:
 
 @dataclass(frozen=True)
 class MergePlan:
-    """A merge checked whole before any model is loaded: the runs, the combination with its defaults, the output."""
+    """A merge checked whole before the runs' adapters are loaded: the runs, the combination with its defaults, the
+    output."""
 
     runs: list[RunToMerge]
     combination: Combination
@@ -170,10 +190,9 @@ class MergePlan:
 
 
 def plan_merge(run_dirs: list[Path], output: Path, combination: Combination, *, overwrite: bool = False) -> MergePlan:
-    """The merge of `run_dirs` into `output`, checked (ConfigError or ModelError naming the option or run) without
-    writing anything or loading a model."""
-    from tunelab.infer.merge import check_merge_output
-
+    """The merge of `run_dirs` into `output`, checked (ConfigError or ModelError naming the option or run) before
+    the runs' adapters are loaded or `output` is written. Not free of side effects: resolving the runs' base model
+    (check_runs) may download, convert or fold it into the model cache, as training on it would have."""
     if len(run_dirs) < 2:
         raise ConfigError("give two or more runs to combine", where="merge")
     combination = combination.check(len(run_dirs))
@@ -218,13 +237,11 @@ def _load_with_adapters(runs: list[RunToMerge]):
     base = load_model(runs[0].base, device="cpu")
     model = None
     for i, run in enumerate(runs):
-        try:
+        with adapter_load_refused(run.path):
             if model is None:
                 model = PeftModel.from_pretrained(base, run.path, adapter_name=f"run{i}")
             else:
                 model.load_adapter(run.path, adapter_name=f"run{i}")
-        except Exception as err:  # a damaged adapter_config.json or safetensors file: peft raises many kinds
-            raise ModelError(f"cannot load the adapter ({type(err).__name__}: {err})", where=str(run.path)) from None
     return model
 
 
@@ -298,15 +315,10 @@ def _fold_combined(layer, adapters: list[str], combination: Combination, rank: i
 
 def _save(model, runs: list[RunToMerge], combination: Combination, output: Path) -> None:
     from tunelab.models.load import load_tokenizer
-    from tunelab.models.resolve import staged_folder
 
-    tokenizer = load_tokenizer(runs[0].path)
-    tokenizer.chat_template = runs[0].portable_template
     record = {"runs": [str(run.path.resolve()) for run in runs], "weights": list(combination.weights),
               "combination": combination.kind, "density": combination.density,
               "majority_sign_method": combination.majority_sign, "seed": combination.seed,
               "base_model": str(runs[0].base), "method": runs[0].method}
-    with staged_folder(output) as tmp:
-        model.save_pretrained(tmp, safe_serialization=True)
-        tokenizer.save_pretrained(tmp)
-        (tmp / RECORD_FILE).write_text(json.dumps(record, indent=2) + "\n")
+    save_merged(model, load_tokenizer(runs[0].path), runs[0].portable_template, output,
+                {RECORD_FILE: json.dumps(record, indent=2) + "\n"})
