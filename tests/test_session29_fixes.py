@@ -1,11 +1,14 @@
 """Fixes on the tiny model: `tunelab eval --baseline X` refuses an X that names no model before the run's own
 evaluation; `tunelab eval` of a GRPO run gives rewards the trainer_state of the run's last evaluation; a
-distillation run's report shows its divergence, cross-entropy and perplexity (and runs of any objective compare);
-/health says how requests are batched; BLEU's and chrF's 0-100 scale is named where ROUGE's 0-1 sits beside it."""
+distillation run's report shows its divergence, cross-entropy and perplexity (and runs of any objective compare,
+their eval losses ranked only between runs of one objective); a KTO run's reward-model baseline is refused for what
+KTO needs of it; /health says how requests are batched; BLEU's and chrF's 0-100 scale is named where ROUGE's 0-1
+sits beside it."""
 
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -122,32 +125,56 @@ def test_eval_of_a_grpo_run_gives_rewards_its_last_evaluations_trainer_state(fol
 
 def test_a_grpo_runs_baseline_that_names_no_model_is_refused_before_any_reply(folder, tiny_model_dir, call_log):
     run = stepped_run(folder, tiny_model_dir, 4, 2)
+    call_log.unlink(missing_ok=True)  # the calls of its training, where this test trains it (run on its own)
     code, output = evaluate(run, "--baseline", folder / "missing-folder")
     assert code == 2 and "--baseline" in output and "model path does not exist" in output.replace("\n", "")
     assert calls(call_log) == []  # no reply was scored
 
 
-def test_a_kto_baseline_with_another_tokenizer_is_refused_before_any_model_loads(tiny_model_dir, tmp_path,
-                                                                                monkeypatch):
+@pytest.fixture(scope="module")
+def kto_run(tmp_path_factory, tiny_model_dir) -> Path:
+    root = tmp_path_factory.mktemp("kto")
     rows = [{"prompt": f"what is {n} plus 1?", "completion": f"the answer is {n + 1 if n % 2 else n}",
              "label": bool(n % 2)} for n in range(12)]
-    run = tmp_path / "kto"
-    train_run(load_config(None, [f"model={tiny_model_dir}", f"data.train={write_jsonl(tmp_path / 'f.jsonl', rows)}",
-                                 "data.eval_split=0.25", "data.max_length=64", f"output_dir={run}", "objective=kto",
-                                 "train.batch_size=4", "train.precision=fp32", "train.max_steps=1",
+    train_run(load_config(None, [f"model={tiny_model_dir}", f"data.train={write_jsonl(root / 'f.jsonl', rows)}",
+                                 "data.eval_split=0.25", "data.max_length=64", f"output_dir={root / 'run'}",
+                                 "objective=kto", "train.batch_size=4", "train.precision=fp32", "train.max_steps=1",
                                  "eval.before_after=false", "eval.generate_samples=0"]))
+    return root / "run"
+
+
+def no_model_loads(monkeypatch) -> None:
+    def loaded(*args, **kwargs):
+        raise AssertionError("a model was loaded before the baseline was checked")
+
+    monkeypatch.setattr("tunelab.eval.kto_run.load_generator", loaded)
+
+
+def test_a_kto_baseline_with_another_tokenizer_is_refused_before_any_model_loads(kto_run, tmp_path, monkeypatch):
     other = tmp_path / "other-vocab"
     tokenizer = build_tokenizer()
     tokenizer.add_special_tokens({"additional_special_tokens": ["<|tool|>"]})
     build_tiny_model(len(tokenizer)).save_pretrained(other)
     tokenizer.save_pretrained(other)
-
-    def loaded(*args, **kwargs):
-        raise AssertionError("a model was loaded before the baseline was checked")
-
-    monkeypatch.setattr("tunelab.eval.kto_run.load_generator", loaded)
-    code, output = evaluate(run, "--baseline", other)
+    no_model_loads(monkeypatch)
+    code, output = evaluate(kto_run, "--baseline", other)
     assert code == 2 and "--baseline" in output and "another tokenizer" in output, output
+
+
+def test_a_kto_runs_reward_model_baseline_is_refused_for_its_missing_language_model_head(kto_run, sft_run, folder,
+                                                                                         tiny_model_dir, tmp_path,
+                                                                                         monkeypatch):
+    reward = tmp_path / "reward"  # what check_baseline reads of a reward model's run directory
+    reward.mkdir()
+    (reward / "config.yaml").write_text(f"model: {tiny_model_dir}\ndata: {{train: pairs.jsonl}}\nobjective: reward\n")
+    (reward / "config.json").write_text((tiny_model_dir / "config.json").read_text())
+    no_model_loads(monkeypatch)
+    code, output = evaluate(kto_run, "--baseline", reward)
+    said = " ".join(output.split())
+    assert code == 2 and "--baseline" in said and "is a reward model" in said, output
+    assert "no language-model head" in said and "cannot write" not in said  # KTO scores replies, it writes none
+    code, output = evaluate(sft_run, "--data", folder / "qa.jsonl", "--baseline", reward)  # replies to write
+    assert code == 2 and "cannot write them" in " ".join(output.split()), output
 
 
 @pytest.fixture(scope="module")
@@ -192,8 +219,32 @@ def test_runs_of_an_objective_other_than_sft_compare(distill_run, tmp_path):
     page = read_page(write_comparison([distill_run, distill_run], tmp_path / "compare.html"))
     summary = json.loads((distill_run / "summary.json").read_text())
     rows = page.rows("comparison")
-    assert rows["final eval loss"] == [f"{summary['final_eval_loss']:.4f}"] * 2
+    assert rows["objective"] == ["distill"] * 2
+    assert rows["final eval loss (distill)"] == [f"{summary['final_eval_loss']:.4f}"] * 2
     assert rows["final eval perplexity"] == [f"{summary['eval_after']['eval_perplexity']:.4f}"] * 2
+
+
+def test_eval_losses_of_different_objectives_are_not_ranked_against_each_other(sft_run, distill_run, tmp_path):
+    from test_report import read_page
+
+    from tunelab.eval.report import comparison_table, read_run, write_comparison
+
+    stopped = tmp_path / "stopped-distill"  # without summary.json: its config.yaml says it distils
+    shutil.copytree(distill_run, stopped)
+    (stopped / "summary.json").unlink()
+    for other in (distill_run, stopped):
+        table = {name: (values, lower) for name, values, lower, _ in comparison_table([read_run(sft_run),
+                                                                                      read_run(other)])}
+        loss = "final eval loss (each run's objective: sft, distill)"
+        assert table["objective"] == (["sft", "distill"], None)
+        assert table[loss][1] is None and all(isinstance(v, float) for v in table[loss][0])  # shown, not ranked
+        assert "final eval loss" not in table
+        html = write_comparison([sft_run, other], tmp_path / "compare.html").read_text()
+        row = html[html.index(loss.replace("'", "&#x27;")):].split("</tr>")[0]
+        assert "best" not in row
+        assert read_page(tmp_path / "compare.html").rows("comparison")["objective"] == ["sft", "distill"]
+    same = {name: lower for name, _, lower, _ in comparison_table([read_run(sft_run), read_run(sft_run)])}
+    assert same["final eval loss"] is True  # one objective: ranked as before
 
 
 def test_health_says_how_requests_are_batched(tiny_model_dir):

@@ -100,7 +100,7 @@ def check_eval_inputs(spec: str, data_path: Path | None, metrics: list[str] | No
             resolve_labels(labels, [s.reference for s in samples], where="--labels")
     if output is not None:
         check_output_files(output, ["eval.json", "eval_samples.jsonl"])
-    check_baseline(baseline, run_config, generates=not pairs)  # last: a hub id or preset may be fetched
+    check_baseline(baseline, run_config, needs=None if pairs else "replies")  # last: a hub id or preset may be fetched
 
 
 def _check_own_rows(spec: str, run_config, data_path: Path | None, metrics: list[str] | None, *,
@@ -120,7 +120,8 @@ def _check_own_rows(spec: str, run_config, data_path: Path | None, metrics: list
     if output is not None:
         kept = ["eval.json", "eval_samples.jsonl"] if rollout else ["eval.json"]
         check_output_files(output, kept)
-    tokenizer_folder = check_baseline(baseline, run_config)
+    # a GRPO baseline writes replies; a KTO one gives the feedback rows' replies their log-probabilities
+    tokenizer_folder = check_baseline(baseline, run_config, needs="replies" if rollout else "log-probabilities")
     if tokenizer_folder is not None and not rollout:
         check_kto_baseline(spec, baseline_spec(baseline, run_config), tokenizer_folder)
 

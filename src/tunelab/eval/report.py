@@ -9,6 +9,8 @@ import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import yaml
+
 from tunelab.config import ROLLOUT_OBJECTIVES
 from tunelab.errors import ConfigError
 from tunelab.eval.recorded import evaluations_section
@@ -110,6 +112,21 @@ def _read_summary(path: Path, problems: list[str]) -> dict | None:
 # ---- numbers ---------------------------------------------------------------------------------------------------
 
 
+def run_objective(run: RunRecord) -> str:
+    """The objective the run trained with, which says what its eval loss measures: summary.json's, else its
+    config.yaml's (a run stopped before it wrote its summary), else sft."""
+    if (run.summary or {}).get("objective"):
+        return str(run.summary["objective"])
+    try:
+        config = yaml.safe_load(run.config_text or "")
+    except yaml.YAMLError:
+        config = None
+    objective = config.get("objective") if isinstance(config, dict) else None
+    if isinstance(objective, dict):
+        objective = objective.get("name")
+    return objective if isinstance(objective, str) else "sft"
+
+
 def before_after_keys(objective: str, record: dict | None = None) -> tuple[str, ...]:
     """The eval metrics besides the loss that show what a non-SFT objective changed: the model's own ranking of
     held-out pairs (a reward model's ranking by its scores; for GRPO the total and each reward of its greedy
@@ -136,7 +153,7 @@ def before_after_rows(run: RunRecord) -> list[tuple[str, float | None, float | N
     final_record = next((r for r in evals if restored and r.get("step") == restored), final_record)
     base_loss = _known(summary.get("base_eval_loss"), base_record.get("eval_loss"))
     final_loss = _known(summary.get("final_eval_loss"), final_record.get("eval_loss"))
-    objective = summary.get("objective", "sft")
+    objective = run_objective(run)
     if objective == "sft":
         rows = [("eval loss", base_loss, final_loss, True),
                 ("eval perplexity", _ppl(base_loss), _ppl(final_loss), True)]
@@ -231,23 +248,28 @@ def run_labels(run_dirs: list[Path]) -> list[str]:
 
 def comparison_table(runs: list[RunRecord]) -> list[tuple[str, list, bool | None, int]]:
     """(row name, value per run, lower is better or None: not ranked, decimals): what `tunelab report A B` and the
-    web app's compare page put side by side."""
+    web app's compare page put side by side. Eval losses are ranked only between runs of one objective: the loss is
+    cross-entropy for SFT, the DPO loss for DPO, minus the reward for GRPO, and so on."""
     summaries = [r.summary or {} for r in runs]
     tables = [before_after_rows(r) for r in runs]
     losses = [rows[0][1:3] for rows in tables]  # the objective's own loss ("eval loss (dpo)" for DPO): first row
     perplexities = [next((tuned for name, _, tuned, _ in rows if name == "eval perplexity"), None) for rows in tables]
     metric_names = list(dict.fromkeys(name for s in summaries for name in s.get("metrics_after") or {}))
+    objectives = [run_objective(r) for r in runs]
+    shared = len(set(objectives)) == 1
+    loss = tables[0][0][0] if shared else f"eval loss (each run's objective: {', '.join(dict.fromkeys(objectives))})"
     spec = [
         ("status", [s.get("status", "no summary.json") for s in summaries], None, 0),
         ("model", [s.get("model") for s in summaries], None, 0),
         ("method", [s.get("method") for s in summaries], None, 0),
+        ("objective", objectives, None, 0),
         ("steps", [s.get("steps") for s in summaries], None, 0),
         ("tokens trained", [s.get("train_tokens") for s in summaries], None, 0),
         ("trained tokens/s", [s.get("tokens_per_second") for s in summaries], False, 1),
         ("peak memory (MB)", [s.get("peak_memory_mb") for s in summaries], True, 0),
         ("trainable parameters", [s.get("trainable_parameters") for s in summaries], None, 0),
-        ("base eval loss", [base for base, _ in losses], None, 4),
-        ("final eval loss", [tuned for _, tuned in losses], True, 4),
+        (f"base {loss}", [base for base, _ in losses], None, 4),
+        (f"final {loss}", [tuned for _, tuned in losses], True if shared else None, 4),
         ("final eval perplexity", perplexities, True, 4),
     ] + [(name, [(s.get("metrics_after") or {}).get(name) for s in summaries], False, 4) for name in metric_names]
     return spec
@@ -267,7 +289,9 @@ def _ranked(values: list, lower_is_better: bool | None, digits: int) -> list[Cel
     return [(c, "num best") if v == best else c for c, v in zip(cells, values, strict=True)]
 
 
-COMPARISON_NOTE = "<p>Task metrics are the fine-tuned models'; the best value of each ranked row is highlighted.</p>"
+COMPARISON_NOTE = ("<p>Task metrics are the fine-tuned models'; the best value of each ranked row is highlighted "
+                   "(eval losses only between runs of one objective, as each objective's loss measures another "
+                   "thing).</p>")
 
 
 def write_comparison(run_dirs: list[Path], output: Path) -> Path:

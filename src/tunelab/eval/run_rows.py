@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Literal
 
 import torch
 
@@ -100,32 +101,41 @@ def run_device_precision(run_config: RunConfig) -> tuple[str, str]:
     return device, resolve_precision(run_config.train.precision, torch.device(device))
 
 
-def baseline_spec(baseline: str | None, run_config: RunConfig) -> str | None:
+def baseline_spec(baseline: str | None, run_config: RunConfig | None) -> str | None:
     """The model a baseline names: `base` is the run's own starting model."""
     return run_config.model if baseline == "base" else baseline
 
 
-def check_baseline(baseline: str | None, run_config: RunConfig | None, *, generates: bool = True) -> Path | None:
+REWARD_MODEL_BASELINE = {
+    "replies": "it scores replies (tunelab score) and cannot write them",
+    "log-probabilities": "it has a score head and no language-model head to give the rows' replies the "
+    "log-probabilities they are scored by",
+}
+"""Why a reward model cannot be the --baseline of an evaluation, by what the evaluation needs of it."""
+
+
+def check_baseline(baseline: str | None, run_config: RunConfig | None, *,
+                   needs: Literal["replies", "log-probabilities"] | None = "replies") -> Path | None:
     """The folder holding the tokenizer of the model `--baseline` names (a run directory, or where a preset, hub id,
     folder or .gguf file resolves to), found before the evaluation of the run itself, so that a baseline that names
-    no model (or a reward model, which cannot write the replies that `generates` scoring needs) costs no
-    evaluation. None without a baseline. Raises ConfigError or ModelError naming --baseline."""
+    no model (or a reward model, when the evaluation `needs` replies written or log-probabilities of them; None:
+    scores alone) costs no evaluation. None without a baseline. Raises ConfigError or ModelError naming
+    --baseline."""
     if baseline is None:
         return None
     if baseline == "base" and run_config is None:
         raise ConfigError("--baseline base needs a tunelab run directory", where="--baseline")
-    spec = run_config.model if baseline == "base" else baseline
+    spec = baseline_spec(baseline, run_config)
     path = Path(str(spec)).expanduser()
     try:
         if path.is_dir() and is_run_dir(path):
-            if generates and load_config(path / "config.yaml").objective.name == "reward":
-                raise ConfigError(f"{spec} is a reward model: it scores replies (tunelab score) and cannot write "
-                                  "them", where="--baseline")
+            if needs is not None and load_config(path / "config.yaml").objective.name == "reward":
+                raise ConfigError(f"{spec} is a reward model: {REWARD_MODEL_BASELINE[needs]}", where="--baseline")
             return path
         refuse_unfinished_run(path)
         return resolve_model(str(spec))
     except ModelError as err:
-        raise ModelError(f"{err.where}: {err.message}" if err.where else err.message, where="--baseline") from None
+        raise ModelError(str(err), where="--baseline") from None
 
 
 def keep_result(spec: str, result: dict, names: list[str], output: Path | None,

@@ -225,9 +225,10 @@ def all_runs(root: Path) -> list[dict]:
     for row in rows:
         row.update(_launched(root, row["name"]))
     known = {row["name"] for row in rows}
-    # a launch whose folder is not a run but has a status.json (its config.yaml deleted) is neither: left out
-    pending = [r["name"] for r in launches(root) if r.get("name") not in known and launch_state(root, r["name"])]
-    return [_pending(root, name) for name in pending] + rows
+    # a launch whose folder is not a run but has a status.json (its config.yaml deleted) is neither: left out.
+    # Each state is read once: the training may write its status.json between two reads.
+    states = {r["name"]: launch_state(root, r["name"]) for r in launches(root) if r.get("name") not in known}
+    return [_pending_row(root, check_run_name(name), state) for name, state in states.items() if state] + rows
 
 
 def _launched(root: Path, name: str) -> dict:
@@ -240,11 +241,16 @@ def _launched(root: Path, name: str) -> dict:
 
 
 def _pending(root: Path, name: str) -> dict:
-    """A launched training without a run directory: starting, or failed before it made one (the log says why)."""
+    """The row of a launched training without a run directory; LaunchError (404) when there is none."""
     check_run_name(name)
     state = launch_state(root, name)
     if state is None:
         raise LaunchError(f"no run '{name}'", status=404)
+    return _pending_row(root, name, state)
+
+
+def _pending_row(root: Path, name: str, state: str) -> dict:
+    """A launched training without a run directory: starting, or failed before it made one (the log says why)."""
     error = _log_text(root, name, 12) if state == "failed" else None
     record = launch_record(root, name) or {}
     return {"name": name, "status": state, "error": error, "started": record.get("started_at"),
