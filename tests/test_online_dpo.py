@@ -118,6 +118,31 @@ def test_a_rollout_ranks_each_pair_leaves_unscored_ones_out_and_carries_the_refe
     assert logged["rewards/chosen"] == (pytest.approx(0.0, abs=1e-6), 1) and logged["objective/kl"][1] == 2
 
 
+@pytest.mark.parametrize("skip_ties", [False, True])
+def test_tied_pairs_are_logged_and_left_out_under_skip_ties(tiny_tokenizer, tmp_path, skip_ties):
+    from conftest import build_tiny_model
+    from tunelab.config import LoraMethod
+    from tunelab.data.prompts import PromptRow
+    from tunelab.methods import METHODS
+    from tunelab.objectives import build_objective
+
+    rewards = tmp_path / "rewards.py"  # pair 0's completions both score 1 (a tie), pair 1's score 0 and 1
+    rewards.write_text("def fixed(prompts, completions, **columns):\n    return [1.0, 1.0, 0.0, 1.0]\n")
+    config = OnlineDpoConfig(name="online_dpo", rewards=[f"{rewards}:fixed"], max_new_tokens=4, skip_ties=skip_ties)
+    model = METHODS["lora"].apply(build_tiny_model(len(tiny_tokenizer)), LoraMethod(name="lora", r=4))
+    objective = build_objective(config, "lora", False, tokenizer=tiny_tokenizer, seed=3)
+    objective.prepare(model)
+    prompts = [PromptRow(f"p:{i}", [{"role": "user", "content": text}], text, {}, prompt_ids=tiny_tokenizer(text)[
+        "input_ids"]) for i, text in enumerate(["two plus two", "hi"])]
+    batches, metrics = objective.rollout(model, [[[prompts[0]], [prompts[1]]]], step=0)
+    pairs = [row[0] for row in batches[0]]
+    assert [pair.tied for pair in pairs] == [True, False] and pairs[1].scores == (1.0, 0.0)
+    assert [pair.counted for pair in pairs] == [not skip_ties, True]  # TRL (skip_ties off) trains the tie
+    assert metrics["objective/tie_ratio"] == (1, 2) and metrics["objective/scores"] == (3.0, 4)
+    batch = objective.collate(batches[0], tiny_tokenizer.pad_token_id, False)
+    assert objective.count(batch) == (1 if skip_ties else 2)
+
+
 def online_config(model_dir, data, out, rewards_file, *overrides):
     return load_config(None, [
         f"model={model_dir}", f"data.train={data}", "data.eval_split=0.25", "data.max_length=64",

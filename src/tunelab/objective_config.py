@@ -230,6 +230,10 @@ class OnlineDpoObjective(RolloutObjective):
     missing_eos_penalty: float | None = Field(None, ge=0)
     """Subtracted from the score of a completion cut at max_new_tokens before its end-of-sequence token (TRL's
     missing_eos_penalty): favours replies that finish. None: no penalty."""
+    skip_ties: bool = False
+    """Leave out a pair whose two completions score the same (logged as objective/tie_ratio): it says nothing about
+    which is better. False, as TRL: the first sample is chosen, an arbitrary preference that rule-based rewards
+    (which tie often) turn into noise."""
 
     @field_validator("group_size")
     @classmethod

@@ -53,7 +53,10 @@ class SampledPair:
     scores: tuple[float, float]
     """(chosen, rejected) total rewards, missing_eos_penalty taken off; NaN where no reward judged one."""
     counted: bool
-    """Whether the pair trains and is logged: both completions scored, in a micro-batch of this process's own."""
+    """Whether the pair trains and is logged: both completions scored, in a micro-batch of this process's own (and
+    not tied, under skip_ties)."""
+    tied: bool = False
+    """Both completions scored, and alike."""
     reference_logps: tuple[float, float] | None = None
     """The reference's summed log-probabilities of (chosen, rejected), set by the rollout."""
 
@@ -166,8 +169,10 @@ class OnlineDpoObjective:
         for index, (prompt, first) in enumerate(zip(prompts, first_chosen.tolist(), strict=True)):
             replies = [_sample(prompt, ids[2 * index + j]) for j in ((0, 1) if first else (1, 0))]
             chosen_score, rejected_score = ordered[index].tolist()
+            judged = not (math.isnan(chosen_score) or math.isnan(rejected_score))
+            tied = judged and chosen_score == rejected_score
             pairs.append(SampledPair(replies[0], replies[1], (chosen_score, rejected_score),
-                                     counted=not (math.isnan(chosen_score) or math.isnan(rejected_score))))
+                                     counted=judged and not (tied and self.config.skip_ties), tied=tied))
         out, at = [], 0
         for size in sizes:
             out.append([[pair] for pair in pairs[at : at + size]])
@@ -202,8 +207,10 @@ class OnlineDpoObjective:
         margin over the pairs that count, each reward's mean where it judged, stop tokens and lengths over the
         completions scored."""
         counted = [pair for pair in pairs if pair.counted]
+        scored = [pair for pair in pairs if pair.counted or pair.tied]  # ties left out by skip_ties included
         metrics: Metrics = {
-            "objective/scores": (sum(sum(pair.scores) for pair in counted), 2 * len(counted)),
+            "objective/tie_ratio": (sum(pair.tied for pair in scored), len(scored)),
+            "objective/scores": (sum(sum(pair.scores) for pair in scored), 2 * len(scored)),
             "objective/scores_margin": (sum(pair.scores[0] - pair.scores[1] for pair in counted), len(counted)),
             "val/contain_eos_token": (sum(not truncated[i] for i in kept), len(kept)),
             "completions/mean_length": (sum(len(ids[i]) for i in kept), len(kept)),
