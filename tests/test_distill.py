@@ -233,14 +233,22 @@ def held_out_divergences(student, teacher, config) -> tuple[float, float]:
     return forward, jsd
 
 
+def trained_teacher(model_dir: Path, folder: Path) -> tuple[Path, Path, Path]:
+    """(train data, held-out data, a teacher run fully fine-tuned on them: far from the untrained student)."""
+    from tunelab.train.run import train_run
+
+    train, held_out = write_jsonl(folder / "qa.jsonl", QA), write_jsonl(folder / "held_out.jsonl", HELD_OUT)
+    teacher_run = folder / "teacher"
+    train_run(run_config(model_dir, train, held_out, teacher_run, "method=full", "train.epochs=4",
+                         "train.lr=3e-3", "eval.before_after=false", "eval.generate_samples=0"))
+    return train, held_out, teacher_run
+
+
 def test_a_student_learns_the_distribution_of_a_teacher_tunelab_fine_tuned(tiny_model_dir, tmp_path, home):
     from tunelab.infer.load import load_for_inference
     from tunelab.train.run import train_run
 
-    train, held_out = write_jsonl(tmp_path / "qa.jsonl", QA), write_jsonl(tmp_path / "held_out.jsonl", HELD_OUT)
-    teacher_run = tmp_path / "teacher"  # fully fine-tuned: far from the untrained student
-    train_run(run_config(tiny_model_dir, train, held_out, teacher_run, "method=full", "train.epochs=4",
-                         "train.lr=3e-3", "eval.before_after=false", "eval.generate_samples=0"))
+    train, held_out, teacher_run = trained_teacher(tiny_model_dir, tmp_path)
     out = tmp_path / "distilled"
     config = run_config(tiny_model_dir, train, held_out, out, "objective.name=distill",
                         f"objective.teacher={teacher_run}", "method=full", "train.epochs=4", "train.lr=3e-3",

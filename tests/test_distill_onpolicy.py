@@ -9,7 +9,7 @@ import math
 
 import pytest
 import torch
-from test_distill import HELD_OUT, QA, held_out_divergences, run_config, samples, write_jsonl
+from test_distill import HELD_OUT, QA, held_out_divergences, run_config, samples, trained_teacher, write_jsonl
 from typer.testing import CliRunner
 
 from tunelab.config import DistillObjective as DistillConfig
@@ -177,10 +177,7 @@ def test_a_student_learns_the_teacher_from_its_own_samples(tiny_model_dir, tmp_p
     from tunelab.infer.load import load_for_inference
     from tunelab.train.run import train_run
 
-    train, held_out = write_jsonl(tmp_path / "qa.jsonl", QA), write_jsonl(tmp_path / "held_out.jsonl", HELD_OUT)
-    teacher_run = tmp_path / "teacher"  # fully fine-tuned: far from the untrained student
-    train_run(run_config(tiny_model_dir, train, held_out, teacher_run, "method=full", "train.epochs=4",
-                         "train.lr=3e-3", "eval.before_after=false", "eval.generate_samples=0"))
+    train, held_out, teacher_run = trained_teacher(tiny_model_dir, tmp_path)
     out = tmp_path / "on-policy"
     config = run_config(tiny_model_dir, train, held_out, out, "objective.name=distill",
                         f"objective.teacher={teacher_run}", "objective.lmbda=1", "objective.max_new_tokens=12",
